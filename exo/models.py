@@ -46,3 +46,5 @@ def model_spec(model_id: str) -> ModelSpec:
   if model_id not in MODELS:
     raise PlanError(f"unknown model {model_id!r}; built-in models are {', '.join(sorted(MODELS))} (or pass --model-spec FILE)")
   return MODELS[model_id]
+
+DEFAULT_MODEL = "llama-3.2-1b"  # upstream's default; what a strategy plans for when no model is named

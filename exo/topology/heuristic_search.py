@@ -1,0 +1,120 @@
+"""Plan search for clusters too large to search exactly.
+
+Nodes are ranked by speed. Latency: start from the fewest fastest nodes whose memory holds the model, then improve the subset by
+local moves (add, drop or swap a node) while TPOT falls: a near node can beat a faster far one. Throughput: every prefix of the
+speed ranking is scored by its optimistic bottleneck (cheapest transfer per node) and the best few are solved with a real ring.
+Rings: exact Held-Karp up to EXACT_RING nodes, else nearest neighbour + 2-opt. O(n^2) per ring, O(n^2 log n) for the prefixes.
+"""
+import math
+
+import numpy as np
+
+from exo.topology.layer_split import bottleneck_split, min_time_split
+from exo.topology.ring_search import held_karp, optimal_tours, two_opt_tour
+from exo.topology.search_problem import Candidate, SearchProblem, better
+
+EXACT_RING = 10
+MISSING_EDGE_COST = 1e6  # seconds: far above any real hop, so 2-opt routes around missing edges whenever it can
+LOCAL_MOVES = 60  # improving moves at most; each is one pass over the candidate moves
+MOVE_CANDIDATES = 8  # outside nodes considered per pass: the fastest few and the nearest few
+THROUGHPUT_PREFIXES = 3  # best-bounded prefixes solved with a real ring
+
+
+def ring_through(problem: SearchProblem, nodes: list[int]) -> list[int] | None:
+  """A cheap ring through `nodes` (exact when small), or None if the heuristic finds none along existing edges."""
+  nodes = sorted(nodes)
+  if len(nodes) == 1:
+    return nodes
+  if len(nodes) <= EXACT_RING:
+    sub = problem.hop[np.ix_(nodes, nodes)]
+    cycle, path = held_karp(sub)
+    full = (1 << len(nodes)) - 1
+    if not math.isfinite(cycle[full]):
+      return None
+    return [nodes[i] for i in next(optimal_tours(full, cycle, path, sub))]
+  tour = two_opt_tour(nodes, problem.hop, MISSING_EDGE_COST)
+  ok = all(math.isfinite(problem.hop[tour[k], tour[(k + 1) % len(tour)]]) for k in range(len(tour)))
+  return tour if ok else None
+
+
+def _speed_ranking(problem: SearchProblem) -> list[int]:
+  return sorted((i for i in range(problem.size) if problem.caps[i] >= 1), key=lambda i: (problem.times[i], i))
+
+
+def _latency_plan(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
+  ring = ring_through(problem, nodes)
+  if ring is None:
+    return None
+  layers = min_time_split([problem.times[i] for i in ring], [problem.caps[i] for i in ring], problem.ring_transfer(ring), problem.n_layers)
+  return None if layers is None else problem.candidate(ring, layers)
+
+
+def _throughput_plan(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
+  ring = ring_through(problem, nodes)
+  if ring is None:
+    return None
+  split = bottleneck_split([problem.times[i] for i in ring], [problem.caps[i] for i in ring], problem.ring_transfer(ring), problem.n_layers)
+  return None if split is None else problem.candidate(ring, split[1])
+
+
+def _smallest_fitting_prefix(problem: SearchProblem, ranking: list[int]) -> int | None:
+  held = 0
+  for k, i in enumerate(ranking, 1):
+    held += problem.caps[i]
+    if held >= problem.n_layers:
+      return k
+  return None
+
+
+def _outside_candidates(problem: SearchProblem, inside: set[int], ranking: list[int]) -> list[int]:
+  outside = [i for i in ranking if i not in inside]
+  if not outside:
+    return []
+  members = sorted(inside)
+  closeness = problem.hop[np.ix_(outside, members)].min(axis=1)
+  nearest = [outside[i] for i in np.argsort(closeness, kind="stable")[: MOVE_CANDIDATES // 2]]
+  fastest = outside[: MOVE_CANDIDATES // 2]
+  return sorted(set(nearest) | set(fastest))
+
+
+def _improve_latency(problem: SearchProblem, start: list[int], ranking: list[int]) -> Candidate | None:
+  best = _latency_plan(problem, start)
+  current = set(start)
+  for _ in range(LOCAL_MOVES):
+    moves = [current - {i} for i in sorted(current) if len(current) > 1]
+    for j in _outside_candidates(problem, current, ranking):
+      moves.append(current | {j})
+      moves.extend((current - {i}) | {j} for i in sorted(current))
+    improved = None
+    for move in moves:
+      if len(move) > problem.n_layers or sum(problem.caps[i] for i in move) < problem.n_layers:
+        continue
+      candidate = _latency_plan(problem, sorted(move))
+      if candidate is not None and better(candidate, best, "latency") and (improved is None or better(candidate, improved, "latency")):
+        improved = candidate
+    if improved is None:
+      break
+    best, current = improved, set(improved.ring)
+  return best
+
+
+def heuristic_search(problem: SearchProblem, objective: str) -> Candidate | None:
+  ranking = _speed_ranking(problem)
+  k_min = _smallest_fitting_prefix(problem, ranking)
+  if k_min is None:
+    return None
+  if objective == "latency":
+    return _improve_latency(problem, ranking[:k_min], ranking)
+  scored = []
+  for k in range(k_min, min(len(ranking), problem.n_layers) + 1):
+    nodes = ranking[:k]
+    cheapest = [min((float(problem.transfer[i, j]) for j in nodes if j != i), default=0.0) for i in nodes]
+    bound = bottleneck_split([problem.times[i] for i in nodes], [problem.caps[i] for i in nodes], cheapest, problem.n_layers)
+    if bound is not None:
+      scored.append((bound[0], k))
+  best = None
+  for _, k in sorted(scored)[:THROUGHPUT_PREFIXES]:
+    candidate = _throughput_plan(problem, ranking[:k])
+    if candidate is not None and better(candidate, best, "throughput"):
+      best = candidate
+  return best

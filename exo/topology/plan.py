@@ -1,0 +1,43 @@
+"""A plan: the ring (node, layer count) in execution order with its predictions, and its JSON form (DESIGN.md section 3)."""
+from dataclasses import dataclass, field
+
+from exo.inference.shard import Shard
+from exo.topology.cost_model import PlannerParams, Prediction
+from exo.topology.model_spec import ModelSpec
+from exo.topology.partitioning_strategy import Partition, map_partitions_to_node_shards, partitions_from_layer_counts
+
+
+@dataclass
+class Plan:
+  strategy: str
+  objective: str
+  params: PlannerParams
+  model: ModelSpec
+  partitions: list[Partition]
+  prediction: Prediction
+  warnings: list[str] = field(default_factory=list)
+
+  @staticmethod
+  def from_ring(strategy: str, objective: str, params: PlannerParams, model: ModelSpec, ring: list[tuple[str, int]], prediction, warnings):
+    return Plan(strategy, objective, params, model, partitions_from_layer_counts(ring, model.n_layers), prediction, warnings)
+
+  def node_shards(self) -> list[tuple[str, Shard]]:
+    return map_partitions_to_node_shards(self.partitions, self.model.n_layers, self.model.id)
+
+  def ring(self) -> list[tuple[str, int]]:
+    """(node id, layers held) for every node in the ring, in execution order."""
+    return [(node_id, shard.get_layer_count()) for node_id, shard in self.node_shards()]
+
+  def to_dict(self) -> dict:
+    return {
+      "strategy": self.strategy,
+      "objective": self.objective,
+      "params": self.params.to_dict(),
+      "model": {"id": self.model.id, "n_layers": self.model.n_layers},
+      "partitions": [{"node_id": p.node_id, "start": p.start, "end": p.end} for p in self.partitions],
+      "shards": [
+        {"node_id": node_id, "start_layer": s.start_layer, "end_layer": s.end_layer, "n_layers": s.n_layers} for node_id, s in self.node_shards()
+      ],
+      "predicted": self.prediction.to_dict(),
+      "warnings": list(self.warnings),
+    }
