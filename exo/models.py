@@ -1,4 +1,5 @@
 """Built-in models the fork serves, by upstream's ids: the plain id is the 4-bit build, suffixes name other precisions."""
+
 from exo.errors import PlanError
 from exo.topology.model_spec import Architecture, ModelSpec
 
@@ -46,5 +47,6 @@ def model_spec(model_id: str) -> ModelSpec:
   if model_id not in MODELS:
     raise PlanError(f"unknown model {model_id!r}; built-in models are {', '.join(sorted(MODELS))} (or pass --model-spec FILE)")
   return MODELS[model_id]
+
 
 DEFAULT_MODEL = "llama-3.2-1b"  # upstream's default; what a strategy plans for when no model is named

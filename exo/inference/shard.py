@@ -4,6 +4,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Shard:
   """Layers [start_layer, end_layer] (inclusive) of a model with n_layers layers: both the wire format and a cache key."""
+
   model_id: str
   start_layer: int
   end_layer: int

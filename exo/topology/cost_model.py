@@ -2,6 +2,7 @@
 
 A plan is a ring `[(node_id, layers), ...]` in execution order. Everything here is pure arithmetic on the topology and model spec.
 """
+
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class ClusterCosts:
   capacity[i]: layers node i can hold. hop[i][j]: seconds per hop, None if i and j are not neighbours.
   transfer[i][j]: seconds to push one token's activation over the link (0 if the bandwidth is unknown).
   """
+
   node_ids: list[str]
   model: ModelSpec
   params: PlannerParams
@@ -71,7 +73,9 @@ class ClusterCosts:
     if self.layer_time is None:
       return ["no node has a known speed (TFLOPS or memory bandwidth): falling back to the memory-weighted split"]
     slowest = max(self.layer_time)
-    return [f"node {n!r} has unknown speed: assumed as slow as the slowest known node ({slowest * 1000:.3f} ms per layer)" for n in self.unknown_speed]
+    return [
+      f"node {n!r} has unknown speed: assumed as slow as the slowest known node ({slowest * 1000:.3f} ms per layer)" for n in self.unknown_speed
+    ]
 
 
 def roofline_layer_time(layer_flops: float, layer_bytes: float, tflops: float, bandwidth_gbs: float) -> float | None:

@@ -1,4 +1,5 @@
 """What a device can do: memory, peak TFLOPS per precision and memory bandwidth."""
+
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -8,6 +9,7 @@ from exo.errors import PlanError
 @dataclass(frozen=True)
 class DeviceFlops:
   """Peak throughput in TFLOPS (1e12 operations per second); 0 means unknown."""
+
   fp32: float = 0.0
   fp16: float = 0.0
   int8: float = 0.0
@@ -19,6 +21,7 @@ class DeviceFlops:
 @dataclass(frozen=True)
 class DeviceCapabilities:
   """A node's device. `memory` in MB (2**20 bytes), `memory_bandwidth` in GB/s (1e9 bytes/s); 0 means unknown."""
+
   model: str = "Unknown Model"
   chip: str = "Unknown Chip"
   memory: float = 0.0

@@ -9,6 +9,7 @@ For each subset a lower bound uses each node's cheapest transfer; subsets are vi
 passes the best found. A subset whose transfers do not depend on order is solved in closed form; otherwise its rings are
 enumerated with the same bound as pruning. Exact; worst case O(2^n n!) but the bound keeps typical cases to a few subsets.
 """
+
 import math
 
 import numpy as np

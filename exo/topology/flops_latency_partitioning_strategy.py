@@ -1,4 +1,5 @@
 """The fork's strategy: which nodes take part, in what ring order, with how many layers, optimal under the v1 cost model."""
+
 import math
 
 import numpy as np
@@ -46,8 +47,15 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
 
   name = "flops-latency"
 
-  def __init__(self, model: ModelSpec | None = None, objective: str = "latency", memory_headroom: float = 0.1, default_rtt_ms: float = 5.0,
-               prompt_tokens: int = DEFAULT_PROMPT_TOKENS, exact_limit: int = EXACT_LIMIT):
+  def __init__(
+    self,
+    model: ModelSpec | None = None,
+    objective: str = "latency",
+    memory_headroom: float = 0.1,
+    default_rtt_ms: float = 5.0,
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+    exact_limit: int = EXACT_LIMIT,
+  ):
     self.model = model if model is not None else model_spec(DEFAULT_MODEL)
     self.objective = objective
     self.params = PlannerParams(memory_headroom, default_rtt_ms)
@@ -71,7 +79,9 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     return Plan.from_ring(self.name, self.objective, self.params, self.model, ring, prediction, costs.warnings())
 
   def _problem(self, costs: ClusterCosts, usable: list[int], times: list[float]) -> SearchProblem:
-    hop = np.array([[math.inf if costs.hop[i][j] is None else costs.hop[i][j] for j in usable] for i in usable], dtype=float).reshape(len(usable), len(usable))
+    hop = np.array([[math.inf if costs.hop[i][j] is None else costs.hop[i][j] for j in usable] for i in usable], dtype=float).reshape(
+      len(usable), len(usable)
+    )
     transfer = np.array([[costs.transfer[i][j] for j in usable] for i in usable], dtype=float).reshape(len(usable), len(usable))
     return SearchProblem(times, [costs.capacity[i] for i in usable], hop, transfer, self.model.n_layers)
 

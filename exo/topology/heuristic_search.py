@@ -5,6 +5,7 @@ local moves (add, drop or swap a node) while TPOT falls: a near node can beat a 
 speed ranking is scored by its optimistic bottleneck (cheapest transfer per node) and the best few are solved with a real ring.
 Rings: exact Held-Karp up to EXACT_RING nodes, else nearest neighbour + 2-opt. O(n^2) per ring, O(n^2 log n) for the prefixes.
 """
+
 import math
 
 import numpy as np

@@ -3,6 +3,7 @@
 Nodes are given in ring order as per-layer times t_i, capacities cap_i (max layers) and per-token transfer times c_i to the next
 node. Every node holds 1 <= L_i <= cap_i layers and sum L_i = n. Both splits are exact and run in O(k log k + n) for k nodes.
 """
+
 import heapq
 import math
 

@@ -1,4 +1,5 @@
 """What the planner needs to know of a model, derived from its architecture or read from the model-spec JSON."""
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ ACTIVATION_DTYPE_BYTES = 2  # hidden states and KV cache travel and live in fp16
 @dataclass(frozen=True)
 class ModelSpec:
   """Per-layer figures of a transformer (DESIGN.md section 2): bytes of weights, FLOPs per token, hidden-state bytes, KV bytes."""
+
   id: str
   n_layers: int
   layer_bytes: float
@@ -53,6 +55,7 @@ class ModelSpec:
 @dataclass(frozen=True)
 class Architecture:
   """Llama-style decoder shape. `bits_per_weight` includes quantisation scales (4-bit with fp16 scale+bias per 64 weights = 4.5)."""
+
   n_layers: int
   hidden_size: int
   intermediate_size: int

@@ -1,4 +1,5 @@
 """Upstream's seam: a strategy turns a topology into an ordered ring of partitions; partitions map to layer shards."""
+
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ _BOUNDARY_EPS = 1e-9  # a boundary like 0.3 * 10 computes as 2.9999999999999996 
 @dataclass(frozen=True)
 class Partition:
   """Node `node_id` holds the fraction [start, end) of the layers; list order is ring order."""
+
   node_id: str
   start: float
   end: float

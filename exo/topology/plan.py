@@ -1,4 +1,5 @@
 """A plan: the ring (node, layer count) in execution order with its predictions, and its JSON form (DESIGN.md section 3)."""
+
 from dataclasses import dataclass, field
 
 from exo.inference.shard import Shard

@@ -1,4 +1,5 @@
 """One entry point for every strategy: `make_plan` returns the plan JSON object (DESIGN.md section 3) as a dict."""
+
 from exo.errors import PlanError
 from exo.models import model_spec
 from exo.topology.cost_model import PlannerParams, cluster_costs, predict
@@ -42,8 +43,14 @@ def memory_weighted_plan(topology: Topology, model: ModelSpec, objective: str, p
   return plan
 
 
-def plan_for(topology: Topology | dict, model: ModelSpec | dict | str, strategy: str = "flops-latency", objective: str = "latency",
-             prompt_tokens: int = DEFAULT_PROMPT_TOKENS, **params) -> Plan:
+def plan_for(
+  topology: Topology | dict,
+  model: ModelSpec | dict | str,
+  strategy: str = "flops-latency",
+  objective: str = "latency",
+  prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+  **params,
+) -> Plan:
   unknown = sorted(set(params) - {"memory_headroom", "default_rtt_ms"})
   if unknown:
     raise PlanError(f"unknown planner parameter {unknown[0]!r}; expected memory_headroom or default_rtt_ms")
@@ -56,7 +63,8 @@ def plan_for(topology: Topology | dict, model: ModelSpec | dict | str, strategy:
   raise PlanError(f"unknown partitioning strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
 
 
-def make_plan(topology: Topology | dict, model: ModelSpec | dict | str, strategy: str = "flops-latency", objective: str = "latency",
-              **params) -> dict:
+def make_plan(
+  topology: Topology | dict, model: ModelSpec | dict | str, strategy: str = "flops-latency", objective: str = "latency", **params
+) -> dict:
   """The plan JSON object for `model` on `topology`; raises PlanError (one sentence) when the request is impossible or malformed."""
   return plan_for(topology, model, strategy, objective, **params).to_dict()

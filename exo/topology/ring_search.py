@@ -4,6 +4,7 @@ Exact: Held-Karp over every subset at once, O(2^n n^2) time and O(2^n n) memory,
 starts at its lowest index, so one table answers every subset. Heuristic: nearest neighbour then 2-opt, O(n^2) per pass.
 Hop matrices hold math.inf where two nodes are not neighbours.
 """
+
 import math
 from typing import Iterator
 

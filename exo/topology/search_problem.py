@@ -1,4 +1,5 @@
 """The planning problem in index form, a candidate plan, and the objective's ordering of candidates."""
+
 import math
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ _REL_TOL = 1e-9  # plans whose objective values differ by less than this are tie
 class SearchProblem:
   """Nodes 0..n-1 in sorted-id order (so index order is id order): per-layer time, layer capacity, symmetric hop matrix
   (inf where there is no edge) and per-token transfer matrix; plus the number of layers to place."""
+
   times: list[float]
   caps: list[int]
   hop: np.ndarray

@@ -1,4 +1,5 @@
 """The cluster as the planner sees it: nodes with device capabilities and directed, measured edges."""
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from exo.topology.device_capabilities import DeviceCapabilities, non_negative_nu
 @dataclass(frozen=True)
 class Edge:
   """A directed measurement from `from_id` to `to_id`: round trip time in ms and bandwidth in Mbit/s (None when not measured)."""
+
   from_id: str
   to_id: str
   rtt_ms: float | None = None
