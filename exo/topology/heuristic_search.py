@@ -2,7 +2,8 @@
 
 Nodes are ranked by speed. Latency: start from the fewest fastest nodes whose memory holds the model, then improve the subset by
 local moves (add, drop or swap a node) while TPOT falls: a near node can beat a faster far one. Throughput: every prefix of the
-speed ranking is scored by its optimistic bottleneck (cheapest transfer per node) and the best few are solved with a real ring.
+speed ranking is scored by its optimistic bottleneck (cheapest transfer per node), the best few are solved with a real ring,
+and a small enough winner is refined by the same local moves.
 Rings: exact Held-Karp up to EXACT_RING nodes, else nearest neighbour + 2-opt. O(n^2) per ring, O(n^2 log n) for the prefixes.
 """
 
@@ -19,6 +20,7 @@ MISSING_EDGE_COST = 1e6  # seconds: far above any real hop, so 2-opt routes arou
 LOCAL_MOVES = 60  # improving moves at most; each is one pass over the candidate moves
 MOVE_CANDIDATES = 8  # outside nodes considered per pass: the fastest few and the nearest few
 THROUGHPUT_PREFIXES = 3  # best-bounded prefixes solved with a real ring
+LOCAL_SEARCH_LIMIT = 16  # throughput rings up to this size are refined by local moves; larger ones keep the best prefix
 
 
 def ring_through(problem: SearchProblem, nodes: list[int]) -> list[int] | None:
@@ -42,20 +44,18 @@ def _speed_ranking(problem: SearchProblem) -> list[int]:
   return sorted((i for i in range(problem.size) if problem.caps[i] >= 1), key=lambda i: (problem.times[i], i))
 
 
-def _latency_plan(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
+def _plan(problem: SearchProblem, nodes: list[int], objective: str) -> Candidate | None:
+  """The best split of `nodes` for the objective on a cheap ring through them."""
   ring = ring_through(problem, nodes)
   if ring is None:
     return None
-  layers = min_time_split([problem.times[i] for i in ring], [problem.caps[i] for i in ring], problem.ring_transfer(ring), problem.n_layers)
+  times, caps, transfer = [problem.times[i] for i in ring], [problem.caps[i] for i in ring], problem.ring_transfer(ring)
+  if objective == "latency":
+    layers = min_time_split(times, caps, transfer, problem.n_layers)
+  else:
+    split = bottleneck_split(times, caps, transfer, problem.n_layers)
+    layers = None if split is None else split[1]
   return None if layers is None else problem.candidate(ring, layers)
-
-
-def _throughput_plan(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
-  ring = ring_through(problem, nodes)
-  if ring is None:
-    return None
-  split = bottleneck_split([problem.times[i] for i in ring], [problem.caps[i] for i in ring], problem.ring_transfer(ring), problem.n_layers)
-  return None if split is None else problem.candidate(ring, split[1])
 
 
 def _smallest_fitting_prefix(problem: SearchProblem, ranking: list[int]) -> int | None:
@@ -78,8 +78,9 @@ def _outside_candidates(problem: SearchProblem, inside: set[int], ranking: list[
   return sorted(set(nearest) | set(fastest))
 
 
-def _improve_latency(problem: SearchProblem, start: list[int], ranking: list[int]) -> Candidate | None:
-  best = _latency_plan(problem, start)
+def _improve(problem: SearchProblem, start: list[int], ranking: list[int], objective: str) -> Candidate | None:
+  """Steepest descent over subsets: drop a node, add one of a few promising outsiders, or swap one in for a member."""
+  best = _plan(problem, start, objective)
   current = set(start)
   for _ in range(LOCAL_MOVES):
     moves = [current - {i} for i in sorted(current) if len(current) > 1]
@@ -90,12 +91,31 @@ def _improve_latency(problem: SearchProblem, start: list[int], ranking: list[int
     for move in moves:
       if len(move) > problem.n_layers or sum(problem.caps[i] for i in move) < problem.n_layers:
         continue
-      candidate = _latency_plan(problem, sorted(move))
-      if candidate is not None and better(candidate, best, "latency") and (improved is None or better(candidate, improved, "latency")):
+      candidate = _plan(problem, sorted(move), objective)
+      if candidate is not None and better(candidate, best, objective) and better(candidate, improved, objective):
         improved = candidate
     if improved is None:
       break
     best, current = improved, set(improved.ring)
+  return best
+
+
+def _polish_order(problem: SearchProblem, best: Candidate) -> Candidate:
+  """Throughput depends on the order through each node's transfer to its successor: try every segment reversal (2-opt move)
+  on the full objective until none helps. O(k^2) splits per pass."""
+  improved = True
+  while improved:
+    improved = False
+    ring = list(best.ring)
+    for i in range(1, len(ring) - 1):
+      for j in range(i + 1, len(ring)):
+        order = ring[:i] + ring[i : j + 1][::-1] + ring[j + 1 :]
+        if not all(math.isfinite(problem.hop[order[k], order[(k + 1) % len(order)]]) for k in range(len(order))):
+          continue
+        times, caps = [problem.times[n] for n in order], [problem.caps[n] for n in order]
+        candidate = problem.candidate(order, bottleneck_split(times, caps, problem.ring_transfer(order), problem.n_layers)[1])
+        if better(candidate, best, "throughput"):
+          best, improved = candidate, True
   return best
 
 
@@ -105,7 +125,7 @@ def heuristic_search(problem: SearchProblem, objective: str) -> Candidate | None
   if k_min is None:
     return None
   if objective == "latency":
-    return _improve_latency(problem, ranking[:k_min], ranking)
+    return _improve(problem, ranking[:k_min], ranking, objective)
   scored = []
   for k in range(k_min, min(len(ranking), problem.n_layers) + 1):
     nodes = ranking[:k]
@@ -115,7 +135,9 @@ def heuristic_search(problem: SearchProblem, objective: str) -> Candidate | None
       scored.append((bound[0], k))
   best = None
   for _, k in sorted(scored)[:THROUGHPUT_PREFIXES]:
-    candidate = _throughput_plan(problem, ranking[:k])
-    if candidate is not None and better(candidate, best, "throughput"):
+    candidate = _plan(problem, ranking[:k], objective)
+    if candidate is not None and better(candidate, best, objective):
       best = candidate
+  if best is not None and len(best.ring) <= LOCAL_SEARCH_LIMIT:
+    best = _polish_order(problem, _improve(problem, list(best.ring), ranking, objective))
   return best

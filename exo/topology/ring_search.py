@@ -6,6 +6,7 @@ Hop matrices hold math.inf where two nodes are not neighbours.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -17,32 +18,50 @@ def members(mask: int) -> list[int]:
   return [i for i in range(mask.bit_length()) if mask >> i & 1]
 
 
-def held_karp(hop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(cycle[S], path[S, j]) for every subset S: path is the cheapest path from min(S) through all of S ending at j, cycle closes it.
+@dataclass(frozen=True)
+class SubsetLayout:
+  """Index arrays for Held-Karp over n nodes, built once and reused when the same search runs the DP many times."""
 
-  cycle is 0 for one node, the out-and-back for two (a two-node ring crosses its link twice per token), inf if no ring exists.
-  """
-  n = len(hop)
-  full = 1 << n
-  masks = np.arange(full)
-  size = np.zeros(full, dtype=np.int64)
+  size: np.ndarray  # popcount of every subset mask
+  lowest: np.ndarray  # lowest member of every subset mask
+  steps: list[tuple[int, np.ndarray]]  # (j, masks whose path ends at j), by growing subset size
+  many: np.ndarray  # masks with two or more members
+
+
+def subset_layout(n: int) -> SubsetLayout:
+  masks = np.arange(1 << n)
+  size = np.zeros(1 << n, dtype=np.int64)
   for i in range(n):
     size += (masks >> i) & 1
-  lowest = np.zeros(full, dtype=np.int64)
+  lowest = np.zeros(1 << n, dtype=np.int64)
   for i in reversed(range(n)):
     lowest[(masks >> i) & 1 == 1] = i
-  path = np.full((full, n), math.inf)
-  path[1 << np.arange(n), np.arange(n)] = 0.0
+  steps = []
   for k in range(2, n + 1):
     layer = masks[size == k]
     for j in range(n):
       sel = layer[((layer >> j) & 1 == 1) & (lowest[layer] != j)]
       if sel.size:
-        path[sel, j] = (path[sel ^ (1 << j)] + hop[:, j]).min(axis=1)
-  cycle = np.full(full, math.inf)
-  cycle[size == 1] = 0.0
-  many = masks[size >= 2]
-  cycle[many] = (path[many] + hop[:, lowest[many]].T).min(axis=1)
+        steps.append((j, sel))
+  return SubsetLayout(size, lowest, steps, masks[size >= 2])
+
+
+def held_karp(hop: np.ndarray, layout: SubsetLayout | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(cycle[S], path[S, j]) for every subset S: path is the cheapest path from min(S) through all of S ending at j, cycle closes it.
+
+  Edges are directed (hop[i, j] is i -> j). cycle is 0 for one node, the out-and-back for two (a two-node ring crosses its
+  link twice per token), inf if no ring exists.
+  """
+  n = len(hop)
+  layout = layout or subset_layout(n)
+  path = np.full((1 << n, n), math.inf)
+  path[1 << np.arange(n), np.arange(n)] = 0.0
+  for j, sel in layout.steps:
+    path[sel, j] = (path[sel ^ (1 << j)] + hop[:, j]).min(axis=1)
+  cycle = np.full(1 << n, math.inf)
+  cycle[layout.size == 1] = 0.0
+  many = layout.many
+  cycle[many] = (path[many] + hop[:, layout.lowest[many]].T).min(axis=1)
   return cycle, path
 
 

@@ -1,0 +1,313 @@
+"""`exo plan`: show (or print as JSON, or draw) the ring a partitioning strategy would build for a model on a topology file.
+
+User mistakes (bad files, impossible requests, bad flags) end with one line `exo plan: error: <message>` on stderr and nothing
+on stdout; anything else that goes wrong is a bug and keeps its traceback.
+"""
+
+import argparse
+import json
+import math
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from exo.errors import PlanError
+from exo.models import MODELS, model_spec
+from exo.topology.cost_model import ClusterCosts, cluster_costs
+from exo.topology.model_spec import ModelSpec
+from exo.topology.plan import Plan
+from exo.topology.planner import STRATEGIES, plan_for
+from exo.topology.search_problem import OBJECTIVES
+from exo.topology.topology import Topology
+
+PROG = "exo plan"
+BASELINE = "ring-memory-weighted"
+MIN_PIPE_WIDTH = 120  # rich wraps to 80 columns when stdout is not a terminal, which folds the plan table
+
+
+class UsageError(Exception):
+  """A bad command line, raised instead of argparse's usage-and-exit so the error stays one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number of tokens >= 1, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a whole number of tokens >= 1, got {text!r}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+    prog=PROG,
+    description="Plan which nodes hold which layers of a model, in what ring order, and predict its speed (DESIGN.md sections 2-3).",
+  )
+  parser.add_argument("--topology", required=True, metavar="FILE", help="topology JSON: nodes with device capabilities, edges with RTT")
+  which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument("--model", metavar="ID", help=f"a built-in model: {', '.join(sorted(MODELS))}")
+  which.add_argument("--model-spec", metavar="FILE", help="model spec JSON (n_layers, layer_bytes, layer_flops, ...)")
+  parser.add_argument("--partitioning-strategy", choices=STRATEGIES, default=STRATEGIES[0], help="default: %(default)s")
+  parser.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0], help="minimise time per token or maximise pipelined tokens/s")
+  parser.add_argument("--memory-headroom", type=float, default=0.1, metavar="FRACTION", help="memory kept free on each node (default: %(default)s)")
+  parser.add_argument("--default-rtt-ms", type=float, default=5.0, metavar="MS", help="RTT assumed for unmeasured edges (default: %(default)s)")
+  parser.add_argument(
+    "--prompt-tokens", type=_positive_int, default=128, metavar="N", help="prompt length behind the reported TTFT (default: %(default)s)"
+  )
+  parser.add_argument("--json", action="store_true", help="print the plan as one JSON object and nothing else")
+  parser.add_argument("--compare", action="store_true", help=f"plan with both strategies and show the speed-up over {BASELINE}")
+  parser.add_argument("--plot", metavar="FILE.png", help="draw the ring (both rings with --compare) to an image file")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    args = build_parser().parse_args(argv)
+  except SystemExit as e:  # --help
+    return e.code
+  except UsageError as e:
+    return _fail(e, 2)
+  try:
+    topology = Topology.load(args.topology)
+    model = ModelSpec.load(args.model_spec) if args.model_spec else model_spec(args.model)
+    strategies = STRATEGIES if args.compare else (args.partitioning_strategy,)
+    params = {"memory_headroom": args.memory_headroom, "default_rtt_ms": args.default_rtt_ms}
+    plans = {s: plan_for(topology, model, s, args.objective, args.prompt_tokens, **params) for s in strategies}
+    costs = cluster_costs(topology, model, next(iter(plans.values())).params)
+    if args.plot:  # before printing anything, so a plot that cannot be written leaves stdout empty
+      write_plot(args.plot, list(plans.values()), costs)
+  except PlanError as e:
+    return _fail(e, 1)
+  if args.json:
+    out = plans[strategies[0]].to_dict() if len(plans) == 1 else {**{s: p.to_dict() for s, p in plans.items()}, "speedup": speedup(plans)}
+    print(json.dumps(out, indent=2))
+    return 0
+  console = Console(file=sys.stdout, highlight=False)
+  if not console.is_terminal:
+    console.width = max(console.width, MIN_PIPE_WIDTH)
+  for plan in plans.values():
+    show_plan(console, plan, topology, costs, args.prompt_tokens)
+  if args.compare:
+    show_comparison(console, plans, args.objective)
+  return 0
+
+
+def _fail(error: Exception, status: int) -> int:
+  print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+  return status
+
+
+# ---------- numbers ----------
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+  return "unknown" if value is None else f"{value:.{digits}f}"
+
+
+def stage_s(costs: ClusterCosts, node_id: str, layers: int) -> float | None:
+  """Compute time of one stage per decoded token: layers x per-layer time."""
+  return None if costs.layer_time is None else layers * costs.layer_time[costs.index(node_id)]
+
+
+def hop_s(costs: ClusterCosts, from_id: str, to_id: str) -> tuple[float, bool]:
+  """(seconds, whether an edge joins the pair); a pair with no edge is charged the default RTT, as the cost model does."""
+  i, j = costs.index(from_id), costs.index(to_id)
+  if costs.hop[i][j] is None:
+    return costs.params.default_rtt_ms / 2000 + costs.transfer[i][j], False
+  return costs.hop[i][j], True
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+  if a is None or b is None or b == 0 or math.isinf(b):
+    return None
+  return a / b
+
+
+def speedup(plans: dict[str, Plan]) -> dict:
+  """flops-latency's predicted speeds divided by ring-memory-weighted's; None where a speed is unknown."""
+  new, old = (plans[s].prediction.to_dict() for s in STRATEGIES)
+  return {key: ratio(new[key], old[key]) for key in ("tokens_per_second", "throughput_tps")}
+
+
+def left_out(plan: Plan, costs: ClusterCosts) -> list[str]:
+  in_ring = {node_id for node_id, _ in plan.ring()}
+  return [node_id for node_id in costs.node_ids if node_id not in in_ring]
+
+
+def ms(seconds: float | None) -> float | None:
+  return None if seconds is None else seconds * 1000
+
+
+def layer_range(shard) -> str:
+  return str(shard.start_layer) if shard.start_layer == shard.end_layer else f"{shard.start_layer}-{shard.end_layer}"
+
+
+def ring_text(plan: Plan) -> str:
+  """One ring node a line, in execution order: `node layers (count)`."""
+  return "\n".join(f"{escape(node_id)} {layer_range(s)} ({s.get_layer_count()})" for node_id, s in plan.node_shards())
+
+
+# ---------- text ----------
+
+
+def show_plan(console: Console, plan: Plan, topology: Topology, costs: ClusterCosts, prompt_tokens: int) -> None:
+  title = f"{plan.strategy} plan: {plan.model.id} ({plan.model.n_layers} layers) on {len(costs.node_ids)} nodes, {plan.objective} objective"
+  table = Table(title=title, title_justify="left")
+  for name, justify in [
+    ("#", "right"),
+    ("node", "left"),
+    ("device", "left"),
+    ("layers", "right"),
+    ("count", "right"),
+    ("capacity", "right"),
+    ("stage ms", "right"),
+    ("hop to next ms", "left"),
+  ]:
+    table.add_column(name, justify=justify)
+  shards = plan.node_shards()
+  for k, (node_id, shard) in enumerate(shards):
+    device, count, capacity = topology.nodes[node_id], shard.get_layer_count(), costs.capacity[costs.index(node_id)]
+    hop = "-"
+    if len(shards) > 1:
+      next_id = shards[(k + 1) % len(shards)][0]
+      seconds, joined = hop_s(costs, node_id, next_id)
+      hop = f"{seconds * 1000:.2f} → {escape(next_id)}" + ("" if joined else " [red](no edge)[/red]")
+    fits = f"{capacity}" if count <= capacity else f"[red]{capacity} (over)[/red]"
+    stage = stage_s(costs, node_id, count)
+    table.add_row(str(k + 1), escape(node_id), escape(f"{device.model} ({device.chip})"), layer_range(shard), str(count), fits, fmt(ms(stage)), hop)
+  console.print(table)
+  p = plan.prediction.to_dict()
+  feasible = "yes" if p["feasible"] else "[red]no[/red]"
+  lines = [
+    f"Predicted: TPOT {fmt(p['tpot_ms'])} ms ({fmt(p['tokens_per_second'])} tokens/s single stream), throughput {fmt(p['throughput_tps'])} tokens/s",
+    f"           TTFT {fmt(p['ttft_ms'])} ms for a {prompt_tokens}-token prompt, feasible: {feasible}",
+    f"Left out of the ring: {escape(', '.join(left_out(plan, costs))) or 'none'}",
+    *(f"[yellow]Warning:[/yellow] {escape(warning)}" for warning in plan.warnings),
+  ]
+  for line in lines:
+    console.print(line, soft_wrap=True)
+  console.print()
+
+
+def show_comparison(console: Console, plans: dict[str, Plan], objective: str) -> None:
+  table = Table(title=f"Strategies compared ({objective} objective)", title_justify="left")
+  for name in ["strategy", "ring (layers)", "TPOT ms", "tokens/s", "throughput tokens/s", "TTFT ms", "feasible"]:
+    table.add_column(name, justify="left" if name in ("strategy", "ring (layers)") else "right")
+  for strategy, plan in plans.items():
+    p = plan.prediction.to_dict()
+    feasible = "yes" if p["feasible"] else "[red]no[/red]"
+    table.add_row(strategy, ring_text(plan), fmt(p["tpot_ms"]), fmt(p["tokens_per_second"]), fmt(p["throughput_tps"]), fmt(p["ttft_ms"]), feasible)
+  console.print(table)
+  console.print(speedup_line(plans, objective), soft_wrap=True)
+
+
+def speedup_line(plans: dict[str, Plan], objective: str) -> str:
+  gain = speedup(plans)
+
+  def x(value):
+    return "unknown" if value is None else f"{value:.2f}x"
+
+  tps, thr = f"{x(gain['tokens_per_second'])} tokens/s", f"{x(gain['throughput_tps'])} throughput"
+  parts = [f"{tps} (latency objective)", thr] if objective == "latency" else [f"{thr} (throughput objective)", tps]
+  note = "" if plans[BASELINE].prediction.feasible else f" ({BASELINE} plan is infeasible)"
+  return f"{STRATEGIES[0]} vs {BASELINE}: {', '.join(parts)}{note}"
+
+
+# ---------- picture ----------
+
+ARC = -0.25  # arc3 curvature of the hop arrows; negative bends a clockwise ring's arrows outwards, away from the centre
+INK, BAD, RING_FILL, OUT_FILL, OUT_INK = "#2c3e50", "#c0392b", "#dbe9f6", "#f2f2f2", "#999999"
+OUT_PER_ROW, OUT_STEP = 4, 0.95  # nodes left out of the ring: boxes per row along the bottom, and their spacing in ring radii
+
+
+def write_plot(path: str, plans: list[Plan], costs: ClusterCosts) -> None:
+  """Draw each plan's ring side by side and save it; raises PlanError if the file cannot be written."""
+  from matplotlib.figure import Figure  # imported here: matplotlib is slow to load and only --plot needs it
+
+  fig = Figure(dpi=120, layout="constrained")
+  axes = fig.subplots(1, len(plans), squeeze=False)[0]
+  extents = [draw_ring(ax, plan, costs, with_model=len(plans) == 1) for ax, plan in zip(axes, plans)]
+  # one scale for every panel, so rings compare at a glance, and a figure shaped to fit it (the axes keep equal aspect)
+  half_width, low, high = max(e[0] for e in extents), min(e[1] for e in extents), max(e[2] for e in extents)
+  for ax in axes:
+    ax.set_xlim(-half_width, half_width)
+    ax.set_ylim(low, high)
+  panel = 7.5
+  fig.set_size_inches(panel * len(plans), panel * (high - low) / (2 * half_width) + (1.6 if len(plans) > 1 else 1.0))
+  if len(plans) > 1:
+    fig.suptitle(f"{plans[0].model.id}: strategies compared, {plans[0].objective} objective", fontsize=15, fontweight="bold")
+  try:
+    fig.savefig(path)
+  except (OSError, ValueError) as e:  # missing folder, no permission, an extension matplotlib cannot write
+    raise PlanError(f"cannot write plot {path!r}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def draw_ring(ax, plan: Plan, costs: ClusterCosts, with_model: bool = True) -> tuple[float, float, float]:
+  """Ring nodes clockwise from the top in execution order, hops as arrows labelled in ms; nodes left out greyed along the bottom.
+
+  Returns the extent the drawing needs: (half width, bottom, top) in data units."""
+  shards = plan.node_shards()
+  k = len(shards)
+  radius = max(1.0, 0.17 * k)  # keeps the boxes of a large ring from overlapping
+  pos = [(0.0, 0.0)] if k == 1 else [(radius * math.cos(a), radius * math.sin(a)) for a in (math.pi / 2 - 2 * math.pi * n / k for n in range(k))]
+  font = 10 if k <= 8 else 8
+  boxes = []
+  for n, ((node_id, shard), (x, y)) in enumerate(zip(shards, pos)):
+    count, capacity = shard.get_layer_count(), costs.capacity[costs.index(node_id)]
+    noun = "layer" if count == 1 else "layers"
+    label = f"{n + 1}. {node_id}\n{noun} {layer_range(shard)} ({count})\nstage {fmt(ms(stage_s(costs, node_id, count)))} ms"
+    if count > capacity:
+      label += f"\nover memory: fits {capacity}"
+    style = dict(boxstyle="round,pad=0.6", fc=RING_FILL, ec=BAD if count > capacity else INK, lw=2.5 if count > capacity else 1.2)
+    boxes.append(ax.text(x, y, label, ha="center", va="center", fontsize=font, color=INK, bbox=style, zorder=3))
+  for n in range(k if k > 1 else 0):
+    m = (n + 1) % k
+    (x1, y1), (x2, y2) = pos[n], pos[m]
+    seconds, joined = hop_s(costs, shards[n][0], shards[m][0])
+    color = INK if joined else BAD
+    arrow = dict(
+      arrowstyle="-|>",
+      mutation_scale=18,
+      lw=1.6,
+      color=color,
+      linestyle="-" if joined else "--",
+      connectionstyle=f"arc3,rad={ARC}",
+      patchA=boxes[n].get_bbox_patch(),
+      patchB=boxes[m].get_bbox_patch(),
+    )
+    ax.annotate("", xy=(x2, y2), xytext=(x1, y1), arrowprops=arrow, zorder=2)
+    # midpoint of arc3's quadratic Bezier: the chord's midpoint pushed sideways by half the curvature
+    mx, my = (x1 + x2) / 2 + ARC / 2 * (y2 - y1), (y1 + y2) / 2 - ARC / 2 * (x2 - x1)
+    label = f"{seconds * 1000:.2f} ms" + ("" if joined else "\n(no edge)")
+    ax.text(
+      mx, my, label, ha="center", va="center", fontsize=font - 1, color=color, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none"), zorder=4
+    )
+  out = left_out(plan, costs)
+  reach = radius if k > 1 else 0.0  # how far the ring's boxes sit from the centre
+  bottom = -reach - 0.55
+  for n, node_id in enumerate(out):
+    row, col = divmod(n, OUT_PER_ROW)
+    in_row = min(OUT_PER_ROW, len(out) - row * OUT_PER_ROW)
+    x, y = (col - (in_row - 1) / 2) * OUT_STEP * radius, -reach - 0.95 - 0.45 * row
+    out_style = dict(boxstyle="round,pad=0.5", fc=OUT_FILL, ec="#cccccc", linestyle="--")
+    ax.text(x, y, f"{node_id}\nnot in ring", ha="center", va="center", fontsize=font - 1, color=OUT_INK, bbox=out_style, zorder=3)
+    bottom = y - 0.3
+  p = plan.prediction.to_dict()
+  head = f"{plan.model.id}: {plan.strategy}, {plan.objective} objective" if with_model else plan.strategy
+  ax.set_title(
+    f"{head}{'' if p['feasible'] else ' (INFEASIBLE)'}\n"
+    f"{fmt(p['tokens_per_second'], 1)} tokens/s single stream, throughput {fmt(p['throughput_tps'], 1)} tokens/s",
+    fontsize=12,
+    color=INK if p["feasible"] else BAD,
+  )
+  ax.set_aspect("equal")
+  ax.axis("off")
+  return max(reach, OUT_STEP * radius * (min(OUT_PER_ROW, len(out)) - 1) / 2) + 0.9, bottom, reach + 0.55
