@@ -108,8 +108,8 @@ def _fail(error: Exception, status: int) -> int:
 # ---------- numbers ----------
 
 
-def fmt(value: float | None, digits: int = 2) -> str:
-  return "unknown" if value is None else f"{value:.{digits}f}"
+def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
+  return "unknown" if value is None else f"{value:.{digits}f}{unit}"
 
 
 def stage_s(costs: ClusterCosts, node_id: str, layers: int) -> float | None:
@@ -140,6 +140,12 @@ def speedup(plans: dict[str, Plan]) -> dict:
 def left_out(plan: Plan, costs: ClusterCosts) -> list[str]:
   in_ring = {node_id for node_id, _ in plan.ring()}
   return [node_id for node_id in costs.node_ids if node_id not in in_ring]
+
+
+def speeds(predicted: dict, digits: int = 2) -> str:
+  if predicted["tokens_per_second"] is None:
+    return "speed unknown: no node's TFLOPS or memory bandwidth is known"
+  return f"{predicted['tokens_per_second']:.{digits}f} tokens/s single stream, throughput {predicted['throughput_tps']:.{digits}f} tokens/s"
 
 
 def ms(seconds: float | None) -> float | None:
@@ -186,9 +192,15 @@ def show_plan(console: Console, plan: Plan, topology: Topology, costs: ClusterCo
   console.print(table)
   p = plan.prediction.to_dict()
   feasible = "yes" if p["feasible"] else "[red]no[/red]"
+  if p["tpot_ms"] is None:
+    predicted = [f"Predicted: {speeds(p)}; feasible: {feasible}"]
+  else:
+    predicted = [
+      f"Predicted: TPOT {fmt(p['tpot_ms'])} ms ({speeds(p)})",
+      f"           TTFT {fmt(p['ttft_ms'])} ms for a {prompt_tokens}-token prompt, feasible: {feasible}",
+    ]
   lines = [
-    f"Predicted: TPOT {fmt(p['tpot_ms'])} ms ({fmt(p['tokens_per_second'])} tokens/s single stream), throughput {fmt(p['throughput_tps'])} tokens/s",
-    f"           TTFT {fmt(p['ttft_ms'])} ms for a {prompt_tokens}-token prompt, feasible: {feasible}",
+    *predicted,
     f"Left out of the ring: {escape(', '.join(left_out(plan, costs))) or 'none'}",
     *(f"[yellow]Warning:[/yellow] {escape(warning)}" for warning in plan.warnings),
   ]
@@ -223,9 +235,12 @@ def speedup_line(plans: dict[str, Plan], objective: str) -> str:
 
 # ---------- picture ----------
 
+# Drawn at a fixed scale, so boxes (sized in points) keep their size in data units and a bigger ring just makes a bigger picture.
+INCH_PER_UNIT = 2.0
+MIN_CHORD = 1.2  # data units between neighbouring ring nodes' centres: a box is about 0.65 wide and 0.35 high
 ARC = -0.25  # arc3 curvature of the hop arrows; negative bends a clockwise ring's arrows outwards, away from the centre
+OUT_STEP = 0.8  # spacing of the greyed boxes of nodes left out of the ring
 INK, BAD, RING_FILL, OUT_FILL, OUT_INK = "#2c3e50", "#c0392b", "#dbe9f6", "#f2f2f2", "#999999"
-OUT_PER_ROW, OUT_STEP = 4, 0.95  # nodes left out of the ring: boxes per row along the bottom, and their spacing in ring radii
 
 
 def write_plot(path: str, plans: list[Plan], costs: ClusterCosts) -> None:
@@ -235,13 +250,12 @@ def write_plot(path: str, plans: list[Plan], costs: ClusterCosts) -> None:
   fig = Figure(dpi=120, layout="constrained")
   axes = fig.subplots(1, len(plans), squeeze=False)[0]
   extents = [draw_ring(ax, plan, costs, with_model=len(plans) == 1) for ax, plan in zip(axes, plans)]
-  # one scale for every panel, so rings compare at a glance, and a figure shaped to fit it (the axes keep equal aspect)
   half_width, low, high = max(e[0] for e in extents), min(e[1] for e in extents), max(e[2] for e in extents)
-  for ax in axes:
+  for ax in axes:  # one scale for every panel, so the rings compare at a glance
     ax.set_xlim(-half_width, half_width)
     ax.set_ylim(low, high)
-  panel = 7.5
-  fig.set_size_inches(panel * len(plans), panel * (high - low) / (2 * half_width) + (1.6 if len(plans) > 1 else 1.0))
+  titles = 1.7 if len(plans) > 1 else 1.1
+  fig.set_size_inches(len(plans) * 2 * half_width * INCH_PER_UNIT, (high - low) * INCH_PER_UNIT + titles)
   if len(plans) > 1:
     fig.suptitle(f"{plans[0].model.id}: strategies compared, {plans[0].objective} objective", fontsize=15, fontweight="bold")
   try:
@@ -256,18 +270,17 @@ def draw_ring(ax, plan: Plan, costs: ClusterCosts, with_model: bool = True) -> t
   Returns the extent the drawing needs: (half width, bottom, top) in data units."""
   shards = plan.node_shards()
   k = len(shards)
-  radius = max(1.0, 0.17 * k)  # keeps the boxes of a large ring from overlapping
-  pos = [(0.0, 0.0)] if k == 1 else [(radius * math.cos(a), radius * math.sin(a)) for a in (math.pi / 2 - 2 * math.pi * n / k for n in range(k))]
-  font = 10 if k <= 8 else 8
+  radius = 0.0 if k == 1 else max(1.0, MIN_CHORD / 2 / math.sin(math.pi / k))
+  pos = [(radius * math.cos(a), radius * math.sin(a)) for a in (math.pi / 2 - 2 * math.pi * n / k for n in range(k))]
   boxes = []
   for n, ((node_id, shard), (x, y)) in enumerate(zip(shards, pos)):
     count, capacity = shard.get_layer_count(), costs.capacity[costs.index(node_id)]
     noun = "layer" if count == 1 else "layers"
-    label = f"{n + 1}. {node_id}\n{noun} {layer_range(shard)} ({count})\nstage {fmt(ms(stage_s(costs, node_id, count)))} ms"
+    label = f"{n + 1}. {node_id}\n{noun} {layer_range(shard)} ({count})\nstage {fmt(ms(stage_s(costs, node_id, count)), unit=' ms')}"
     if count > capacity:
       label += f"\nover memory: fits {capacity}"
     style = dict(boxstyle="round,pad=0.6", fc=RING_FILL, ec=BAD if count > capacity else INK, lw=2.5 if count > capacity else 1.2)
-    boxes.append(ax.text(x, y, label, ha="center", va="center", fontsize=font, color=INK, bbox=style, zorder=3))
+    boxes.append(ax.text(x, y, label, ha="center", va="center", fontsize=10, color=INK, bbox=style, zorder=3))
   for n in range(k if k > 1 else 0):
     m = (n + 1) % k
     (x1, y1), (x2, y2) = pos[n], pos[m]
@@ -287,27 +300,28 @@ def draw_ring(ax, plan: Plan, costs: ClusterCosts, with_model: bool = True) -> t
     # midpoint of arc3's quadratic Bezier: the chord's midpoint pushed sideways by half the curvature
     mx, my = (x1 + x2) / 2 + ARC / 2 * (y2 - y1), (y1 + y2) / 2 - ARC / 2 * (x2 - x1)
     label = f"{seconds * 1000:.2f} ms" + ("" if joined else "\n(no edge)")
-    ax.text(
-      mx, my, label, ha="center", va="center", fontsize=font - 1, color=color, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none"), zorder=4
-    )
+    ax.text(mx, my, label, ha="center", va="center", fontsize=9, color=color, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none"), zorder=4)
+  if k == 1:
+    ax.text(0, -0.4, "single node: no hops", ha="center", va="center", fontsize=9, color=OUT_INK)
+  half_width, bottom, top = max(abs(x) for x, _ in pos) + 0.9, min(y for _, y in pos) - 0.55, max(y for _, y in pos) + 0.55
+  if k == 1:
+    bottom -= 0.1  # room for the note
   out = left_out(plan, costs)
-  reach = radius if k > 1 else 0.0  # how far the ring's boxes sit from the centre
-  bottom = -reach - 0.55
+  per_row = max(4, int(2 * radius / OUT_STEP) + 1)
   for n, node_id in enumerate(out):
-    row, col = divmod(n, OUT_PER_ROW)
-    in_row = min(OUT_PER_ROW, len(out) - row * OUT_PER_ROW)
-    x, y = (col - (in_row - 1) / 2) * OUT_STEP * radius, -reach - 0.95 - 0.45 * row
+    row, col = divmod(n, per_row)
+    in_row = min(per_row, len(out) - row * per_row)
+    x, y = (col - (in_row - 1) / 2) * OUT_STEP, -radius - 0.95 - 0.45 * row
     out_style = dict(boxstyle="round,pad=0.5", fc=OUT_FILL, ec="#cccccc", linestyle="--")
-    ax.text(x, y, f"{node_id}\nnot in ring", ha="center", va="center", fontsize=font - 1, color=OUT_INK, bbox=out_style, zorder=3)
-    bottom = y - 0.3
+    ax.text(x, y, f"{node_id}\nnot in ring", ha="center", va="center", fontsize=9, color=OUT_INK, bbox=out_style, zorder=3)
+    half_width, bottom = max(half_width, abs(x) + 0.5), y - 0.25
   p = plan.prediction.to_dict()
   head = f"{plan.model.id}: {plan.strategy}, {plan.objective} objective" if with_model else plan.strategy
   ax.set_title(
-    f"{head}{'' if p['feasible'] else ' (INFEASIBLE)'}\n"
-    f"{fmt(p['tokens_per_second'], 1)} tokens/s single stream, throughput {fmt(p['throughput_tps'], 1)} tokens/s",
+    f"{head}{'' if p['feasible'] else ' (INFEASIBLE)'}\n{speeds(p, 1)}",
     fontsize=12,
     color=INK if p["feasible"] else BAD,
   )
   ax.set_aspect("equal")
   ax.axis("off")
-  return max(reach, OUT_STEP * radius * (min(OUT_PER_ROW, len(out)) - 1) / 2) + 0.9, bottom, reach + 0.55
+  return half_width, bottom, top

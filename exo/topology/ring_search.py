@@ -76,6 +76,8 @@ def optimal_tours(mask: int, cycle: np.ndarray, path: np.ndarray, hop: np.ndarra
   if len(nodes) == 1:
     yield [start]
     return
+  if not math.isfinite(cycle[mask]):
+    return
   target = cycle[mask] * (1 + _TOL) + 1e-15
 
   def extend(tour: list[int], left: int, cost: float):

@@ -1,0 +1,143 @@
+import itertools
+import random
+
+import pytest
+
+from exo.errors import PlanError
+from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
+from exo.topology.model_spec import ModelSpec
+from exo.topology.partitioning_strategy import Partition
+from exo.topology.planner import make_plan, plan_for
+from exo.topology.topology import Topology
+
+MODEL = {"id": "m", "n_layers": 10, "layer_bytes": 1e9, "layer_flops": 2e9, "activation_bytes": 8192}
+
+
+def node(memory_gb, bandwidth, fp16=0):
+  return {"memory": memory_gb * 1024, "flops": {"fp16": fp16}, "memory_bandwidth": bandwidth}
+
+
+def mesh(nodes: dict, rtt_ms: float = 2.0) -> dict:
+  return {"nodes": nodes, "edges": [{"from": a, "to": b, "rtt_ms": rtt_ms} for a, b in itertools.combinations(sorted(nodes), 2)]}
+
+
+def layers(plan):
+  return [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
+
+
+def test_latency_keeps_the_model_on_the_fast_node_that_holds_it():
+  # fast: 10 ms/layer, slow: 20 ms/layer. Fast alone: 100 ms. Any split adds a slower layer and a 2 ms round trip.
+  topology = mesh({"fast": node(16, 100), "slow": node(16, 50)})
+  plan = make_plan(topology, MODEL)
+  assert layers(plan) == [("fast", 10)]
+  assert plan["predicted"]["tpot_ms"] == pytest.approx(100)
+
+
+def test_throughput_uses_both_nodes_and_balances_stages():
+  topology = mesh({"fast": node(16, 100), "slow": node(16, 50)})
+  plan = make_plan(topology, MODEL, objective="throughput")
+  # 7 x 10 ms vs 3 x 20 ms: busiest stage 70 ms (6/4 would be 80 ms)
+  assert layers(plan) == [("fast", 7), ("slow", 3)]
+  assert plan["predicted"]["throughput_tps"] == pytest.approx(1000 / 70)
+
+
+def test_a_node_behind_a_slow_link_is_left_out_for_latency():
+  nodes = {"a": node(6, 100), "b": node(6, 100), "far": node(6, 200)}
+  topology = {
+    "nodes": nodes,
+    "edges": [{"from": "a", "to": "b", "rtt_ms": 1}, {"from": "a", "to": "far", "rtt_ms": 80}, {"from": "b", "to": "far", "rtt_ms": 80}],
+  }
+  plan = make_plan(topology, MODEL)
+  assert sorted(n for n, _ in layers(plan)) == ["a", "b"]
+  assert plan["predicted"]["tpot_ms"] == pytest.approx(100 + 1)  # 10 layers at 10 ms plus two half-RTT hops
+
+
+def test_memory_cap_forces_a_split_onto_the_slower_node():
+  topology = mesh({"fast": node(4, 100), "slow": node(16, 50)})  # fast holds floor(4 GiB * 0.9 / 1 GB) = 3 layers
+  plan = make_plan(topology, MODEL)
+  assert dict(layers(plan)) == {"fast": 3, "slow": 7}
+  assert plan["predicted"]["tpot_ms"] == pytest.approx(3 * 10 + 7 * 20 + 2)
+
+
+def test_more_nodes_than_layers_uses_at_most_one_node_per_layer():
+  model = dict(MODEL, n_layers=3, layer_bytes=1e8)
+  topology = mesh({f"n{i}": node(1, 100) for i in range(6)})
+  plan = make_plan(topology, model, objective="throughput")
+  assert len(plan["shards"]) == 3 and all(n == 1 for _, n in layers(plan))
+
+
+def test_single_node():
+  plan = make_plan({"nodes": {"solo": node(16, 100)}}, MODEL)
+  assert layers(plan) == [("solo", 10)] and plan["partitions"] == [{"node_id": "solo", "start": 0.0, "end": 1.0}]
+
+
+def test_model_too_large_is_refused():
+  with pytest.raises(PlanError, match="does not fit.*holds only 6 layers"):
+    make_plan(mesh({"a": node(4, 100), "b": node(4, 100)}), MODEL)
+
+
+def test_nodes_that_fit_only_together_but_share_no_edge_are_refused():
+  with pytest.raises(PlanError, match="no ring"):
+    make_plan({"nodes": {"a": node(8, 100), "b": node(8, 100)}, "edges": []}, MODEL)
+
+
+def test_no_known_speed_falls_back_to_memory_weighted_split():
+  plan = make_plan(mesh({"big": node(16, 0), "small": node(8, 0)}), MODEL)
+  assert dict(layers(plan)) == {"big": 7, "small": 3}  # capacities 14 and 7: shares 2:1 of 10 layers
+  assert plan["predicted"]["tpot_ms"] is None and "memory-weighted" in plan["warnings"][0]
+
+
+def test_partition_works_without_a_model_and_covers_zero_to_one():
+  t = Topology.from_dict(mesh({"a": node(16, 100, 20), "b": node(16, 400, 40)}))
+  partitions = FlopsLatencyPartitioningStrategy().partition(t)
+  assert partitions[0].start == 0 and partitions[-1].end == 1
+  assert all(isinstance(p, Partition) for p in partitions)
+
+
+def test_bad_parameters_are_refused():
+  with pytest.raises(PlanError, match="objective must be one of latency, throughput"):
+    make_plan(mesh({"a": node(16, 100)}), MODEL, objective="speed")
+  with pytest.raises(PlanError, match="memory headroom must be a fraction"):
+    make_plan(mesh({"a": node(16, 100)}), MODEL, memory_headroom=1.5)
+  with pytest.raises(PlanError, match="unknown planner parameter 'hops'"):
+    make_plan(mesh({"a": node(16, 100)}), MODEL, hops=3)
+  with pytest.raises(PlanError, match="unknown partitioning strategy"):
+    make_plan(mesh({"a": node(16, 100)}), MODEL, strategy="random")
+
+
+def random_cluster(n, seed):
+  rng = random.Random(seed)
+  nodes = {f"n{i:02d}": node(rng.choice([2, 4, 8]), rng.choice([50, 100, 200, 400]), rng.choice([0, 5, 20])) for i in range(n)}
+  edges = [
+    {"from": a, "to": b, "rtt_ms": rng.uniform(0.5, 10), **({"bandwidth_mbps": rng.choice([100, 1000])} if seed % 2 else {})}
+    for a, b in itertools.combinations(sorted(nodes), 2)
+    if rng.random() < 0.8
+  ]
+  return {"nodes": nodes, "edges": edges}
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("seed", range(6))
+def test_heuristic_plans_are_valid_and_never_beat_the_exact_optimum(objective, seed):
+  model = ModelSpec.from_dict(dict(MODEL, n_layers=24, layer_bytes=3e8))
+  topology = Topology.from_dict(random_cluster(9, seed))
+  exact = FlopsLatencyPartitioningStrategy(model, objective).plan(topology)
+  heuristic = FlopsLatencyPartitioningStrategy(model, objective, exact_limit=0).plan(topology)
+  for plan in (exact, heuristic):
+    ring = plan.ring()
+    assert sum(n for _, n in ring) == 24 and plan.prediction.feasible
+    assert all(topology.are_neighbours(a, b) for (a, _), (b, _) in zip(ring, ring[1:] + ring[:1]) if a != b)
+  if objective == "latency":
+    assert heuristic.prediction.tpot_s >= exact.prediction.tpot_s * (1 - 1e-9)
+  else:
+    assert heuristic.prediction.bottleneck_s >= exact.prediction.bottleneck_s * (1 - 1e-9)
+
+
+def test_baseline_plan_reports_overfilled_nodes():
+  # memory 8:4:2 GiB gives a, c, b 5, 3 and 2 layers, but b holds only floor(2 GiB * 0.9 / 1 GB) = 1
+  plan = plan_for(mesh({"a": node(8, 100), "b": node(2, 100), "c": node(4, 100)}), MODEL, strategy="ring-memory-weighted")
+  assert plan.ring() == [("a", 5), ("c", 3), ("b", 2)]
+  assert not plan.prediction.feasible and plan.warnings == ["node 'b' is given 2 layers but its memory holds only 1"]
+  topology = {"nodes": {"a": node(8, 100), "b": node(8, 100), "c": node(8, 100)}, "edges": [{"from": "a", "to": "b"}]}
+  d = make_plan(topology, MODEL, strategy="ring-memory-weighted")
+  assert any("share no edge" in w for w in d["warnings"])
