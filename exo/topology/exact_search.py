@@ -85,7 +85,7 @@ def _throughput(problem: SearchProblem, cycle: np.ndarray, path: np.ndarray, lay
   subsets = list(_subsets(problem, cycle))
   if not subsets:
     return None
-  if all(_order_free(problem, nodes) for _, nodes in subsets):
+  if _order_free(problem, list(range(problem.size))) or all(_order_free(problem, nodes) for _, nodes in subsets):
     return _throughput_order_free(problem, subsets, cycle, path)
   stage = _optimal_stage_time(problem, layout)
   reach = _layers_reachable(problem, stage, layout)
