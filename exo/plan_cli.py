@@ -7,6 +7,7 @@ on stdout; anything else that goes wrong is a bug and keeps its traceback.
 import argparse
 import json
 import math
+import os
 import sys
 
 from rich.console import Console
@@ -86,10 +87,21 @@ def main(argv: list[str] | None = None) -> int:
       write_plot(args.plot, list(plans.values()), costs)
   except PlanError as e:
     return _fail(e, 1)
+  try:
+    show(args, plans, topology, costs)
+  except BrokenPipeError:  # `exo plan ... | head` closed stdout early: nothing to report, and no traceback at exit either
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+  return 0
+
+
+def show(args: argparse.Namespace, plans: dict[str, Plan], topology: Topology, costs: ClusterCosts) -> None:
   if args.json:
-    out = plans[strategies[0]].to_dict() if len(plans) == 1 else {**{s: p.to_dict() for s, p in plans.items()}, "speedup": speedup(plans)}
-    print(json.dumps(out, indent=2))
-    return 0
+    one = len(plans) == 1
+    print(
+      json.dumps(next(iter(plans.values())).to_dict() if one else {**{s: p.to_dict() for s, p in plans.items()}, "speedup": speedup(plans)}, indent=2)
+    )
+    return
   console = Console(file=sys.stdout, highlight=False)
   if not console.is_terminal:
     console.width = max(console.width, MIN_PIPE_WIDTH)
@@ -97,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     show_plan(console, plan, topology, costs, args.prompt_tokens)
   if args.compare:
     show_comparison(console, plans, args.objective)
-  return 0
 
 
 def _fail(error: Exception, status: int) -> int:
@@ -165,7 +176,7 @@ def ring_text(plan: Plan) -> str:
 
 
 def show_plan(console: Console, plan: Plan, topology: Topology, costs: ClusterCosts, prompt_tokens: int) -> None:
-  title = f"{plan.strategy} plan: {plan.model.id} ({plan.model.n_layers} layers) on {len(costs.node_ids)} nodes, {plan.objective} objective"
+  title = f"{plan.strategy} plan: {escape(plan.model.id)} ({plan.model.n_layers} layers) on {len(costs.node_ids)} nodes, {plan.objective} objective"
   table = Table(title=title, title_justify="left")
   for name, justify in [
     ("#", "right"),

@@ -1,0 +1,300 @@
+"""`exo plan` end to end: JSON shape (DESIGN.md section 3), --compare with a hand-checked speed-up, --plot, and one-line errors."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exo.main import main
+
+PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
+PREDICTED_KEYS = {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Hand-checkable: 4 layers of 1 GB and 1 GFLOP. `fast` streams a layer in 1e9 / 100e9 = 10 ms, `slow` in 100 ms (compute, 1 ms, is
+# dominated). Each holds floor(8192 MB * 0.9 / 1 GB) = 7 layers. One hop is 10 ms / 2 = 5 ms.
+HAND_MODEL = {"id": "hand", "n_layers": 4, "layer_bytes": 1e9, "layer_flops": 1e9, "activation_bytes": 0}
+HAND_TOPOLOGY = {
+  "nodes": {
+    "fast": {"model": "Fast Box", "chip": "F1", "memory": 8192, "flops": {"fp16": 1.0}, "memory_bandwidth": 100},
+    "slow": {"model": "Slow Box", "chip": "S1", "memory": 8192, "flops": {"fp16": 1.0}, "memory_bandwidth": 10},
+  },
+  "edges": [{"from": "fast", "to": "slow", "rtt_ms": 10.0}],
+}
+
+FOUR_TOPOLOGY = {
+  "nodes": {
+    "studio": {"model": "Mac Studio", "chip": "Apple M2 Ultra", "memory": 65536, "flops": {"fp32": 27.2, "fp16": 54.4}, "memory_bandwidth": 800},
+    "mbp": {"model": "MacBook Pro", "chip": "Apple M3 Max", "memory": 36864, "flops": {"fp32": 14.31, "fp16": 28.62}, "memory_bandwidth": 400},
+    "linux": {"model": "Linux Box", "chip": "NVIDIA GeForce RTX 4090", "memory": 24576, "flops": {"fp16": 165.2}, "memory_bandwidth": 1008},
+    "air": {"model": "MacBook Air", "chip": "Apple M2", "memory": 16384, "flops": {"fp32": 3.6, "fp16": 7.2}, "memory_bandwidth": 100},
+  },
+  "edges": [
+    {"from": "studio", "to": "mbp", "rtt_ms": 2.0, "bandwidth_mbps": 1000},
+    {"from": "mbp", "to": "linux", "rtt_ms": 4.0, "bandwidth_mbps": 1000},
+    {"from": "linux", "to": "studio", "rtt_ms": 1.5, "bandwidth_mbps": 10000},
+    {"from": "air", "to": "studio", "rtt_ms": 8.0},
+    {"from": "air", "to": "mbp", "rtt_ms": 6.0},
+  ],
+}
+
+# Upstream's memory-proportional split gives `a` one layer although its memory holds none: an infeasible plan to show, not refuse.
+TOY_MODEL = {"id": "toy", "n_layers": 10, "layer_bytes": 1e9, "layer_flops": 2e9, "activation_bytes": 8192}
+OVERFILL_TOPOLOGY = {
+  "nodes": {
+    "a": {"memory": 1000, "flops": {"fp16": 10}, "memory_bandwidth": 100},
+    "b": {"memory": 5500, "memory_bandwidth": 200},
+    "c": {"memory": 5500, "memory_bandwidth": 400},
+  },
+  "edges": [{"from": "a", "to": "b", "rtt_ms": 2}, {"from": "b", "to": "c", "rtt_ms": 2}, {"from": "c", "to": "a", "rtt_ms": 2}],
+}
+
+
+@pytest.fixture(autouse=True)
+def plain_terminal(monkeypatch):
+  """No colour codes in captured output, whatever the CI environment forces."""
+  for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("NO_COLOR", "1")
+
+
+def write(tmp_path: Path, name: str, data) -> str:
+  path = tmp_path / name
+  path.write_text(data if isinstance(data, str) else json.dumps(data))
+  return str(path)
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+  status = main(["plan", *map(str, args)])
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def hand_args(tmp_path) -> list[str]:
+  return ["--topology", write(tmp_path, "hand.json", HAND_TOPOLOGY), "--model-spec", write(tmp_path, "hand-model.json", HAND_MODEL)]
+
+
+def four_args(tmp_path) -> list[str]:
+  return ["--topology", write(tmp_path, "four.json", FOUR_TOPOLOGY), "--model", "llama-3.1-70b"]
+
+
+def check_plan_shape(plan: dict, strategy: str, objective: str) -> None:
+  assert set(plan) == PLAN_KEYS
+  assert set(plan["predicted"]) == PREDICTED_KEYS
+  assert set(plan["params"]) == {"memory_headroom", "default_rtt_ms"}
+  assert set(plan["model"]) == {"id", "n_layers"}
+  assert (plan["strategy"], plan["objective"]) == (strategy, objective)
+  n, parts, shards = plan["model"]["n_layers"], plan["partitions"], plan["shards"]
+  assert all(set(p) == {"node_id", "start", "end"} for p in parts)
+  assert all(set(s) == {"node_id", "start_layer", "end_layer", "n_layers"} for s in shards)
+  # partitions tile [0, 1) in ring order; shards are exactly the non-empty ones, with inclusive end layers
+  assert parts[0]["start"] == 0 and parts[-1]["end"] == 1
+  assert all(a["end"] == b["start"] for a, b in zip(parts, parts[1:]))
+  expected = []
+  for i, p in enumerate(parts):
+    start = math.floor(p["start"] * n + 1e-9)
+    end = n if i == len(parts) - 1 else math.floor(p["end"] * n + 1e-9)
+    if end > start:
+      expected.append({"node_id": p["node_id"], "start_layer": start, "end_layer": end - 1, "n_layers": n})
+  assert shards == expected
+  assert shards[0]["start_layer"] == 0 and shards[-1]["end_layer"] == n - 1
+  assert all(a["end_layer"] + 1 == b["start_layer"] for a, b in zip(shards, shards[1:]))
+  assert len({s["node_id"] for s in shards}) == len(shards)
+
+
+# ---------- --json ----------
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("strategy", ["flops-latency", "ring-memory-weighted"])
+def test_json_is_one_plan_object(tmp_path, capsys, strategy, objective):
+  status, out, err = run(capsys, *four_args(tmp_path), "--partitioning-strategy", strategy, "--objective", objective, "--json")
+  assert (status, err) == (0, "")
+  plan = json.loads(out)  # the whole of stdout is one JSON object
+  check_plan_shape(plan, strategy, objective)
+  assert plan["model"] == {"id": "llama-3.1-70b", "n_layers": 80}
+  assert plan["params"] == {"memory_headroom": 0.1, "default_rtt_ms": 5.0}
+
+
+def test_json_hand_checked_predictions(tmp_path, capsys):
+  status, out, _ = run(capsys, *hand_args(tmp_path), "--json", "--memory-headroom", "0.2", "--default-rtt-ms", "7", "--prompt-tokens", "64")
+  plan = json.loads(out)
+  assert status == 0 and plan["params"] == {"memory_headroom": 0.2, "default_rtt_ms": 7.0}
+  assert plan["shards"] == [{"node_id": "fast", "start_layer": 0, "end_layer": 3, "n_layers": 4}]
+  # all four layers on `fast`: no hops; prefill of 64 tokens is 64 GFLOP per layer at 1 TFLOPS = 64 ms, above the 10 ms stream
+  assert plan["predicted"] == pytest.approx({"tpot_ms": 40.0, "tokens_per_second": 25.0, "throughput_tps": 25.0, "ttft_ms": 256.0, "feasible": True})
+
+
+def test_json_unknown_speeds_are_null(tmp_path, capsys):
+  topology = {"nodes": {"a": {"memory": 8000}, "b": {"memory": 4000}}, "edges": [{"from": "a", "to": "b"}]}
+  args = ["--topology", write(tmp_path, "t.json", topology), "--model-spec", write(tmp_path, "m.json", TOY_MODEL)]
+  status, out, _ = run(capsys, *args, "--json")
+  plan = json.loads(out)
+  assert status == 0 and plan["predicted"] == {"tpot_ms": None, "tokens_per_second": None, "throughput_tps": None, "ttft_ms": None, "feasible": True}
+  status, out, _ = run(capsys, *args)
+  assert status == 0 and "speed unknown" in out and "unknown" in out
+  status, out, _ = run(capsys, *args, "--compare")
+  assert status == 0 and "flops-latency vs ring-memory-weighted: unknown tokens/s (latency objective), unknown throughput" in out
+
+
+# ---------- default output ----------
+
+
+def test_table_shows_ring_predictions_and_left_out_nodes(tmp_path, capsys):
+  status, out, err = run(capsys, *four_args(tmp_path))
+  assert (status, err) == (0, "")
+  for text in ["flops-latency plan: llama-3.1-70b", "linux", "studio", "NVIDIA GeForce RTX 4090", "0-44", "45-79", "Predicted: TPOT", "TTFT"]:
+    assert text in out
+  assert "Left out of the ring: air, mbp" in out
+  assert "Traceback" not in out
+
+
+def test_infeasible_baseline_is_shown_not_refused(tmp_path, capsys):
+  args = ["--topology", write(tmp_path, "t.json", OVERFILL_TOPOLOGY), "--model-spec", write(tmp_path, "m.json", TOY_MODEL)]
+  status, out, err = run(capsys, *args, "--partitioning-strategy", "ring-memory-weighted")
+  assert (status, err) == (0, "")
+  assert "feasible: no" in out and "node 'a' is given 1 layers but its memory holds only 0" in out and "(over)" in out
+  status, out, _ = run(capsys, *args, "--compare", "--json")
+  both = json.loads(out)
+  assert status == 0 and both["flops-latency"]["predicted"]["feasible"] and not both["ring-memory-weighted"]["predicted"]["feasible"]
+  status, out, _ = run(capsys, *args, "--compare")
+  assert status == 0 and "(ring-memory-weighted plan is infeasible)" in out
+
+
+# ---------- --compare ----------
+
+
+def test_compare_speedup_checked_by_hand(tmp_path, capsys):
+  status, out, err = run(capsys, *hand_args(tmp_path), "--compare", "--json")
+  assert (status, err) == (0, "")
+  both = json.loads(out)
+  assert set(both) == {"flops-latency", "ring-memory-weighted", "speedup"}
+  for strategy in ("flops-latency", "ring-memory-weighted"):
+    check_plan_shape(both[strategy], strategy, "latency")
+  new, old = both["flops-latency"]["predicted"], both["ring-memory-weighted"]["predicted"]
+  # flops-latency: 4 layers on fast = 40 ms. Memory-weighted (equal memory): 2 x 10 ms + 2 x 100 ms + two 5 ms hops = 230 ms per
+  # token, and its busiest stage (slow, 200 ms) caps throughput at 5 tokens/s.
+  assert new["tpot_ms"] == pytest.approx(40.0) and old["tpot_ms"] == pytest.approx(230.0)
+  assert new["throughput_tps"] == pytest.approx(25.0) and old["throughput_tps"] == pytest.approx(5.0)
+  assert both["speedup"] == pytest.approx({"tokens_per_second": 230 / 40, "throughput_tps": 5.0})
+  assert both["speedup"]["tokens_per_second"] == pytest.approx(new["tokens_per_second"] / old["tokens_per_second"])
+
+  status, out, err = run(capsys, *hand_args(tmp_path), "--compare")
+  assert (status, err) == (0, "")
+  assert "flops-latency plan" in out and "ring-memory-weighted plan" in out and "Strategies compared" in out
+  assert out.rstrip().splitlines()[-1] == "flops-latency vs ring-memory-weighted: 5.75x tokens/s (latency objective), 5.00x throughput"
+
+  status, out, _ = run(capsys, *hand_args(tmp_path), "--compare", "--objective", "throughput")
+  assert out.rstrip().splitlines()[-1] == "flops-latency vs ring-memory-weighted: 5.00x throughput (throughput objective), 5.75x tokens/s"
+
+
+def test_compare_four_nodes_lists_both_rings(tmp_path, capsys):
+  status, out, _ = run(capsys, *four_args(tmp_path), "--compare", "--json")
+  both = json.loads(out)
+  new, old = both["flops-latency"]["predicted"], both["ring-memory-weighted"]["predicted"]
+  assert both["speedup"]["tokens_per_second"] == pytest.approx(new["tokens_per_second"] / old["tokens_per_second"])
+  assert both["speedup"]["throughput_tps"] == pytest.approx(new["throughput_tps"] / old["throughput_tps"])
+  status, out, _ = run(capsys, *four_args(tmp_path), "--compare")
+  assert status == 0
+  for shard in both["ring-memory-weighted"]["shards"]:
+    assert f"{shard['node_id']} {shard['start_layer']}-{shard['end_layer']} ({shard['end_layer'] - shard['start_layer'] + 1})" in out
+  assert f"{both['speedup']['tokens_per_second']:.2f}x tokens/s (latency objective)" in out
+
+
+# ---------- --plot ----------
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_plot_writes_png(tmp_path, capsys, compare):
+  png = tmp_path / "ring.png"
+  status, out, err = run(capsys, *four_args(tmp_path), "--plot", png, "--json", *(["--compare"] if compare else []))
+  assert (status, err) == (0, "")
+  json.loads(out)  # --plot leaves stdout to the JSON
+  data = png.read_bytes()
+  assert data.startswith(PNG_MAGIC) and len(data) > 20_000
+
+
+def test_plot_single_node_and_unknown_speed(tmp_path, capsys):
+  topology = {"nodes": {"a": {"memory": 80000}, "b": {"memory": 100}}, "edges": []}
+  png = tmp_path / "one.png"
+  args = ["--topology", write(tmp_path, "t.json", topology), "--model-spec", write(tmp_path, "m.json", TOY_MODEL), "--plot", png]
+  status, out, err = run(capsys, *args)
+  assert (status, err) == (0, "") and "Left out of the ring: b" in out
+  assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+# ---------- user mistakes: one line on stderr, nothing on stdout ----------
+
+SMALL = {"memory": 3000, "flops": {"fp16": 10}, "memory_bandwidth": 100}  # holds 2 of HAND_MODEL's 1 GB layers
+NODE = {"memory": 8192, "memory_bandwidth": 100}
+
+BAD_INPUTS = {
+  "unknown key": ({"nodes": {"a": {**NODE, "gpu": "yes"}}, "edges": []}, [], "'gpu'"),
+  "NaN": ('{"nodes": {"a": {"memory": NaN}}, "edges": []}', [], "NaN"),
+  "negative memory": ({"nodes": {"a": {**NODE, "memory": -1}}, "edges": []}, [], "'a'.memory must be a finite number >= 0, got -1"),
+  "edge to unknown node": ({"nodes": {"a": NODE}, "edges": [{"from": "a", "to": "ghost"}]}, [], "unknown node 'ghost'"),
+  "duplicate node id": ('{"nodes": {"a": {"memory": 8192}, "a": {"memory": 4096}}, "edges": []}', [], "duplicate key 'a'"),
+  "bad JSON": ('{"nodes": {', [], "not valid JSON"),
+  "unknown model id": ({"nodes": {"a": NODE}}, ["--model", "llama-9"], "unknown model 'llama-9'"),
+  "missing file": (None, [], "missing.json"),
+  "model too large": ({"nodes": {"a": SMALL}}, [], "does not fit"),
+  "no edges to form a ring": ({"nodes": {"a": SMALL, "b": SMALL}, "edges": []}, [], "no ring can hold model 'hand'"),
+  "both --model and --model-spec": ({"nodes": {"a": NODE}}, ["--model", "llama-3.2-1b"], "not allowed with argument --model"),
+  "bad --objective": ({"nodes": {"a": NODE}}, ["--objective", "fastest"], "invalid choice: 'fastest'"),
+  "bad --memory-headroom": ({"nodes": {"a": NODE}}, ["--memory-headroom", "1.5"], "memory headroom must be a fraction in [0, 1), got 1.5"),
+  "bad --default-rtt-ms": ({"nodes": {"a": NODE}}, ["--default-rtt-ms", "-3"], "default RTT"),
+  "bad --prompt-tokens": ({"nodes": {"a": NODE}}, ["--prompt-tokens", "0"], "--prompt-tokens"),
+  "unknown flag": ({"nodes": {"a": NODE}}, ["--fast"], "unrecognized arguments: --fast"),
+  "unwritable plot": ({"nodes": {"a": NODE}}, ["--plot", "/nonexistent-dir/x.png"], "cannot write plot"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_on_stderr(tmp_path, capsys, case):
+  topology, extra, expected = BAD_INPUTS[case]
+  topology_path = str(tmp_path / "missing.json") if topology is None else write(tmp_path, "t.json", topology)
+  spec = [] if "--model" in extra and case != "both --model and --model-spec" else ["--model-spec", write(tmp_path, "m.json", HAND_MODEL)]
+  status, out, err = run(capsys, "--topology", topology_path, *spec, *extra)
+  assert status != 0
+  assert out == ""
+  assert err.startswith("exo plan: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+  assert expected in err
+
+
+def test_bad_model_spec_key(tmp_path, capsys):
+  spec = write(tmp_path, "m.json", {**HAND_MODEL, "n_heads": 8})
+  status, out, err = run(capsys, "--topology", write(tmp_path, "t.json", HAND_TOPOLOGY), "--model-spec", spec)
+  assert status != 0 and out == "" and err.count("\n") == 1 and "'n_heads'" in err
+
+
+def test_missing_required_flags(capsys):
+  status, out, err = run(capsys)
+  assert status == 2 and out == "" and err == "exo plan: error: the following arguments are required: --topology\n"
+
+
+# ---------- the `exo` command ----------
+
+
+def test_other_subcommands_point_at_exo_plan(capsys):
+  assert main([]) == 2 and main(["--inference-engine", "tinygrad"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.count("\n") == 2 and "exo plan --help" in err
+
+
+def test_plan_help(capsys):
+  status, out, err = run(capsys, "--help")
+  assert status == 0 and "--topology" in out and "--partitioning-strategy" in out and err == ""
+
+
+def test_console_script_runs_as_a_module(tmp_path):
+  root = Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, "-m", "exo.main", "plan", *hand_args(tmp_path)]
+  done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd=root, timeout=120)
+  assert done.returncode == 0 and done.stderr == ""
+  check_plan_shape(json.loads(done.stdout), "flops-latency", "latency")
+  done = subprocess.run([*cmd, "--memory-headroom", "1.5"], capture_output=True, text=True, cwd=root, timeout=120)
+  assert done.returncode != 0 and done.stdout == ""
+  assert done.stderr == "exo plan: error: memory headroom must be a fraction in [0, 1), got 1.5\n"
