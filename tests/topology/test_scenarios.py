@@ -1,6 +1,7 @@
 """Scenario files (tests/scenarios/*.json): hand-computed expected plans, checked against make_plan and a brute-force optimum.
 
-Each scenario holds a topology, a model (built-in id or spec), an objective, planner params and `expected`, written by hand from
+Each scenario is a topology file (tests/scenarios/NAME.json, usable as `exo plan --topology`) and its expectations
+(tests/scenarios/expected/NAME.json): a model (built-in id or spec), an objective, planner params and `expected`, written by hand from
 DESIGN.md section 2 (the arithmetic is in the scenario's "why"): either {"error": substring} or the ring, layers per node and
 predicted tpot_ms / throughput_tps, plus optional property checks (max_ring_nodes, min_layers_per_node, max_layer_spread,
 sites + site_crossings, warnings_contain).
@@ -33,7 +34,8 @@ ENUMERATE_MAX = 5000  # compositions per ring up to which every integer split is
 
 
 def load(path: Path) -> dict:
-  return json.loads(path.read_text())
+  """A scenario: the topology file itself (usable as `exo plan --topology`) joined with its expectations in expected/."""
+  return {"topology": json.loads(path.read_text()), **json.loads((path.parent / "expected" / path.name).read_text())}
 
 
 def model_dict(model) -> dict:
