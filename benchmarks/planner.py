@@ -1,0 +1,368 @@
+"""Benchmark of the flops-latency planner: time to plan, quality against the exact optimum, and gain over upstream's strategy.
+
+Usage: python benchmarks/planner.py [--quick] [--seed N]
+
+1. Planner time on random heterogeneous clusters (real chip figures, full-mesh edges) of 4 to 256 nodes.
+2. Plan quality of the default search and of the forced heuristic against the forced exact search (n = 6 to 12).
+3. Every scenario in tests/scenarios: flops-latency against ring-memory-weighted under the v1 cost model.
+
+Pure computation: no network, no clocks other than time.perf_counter around the planner, seeded randomness.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from exo.errors import PlanError  # noqa: E402
+from exo.topology.chips import CHIPS, chip_spec  # noqa: E402
+from exo.topology.flops_latency_partitioning_strategy import EXACT_LIMIT, FlopsLatencyPartitioningStrategy  # noqa: E402
+from exo.topology.planner import as_model, as_topology, make_plan  # noqa: E402
+
+OBJECTIVES = ("latency", "throughput")
+HEADROOM = 0.1  # the strategy's default memory headroom, used to check that a drawn cluster can hold the model
+RTT_MS = (0.5, 20.0)
+BANDWIDTHS_MBPS = (100, 1000, 10000)
+TIME_SIZES = (4, 8, 16, 64, 256)
+TARGET_MS = {8: 20, 64: 300, 256: 3000}
+QUALITY_SIZES = (6, 8, 10, 11, 12)
+OPTIMAL_TOL = 1e-9
+
+# Memory sizes [GB] each chip ships with: Apple unified memory configurations, GPU VRAM. Chips missing here are not drawn.
+MEMORY_GB = {
+  "Apple M1": (8, 16),
+  "Apple M1 Pro": (16, 32),
+  "Apple M1 Max": (32, 64),
+  "Apple M1 Ultra": (64, 128),
+  "Apple M2": (8, 16, 24),
+  "Apple M2 Pro": (16, 32),
+  "Apple M2 Max": (32, 64, 96),
+  "Apple M2 Ultra": (64, 128, 192),
+  "Apple M3": (8, 16, 24),
+  "Apple M3 Pro": (18, 36),
+  "Apple M3 Max": (36, 48, 64, 96, 128),
+  "Apple M3 Ultra": (96, 256),
+  "Apple M4": (16, 24, 32),
+  "Apple M4 Pro": (24, 48, 64),
+  "Apple M4 Max": (36, 48, 64, 128),
+  "Apple A15 Bionic": (6,),
+  "Apple A16 Bionic": (6,),
+  "Apple A17 Pro": (8,),
+  "Apple A18": (8,),
+  "Apple A18 Pro": (8,),
+  "NVIDIA GeForce RTX 4090": (24,),
+  "NVIDIA GeForce RTX 4080 SUPER": (16,),
+  "NVIDIA GeForce RTX 4080": (16,),
+  "NVIDIA GeForce RTX 4070 Ti SUPER": (16,),
+  "NVIDIA GeForce RTX 4070 Ti": (12,),
+  "NVIDIA GeForce RTX 4070 SUPER": (12,),
+  "NVIDIA GeForce RTX 4070": (12,),
+  "NVIDIA GeForce RTX 4060 Ti": (8, 16),
+  "NVIDIA GeForce RTX 4060": (8,),
+  "NVIDIA GeForce RTX 3090 Ti": (24,),
+  "NVIDIA GeForce RTX 3090": (24,),
+  "NVIDIA GeForce RTX 3080 Ti": (12,),
+  "NVIDIA GeForce RTX 3080": (10,),
+  "NVIDIA GeForce RTX 3070": (8,),
+  "NVIDIA GeForce RTX 3060 Ti": (8,),
+  "NVIDIA GeForce RTX 3060": (12,),
+  "NVIDIA A100-PCIE-40GB": (40,),
+  "NVIDIA A100-SXM4-40GB": (40,),
+  "NVIDIA A100 80GB PCIe": (80,),
+  "NVIDIA A100-SXM4-80GB": (80,),
+  "NVIDIA H100 PCIe": (80,),
+  "NVIDIA H100 80GB HBM3": (80,),
+  "NVIDIA H200": (141,),
+  "NVIDIA L40S": (48,),
+  "NVIDIA A10": (24,),
+  "NVIDIA L4": (24,),
+  "Tesla T4": (16,),
+  "NVIDIA T4": (16,),
+  "NVIDIA Jetson AGX Orin": (32, 64),
+  "AMD Radeon RX 7900 XTX": (24,),
+  "AMD Radeon RX 7900 XT": (20,),
+  "AMD Radeon RX 7800 XT": (16,),
+  "AMD Radeon RX 6900 XT": (16,),
+  "AMD Radeon RX 6800 XT": (16,),
+  "AMD Radeon RX 6800": (16,),
+  "AMD Instinct MI325X": (256,),
+  "AMD Instinct MI300X": (192,),
+  "AMD Instinct MI250X": (128,),
+  "AMD Instinct MI250": (128,),
+  "AMD Instinct MI210": (64,),
+}
+DRAWN_CHIPS = sorted(chip for chip in CHIPS if chip in MEMORY_GB)
+
+
+def time_model(n: int) -> str:
+  """A model that needs several nodes of an n-node cluster: 70B 4-bit (~41 GB) for small n, 405B beyond, bf16 (~807 GB) for hundreds."""
+  return "llama-3.1-70b" if n <= 8 else "llama-3.1-405b" if n <= 16 else "llama-3.1-405b-bf16"
+
+
+def layer_capacity(memory_mb: float, model) -> int:
+  return math.floor(memory_mb * 2**20 * (1 - HEADROOM) / (model.layer_bytes + model.kv_bytes_per_layer))
+
+
+def random_cluster(rng: random.Random, n: int, model, with_bandwidth: bool) -> dict:
+  """A topology dict of n random devices on a full mesh, redrawn until the model fits in the cluster but in no single node."""
+  while True:
+    chips = [rng.choice(DRAWN_CHIPS) for _ in range(n)]
+    memory = [rng.choice(MEMORY_GB[chip]) * 1024 for chip in chips]
+    caps = [layer_capacity(m, model) for m in memory]
+    if sum(caps) >= model.n_layers and max(caps) < model.n_layers:
+      break
+  nodes = {}
+  for i, (chip, mem) in enumerate(zip(chips, memory)):
+    spec = chip_spec(chip)
+    flops = {"fp32": spec.flops.fp32, "fp16": spec.flops.fp16, "int8": spec.flops.int8}
+    nodes[f"n{i:03d}"] = {"model": "bench", "chip": chip, "memory": mem, "flops": flops, "memory_bandwidth": spec.memory_bandwidth}
+  ids = list(nodes)
+  edges = []
+  for a in range(n):
+    for b in range(a + 1, n):
+      edge = {"from": ids[a], "to": ids[b], "rtt_ms": round(rng.uniform(*RTT_MS), 3)}
+      if with_bandwidth:
+        edge["bandwidth_mbps"] = rng.choice(BANDWIDTHS_MBPS)
+      edges.append(edge)
+  return {"nodes": nodes, "edges": edges}
+
+
+def timed_plan(topology, model, objective: str, exact_limit: int = EXACT_LIMIT):
+  strategy = FlopsLatencyPartitioningStrategy(model, objective, exact_limit=exact_limit)
+  start = time.perf_counter()
+  plan = strategy.plan(topology)
+  return plan, time.perf_counter() - start
+
+
+def show(console: Console, renderable) -> None:
+  """Print through rich, minus trailing spaces and the blank top and bottom borders of box.MARKDOWN, so it pastes cleanly."""
+  with console.capture() as capture:
+    console.print(renderable)
+  lines = [line.rstrip() for line in capture.get().splitlines()]
+  print("\n".join(line for line in lines if line or not isinstance(renderable, Table)))
+
+
+def heading(console: Console, text: str) -> None:
+  show(console, f"[bold]{text}[/bold]")
+
+
+def usable_nodes(topology: dict, model) -> int:
+  return sum(layer_capacity(node["memory"], model) >= 1 for node in topology["nodes"].values())
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+  if value is None:
+    return "n/a"
+  return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+def span(values: list[int]) -> str:
+  lo, hi = min(values), max(values)
+  return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def planner_time(console: Console, rng: random.Random, quick: bool) -> list[tuple[int, str, bool, float]]:
+  heading(console, "1. Planner time: FlopsLatencyPartitioningStrategy.plan() on random full-mesh clusters")
+  table = Table(box=box.MARKDOWN)
+  for name in ("nodes", "model", "search", "objective", "bandwidth known?", "repeats", "median ms", "max ms", "ring size", "target ms", "met?"):
+    table.add_column(name, justify="left" if name in ("model", "search", "objective") else "right")
+  results = []
+  for n in TIME_SIZES:
+    model = as_model(time_model(n))
+    repeats = (5 if n <= 16 else 2 if n <= 64 else 1) if quick else (15 if n <= 16 else 5 if n <= 64 else 3)
+    for with_bandwidth in (False, True):
+      drawn = [random_cluster(rng, n, model, with_bandwidth) for _ in range(repeats)]
+      modes = {"exact" if usable_nodes(t, model) <= EXACT_LIMIT else "heuristic" for t in drawn}
+      clusters = [as_topology(t) for t in drawn]
+      for objective in OBJECTIVES:
+        times, rings = [], []
+        for topology in clusters:
+          plan, seconds = timed_plan(topology, model, objective)
+          times.append(seconds * 1000)
+          rings.append(len(plan.ring()))
+        median, target = statistics.median(times), TARGET_MS.get(n)
+        met = "-" if target is None else "yes" if median <= target else "no"
+        search = next(iter(modes)) if len(modes) == 1 else "mixed"
+        row = (n, model.id, search, objective, "yes" if with_bandwidth else "no", repeats, fmt(median), fmt(max(times)), span(rings))
+        table.add_row(*map(str, row), "-" if target is None else str(target), met)
+        if target is not None:
+          results.append((n, objective, with_bandwidth, median))
+  show(console, table)
+  show(
+    console,
+    "Each repeat is a fresh cluster: chips drawn uniformly from exo/topology/chips.py, memory from each chip's shipped sizes, RTT "
+    f"uniform {RTT_MS[0]}-{RTT_MS[1]} ms, bandwidth (when known) from {'/'.join(map(str, BANDWIDTHS_MBPS))} Mbps, redrawn until the model "
+    "fits the cluster but no single node. Timed: plan() on a parsed Topology (cost tables, search, prediction); JSON validation is not "
+    f"timed. search: exact up to {EXACT_LIMIT} usable nodes. met?: median within target.\n",
+  )
+  return results
+
+
+def objective_ratio(plan, exact, objective: str) -> float:
+  """1.0 = as good as the exact optimum; below 1 = worse."""
+  if objective == "latency":
+    return exact.prediction.tpot_s / plan.prediction.tpot_s
+  return exact.prediction.bottleneck_s / plan.prediction.bottleneck_s
+
+
+def quality(console: Console, rng: random.Random, quick: bool) -> dict:
+  seeds = 3 if quick else 8
+  model = as_model("llama-3.1-405b")
+  heading(console, f"2. Quality against the exact optimum ({model.id}; ratio 1.000 = optimal, lower is worse)")
+  table = Table(box=box.MARKDOWN)
+  for name in (
+    "nodes",
+    "objective",
+    "cases",
+    "default",
+    "def mean",
+    "def worst",
+    "def opt",
+    "heur mean",
+    "heur worst",
+    "heur opt",
+    "exact ms",
+    "heur ms",
+  ):
+    table.add_column(name, justify="left" if name in ("objective", "default") else "right")
+  summary = {"cases": 0, "heuristic_optimal": 0, "heuristic_worst": 1.0, "default_cases": 0, "default_optimal": 0, "default_worst": 1.0}
+  summary["beat_exact"] = 0
+  for n in QUALITY_SIZES:
+    drawn = [random_cluster(rng, n, model, bw) for bw in (False, True) for _ in range(seeds)]
+    modes = {"exact" if usable_nodes(t, model) <= EXACT_LIMIT else "heuristic" for t in drawn}
+    clusters = [as_topology(t) for t in drawn]
+    for objective in OBJECTIVES:
+      ratios, times = {"default": [], "heuristic": []}, {"exact": [], "heuristic": []}
+      for topology in clusters:
+        exact, exact_s = timed_plan(topology, model, objective, exact_limit=12)
+        default, _ = timed_plan(topology, model, objective)
+        heuristic, heuristic_s = timed_plan(topology, model, objective, exact_limit=0)
+        times["exact"].append(exact_s * 1000)
+        times["heuristic"].append(heuristic_s * 1000)
+        ratios["default"].append(objective_ratio(default, exact, objective))
+        ratios["heuristic"].append(objective_ratio(heuristic, exact, objective))
+      cells = []
+      for kind in ("default", "heuristic"):
+        r = ratios[kind]
+        optimal = sum(x >= 1 - OPTIMAL_TOL for x in r)
+        cells += [f"{statistics.fmean(r):.3f}", f"{min(r):.3f}", f"{optimal}/{len(r)}"]
+        summary["beat_exact"] += sum(x > 1 + OPTIMAL_TOL for x in r)
+        summary[f"{kind}_worst"] = min(summary[f"{kind}_worst"], *r)
+        summary[f"{kind}_optimal"] += optimal
+      summary["cases"] += len(clusters)
+      search = next(iter(modes)) if len(modes) == 1 else "mixed"
+      table.add_row(
+        str(n), objective, str(len(clusters)), search, *cells, fmt(statistics.median(times["exact"])), fmt(statistics.median(times["heuristic"]))
+      )
+  show(console, table)
+  show(
+    console,
+    f"Per n: {seeds} clusters without link bandwidth and {seeds} with it, drawn as in 1. Ratio: latency = exact TPOT / plan TPOT, "
+    "throughput = plan tokens/s / exact tokens/s. def = default strategy (exact search up to "
+    f"{EXACT_LIMIT} usable nodes, heuristic beyond), heur = heuristic forced (exact_limit=0), exact = exhaustive search forced "
+    f"(exact_limit=12). opt = cases within {OPTIMAL_TOL:g} of the optimum. ms = median planning time.\n",
+  )
+  if summary["beat_exact"]:
+    show(console, f"WARNING: a plan beat the exact search in {summary['beat_exact']} cases: the exact search is not optimal there.\n")
+  return summary
+
+
+def load_scenario(path: Path) -> dict:
+  """A scenario: the topology file itself joined with its expectations in expected/<name>.json."""
+  return {"topology": json.loads(path.read_text()), **json.loads((path.parent / "expected" / path.name).read_text())}
+
+
+def scenarios(console: Console) -> list[tuple[str, float | None, bool | None]]:
+  heading(console, "3. Scenarios (tests/scenarios/*.json): flops-latency (FL) against upstream's ring-memory-weighted (RMW), same cost model")
+  table = Table(box=box.MARKDOWN)
+  table.add_column("scenario", no_wrap=True)
+  table.add_column("objective")
+  for name in ("FL TPOT ms", "FL tok/s", "FL thr", "RMW TPOT ms", "RMW tok/s", "RMW thr", "RMW fits?", "speed-up"):
+    table.add_column(name, justify="right")
+  results = []
+  for path in sorted((ROOT / "tests" / "scenarios").glob("*.json")):
+    scenario = load_scenario(path)
+    if "error" in scenario.get("expected", {}):
+      continue
+    objective, params = scenario.get("objective", "latency"), scenario.get("params") or {}
+    predicted = {}
+    for strategy in ("flops-latency", "ring-memory-weighted"):
+      try:
+        predicted[strategy] = make_plan(scenario["topology"], scenario["model"], strategy, objective, **params)["predicted"]
+      except PlanError as e:
+        show(console, f"{path.stem}: {strategy} refused: {e}")
+        predicted[strategy] = None
+    flops, base = predicted["flops-latency"], predicted["ring-memory-weighted"]
+    speedup = None
+    if flops and base:
+      if objective == "latency" and flops["tpot_ms"] and base["tpot_ms"] is not None:
+        speedup = base["tpot_ms"] / flops["tpot_ms"]
+      elif objective == "throughput" and flops["throughput_tps"] is not None and base["throughput_tps"]:
+        speedup = flops["throughput_tps"] / base["throughput_tps"]
+    cells = []
+    for p in (flops, base):
+      cells += [fmt(p and p["tpot_ms"]), fmt(p and p["tokens_per_second"], 2), fmt(p and p["throughput_tps"], 2)]
+    feasible = None if base is None else base["feasible"]
+    table.add_row(
+      path.stem, objective, *cells, "n/a" if feasible is None else "yes" if feasible else "NO", "n/a" if speedup is None else f"{speedup:.2f}x"
+    )
+    results.append((path.stem, speedup, feasible))
+  show(console, table)
+  show(
+    console,
+    "tok/s = single-stream tokens/s (1 / TPOT); thr = pipelined throughput in tokens/s (1 / busiest stage). speed-up on the scenario's "
+    "objective: latency = RMW TPOT / FL TPOT, throughput = FL thr / RMW thr. RMW fits? NO = RMW gives some node more layers than its "
+    "memory holds: its figures are what the model predicts had it fit. Scenarios whose expected outcome is an error are skipped.\n",
+  )
+  return results
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="fewer repeats and seeds (about a third of the run time)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the random clusters (default 0)")
+  args = parser.parse_args()
+  console = Console(width=140)
+  processor = platform.processor() or platform.machine()
+  show(
+    console,
+    f"exo planner benchmark ({'quick' if args.quick else 'full'}, seed {args.seed}): Python {platform.python_version()} "
+    f"({platform.python_implementation()}), {platform.system()} {processor}, {os.cpu_count()} CPUs\n",
+  )
+  started = time.perf_counter()
+  warmup = as_model("llama-3.1-70b")
+  timed_plan(as_topology(random_cluster(random.Random(-1), 4, warmup, False)), warmup, "latency")  # first-call imports and allocations
+  times = planner_time(console, random.Random(args.seed), args.quick)
+  summary = quality(console, random.Random(args.seed + 1), args.quick)
+  results = scenarios(console)
+  met = sum(median <= TARGET_MS[n] for n, _, _, median in times)
+  closest = max(times, key=lambda r: r[3] / TARGET_MS[r[0]])
+  gains = [s for _, s, _ in results if s is not None]
+  faster, equal = sum(g > 1 + 1e-9 for g in gains), sum(abs(g - 1) <= 1e-9 for g in gains)
+  infeasible = sum(feasible is False for _, _, feasible in results)
+  show(
+    console,
+    f"Summary: {met}/{len(times)} time targets met (closest: {closest[0]} nodes, {closest[1]}, {closest[3]:.0f} of {TARGET_MS[closest[0]]} ms); "
+    f"default search optimal in {summary['default_optimal']}/{summary['cases']} quality cases (worst {summary['default_worst']:.3f}), "
+    f"forced heuristic in {summary['heuristic_optimal']}/{summary['cases']} (worst {summary['heuristic_worst']:.3f}); "
+    f"flops-latency faster than ring-memory-weighted in {faster}/{len(gains)} scenarios, equal in {equal}, slower in {len(gains) - faster - equal} "
+    f"(median {statistics.median(gains) if gains else 1:.2f}x, max {max(gains, default=1):.2f}x; RMW overfills memory in {infeasible}); "
+    f"{time.perf_counter() - started:.0f} s.",
+  )
+
+
+if __name__ == "__main__":
+  main()
