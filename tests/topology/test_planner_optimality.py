@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from exo.errors import PlanError
 from exo.topology.planner import make_plan
-
 from tests.topology.oracle import CostModel, check_predicted, close, oracle
 
 OBJECTIVES = ["latency", "throughput"]
