@@ -50,7 +50,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
     prog=PROG,
-    description="Plan which nodes hold which layers of a model, in what ring order, and predict its speed (DESIGN.md sections 2-3).",
+    description="Plan which nodes hold which layers of a model, in what ring order, and predict its speed (docs/DESIGN.md sections 2-3).",
   )
   parser.add_argument("--topology", required=True, metavar="FILE", help="topology JSON: nodes with device capabilities, edges with RTT")
   which = parser.add_mutually_exclusive_group(required=True)

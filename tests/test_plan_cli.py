@@ -1,4 +1,4 @@
-"""`exo plan` end to end: JSON shape (DESIGN.md section 3), --compare with a hand-checked speed-up, --plot, and one-line errors."""
+"""`exo plan` end to end: JSON shape (docs/DESIGN.md section 3), --compare with a hand-checked speed-up, --plot, and one-line errors."""
 
 import json
 import math

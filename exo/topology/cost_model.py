@@ -1,4 +1,4 @@
-"""The v1 cost model of DESIGN.md section 2: per-layer times, layer capacities, hop times, and the predictions for any plan.
+"""The v1 cost model of docs/DESIGN.md section 2: per-layer times, layer capacities, hop times, and the predictions for any plan.
 
 A plan is a ring `[(node_id, layers), ...]` in execution order. Everything here is pure arithmetic on the topology and model spec.
 """

@@ -12,7 +12,7 @@ ACTIVATION_DTYPE_BYTES = 2  # hidden states and KV cache travel and live in fp16
 
 @dataclass(frozen=True)
 class ModelSpec:
-  """Per-layer figures of a transformer (DESIGN.md section 2): bytes of weights, FLOPs per token, hidden-state bytes, KV bytes."""
+  """Per-layer figures of a transformer (docs/DESIGN.md section 2): bytes of weights, FLOPs per token, hidden-state bytes, KV bytes."""
 
   id: str
   n_layers: int

@@ -1,4 +1,4 @@
-"""A plan: the ring (node, layer count) in execution order with its predictions, and its JSON form (DESIGN.md section 3)."""
+"""A plan: the ring (node, layer count) in execution order with its predictions, and its JSON form (docs/DESIGN.md section 3)."""
 
 from dataclasses import dataclass, field
 

@@ -1,4 +1,4 @@
-"""One entry point for every strategy: `make_plan` returns the plan JSON object (DESIGN.md section 3) as a dict."""
+"""One entry point for every strategy: `make_plan` returns the plan JSON object (docs/DESIGN.md section 3) as a dict."""
 
 from exo.errors import PlanError
 from exo.models import model_spec

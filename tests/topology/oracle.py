@@ -1,4 +1,4 @@
-"""Brute-force oracle for the DESIGN.md section 2 cost model, written from the design alone.
+"""Brute-force oracle for the docs/DESIGN.md section 2 cost model, written from the design alone.
 
 It reads the topology and model-spec JSON dicts directly and imports nothing from `exo.topology`, so a bug shared with the
 planner's cost model cannot hide here. It enumerates every non-empty subset of nodes, every ring order of it (every
@@ -17,7 +17,7 @@ def close(a: float, b: float, rel: float) -> bool:
 
 
 class CostModel:
-  """Derived quantities of DESIGN.md section 2 for one (topology, model, headroom, default RTT)."""
+  """Derived quantities of docs/DESIGN.md section 2 for one (topology, model, headroom, default RTT)."""
 
   def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0):
     self.nodes = topology["nodes"]

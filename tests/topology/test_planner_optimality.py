@@ -1,4 +1,4 @@
-"""make_plan against the brute-force oracle of tests/topology/oracle.py (DESIGN.md section 2), plus plan-shape properties.
+"""make_plan against the brute-force oracle of tests/topology/oracle.py (docs/DESIGN.md section 2), plus plan-shape properties.
 
 Properties: (1) the predicted primary objective is the oracle's optimum and the secondary the best among primary-optimal plans,
 and PlanError exactly when nothing is feasible; (2) every shard fits its node and ring neighbours are adjacent; (3) shards and

@@ -2,7 +2,7 @@
 
 Each scenario is a topology file (tests/scenarios/NAME.json, usable as `exo plan --topology`) and its expectations
 (tests/scenarios/expected/NAME.json): a model (built-in id or spec), an objective, planner params and `expected`, written by hand from
-DESIGN.md section 2 (the arithmetic is in the scenario's "why"): either {"error": substring} or the ring, layers per node and
+docs/DESIGN.md section 2 (the arithmetic is in the scenario's "why"): either {"error": substring} or the ring, layers per node and
 predicted tpot_ms / throughput_tps, plus optional property checks (max_ring_nodes, min_layers_per_node, max_layer_spread,
 sites + site_crossings, warnings_contain).
 
@@ -67,7 +67,7 @@ def same_ring(got: list[str], want: list[str], match: str) -> bool:
   return got in rotations or got[::-1] in rotations
 
 
-# ---------- the cost model, read straight off the JSON dicts (DESIGN.md section 2) ----------
+# ---------- the cost model, read straight off the JSON dicts (docs/DESIGN.md section 2) ----------
 
 
 class Cluster:
