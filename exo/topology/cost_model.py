@@ -61,6 +61,7 @@ class ClusterCosts:
   hop: list[list[float | None]]
   transfer: list[list[float]]
   unknown_speed: list[str] = field(default_factory=list)
+  unknown_memory: list[str] = field(default_factory=list)
   flops: list[float] = field(default_factory=list)
   bandwidth: list[float] = field(default_factory=list)
   rtt_s: list[list[float | None]] = field(default_factory=list)
@@ -70,10 +71,11 @@ class ClusterCosts:
     return self.node_ids.index(node_id)
 
   def warnings(self) -> list[str]:
+    memory = [f"node {n!r} has unknown memory (0 MB): it holds no layers" for n in self.unknown_memory]
     if self.layer_time is None:
-      return ["no node has a known speed (TFLOPS or memory bandwidth): falling back to the memory-weighted split"]
+      return memory + ["no node has a known speed (TFLOPS or memory bandwidth): falling back to the memory-weighted split"]
     slowest = max(self.layer_time)
-    return [
+    return memory + [
       f"node {n!r} has unknown speed: assumed as slow as the slowest known node ({slowest * 1000:.3f} ms per layer)" for n in self.unknown_speed
     ]
 
@@ -131,6 +133,7 @@ def cluster_costs(topology: Topology, model: ModelSpec, params: PlannerParams) -
     hop=hop,
     transfer=transfer,
     unknown_speed=[ids[i] for i, t in enumerate(known) if t is None] if known_times else [],
+    unknown_memory=[node_id for node_id, c in zip(ids, caps) if c.memory == 0],
     flops=flops,
     bandwidth=bandwidth,
     rtt_s=rtt_s,

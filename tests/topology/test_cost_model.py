@@ -79,3 +79,10 @@ def test_no_known_speed_means_no_timing_prediction():
     "ttft_ms": None,
     "feasible": True,
   }
+
+
+def test_unknown_memory_holds_nothing_and_is_warned_about():
+  t = Topology.from_dict({"nodes": {"a": {"memory": 8192, "memory_bandwidth": 1}, "b": {"memory_bandwidth": 1}}})
+  costs = cluster_costs(t, MODEL, PlannerParams())
+  assert costs.capacity == [7, 0]
+  assert costs.warnings() == ["node 'b' has unknown memory (0 MB): it holds no layers"]
