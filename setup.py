@@ -12,9 +12,12 @@ setup(
     "numpy>=1.26",
     "rich>=13",
     "matplotlib>=3.8",
+    "grpcio>=1.85.1",  # the generated stubs require at least the version that generated them
+    "protobuf>=7.35.1,<8",
+    "psutil>=5.9",
   ],
   extras_require={
-    "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "grpcio-tools>=1.85.1"],
   },
   entry_points={"console_scripts": ["exo = exo.main:main"]},
 )

@@ -1,0 +1,35 @@
+"""The seam between the ring and a model: an engine runs one shard's layers for one request at a time, keeping that request's
+state (KV cache, position) on the node that owns the layers until the request is finished."""
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from exo.inference.shard import Shard
+
+
+class InferenceEngine(ABC):
+  @abstractmethod
+  async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
+    """Token ids (1-D int64) of the prompt, chat template applied."""
+
+  @abstractmethod
+  async def decode(self, shard: Shard, tokens: list[int]) -> str:
+    pass
+
+  @abstractmethod
+  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
+    """The next token from the last position's logits; temperature 0 is greedy."""
+
+  @abstractmethod
+  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray) -> np.ndarray:
+    """Run the shard's layers. Input: token ids on the first shard, else the previous shard's hidden states. Output: hidden
+    states, or logits on the last shard. Called first with the whole prompt, then with one new token at a time."""
+
+  @abstractmethod
+  def eos_token_ids(self, shard: Shard) -> set[int]:
+    pass
+
+  @abstractmethod
+  async def finish_request(self, request_id: str) -> None:
+    """Release the request's state (KV cache, position)."""

@@ -1,0 +1,19 @@
+"""How a node finds its peers: UDP broadcast or a manual peers file."""
+
+from abc import ABC, abstractmethod
+
+from exo.networking.peer_handle import PeerHandle
+
+
+class Discovery(ABC):
+  @abstractmethod
+  async def start(self) -> None:
+    pass
+
+  @abstractmethod
+  async def stop(self) -> None:
+    pass
+
+  @abstractmethod
+  async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
+    """The live peers now (healthy, not evicted), after waiting until at least `wait_for_peers` are known."""

@@ -1,0 +1,60 @@
+"""How a node talks to one peer. The gRPC implementation is in exo/networking/grpc; tests may fake it."""
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from exo.inference.shard import Shard
+from exo.orchestration.request_context import RequestContext
+from exo.topology.device_capabilities import DeviceCapabilities
+from exo.topology.topology import Topology
+
+
+class PeerHandle(ABC):
+  @abstractmethod
+  def id(self) -> str:
+    pass
+
+  @abstractmethod
+  def addr(self) -> str:
+    """host:port the peer's NodeService listens on (possibly through a proxy)."""
+
+  @abstractmethod
+  def device_capabilities(self) -> DeviceCapabilities:
+    pass
+
+  @abstractmethod
+  async def connect(self) -> None:
+    pass
+
+  @abstractmethod
+  async def is_connected(self) -> bool:
+    pass
+
+  @abstractmethod
+  async def disconnect(self) -> None:
+    pass
+
+  @abstractmethod
+  async def health_check(self, timeout: float = 2.0) -> bool:
+    """One round trip to the peer; False (never an exception) if it does not answer healthy within `timeout` seconds."""
+
+  @abstractmethod
+  async def send_prompt(self, shard: Shard, prompt: str, context: RequestContext) -> None:
+    pass
+
+  @abstractmethod
+  async def send_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None:
+    pass
+
+  @abstractmethod
+  async def send_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str = "") -> None:
+    pass
+
+  @abstractmethod
+  async def send_opaque_status(self, request_id: str, status: str) -> None:
+    pass
+
+  @abstractmethod
+  async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
+    pass

@@ -1,0 +1,62 @@
+"""What travels with every message of a request: its id, where results go, the token budget, and the ring plan chosen once."""
+
+from dataclasses import dataclass
+
+from exo.inference.shard import Shard
+
+
+@dataclass(frozen=True)
+class RingStage:
+  node_id: str
+  start_layer: int
+  end_layer: int  # inclusive
+
+
+@dataclass(frozen=True)
+class RingPlan:
+  """The ring a request runs on: stages in execution order over a model with n_layers layers."""
+
+  model_id: str
+  n_layers: int
+  stages: tuple[RingStage, ...]
+
+  @staticmethod
+  def from_node_shards(node_shards: list[tuple[str, Shard]]) -> "RingPlan":
+    first = node_shards[0][1]
+    return RingPlan(first.model_id, first.n_layers, tuple(RingStage(n, s.start_layer, s.end_layer) for n, s in node_shards))
+
+  def node_ids(self) -> list[str]:
+    return [s.node_id for s in self.stages]
+
+  def shard(self, index: int) -> Shard:
+    stage = self.stages[index]
+    return Shard(self.model_id, stage.start_layer, stage.end_layer, self.n_layers)
+
+  def index_of(self, shard: Shard, node_id: str) -> int | None:
+    """Position of `node_id` holding exactly `shard` in this ring, or None."""
+    for i, stage in enumerate(self.stages):
+      if stage.node_id == node_id and (stage.start_layer, stage.end_layer) == (shard.start_layer, shard.end_layer):
+        return i
+    return None
+
+  def validate(self) -> None:
+    """Raise ValueError unless the stages are contiguous, start at layer 0, end at the last layer and name distinct nodes."""
+    if not self.stages or self.n_layers < 1:
+      raise ValueError("a ring plan needs at least one stage and one layer")
+    expected = 0
+    for stage in self.stages:
+      if stage.start_layer != expected or stage.end_layer < stage.start_layer:
+        raise ValueError(f"ring plan stages are not contiguous at node {stage.node_id!r}")
+      expected = stage.end_layer + 1
+    if expected != self.n_layers:
+      raise ValueError(f"ring plan covers {expected} of {self.n_layers} layers")
+    if len(set(self.node_ids())) != len(self.stages):
+      raise ValueError("ring plan names a node twice")
+
+
+@dataclass(frozen=True)
+class RequestContext:
+  request_id: str
+  origin_node_id: str
+  plan: RingPlan
+  max_tokens: int
