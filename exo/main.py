@@ -1,20 +1,164 @@
-"""The `exo` console script: wiring and argument handling only. `exo plan` runs the planner; the node runtime is not in this build yet."""
+"""The `exo` console script: wiring and argument handling only.
 
+exo [flags]                         run a node (discovery, gRPC server, planner, engine) until interrupted
+exo run MODEL --prompt TEXT [flags] run a node, wait for peers, generate one answer, print it and exit
+exo plan ...                        plan a topology file (see `exo plan --help`)
+exo topology --address HOST:PORT    print a running node's live topology as topology JSON (input for `exo plan`)
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
 import sys
+import uuid
 
 from exo import plan_cli
+from exo.errors import PlanError
+from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.paced_inference_engine import PacedInferenceEngine
+from exo.models import DEFAULT_MODEL, MODELS, model_spec
+from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_server import GRPCServer
+from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.udp_discovery import UDPDiscovery
+from exo.orchestration.device_probe import detect_device_capabilities
+from exo.orchestration.node import Node, PlannerConfig, RequestFailed
+from exo.topology.planner import STRATEGIES
+from exo.topology.search_problem import OBJECTIVES
 
-USAGE = (
-  "usage: exo plan --topology FILE (--model ID | --model-spec FILE) [options]; the node runtime is not in this build yet (try `exo plan --help`)"
-)
+log = logging.getLogger("exo")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+  with socket.socket() as s:
+    s.bind((host, 0))
+    return s.getsockname()[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="exo", description="Run one LLM across your devices, pipeline-parallel around a ring.")
+  parser.add_argument("command", nargs="?", choices=["run"], help="run: generate one answer for --prompt and exit")
+  parser.add_argument("model_name", nargs="?", help="model to run (with `run`)")
+  node = parser.add_argument_group("node")
+  node.add_argument("--node-id", default=None, help="this node's id (default: a random one)")
+  node.add_argument("--node-host", default="0.0.0.0", help="address the gRPC server binds")
+  node.add_argument("--node-port", type=int, default=None, help="gRPC port (default: a free one)")
+  node.add_argument("--listen-port", type=int, default=5678, help="UDP port discovery listens on")
+  node.add_argument("--broadcast-port", type=int, default=5678, help="UDP port discovery announces to")
+  node.add_argument("--broadcast-address", action="append", default=None, help="announce to this address (repeatable; default: every interface)")
+  node.add_argument("--discovery-module", choices=["udp", "manual"], default="udp")
+  node.add_argument("--discovery-config-path", default=None, help="peers file for --discovery-module manual")
+  node.add_argument("--discovery-timeout", type=float, default=30.0, help="seconds before a silent peer is dropped")
+  node.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
+  node.add_argument("--inference-engine", choices=["dummy"], default="dummy")
+  node.add_argument("--emulate", action="store_true", help="pace the engine to the cost model's time for this node's declared device")
+  node.add_argument("--run-model", default=None, help=f"model to serve (default {DEFAULT_MODEL}); one of {', '.join(sorted(MODELS))}")
+  node.add_argument("--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit)")
+  node.add_argument("--max-generate-tokens", type=int, default=1024)
+  node.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take before it fails")
+  node.add_argument("--disable-tui", action="store_true", help="no terminal view of the ring")
+  device = parser.add_argument_group("device (detected; override when misdetected)")
+  device.add_argument("--memory-mb", type=float, default=None)
+  device.add_argument("--tflops", type=float, default=None, help="fp16 TFLOPS")
+  device.add_argument("--memory-bandwidth", type=float, default=None, help="GB/s")
+  device.add_argument("--measure-device", action="store_true", help="measure TFLOPS and bandwidth even for a known chip")
+  plan = parser.add_argument_group("planner")
+  plan.add_argument("--partitioning-strategy", choices=STRATEGIES, default="flops-latency")
+  plan.add_argument("--objective", choices=OBJECTIVES, default="latency")
+  plan.add_argument("--memory-headroom", type=float, default=0.1)
+  plan.add_argument("--default-rtt-ms", type=float, default=5.0)
+  plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
+  return parser
+
+
+def build_node(args) -> Node:
+  node_id = args.node_id or str(uuid.uuid4())
+  port = args.node_port or free_port()
+  capabilities = detect_device_capabilities(args.measure_device, args.memory_mb, args.tflops, args.memory_bandwidth)
+  model = model_spec(args.model_name or args.run_model or DEFAULT_MODEL)
+  engine = DummyInferenceEngine()
+  if args.emulate:
+    engine = PacedInferenceEngine(engine, model, capabilities)
+  if args.discovery_module == "manual":
+    if not args.discovery_config_path:
+      raise PlanError("--discovery-module manual needs --discovery-config-path FILE (the peers file)")
+    discovery = ManualDiscovery(node_id, args.discovery_config_path, GRPCPeerHandle, discovery_timeout=args.discovery_timeout)
+  else:
+    discovery = UDPDiscovery(
+      node_id,
+      port,
+      args.listen_port,
+      args.broadcast_port,
+      GRPCPeerHandle,
+      capabilities,
+      discovery_timeout=args.discovery_timeout,
+      broadcast_addresses=args.broadcast_address,
+    )
+  planner = PlannerConfig(args.partitioning_strategy, args.objective, args.memory_headroom, args.default_rtt_ms, args.replan_threshold)
+  node = Node(node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout)
+  node.server = GRPCServer(node, args.node_host, port)
+  return node
+
+
+async def serve(args) -> int:
+  node = build_node(args)
+  await node.start(args.wait_for_peers)
+  log.info("node %s listening; %d peers", node.id, len(node.peers))
+  try:
+    if args.prompt is not None:
+      result = await node.generate(args.prompt)
+      print(result.text)
+      return 0
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      loop.add_signal_handler(sig, stop.set)
+    view = None
+    if not args.disable_tui:
+      from exo.viz.ring_view import RingView
+
+      view = RingView(node)
+      view.start()
+    await stop.wait()
+    if view:
+      view.stop()
+    return 0
+  finally:
+    await node.stop()
+
+
+async def dump_topology(address: str) -> int:
+  peer = GRPCPeerHandle("cli", address, None)
+  try:
+    topology = await peer.collect_topology(set(), max_depth=1)
+  finally:
+    await peer.disconnect()
+  print(json.dumps(topology.to_dict(), indent=2))
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["plan"]:
     return plan_cli.main(argv[1:])
-  print(USAGE, file=sys.stderr)
-  return 2
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  try:
+    if argv[:1] == ["topology"]:
+      parser = argparse.ArgumentParser(prog="exo topology", description="Print a running node's live topology as topology JSON.")
+      parser.add_argument("--address", required=True, help="host:port of any node's gRPC server")
+      return asyncio.run(dump_topology(parser.parse_args(argv[1:]).address))
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.prompt is None:
+      raise PlanError("`exo run MODEL` needs --prompt TEXT")
+    return asyncio.run(serve(args))
+  except (PlanError, RequestFailed, OSError) as e:
+    print(f"exo: error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    return 130
 
 
 if __name__ == "__main__":

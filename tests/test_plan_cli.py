@@ -278,10 +278,12 @@ def test_missing_required_flags(capsys):
 # ---------- the `exo` command ----------
 
 
-def test_other_subcommands_point_at_exo_plan(capsys):
-  assert main([]) == 2 and main(["--inference-engine", "tinygrad"]) == 2
-  out, err = capsys.readouterr()
-  assert out == "" and err.count("\n") == 2 and "exo plan --help" in err
+def test_node_command_line_mistakes_are_refused_before_anything_starts(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main(["--objective", "fast"])
+  assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+  assert main(["run", "llama-3.2-1b"]) == 1
+  assert capsys.readouterr().err == "exo: error: `exo run MODEL` needs --prompt TEXT\n"
 
 
 def test_plan_help(capsys):

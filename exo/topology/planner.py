@@ -43,6 +43,16 @@ def memory_weighted_plan(topology: Topology, model: ModelSpec, objective: str, p
   return plan
 
 
+def predict_ring(
+  topology: Topology, model: ModelSpec, params: PlannerParams, ring: list[tuple[str, int]], prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+):
+  """The cost model's prediction for an existing ring [(node id, layers)] on `topology`; None if a ring node has left it."""
+  if any(node_id not in topology.nodes for node_id, _ in ring):
+    return None
+  costs = cluster_costs(topology, model, params)
+  return predict(costs, [costs.index(node_id) for node_id, _ in ring], [n for _, n in ring], prompt_tokens)
+
+
 def plan_for(
   topology: Topology | dict,
   model: ModelSpec | dict | str,

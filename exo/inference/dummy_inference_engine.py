@@ -1,0 +1,146 @@
+"""A deterministic stand-in for a model, for tests and simulations: no weights, microseconds per call, and a real model's contract.
+
+Tokens are UTF-8 bytes + 3 (0..2 reserved, 2 = EOS). The first shard embeds (token, position) into a small hidden vector; every
+layer mixes each position with the running sum of the inputs it has seen so far for the request (kept on this node, standing in for
+a KV cache, so outputs depend on the whole history); the last shard projects to logits that favour printable ASCII and put EOS on
+top after a prompt-dependent 20..60 generated tokens (or exactly `eos_after`).
+
+Layer l's arithmetic depends only on l, the position and layer l's own state, and hidden states are rounded to float32 after every
+layer, so a model run as one shard or split over any number of engines gives bit-identical outputs.
+"""
+
+import zlib
+
+import numpy as np
+
+from exo.inference.inference_engine import InferenceEngine
+from exo.inference.shard import Shard
+
+EOS_TOKEN = 2
+TOKEN_OFFSET = 3  # token = byte + 3
+VOCAB_SIZE = 512
+HIDDEN_SIZE = 8
+EOS_MIN, EOS_SPAN = 20, 41  # default EOS after 20..60 generated tokens
+_PRINTABLE = np.arange(32 + TOKEN_OFFSET, 127 + TOKEN_OFFSET)  # the tokens greedy decoding may produce besides EOS
+_MASKED = -1e9
+
+
+def _rng(*key: int) -> np.random.Generator:
+  return np.random.default_rng([0xE40, *key])
+
+
+class _Layer:
+  def __init__(self, index: int):
+    rng = _rng(1, index)
+    self.w = rng.standard_normal((HIDDEN_SIZE, HIDDEN_SIZE)) / np.sqrt(HIDDEN_SIZE)
+    self.u = rng.standard_normal((HIDDEN_SIZE, HIDDEN_SIZE)) / np.sqrt(HIDDEN_SIZE)
+    self.bias = rng.standard_normal(HIDDEN_SIZE) * 0.1
+    self.freq = rng.uniform(0.05, 1.0, HIDDEN_SIZE)
+
+  def __call__(self, x: np.ndarray, positions: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x: (P, H) float32 at `positions`; history: sum of this layer's inputs at earlier positions. Returns (output, new history)."""
+    x64 = x.astype(np.float64)
+    seen = history + np.cumsum(x64, axis=0)
+    context = seen / (positions[:, None] + 1)
+    y = np.tanh(x64 @ self.w + context @ self.u + self.bias + 0.3 * np.sin(positions[:, None] * self.freq))
+    return y.astype(np.float32), seen[-1]
+
+
+class _Request:
+  def __init__(self):
+    self.position = 0  # positions this shard has processed for the request
+    self.history: dict[int, np.ndarray] = {}  # layer -> running sum of its inputs
+    self.prompt_length: int | None = None
+    self.eos_at: int | None = None  # generated tokens before EOS
+
+
+class DummyInferenceEngine(InferenceEngine):
+  """`eos_after`: generate exactly that many tokens before EOS (a huge value: never); None: 20..60 depending on the prompt.
+  `seed` drives sampling at temperature > 0."""
+
+  def __init__(self, eos_after: int | None = None, seed: int = 0):
+    if eos_after is not None and eos_after < 0:
+      raise ValueError(f"eos_after must be >= 0 or None, got {eos_after!r}")
+    self.eos_after = eos_after
+    self._sampler = np.random.default_rng(seed)
+    self._layers: dict[int, _Layer] = {}
+    self._requests: dict[str, _Request] = {}
+    rng = _rng(2)
+    self._embed_freq = rng.uniform(0.01, 1.0, (2, HIDDEN_SIZE))
+    self._embed_phase = rng.uniform(0, 2 * np.pi, HIDDEN_SIZE)
+    self._unembed = rng.standard_normal((HIDDEN_SIZE, VOCAB_SIZE)) * 40
+    self._unembed_phase = rng.uniform(0, 2 * np.pi, len(_PRINTABLE))
+
+  async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
+    return np.frombuffer(prompt.encode("utf-8"), dtype=np.uint8).astype(np.int64) + TOKEN_OFFSET
+
+  async def decode(self, shard: Shard, tokens: list[int]) -> str:
+    return bytes(t - TOKEN_OFFSET for t in tokens if TOKEN_OFFSET <= t < 256 + TOKEN_OFFSET).decode("utf-8", errors="replace")
+
+  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
+    last = np.asarray(logits, dtype=np.float64).reshape(-1, np.shape(logits)[-1])[-1]
+    if temperature <= 0:
+      return int(np.argmax(last))
+    scaled = (last - last.max()) / temperature
+    p = np.exp(scaled)
+    return int(self._sampler.choice(len(p), p=p / p.sum()))
+
+  def eos_token_ids(self, shard: Shard) -> set[int]:
+    return {EOS_TOKEN}
+
+  async def finish_request(self, request_id: str) -> None:
+    self._requests.pop(request_id, None)
+
+  def active_requests(self) -> set[str]:
+    """Ids of the requests whose state this engine holds."""
+    return set(self._requests)
+
+  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray) -> np.ndarray:
+    """Token ids ((P,) or (1, P) ints) on the first shard, else hidden states (1, P, HIDDEN_SIZE) float32. Returns hidden states
+    of that shape, or logits (1, P, VOCAB_SIZE) float32 on the last shard."""
+    request = self._requests.get(request_id) or _Request()  # stored only once the input is valid
+    if shard.is_first_layer():
+      tokens = np.asarray(input_data)
+      if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim not in (1, 2) or tokens.size == 0:
+        raise ValueError(f"the first shard takes (P,) or (1, P) token ids, got {tokens.dtype} {tokens.shape}")
+      tokens = tokens.reshape(-1)
+      positions = np.arange(request.position, request.position + len(tokens))
+      h = self._embed(tokens, positions)
+    else:
+      h = np.asarray(input_data)
+      if h.ndim != 3 or h.shape[0] != 1 or h.shape[2] != HIDDEN_SIZE or h.shape[1] == 0:
+        raise ValueError(f"shard {shard} takes hidden states (1, P, {HIDDEN_SIZE}), got {h.shape}")
+      h = h[0].astype(np.float32)
+      positions = np.arange(request.position, request.position + len(h))
+    for layer in range(shard.start_layer, shard.end_layer + 1):
+      h, request.history[layer] = self._layer(layer)(h, positions, request.history.get(layer, np.zeros(HIDDEN_SIZE)))
+    if request.prompt_length is None:
+      request.prompt_length = len(h)
+    request.position += len(h)
+    self._requests[request_id] = request
+    if not shard.is_last_layer():
+      return h[None]
+    return self._logits(request, h, positions)[None]
+
+  def _layer(self, index: int) -> _Layer:
+    if index not in self._layers:
+      self._layers[index] = _Layer(index)
+    return self._layers[index]
+
+  def _embed(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    angle = tokens[:, None] * self._embed_freq[0] + positions[:, None] * self._embed_freq[1] + self._embed_phase
+    return np.sin(angle).astype(np.float32)
+
+  def _logits(self, request: _Request, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    logits = np.full((len(h), VOCAB_SIZE), _MASKED)
+    # a high-frequency projection: nearby hidden states still choose different tokens, so greedy text does not settle on a few
+    logits[:, _PRINTABLE] = np.sin(h.astype(np.float64) @ self._unembed[:, _PRINTABLE] + self._unembed_phase)
+    if request.eos_at is None:
+      if self.eos_after is not None:
+        request.eos_at = self.eos_after
+      else:
+        # the last prompt position's hidden state fingerprints the whole prompt
+        request.eos_at = EOS_MIN + zlib.crc32(h[request.prompt_length - 1].tobytes()) % EOS_SPAN
+    generated_before = positions - (request.prompt_length - 1)  # tokens generated before the one these logits choose
+    logits[generated_before == request.eos_at, EOS_TOKEN] = logits.max() + 1.0
+    return logits.astype(np.float32)

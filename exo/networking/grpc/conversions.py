@@ -1,0 +1,119 @@
+"""Proto <-> domain conversions for NodeService messages. Every *_from_proto validates and raises ValueError naming the problem."""
+
+import math
+
+import numpy as np
+
+from exo.inference.shard import Shard
+from exo.networking.grpc import node_service_pb2 as pb
+from exo.orchestration.request_context import RequestContext, RingPlan, RingStage
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, non_negative_number
+from exo.topology.topology import Topology
+
+# Hidden states and token ids. bfloat16 has no numpy dtype; an engine casts it before sending.
+TENSOR_DTYPES = ("float16", "float32", "float64", "int32", "int64")
+
+
+def shard_to_proto(shard: Shard) -> pb.Shard:
+  return pb.Shard(model_id=shard.model_id, start_layer=shard.start_layer, end_layer=shard.end_layer, n_layers=shard.n_layers)
+
+
+def shard_from_proto(msg: pb.Shard) -> Shard:
+  if not msg.model_id:
+    raise ValueError("shard has an empty model_id")
+  if msg.start_layer < 0:
+    raise ValueError(f"shard start_layer {msg.start_layer} is negative")
+  if msg.end_layer < msg.start_layer:
+    raise ValueError(f"shard end_layer {msg.end_layer} is before start_layer {msg.start_layer}")
+  if msg.end_layer >= msg.n_layers:
+    raise ValueError(f"shard end_layer {msg.end_layer} must be below n_layers {msg.n_layers}")
+  return Shard(msg.model_id, msg.start_layer, msg.end_layer, msg.n_layers)
+
+
+def plan_to_proto(plan: RingPlan) -> pb.RingPlan:
+  stages = [pb.RingStage(node_id=s.node_id, start_layer=s.start_layer, end_layer=s.end_layer) for s in plan.stages]
+  return pb.RingPlan(model_id=plan.model_id, n_layers=plan.n_layers, stages=stages)
+
+
+def plan_from_proto(msg: pb.RingPlan) -> RingPlan:
+  if not msg.model_id:
+    raise ValueError("ring plan has an empty model_id")
+  if any(not s.node_id for s in msg.stages):
+    raise ValueError("ring plan has a stage with an empty node_id")
+  plan = RingPlan(msg.model_id, msg.n_layers, tuple(RingStage(s.node_id, s.start_layer, s.end_layer) for s in msg.stages))
+  plan.validate()
+  return plan
+
+
+def context_to_proto(context: RequestContext) -> pb.RequestContext:
+  return pb.RequestContext(
+    request_id=context.request_id, origin_node_id=context.origin_node_id, plan=plan_to_proto(context.plan), max_tokens=context.max_tokens
+  )
+
+
+def context_from_proto(msg: pb.RequestContext) -> RequestContext:
+  if not msg.request_id:
+    raise ValueError("request context has an empty request_id")
+  if not msg.origin_node_id:
+    raise ValueError(f"request {msg.request_id!r} has an empty origin_node_id")
+  if msg.max_tokens < 1:
+    raise ValueError(f"request {msg.request_id!r} has max_tokens {msg.max_tokens}; expected at least 1")
+  return RequestContext(msg.request_id, msg.origin_node_id, plan_from_proto(msg.plan), msg.max_tokens)
+
+
+def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
+  array = np.asarray(array)
+  if array.dtype.name not in TENSOR_DTYPES:
+    raise ValueError(f"cannot send a tensor of dtype {array.dtype.name}; expected one of {', '.join(TENSOR_DTYPES)}")
+  # Little-endian C order on the wire, whatever the sender's layout and byte order.
+  data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+  return pb.Tensor(tensor_data=data, shape=array.shape, dtype=array.dtype.name)
+
+
+def tensor_from_proto(msg: pb.Tensor) -> np.ndarray:
+  if msg.dtype not in TENSOR_DTYPES:
+    raise ValueError(f"tensor dtype {msg.dtype!r} is not one of {', '.join(TENSOR_DTYPES)}")
+  shape = tuple(msg.shape)
+  if any(d < 0 for d in shape):
+    raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
+  wire = np.dtype(msg.dtype).newbyteorder("<")
+  expected = math.prod(shape) * wire.itemsize
+  if len(msg.tensor_data) != expected:
+    raise ValueError(f"tensor data is {len(msg.tensor_data)} bytes but shape {list(shape)} of {msg.dtype} needs {expected} bytes")
+  # astype copies: the result is writable and native-endian, since engines may work in place on it.
+  return np.frombuffer(msg.tensor_data, dtype=wire).reshape(shape).astype(wire.newbyteorder("="))
+
+
+def device_capabilities_to_proto(caps: DeviceCapabilities) -> pb.DeviceCapabilities:
+  flops = pb.DeviceFlops(fp32=caps.flops.fp32, fp16=caps.flops.fp16, int8=caps.flops.int8)
+  return pb.DeviceCapabilities(model=caps.model, chip=caps.chip, memory=caps.memory, flops=flops, memory_bandwidth=caps.memory_bandwidth)
+
+
+def device_capabilities_from_proto(msg: pb.DeviceCapabilities, where: str = "device") -> DeviceCapabilities:
+  flops = DeviceFlops(*(non_negative_number(getattr(msg.flops, k), f"{where}.flops.{k}") for k in ("fp32", "fp16", "int8")))
+  memory, bandwidth = non_negative_number(msg.memory, f"{where}.memory"), non_negative_number(msg.memory_bandwidth, f"{where}.memory_bandwidth")
+  return DeviceCapabilities(msg.model, msg.chip, memory, flops, bandwidth)
+
+
+def topology_to_proto(topology: Topology) -> pb.Topology:
+  edges = []
+  for _, e in sorted(topology.edges.items()):
+    measured = {k: v for k, v in (("rtt_ms", e.rtt_ms), ("bandwidth_mbps", e.bandwidth_mbps)) if v is not None}
+    edges.append(pb.Edge(from_id=e.from_id, to_id=e.to_id, **measured))
+  return pb.Topology(nodes={node_id: device_capabilities_to_proto(caps) for node_id, caps in topology.nodes.items()}, edges=edges)
+
+
+def topology_from_proto(msg: pb.Topology) -> Topology:
+  topology = Topology()
+  for node_id, caps in msg.nodes.items():
+    if not node_id:
+      raise ValueError("topology has a node with an empty id")
+    topology.update_node(node_id, device_capabilities_from_proto(caps, f"node {node_id!r}"))
+  for e in msg.edges:
+    where = f"edge {e.from_id!r} -> {e.to_id!r}"
+    if not e.from_id or not e.to_id:
+      raise ValueError(f"topology {where} has an empty node id")
+    rtt = non_negative_number(e.rtt_ms, f"{where} rtt_ms") if e.HasField("rtt_ms") else None
+    bandwidth = non_negative_number(e.bandwidth_mbps, f"{where} bandwidth_mbps") if e.HasField("bandwidth_mbps") else None
+    topology.add_edge(e.from_id, e.to_id, rtt, bandwidth)
+  return topology

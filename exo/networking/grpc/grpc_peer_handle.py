@@ -1,0 +1,95 @@
+"""A peer reached over gRPC: a lazily opened channel, per-call timeouts, and a health check that never raises."""
+
+import asyncio
+import logging
+
+import grpc
+import numpy as np
+
+from exo.inference.shard import Shard
+from exo.networking.grpc import node_service_pb2 as pb
+from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
+from exo.networking.grpc.conversions import context_to_proto, shard_to_proto, tensor_to_proto, topology_from_proto
+from exo.networking.grpc.grpc_server import MAX_MESSAGE_MB, message_size_options
+from exo.networking.peer_handle import PeerHandle
+from exo.orchestration.request_context import RequestContext
+from exo.topology.device_capabilities import DeviceCapabilities
+from exo.topology.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+# While a channel backs off after a failed connect every call fails at once, and gRPC's backoff grows to 120 s by default:
+# cap it so a restarted peer passes health checks again within seconds.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+class GRPCPeerHandle(PeerHandle):
+  def __init__(self, peer_id: str, address: str, device_capabilities: DeviceCapabilities, max_message_mb: int = MAX_MESSAGE_MB):
+    self._id, self.address, self._device_capabilities, self.max_message_mb = peer_id, address, device_capabilities, max_message_mb
+    self.channel: grpc.aio.Channel | None = None
+    self.stub: pb_grpc.NodeServiceStub | None = None
+
+  def id(self) -> str:
+    return self._id
+
+  def addr(self) -> str:
+    return self.address
+
+  def device_capabilities(self) -> DeviceCapabilities:
+    return self._device_capabilities
+
+  def _stub(self) -> pb_grpc.NodeServiceStub:
+    """The stub, opening the channel on first use; gRPC connects in the background and reconnects by itself."""
+    if self.channel is None:
+      self.channel = grpc.aio.insecure_channel(self.address, options=[*message_size_options(self.max_message_mb), *RECONNECT_OPTIONS])
+      self.stub = pb_grpc.NodeServiceStub(self.channel)
+    return self.stub
+
+  async def connect(self) -> None:
+    """Open the channel and wait until it is ready; TimeoutError after CONNECT_TIMEOUT_S."""
+    self._stub()
+    await asyncio.wait_for(self.channel.channel_ready(), CONNECT_TIMEOUT_S)
+
+  async def is_connected(self) -> bool:
+    return self.channel is not None and self.channel.get_state() == grpc.ChannelConnectivity.READY
+
+  async def disconnect(self) -> None:
+    if self.channel is not None:
+      channel, self.channel, self.stub = self.channel, None, None
+      await channel.close()
+
+  async def health_check(self, timeout: float = 2.0) -> bool:
+    """True if the peer answers healthy, as the node this handle names, within `timeout` seconds."""
+    try:
+      response = await self._stub().HealthCheck(pb.HealthCheckRequest(), timeout=timeout)
+    except Exception as e:  # the verdict is all callers need: any failure (refused, timeout, bad address) is unhealthy
+      logger.debug("health check of %r failed: %s", self, e)
+      return False
+    if response.node_id != self._id:
+      logger.debug("health check of %r answered by node %r", self, response.node_id)
+      return False
+    return response.is_healthy
+
+  async def send_prompt(self, shard: Shard, prompt: str, context: RequestContext) -> None:
+    request = pb.PromptRequest(shard=shard_to_proto(shard), prompt=prompt, context=context_to_proto(context))
+    await self._stub().SendPrompt(request, timeout=CALL_TIMEOUT_S)
+
+  async def send_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None:
+    request = pb.TensorRequest(shard=shard_to_proto(shard), tensor=tensor_to_proto(tensor), context=context_to_proto(context))
+    await self._stub().SendTensor(request, timeout=CALL_TIMEOUT_S)
+
+  async def send_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str = "") -> None:
+    request = pb.SendResultRequest(request_id=request_id, tokens=tokens, is_finished=is_finished, error=error)
+    await self._stub().SendResult(request, timeout=CALL_TIMEOUT_S)
+
+  async def send_opaque_status(self, request_id: str, status: str) -> None:
+    await self._stub().SendOpaqueStatus(pb.SendOpaqueStatusRequest(request_id=request_id, status=status), timeout=CALL_TIMEOUT_S)
+
+  async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
+    request = pb.CollectTopologyRequest(visited=sorted(visited), max_depth=max_depth)
+    return topology_from_proto(await self._stub().CollectTopology(request, timeout=CALL_TIMEOUT_S))
+
+  def __repr__(self) -> str:
+    return f"GRPCPeerHandle(id={self._id!r}, address={self.address!r})"

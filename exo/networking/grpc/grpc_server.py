@@ -1,0 +1,101 @@
+"""The NodeService gRPC server: decodes and validates each request, then hands it to the node."""
+
+import functools
+import logging
+
+import grpc
+
+from exo.networking.grpc import node_service_pb2 as pb
+from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
+from exo.networking.grpc.conversions import context_from_proto, shard_from_proto, tensor_from_proto, topology_to_proto
+from exo.networking.server import Server
+
+logger = logging.getLogger(__name__)
+
+# gRPC's default 4 MiB cap is far too small: the hidden states of a 2k-token prompt through a 405B model (hidden size 16384,
+# fp16) are 64 MiB per hop. Both ends must raise it, since the sender enforces its send limit and the receiver its receive limit.
+MAX_MESSAGE_MB = 256
+STOP_GRACE_S = 0.5
+
+
+def message_size_options(max_message_mb: int) -> list[tuple[str, int]]:
+  size = max_message_mb * 2**20
+  return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+def _guarded(rpc):
+  """Abort a malformed request with INVALID_ARGUMENT and a node failure with INTERNAL; either way the server stays up."""
+
+  @functools.wraps(rpc)
+  async def handler(self: "GRPCServer", request, context: grpc.aio.ServicerContext):
+    try:
+      return await rpc(self, request, context)
+    except ValueError as e:
+      logger.warning("rejected %s from %s: %s", rpc.__name__, context.peer(), e)
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except Exception as e:
+      logger.exception("%s from %s failed", rpc.__name__, context.peer())
+      await context.abort(grpc.StatusCode.INTERNAL, f"node {self.node.id} failed to handle {rpc.__name__}: {type(e).__name__}")
+
+  return handler
+
+
+class GRPCServer(pb_grpc.NodeServiceServicer, Server):
+  def __init__(self, node, host: str, port: int, max_message_mb: int = MAX_MESSAGE_MB):
+    self.node, self.host, self.port, self.max_message_mb = node, host, port, max_message_mb
+    self.server: grpc.aio.Server | None = None
+
+  async def start(self) -> None:
+    """Listen on host:port (port 0 picks a free one, stored in self.port); OSError if the address cannot be bound."""
+    if self.server is not None:
+      return
+    # so_reuseport off: a second node on the same port must fail here, not silently share (and steal) its traffic.
+    server = grpc.aio.server(options=[*message_size_options(self.max_message_mb), ("grpc.so_reuseport", 0)])
+    pb_grpc.add_NodeServiceServicer_to_server(self, server)
+    address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    try:
+      bound = server.add_insecure_port(address)
+    except RuntimeError:
+      bound = 0
+    if not bound:
+      raise OSError(f"cannot listen on {address}: the port is in use or the address is not local")
+    await server.start()
+    self.server, self.port = server, bound
+    logger.info("node %s listening on %s:%d", self.node.id, self.host, bound)
+
+  async def stop(self) -> None:
+    if self.server is not None:
+      server, self.server = self.server, None
+      await server.stop(STOP_GRACE_S)
+
+  @_guarded
+  async def SendPrompt(self, request: pb.PromptRequest, context) -> pb.Ack:
+    await self.node.process_prompt(shard_from_proto(request.shard), request.prompt, context_from_proto(request.context))
+    return pb.Ack()
+
+  @_guarded
+  async def SendTensor(self, request: pb.TensorRequest, context) -> pb.Ack:
+    shard, tensor, ctx = shard_from_proto(request.shard), tensor_from_proto(request.tensor), context_from_proto(request.context)
+    await self.node.process_tensor(shard, tensor, ctx)
+    return pb.Ack()
+
+  @_guarded
+  async def SendResult(self, request: pb.SendResultRequest, context) -> pb.Ack:
+    if not request.request_id:
+      raise ValueError("result has an empty request_id")
+    self.node.process_result(request.request_id, list(request.tokens), request.is_finished, request.error)
+    return pb.Ack()
+
+  @_guarded
+  async def SendOpaqueStatus(self, request: pb.SendOpaqueStatusRequest, context) -> pb.Ack:
+    # No request_id check: node-wide statuses (download progress, node status) are broadcast with an empty one.
+    self.node.process_opaque_status(request.request_id, request.status)
+    return pb.Ack()
+
+  @_guarded
+  async def CollectTopology(self, request: pb.CollectTopologyRequest, context) -> pb.Topology:
+    return topology_to_proto(await self.node.collect_topology(set(request.visited), request.max_depth))
+
+  @_guarded
+  async def HealthCheck(self, request: pb.HealthCheckRequest, context) -> pb.HealthCheckResponse:
+    return pb.HealthCheckResponse(is_healthy=bool(self.node.is_healthy()), node_id=self.node.id)

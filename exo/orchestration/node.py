@@ -1,0 +1,342 @@
+"""A node of the ring: keeps the live topology, plans requests it receives, runs its shard and forwards around the ring.
+
+The node that receives a request plans it once; the plan travels in every message of the request, so each hop follows the
+same ring whatever its own view of the topology. The last stage samples, reports the tokens to the requesting node and sends
+the new token back to the first stage. Work triggered by a message runs in a task, so a gRPC call returns at once and a long
+generation never nests calls around the ring.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from exo.inference.inference_engine import InferenceEngine
+from exo.inference.shard import Shard
+from exo.networking.discovery import Discovery
+from exo.networking.peer_handle import PeerHandle
+from exo.networking.rtt import RttEstimator, measure_rtt_ms
+from exo.networking.server import Server
+from exo.orchestration.replan import should_replan
+from exo.orchestration.request_context import RequestContext, RingPlan
+from exo.topology.cost_model import PlannerParams
+from exo.topology.device_capabilities import DeviceCapabilities
+from exo.topology.model_spec import ModelSpec
+from exo.topology.plan import Plan
+from exo.topology.planner import plan_for, predict_ring
+from exo.topology.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(Exception):
+  """A request that could not complete: a node on its ring failed or the deadline passed. The message says which."""
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+  strategy: str = "flops-latency"
+  objective: str = "latency"
+  memory_headroom: float = 0.1
+  default_rtt_ms: float = 5.0
+  replan_threshold: float = 0.1  # adopt a better plan for unchanged membership only if it is this much faster
+
+
+@dataclass
+class Generation:
+  """A finished request at the node that received it."""
+
+  request_id: str
+  tokens: list[int]
+  text: str
+  plan: Plan
+  elapsed_s: float
+
+
+@dataclass
+class _Pending:
+  future: asyncio.Future
+  tokens: list[int] = field(default_factory=list)
+  on_token: Callable[[list[int]], None] | None = None
+
+
+class Node:
+  def __init__(
+    self,
+    node_id: str,
+    engine: InferenceEngine,
+    discovery: Discovery,
+    capabilities: DeviceCapabilities,
+    model: ModelSpec,
+    planner: PlannerConfig = PlannerConfig(),
+    max_generate_tokens: int = 256,
+    request_timeout: float = 120.0,
+    refresh_interval: float = 1.0,
+  ):
+    self.id = node_id
+    self.engine = engine
+    self.discovery = discovery
+    self.capabilities = capabilities
+    self.model = model  # what requests without a model of their own run
+    self.planner = planner
+    self.max_generate_tokens = max_generate_tokens
+    self.request_timeout = request_timeout
+    self.refresh_interval = refresh_interval
+    self.server: Server | None = None
+    self.peers: dict[str, PeerHandle] = {}
+    self.rtt: dict[str, RttEstimator] = {}
+    self.topology = Topology()
+    self.topology.update_node(node_id, capabilities)
+    self.suspects: set[str] = set()  # peers that failed a request; left out of plans until they answer a health check again
+    self.current_plan: Plan | None = None
+    self._planned_membership: set[str] = set()
+    self._pending: dict[str, _Pending] = {}
+    self._ring_tokens: dict[str, list[int]] = {}  # at the last stage: tokens generated so far per request
+    self._tasks: set[asyncio.Task] = set()
+    self._refresher: asyncio.Task | None = None
+    self.on_status: list[Callable[[str, dict], None]] = []
+    self.last_generation: Generation | None = None
+
+  async def start(self, wait_for_peers: int = 0) -> None:
+    await self.server.start()
+    await self.discovery.start()
+    await self._refresh(wait_for_peers)
+    self._refresher = asyncio.create_task(self._refresh_forever())
+
+  async def stop(self) -> None:
+    if self._refresher:
+      self._refresher.cancel()
+    for task in list(self._tasks):
+      task.cancel()
+    await self.discovery.stop()
+    await self.server.stop()
+    for peer in self.peers.values():
+      await peer.disconnect()
+
+  def is_healthy(self) -> bool:
+    return True
+
+  # ---------- topology: peers, measured RTT, collection ----------
+
+  async def _refresh_forever(self) -> None:
+    while True:
+      await asyncio.sleep(self.refresh_interval)
+      try:
+        await self._refresh(0)
+      except Exception:
+        log.exception("topology refresh failed")
+
+  async def _refresh(self, wait_for_peers: int) -> None:
+    """Take the live peers from discovery, time one health check to each, and rebuild the topology from every node's view."""
+    peers = await self.discovery.discover_peers(wait_for_peers)
+    self.peers = {p.id(): p for p in peers}
+    samples = await asyncio.gather(*(measure_rtt_ms(p, timeout=max(1.0, self.refresh_interval)) for p in peers))
+    for peer, sample in zip(peers, samples):
+      if sample is not None:
+        self.rtt.setdefault(peer.id(), RttEstimator()).add(sample)
+        self.suspects.discard(peer.id())
+    for gone in set(self.rtt) - set(self.peers):
+      del self.rtt[gone]
+    self.topology = await self.collect_topology({self.id}, max_depth=1)
+
+  def local_view(self) -> Topology:
+    """This node, its live peers and its own measured outgoing edges."""
+    view = Topology()
+    view.update_node(self.id, self.capabilities)
+    for peer_id, peer in self.peers.items():
+      view.update_node(peer_id, peer.device_capabilities())
+      rtt = self.rtt.get(peer_id)
+      view.add_edge(self.id, peer_id, rtt.value() if rtt else None)
+    return view
+
+  async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
+    """Own view merged with the views of peers not yet visited, `max_depth` levels deep. Unreachable peers are skipped."""
+    topology = self.local_view()
+    if max_depth <= 0:
+      return topology
+    todo = [p for p in self.peers.values() if p.id() not in visited]
+    seen = visited | {self.id} | {p.id() for p in todo}
+    views = await asyncio.gather(*(p.collect_topology(seen, max_depth - 1) for p in todo), return_exceptions=True)
+    for peer, view in zip(todo, views):
+      if isinstance(view, Exception):
+        log.info("could not collect topology from %s: %s", peer.id(), view)
+        continue
+      for node_id, caps in view.nodes.items():
+        if node_id not in topology.nodes or node_id == peer.id():  # a node is the authority on its own device
+          topology.update_node(node_id, caps)
+      for (a, b), edge in view.edges.items():
+        if a != self.id and a in topology.nodes and b in topology.nodes:
+          topology.add_edge(a, b, edge.rtt_ms, edge.bandwidth_mbps)
+    return topology
+
+  def planning_topology(self) -> Topology:
+    """The topology without peers that just failed a request."""
+    if not self.suspects:
+      return self.topology
+    kept = Topology()
+    for node_id, caps in self.topology.nodes.items():
+      if node_id not in self.suspects:
+        kept.update_node(node_id, caps)
+    for (a, b), edge in self.topology.edges.items():
+      if a in kept.nodes and b in kept.nodes:
+        kept.add_edge(a, b, edge.rtt_ms, edge.bandwidth_mbps)
+    return kept
+
+  # ---------- planning ----------
+
+  def plan(self, model: ModelSpec) -> Plan:
+    """The plan for the next request: a fresh one if membership changed or it beats the current ring by the threshold."""
+    topology = self.planning_topology()
+    params = {"memory_headroom": self.planner.memory_headroom, "default_rtt_ms": self.planner.default_rtt_ms}
+    candidate = plan_for(topology, model, self.planner.strategy, self.planner.objective, **params)
+    current = self.current_plan
+    if current is not None and current.model.id == model.id:
+      membership_changed = set(topology.nodes) != self._planned_membership
+      still = predict_ring(topology, model, PlannerParams(**params), current.ring())
+      if not should_replan(membership_changed, still, candidate.prediction, self.planner.objective, self.planner.replan_threshold):
+        return current
+    self.current_plan, self._planned_membership = candidate, set(topology.nodes)
+    return candidate
+
+  # ---------- requests at the node that receives them ----------
+
+  async def generate(
+    self, prompt: str, model: ModelSpec | None = None, max_tokens: int | None = None, on_token: Callable[[list[int]], None] | None = None
+  ) -> Generation:
+    """Plan, send the prompt to the first stage, and wait for the last stage's tokens until EOS, the token budget or the deadline."""
+    started = time.perf_counter()
+    plan = self.plan(model or self.model)
+    ring = RingPlan.from_node_shards(plan.node_shards())
+    context = RequestContext(str(uuid.uuid4()), self.id, ring, max_tokens or self.max_generate_tokens)
+    pending = _Pending(asyncio.get_running_loop().create_future(), on_token=on_token)
+    self._pending[context.request_id] = pending
+    try:
+      await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
+      tokens = await asyncio.wait_for(pending.future, self.request_timeout)
+    except asyncio.TimeoutError:
+      self._suspect_silent(ring)
+      raise RequestFailed(f"request {context.request_id} timed out after {self.request_timeout:g} s on ring {' -> '.join(ring.node_ids())}") from None
+    except RequestFailed:
+      await self._check_ring(ring)
+      raise
+    finally:
+      self._pending.pop(context.request_id, None)
+      await self._broadcast_finish(ring, context.request_id)
+    text = await self.engine.decode(ring.shard(len(ring.stages) - 1), tokens)
+    self.last_generation = Generation(context.request_id, tokens, text, plan, time.perf_counter() - started)
+    return self.last_generation
+
+  def process_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str) -> None:
+    pending = self._pending.get(request_id)
+    if pending is None or pending.future.done():
+      return
+    if error:
+      pending.future.set_exception(RequestFailed(error))
+      return
+    pending.tokens = list(tokens)
+    if pending.on_token:
+      pending.on_token(pending.tokens)
+    if is_finished:
+      pending.future.set_result(pending.tokens)
+
+  def _suspect_silent(self, ring: RingPlan) -> None:
+    """After a timeout nobody said which node failed: every other ring node must prove itself with a health check."""
+    self.suspects.update(n for n in ring.node_ids() if n != self.id)
+
+  async def _check_ring(self, ring: RingPlan) -> None:
+    peers = [self.peers[n] for n in ring.node_ids() if n in self.peers]
+    healthy = await asyncio.gather(*(p.health_check(timeout=1.0) for p in peers))
+    self.suspects.update(p.id() for p, ok in zip(peers, healthy) if not ok)
+    self.suspects.update(n for n in ring.node_ids() if n != self.id and n not in self.peers)
+
+  async def _broadcast_finish(self, ring: RingPlan, request_id: str) -> None:
+    status = json.dumps({"type": "finish", "request_id": request_id})
+    for node_id in ring.node_ids():
+      try:
+        if node_id == self.id:
+          self.process_opaque_status(request_id, status)
+        elif node_id in self.peers:
+          await asyncio.wait_for(self.peers[node_id].send_opaque_status(request_id, status), 2.0)
+      except Exception as e:  # a dead node has no state left to release
+        log.info("could not tell %s that request %s finished: %s", node_id, request_id, e)
+
+  def process_opaque_status(self, request_id: str, status: str) -> None:
+    try:
+      message = json.loads(status)
+    except json.JSONDecodeError:
+      log.warning("ignoring a status that is not JSON for request %s", request_id)
+      return
+    if message.get("type") == "finish":
+      self._ring_tokens.pop(request_id, None)
+      self._spawn(self.engine.finish_request(request_id))
+    for callback in self.on_status:
+      callback(request_id, message)
+
+  # ---------- the ring ----------
+
+  async def process_prompt(self, shard: Shard, prompt: str, context: RequestContext) -> None:
+    self._spawn(self._run_stage(shard, context, prompt=prompt))
+
+  async def process_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None:
+    self._spawn(self._run_stage(shard, context, tensor=tensor))
+
+  def _spawn(self, coroutine) -> None:
+    task = asyncio.create_task(coroutine)
+    self._tasks.add(task)
+    task.add_done_callback(self._tasks.discard)
+
+  async def _run_stage(self, shard: Shard, context: RequestContext, prompt: str | None = None, tensor: np.ndarray | None = None) -> None:
+    """Run this node's stage of the carried plan and pass the result on; any failure is reported to the requesting node."""
+    ring = context.plan
+    try:
+      index = ring.index_of(shard, self.id)
+      if index is None:
+        raise RequestFailed(f"node {self.id!r} was sent layers {shard.start_layer}-{shard.end_layer}, which the request's plan does not give it")
+      if prompt is not None:
+        tensor = (await self.engine.encode(shard, prompt))[None, :]
+      out = await self.engine.infer_tensor(context.request_id, shard, tensor)
+      if index < len(ring.stages) - 1:
+        await self._deliver(ring.stages[index + 1].node_id, "tensor", ring.shard(index + 1), out, context)
+        return
+      token = await self.engine.sample(out)
+      tokens = self._ring_tokens.setdefault(context.request_id, [])
+      tokens.append(token)
+      finished = token in self.engine.eos_token_ids(shard) or len(tokens) >= context.max_tokens
+      await self._report(context, tokens, finished)
+      if not finished:
+        await self._deliver(ring.stages[0].node_id, "tensor", ring.shard(0), np.array([[token]], dtype=np.int64), context)
+    except asyncio.CancelledError:
+      raise
+    except Exception as e:
+      reason = str(e) if isinstance(e, RequestFailed) else f"node {self.id!r} failed: {type(e).__name__}: {e}"
+      log.warning("request %s failed at %s: %s", context.request_id, self.id, reason)
+      try:
+        await self._report(context, [], True, reason)
+      except Exception as report_error:
+        log.warning("could not report the failure of request %s: %s", context.request_id, report_error)
+
+  async def _deliver(self, node_id: str, kind: str, shard: Shard, payload, context: RequestContext) -> None:
+    if node_id == self.id:
+      await (self.process_prompt if kind == "prompt" else self.process_tensor)(shard, payload, context)
+      return
+    peer = self.peers.get(node_id)
+    if peer is None:
+      raise RequestFailed(f"node {self.id!r} has no connection to {node_id!r}, the next node on the request's ring")
+    try:
+      await (peer.send_prompt if kind == "prompt" else peer.send_tensor)(shard, payload, context)
+    except Exception as e:
+      raise RequestFailed(f"node {self.id!r} could not reach {node_id!r}: {type(e).__name__}") from e
+
+  async def _report(self, context: RequestContext, tokens: list[int], finished: bool, error: str = "") -> None:
+    if context.origin_node_id == self.id:
+      self.process_result(context.request_id, tokens, finished, error)
+      return
+    peer = self.peers.get(context.origin_node_id)
+    if peer is None:
+      raise RequestFailed(f"node {self.id!r} has no connection to {context.origin_node_id!r}, which asked for request {context.request_id}")
+    await peer.send_result(context.request_id, tokens, finished, error)

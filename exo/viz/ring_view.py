@@ -1,0 +1,58 @@
+"""The terminal view of a running node: the nodes it sees, the RTT it measures to each, the ring of the current plan, tokens/s."""
+
+import asyncio
+
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+class RingView:
+  def __init__(self, node, refresh_seconds: float = 1.0):
+    self.node = node
+    self.refresh_seconds = refresh_seconds
+    self._live: Live | None = None
+    self._task: asyncio.Task | None = None
+
+  def render(self) -> Group:
+    node, plan = self.node, self.node.current_plan
+    stages = {node_id: shard for node_id, shard in plan.node_shards()} if plan else {}
+    table = Table(title=f"exo node {node.id}: {len(node.topology.nodes)} nodes, strategy {node.planner.strategy} ({node.planner.objective})")
+    for column in ("node", "device", "memory MB", "fp16 TFLOPS", "bandwidth GB/s", "RTT ms", "layers"):
+      table.add_column(column)
+    for node_id, caps in sorted(node.topology.nodes.items()):
+      rtt = node.rtt.get(node_id)
+      shard = stages.get(node_id)
+      table.add_row(
+        node_id + (" (this node)" if node_id == node.id else ""),
+        f"{caps.model} ({caps.chip})",
+        f"{caps.memory:.0f}",
+        f"{caps.flops.fp16:g}",
+        f"{caps.memory_bandwidth:g}",
+        "-" if rtt is None or rtt.value() is None else f"{rtt.value():.2f}",
+        "-" if shard is None else f"{shard.start_layer}-{shard.end_layer}",
+      )
+    lines = [table]
+    if plan:
+      lines.append(Text(f"ring: {' -> '.join(n for n, _ in plan.node_shards())} ({plan.model.id})"))
+    last = node.last_generation
+    if last and last.elapsed_s > 0:
+      lines.append(Text(f"last request: {len(last.tokens)} tokens in {last.elapsed_s:.2f} s ({len(last.tokens) / last.elapsed_s:.1f} tokens/s)"))
+    return Group(*lines)
+
+  def start(self) -> None:
+    self._live = Live(self.render(), auto_refresh=False)
+    self._live.start()
+    self._task = asyncio.create_task(self._refresh())
+
+  async def _refresh(self) -> None:
+    while True:
+      await asyncio.sleep(self.refresh_seconds)
+      self._live.update(self.render(), refresh=True)
+
+  def stop(self) -> None:
+    if self._task:
+      self._task.cancel()
+    if self._live:
+      self._live.stop()

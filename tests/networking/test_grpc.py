@@ -1,0 +1,328 @@
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from exo.inference.shard import Shard
+from exo.networking.grpc import conversions as conv
+from exo.networking.grpc import node_service_pb2 as pb
+from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
+from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_server import GRPCServer
+from exo.orchestration.request_context import RequestContext, RingPlan, RingStage
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.topology import Topology
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTO = "exo/networking/grpc/node_service.proto"
+CAPS = DeviceCapabilities("Mac Studio", "Apple M2 Ultra", 196608.0, DeviceFlops(27.2, 54.4, 108.8), 800.0)
+PLAN = RingPlan("llama-3.1-8b", 32, (RingStage("studio", 0, 19), RingStage("air", 20, 31)))
+CONTEXT = RequestContext("req-1", "studio", PLAN, 64)
+SHARD = PLAN.shard(1)
+
+
+def sample_topology() -> Topology:
+  topology = Topology()
+  topology.update_node("studio", CAPS)
+  topology.update_node("air", DeviceCapabilities("MacBook Air", "Apple M2", 16384.0, DeviceFlops(3.6, 7.1, 14.2), 100.0))
+  topology.add_edge("studio", "air", rtt_ms=3.1, bandwidth_mbps=1000.0)
+  topology.add_edge("air", "studio")
+  topology.add_edge("air", "phone", bandwidth_mbps=0.0)
+  return topology
+
+
+class FakeNode:
+  """Records every call; `fail_with` makes the request-handling methods raise it."""
+
+  def __init__(self, node_id: str = "air"):
+    self.id, self.calls, self.healthy, self.fail_with = node_id, [], True, None
+
+  def _record(self, *call):
+    if self.fail_with is not None:
+      raise self.fail_with
+    self.calls.append(call)
+
+  async def process_prompt(self, shard, prompt, context):
+    self._record("prompt", shard, prompt, context)
+
+  async def process_tensor(self, shard, tensor, context):
+    self._record("tensor", shard, tensor, context)
+
+  def process_result(self, request_id, tokens, is_finished, error):
+    self._record("result", request_id, tokens, is_finished, error)
+
+  def process_opaque_status(self, request_id, status):
+    self._record("status", request_id, status)
+
+  async def collect_topology(self, visited, max_depth):
+    self._record("topology", visited, max_depth)
+    return sample_topology()
+
+  def is_healthy(self):
+    return self.healthy
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def with_server(test, server_mb: int = 256, client_mb: int = 256):
+  """Run `await test(node, server, peer)` against a live server on a free port of 127.0.0.1."""
+
+  async def main():
+    node = FakeNode()
+    server = GRPCServer(node, "127.0.0.1", 0, max_message_mb=server_mb)
+    await server.start()
+    peer = GRPCPeerHandle(node.id, f"127.0.0.1:{server.port}", CAPS, max_message_mb=client_mb)
+    try:
+      await test(node, server, peer)
+    finally:
+      await peer.disconnect()
+      await server.stop()
+
+  asyncio.run(main())
+
+
+# Round trips through a live server.
+
+
+def test_prompt_round_trip():
+  async def test(node, server, peer):
+    await peer.send_prompt(SHARD, "hello ring", CONTEXT)
+    assert node.calls == [("prompt", SHARD, "hello ring", CONTEXT)]
+
+  with_server(test)
+
+
+@pytest.mark.parametrize(
+  "array",
+  [
+    np.random.default_rng(0).standard_normal((1, 7, 4096), dtype=np.float32),
+    np.array([[0, -1, 2**62, -(2**63)]], dtype=np.int64),
+    np.zeros((1, 0, 8), dtype=np.float16),
+  ],
+  ids=["float32", "int64", "empty-float16"],
+)
+def test_tensor_round_trip_is_exact(array):
+  async def test(node, server, peer):
+    await peer.send_tensor(SHARD, array, CONTEXT)
+    [(kind, shard, received, context)] = node.calls
+    assert (kind, shard, context) == ("tensor", SHARD, CONTEXT)
+    assert received.dtype == array.dtype and received.shape == array.shape and np.array_equal(received, array)
+
+  with_server(test)
+
+
+def test_result_and_opaque_status_round_trip():
+  async def test(node, server, peer):
+    await peer.send_result("req-1", [1, 2, 128009], True, error="node air ran out of memory")
+    await peer.send_result("req-2", [], False)
+    await peer.send_opaque_status("req-1", '{"type": "progress"}')
+    assert node.calls == [
+      ("result", "req-1", [1, 2, 128009], True, "node air ran out of memory"),
+      ("result", "req-2", [], False, ""),
+      ("status", "req-1", '{"type": "progress"}'),
+    ]
+
+  with_server(test)
+
+
+def test_collect_topology_round_trip_keeps_absent_measurements_absent():
+  async def test(node, server, peer):
+    topology = await peer.collect_topology({"studio", "mini"}, 3)
+    assert node.calls == [("topology", {"studio", "mini"}, 3)]
+    assert topology == sample_topology()
+    assert topology.edges[("air", "studio")].rtt_ms is None and topology.edges[("air", "studio")].bandwidth_mbps is None
+    assert topology.edges[("air", "phone")].rtt_ms is None and topology.edges[("air", "phone")].bandwidth_mbps == 0.0
+
+  with_server(test)
+
+
+def test_health_check_answers_for_the_named_node_only():
+  async def test(node, server, peer):
+    assert not await peer.is_connected()
+    assert await peer.health_check()
+    node.healthy = False
+    assert not await peer.health_check()
+    impostor = GRPCPeerHandle("studio", peer.addr(), CAPS)
+    assert not await impostor.health_check()
+    await impostor.disconnect()
+
+  with_server(test)
+
+
+def test_connect_and_disconnect():
+  async def test(node, server, peer):
+    await peer.connect()
+    assert await peer.is_connected()
+    await peer.disconnect()
+    assert not await peer.is_connected()
+    await peer.send_opaque_status("", "{}")  # reconnects lazily
+    assert repr(peer) == f"GRPCPeerHandle(id='air', address='127.0.0.1:{server.port}')"
+
+  with_server(test)
+
+
+def test_health_check_is_false_quickly_without_a_server_and_recovers_when_it_starts():
+  async def main():
+    port = free_port()
+    peer = GRPCPeerHandle("air", f"127.0.0.1:{port}", CAPS)
+    started = time.monotonic()
+    assert not await peer.health_check(timeout=2.0)
+    assert time.monotonic() - started < 1.0
+    server = GRPCServer(FakeNode(), "127.0.0.1", port)
+    await server.start()
+    try:
+      deadline = time.monotonic() + 5.0
+      while not await peer.health_check(timeout=0.5):
+        assert time.monotonic() < deadline, "the handle did not reconnect to a server that came up"
+        await asyncio.sleep(0.1)
+    finally:
+      await peer.disconnect()
+      await server.stop()
+
+  asyncio.run(main())
+
+
+# Failures: the caller gets a gRPC status, the server stays up.
+
+
+@pytest.mark.parametrize("client_mb", [1, 256], ids=["both-ends-1MiB", "server-only-1MiB"])
+def test_oversized_tensor_is_resource_exhausted_and_server_survives(client_mb):
+  async def test(node, server, peer):
+    too_big = np.zeros(2**21 // 4, dtype=np.float32)  # 2 MiB
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+      await peer.send_tensor(SHARD, too_big, CONTEXT)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert node.calls == []
+    assert await peer.health_check()
+    await peer.send_tensor(SHARD, too_big[:1000], CONTEXT)
+    assert len(node.calls) == 1
+
+  with_server(test, server_mb=1, client_mb=client_mb)
+
+
+def _tensor_request(**tensor) -> pb.TensorRequest:
+  good = conv.tensor_to_proto(np.ones((2, 3), dtype=np.float32))
+  fields = {"tensor_data": good.tensor_data, "shape": good.shape, "dtype": good.dtype, **tensor}
+  return pb.TensorRequest(shard=conv.shard_to_proto(SHARD), tensor=pb.Tensor(**fields), context=conv.context_to_proto(CONTEXT))
+
+
+def _prompt_request(shard: Shard = SHARD, plan: RingPlan = PLAN, **context) -> pb.PromptRequest:
+  ctx = conv.context_to_proto(CONTEXT)
+  ctx.plan.CopyFrom(conv.plan_to_proto(plan))
+  for key, value in context.items():
+    setattr(ctx, key, value)
+  return pb.PromptRequest(shard=conv.shard_to_proto(shard), prompt="hi", context=ctx)
+
+
+MALFORMED = {
+  "wrong-byte-length": ("SendTensor", _tensor_request(shape=[2, 4]), "24 bytes but shape [2, 4] of float32 needs 32"),
+  "unknown-dtype": ("SendTensor", _tensor_request(dtype="complex64"), "dtype 'complex64'"),
+  "negative-dimension": ("SendTensor", _tensor_request(shape=[-2, -3]), "negative dimension"),
+  "plan-not-contiguous": ("SendPrompt", _prompt_request(plan=RingPlan("m", 32, (RingStage("a", 0, 9), RingStage("b", 12, 31)))), "not contiguous"),
+  "shard-end-past-model": ("SendPrompt", _prompt_request(shard=Shard("llama-3.1-8b", 20, 32, 32)), "end_layer 32 must be below n_layers 32"),
+  "empty-request-id": ("SendPrompt", _prompt_request(request_id=""), "empty request_id"),
+  "zero-max-tokens": ("SendPrompt", _prompt_request(max_tokens=0), "max_tokens 0"),
+  "missing-shard": ("SendPrompt", pb.PromptRequest(prompt="hi", context=conv.context_to_proto(CONTEXT)), "empty model_id"),
+}
+
+
+@pytest.mark.parametrize("rpc, request_msg, problem", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_request_is_invalid_argument_and_server_survives(rpc, request_msg, problem, caplog):
+  async def test(node, server, peer):
+    async with grpc.aio.insecure_channel(peer.addr()) as channel:
+      with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await getattr(pb_grpc.NodeServiceStub(channel), rpc)(request_msg, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in raised.value.details()
+    assert node.calls == [] and await peer.health_check()
+
+  with caplog.at_level(logging.WARNING, logger="exo.networking.grpc.grpc_server"):
+    with_server(test)
+  assert any(r.levelno == logging.WARNING and problem in r.getMessage() for r in caplog.records)
+
+
+def test_node_failure_is_internal_and_server_survives(caplog):
+  async def test(node, server, peer):
+    node.fail_with = RuntimeError("engine crashed")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+      await peer.send_prompt(SHARD, "hi", CONTEXT)
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert raised.value.details() == "node air failed to handle SendPrompt: RuntimeError"
+    assert await peer.health_check()
+
+  with caplog.at_level(logging.ERROR, logger="exo.networking.grpc.grpc_server"):
+    with_server(test)
+  assert any(r.exc_info and "engine crashed" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_start_on_a_taken_port_raises_oserror():
+  async def test(node, server, peer):
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.port}"):
+      await GRPCServer(FakeNode(), "127.0.0.1", server.port).start()
+    assert await peer.health_check()
+
+  with_server(test)
+
+
+# Conversions.
+
+
+def test_domain_objects_round_trip():
+  assert conv.shard_from_proto(conv.shard_to_proto(SHARD)) == SHARD
+  assert conv.plan_from_proto(conv.plan_to_proto(PLAN)) == PLAN
+  assert conv.context_from_proto(conv.context_to_proto(CONTEXT)) == CONTEXT
+  assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(CAPS)) == CAPS
+  assert conv.topology_from_proto(conv.topology_to_proto(sample_topology())) == sample_topology()
+  assert conv.topology_from_proto(conv.topology_to_proto(Topology())) == Topology()
+
+
+@pytest.mark.parametrize("dtype", conv.TENSOR_DTYPES)
+def test_tensor_round_trip_any_layout_and_byte_order(dtype):
+  array = np.arange(24, dtype=dtype).reshape(2, 3, 4)
+  for sent in (array, array.transpose(2, 0, 1), array.astype(array.dtype.newbyteorder(">")), np.asarray(array[0, 0, 0])):
+    received = conv.tensor_from_proto(conv.tensor_to_proto(sent))
+    assert received.dtype.name == dtype and received.flags.writeable and np.array_equal(received, sent)
+
+
+@pytest.mark.parametrize(
+  "make, problem",
+  [
+    (lambda: conv.tensor_to_proto(np.zeros(3, dtype=np.complex64)), "dtype complex64"),
+    (lambda: conv.shard_from_proto(pb.Shard(model_id="m", start_layer=-1, end_layer=3, n_layers=8)), "start_layer -1 is negative"),
+    (lambda: conv.shard_from_proto(pb.Shard(model_id="m", start_layer=4, end_layer=3, n_layers=8)), "end_layer 3 is before start_layer 4"),
+    (lambda: conv.shard_from_proto(pb.Shard(start_layer=0, end_layer=3, n_layers=8)), "empty model_id"),
+    (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 32, (RingStage("a", 0, 20),)))), "covers 21 of 32 layers"),
+    (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 8, (RingStage("a", 0, 3), RingStage("a", 4, 7))))), "names a node twice"),
+    (lambda: conv.context_from_proto(conv.context_to_proto(RequestContext("r", "", PLAN, 1))), "empty origin_node_id"),
+    (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(memory=-1)), "device.memory"),
+    (lambda: conv.topology_from_proto(pb.Topology(edges=[pb.Edge(from_id="a", to_id="b", rtt_ms=float("nan"))])), "rtt_ms"),
+    (lambda: conv.topology_from_proto(pb.Topology(edges=[pb.Edge(from_id="a", to_id="a")])), "two different nodes"),
+  ],
+)
+def test_invalid_messages_raise_value_error_naming_the_problem(make, problem):
+  with pytest.raises(ValueError, match=problem):
+    make()
+
+
+def test_generated_stubs_are_up_to_date(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", PROTO],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 0, result.stderr
+  for name in ("node_service_pb2.py", "node_service_pb2_grpc.py"):
+    generated, committed = tmp_path / PROTO.replace("node_service.proto", name), ROOT / PROTO.replace("node_service.proto", name)
+    assert generated.read_bytes() == committed.read_bytes(), f"{name} is stale: run scripts/generate_proto.sh"
