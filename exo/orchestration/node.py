@@ -32,6 +32,7 @@ from exo.topology.planner import plan_for, predict_ring
 from exo.topology.topology import Topology
 
 log = logging.getLogger(__name__)
+PEER_WAIT_S = 5.0  # how long a message waits for its ring neighbour to be discovered (nodes that just started)
 
 
 class RequestFailed(Exception):
@@ -324,9 +325,7 @@ class Node:
     if node_id == self.id:
       await (self.process_prompt if kind == "prompt" else self.process_tensor)(shard, payload, context)
       return
-    peer = self.peers.get(node_id)
-    if peer is None:
-      raise RequestFailed(f"node {self.id!r} has no connection to {node_id!r}, the next node on the request's ring")
+    peer = await self._peer(node_id, "the next node on the request's ring")
     try:
       await (peer.send_prompt if kind == "prompt" else peer.send_tensor)(shard, payload, context)
     except Exception as e:
@@ -336,7 +335,16 @@ class Node:
     if context.origin_node_id == self.id:
       self.process_result(context.request_id, tokens, finished, error)
       return
-    peer = self.peers.get(context.origin_node_id)
-    if peer is None:
-      raise RequestFailed(f"node {self.id!r} has no connection to {context.origin_node_id!r}, which asked for request {context.request_id}")
+    peer = await self._peer(context.origin_node_id, f"which asked for request {context.request_id}")
     await peer.send_result(context.request_id, tokens, finished, error)
+
+  async def _peer(self, node_id: str, role: str) -> PeerHandle:
+    """The handle for a ring neighbour; one this node has not discovered yet (it may have just started) is waited for briefly."""
+    waited = 0.0
+    while node_id not in self.peers and waited < PEER_WAIT_S:
+      await asyncio.sleep(0.1)
+      waited += 0.1
+      self.peers.update({p.id(): p for p in await self.discovery.discover_peers(0)})
+    if node_id not in self.peers:
+      raise RequestFailed(f"node {self.id!r} has no connection to {node_id!r}, {role}")
+    return self.peers[node_id]
