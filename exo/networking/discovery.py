@@ -17,3 +17,16 @@ class Discovery(ABC):
   @abstractmethod
   async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
     """The live peers now (healthy, not evicted), after waiting until at least `wait_for_peers` are known."""
+
+
+class NoDiscovery(Discovery):
+  """A node on its own: no announcements, no peers (`exo run` without --wait-for-peers answers locally)."""
+
+  async def start(self) -> None:
+    pass
+
+  async def stop(self) -> None:
+    pass
+
+  async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
+    return []

@@ -1,0 +1,267 @@
+"""One shard's Llama weights as float32 numpy arrays, from a GGUF file or a Hugging Face safetensors directory, in ONE convention.
+
+The convention engines can rely on, whatever the source:
+- Names are Hugging Face's, with global layer indices: `model.embed_tokens.weight` (first shard only),
+  `model.layers.{i}.{part}` for every part in LAYER_PARTS and every i in [start_layer, end_layer], and `model.norm.weight` plus
+  `lm_head.weight` (last shard only; when the embedding is tied, `lm_head.weight` IS the embedding matrix, so engines never
+  special-case tying).
+- Matrices are (out_features, in_features), so y = x @ W.T; the embedding and lm head are (vocab_size, hidden_size).
+- Q and K follow Hugging Face's rotate-half RoPE: within each head, dimension d (d < head_dim/2) pairs with d + head_dim/2, and
+  inv_freq[d] = rope_theta ** (-2d / head_dim) / rope_freq_factors[d] (see rope_inv_freq). llama.cpp's converter permutes the
+  rows of q_proj and k_proj so that GGML's rope can rotate adjacent pairs (2i, 2i+1) instead: per head it reshapes the rows to
+  (2, head_dim/2), transposes to (head_dim/2, 2) and flattens, i.e. GGUF row h*head_dim + 2i + j = HF row h*head_dim + j*head_dim/2 + i
+  (heads = n_heads for Q, n_kv_heads for K). Loading a GGUF undoes exactly that (unpermute_rope_rows), so both sources give the same
+  arrays (up to the GGUF's quantization).
+
+Only the shard's tensors are read: GGUFReader and the safetensors reader here memory-map their files, and only the tensors the
+shard needs are dequantized or copied.
+"""
+
+import functools
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from exo.errors import PlanError
+from exo.inference.shard import Shard
+
+EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+_GGUF_PARTS = {  # Hugging Face layer part: llama.cpp's name for it
+  "input_layernorm.weight": "attn_norm.weight",
+  "self_attn.q_proj.weight": "attn_q.weight",
+  "self_attn.k_proj.weight": "attn_k.weight",
+  "self_attn.v_proj.weight": "attn_v.weight",
+  "self_attn.o_proj.weight": "attn_output.weight",
+  "post_attention_layernorm.weight": "ffn_norm.weight",
+  "mlp.gate_proj.weight": "ffn_gate.weight",
+  "mlp.up_proj.weight": "ffn_up.weight",
+  "mlp.down_proj.weight": "ffn_down.weight",
+}
+LAYER_PARTS = tuple(_GGUF_PARTS)
+_GGUF_GLOBALS = {EMBED: "token_embd.weight", NORM: "output_norm.weight", LM_HEAD: "output.weight"}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}  # BF16 is widened by hand below
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  rms_norm_eps: float
+  context_length: int
+  tie_word_embeddings: bool
+  rope_freq_factors: tuple[float, ...] | None = None  # per-frequency divisors (Llama 3.1+ "llama3" scaling); None: no scaling
+
+
+def layer_key(layer: int, part: str) -> str:
+  return f"model.layers.{layer}.{part}"
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """(head_dim/2,) float64 inverse frequencies for rotate-half RoPE, scaling applied."""
+  inv_freq = config.rope_theta ** (-np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim)
+  return inv_freq if config.rope_freq_factors is None else inv_freq / np.asarray(config.rope_freq_factors, dtype=np.float64)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undo llama.cpp's `permute(w, n_heads)` of a Q or K projection: GGUF row h*hd + 2i + j becomes HF row h*hd + j*hd/2 + i."""
+  return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+  """A GGUF tensor's data (raw blocks for quantized types) as a new float32 array, rows first: (out, in) for a matrix."""
+  return np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32)
+
+
+def shard_tensor_names(shard: Shard) -> list[str]:
+  """The names load_shard_weights returns for `shard`."""
+  names = [EMBED] if shard.is_first_layer() else []
+  names += [layer_key(i, part) for i in range(shard.start_layer, shard.end_layer + 1) for part in LAYER_PARTS]
+  return names + ([NORM, LM_HEAD] if shard.is_last_layer() else [])
+
+
+def load_config(path: Path | str) -> LlamaConfig:
+  path = Path(path)
+  return _gguf_config(gguf_reader(str(path))) if path.suffix == ".gguf" else _hf_config(path)
+
+
+def load_shard_weights(path: Path | str, shard: Shard) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+  """The model's config and `shard`'s float32 weights (names and conventions in the module docstring)."""
+  path = Path(path)
+  config = load_config(path)
+  if shard.n_layers != config.n_layers or not 0 <= shard.start_layer <= shard.end_layer < config.n_layers:
+    raise PlanError(f"shard layers {shard.start_layer}..{shard.end_layer} of {shard.n_layers} do not fit {path}, which has {config.n_layers} layers")
+  read = _gguf_tensor_reader(path, config) if path.suffix == ".gguf" else _hf_tensor_reader(path)
+  weights: dict[str, np.ndarray] = {}
+  for name in shard_tensor_names(shard):
+    source = EMBED if name == LM_HEAD and config.tie_word_embeddings else name
+    weights[name] = weights[source] if source in weights else read(source)
+  return config, weights
+
+
+# GGUF
+
+
+@functools.lru_cache(maxsize=4)
+def gguf_reader(path: str) -> gguf.GGUFReader:
+  """A memory-mapped reader, cached: parsing a 49k-token vocabulary's metadata takes seconds, and weights and tokenizer both need it."""
+  return gguf.GGUFReader(path)
+
+
+def gguf_field(reader: gguf.GGUFReader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def _from_f32(value: float) -> float:
+  """The shortest decimal that a GGUF float32 stands for (1e-5, not 9.99999974e-06), so both sources give equal configs."""
+  return float(str(np.float32(value)))
+
+
+def _gguf_config(reader: gguf.GGUFReader) -> LlamaConfig:
+  arch = gguf_field(reader, "general.architecture")
+  if arch != "llama":
+    raise PlanError(f"GGUF architecture {arch!r} is not supported; expected 'llama'")
+  tensors = {t.name: t for t in reader.tensors}
+
+  def meta(key, default=None):
+    value = gguf_field(reader, f"{arch}.{key}", default)
+    if value is None:
+      raise PlanError(f"GGUF file {reader.data.filename} lacks {arch}.{key}; expected a llama.cpp-converted Llama model")
+    return value
+
+  hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+  head_dim = int(meta("attention.key_length", hidden // heads))
+  theta = _from_f32(meta("rope.freq_base", 10000.0))
+  if int(meta("rope.dimension_count", head_dim)) != head_dim:
+    raise PlanError(f"GGUF rope.dimension_count {meta('rope.dimension_count')} is not supported; expected the head size {head_dim}")
+  factors = None
+  if "rope_freqs.weight" in tensors:  # llama.cpp stores Llama 3.1+ scaling as these per-frequency divisors
+    t = tensors["rope_freqs.weight"]
+    factors = tuple(float(f) for f in dequantize(t.data, t.tensor_type))
+  elif (kind := gguf_field(reader, f"{arch}.rope.scaling.type", "none")) != "none":
+    factors = rope_scaling_factors({"rope_type": kind, "factor": gguf_field(reader, f"{arch}.rope.scaling.factor", 1.0)}, theta, head_dim)
+  return LlamaConfig(
+    vocab_size=int(meta("vocab_size", int(tensors["token_embd.weight"].shape[-1]))),
+    hidden_size=hidden,
+    intermediate_size=int(meta("feed_forward_length")),
+    n_layers=int(meta("block_count")),
+    n_heads=heads,
+    n_kv_heads=int(meta("attention.head_count_kv", heads)),
+    head_dim=head_dim,
+    rope_theta=theta,
+    rms_norm_eps=_from_f32(meta("attention.layer_norm_rms_epsilon")),
+    context_length=int(meta("context_length")),
+    tie_word_embeddings="output.weight" not in tensors,
+    rope_freq_factors=factors,
+  )
+
+
+def _gguf_tensor_reader(path: Path, config: LlamaConfig):
+  tensors = {t.name: t for t in gguf_reader(str(path)).tensors}
+  unpermute_heads = {"self_attn.q_proj.weight": config.n_heads, "self_attn.k_proj.weight": config.n_kv_heads}
+
+  def read(name: str) -> np.ndarray:
+    if name in _GGUF_GLOBALS:
+      source, part = _GGUF_GLOBALS[name], None
+    else:
+      layer, part = name.removeprefix("model.layers.").split(".", 1)
+      source = f"blk.{layer}.{_GGUF_PARTS[part]}"
+    if source not in tensors:
+      raise PlanError(f"GGUF file {path} lacks tensor {source}; expected a complete llama.cpp-converted Llama model")
+    t = tensors[source]
+    w = dequantize(t.data, t.tensor_type)  # GGUF lists dims innermost first ([in, out]); the data is already (out, in) row-major
+    return unpermute_rope_rows(w, unpermute_heads[part]) if part in unpermute_heads else w
+
+  return read
+
+
+# Hugging Face safetensors
+
+
+def rope_scaling_factors(scaling: dict | None, theta: float, head_dim: int) -> tuple[float, ...] | None:
+  """Per-frequency divisors of inv_freq for a config.json `rope_scaling`, computed as transformers and llama.cpp do."""
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+  if kind in ("default", "none"):
+    return None
+  n = head_dim // 2
+  if kind == "linear":
+    return (float(scaling["factor"]),) * n
+  if kind != "llama3":
+    raise PlanError(f"rope scaling {kind!r} is not supported; expected 'llama3', 'linear' or none")
+  factor, low, high = scaling.get("factor", 8.0), scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+  old_context = scaling.get("original_max_position_embeddings", 8192)
+  factors = []
+  for freq in theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):
+    wavelen = 2 * math.pi / freq
+    if wavelen < old_context / high:
+      factors.append(1.0)
+    elif wavelen > old_context / low:
+      factors.append(float(factor))
+    else:
+      smooth = (old_context / wavelen - low) / (high - low)
+      factors.append(1 / ((1 - smooth) / factor + smooth))
+  return tuple(factors)
+
+
+@functools.lru_cache(maxsize=4)
+def _safetensors_index(directory: str) -> dict[str, tuple[Path, dict, int]]:
+  """Tensor name: (file, header entry, offset of the file's data section), over every *.safetensors file in the directory."""
+  index = {}
+  for file in sorted(Path(directory).glob("*.safetensors")):
+    with open(file, "rb") as f:
+      (size,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    index.update({name: (file, entry, 8 + size) for name, entry in header.items()})
+  return index
+
+
+def _hf_config(directory: Path) -> LlamaConfig:
+  c = json.loads((directory / "config.json").read_text())
+  if c.get("model_type") != "llama" or c.get("attention_bias") or c.get("mlp_bias"):
+    raise PlanError(f"model {directory} is a {c.get('model_type')!r} model (or has biases); expected a Hugging Face 'llama' model")
+  heads = c["num_attention_heads"]
+  head_dim = c.get("head_dim") or c["hidden_size"] // heads
+  theta = float(c.get("rope_theta", 10000.0))
+  return LlamaConfig(
+    vocab_size=c["vocab_size"],
+    hidden_size=c["hidden_size"],
+    intermediate_size=c["intermediate_size"],
+    n_layers=c["num_hidden_layers"],
+    n_heads=heads,
+    n_kv_heads=c.get("num_key_value_heads") or heads,
+    head_dim=head_dim,
+    rope_theta=theta,
+    rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+    context_length=c.get("max_position_embeddings", 2048),
+    tie_word_embeddings=bool(c.get("tie_word_embeddings", False)) or LM_HEAD not in _safetensors_index(str(directory)),
+    rope_freq_factors=rope_scaling_factors(c.get("rope_scaling"), theta, head_dim),
+  )
+
+
+def _hf_tensor_reader(directory: Path):
+  index = _safetensors_index(str(directory))
+
+  def read(name: str) -> np.ndarray:
+    if name not in index:
+      raise PlanError(f"model {directory} lacks tensor {name}; expected a complete Hugging Face Llama checkpoint")
+    file, entry, data_start = index[name]
+    if entry["dtype"] not in _ST_DTYPES:
+      raise PlanError(f"tensor {name} in {file} has dtype {entry['dtype']} (a quantized export?); expected F32, F16 or BF16")
+    start, end = entry["data_offsets"]
+    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + start, shape=(end - start,)).view(_ST_DTYPES[entry["dtype"]])
+    w = (raw.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else raw.astype(np.float32)
+    return w.reshape(entry["shape"])
+
+  return read

