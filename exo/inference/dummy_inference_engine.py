@@ -77,6 +77,10 @@ class DummyInferenceEngine(InferenceEngine):
   async def decode(self, shard: Shard, tokens: list[int]) -> str:
     return bytes(t - TOKEN_OFFSET for t in tokens if TOKEN_OFFSET <= t < 256 + TOKEN_OFFSET).decode("utf-8", errors="replace")
 
+  async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
+    """No template: the turns' contents, one per line, end with an assistant cue."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
   async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
     last = np.asarray(logits, dtype=np.float64).reshape(-1, np.shape(logits)[-1])[-1]
     if temperature <= 0:

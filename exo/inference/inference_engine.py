@@ -18,6 +18,10 @@ class InferenceEngine(ABC):
     pass
 
   @abstractmethod
+  async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
+    """The prompt text for a chat ([{"role": ..., "content": ...}]) in the model's own template, ready for `encode`."""
+
+  @abstractmethod
   async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
     """The next token from the last position's logits; temperature 0 is greedy."""
 

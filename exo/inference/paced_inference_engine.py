@@ -62,6 +62,9 @@ class PacedInferenceEngine(InferenceEngine):
   async def decode(self, shard: Shard, tokens: list[int]) -> str:
     return await self.inner.decode(shard, tokens)
 
+  async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
+    return await self.inner.apply_chat_template(shard, messages)
+
   async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
     return await self.inner.sample(logits, temperature)
 
