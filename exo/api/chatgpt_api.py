@@ -1,0 +1,292 @@
+"""An OpenAI-compatible HTTP API in front of a node: chat completions (plain and streamed), the model list, and the node's live
+topology and plan.
+
+Any node can serve it: a request is planned and run by the node that receives it, as one from `exo run`. The ring samples
+greedily, so `temperature` is accepted and ignored. `max_tokens` is capped at the node's --max-generate-tokens.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+
+from aiohttp import web
+
+from exo.errors import PlanError
+from exo.inference.shard import Shard
+from exo.models import MODELS
+from exo.orchestration.node import Node, RequestFailed
+from exo.topology.model_spec import ModelSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_PORT = 52415  # upstream's --chatgpt-api-port
+CORS_HEADERS = {
+  "Access-Control-Allow-Origin": "*",
+  "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+  "Access-Control-Allow-Headers": "*",
+  "Access-Control-Expose-Headers": "*",
+}
+
+
+class BadRequest(Exception):
+  """A request the API rejects with 400; `param` names the offending field."""
+
+  def __init__(self, message: str, param: str | None = None, code: str | None = None):
+    super().__init__(message)
+    self.param, self.code = param, code
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> web.Response:
+  return web.json_response(error_body(message, kind, param, code), status=status)
+
+
+def failure(model: ModelSpec, e: Exception) -> tuple[dict, int]:
+  """The error body and status for a request that failed after it was accepted: 503 when the cluster cannot serve it."""
+  if isinstance(e, (PlanError, RequestFailed)):
+    return error_body(f"the cluster could not serve {model.id}: {e}", "service_unavailable"), 503
+  log.error("a chat completion for %s failed", model.id, exc_info=e)
+  return error_body(f"the chat completion for {model.id} failed: {type(e).__name__}: {e}", "internal_error"), 500
+
+
+def full_shard(model: ModelSpec) -> Shard:
+  """Every layer of `model`: tokenizers and templates are per model, so any full-range shard serves to encode and decode."""
+  return Shard(model.id, 0, model.n_layers - 1, model.n_layers)
+
+
+def message_text(content, index: int) -> str:
+  """A message's content as text: a string, or the text parts of a list of content parts."""
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+    if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+      raise BadRequest(f"messages[{index}].content may only hold text parts; this node serves text models", f"messages[{index}].content")
+    return "".join(p["text"] for p in content)
+  raise BadRequest(f"messages[{index}].content must be a string or a list of text parts, got {content!r}", f"messages[{index}].content")
+
+
+def parse_messages(messages) -> list[dict]:
+  if not isinstance(messages, list) or not messages:
+    raise BadRequest(f"'messages' must be a non-empty list of {{role, content}} objects, got {messages!r}", "messages")
+  parsed = []
+  for index, message in enumerate(messages):
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+      raise BadRequest(f"messages[{index}] must be an object with a string 'role' and a 'content', got {message!r}", f"messages[{index}]")
+    parsed.append({"role": message["role"], "content": message_text(message["content"], index)})
+  return parsed
+
+
+def positive_int(data: dict, key: str) -> int | None:
+  value = data.get(key)
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    raise BadRequest(f"'{key}' must be an integer >= 1, got {value!r}", key)
+  return value
+
+
+class ChatGPTAPI:
+  def __init__(self, node: Node, host: str = "0.0.0.0", port: int = DEFAULT_PORT):
+    self.node, self.host, self.port = node, host, port
+    self.app = web.Application(middlewares=[self._preflight])
+    self.app.on_response_prepare.append(self._add_cors)
+    self.app.router.add_get("/healthcheck", self.handle_healthcheck)
+    self.app.router.add_get("/v1/models", self.handle_models)
+    self.app.router.add_get("/v1/models/{model_id}", self.handle_model)
+    self.app.router.add_post("/v1/chat/completions", self.handle_chat_completions)
+    self.app.router.add_get("/v1/topology", self.handle_topology)
+    self.app.router.add_get("/v1/plan", self.handle_plan)
+    self.runner: web.AppRunner | None = None
+
+  async def start(self) -> None:
+    """Listen on host:port (port 0 picks a free one, stored in self.port); OSError if the address cannot be bound."""
+    if self.runner is not None:
+      return
+    runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+      await web.TCPSite(runner, self.host, self.port).start()
+    except OSError as e:
+      await runner.cleanup()
+      raise OSError(f"the ChatGPT API could not listen on {self.host}:{self.port}: {os.strerror(e.errno) if e.errno else e}") from e
+    self.runner, self.port = runner, runner.addresses[0][1]
+
+  async def stop(self) -> None:
+    if self.runner is not None:
+      await self.runner.cleanup()
+      self.runner = None
+
+  # ---------- CORS: allow every origin, as upstream ----------
+
+  @web.middleware
+  async def _preflight(self, request: web.Request, handler):
+    if request.method == "OPTIONS":
+      return web.Response(status=204)
+    return await handler(request)
+
+  async def _add_cors(self, request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(CORS_HEADERS)
+
+  # ---------- small endpoints ----------
+
+  async def handle_healthcheck(self, request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+  def model_ids(self) -> list[str]:
+    """The served model first, then every other built-in one."""
+    return [self.node.model.id, *(m for m in MODELS if m != self.node.model.id)]
+
+  @staticmethod
+  def model_object(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "exo"}
+
+  async def handle_models(self, request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [self.model_object(m) for m in self.model_ids()]})
+
+  async def handle_model(self, request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    if model_id not in self.model_ids():
+      return error_response(404, self.unknown_model_message(model_id), "invalid_request_error", "model", "model_not_found")
+    return web.json_response(self.model_object(model_id))
+
+  async def handle_topology(self, request: web.Request) -> web.Response:
+    return web.json_response(self.node.topology.to_dict())
+
+  async def handle_plan(self, request: web.Request) -> web.Response:
+    try:
+      plan = self.node.current_plan or self.node.plan(self.node.model)
+    except PlanError as e:
+      return error_response(409, str(e), "plan_error")
+    return web.json_response(plan.to_dict())
+
+  # ---------- chat completions ----------
+
+  def unknown_model_message(self, model_id) -> str:
+    return f"unknown model {model_id!r}; this node serves {', '.join(self.model_ids())}"
+
+  def resolve_model(self, model_id) -> ModelSpec:
+    if model_id is None or model_id == self.node.model.id:
+      return self.node.model
+    if isinstance(model_id, str) and model_id in MODELS:
+      return MODELS[model_id]
+    raise BadRequest(self.unknown_model_message(model_id), "model", "model_not_found")
+
+  async def handle_chat_completions(self, request: web.Request) -> web.StreamResponse:
+    try:
+      try:
+        data = await request.json()
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the request body must be a JSON object") from None
+      if not isinstance(data, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(data).__name__}")
+      model = self.resolve_model(data.get("model"))
+      messages = parse_messages(data.get("messages"))
+      max_tokens = positive_int(data, "max_completion_tokens") or positive_int(data, "max_tokens")
+      if data.get("n", 1) != 1:
+        raise BadRequest(f"'n' must be 1 (one choice per request), got {data['n']!r}", "n")
+      temperature = data.get("temperature")
+      if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise BadRequest(f"'temperature' must be a number, got {temperature!r}", "temperature")
+      stream = data.get("stream", False)
+      if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+      stream_options = data.get("stream_options") or {}
+      if not isinstance(stream_options, dict):
+        raise BadRequest(f"'stream_options' must be an object, got {stream_options!r}", "stream_options")
+    except BadRequest as e:
+      return error_response(400, str(e), "invalid_request_error", e.param, e.code)
+    shard = full_shard(model)
+    max_tokens = min(max_tokens or self.node.max_generate_tokens, self.node.max_generate_tokens)
+    try:
+      prompt = await self.node.engine.apply_chat_template(shard, messages)
+    except Exception as e:
+      body, status = failure(model, e)
+      return web.json_response(body, status=status)
+    completion = Completion(self.node, model, shard, prompt, max_tokens)
+    if stream:
+      return await self.stream(request, completion, bool(stream_options.get("include_usage")))
+    try:
+      tokens = (await self.node.generate(prompt, model, max_tokens)).tokens
+    except Exception as e:
+      body, status = failure(model, e)
+      return web.json_response(body, status=status)
+    body = completion.chunk("chat.completion", {"role": "assistant", "content": await completion.text(tokens)}, completion.finish_reason(tokens))
+    body["usage"] = await completion.usage(tokens)
+    return web.json_response(body)
+
+  async def stream(self, request: web.Request, completion: "Completion", include_usage: bool) -> web.StreamResponse:
+    """Server-sent events: one chunk per new piece of text, a chunk with the finish reason, optionally usage, then [DONE]."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(payload) -> None:
+      await response.write(f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode())
+
+    updates: asyncio.Queue = asyncio.Queue()  # token lists so far; None once the generation is over
+    task = asyncio.create_task(self.node.generate(completion.prompt, completion.model, completion.max_tokens, on_token=updates.put_nowait))
+    task.add_done_callback(lambda _: updates.put_nowait(None))
+    sent = ""
+    try:
+      await send(completion.chunk("chat.completion.chunk", {"role": "assistant", "content": ""}, None))
+      while (tokens := await updates.get()) is not None:
+        while not updates.empty():  # a slow client gets the latest state, not every step; the end is sent from the result
+          tokens = updates.get_nowait()
+        if tokens is None:
+          break
+        visible = (await completion.text(tokens)).rstrip("\ufffd")  # an unfinished multi-byte character may still change
+        if visible.startswith(sent) and len(visible) > len(sent):
+          await send(completion.chunk("chat.completion.chunk", {"content": visible[len(sent) :]}, None))
+          sent = visible
+      try:
+        tokens = (await task).tokens
+      except Exception as e:
+        await send(failure(completion.model, e)[0])
+        await send("[DONE]")
+        return response
+      text = await completion.text(tokens)
+      rest = text[len(sent) :]
+      if not text.startswith(sent):  # a tokenizer revised text already sent: the client's copy cannot be corrected
+        log.warning("streamed text of %s was revised after it was sent", completion.model.id)
+        rest = text[len(os.path.commonprefix([sent, text])) :]
+      if rest:
+        await send(completion.chunk("chat.completion.chunk", {"content": rest}, None))
+      await send(completion.chunk("chat.completion.chunk", {}, completion.finish_reason(tokens)))
+      if include_usage:
+        await send({**completion.chunk("chat.completion.chunk", {}, None), "choices": [], "usage": await completion.usage(tokens)})
+      await send("[DONE]")
+      await response.write_eof()
+    except ConnectionResetError:
+      log.info("client of a streamed %s completion went away", completion.model.id)
+    finally:
+      task.cancel()  # a client that went away leaves no generation running (a no-op once it is over)
+    return response
+
+
+class Completion:
+  """One chat completion request: its prompt, and the OpenAI objects built from the tokens generated so far."""
+
+  def __init__(self, node: Node, model: ModelSpec, shard: Shard, prompt: str, max_tokens: int):
+    self.node, self.model, self.shard, self.prompt, self.max_tokens = node, model, shard, prompt, max_tokens
+    self.id, self.created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
+
+  def ended(self, tokens: list[int]) -> bool:
+    return bool(tokens) and tokens[-1] in self.node.engine.eos_token_ids(self.shard)
+
+  def finish_reason(self, tokens: list[int]) -> str:
+    return "stop" if self.ended(tokens) else "length"
+
+  async def text(self, tokens: list[int]) -> str:
+    """The decoded reply, without the end-of-sequence token's text."""
+    return await self.node.engine.decode(self.shard, tokens[:-1] if self.ended(tokens) else tokens)
+
+  async def usage(self, tokens: list[int]) -> dict:
+    prompt_tokens = len(await self.node.engine.encode(self.shard, self.prompt))
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)}
+
+  def chunk(self, kind: str, message: dict, finish_reason: str | None) -> dict:
+    key = "delta" if kind == "chat.completion.chunk" else "message"
+    choice = {"index": 0, key: message, "logprobs": None, "finish_reason": finish_reason}
+    return {"id": self.id, "object": kind, "created": self.created, "model": self.model.id, "choices": [choice]}

@@ -1,0 +1,234 @@
+"""The OpenAI-compatible API against a real node (dummy engine, gRPC server on loopback), driven by the official `openai` client."""
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+
+from exo.api import ChatGPTAPI
+from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.shard import Shard
+from exo.models import MODELS, model_spec
+from exo.networking.discovery import NoDiscovery
+from exo.networking.grpc.grpc_server import GRPCServer
+from exo.orchestration.node import Node
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+
+SERVED = "llama-3.2-1b"
+CAPS = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
+TINY = DeviceCapabilities("Tiny Box", "Tiny Chip", 512.0, DeviceFlops(1.0, 2.0, 4.0), 20.0)
+MAX_TOKENS = 100  # the node's --max-generate-tokens: above the dummy's 20..60 tokens before EOS
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."}]
+PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
+
+
+class Served:
+  """A node and its API on loopback, run by an event loop in a background thread."""
+
+  def __init__(self):
+    self.loop = asyncio.new_event_loop()
+    self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+    self.thread.start()
+    self.node = Node("api-node", DummyInferenceEngine(), NoDiscovery(), CAPS, model_spec(SERVED), max_generate_tokens=MAX_TOKENS, request_timeout=10)
+    self.node.server = GRPCServer(self.node, "127.0.0.1", 0)
+    self.api = ChatGPTAPI(self.node, "127.0.0.1", 0)
+    self.run(self.node.start())
+    self.run(self.api.start())
+    self.base = f"http://127.0.0.1:{self.api.port}"
+    self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=10)
+
+  def run(self, coroutine, timeout: float = 10.0):
+    return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+  def close(self):
+    self.client.close()
+    try:
+      self.run(self.api.stop())
+      self.run(self.node.stop())
+    finally:
+      self.loop.call_soon_threadsafe(self.loop.stop)
+      self.thread.join(5)
+      self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def served():
+  served = Served()
+  yield served
+  served.close()
+
+
+def reference(messages: list[dict], model_id: str = SERVED, max_tokens: int = MAX_TOKENS) -> tuple[str, list[int], str]:
+  """(prompt, tokens, reply text) computed on a fresh engine holding every layer, greedy until EOS or max_tokens."""
+
+  async def generate():
+    engine, model = DummyInferenceEngine(), model_spec(model_id)
+    shard = Shard(model.id, 0, model.n_layers - 1, model.n_layers)
+    prompt = await engine.apply_chat_template(shard, messages)
+    tokens, x = [], (await engine.encode(shard, prompt))[None]
+    while not tokens or (tokens[-1] not in engine.eos_token_ids(shard) and len(tokens) < max_tokens):
+      tokens.append(await engine.sample(await engine.infer_tensor("reference", shard, x)))
+      x = np.array([[tokens[-1]]], dtype=np.int64)
+    text = await engine.decode(shard, [t for t in tokens if t not in engine.eos_token_ids(shard)])
+    return prompt, tokens, text
+
+  return asyncio.run(generate())
+
+
+def get(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict, dict]:
+  """(status, headers, JSON body or {}) of one request; error statuses too."""
+  request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+      status, headers, raw = response.status, dict(response.headers), response.read()
+  except urllib.error.HTTPError as e:
+    status, headers, raw = e.code, dict(e.headers), e.read()
+  return status, headers, json.loads(raw) if raw else {}
+
+
+def stream(served: Served, **kwargs) -> list:
+  return list(served.client.chat.completions.create(stream=True, **kwargs))
+
+
+# Chat completions.
+
+
+def test_completion_is_what_the_ring_generates(served):
+  prompt, tokens, text = reference(MESSAGES)
+  response = served.client.chat.completions.create(model=SERVED, messages=MESSAGES)
+  assert tokens[-1] == 2 and 20 <= len(tokens) <= 61  # the dummy stops on EOS after 20..60 tokens
+  assert response.object == "chat.completion" and response.model == SERVED and response.id.startswith("chatcmpl-")
+  choice = response.choices[0]
+  assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", text, "stop")
+  assert text and served.run(served.node.generate(prompt)).text == text
+  assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(prompt.encode()), len(tokens))
+  assert response.usage.total_tokens == len(prompt.encode()) + len(tokens)
+
+
+def test_streamed_deltas_add_up_to_the_completion(served):
+  whole = served.client.chat.completions.create(model=SERVED, messages=MESSAGES).choices[0].message.content
+  chunks = stream(served, model=SERVED, messages=MESSAGES, stream_options={"include_usage": True})
+  deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+  assert "".join(deltas) == whole
+  assert sum(1 for d in deltas if d) > 1  # sent as it was generated, not in one piece
+  assert all(c.object == "chat.completion.chunk" and c.model == SERVED for c in chunks)
+  assert len({c.id for c in chunks}) == 1
+  reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+  assert reasons[-1] == "stop" and not any(reasons[:-1])
+  _, tokens, _ = reference(MESSAGES)
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
+
+
+def test_max_tokens_cuts_the_reply_with_finish_reason_length(served):
+  _, tokens, text = reference(MESSAGES, max_tokens=5)
+  response = served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=5, temperature=0.7)
+  assert (response.choices[0].message.content, response.choices[0].finish_reason) == (text, "length")
+  assert response.usage.completion_tokens == 5 == len(tokens)
+  chunks = stream(served, model=SERVED, messages=MESSAGES, max_tokens=5)
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+  assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_another_built_in_model_is_planned_for_that_model(served):
+  messages = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+  _, _, text = reference([{"role": "user", "content": "Hello there"}], "smollm2-135m")
+  response = served.client.chat.completions.create(model="smollm2-135m", messages=messages)
+  assert (response.model, response.choices[0].message.content) == ("smollm2-135m", text)
+  assert text != reference([{"role": "user", "content": "Hello there"}])[2]  # a different layer count gives a different reply
+  assert served.node.last_generation.plan.model.id == "smollm2-135m"
+
+
+def test_unknown_model_is_a_bad_request_naming_it(served):
+  for create in (served.client.chat.completions.create, lambda **kw: list(served.client.chat.completions.create(stream=True, **kw))):
+    with pytest.raises(openai.BadRequestError) as error:
+      create(model="gpt-5-turbo", messages=MESSAGES)
+    assert error.value.status_code == 400 and "'gpt-5-turbo'" in error.value.message and SERVED in error.value.message
+    assert error.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+  "body, names",
+  [
+    (b"not json", "JSON object"),
+    (json.dumps({"model": SERVED}).encode(), "'messages'"),
+    (json.dumps({"model": SERVED, "messages": [{"content": "hi"}]}).encode(), "messages[0]"),
+    (json.dumps({"model": SERVED, "messages": MESSAGES, "max_tokens": 0}).encode(), "'max_tokens'"),
+    (json.dumps({"model": SERVED, "messages": MESSAGES, "stream": "yes"}).encode(), "'stream'"),
+  ],
+)
+def test_malformed_requests_are_rejected_with_400(served, body, names):
+  status, _, error = get(f"{served.base}/v1/chat/completions", "POST", body)
+  assert status == 400 and names in error["error"]["message"] and error["error"]["type"] == "invalid_request_error"
+
+
+def test_a_model_the_cluster_cannot_hold_fails_with_503_or_an_error_chunk(served):
+  with pytest.raises(openai.InternalServerError) as error:
+    served.client.chat.completions.create(model="llama-3.1-405b", messages=MESSAGES)
+  assert error.value.status_code == 503 and "llama-3.1-405b" in error.value.message
+  with pytest.raises(openai.APIError) as error:
+    stream(served, model="llama-3.1-405b", messages=MESSAGES)
+  assert "llama-3.1-405b" in error.value.message
+  status, _, body = get(f"{served.base}/v1/chat/completions", "POST", json.dumps({"model": "llama-3.1-405b", "messages": MESSAGES}).encode())
+  assert status == 503 and body["error"]["type"] == "service_unavailable"
+
+
+# Models, topology, plan, health, CORS.
+
+
+def test_models_list_the_served_model_first(served):
+  ids = [m.id for m in served.client.models.list()]
+  assert ids[0] == SERVED and sorted(ids) == sorted(MODELS)
+  assert served.client.models.retrieve("llama-3.1-70b").id == "llama-3.1-70b"
+  with pytest.raises(openai.NotFoundError):
+    served.client.models.retrieve("gpt-5-turbo")
+
+
+def test_topology_is_the_nodes_live_view(served):
+  status, _, topology = get(f"{served.base}/v1/topology")
+  assert status == 200 and topology == served.node.topology.to_dict()
+  assert set(topology) == {"nodes", "edges"} and topology["nodes"]["api-node"]["memory"] == CAPS.memory
+
+
+def test_plan_is_the_current_plan_with_predictions(served):
+  served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=1)
+  status, _, plan = get(f"{served.base}/v1/plan")
+  assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_plan.to_dict()
+  assert plan["model"]["id"] == SERVED and plan["shards"] == [{"node_id": "api-node", "start_layer": 0, "end_layer": 15, "n_layers": 16}]
+  assert plan["predicted"]
+
+
+@pytest.mark.parametrize("caps, model_id, status", [(CAPS, SERVED, 200), (TINY, "llama-3.1-70b", 409)])
+def test_plan_before_any_request_is_computed_or_409(caps, model_id, status):
+  async def main():
+    node = Node("fresh", DummyInferenceEngine(), NoDiscovery(), caps, model_spec(model_id))
+    api = ChatGPTAPI(node, "127.0.0.1", 0)
+    await api.start()
+    try:
+      return await asyncio.to_thread(get, f"http://127.0.0.1:{api.port}/v1/plan")
+    finally:
+      await api.stop()
+
+  got, _, body = asyncio.run(main())
+  assert got == status
+  if status == 200:
+    assert set(body) == PLAN_KEYS and body["model"]["id"] == model_id
+  else:
+    assert body["error"]["type"] == "plan_error" and body["error"]["message"]
+
+
+def test_healthcheck_and_cors(served):
+  status, headers, body = get(f"{served.base}/healthcheck")
+  assert (status, body, headers["Access-Control-Allow-Origin"]) == (200, {"status": "ok"}, "*")
+  status, headers, _ = get(f"{served.base}/v1/chat/completions", "OPTIONS")
+  assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "POST" in headers["Access-Control-Allow-Methods"]
+
+
+def test_a_port_in_use_is_an_oserror_naming_it(served):
+  api = ChatGPTAPI(served.node, "127.0.0.1", served.api.port)
+  with pytest.raises(OSError, match=f"127.0.0.1:{served.api.port}"):
+    served.run(api.start())
