@@ -1,0 +1,85 @@
+"""SmolLM2 split over 2 and 3 local nodes, on the uneven shards flops-latency chooses, gives exactly one node's greedy tokens.
+
+Every node is a real Node with its own engine and gRPC server on loopback, found through a manual peers file; the declared devices
+differ so the planner's throughput split is uneven. The reference is the same engine class holding all 30 layers alone.
+"""
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from exo.inference.mlx_inference_engine import MLXInferenceEngine
+from exo.inference.shard import Shard
+from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
+from exo.models import model_spec
+from exo.networking.discovery import NoDiscovery
+from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_server import GRPCServer
+from exo.networking.manual_discovery import ManualDiscovery
+from exo.orchestration.node import Node, PlannerConfig
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+
+MODEL = model_spec("smollm2-135m")
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+TOKENS = 12
+# Uneven devices, speeds 4:2:1: under the throughput objective every node takes layers in proportion to its speed.
+DEVICES = {
+  "fast": DeviceCapabilities("Test", "fast", 4096, DeviceFlops(2.0, 4.0, 8.0), 40.0),
+  "mid": DeviceCapabilities("Test", "mid", 4096, DeviceFlops(1.0, 2.0, 4.0), 20.0),
+  "slow": DeviceCapabilities("Test", "slow", 4096, DeviceFlops(0.5, 1.0, 2.0), 10.0),
+}
+ENGINES = {"tinygrad": TinygradInferenceEngine, "mlx": MLXInferenceEngine}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+async def single_node_tokens(engine_class) -> list[int]:
+  node = Node("solo", engine_class(), NoDiscovery(), DEVICES["fast"], MODEL, max_generate_tokens=TOKENS)
+  node.server = GRPCServer(node, "127.0.0.1", free_port())
+  await node.start()
+  try:
+    prompt = await node.engine.apply_chat_template(Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers), MESSAGES)
+    return (await node.generate(prompt)).tokens
+  finally:
+    await node.stop()
+
+
+async def ring_tokens(engine_class, names: list[str], tmp_path) -> tuple[list[int], list[tuple[str, int]]]:
+  ports = {name: free_port() for name in names}
+  peers = {"peers": {n: {"address": "127.0.0.1", "port": ports[n], "device_capabilities": DEVICES[n].to_dict()} for n in names}}
+  peers_file = tmp_path / "peers.json"
+  peers_file.write_text(json.dumps(peers))
+  planner = PlannerConfig(objective="throughput")
+  nodes = []
+  for name in names:
+    node = Node(name, engine_class(), ManualDiscovery(name, peers_file, GRPCPeerHandle, poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, 120)
+    node.server = GRPCServer(node, "127.0.0.1", ports[name])
+    nodes.append(node)
+  try:
+    await asyncio.gather(*(n.start(wait_for_peers=len(names) - 1) for n in nodes))
+    origin = nodes[0]
+    prompt = await origin.engine.apply_chat_template(Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers), MESSAGES)
+    generation = await origin.generate(prompt)
+    return generation.tokens, generation.plan.ring()
+  finally:
+    for node in nodes:
+      await node.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_split_over_two_and_three_nodes_equals_one_node(engine, tmp_path):
+  reference = asyncio.run(single_node_tokens(ENGINES[engine]))
+  assert len(reference) >= 5
+  for names in (["fast", "slow"], ["fast", "mid", "slow"]):
+    tokens, ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path))
+    layers = dict(ring)
+    assert sorted(layers) == sorted(names), ring
+    assert len(set(layers.values())) > 1, ring  # and the split is uneven, as the devices are
+    assert tokens == reference, (engine, ring)
