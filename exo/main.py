@@ -10,16 +10,21 @@ import argparse
 import asyncio
 import json
 import logging
+import platform
 import signal
 import socket
 import sys
 import uuid
 
 from exo import plan_cli
+from exo.api import ChatGPTAPI
 from exo.errors import PlanError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.inference_engine import InferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
+from exo.inference.shard import Shard
 from exo.models import DEFAULT_MODEL, MODELS, model_spec
+from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
@@ -49,17 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
   node.add_argument("--listen-port", type=int, default=5678, help="UDP port discovery listens on")
   node.add_argument("--broadcast-port", type=int, default=5678, help="UDP port discovery announces to")
   node.add_argument("--broadcast-address", action="append", default=None, help="announce to this address (repeatable; default: every interface)")
-  node.add_argument("--discovery-module", choices=["udp", "manual"], default="udp")
+  node.add_argument(
+    "--discovery-module", choices=["udp", "manual", "none"], default=None, help="default: udp; `exo run` without --wait-for-peers runs alone (none)"
+  )
   node.add_argument("--discovery-config-path", default=None, help="peers file for --discovery-module manual")
   node.add_argument("--discovery-timeout", type=float, default=30.0, help="seconds before a silent peer is dropped")
   node.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
-  node.add_argument("--inference-engine", choices=["dummy"], default="dummy")
+  node.add_argument("--inference-engine", choices=["tinygrad", "mlx", "dummy"], default=None, help=f"default: {default_engine()} on this machine")
   node.add_argument("--emulate", action="store_true", help="pace the engine to the cost model's time for this node's declared device")
   node.add_argument("--run-model", default=None, help=f"model to serve (default {DEFAULT_MODEL}); one of {', '.join(sorted(MODELS))}")
   node.add_argument("--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit)")
   node.add_argument("--max-generate-tokens", type=int, default=1024)
   node.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take before it fails")
+  node.add_argument("--show-plan", action="store_true", help="with --prompt: print the plan the request ran on (plan JSON, one line) on stderr")
   node.add_argument("--disable-tui", action="store_true", help="no terminal view of the ring")
+  node.add_argument("--chatgpt-api-port", type=int, default=52415, help="port of the OpenAI-compatible HTTP API (0: a free one)")
+  node.add_argument("--chatgpt-api-host", default="0.0.0.0", help="address the HTTP API binds")
   device = parser.add_argument_group("device (detected; override when misdetected)")
   device.add_argument("--memory-mb", type=float, default=None)
   device.add_argument("--tflops", type=float, default=None, help="fp16 TFLOPS")
@@ -74,15 +84,41 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def default_engine() -> str:
+  """MLX on Apple Silicon, tinygrad everywhere else (as upstream)."""
+  return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "tinygrad"
+
+
+def make_engine(name: str) -> InferenceEngine:
+  if name == "tinygrad":
+    from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
+
+    return TinygradInferenceEngine()
+  if name == "mlx":
+    from exo.inference.mlx_inference_engine import MLXInferenceEngine
+
+    return MLXInferenceEngine()
+  return DummyInferenceEngine()
+
+
+def discovery_module(args) -> str:
+  if args.discovery_module:
+    return args.discovery_module
+  return "none" if args.command == "run" and args.wait_for_peers == 0 else "udp"
+
+
 def build_node(args) -> Node:
   node_id = args.node_id or str(uuid.uuid4())
   port = args.node_port or free_port()
   capabilities = detect_device_capabilities(args.measure_device, args.memory_mb, args.tflops, args.memory_bandwidth)
   model = model_spec(args.model_name or args.run_model or DEFAULT_MODEL)
-  engine = DummyInferenceEngine()
+  engine = make_engine(args.inference_engine or default_engine())
   if args.emulate:
     engine = PacedInferenceEngine(engine, model, capabilities)
-  if args.discovery_module == "manual":
+  module = discovery_module(args)
+  if module == "none":
+    discovery = NoDiscovery()
+  elif module == "manual":
     if not args.discovery_config_path:
       raise PlanError("--discovery-module manual needs --discovery-config-path FILE (the peers file)")
     discovery = ManualDiscovery(node_id, args.discovery_config_path, GRPCPeerHandle, discovery_timeout=args.discovery_timeout)
@@ -107,11 +143,19 @@ async def serve(args) -> int:
   node = build_node(args)
   await node.start(args.wait_for_peers)
   log.info("node %s listening; %d peers", node.id, len(node.peers))
+  api = None
   try:
     if args.prompt is not None:
-      result = await node.generate(args.prompt)
+      shard = Shard(node.model.id, 0, node.model.n_layers - 1, node.model.n_layers)
+      prompt = await node.engine.apply_chat_template(shard, [{"role": "user", "content": args.prompt}])
+      result = await node.generate(prompt)
+      if args.show_plan:
+        print(json.dumps(result.plan.to_dict()), file=sys.stderr)
       print(result.text)
       return 0
+    api = ChatGPTAPI(node, args.chatgpt_api_host, args.chatgpt_api_port)
+    await api.start()
+    log.info("ChatGPT API at http://%s:%d/v1/chat/completions", args.chatgpt_api_host, api.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -127,6 +171,8 @@ async def serve(args) -> int:
       view.stop()
     return 0
   finally:
+    if api:
+      await api.stop()
     await node.stop()
 
 

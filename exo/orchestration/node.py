@@ -98,6 +98,7 @@ class Node:
     self._planned_membership: set[str] = set()
     self._pending: dict[str, _Pending] = {}
     self._ring_tokens: dict[str, list[int]] = {}  # at the last stage: tokens generated so far per request
+    self._orphans: set[str] = set()  # at the last stage: requests whose origin could not be told a result; not continued
     self._tasks: set[asyncio.Task] = set()
     self._refresher: asyncio.Task | None = None
     self.on_status: list[Callable[[str, dict], None]] = []
@@ -176,12 +177,14 @@ class Node:
     return topology
 
   def planning_topology(self) -> Topology:
-    """The topology without peers that just failed a request."""
-    if not self.suspects:
+    """The topology without peers that just failed a request, nor nodes this node does not reach itself: every ring node sends
+    its results here, and other nodes list a peer that died until their discovery timeout, so a new node would plan with it."""
+    usable = {self.id} | (set(self.peers) - self.suspects)
+    if set(self.topology.nodes) <= usable:
       return self.topology
     kept = Topology()
     for node_id, caps in self.topology.nodes.items():
-      if node_id not in self.suspects:
+      if node_id in usable:
         kept.update_node(node_id, caps)
     for (a, b), edge in self.topology.edges.items():
       if a in kept.nodes and b in kept.nodes:
@@ -220,15 +223,21 @@ class Node:
       await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
       tokens = await asyncio.wait_for(pending.future, self.request_timeout)
     except asyncio.TimeoutError:
-      self._suspect_silent(ring)
-      raise RequestFailed(f"request {context.request_id} timed out after {self.request_timeout:g} s on ring {' -> '.join(ring.node_ids())}") from None
+      # Nobody said which node failed: check the ring now, so the next request can run at once on the nodes that still answer.
+      silent = await self._check_ring(ring)
+      because = f": {', '.join(repr(n) for n in silent)} did not answer a health check" if silent else ""
+      raise RequestFailed(
+        f"request {context.request_id} timed out after {self.request_timeout:g} s on ring {' -> '.join(ring.node_ids())}{because}"
+      ) from None
     except RequestFailed:
       await self._check_ring(ring)
       raise
     finally:
       self._pending.pop(context.request_id, None)
       await self._broadcast_finish(ring, context.request_id)
-    text = await self.engine.decode(ring.shard(len(ring.stages) - 1), tokens)
+    last = ring.shard(len(ring.stages) - 1)
+    answer = tokens[:-1] if tokens and tokens[-1] in self.engine.eos_token_ids(last) else tokens
+    text = await self.engine.decode(last, answer)
     self.last_generation = Generation(context.request_id, tokens, text, plan, time.perf_counter() - started)
     return self.last_generation
 
@@ -239,21 +248,21 @@ class Node:
     if error:
       pending.future.set_exception(RequestFailed(error))
       return
+    if not is_finished and len(tokens) <= len(pending.tokens):
+      return  # a report resent, or overtaken by the next one
     pending.tokens = list(tokens)
     if pending.on_token:
       pending.on_token(pending.tokens)
     if is_finished:
       pending.future.set_result(pending.tokens)
 
-  def _suspect_silent(self, ring: RingPlan) -> None:
-    """After a timeout nobody said which node failed: every other ring node must prove itself with a health check."""
-    self.suspects.update(n for n in ring.node_ids() if n != self.id)
-
-  async def _check_ring(self, ring: RingPlan) -> None:
+  async def _check_ring(self, ring: RingPlan) -> list[str]:
+    """Health-check the ring's other nodes; those that fail (or are no longer peers) become suspects, returned in ring order."""
     peers = [self.peers[n] for n in ring.node_ids() if n in self.peers]
     healthy = await asyncio.gather(*(p.health_check(timeout=1.0) for p in peers))
-    self.suspects.update(p.id() for p, ok in zip(peers, healthy) if not ok)
-    self.suspects.update(n for n in ring.node_ids() if n != self.id and n not in self.peers)
+    failed = {p.id() for p, ok in zip(peers, healthy) if not ok} | {n for n in ring.node_ids() if n != self.id and n not in self.peers}
+    self.suspects.update(failed)
+    return [n for n in ring.node_ids() if n in failed]
 
   async def _broadcast_finish(self, ring: RingPlan, request_id: str) -> None:
     status = json.dumps({"type": "finish", "request_id": request_id})
@@ -274,6 +283,7 @@ class Node:
       return
     if message.get("type") == "finish":
       self._ring_tokens.pop(request_id, None)
+      self._orphans.discard(request_id)
       self._spawn(self.engine.finish_request(request_id))
     for callback in self.on_status:
       callback(request_id, message)
@@ -308,9 +318,14 @@ class Node:
       tokens = self._ring_tokens.setdefault(context.request_id, [])
       tokens.append(token)
       finished = token in self.engine.eos_token_ids(shard) or len(tokens) >= context.max_tokens
-      await self._report(context, tokens, finished)
-      if not finished:
+      # The next step goes round first, so the report to the origin is off the ring's critical path (one RPC less per token).
+      if not finished and context.request_id not in self._orphans:
         await self._deliver(ring.stages[0].node_id, "tensor", ring.shard(0), np.array([[token]], dtype=np.int64), context)
+      try:
+        await self._report(context, list(tokens), finished)
+      except Exception:
+        self._orphans.add(context.request_id)  # the origin is gone: stop going round for it
+        raise
     except asyncio.CancelledError:
       raise
     except Exception as e:
@@ -336,7 +351,17 @@ class Node:
       self.process_result(context.request_id, tokens, finished, error)
       return
     peer = await self._peer(context.origin_node_id, f"which asked for request {context.request_id}")
-    await peer.send_result(context.request_id, tokens, finished, error)
+    # A result may be sent twice, so it is retried for a while: an origin restarted under the same id (a second `exo run`) is
+    # reached through the channel to the first process, which gRPC keeps failing at once while it backs off between reconnects.
+    deadline = time.monotonic() + PEER_WAIT_S
+    while True:
+      try:
+        await peer.send_result(context.request_id, tokens, finished, error)
+        return
+      except Exception:
+        if time.monotonic() >= deadline:
+          raise
+        await asyncio.sleep(0.2)
 
   async def _peer(self, node_id: str, role: str) -> PeerHandle:
     """The handle for a ring neighbour; one this node has not discovered yet (it may have just started) is waited for briefly."""

@@ -1,0 +1,66 @@
+"""The real thing, as a user runs it: `exo run` answers with SmolLM2 offline, and a node's API answers the official openai client."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["tinygrad", "mlx"])
+def test_exo_run_answers_offline(engine):
+  result = subprocess.run(
+    [sys.executable, "-m", "exo.main", "run", "smollm2-135m", "--prompt", QUESTION, "--inference-engine", engine],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "Paris" in result.stdout
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture
+def api_node():
+  port = free_port()
+  node = subprocess.Popen(
+    [sys.executable, "-m", "exo.main", "--node-id", "api", "--node-host", "127.0.0.1", "--discovery-module", "none", "--disable-tui"]
+    + ["--run-model", "smollm2-135m", "--chatgpt-api-host", "127.0.0.1", "--chatgpt-api-port", str(port), "--max-generate-tokens", "40"],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=240)
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:
+    try:
+      client.models.list()
+      break
+    except openai.APIConnectionError:
+      assert node.poll() is None, node.stderr.read()
+      time.sleep(0.5)
+  yield client
+  client.close()
+  node.terminate()
+  node.wait(20)
+
+
+@pytest.mark.slow
+def test_api_answers_the_openai_client_streamed_and_not(api_node):
+  messages = [{"role": "user", "content": QUESTION}]
+  reply = api_node.chat.completions.create(model="smollm2-135m", messages=messages)
+  content = reply.choices[0].message.content
+  assert "Paris" in content and reply.choices[0].finish_reason == "stop"
+  stream = api_node.chat.completions.create(model="smollm2-135m", messages=messages, stream=True)
+  streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+  assert streamed == content
