@@ -58,7 +58,9 @@ async def ring_tokens(engine_class, names: list[str], tmp_path) -> tuple[list[in
   planner = PlannerConfig(objective="throughput")
   nodes = []
   for name in names:
-    node = Node(name, engine_class(), ManualDiscovery(name, peers_file, GRPCPeerHandle, poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, 120)
+    node = Node(
+      name, engine_class(), ManualDiscovery(name, peers_file, GRPCPeerHandle, poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, 120
+    )
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
   try:

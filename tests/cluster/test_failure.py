@@ -1,0 +1,184 @@
+"""A ring node that dies (SIGKILL) or hangs (SIGSTOP) in the middle of a request: the request fails with a clear error naming
+it by its deadline, nothing hangs, and the next request from the same origin runs on the survivors.
+
+Three paced node processes (--emulate): a and c at 4 GB/s (8.6 ms per layer), b at 400 GB/s (0.09 ms). Upstream's
+memory-weighted split puts every node in the ring, in order of memory (ties to the larger id): c 0-7, b 8-11, a 12-15, about
+100 ms per token, so a 40-token request lasts about four seconds; without b: c 0-9, a 10-15. The origin is a node of unknown
+memory, in no ring: in this process where the test drives several requests, or an `exo run` process.
+
+A crash is reported at once by the node that can no longer pass its hidden states on to b. b's own stage is kept short, so the
+kill almost never lands inside it: a kill there (like any hang) leaves nobody to report, and the origin's deadline does, after
+health-checking the ring.
+"""
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import pytest
+
+from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.paced_inference_engine import PacedInferenceEngine
+from exo.orchestration.node import RequestFailed
+from tests.cluster.harness import (
+  CLIENT,
+  EXO,
+  ROOT,
+  Cluster,
+  Device,
+  Spy,
+  collect_topology,
+  error_lines,
+  plan_line,
+  reference_tokens,
+  ring_of,
+  wait_for_local_mesh,
+)
+
+MODEL = "llama-3.2-1b"
+PROMPT = "Survive a crash"
+DEVICES = {"a": Device(1000, 1, 4), "b": Device(1000, 1, 400), "c": Device(2000, 1, 4)}
+RING = [("c", 8), ("b", 4), ("a", 4)]
+REQUEST_TIMEOUT_S = 8.0
+SLACK_S = 15.0  # generous: after the deadline the origin health-checks the ring (1 s) and tells each node the request is over (2 s each)
+MAX_TOKENS = 40
+WEIGHTED = ("--partitioning-strategy", "ring-memory-weighted")
+
+
+def start_paced_trio(cluster: Cluster, clients=("o",)) -> None:
+  for node_id, device in DEVICES.items():
+    cluster.declare(node_id, device)
+  for client in clients:
+    cluster.declare(client, CLIENT)
+  for node_id in DEVICES:
+    cluster.start(node_id, "--emulate")
+  cluster.wait_for_mesh()
+
+
+async def fail_mid_request(cluster: Cluster, origin, how: signal.Signals) -> tuple[RequestFailed, float]:
+  """From `origin`: start a request, hit b with `how` once two tokens are back, and await the outcome. Returns the exception
+  raised and the seconds from the start of the request to the failure."""
+  await origin.start(wait_for_peers=len(DEVICES))
+  two_tokens = asyncio.Event()
+  started = time.monotonic()
+  request = asyncio.create_task(origin.generate(PROMPT, max_tokens=MAX_TOKENS, on_token=lambda tokens: len(tokens) >= 2 and two_tokens.set()))
+  await asyncio.wait({request, asyncio.create_task(two_tokens.wait())}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+  assert two_tokens.is_set() and not request.done(), "the request should still be running when b is hit"
+  assert origin.current_plan.ring() == RING
+  cluster.nodes["b"].proc.send_signal(how)
+  try:
+    await asyncio.wait_for(request, REQUEST_TIMEOUT_S + SLACK_S)
+  except RequestFailed as e:
+    return e, time.monotonic() - started
+  raise AssertionError("the request did not fail")
+
+
+async def next_request_runs_on_survivors(origin) -> None:
+  survivors = await origin.generate(PROMPT, max_tokens=5)
+  assert survivors.plan.ring() == [("c", 10), ("a", 6)]
+  assert survivors.tokens == await reference_tokens(origin.model, PROMPT, 5)
+
+
+def run_origin(cluster: Cluster, scenario) -> None:
+  """`await scenario(origin)` with the origin o in this process, stopped whatever happens."""
+
+  async def main():
+    origin = cluster.local_node("o", *WEIGHTED, "--request-timeout", str(REQUEST_TIMEOUT_S))
+    try:
+      await scenario(origin)
+    finally:
+      await origin.stop()
+
+  asyncio.run(main())
+
+
+def test_killed_node_fails_the_request_naming_it_and_the_next_runs_on_survivors(cluster):
+  start_paced_trio(cluster)
+
+  async def scenario(origin):
+    error, elapsed = await fail_mid_request(cluster, origin, signal.SIGKILL)
+    assert "'b'" in str(error), str(error)  # c could not reach it (or, rarely, it did not answer once the deadline passed)
+    assert elapsed < REQUEST_TIMEOUT_S + SLACK_S
+    await next_request_runs_on_survivors(origin)
+
+  run_origin(cluster, scenario)
+
+
+@pytest.mark.slow
+def test_hung_node_fails_the_request_at_its_deadline_and_the_next_runs_on_survivors(cluster):
+  start_paced_trio(cluster)
+
+  async def scenario(origin):
+    error, elapsed = await fail_mid_request(cluster, origin, signal.SIGSTOP)
+    assert "timed out" in str(error) and "'b'" in str(error), str(error)  # nobody reports a hang: the deadline does, naming b
+    assert REQUEST_TIMEOUT_S <= elapsed < REQUEST_TIMEOUT_S + SLACK_S
+    await next_request_runs_on_survivors(origin)  # at once: no wait for the next topology refresh to clear a and c
+
+  run_origin(cluster, scenario)
+
+
+def test_exo_run_reports_a_crash_in_one_line(cluster):
+  cluster.declare_devices = True  # so the survivors' views show b as a node that could hold layers, not one of unknown memory
+  start_paced_trio(cluster, clients=("x", "y"))
+  args = [*EXO, "run", MODEL, "--prompt", PROMPT, *cluster.node_args("x", "--wait-for-peers", "3", "--request-timeout", str(REQUEST_TIMEOUT_S))]
+  args += [*WEIGHTED, "--max-generate-tokens", str(MAX_TOKENS)]
+  started = time.monotonic()
+  run = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 30
+    while "x" not in (collect_topology(cluster.nodes["a"].address) or {"nodes": {}})["nodes"] and time.monotonic() < deadline:
+      time.sleep(0.1)
+    time.sleep(1.0)  # a has discovered the origin, which sends its four-second request at once
+    assert run.poll() is None, "the request should still be running when b is killed"
+    cluster.nodes["b"].kill()
+    stdout, stderr = run.communicate(timeout=REQUEST_TIMEOUT_S + SLACK_S + 30)
+  finally:
+    if run.poll() is None:
+      run.kill()
+      run.communicate()
+  assert run.returncode == 1
+  assert stdout == ""
+  [line] = error_lines(stderr)
+  assert "'b'" in line, stderr
+  assert time.monotonic() - started < REQUEST_TIMEOUT_S + SLACK_S + 10  # 10 s: process start and discovery
+
+  # a new origin, which never reached b, plans without it at once, though a and c list b until their discovery timeout (30 s)
+  result = cluster.run("y", MODEL, PROMPT, "--request-timeout", str(REQUEST_TIMEOUT_S), "--max-generate-tokens", "5", "--show-plan", *WEIGHTED)
+  assert "b" in (collect_topology(cluster.nodes["a"].address) or {"nodes": {}})["nodes"]
+  assert result.returncode == 0, result.stderr
+  assert ring_of(plan_line(result.stderr)) == [("c", 0, 9), ("a", 10, 15)]
+
+
+def test_ring_stops_when_its_origin_dies(cluster):
+  """Each token goes round before the origin is told of it; once the origin cannot be told, the ring stops going round."""
+  for node_id in ("a", "b"):
+    cluster.declare(node_id, Device(600, 1, 20))  # 11 layers each: both needed; 1.7 ms per layer, 27 ms per token
+  cluster.declare("o", CLIENT)
+  calls: list = []
+
+  async def scenario():
+    origin = cluster.local_node("o")
+    ring = [cluster.local_node(node_id) for node_id in ("a", "b")]
+    for node in ring:  # never EOS: only the origin's death can end this request early
+      node.engine = Spy(PacedInferenceEngine(DummyInferenceEngine(eos_after=10**9), node.model, node.capabilities), node.id, calls)
+    try:
+      await asyncio.gather(*(node.start(wait_for_peers=2) for node in [origin, *ring]))
+      await wait_for_local_mesh([origin, *ring])
+      three = asyncio.Event()
+      request = asyncio.create_task(origin.generate(PROMPT, max_tokens=100_000, on_token=lambda tokens: len(tokens) >= 3 and three.set()))
+      await asyncio.wait_for(three.wait(), 30)
+      request.cancel()
+      await origin.stop()
+      deadline = time.monotonic() + 30  # generous: the last stage retries the origin for 5 s before it gives up
+      while True:
+        seen = len(calls)
+        await asyncio.sleep(1.5)
+        if len(calls) == seen:
+          break
+        assert time.monotonic() < deadline, f"the ring kept going round for its dead origin: {len(calls)} stages run"
+    finally:
+      for node in [origin, *ring]:
+        await node.stop()
+
+  asyncio.run(scenario())

@@ -1,0 +1,79 @@
+"""Injected link latency: node c sits behind a slow link (LatencyProxy processes add 20 ms each way on a - c and b - c; each
+node's own peers file routes that link through a proxy). The nodes measure it, and the planners react to it.
+
+Devices (llama-3.2-1b, 16 layers; per-layer decode time = 34.2 MB / bandwidth):
+  a: 1000 MB (18 layers), 50 GB/s (0.684 ms/layer);  b: 400 MB (7 layers), 50 GB/s;  c: 500 MB (9 layers), 400 GB/s (0.086 ms/layer).
+a holds the model alone: 10.9 ms per token. With c on a loopback link, a 0-6 -> c 7-15 costs 4.8 + 0.8 ms plus one round trip
+(about 2 ms): faster, so flops-latency would use c. Behind a 40 ms round trip it is not: flops-latency runs on a alone. Upstream's
+memory-weighted split ignores the link and gives c 4 layers.
+
+The measured RTT includes the measurement's own cost: on a 2-core machine a gRPC health check over loopback takes 1-2 ms and a
+proxy adds about 1 ms (two timer wake-ups), so the slow links read about 3 ms above the injected 40 ms.
+"""
+
+import time
+
+from exo.topology.planner import make_plan
+from tests.cluster.harness import CLIENT, Device, edge_rtts, error_lines, plan_line, ring_of
+
+MODEL = "llama-3.2-1b"
+PROMPT = "Far away"
+DEVICES = {"a": Device(1000, 10, 50), "b": Device(400, 10, 50), "c": Device(500, 10, 400)}
+INJECTED_RTT_MS = 40.0
+SLOW = {("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")}
+TOLERANCE_MS = 5.0
+SETTLE_S = 20.0  # generous: RTT medians (of the last five samples, one a second) settle within seconds of the mesh forming
+
+
+def within(rtts: dict, slow_rtt: float) -> bool:
+  for (u, v), rtt in rtts.items():
+    if u in DEVICES and v in DEVICES:
+      expected = slow_rtt if (u, v) in SLOW else 0.0
+      if rtt is None or not expected - 0.5 <= rtt < expected + TOLERANCE_MS:
+        return False
+  return True
+
+
+def test_measured_rtt_matches_the_injected_delay_and_flops_latency_drops_the_far_node(cluster):
+  for node_id, device in DEVICES.items():
+    cluster.declare(node_id, device)
+  for client in ("x", "y"):
+    cluster.declare(client, CLIENT)
+  cluster.delay("a", "c", INJECTED_RTT_MS)
+  cluster.delay("b", "c", INJECTED_RTT_MS)
+  for node_id in DEVICES:
+    cluster.start(node_id)
+  cluster.wait_for_mesh()
+
+  # a's view holds every node's own measurements; the medians move once a second, so wait for them to settle
+  deadline = time.monotonic() + SETTLE_S
+  while True:
+    view = cluster.topology("a")  # the `exo topology --address` CLI
+    if within(edge_rtts(view), INJECTED_RTT_MS) or time.monotonic() > deadline:
+      break
+    time.sleep(0.5)
+  rtts = edge_rtts(view)
+  for u in DEVICES:
+    for v in DEVICES:
+      if u != v:
+        injected = INJECTED_RTT_MS if (u, v) in SLOW else 0.0
+        assert injected - 0.5 <= rtts[(u, v)] and abs(rtts[(u, v)] - injected) < TOLERANCE_MS, (
+          f"{u} -> {v} measured {rtts[(u, v)]:.2f} ms, injected {injected}"
+        )
+
+  fast = cluster.run("x", MODEL, PROMPT, "--show-plan", "--max-generate-tokens", "8", "--request-timeout", "30")
+  weighted = cluster.run(
+    "y", MODEL, PROMPT, "--show-plan", "--max-generate-tokens", "8", "--request-timeout", "30", "--partitioning-strategy", "ring-memory-weighted"
+  )
+  for result in (fast, weighted):
+    assert result.returncode == 0 and error_lines(result.stderr) == [], f"{result.stderr}\n{cluster.logs()}"
+  assert ring_of(plan_line(fast.stderr)) == [("a", 0, 15)]
+  assert ring_of(plan_line(weighted.stderr)) == [("a", 0, 7), ("c", 8, 11), ("b", 12, 15)]
+  assert fast.stdout == weighted.stdout and fast.stdout.strip()
+
+  # the same live view with c's links as fast as a - b: flops-latency would use c, so the measured latency is what keeps it out
+  loopback = rtts[("a", "b")]
+  for edge in view["edges"]:
+    if (edge["from"], edge["to"]) in SLOW:
+      edge["rtt_ms"] = loopback
+  assert "c" in [node_id for node_id, _, _ in ring_of(make_plan(view, MODEL))]
