@@ -97,8 +97,8 @@ class NodeProcess:
 
 @dataclass
 class Cluster:
-  """Nodes, clients (`exo run` origins) and proxies on 127.0.0.1 under `workdir`. Declare every node and client first (`mesh`),
-  so each peers file lists them all; `close()` kills everything started."""
+  """Nodes, clients (`exo run` origins) and proxies on 127.0.0.1 under `workdir`. Declare every node and client first, so each
+  peers file lists them all; `close()` kills everything started."""
 
   workdir: Path
   nodes: dict[str, NodeProcess] = field(default_factory=dict)
@@ -136,11 +136,9 @@ class Cluster:
     for a, b in ((u, v), (v, u)):
       self.routes[(a, b)] = self.start_proxy(self.ports[b], rtt_ms / 2)
 
-  def peers_file(self, node_id: str, capabilities: dict[str, Device] | None = None) -> Path:
-    """The peers file of `node_id`: every other declared node at the port it dials for it. `capabilities` declares (possibly
-    wrong) device figures for some peers; a node reports its own figures anyway when it is asked for its view."""
+  def peers_file(self, node_id: str) -> Path:
+    """The peers file of `node_id`: every other declared node, at the port it dials for it (a proxy's on a delayed link)."""
     declared = {i: d for i, d in self.devices.items() if self.declare_devices or d == CLIENT}
-    declared.update(capabilities or {})
     peers = {}
     for peer_id, port in self.ports.items():
       if peer_id != node_id:
@@ -152,7 +150,7 @@ class Cluster:
     path.write_text(json.dumps({"peers": peers}, indent=2))
     return path
 
-  def node_args(self, node_id: str, *extra: str, capabilities: dict[str, Device] | None = None) -> list[str]:
+  def node_args(self, node_id: str, *extra: str) -> list[str]:
     """The flags that make `node_id` a node of this cluster: its id, port, device and its own peers file."""
     return [
       "--node-id",
@@ -164,7 +162,7 @@ class Cluster:
       "--discovery-module",
       "manual",
       "--discovery-config-path",
-      str(self.peers_file(node_id, capabilities)),
+      str(self.peers_file(node_id)),
       "--inference-engine",
       "dummy",
       "--chatgpt-api-host",  # a node serves the HTTP API on 0.0.0.0:52415 by default: loopback, and a free port each
@@ -175,10 +173,10 @@ class Cluster:
       *extra,
     ]
 
-  def start(self, node_id: str, *extra: str, capabilities: dict[str, Device] | None = None) -> NodeProcess:
+  def start(self, node_id: str, *extra: str) -> NodeProcess:
     """Start a declared node as a long-running `exo` process (no prompt, no terminal view)."""
     log_path = self.workdir / f"node-{node_id}.log"
-    proc = spawn([*EXO, *self.node_args(node_id, *extra, capabilities=capabilities), "--disable-tui"], log_path)
+    proc = spawn([*EXO, *self.node_args(node_id, *extra), "--disable-tui"], log_path)
     self.processes.append(proc)
     node = self.nodes[node_id] = NodeProcess(node_id, self.ports[node_id], self.devices[node_id], proc, log_path)
     return node
@@ -196,9 +194,9 @@ class Cluster:
       raise RuntimeError(f"exo topology failed for {node_id}: {result.stderr}")
     return json.loads(result.stdout)
 
-  def wait_for_mesh(self, node_ids: list[str] | None = None, timeout: float = START_TIMEOUT_S, samples: int = 1) -> dict[str, dict]:
+  def wait_for_mesh(self, node_ids: list[str] | None = None, timeout: float = START_TIMEOUT_S) -> dict[str, dict]:
     """Wait until every node in `node_ids` (default: all started) sees all of them, with a measured RTT on every directed edge
-    between them, each node having taken at least `samples` RTT samples; returns each node's view (collected in-process)."""
+    between them; returns each node's view (collected over gRPC from this process, cheaper than `exo topology`)."""
     node_ids = sorted(node_ids or self.nodes)
     deadline = time.monotonic() + timeout
     views: dict[str, dict] = {}
@@ -208,13 +206,10 @@ class Cluster:
           raise RuntimeError(f"node {node_id} exited with {self.nodes[node_id].proc.returncode}: {self.nodes[node_id].log()}")
       views = {n: collect_topology(self.nodes[n].address) for n in node_ids}
       if all(view is not None and mesh_complete(view, node_ids) for view in views.values()):
-        if samples <= 1:
-          return views
-        time.sleep(samples - 1)  # one RTT sample per refresh interval (1 s)
-        return {n: collect_topology(self.nodes[n].address) for n in node_ids}
+        return views
       if time.monotonic() > deadline:
         raise TimeoutError(f"nodes {node_ids} did not all see each other within {timeout:g} s: {views}\n{self.logs()}")
-      time.sleep(0.2)
+      time.sleep(0.3)
 
   def logs(self) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.workdir.glob("*.log")))
@@ -230,12 +225,12 @@ class Cluster:
       stop_process(proc, max(0.0, deadline - time.monotonic()))
     self.processes.clear()
 
-  def local_node(self, node_id: str, *extra: str, capabilities: dict[str, Device] | None = None):
+  def local_node(self, node_id: str, *extra: str):
     """A declared node built in this process exactly as `exo` builds one (not started): for an origin whose requests a test
     drives, or a node whose engine a test watches."""
     from exo.main import build_node, build_parser
 
-    return build_node(build_parser().parse_args(self.node_args(node_id, *extra, capabilities=capabilities)))
+    return build_node(build_parser().parse_args(self.node_args(node_id, *extra)))
 
 
 def mesh_complete(view: dict, node_ids: list[str]) -> bool:

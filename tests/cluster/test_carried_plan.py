@@ -5,7 +5,8 @@ file, wired as `exo` wires them, with a spy on each engine.
 Devices (llama-3.2-1b, 16 layers): a: 600 MB (11 layers), 20 GB/s;  b: 400 MB (7 layers), 200 GB/s;  c: 300 MB (5 layers), 150 GB/s.
 flops-latency (latency) fills the fastest nodes first: b 7, c 5, then a the last 4 (1.7 ms per layer on a saves more than the
 extra hop costs): a 0-3 -> b 4-10 -> c 11-15. Node c runs ring-memory-weighted with the throughput objective: for the same
-cluster it would plan a 0-6 -> b 7-11 -> c 12-15.
+cluster it would plan a 0-6 -> b 7-11 -> c 12-15. (Wrong device figures in c's peers file would not make its view differ for
+long: each node's own report of its device replaces them as soon as c collects the views.)
 """
 
 import asyncio
