@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 
 from exo.inference.inference_engine import InferenceEngine
+from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
 EOS_TOKEN = 2
@@ -82,12 +83,7 @@ class DummyInferenceEngine(InferenceEngine):
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
   async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    last = np.asarray(logits, dtype=np.float64).reshape(-1, np.shape(logits)[-1])[-1]
-    if temperature <= 0:
-      return int(np.argmax(last))
-    scaled = (last - last.max()) / temperature
-    p = np.exp(scaled)
-    return int(self._sampler.choice(len(p), p=p / p.sum()))
+    return sample_last(logits, temperature, self._sampler)
 
   def eos_token_ids(self, shard: Shard) -> set[int]:
     return {EOS_TOKEN}

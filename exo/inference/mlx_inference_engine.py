@@ -18,6 +18,7 @@ import numpy as np
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, load_shard_weights, rope_inv_freq
 from exo.inference.model_files import locate_model
+from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import Tokenizer, load_tokenizer
 
@@ -71,11 +72,7 @@ class MLXInferenceEngine(InferenceEngine):
     return set(self._tokenizer(shard.model_id).eos_token_ids)
 
   async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    last = np.asarray(logits, dtype=np.float64).reshape(-1, np.shape(logits)[-1])[-1]
-    if temperature <= 0:
-      return int(np.argmax(last))
-    p = np.exp((last - last.max()) / temperature)
-    return int(self._sampler.choice(len(p), p=p / p.sum()))
+    return sample_last(logits, temperature, self._sampler)
 
   # requests
 

@@ -15,9 +15,9 @@ import pytest
 from exo.errors import PlanError
 from exo.networking import udp_discovery
 from exo.networking.manual_discovery import ManualDiscovery
-from exo.networking.peer_handle import PeerHandle
 from exo.networking.udp_discovery import UDPDiscovery, parse_announcement
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops
+from tests.support.health_only_peer import HealthOnlyPeer
 
 LOOPBACK_BROADCAST = "127.255.255.255"
 WAIT_S = 10.0  # generous: the conditions below normally hold within a fraction of a second
@@ -26,7 +26,7 @@ AIR = DeviceCapabilities("MacBook Air", "Apple M2", 16384.0, DeviceFlops(3.6, 7.
 default_broadcast_addresses = udp_discovery.default_broadcast_addresses
 
 
-class FakePeer(PeerHandle):
+class FakePeer(HealthOnlyPeer):
   def __init__(self, net: "FakeNet", peer_id: str, address: str, caps: DeviceCapabilities):
     self.net, self._id, self.address, self.caps = net, peer_id, address, caps
     self.checks = self.disconnects = 0
@@ -52,21 +52,6 @@ class FakePeer(PeerHandle):
   async def health_check(self, timeout=2.0):
     self.checks += 1
     return self.net.healthy.get(self.address, self.net.healthy.get(self._id, True))
-
-  async def send_prompt(self, shard, prompt, context):
-    raise NotImplementedError
-
-  async def send_tensor(self, shard, tensor, context):
-    raise NotImplementedError
-
-  async def send_result(self, request_id, tokens, is_finished, error=""):
-    raise NotImplementedError
-
-  async def send_opaque_status(self, request_id, status):
-    raise NotImplementedError
-
-  async def collect_topology(self, visited, max_depth):
-    raise NotImplementedError
 
 
 class FakeNet:

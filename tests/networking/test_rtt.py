@@ -3,11 +3,11 @@ import time
 
 import pytest
 
-from exo.networking.peer_handle import PeerHandle
 from exo.networking.rtt import RttEstimator, measure_rtt_ms
+from tests.support.health_only_peer import HealthOnlyPeer
 
 
-class SlowPeer(PeerHandle):
+class SlowPeer(HealthOnlyPeer):
   """Answers a health check after at least `delay_s` seconds, with `healthy`."""
 
   def __init__(self, delay_s: float, healthy: bool = True):
@@ -22,36 +22,12 @@ class SlowPeer(PeerHandle):
   def device_capabilities(self):
     raise NotImplementedError
 
-  async def connect(self):
-    pass
-
-  async def is_connected(self):
-    return True
-
-  async def disconnect(self):
-    pass
-
   async def health_check(self, timeout=2.0):
     self.timeouts.append(timeout)
     start = time.perf_counter()
     while time.perf_counter() - start < self.delay_s:  # asyncio.sleep may wake a clock tick early
       await asyncio.sleep(self.delay_s)
     return self.healthy
-
-  async def send_prompt(self, shard, prompt, context):
-    raise NotImplementedError
-
-  async def send_tensor(self, shard, tensor, context):
-    raise NotImplementedError
-
-  async def send_result(self, request_id, tokens, is_finished, error=""):
-    raise NotImplementedError
-
-  async def send_opaque_status(self, request_id, status):
-    raise NotImplementedError
-
-  async def collect_topology(self, visited, max_depth):
-    raise NotImplementedError
 
 
 def test_empty_estimator_has_no_value():
