@@ -1,5 +1,6 @@
 """How a node finds its peers: UDP broadcast or a manual peers file."""
 
+import asyncio
 from abc import ABC, abstractmethod
 
 from exo.networking.peer_handle import PeerHandle
@@ -17,6 +18,14 @@ class Discovery(ABC):
   @abstractmethod
   async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
     """The live peers now (healthy, not evicted), after waiting until at least `wait_for_peers` are known."""
+
+
+async def known_peers(entries: dict, wait_for_peers: int, poll_s: float) -> list[PeerHandle]:
+  """The handles of `entries` (id -> record with .known and .handle) that are known, sorted by id, after waiting (polling every
+  `poll_s` seconds) until at least `wait_for_peers` are."""
+  while sum(e.known for e in entries.values()) < wait_for_peers:
+    await asyncio.sleep(poll_s)
+  return [e.handle for _, e in sorted(entries.items()) if e.known]
 
 
 class NoDiscovery(Discovery):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from exo.errors import PlanError
-from exo.networking.discovery import Discovery
+from exo.networking.discovery import Discovery, known_peers
 from exo.networking.peer_handle import PeerHandle
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, reject_unknown_keys
 
@@ -136,9 +136,7 @@ class ManualDiscovery(Discovery):
 
   async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
     """The known peers sorted by id, after waiting (polling) until at least `wait_for_peers` are known."""
-    while sum(p.known for p in self._peers.values()) < wait_for_peers:
-      await asyncio.sleep(min(0.1, self.poll_interval))
-    return [p.handle for _, p in sorted(self._peers.items()) if p.known]
+    return await known_peers(self._peers, wait_for_peers, min(0.1, self.poll_interval))
 
   async def _poll_forever(self) -> None:
     while True:

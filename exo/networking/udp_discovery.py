@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from exo.networking.discovery import Discovery
+from exo.networking.discovery import Discovery, known_peers
 from exo.networking.manual_discovery import CreatePeerHandle, disconnect, health_check, host_port
 from exo.networking.peer_handle import PeerHandle
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
@@ -196,9 +196,7 @@ class UDPDiscovery(Discovery):
 
   async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
     """The known peers sorted by id, after waiting (polling) until at least `wait_for_peers` are known."""
-    while sum(p.known for p in self._peers.values()) < wait_for_peers:
-      await asyncio.sleep(min(0.1, self.broadcast_interval))
-    return [p.handle for _, p in sorted(self._peers.items()) if p.known]
+    return await known_peers(self._peers, wait_for_peers, min(0.1, self.broadcast_interval))
 
   def _spawn(self, coro) -> None:
     task = asyncio.create_task(coro)
