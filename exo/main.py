@@ -4,6 +4,7 @@ exo [flags]                         run a node (discovery, gRPC server, planner,
 exo run MODEL --prompt TEXT [flags] run a node, wait for peers, generate one answer, print it and exit
 exo plan ...                        plan a topology file (see `exo plan --help`)
 exo topology --address HOST:PORT    print a running node's live topology as topology JSON (input for `exo plan`)
+exo model-spec PATH [--id ID]       print the model-spec JSON of a model file (input for `exo plan --model-spec`)
 """
 
 import argparse
@@ -186,6 +187,18 @@ async def dump_topology(address: str) -> int:
   return 0
 
 
+def print_model_spec(argv: list[str]) -> int:
+  """`exo model-spec PATH [--id ID]`: the model-spec JSON of a model file, with its real tensor sizes."""
+  parser = argparse.ArgumentParser(prog="exo model-spec", description="Print the model-spec JSON of a model file, from its real tensor sizes.")
+  parser.add_argument("path", metavar="PATH", help="the model file")
+  parser.add_argument("--id", default=None, help="the spec's model id (default: the file's name without its extension)")
+  args = parser.parse_args(argv)
+  from exo.inference.model_figures import model_spec_from_file  # imported here: only this command needs it
+
+  print(json.dumps(model_spec_from_file(args.path, args.id).to_dict(), indent=2))
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["plan"]:
@@ -196,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
       parser = argparse.ArgumentParser(prog="exo topology", description="Print a running node's live topology as topology JSON.")
       parser.add_argument("--address", required=True, help="host:port of any node's gRPC server")
       return asyncio.run(dump_topology(parser.parse_args(argv[1:]).address))
+    if argv[:1] == ["model-spec"]:
+      return print_model_spec(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run" and args.prompt is None:
       raise PlanError("`exo run MODEL` needs --prompt TEXT")

@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 def show(args: argparse.Namespace, plans: dict[str, Plan], topology: Topology, costs: ClusterCosts) -> None:
   if args.json:
     one = len(plans) == 1
-    print(
-      json.dumps(next(iter(plans.values())).to_dict() if one else {**{s: p.to_dict() for s, p in plans.items()}, "speedup": speedup(plans)}, indent=2)
-    )
+    data = plan_json(next(iter(plans.values()))) if one else {**{s: plan_json(p) for s, p in plans.items()}, "speedup": speedup(plans)}
+    print(json.dumps(data, indent=2))
     return
   console = Console(file=sys.stdout, highlight=False)
   if not console.is_terminal:
@@ -109,6 +108,11 @@ def show(args: argparse.Namespace, plans: dict[str, Plan], topology: Topology, c
     show_plan(console, plan, topology, costs, args.prompt_tokens)
   if args.compare:
     show_comparison(console, plans, args.objective)
+
+
+def plan_json(plan: Plan) -> dict:
+  """The plan JSON with the whole model spec (embedding, head, tying included) under "model", not only its id and layer count."""
+  return {**plan.to_dict(), "model": plan.model.to_dict()}
 
 
 def _fail(error: Exception, status: int) -> int:
@@ -157,6 +161,16 @@ def speeds(predicted: dict, digits: int = 2) -> str:
   if predicted["tokens_per_second"] is None:
     return "speed unknown: no node's TFLOPS or memory bandwidth is known"
   return f"{predicted['tokens_per_second']:.{digits}f} tokens/s single stream, throughput {predicted['throughput_tps']:.{digits}f} tokens/s"
+
+
+def mb(n_bytes: float) -> str:
+  """Bytes in MB of 2**20 bytes, the unit of the topology's memory figures."""
+  return f"{n_bytes / 2**20:.1f} MB"
+
+
+def model_line(model: ModelSpec) -> str:
+  tied = "tied" if model.tied_embeddings else "untied"
+  return f"Model: embedding {mb(model.embed_bytes)} on the first stage, head {mb(model.head_bytes)} on the last, {tied} embeddings"
 
 
 def ms(seconds: float | None) -> float | None:
@@ -212,6 +226,7 @@ def show_plan(console: Console, plan: Plan, topology: Topology, costs: ClusterCo
     ]
   lines = [
     *predicted,
+    model_line(plan.model),
     f"Left out of the ring: {escape(', '.join(left_out(plan, costs))) or 'none'}",
     *(f"[yellow]Warning:[/yellow] {escape(warning)}" for warning in plan.warnings),
   ]

@@ -12,6 +12,17 @@ from exo.main import main
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
 PREDICTED_KEYS = {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible"}
+MODEL_KEYS = {
+  "id",
+  "n_layers",
+  "layer_bytes",
+  "layer_flops",
+  "activation_bytes",
+  "kv_bytes_per_layer",
+  "embed_bytes",
+  "head_bytes",
+  "tied_embeddings",
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Hand-checkable: 4 layers of 1 GB and 1 GFLOP. `fast` streams a layer in 1e9 / 100e9 = 10 ms, `slow` in 100 ms (compute, 1 ms, is
@@ -85,7 +96,7 @@ def check_plan_shape(plan: dict, strategy: str, objective: str) -> None:
   assert set(plan) == PLAN_KEYS
   assert set(plan["predicted"]) == PREDICTED_KEYS
   assert set(plan["params"]) == {"memory_headroom", "default_rtt_ms"}
-  assert set(plan["model"]) == {"id", "n_layers"}
+  assert set(plan["model"]) == MODEL_KEYS
   assert (plan["strategy"], plan["objective"]) == (strategy, objective)
   n, parts, shards = plan["model"]["n_layers"], plan["partitions"], plan["shards"]
   assert all(set(p) == {"node_id", "start", "end"} for p in parts)
@@ -115,8 +126,31 @@ def test_json_is_one_plan_object(tmp_path, capsys, strategy, objective):
   assert (status, err) == (0, "")
   plan = json.loads(out)  # the whole of stdout is one JSON object
   check_plan_shape(plan, strategy, objective)
-  assert plan["model"] == {"id": "llama-3.1-70b", "n_layers": 80}
+  vocab_matrix = 128256 * 8192 * 4.5 / 8  # untied: the embedding and the output head are two 4-bit matrices of the same size
+  assert plan["model"] == {
+    "id": "llama-3.1-70b",
+    "n_layers": 80,
+    "layer_bytes": 855_654_400 * 4.5 / 8,
+    "layer_flops": 2 * 855_654_400,
+    "activation_bytes": 8192 * 4,
+    "kv_bytes_per_layer": 2 * 8 * 128 * 8192 * 4,
+    "embed_bytes": vocab_matrix,
+    "head_bytes": 8192 * 4 + vocab_matrix,
+    "tied_embeddings": False,
+  }
   assert plan["params"] == {"memory_headroom": 0.1, "default_rtt_ms": 5.0}
+
+
+def test_embedding_and_head_figures_are_shown(tmp_path, capsys):
+  model = {**HAND_MODEL, "embed_bytes": 1.5 * 2**20, "head_bytes": 2**21, "tied_embeddings": True}
+  args = ["--topology", write(tmp_path, "hand.json", HAND_TOPOLOGY), "--model-spec", write(tmp_path, "m.json", model)]
+  status, out, _ = run(capsys, *args, "--json")
+  assert status == 0 and json.loads(out)["model"] == {**model, "kv_bytes_per_layer": 0}
+  status, out, _ = run(capsys, *args, "--compare", "--json")
+  both = json.loads(out)
+  assert status == 0 and both["flops-latency"]["model"] == both["ring-memory-weighted"]["model"] == {**model, "kv_bytes_per_layer": 0}
+  status, out, _ = run(capsys, *args)
+  assert status == 0 and "Model: embedding 1.5 MB on the first stage, head 2.0 MB on the last, tied embeddings" in out
 
 
 def test_json_hand_checked_predictions(tmp_path, capsys):
@@ -146,7 +180,7 @@ def test_json_unknown_speeds_are_null(tmp_path, capsys):
 def test_table_shows_ring_predictions_and_left_out_nodes(tmp_path, capsys):
   status, out, err = run(capsys, *four_args(tmp_path))
   assert (status, err) == (0, "")
-  for text in ["flops-latency plan: llama-3.1-70b", "linux", "studio", "NVIDIA GeForce RTX 4090", "0-44", "45-79", "Predicted: TPOT", "TTFT"]:
+  for text in ["flops-latency plan: llama-3.1-70b", "linux", "studio", "NVIDIA GeForce RTX 4090", "0-41", "42-79", "Predicted: TPOT", "TTFT"]:
     assert text in out
   assert "Left out of the ring: air, mbp" in out
   assert "Traceback" not in out

@@ -13,14 +13,14 @@ import zlib
 
 import numpy as np
 
-from exo.inference.inference_engine import InferenceEngine
-from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
+from exo.inference.sharded_engine import ModelDims, ShardedEngine
 
 EOS_TOKEN = 2
 TOKEN_OFFSET = 3  # token = byte + 3
 VOCAB_SIZE = 512
 HIDDEN_SIZE = 8
+CONTEXT_LENGTH = 1 << 20
 EOS_MIN, EOS_SPAN = 20, 41  # default EOS after 20..60 generated tokens
 _PRINTABLE = np.arange(32 + TOKEN_OFFSET, 127 + TOKEN_OFFSET)  # the tokens greedy decoding may produce besides EOS
 _MASKED = -1e9
@@ -49,23 +49,21 @@ class _Layer:
 
 class _Request:
   def __init__(self):
-    self.position = 0  # positions this shard has processed for the request
     self.history: dict[int, np.ndarray] = {}  # layer -> running sum of its inputs
     self.prompt_length: int | None = None
     self.eos_at: int | None = None  # generated tokens before EOS
 
 
-class DummyInferenceEngine(InferenceEngine):
+class DummyInferenceEngine(ShardedEngine):
   """`eos_after`: generate exactly that many tokens before EOS (a huge value: never); None: 20..60 depending on the prompt.
-  `seed` drives sampling at temperature > 0."""
+  `seed` drives sampling at temperature > 0. Request state and its checks are ShardedEngine's, as in the real engines."""
 
   def __init__(self, eos_after: int | None = None, seed: int = 0):
     if eos_after is not None and eos_after < 0:
       raise ValueError(f"eos_after must be >= 0 or None, got {eos_after!r}")
+    super().__init__(seed)
     self.eos_after = eos_after
-    self._sampler = np.random.default_rng(seed)
     self._layers: dict[int, _Layer] = {}
-    self._requests: dict[str, _Request] = {}
     rng = _rng(2)
     self._embed_freq = rng.uniform(0.01, 1.0, (2, HIDDEN_SIZE))
     self._embed_phase = rng.uniform(0, 2 * np.pi, HIDDEN_SIZE)
@@ -82,42 +80,30 @@ class DummyInferenceEngine(InferenceEngine):
     """No template: the turns' contents, one per line, end with an assistant cue."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
-  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    return sample_last(logits, temperature, self._sampler)
-
   def eos_token_ids(self, shard: Shard) -> set[int]:
     return {EOS_TOKEN}
 
-  async def finish_request(self, request_id: str) -> None:
-    self._requests.pop(request_id, None)
+  # ShardedEngine's model-specific work, inline: microseconds
 
-  def active_requests(self) -> set[str]:
-    """Ids of the requests whose state this engine holds."""
-    return set(self._requests)
+  async def _in_worker(self, fn, *args):
+    return fn(*args)
 
-  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray) -> np.ndarray:
-    """Token ids ((P,) or (1, P) ints) on the first shard, else hidden states (1, P, HIDDEN_SIZE) float32. Returns hidden states
-    of that shape, or logits (1, P, VOCAB_SIZE) float32 on the last shard."""
-    request = self._requests.get(request_id) or _Request()  # stored only once the input is valid
-    if shard.is_first_layer():
-      tokens = np.asarray(input_data)
-      if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim not in (1, 2) or tokens.size == 0:
-        raise ValueError(f"the first shard takes (P,) or (1, P) token ids, got {tokens.dtype} {tokens.shape}")
-      tokens = tokens.reshape(-1)
-      positions = np.arange(request.position, request.position + len(tokens))
-      h = self._embed(tokens, positions)
-    else:
-      h = np.asarray(input_data)
-      if h.ndim != 3 or h.shape[0] != 1 or h.shape[2] != HIDDEN_SIZE or h.shape[1] == 0:
-        raise ValueError(f"shard {shard} takes hidden states (1, P, {HIDDEN_SIZE}), got {h.shape}")
-      h = h[0].astype(np.float32)
-      positions = np.arange(request.position, request.position + len(h))
+  def _load_model(self, shard: Shard) -> None:
+    return None
+
+  def _new_cache(self, model: None, shard: Shard) -> _Request:
+    return _Request()
+
+  def _dims(self, model: None) -> ModelDims:
+    return ModelDims(VOCAB_SIZE, HIDDEN_SIZE, CONTEXT_LENGTH)
+
+  def _forward(self, model: None, request: _Request, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+    positions = np.arange(position, position + len(x))
+    h = self._embed(x, positions) if shard.is_first_layer() else x
     for layer in range(shard.start_layer, shard.end_layer + 1):
       h, request.history[layer] = self._layer(layer)(h, positions, request.history.get(layer, np.zeros(HIDDEN_SIZE)))
     if request.prompt_length is None:
       request.prompt_length = len(h)
-    request.position += len(h)
-    self._requests[request_id] = request
     if not shard.is_last_layer():
       return h[None]
     return self._logits(request, h, positions)[None]

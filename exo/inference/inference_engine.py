@@ -26,9 +26,10 @@ class InferenceEngine(ABC):
     """The next token from the last position's logits; temperature 0 is greedy."""
 
   @abstractmethod
-  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray) -> np.ndarray:
+  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
     """Run the shard's layers. Input: token ids on the first shard, else the previous shard's hidden states. Output: hidden
-    states, or logits on the last shard. Called first with the whole prompt, then with one new token at a time."""
+    states, or logits on the last shard. Called first with the whole prompt at position 0, then with one new token at a time
+    at the position of its first row; a step this engine cannot place (unknown request, wrong position) raises."""
 
   @abstractmethod
   def eos_token_ids(self, shard: Shard) -> set[int]:

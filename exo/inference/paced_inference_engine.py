@@ -46,11 +46,11 @@ class PacedInferenceEngine(InferenceEngine):
   def delay(self, shard: Shard, input_data: np.ndarray) -> float:
     return pacing_delay(shard, self.model, self.device, positions_in(input_data), self.prompt_tokens_scale)
 
-  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray) -> np.ndarray:
+  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
     delay = self.delay(shard, input_data)
     async with self._busy:
       start = time.perf_counter()
-      output = await self.inner.infer_tensor(request_id, shard, input_data)
+      output = await self.inner.infer_tensor(request_id, shard, input_data, position)
       remaining = delay - (time.perf_counter() - start)
       if remaining > 0:
         await asyncio.sleep(remaining)

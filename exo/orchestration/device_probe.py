@@ -8,8 +8,10 @@ import logging
 import math
 import platform
 import shutil
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 
 import numpy as np
 import psutil
@@ -21,6 +23,12 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 2.0
 MEASURE_SECONDS = 1.0  # per benchmark; both together stay within about two seconds
+MIN_REPEATS = 5  # timed repeats per benchmark even past its time, so the median is never one sample
+MIN_MATMUL_SECONDS = 0.01  # matmul sizes grow at least until one product takes this long
+MATMUL_GROWTH_GAIN = 1.1  # ... and past it while doubling the size changes the rate by this factor or more
+MAX_MATMUL_N = 2048  # three float32 2048 x 2048 matrices: 48 MB, under the probe's 64 MB memory budget
+BANDWIDTH_BUFFER_MB = 24  # each of the two copy buffers: 48 MB together, more than typical last-level caches
+COPIES_PER_REPEAT = 4  # copies timed together, so one repeat lasts milliseconds even at hundreds of GB/s
 UNKNOWN_MODEL = "Unknown Model"
 UNKNOWN_CHIP = "Unknown Chip"
 
@@ -90,53 +98,60 @@ def detect_model_chip_memory() -> tuple[str, str, float]:
   return f"{system or 'Unknown'} Box", platform.processor() or UNKNOWN_CHIP, system_memory_mb()
 
 
-def measure_tflops(seconds: float = MEASURE_SECONDS) -> float:
-  """Best fp32 TFLOPS of square numpy matmuls over about `seconds`; the size grows until one product takes 10 ms or more."""
+def _median_of_repeats(run_once: Callable[[], float], seconds: float) -> float:
+  """Median of `run_once()` over about `seconds`, at least MIN_REPEATS times: robust to a busy machine's slow outliers."""
   deadline = time.perf_counter() + seconds
-  n, best = 128, 0.0
+  samples = []
+  while len(samples) < MIN_REPEATS or time.perf_counter() < deadline:
+    samples.append(run_once())
+  return statistics.median(samples)
+
+
+def _matmul_tflops(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> float:
+  """TFLOPS of one timed a @ b into out (square, n x n); 0 if the clock did not move."""
+  start = time.perf_counter()
+  np.matmul(a, b, out=out)
+  elapsed = time.perf_counter() - start
+  return 2 * a.shape[0] ** 3 / elapsed / 1e12 if elapsed > 0 else 0.0
+
+
+def measure_tflops(seconds: float = MEASURE_SECONDS, max_n: int = MAX_MATMUL_N) -> float:
+  """Median fp32 TFLOPS of square numpy matmuls over about `seconds`, at a size n that doubles from 128 until one product takes
+  MIN_MATMUL_SECONDS and the rate has levelled off (best of two products within MATMUL_GROWTH_GAIN of the last size's), or n
+  reaches `max_n`. Only one size's matrices exist at a time: 48 MB at n = 2048. Growing past jumpy rates keeps a busy machine's
+  scheduler waits, which swamp small products, from setting the figure."""
+  deadline = time.perf_counter() + seconds
   rng = np.random.default_rng(0)
+  n, previous = 128, 0.0
   while True:
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     out = np.empty((n, n), dtype=np.float32)
     np.matmul(a, b, out=out)  # warm-up: thread pool start, page faults
-    start = time.perf_counter()
-    np.matmul(a, b, out=out)
-    elapsed = time.perf_counter() - start
-    if elapsed > 0:
-      best = max(best, 2 * n**3 / elapsed / 1e12)
-    if elapsed >= 0.01 or n >= 4096 or time.perf_counter() >= deadline:
+    rate = max(_matmul_tflops(a, b, out), _matmul_tflops(a, b, out))
+    long_enough = rate * 1e12 * MIN_MATMUL_SECONDS <= 2 * n**3
+    if n * 2 > max_n or (long_enough and previous / MATMUL_GROWTH_GAIN <= rate < previous * MATMUL_GROWTH_GAIN):
       break
-    n *= 2
-  while time.perf_counter() < deadline:
-    start = time.perf_counter()
-    np.matmul(a, b, out=out)
-    elapsed = time.perf_counter() - start
-    if elapsed > 0:
-      best = max(best, 2 * n**3 / elapsed / 1e12)
-  return best
+    del a, b, out  # freed before the next size is allocated, so two sizes never coexist
+    n, previous = n * 2, rate
+  return _median_of_repeats(lambda: _matmul_tflops(a, b, out), deadline - time.perf_counter())
 
 
-def measure_memory_bandwidth(seconds: float = MEASURE_SECONDS, size_mb: int = 256) -> float:
-  """Best GB/s (1e9 B/s) of np.copyto between two arrays larger than the caches, counting the bytes read and the bytes written."""
-  deadline = time.perf_counter() + seconds
-  try:
-    available = psutil.virtual_memory().available
-  except Exception:  # psutil raises platform-specific errors
-    available = 0
-  if available:
-    size_mb = max(8, min(size_mb, int(available / 2**20 / 8)))
+def measure_memory_bandwidth(seconds: float = MEASURE_SECONDS, size_mb: int = BANDWIDTH_BUFFER_MB) -> float:
+  """Median GB/s (1e9 B/s) over about `seconds` of np.copyto between two `size_mb` arrays, counting the bytes read and the bytes
+  written. Each repeat copies COPIES_PER_REPEAT times; the two buffers together (48 MB by default) exceed typical last-level caches."""
   src = np.ones(size_mb * 2**20 // 4, dtype=np.float32)
-  dst = np.zeros_like(src)  # both touched before timing, so no page fault is timed
-  best = 0.0
-  while True:
+  dst = np.empty_like(src)
+  np.copyto(dst, src)  # warm-up: touches every page of dst, so no page fault is timed
+
+  def copy_gbs() -> float:
     start = time.perf_counter()
-    np.copyto(dst, src)
+    for _ in range(COPIES_PER_REPEAT):
+      np.copyto(dst, src)
     elapsed = time.perf_counter() - start
-    if elapsed > 0:
-      best = max(best, 2 * src.nbytes / elapsed / 1e9)
-    if time.perf_counter() >= deadline:
-      return best
+    return 2 * src.nbytes * COPIES_PER_REPEAT / elapsed / 1e9 if elapsed > 0 else 0.0
+
+  return _median_of_repeats(copy_gbs, seconds)
 
 
 def _safe(measure, what: str) -> float:

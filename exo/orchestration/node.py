@@ -310,7 +310,7 @@ class Node:
         raise RequestFailed(f"node {self.id!r} was sent layers {shard.start_layer}-{shard.end_layer}, which the request's plan does not give it")
       if prompt is not None:
         tensor = (await self.engine.encode(shard, prompt))[None, :]
-      out = await self.engine.infer_tensor(context.request_id, shard, tensor)
+      out = await self.engine.infer_tensor(context.request_id, shard, tensor, context.position)
       if index < len(ring.stages) - 1:
         await self._deliver(ring.stages[index + 1].node_id, "tensor", ring.shard(index + 1), out, context)
         return
@@ -320,7 +320,8 @@ class Node:
       finished = token in self.engine.eos_token_ids(shard) or len(tokens) >= context.max_tokens
       # The next step goes round first, so the report to the origin is off the ring's critical path (one RPC less per token).
       if not finished and context.request_id not in self._orphans:
-        await self._deliver(ring.stages[0].node_id, "tensor", ring.shard(0), np.array([[token]], dtype=np.int64), context)
+        next_step = context.at(context.position + out.shape[1])
+        await self._deliver(ring.stages[0].node_id, "tensor", ring.shard(0), np.array([[token]], dtype=np.int64), next_step)
       try:
         await self._report(context, list(tokens), finished)
       except Exception:

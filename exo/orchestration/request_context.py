@@ -60,3 +60,8 @@ class RequestContext:
   origin_node_id: str
   plan: RingPlan
   max_tokens: int
+  position: int = 0  # position of the message's first token: 0 for the prompt, then prompt length + tokens generated before it
+
+  def at(self, position: int) -> "RequestContext":
+    """The same request's context for a message starting at `position`."""
+    return RequestContext(self.request_id, self.origin_node_id, self.plan, self.max_tokens, position)

@@ -7,12 +7,13 @@ from exo.errors import PlanError
 from exo.topology.device_capabilities import non_negative_number, reject_unknown_keys
 from exo.topology.topology import parse_json, read_text
 
-ACTIVATION_DTYPE_BYTES = 2  # hidden states and KV cache travel and live in fp16/bf16
+FLOAT32_BYTES = 4  # the engines send hidden states between stages and keep the KV cache in float32; the final norm is counted as float32
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-  """Per-layer figures of a transformer (docs/DESIGN.md section 2): bytes of weights, FLOPs per token, hidden-state bytes, KV bytes."""
+  """A transformer's figures (docs/DESIGN.md section 2): per layer, bytes of weights, FLOPs per token, hidden-state bytes sent per token
+  and KV bytes; and the bytes of the token embedding (first stage) and of the final norm and output head (last stage)."""
 
   id: str
   n_layers: int
@@ -20,6 +21,9 @@ class ModelSpec:
   layer_flops: float
   activation_bytes: float
   kv_bytes_per_layer: float = 0.0
+  embed_bytes: float = 0.0
+  head_bytes: float = 0.0
+  tied_embeddings: bool = False
 
   def to_dict(self) -> dict:
     return asdict(self)
@@ -28,9 +32,10 @@ class ModelSpec:
   def from_dict(data: dict, where: str = "model spec") -> "ModelSpec":
     if not isinstance(data, dict):
       raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
-    keys = {"id", "n_layers", "layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer"}
-    reject_unknown_keys(data, keys, where)
-    for key in sorted(keys - {"kv_bytes_per_layer"}):
+    required = {"id", "n_layers", "layer_bytes", "layer_flops", "activation_bytes"}
+    sizes = ("layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer", "embed_bytes", "head_bytes")
+    reject_unknown_keys(data, {*required, *sizes, "tied_embeddings"}, where)
+    for key in sorted(required):
       if key not in data:
         raise PlanError(f"{where} is missing {key!r}")
     if not isinstance(data["id"], str) or not data["id"]:
@@ -38,10 +43,14 @@ class ModelSpec:
     n_layers = data["n_layers"]
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
       raise PlanError(f"{where}.n_layers must be an integer >= 1, got {n_layers!r}")
+    tied = data.get("tied_embeddings", False)
+    if not isinstance(tied, bool):
+      raise PlanError(f"{where}.tied_embeddings must be true or false, got {tied!r}")
     spec = ModelSpec(
       id=data["id"],
       n_layers=n_layers,
-      **{k: non_negative_number(data.get(k, 0), f"{where}.{k}") for k in ("layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer")},
+      tied_embeddings=tied,
+      **{k: non_negative_number(data.get(k, 0), f"{where}.{k}") for k in sizes},
     )
     if spec.layer_bytes + spec.kv_bytes_per_layer <= 0:
       raise PlanError(f"{where}.layer_bytes must be > 0, got {spec.layer_bytes!r}")
@@ -54,7 +63,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Architecture:
-  """Llama-style decoder shape. `bits_per_weight` includes quantisation scales (4-bit with fp16 scale+bias per 64 weights = 4.5)."""
+  """Llama-style decoder shape. `bits_per_weight` includes quantisation scales (4-bit with fp16 scale+bias per 64 weights = 4.5);
+  `embed_bits_per_weight` is the token embedding's when a build stores it at another precision (None: the layers' precision)."""
 
   n_layers: int
   hidden_size: int
@@ -63,6 +73,9 @@ class Architecture:
   n_kv_heads: int
   bits_per_weight: float
   context_length: int
+  vocab_size: int
+  tied_embeddings: bool
+  embed_bits_per_weight: float | None = None
 
   @property
   def head_dim(self) -> int:
@@ -76,12 +89,18 @@ class Architecture:
     return attention + mlp + 2 * h
 
   def spec(self, model_id: str) -> ModelSpec:
+    """The model's figures; the output matrix is counted at the embedding's precision, as tied builds share that one matrix."""
     params = self.layer_params()
+    embed_bits = self.bits_per_weight if self.embed_bits_per_weight is None else self.embed_bits_per_weight
+    vocab_matrix_bytes = self.vocab_size * self.hidden_size * embed_bits / 8
     return ModelSpec(
       id=model_id,
       n_layers=self.n_layers,
       layer_bytes=params * self.bits_per_weight / 8,
       layer_flops=2.0 * params,
-      activation_bytes=float(self.hidden_size * ACTIVATION_DTYPE_BYTES),
-      kv_bytes_per_layer=float(2 * self.n_kv_heads * self.head_dim * self.context_length * ACTIVATION_DTYPE_BYTES),
+      activation_bytes=float(self.hidden_size * FLOAT32_BYTES),
+      kv_bytes_per_layer=float(2 * self.n_kv_heads * self.head_dim * self.context_length * FLOAT32_BYTES),
+      embed_bytes=vocab_matrix_bytes,
+      head_bytes=self.hidden_size * FLOAT32_BYTES + vocab_matrix_bytes,
+      tied_embeddings=self.tied_embeddings,
     )

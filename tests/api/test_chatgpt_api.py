@@ -6,7 +6,6 @@ import threading
 import urllib.error
 import urllib.request
 
-import numpy as np
 import openai
 import pytest
 
@@ -18,6 +17,7 @@ from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.orchestration.node import Node
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from tests.support.greedy import greedy_tokens
 
 SERVED = "llama-3.2-1b"
 CAPS = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
@@ -70,10 +70,7 @@ def reference(messages: list[dict], model_id: str = SERVED, max_tokens: int = MA
     engine, model = DummyInferenceEngine(), model_spec(model_id)
     shard = Shard(model.id, 0, model.n_layers - 1, model.n_layers)
     prompt = await engine.apply_chat_template(shard, messages)
-    tokens, x = [], (await engine.encode(shard, prompt))[None]
-    while not tokens or (tokens[-1] not in engine.eos_token_ids(shard) and len(tokens) < max_tokens):
-      tokens.append(await engine.sample(await engine.infer_tensor("reference", shard, x)))
-      x = np.array([[tokens[-1]]], dtype=np.int64)
+    tokens = await greedy_tokens(engine, shard, await engine.encode(shard, prompt), max_tokens)
     text = await engine.decode(shard, [t for t in tokens if t not in engine.eos_token_ids(shard)])
     return prompt, tokens, text
 

@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 EXO = [sys.executable, "-m", "exo.main"]
@@ -279,16 +277,10 @@ async def reference_tokens(model, prompt: str, max_tokens: int) -> list[int]:
   """The dummy engine's tokens for `prompt` with the whole model as one shard on one engine: what every ring must reproduce."""
   from exo.inference.dummy_inference_engine import DummyInferenceEngine
   from exo.inference.shard import Shard
+  from tests.support.greedy import greedy_tokens
 
   engine, shard = DummyInferenceEngine(), Shard(model.id, 0, model.n_layers - 1, model.n_layers)
-  tokens, data = [], (await engine.encode(shard, prompt))[None, :]
-  while len(tokens) < max_tokens:
-    token = await engine.sample(await engine.infer_tensor("reference", shard, data))
-    tokens.append(token)
-    if token in engine.eos_token_ids(shard):
-      break
-    data = np.array([[token]], dtype=np.int64)
-  return tokens
+  return await greedy_tokens(engine, shard, await engine.encode(shard, prompt), max_tokens)
 
 
 class Spy:
@@ -297,9 +289,9 @@ class Spy:
   def __init__(self, inner, node_id: str, calls: list):
     self.inner, self.node_id, self.calls = inner, node_id, calls
 
-  async def infer_tensor(self, request_id, shard, input_data):
+  async def infer_tensor(self, request_id, shard, input_data, position=0):
     self.calls.append((request_id, self.node_id, shard.start_layer, shard.end_layer))
-    return await self.inner.infer_tensor(request_id, shard, input_data)
+    return await self.inner.infer_tensor(request_id, shard, input_data, position)
 
   def __getattr__(self, name):
     return getattr(self.inner, name)

@@ -1,17 +1,34 @@
 """A plain numpy Llama forward pass, the reference the real engines are tested against; clear rather than fast.
 
 Weights follow exo.inference.llama_weights: Hugging Face names with global layer indices, (out, in) matrices (y = x @ W.T),
-rotate-half RoPE. Per layer: h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)). Attention is grouped-query (query
+rotate-half RoPE, at any held precision (quantized matrices are dequantized once, then computed with in float32), with the Q, K
+and V biases of a Qwen2 where the weights have them. Per layer: h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)). Attention is grouped-query (query
 head j reads key/value head j // (n_heads / n_kv_heads)) with a causal mask. The KV cache is an explicit dict
 {layer: (keys, values)}, keys and values shaped (n_kv_heads, positions, head_dim) and already rotated, so a model split into
 shards, each with its own cache dict, computes exactly what the whole model does.
 """
 
+import functools
 import math
 
 import numpy as np
 
 from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, rope_inv_freq
+from exo.inference.quantized import QuantizedMatrix
+
+
+@functools.lru_cache(maxsize=1024)
+def _dequantized(w: QuantizedMatrix) -> np.ndarray:
+  return w.dequantize()
+
+
+def dense(w) -> np.ndarray:
+  """A held weight as float32."""
+  return _dequantized(w) if isinstance(w, QuantizedMatrix) else np.asarray(w, dtype=np.float32)
+
+
+def _w(weights: dict, name: str) -> np.ndarray:
+  return dense(weights[name])
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -40,7 +57,10 @@ def attention(x: np.ndarray, weights: dict, layer: int, config: LlamaConfig, pos
   t, hd = x.shape[0], config.head_dim
 
   def project(name: str, heads: int) -> np.ndarray:  # (T, hidden) -> (heads, T, head_dim)
-    return (x @ weights[layer_key(layer, f"self_attn.{name}.weight")].T).reshape(t, heads, hd).transpose(1, 0, 2)
+    y = x @ _w(weights, layer_key(layer, f"self_attn.{name}.weight")).T
+    if (bias := layer_key(layer, f"self_attn.{name}.bias")) in weights:
+      y = y + _w(weights, bias)
+    return y.reshape(t, heads, hd).transpose(1, 0, 2)
 
   q = apply_rope(project("q_proj", config.n_heads), positions, config)
   k = apply_rope(project("k_proj", config.n_kv_heads), positions, config)
@@ -53,13 +73,13 @@ def attention(x: np.ndarray, weights: dict, layer: int, config: LlamaConfig, pos
   scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)  # (heads, T, S); key s sits at position s (math.sqrt: a Python float keeps float32)
   visible = np.arange(k.shape[1])[None, :] <= positions[:, None]  # causal: a query sees keys at or before its position
   out = softmax(np.where(visible[None], scores, -np.inf)) @ v  # (heads, T, head_dim)
-  return out.transpose(1, 0, 2).reshape(t, config.n_heads * hd) @ weights[layer_key(layer, "self_attn.o_proj.weight")].T
+  return out.transpose(1, 0, 2).reshape(t, config.n_heads * hd) @ _w(weights, layer_key(layer, "self_attn.o_proj.weight")).T
 
 
 def mlp(x: np.ndarray, weights: dict, layer: int) -> np.ndarray:
-  gate = x @ weights[layer_key(layer, "mlp.gate_proj.weight")].T
-  up = x @ weights[layer_key(layer, "mlp.up_proj.weight")].T
-  return (gate / (1 + np.exp(-gate)) * up) @ weights[layer_key(layer, "mlp.down_proj.weight")].T  # SiLU(gate) * up
+  gate = x @ _w(weights, layer_key(layer, "mlp.gate_proj.weight")).T
+  up = x @ _w(weights, layer_key(layer, "mlp.up_proj.weight")).T
+  return (gate / (1 + np.exp(-gate)) * up) @ _w(weights, layer_key(layer, "mlp.down_proj.weight")).T  # SiLU(gate) * up
 
 
 def forward(weights: dict, config: LlamaConfig, x: np.ndarray, start_layer: int, end_layer: int, cache: dict | None = None) -> np.ndarray:
@@ -68,13 +88,15 @@ def forward(weights: dict, config: LlamaConfig, x: np.ndarray, start_layer: int,
   continue from what `cache` holds for start_layer; `cache` is updated in place (pass None for a one-off pass)."""
   cache = {} if cache is None else cache
   start = cache[start_layer][0].shape[1] if start_layer in cache else 0
-  h = weights[EMBED][np.asarray(x)] if start_layer == 0 else np.asarray(x, dtype=np.float32)
+  h = _w(weights, EMBED)[np.asarray(x)] if start_layer == 0 else np.asarray(x, dtype=np.float32)
   positions = np.arange(start, start + h.shape[0])
   for layer in range(start_layer, end_layer + 1):
-    h = h + attention(rms_norm(h, weights[layer_key(layer, "input_layernorm.weight")], config.rms_norm_eps), weights, layer, config, positions, cache)
-    h = h + mlp(rms_norm(h, weights[layer_key(layer, "post_attention_layernorm.weight")], config.rms_norm_eps), weights, layer)
+    h = h + attention(
+      rms_norm(h, _w(weights, layer_key(layer, "input_layernorm.weight")), config.rms_norm_eps), weights, layer, config, positions, cache
+    )
+    h = h + mlp(rms_norm(h, _w(weights, layer_key(layer, "post_attention_layernorm.weight")), config.rms_norm_eps), weights, layer)
   if end_layer == config.n_layers - 1:
-    return rms_norm(h, weights[NORM], config.rms_norm_eps) @ weights[LM_HEAD].T
+    return rms_norm(h, _w(weights, NORM), config.rms_norm_eps) @ _w(weights, LM_HEAD).T
   return h
 
 

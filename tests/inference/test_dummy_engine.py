@@ -5,6 +5,7 @@ import pytest
 
 from exo.inference.dummy_inference_engine import EOS_TOKEN, HIDDEN_SIZE, VOCAB_SIZE, DummyInferenceEngine
 from exo.inference.shard import Shard
+from tests.support.greedy import greedy_tokens
 
 N_LAYERS = 8
 WHOLE = Shard("dummy", 0, N_LAYERS - 1, N_LAYERS)
@@ -20,11 +21,12 @@ async def run_ring(sizes: list[int], prompt: str, steps: int, request_id: str = 
   shards = shards_for(sizes)
   engines = [DummyInferenceEngine(eos_after=eos_after) for _ in shards]
   x = await engines[0].encode(shards[0], prompt)
-  outputs, tokens = [], []
+  outputs, tokens, position = [], [], 0
   for _ in range(steps + 1):
     for engine, shard in zip(engines, shards):
-      x = await engine.infer_tensor(request_id, shard, x)
+      x = await engine.infer_tensor(request_id, shard, x, position)
       outputs.append(x)
+    position += x.shape[1]
     token = await engines[-1].sample(x)
     tokens.append(token)
     x = np.array([[token]], dtype=np.int64)
@@ -32,15 +34,7 @@ async def run_ring(sizes: list[int], prompt: str, steps: int, request_id: str = 
 
 
 async def generate(engine: DummyInferenceEngine, prompt: str, max_tokens: int, request_id: str = "g") -> list[int]:
-  x, tokens = await engine.encode(WHOLE, prompt), []
-  while len(tokens) < max_tokens:
-    token = await engine.sample(await engine.infer_tensor(request_id, WHOLE, x))
-    tokens.append(token)
-    if token in engine.eos_token_ids(WHOLE):
-      break
-    x = np.array([token], dtype=np.int64)
-  await engine.finish_request(request_id)
-  return tokens
+  return await greedy_tokens(engine, WHOLE, await engine.encode(WHOLE, prompt), max_tokens, request_id)
 
 
 @pytest.mark.parametrize("sizes", [[3, 5], [2, 2, 4], [1] * 8, [7, 1]])
@@ -77,7 +71,7 @@ def test_output_depends_on_history():
 
   async def last_logits(prefix: str, request_id: str):
     await engine.infer_tensor(request_id, WHOLE, await engine.encode(WHOLE, prefix))
-    return await engine.infer_tensor(request_id, WHOLE, token)
+    return await engine.infer_tensor(request_id, WHOLE, token, len(prefix))
 
   assert not np.array_equal(asyncio.run(last_logits("abcd", "x")), asyncio.run(last_logits("abce", "y")))
 
@@ -102,11 +96,12 @@ def test_interleaved_requests_do_not_interfere():
   async def interleaved():
     engine = DummyInferenceEngine()
     xs = {r: await engine.encode(WHOLE, p) for r, p in (("a", "first prompt"), ("b", "second prompt"))}
-    tokens = {"a": [], "b": []}
+    tokens, positions = {"a": [], "b": []}, {"a": 0, "b": 0}
     for _ in range(8):
       for r in ("a", "b"):
-        t = await engine.sample(await engine.infer_tensor(r, WHOLE, xs[r]))
+        t = await engine.sample(await engine.infer_tensor(r, WHOLE, xs[r], positions[r]))
         tokens[r].append(t)
+        positions[r] += len(xs[r])
         xs[r] = np.array([t], dtype=np.int64)
     return tokens
 

@@ -1,6 +1,5 @@
 import dataclasses
 import json
-import struct
 from pathlib import Path
 
 import gguf
@@ -9,11 +8,13 @@ import pytest
 
 from exo.errors import PlanError
 from exo.inference import llama_weights, model_files
-from exo.inference.llama_weights import EMBED, LAYER_PARTS, LM_HEAD, NORM, LlamaConfig, layer_key, load_config, load_shard_weights
+from exo.inference.llama_weights import EMBED, LAYER_PARTS, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, load_config, load_shard_weights
 from exo.inference.model_files import locate_model
+from exo.inference.quantized import QuantizedMatrix, from_gguf_blocks, from_mlx
 from exo.inference.shard import Shard
 from exo.inference.tokenizer import _pre_tokenizer, load_tokenizer
 from tests.inference.numpy_llama import apply_rope, forward, generate
+from tests.inference.tiny_models import TINY, TINY_QWEN2, llama_cpp_permute, mlx_quantize, tiny_weights, write_gguf, write_hf_dir, write_safetensors
 
 SMOLLM = "smollm2-135m"
 Q = gguf.GGMLQuantizationType
@@ -119,20 +120,15 @@ def test_dequantize_hand_built_blocks(qtype):
   values = llama_weights.dequantize(rows, qtype)
   assert values.dtype == np.float32 and values.shape == (2, 32)
   np.testing.assert_array_equal(values.ravel(), np.float32(expected))
+  if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0):  # kept quantized: the same values from the affine groups
+    held = from_gguf_blocks(rows.reshape(1, -1), qtype)
+    assert held.shape == (1, 64) and held.nbytes == 64 * (held.bits + 1) // 8
+    np.testing.assert_array_equal(held.dequantize().ravel(), np.float32(expected))
 
 
-# Conventions, on a tiny random model written both as llama.cpp would convert it and as a Hugging Face checkpoint
+# Conventions, on tiny random models written as llama.cpp, Hugging Face and MLX would write them (tests/inference/tiny_models.py)
 
-TINY = LlamaConfig(
-  vocab_size=40, hidden_size=32, intermediate_size=48, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, rope_theta=500000.0,
-  rms_norm_eps=1e-5, context_length=1024, tie_word_embeddings=False,
-)  # fmt: skip
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-
-
-def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """convert_hf_to_gguf.py's LlamaModel.permute: per head, rows (2, head_dim/2) -> (head_dim/2, 2)."""
-  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def ggml_rope(x: np.ndarray, positions: np.ndarray, config: LlamaConfig) -> np.ndarray:
@@ -142,88 +138,6 @@ def ggml_rope(x: np.ndarray, positions: np.ndarray, config: LlamaConfig) -> np.n
   out = np.empty_like(x)
   out[..., 0::2], out[..., 1::2] = even * np.cos(angles) - odd * np.sin(angles), even * np.sin(angles) + odd * np.cos(angles)
   return out
-
-
-def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  c, attn = TINY, TINY.n_heads * TINY.head_dim
-  shapes = {EMBED: (c.vocab_size, c.hidden_size), NORM: (c.hidden_size,), LM_HEAD: (c.vocab_size, c.hidden_size)}
-  for i in range(c.n_layers):
-    parts = {
-      "input_layernorm.weight": (c.hidden_size,),
-      "self_attn.q_proj.weight": (attn, c.hidden_size),
-      "self_attn.k_proj.weight": (c.n_kv_heads * c.head_dim, c.hidden_size),
-      "self_attn.v_proj.weight": (c.n_kv_heads * c.head_dim, c.hidden_size),
-      "self_attn.o_proj.weight": (c.hidden_size, attn),
-      "post_attention_layernorm.weight": (c.hidden_size,),
-      "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-      "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-      "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-    }
-    shapes.update({layer_key(i, part): shape for part, shape in parts.items()})
-  return {
-    name: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32)
-    for name, s in shapes.items()
-  }
-
-
-def write_gguf(path: Path, weights: dict[str, np.ndarray], config: LlamaConfig, rope_factors: np.ndarray | None = None):
-  """As convert_hf_to_gguf.py writes a Llama: llama.cpp names, Q and K rows permuted, numpy (out, in) arrays."""
-  writer = gguf.GGUFWriter(str(path), "llama")
-  writer.add_block_count(config.n_layers)
-  writer.add_context_length(config.context_length)
-  writer.add_embedding_length(config.hidden_size)
-  writer.add_feed_forward_length(config.intermediate_size)
-  writer.add_head_count(config.n_heads)
-  writer.add_head_count_kv(config.n_kv_heads)
-  writer.add_rope_freq_base(config.rope_theta)
-  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-  writer.add_vocab_size(config.vocab_size)
-  names = {EMBED: "token_embd.weight", NORM: "output_norm.weight", LM_HEAD: "output.weight"}
-  gguf_parts = dict(zip(LAYER_PARTS, ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]))
-  for name, w in weights.items():
-    if name in names:
-      writer.add_tensor(names[name], w)
-      continue
-    layer, part = name.removeprefix("model.layers.").split(".", 1)
-    if part == "self_attn.q_proj.weight":
-      w = llama_cpp_permute(w, config.n_heads)
-    elif part == "self_attn.k_proj.weight":
-      w = llama_cpp_permute(w, config.n_kv_heads)
-    writer.add_tensor(f"blk.{layer}.{gguf_parts[part]}.weight", w)
-  if rope_factors is not None:
-    writer.add_tensor("rope_freqs.weight", rope_factors.astype(np.float32))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], bf16: frozenset = frozenset()):
-  """The safetensors format by hand: u64 header size, JSON header of dtypes, shapes and byte ranges, then the raw data."""
-  header, blobs, offset = {}, [], 0
-  for name, w in tensors.items():
-    data = (w.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes() if name in bf16 else w.astype(np.float32).tobytes()
-    header[name] = {"dtype": "BF16" if name in bf16 else "F32", "shape": list(w.shape), "data_offsets": [offset, offset + len(data)]}
-    blobs.append(data)
-    offset += len(data)
-  encoded = json.dumps(header).encode()
-  encoded += b" " * (-len(encoded) % 8)
-  path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
-
-
-def write_hf_dir(directory: Path, weights: dict[str, np.ndarray], config: LlamaConfig, rope_scaling: dict | None = None, bf16=frozenset()):
-  directory.mkdir()
-  hf_config = {
-    "model_type": "llama", "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-    "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
-    "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
-    "tie_word_embeddings": config.tie_word_embeddings, "rope_scaling": rope_scaling,
-  }  # fmt: skip
-  (directory / "config.json").write_text(json.dumps(hf_config))
-  names = list(weights)  # two files, as large checkpoints are split
-  write_safetensors(directory / "model-00001-of-00002.safetensors", {n: weights[n] for n in names[::2]}, bf16)
-  write_safetensors(directory / "model-00002-of-00002.safetensors", {n: weights[n] for n in names[1::2]}, bf16)
 
 
 def test_ggml_rope_on_permuted_rows_equals_rotate_half_on_hugging_face_rows():
@@ -257,25 +171,116 @@ def test_gguf_and_hugging_face_files_load_to_the_same_weights(tmp_path):
     assert gguf_weights[name].dtype == hf_weights[name].dtype == np.float32
 
 
-def test_hugging_face_bf16_and_tied_embeddings(tmp_path):
+def test_qwen2_gguf_and_hugging_face_files_load_to_the_same_weights(tmp_path):
+  """Qwen2: Q, K and V biases, and Q and K rows NOT permuted by llama.cpp's converter (its rope is NeoX's rotate-half)."""
+  weights = tiny_weights(TINY_QWEN2)
+  write_gguf(tmp_path / "qwen.gguf", weights, TINY_QWEN2)
+  write_hf_dir(tmp_path / "hf", weights, TINY_QWEN2)
+  for path in (tmp_path / "qwen.gguf", tmp_path / "hf"):
+    config, loaded = load_shard_weights(path, Shard("qwen", 0, 2, 3))
+    assert config == TINY_QWEN2
+    assert set(loaded) == set(weights) | {LM_HEAD} and loaded[LM_HEAD] is loaded[EMBED]
+    for name, w in weights.items():
+      np.testing.assert_array_equal(loaded[name], w, err_msg=f"{path.name}: {name}")
+  assert set(layer_parts(TINY_QWEN2)) - set(LAYER_PARTS) == {f"self_attn.{p}_proj.bias" for p in "qkv"}
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
+def test_quantized_gguf_stays_quantized(tmp_path, qtype):
+  """Held as affine groups of 32 that dequantize to exactly what llama.cpp's dequantization gives, Q and K rows unpermuted."""
+  weights = tiny_weights(seed=3)
+  write_gguf(tmp_path / "tiny.gguf", weights, TINY, qtype=qtype)
+  _, loaded = load_shard_weights(tmp_path / "tiny.gguf", Shard("tiny", 0, 2, 3))
+  reader = gguf.GGUFReader(tmp_path / "tiny.gguf")
+  files = {t.name: t for t in reader.tensors}
+  bits = 8 if qtype == Q.Q8_0 else 4
+  for name in (EMBED, layer_key(1, "self_attn.q_proj.weight"), layer_key(2, "mlp.down_proj.weight")):
+    held = loaded[name]
+    assert isinstance(held, QuantizedMatrix) and (held.bits, held.group_size) == (bits, 32) and held.shape == weights[name].shape
+    assert held.scales.dtype == np.float16 and held.nbytes == held.shape[0] * held.shape[1] * (bits + 1) // 8  # + 2 fp16 per 32
+    source = "token_embd.weight" if name == EMBED else f"blk.{name.split('.')[2]}.{'attn_q' if 'q_proj' in name else 'ffn_down'}.weight"
+    expected = gguf.quants.dequantize(files[source].data, qtype)
+    if "q_proj" in name:
+      expected = llama_weights.unpermute_rope_rows(expected, TINY.n_heads)
+    np.testing.assert_array_equal(held.dequantize(), expected, err_msg=name)
+  assert loaded[layer_key(0, "input_layernorm.weight")].dtype == np.float32
+
+
+def test_f16_gguf_and_bf16_safetensors_stay_16_bit(tmp_path):
+  weights = tiny_weights(seed=4)
+  write_gguf(tmp_path / "tiny.gguf", weights, TINY, qtype=Q.F16)
+  write_hf_dir(tmp_path / "hf", weights, TINY, dtype="BF16")
+  name = layer_key(0, "mlp.up_proj.weight")
+  for path, rounded in ((tmp_path / "tiny.gguf", weights[name].astype(np.float16)), (tmp_path / "hf", _bf16(weights[name]))):
+    _, loaded = load_shard_weights(path, Shard("tiny", 0, 0, 3))
+    assert loaded[name].dtype == np.float16 and loaded[layer_key(0, "input_layernorm.weight")].dtype == np.float32
+    np.testing.assert_allclose(loaded[name].astype(np.float32), rounded, rtol=2**-10, atol=2**-24)
+
+
+def test_bf16_beyond_float16_range_stays_float32(tmp_path):
+  weights = tiny_weights(seed=5)
+  name = layer_key(0, "mlp.gate_proj.weight")
+  weights[name][3, 7] = 1e6
+  write_hf_dir(tmp_path / "hf", weights, TINY, dtype="BF16")
+  _, loaded = load_shard_weights(tmp_path / "hf", Shard("tiny", 0, 0, 3))
+  assert loaded[name].dtype == np.float32 and loaded[name][3, 7] == _bf16(np.float32([1e6]))[0]
+
+
+def _bf16(w: np.ndarray) -> np.ndarray:
+  """BF16 is float32's top half."""
+  return (w.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 64)])
+def test_mlx_quantized_export_loads_as_it_is(tmp_path, bits, group_size):
+  """An MLX community export (uint32 weight, scales, biases) is held as it is and dequantizes as MLX itself dequantizes it."""
+  weights = tiny_weights(seed=6)
+  write_hf_dir(tmp_path / "mlx", weights, TINY, dtype="F16", mlx_bits=bits, group_size=group_size)
+  _, loaded = load_shard_weights(tmp_path / "mlx", Shard("tiny", 0, 2, 3))
+  name = layer_key(2, "mlp.down_proj.weight")
+  held = loaded[name]
+  assert isinstance(held, QuantizedMatrix) and (held.bits, held.group_size, held.shape) == (bits, group_size, weights[name].shape)
+  packed, scales, biases = mlx_quantize(weights[name], bits, group_size)
+  groups = np.repeat(scales.astype(np.float32), group_size, axis=1), np.repeat(biases.astype(np.float32), group_size, axis=1)
+  step = groups[0]
+  np.testing.assert_array_less(np.abs(held.dequantize() - weights[name]), step / 2 + 1e-6)  # rounding: within half a step
+  mx = pytest.importorskip("mlx.core")
+  by_mlx = mx.dequantize(mx.array(packed), mx.array(scales), mx.array(biases), group_size=group_size, bits=bits)
+  np.testing.assert_allclose(held.dequantize(), np.array(by_mlx.astype(mx.float32)), rtol=1e-3, atol=1e-3)
+  assert loaded[layer_key(0, "input_layernorm.weight")].dtype == np.float32 and loaded[NORM].dtype == np.float32
+
+
+def test_mlx_packing_matches_mx_quantize():
+  """The byte layout of QuantizedMatrix is mx.quantize's uint32 layout read as little-endian bytes."""
+  mx = pytest.importorskip("mlx.core")
+  w = np.random.default_rng(7).standard_normal((8, 128)).astype(np.float32)
+  for bits in (4, 8):
+    q, scales, biases = mx.quantize(mx.array(w), group_size=32, bits=bits)
+    held = from_mlx(np.array(q), np.array(scales), np.array(biases), bits, 32)
+    expected = mx.dequantize(q, scales, biases, group_size=32, bits=bits)
+    np.testing.assert_allclose(held.dequantize(), np.array(expected), rtol=1e-3, atol=1e-3)
+
+
+def test_hugging_face_tied_embeddings(tmp_path):
   weights = tiny_weights()
   del weights[LM_HEAD]
-  write_hf_dir(tmp_path / "hf", weights, dataclasses.replace(TINY, tie_word_embeddings=True), bf16=frozenset(weights))
+  write_hf_dir(tmp_path / "hf", weights, dataclasses.replace(TINY, tie_word_embeddings=True))
   config, loaded = load_shard_weights(tmp_path / "hf", Shard("tiny", 2, 2, 3))
   assert config.tie_word_embeddings and set(loaded) == {NORM, LM_HEAD} | {layer_key(2, p) for p in LAYER_PARTS}
-  bf16 = (weights[EMBED].view(np.uint32) & 0xFFFF0000).view(np.float32)  # BF16 is float32's top half
-  np.testing.assert_array_equal(loaded[LM_HEAD], bf16)
+  np.testing.assert_array_equal(loaded[LM_HEAD], weights[EMBED])
 
 
 def test_safetensors_writer_matches_the_library(tmp_path):
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
-  tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32([1.5, -2])}
-  write_safetensors(tmp_path / "mine.safetensors", tensors)
-  assert {k: v.tolist() for k, v in safetensors_numpy.load_file(tmp_path / "mine.safetensors").items()} == {k: v.tolist() for k, v in tensors.items()}
+  tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32([1.5, -2]), "c": np.uint32([[1, 2**31]])}
+  write_safetensors(tmp_path / "mine.safetensors", tensors, {"b": "F16"})
+  loaded = safetensors_numpy.load_file(tmp_path / "mine.safetensors")
+  assert loaded["b"].dtype == np.float16 and loaded["c"].dtype == np.uint32
+  assert {k: v.tolist() for k, v in loaded.items()} == {k: v.tolist() for k, v in tensors.items()}
 
 
 def test_tiny_model_runs_the_same_from_either_file(tmp_path):
-  weights = tiny_weights(2)
+  weights = tiny_weights(seed=2)
   write_gguf(tmp_path / "tiny.gguf", weights, TINY)
   write_hf_dir(tmp_path / "hf", weights, TINY)
   tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6])
@@ -303,17 +308,20 @@ def test_smollm_config(smollm_path):
   assert config.vocab_size == 49152 and config.rope_theta == 100000.0 and config.tie_word_embeddings and config.rope_freq_factors is None
 
 
-def test_shard_loads_only_its_layers(smollm_path, monkeypatch):
-  dequantized = []
-  real = llama_weights.dequantize
-  monkeypatch.setattr(llama_weights, "dequantize", lambda data, qtype: dequantized.append(data) or real(data, qtype))
+def test_shard_loads_only_its_layers_at_file_size(smollm_path, monkeypatch):
+  read = []
+  real = llama_weights._gguf_tensor
+  monkeypatch.setattr(llama_weights, "_gguf_tensor", lambda t: read.append(t.name) or real(t))
   config, weights = load_shard_weights(smollm_path, Shard(SMOLLM, 3, 5, 30))
   assert set(weights) == {layer_key(i, part) for i in (3, 4, 5) for part in LAYER_PARTS}
-  assert len(dequantized) == 27  # nothing else was read
+  assert len(read) == 27  # nothing else was read
   assert weights[layer_key(4, "self_attn.q_proj.weight")].shape == (576, 576)
   assert weights[layer_key(4, "self_attn.k_proj.weight")].shape == (192, 576)
   assert weights[layer_key(4, "mlp.down_proj.weight")].shape == (576, 1536)
-  assert all(w.dtype == np.float32 for w in weights.values())
+  matrices = [w for w in weights.values() if isinstance(w, QuantizedMatrix)]
+  assert len(matrices) == 21 and all((w.bits, w.group_size) == (4, 32) for w in matrices)
+  files = {t.name: t for t in gguf.GGUFReader(smollm_path).tensors if t.name.startswith(("blk.3.", "blk.4.", "blk.5."))}
+  assert sum(w.nbytes for w in weights.values()) == sum(int(t.n_bytes) for t in files.values())  # Q4_1 is held at its file size
 
 
 def test_first_and_last_shards(smollm_path):
@@ -321,7 +329,8 @@ def test_first_and_last_shards(smollm_path):
   _, last = load_shard_weights(smollm_path, Shard(SMOLLM, 29, 29, 30))
   assert EMBED in first and NORM not in first and LM_HEAD not in first and first[EMBED].shape == (49152, 576)
   assert EMBED not in last and NORM in last
-  np.testing.assert_array_equal(last[LM_HEAD], first[EMBED])  # tied: the lm head is the embedding
+  np.testing.assert_array_equal(last[LM_HEAD].dequantize(), first[EMBED].dequantize())  # tied: the lm head is the embedding
+  assert first[EMBED].bits == 8 and first[EMBED].nbytes == 49152 * 576 * 9 // 8  # the file's Q8_0, plus 2 bytes per 32
 
 
 def test_shard_for_another_model_is_refused(smollm_path):

@@ -58,11 +58,12 @@ def test_outputs_are_the_inner_engines():
     shards = [Shard("m", 0, 3, 10), Shard("m", 4, 9, 10)]
     engines = [engine_factory() for _ in shards]
     x = await engines[0].encode(shards[0], "pace me")
-    outputs, tokens = [], []
+    outputs, tokens, position = [], [], 0
     for _ in range(5):
       for engine, shard in zip(engines, shards):
-        x = await engine.infer_tensor("r", shard, x)
+        x = await engine.infer_tensor("r", shard, x, position)
         outputs.append(x)
+      position += x.shape[1]
       tokens.append(await engines[-1].sample(x))
       x = np.array([tokens[-1]], dtype=np.int64)
     for engine in engines:

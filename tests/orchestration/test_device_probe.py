@@ -1,4 +1,5 @@
 import math
+import tracemalloc
 
 import pytest
 
@@ -86,8 +87,30 @@ def test_real_detection_returns_something():
   assert model and chip and memory >= 0
 
 
-def test_measurements_are_positive_and_finite():
-  tflops = device_probe.measure_tflops(0.2)
-  bandwidth = device_probe.measure_memory_bandwidth(0.2, size_mb=32)
-  assert 0 < tflops and math.isfinite(tflops)
-  assert 0 < bandwidth and math.isfinite(bandwidth)
+def traced_peak(measure) -> tuple[float, int]:
+  """(what `measure()` returns, the peak bytes tracemalloc saw allocated while it ran); numpy reports its arrays to tracemalloc."""
+  tracemalloc.start()
+  try:
+    value = measure()
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  return value, peak
+
+
+@pytest.mark.parametrize("measure", [device_probe.measure_memory_bandwidth, device_probe.measure_tflops])
+def test_measurement_is_positive_and_stays_under_64_mb(measure):
+  value, peak = traced_peak(lambda: measure(0.2))
+  assert 0 < value and math.isfinite(value)
+  assert peak < 64 * 2**20
+
+
+def test_largest_matmuls_stay_under_64_mb(monkeypatch):
+  monkeypatch.setattr(device_probe, "MIN_MATMUL_SECONDS", math.inf)  # grow to the largest size whatever this machine's speed
+  _, peak = traced_peak(lambda: device_probe.measure_tflops(0.2))
+  assert 3 * device_probe.MAX_MATMUL_N**2 * 4 <= peak < 64 * 2**20
+
+
+def test_bandwidth_buffers_stay_larger_than_caches():
+  _, peak = traced_peak(lambda: device_probe.measure_memory_bandwidth(0.2))
+  assert peak >= 2 * 16 * 2**20

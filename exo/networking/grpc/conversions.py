@@ -47,7 +47,11 @@ def plan_from_proto(msg: pb.RingPlan) -> RingPlan:
 
 def context_to_proto(context: RequestContext) -> pb.RequestContext:
   return pb.RequestContext(
-    request_id=context.request_id, origin_node_id=context.origin_node_id, plan=plan_to_proto(context.plan), max_tokens=context.max_tokens
+    request_id=context.request_id,
+    origin_node_id=context.origin_node_id,
+    plan=plan_to_proto(context.plan),
+    max_tokens=context.max_tokens,
+    position=context.position,
   )
 
 
@@ -58,7 +62,9 @@ def context_from_proto(msg: pb.RequestContext) -> RequestContext:
     raise ValueError(f"request {msg.request_id!r} has an empty origin_node_id")
   if msg.max_tokens < 1:
     raise ValueError(f"request {msg.request_id!r} has max_tokens {msg.max_tokens}; expected at least 1")
-  return RequestContext(msg.request_id, msg.origin_node_id, plan_from_proto(msg.plan), msg.max_tokens)
+  if msg.position < 0:
+    raise ValueError(f"request {msg.request_id!r} has position {msg.position}; expected at least 0")
+  return RequestContext(msg.request_id, msg.origin_node_id, plan_from_proto(msg.plan), msg.max_tokens, msg.position)
 
 
 def tensor_to_proto(array: np.ndarray) -> pb.Tensor:

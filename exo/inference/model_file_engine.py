@@ -1,0 +1,48 @@
+"""A ShardedEngine over a model file found on this machine (exo.inference.model_files): its tokenizer and chat template, and
+each shard's size as held, from the file's metadata, for the memory check."""
+
+from abc import abstractmethod
+
+import numpy as np
+
+from exo.inference.model_figures import shard_held_bytes
+from exo.inference.model_files import locate_model
+from exo.inference.shard import Shard
+from exo.inference.sharded_engine import ShardedEngine
+from exo.inference.tokenizer import Tokenizer, load_tokenizer
+
+
+class ModelFileEngine(ShardedEngine):
+  def __init__(self, seed: int = 0, memory_limit_bytes: int | None = None):
+    super().__init__(seed, memory_limit_bytes)
+    self._tokenizers: dict[str, Tokenizer] = {}
+    self._sizes: dict[Shard, int] = {}
+
+  @abstractmethod
+  async def _in_worker(self, fn, *args):
+    pass
+
+  def _tokenizer(self, model_id: str) -> Tokenizer:
+    if model_id not in self._tokenizers:
+      self._tokenizers[model_id] = load_tokenizer(locate_model(model_id))
+    return self._tokenizers[model_id]
+
+  async def _tokenizer_async(self, model_id: str) -> Tokenizer:
+    return self._tokenizers.get(model_id) or await self._in_worker(self._tokenizer, model_id)
+
+  async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
+    return np.array((await self._tokenizer_async(shard.model_id)).encode(prompt), dtype=np.int64)
+
+  async def decode(self, shard: Shard, tokens: list[int]) -> str:
+    return (await self._tokenizer_async(shard.model_id)).decode([int(t) for t in tokens])
+
+  async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
+    return (await self._tokenizer_async(shard.model_id)).apply_chat_template(messages)
+
+  def eos_token_ids(self, shard: Shard) -> set[int]:
+    return set(self._tokenizer(shard.model_id).eos_token_ids)
+
+  def _shard_bytes(self, shard: Shard) -> int:
+    if shard not in self._sizes:
+      self._sizes[shard] = shard_held_bytes(locate_model(shard.model_id), shard)
+    return self._sizes[shard]

@@ -1,0 +1,193 @@
+"""What every engine shares: each request's state keyed by request AND shard, several shards held side by side, and checks that
+make a lost or misrouted request fail loudly instead of silently restarting.
+
+A node can be asked for a second layer range while requests run on the first (a node joined and the ring was re-planned; a
+request came from an origin with another view of the cluster). Loading the new range must not touch the old one's requests:
+both stay resident while memory allows; otherwise the new work waits until the requests holding the old range finish, and
+`waiting` says so. A shard nobody uses is dropped when another is loaded.
+
+Every call names the position of its first input row. A request is new only at position 0; a call for a request this engine
+does not hold at that shard and position (its state was dropped, it runs here under another shard, or a step was lost or
+repeated) raises RequestStateError, which the node reports to the request's origin.
+
+Subclasses supply the model-specific work, run in their worker via `_in_worker`: `_load_model`, `_new_cache`, `_forward`,
+`_dims`, and `_shard_bytes` for the memory check.
+"""
+
+import asyncio
+import logging
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psutil
+
+from exo.inference.inference_engine import InferenceEngine
+from exo.inference.sampling import sample_last
+from exo.inference.shard import Shard
+
+log = logging.getLogger(__name__)
+
+
+class RequestStateError(RuntimeError):
+  """A step for a request this engine cannot continue correctly; the message says why."""
+
+
+@dataclass
+class _State:
+  position: int  # positions this shard has processed for the request
+  cache: Any
+
+
+@dataclass(frozen=True)
+class ModelDims:
+  vocab_size: int
+  hidden_size: int
+  context_length: int
+
+
+class ShardedEngine(InferenceEngine):
+  """`memory_limit_bytes`: how many bytes of shards may be resident at once (None: what the machine has available)."""
+
+  def __init__(self, seed: int = 0, memory_limit_bytes: int | None = None):
+    self._sampler = np.random.default_rng(seed)
+    self.memory_limit_bytes = memory_limit_bytes
+    self._models: dict[Shard, Any] = {}
+    self._states: dict[tuple[str, Shard], _State] = {}
+    self._loading: asyncio.Lock | None = None
+    self._finished: asyncio.Event | None = None
+    self.waiting: str | None = None  # why new work is waiting for memory, while it does
+
+  # model-specific work, in the worker
+
+  @abstractmethod
+  async def _in_worker(self, fn, *args):
+    """Run fn(*args) where this engine's computations run, and return its result."""
+
+  @abstractmethod
+  def _load_model(self, shard: Shard) -> Any:
+    """The shard's weights, ready to run."""
+
+  @abstractmethod
+  def _new_cache(self, model: Any, shard: Shard) -> Any:
+    """Empty per-request state (a KV cache) for the shard."""
+
+  @abstractmethod
+  def _forward(self, model: Any, cache: Any, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+    """Run the shard over x at positions position.. (token ids (P,) int64 on the first shard, else hidden states (P, hidden)
+    float32), updating `cache`. Returns (1, P, hidden) hidden states, or (1, P, vocab) logits on the last shard, float32."""
+
+  @abstractmethod
+  def _dims(self, model: Any) -> ModelDims:
+    pass
+
+  def _shard_bytes(self, shard: Shard) -> int:
+    """Bytes the shard's weights take once loaded (0: unknown, always fits)."""
+    return 0
+
+  def _unload_model(self, model: Any) -> None:
+    """Free what _load_model allocated (in the worker; by default the garbage collector does)."""
+
+  # the engine interface
+
+  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
+    return sample_last(logits, temperature, self._sampler)
+
+  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
+    """Token ids ((P,) or (1, P) ints) on the first shard, else hidden states (1, P, hidden_size). Returns hidden states
+    (1, P, hidden_size) float32, or logits (1, P, vocab_size) float32 on the last shard. `position`: that of the first row."""
+    key = (request_id, shard)
+    state = self._states.get(key)
+    if state is None:
+      elsewhere = sorted(f"{s.start_layer}-{s.end_layer}" for r, s in self._states if r == request_id)
+      if elsewhere:
+        raise RequestStateError(
+          f"request {request_id!r} runs on layers {', '.join(elsewhere)} of this node, not on {shard.start_layer}-{shard.end_layer}"
+        )
+      if position != 0:
+        raise RequestStateError(
+          f"request {request_id!r} is unknown at layers {shard.start_layer}-{shard.end_layer} of this node (its state is gone), "
+          f"so it cannot continue at position {position}"
+        )
+    elif state.position != position:
+      raise RequestStateError(f"request {request_id!r} is at position {state.position} on this node, but a step for position {position} arrived")
+    model = await self._resident(shard)
+    x = self._validated(shard, self._dims(model), input_data, position)
+    if state is None:
+      state = _State(0, await self._in_worker(self._new_cache, model, shard))
+    out = await self._in_worker(self._forward, model, state.cache, shard, x, position)
+    state.position = position + len(x)
+    self._states[key] = state  # stored only once a step succeeded
+    return out
+
+  async def finish_request(self, request_id: str) -> None:
+    for key in [k for k in self._states if k[0] == request_id]:
+      state = self._states.pop(key)
+      await self._in_worker(lambda s: None, state)  # after any queued step of the request; its arrays are freed in the worker
+    if self._finished is not None:
+      self._finished.set()
+
+  def active_requests(self) -> set[str]:
+    """Ids of the requests whose state this engine holds."""
+    return {r for r, _ in self._states}
+
+  def resident_shards(self) -> list[Shard]:
+    return list(self._models)
+
+  async def load_shard(self, shard: Shard) -> None:
+    """Make `shard` resident now rather than on its first step."""
+    await self._resident(shard)
+
+  # residency
+
+  def _busy(self) -> set[Shard]:
+    return {s for _, s in self._states}
+
+  def _fits(self, need: int) -> bool:
+    resident = sum(self._shard_bytes(s) for s in self._models)
+    if self.memory_limit_bytes is not None:
+      return resident + need <= self.memory_limit_bytes
+    return need <= psutil.virtual_memory().available
+
+  async def _drop_idle(self, keep: Shard) -> None:
+    for shard in [s for s in self._models if s != keep and s not in self._busy()]:
+      await self._in_worker(self._unload_model, self._models.pop(shard))
+
+  async def _resident(self, shard: Shard) -> Any:
+    if shard in self._models:
+      return self._models[shard]
+    if self._loading is None:
+      self._loading, self._finished = asyncio.Lock(), asyncio.Event()
+    async with self._loading:
+      if shard in self._models:
+        return self._models[shard]
+      await self._drop_idle(shard)
+      need = self._shard_bytes(shard)
+      while not self._fits(need) and self._busy():
+        busy = ", ".join(sorted(f"{s.start_layer}-{s.end_layer}" for s in self._busy()))
+        self.waiting = f"layers {shard.start_layer}-{shard.end_layer} wait for the requests on layers {busy} to finish: both do not fit in memory"
+        log.warning(self.waiting)
+        self._finished.clear()
+        await self._finished.wait()
+        await self._drop_idle(shard)
+      self.waiting = None
+      self._models[shard] = await self._in_worker(self._load_model, shard)
+      return self._models[shard]
+
+  @staticmethod
+  def _validated(shard: Shard, dims: ModelDims, input_data: np.ndarray, position: int) -> np.ndarray:
+    x = np.asarray(input_data)
+    if shard.is_first_layer():
+      if not np.issubdtype(x.dtype, np.integer) or x.ndim not in (1, 2) or x.size == 0 or (x.ndim == 2 and x.shape[0] != 1):
+        raise ValueError(f"the first shard takes (P,) or (1, P) token ids, got {x.dtype} {x.shape}")
+      x = x.reshape(-1).astype(np.int64)
+      if x.min() < 0 or x.max() >= dims.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {dims.vocab_size}), got {x.min()}..{x.max()}")
+    else:
+      if x.ndim != 3 or x.shape[0] != 1 or x.shape[1] == 0 or x.shape[2] != dims.hidden_size:
+        raise ValueError(f"shard {shard} takes hidden states (1, P, {dims.hidden_size}), got {x.shape}")
+      x = x[0].astype(np.float32)
+    if position + len(x) > dims.context_length:
+      raise ValueError(f"the request would reach {position + len(x)} positions; expected at most the model's context length {dims.context_length}")
+    return x

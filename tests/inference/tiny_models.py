@@ -1,0 +1,183 @@
+"""Small random-weight models of each family (Llama, Qwen2), written as llama.cpp's converter, a Hugging Face checkpoint or an
+MLX quantized export would write them, so the loaders and engines are tested on every format without downloading anything."""
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts
+from exo.inference.quantized import pack_quants
+
+Q = gguf.GGMLQuantizationType
+TINY = LlamaConfig(
+  vocab_size=40, hidden_size=64, intermediate_size=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=500000.0,
+  rms_norm_eps=1e-5, context_length=1024, tie_word_embeddings=False,
+)  # fmt: skip
+TINY_QWEN2 = dataclasses.replace(TINY, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, architecture="qwen2", attention_bias=True)
+_GGUF_NAMES = {EMBED: "token_embd.weight", NORM: "output_norm.weight", LM_HEAD: "output.weight"}
+_GGUF_PARTS = {
+  "input_layernorm.weight": "attn_norm.weight",
+  "self_attn.q_proj.weight": "attn_q.weight",
+  "self_attn.k_proj.weight": "attn_k.weight",
+  "self_attn.v_proj.weight": "attn_v.weight",
+  "self_attn.o_proj.weight": "attn_output.weight",
+  "post_attention_layernorm.weight": "ffn_norm.weight",
+  "mlp.gate_proj.weight": "ffn_gate.weight",
+  "mlp.up_proj.weight": "ffn_up.weight",
+  "mlp.down_proj.weight": "ffn_down.weight",
+  "self_attn.q_proj.bias": "attn_q.bias",
+  "self_attn.k_proj.bias": "attn_k.bias",
+  "self_attn.v_proj.bias": "attn_v.bias",
+}
+
+
+def tiny_weights(config: LlamaConfig = TINY, seed: int = 0) -> dict[str, np.ndarray]:
+  """float32 weights, Hugging Face names and layout; no lm head when the embedding is tied."""
+  rng = np.random.default_rng(seed)
+  c, attn, kv = config, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+  shapes = {EMBED: (c.vocab_size, c.hidden_size), NORM: (c.hidden_size,)}
+  if not c.tie_word_embeddings:
+    shapes[LM_HEAD] = (c.vocab_size, c.hidden_size)
+  part_shapes = {
+    "input_layernorm.weight": (c.hidden_size,),
+    "self_attn.q_proj.weight": (attn, c.hidden_size),
+    "self_attn.k_proj.weight": (kv, c.hidden_size),
+    "self_attn.v_proj.weight": (kv, c.hidden_size),
+    "self_attn.o_proj.weight": (c.hidden_size, attn),
+    "post_attention_layernorm.weight": (c.hidden_size,),
+    "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+    "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+    "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+    "self_attn.q_proj.bias": (attn,),
+    "self_attn.k_proj.bias": (kv,),
+    "self_attn.v_proj.bias": (kv,),
+  }
+  for i in range(c.n_layers):
+    shapes.update({layer_key(i, part): part_shapes[part] for part in layer_parts(c)})
+
+  def draw(name: str, shape: tuple) -> np.ndarray:
+    if name.endswith(".bias"):
+      return 0.3 * rng.standard_normal(shape)
+    return 1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape) / np.sqrt(shape[-1])
+
+  return {name: draw(name, shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """convert_hf_to_gguf.py's LlamaModel.permute: per head, rows (2, head_dim/2) -> (head_dim/2, 2)."""
+  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, weights: dict[str, np.ndarray], config: LlamaConfig, qtype: Q = Q.F32, embed_qtype: Q | None = None, rope_factors=None):
+  """As convert_hf_to_gguf.py writes the model: llama.cpp names, a Llama's Q and K rows permuted (a Qwen2's not), matrices in
+  `qtype` (the embedding in `embed_qtype`, default `qtype`), vectors float32."""
+  arch = config.architecture
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_block_count(config.n_layers)
+  writer.add_context_length(config.context_length)
+  writer.add_embedding_length(config.hidden_size)
+  writer.add_feed_forward_length(config.intermediate_size)
+  writer.add_head_count(config.n_heads)
+  writer.add_head_count_kv(config.n_kv_heads)
+  writer.add_rope_freq_base(config.rope_theta)
+  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+  writer.add_vocab_size(config.vocab_size)
+  for name, w in weights.items():
+    if name in _GGUF_NAMES:
+      target = _GGUF_NAMES[name]
+    else:
+      layer, part = name.removeprefix("model.layers.").split(".", 1)
+      target = f"blk.{layer}.{_GGUF_PARTS[part]}"
+      if arch == "llama" and part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+        w = llama_cpp_permute(w, config.n_heads if "q_proj" in part else config.n_kv_heads)
+    kind = (embed_qtype or qtype) if name == EMBED else qtype
+    if w.ndim == 1 or kind == Q.F32:
+      writer.add_tensor(target, w.astype(np.float32))
+    elif kind == Q.F16:
+      writer.add_tensor(target, w.astype(np.float16))
+    else:
+      writer.add_tensor(target, gguf.quants.quantize(w, kind), raw_dtype=kind)
+  if rope_factors is not None:
+    writer.add_tensor("rope_freqs.weight", np.asarray(rope_factors, dtype=np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def _bf16_bytes(w: np.ndarray) -> bytes:
+  return (w.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+
+_ENCODERS = {
+  "F32": lambda w: w.astype(np.float32).tobytes(),
+  "F16": lambda w: w.astype(np.float16).tobytes(),
+  "BF16": _bf16_bytes,
+  "U32": lambda w: w.astype("<u4").tobytes(),
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtypes: dict[str, str] | None = None):
+  """The safetensors format by hand: u64 header size, JSON header of dtypes, shapes and byte ranges, then the raw data.
+  `dtypes`: name -> F32 (default), F16, BF16 or U32."""
+  header, blobs, offset = {}, [], 0
+  for name, w in tensors.items():
+    dtype = (dtypes or {}).get(name, "U32" if w.dtype == np.uint32 else "F32")
+    data = _ENCODERS[dtype](w)
+    header[name] = {"dtype": dtype, "shape": list(w.shape), "data_offsets": [offset, offset + len(data)]}
+    blobs.append(data)
+    offset += len(data)
+  encoded = json.dumps(header).encode()
+  encoded += b" " * (-len(encoded) % 8)
+  path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
+def mlx_quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Affine quantization as mx.quantize does it, in numpy: per group, scale = (max - min) / (2**bits - 1), bias = min.
+  Returns (uint32 packed weight, float16 scales, float16 biases)."""
+  rows, cols = w.shape
+  groups = w.reshape(rows, cols // group_size, group_size)
+  low, high = groups.min(-1), groups.max(-1)
+  scales = np.maximum(high - low, 1e-8) / (2**bits - 1)
+  scales, biases = scales.astype(np.float16), low.astype(np.float16)
+  q = np.clip(np.round((groups - biases[..., None]) / scales[..., None].astype(np.float32)), 0, 2**bits - 1).astype(np.uint8)
+  return pack_quants(q.reshape(rows, cols), bits).view("<u4"), scales, biases
+
+
+def write_hf_dir(
+  directory: Path,
+  weights: dict[str, np.ndarray],
+  config: LlamaConfig,
+  rope_scaling: dict | None = None,
+  dtype: str = "F32",
+  mlx_bits: int | None = None,
+  group_size: int = 32,
+):
+  """A Hugging Face checkpoint in two safetensors files (as large checkpoints are split): every tensor in `dtype`, or, with
+  `mlx_bits`, matrices quantized as an MLX community export (weight, scales, biases; config.json's quantization)."""
+  directory.mkdir()
+  hf_config = {
+    "model_type": config.architecture, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+    "intermediate_size": config.intermediate_size, "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+    "num_key_value_heads": config.n_kv_heads, "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
+    "max_position_embeddings": config.context_length, "tie_word_embeddings": config.tie_word_embeddings, "rope_scaling": rope_scaling,
+  }  # fmt: skip
+  tensors: dict[str, np.ndarray] = {}
+  dtypes: dict[str, str] = {}
+  for name, w in weights.items():
+    if mlx_bits and w.ndim == 2:
+      module = name.removesuffix(".weight")
+      tensors[name], tensors[f"{module}.scales"], tensors[f"{module}.biases"] = mlx_quantize(w, mlx_bits, group_size)
+      dtypes.update({f"{module}.scales": "F16", f"{module}.biases": "F16"})
+    else:
+      tensors[name], dtypes[name] = w, dtype
+  if mlx_bits:
+    hf_config["quantization"] = {"group_size": group_size, "bits": mlx_bits}
+  (directory / "config.json").write_text(json.dumps(hf_config))
+  names = list(tensors)
+  write_safetensors(directory / "model-00001-of-00002.safetensors", {n: tensors[n] for n in names[::2]}, dtypes)
+  write_safetensors(directory / "model-00002-of-00002.safetensors", {n: tensors[n] for n in names[1::2]}, dtypes)
