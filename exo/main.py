@@ -112,8 +112,13 @@ def build_node(args) -> Node:
   node_id = args.node_id or str(uuid.uuid4())
   port = args.node_port or free_port()
   capabilities = detect_device_capabilities(args.measure_device, args.memory_mb, args.tflops, args.memory_bandwidth)
+  engine_name = args.inference_engine or default_engine()
   model = model_spec(args.model_name or args.run_model or DEFAULT_MODEL)
-  engine = make_engine(args.inference_engine or default_engine())
+  if engine_name != "dummy":  # a real engine serves the model's file: plan with the file's figures
+    from exo.inference.model_figures import served_model_spec
+
+    model = served_model_spec(model)
+  engine = make_engine(engine_name)
   if args.emulate:
     engine = PacedInferenceEngine(engine, model, capabilities)
   module = discovery_module(args)

@@ -15,6 +15,8 @@ import uuid
 from aiohttp import web
 
 from exo.errors import PlanError
+from exo.inference.model_figures import served_model_spec
+from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.shard import Shard
 from exo.models import MODELS
 from exo.orchestration.node import Node, RequestFailed
@@ -171,7 +173,7 @@ class ChatGPTAPI:
     if model_id is None or model_id == self.node.model.id:
       return self.node.model
     if isinstance(model_id, str) and model_id in MODELS:
-      return MODELS[model_id]
+      return served_model_spec(MODELS[model_id]) if isinstance(self.node.engine, ModelFileEngine) else MODELS[model_id]
     raise BadRequest(self.unknown_model_message(model_id), "model", "model_not_found")
 
   async def handle_chat_completions(self, request: web.Request) -> web.StreamResponse:

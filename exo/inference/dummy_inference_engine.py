@@ -58,10 +58,10 @@ class DummyInferenceEngine(ShardedEngine):
   """`eos_after`: generate exactly that many tokens before EOS (a huge value: never); None: 20..60 depending on the prompt.
   `seed` drives sampling at temperature > 0. Request state and its checks are ShardedEngine's, as in the real engines."""
 
-  def __init__(self, eos_after: int | None = None, seed: int = 0):
+  def __init__(self, eos_after: int | None = None, seed: int = 0, memory_limit_bytes: int | None = None):
     if eos_after is not None and eos_after < 0:
       raise ValueError(f"eos_after must be >= 0 or None, got {eos_after!r}")
-    super().__init__(seed)
+    super().__init__(seed, memory_limit_bytes)
     self.eos_after = eos_after
     self._layers: dict[int, _Layer] = {}
     rng = _rng(2)

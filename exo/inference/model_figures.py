@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gguf
 
+from exo.errors import PlanError
 from exo.inference.llama_weights import (
   EMBED,
   GGUF_GLOBALS,
@@ -21,6 +22,7 @@ from exo.inference.llama_weights import (
   load_config,
   safetensors_index,
 )
+from exo.inference.model_files import locate_model
 from exo.inference.quantized import GGUF_GROUP, KEPT_QUANTIZED
 from exo.inference.shard import Shard
 from exo.models import KV_CONTEXT
@@ -108,3 +110,13 @@ def model_spec_from_file(path: Path | str, model_id: str | None = None) -> Model
     head_bytes=float(sizes[NORM] + sizes[EMBED if c.tie_word_embeddings else LM_HEAD]),
     tied_embeddings=c.tie_word_embeddings,
   )
+
+
+def served_model_spec(table_spec: ModelSpec) -> ModelSpec:
+  """What a node serving `table_spec.id` from a file on this machine plans with: the file's figures, or the built-in table's
+  when the file is not here (the engine then reports the missing file when asked to load it)."""
+  try:
+    path = locate_model(table_spec.id)
+  except PlanError:
+    return table_spec
+  return model_spec_from_file(path, table_spec.id)

@@ -1,0 +1,147 @@
+"""A node asked for a second layer range while it serves a request keeps that request intact: every answer equals the answer the
+request gets alone. Reproduces the triggers seen on real clusters, through real nodes and gRPC on loopback:
+- a node joins during a request, so the next request runs on a new ring (another range on the node that was alone);
+- an origin with another view of the cluster (another objective here) sends a SendPrompt for another range mid-request.
+The first request is held at a chosen step (an event, not a sleep) until the second has finished, so the two always overlap.
+"""
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.shard import Shard
+from exo.models import model_spec
+from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_server import GRPCServer
+from exo.networking.manual_discovery import ManualDiscovery
+from exo.orchestration.node import Node, PlannerConfig
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from tests.support.greedy import greedy_tokens
+
+MODEL = model_spec("smollm2-135m")
+WHOLE = Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers)
+TOKENS = 10
+FAST = DeviceCapabilities("Test", "fast", 4096, DeviceFlops(2.0, 4.0, 8.0), 40.0)
+SLOW = DeviceCapabilities("Test", "slow", 4096, DeviceFlops(1.0, 2.0, 4.0), 20.0)
+QUESTIONS = ["What is the capital of France?", "Name a primary colour."]
+
+
+def _engines():
+  from exo.inference.mlx_inference_engine import MLXInferenceEngine
+  from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
+
+  return {"tinygrad": TinygradInferenceEngine, "mlx": MLXInferenceEngine}
+
+
+ENGINES = [
+  pytest.param("dummy", id="dummy"),
+  pytest.param("tinygrad", id="tinygrad", marks=pytest.mark.slow),
+  pytest.param("mlx", id="mlx", marks=pytest.mark.slow),
+]
+
+
+def make_engine(name: str):
+  return DummyInferenceEngine(eos_after=1000) if name == "dummy" else _engines()[name]()
+
+
+class Held:
+  """Engine wrapper: holds the first request it sees before its `hold_at`-th step until `release` is set, and records the most
+  shards its engine held at once."""
+
+  def __init__(self, inner, hold_at: int = 3):
+    self.inner, self.hold_at = inner, hold_at
+    self.first: str | None = None
+    self.steps = 0
+    self.holding, self.release = asyncio.Event(), asyncio.Event()
+    self.most_resident = 0
+
+  async def infer_tensor(self, request_id, shard, input_data, position=0):
+    self.first = self.first or request_id
+    if request_id == self.first:
+      self.steps += 1
+      if self.steps == self.hold_at:
+        self.holding.set()
+        await self.release.wait()
+    out = await self.inner.infer_tensor(request_id, shard, input_data, position)
+    self.most_resident = max(self.most_resident, len(self.inner.resident_shards()))
+    return out
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+async def alone(engine_name: str, prompts: list[str]) -> list[list[int]]:
+  engine = make_engine(engine_name)
+  return [await greedy_tokens(engine, WHOLE, await engine.encode(WHOLE, p), TOKENS, f"alone-{i}") for i, p in enumerate(prompts)]
+
+
+async def chat_prompts(engine_name: str) -> list[str]:
+  engine = make_engine(engine_name)
+  return [await engine.apply_chat_template(WHOLE, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def two_nodes(engine_name: str, tmp_path, objectives: tuple[str, str]) -> tuple[Node, Node, Held]:
+  ports = {"a": free_port(), "b": free_port()}
+  devices = {"a": FAST, "b": SLOW}
+  peers = {"peers": {n: {"address": "127.0.0.1", "port": ports[n], "device_capabilities": devices[n].to_dict()} for n in ports}}
+  (tmp_path / "peers.json").write_text(json.dumps(peers))
+  held = Held(make_engine(engine_name))
+  nodes = []
+  for (name, objective), engine in zip(zip("ab", objectives), (held, make_engine(engine_name))):
+    discovery = ManualDiscovery(name, tmp_path / "peers.json", GRPCPeerHandle, poll_interval=0.1)
+    node = Node(name, engine, discovery, devices[name], MODEL, PlannerConfig(objective=objective), TOKENS, 120, refresh_interval=0.2)
+    node.server = GRPCServer(node, "127.0.0.1", ports[name])
+    nodes.append(node)
+  return nodes[0], nodes[1], held
+
+
+async def node_joins_mid_request(engine_name: str, tmp_path):
+  a, b, held = two_nodes(engine_name, tmp_path, ("throughput", "throughput"))
+  prompts = await chat_prompts(engine_name)
+  await a.start()
+  try:
+    first = asyncio.create_task(a.generate(prompts[0]))
+    await held.holding.wait()
+    await b.start(wait_for_peers=1)
+    while "b" not in a.planning_topology().nodes:  # a's next refresh sees b
+      await asyncio.sleep(0.05)
+    second = await a.generate(prompts[1])
+    held.release.set()
+    return prompts, await first, second, held
+  finally:
+    await b.stop()
+    await a.stop()
+
+
+async def other_view_mid_request(engine_name: str, tmp_path):
+  a, b, held = two_nodes(engine_name, tmp_path, ("latency", "throughput"))  # a keeps every layer; b splits over both
+  prompts = await chat_prompts(engine_name)
+  await asyncio.gather(a.start(wait_for_peers=1), b.start(wait_for_peers=1))
+  try:
+    first = asyncio.create_task(a.generate(prompts[0]))
+    await held.holding.wait()
+    second = await b.generate(prompts[1])
+    held.release.set()
+    return prompts, await first, second, held
+  finally:
+    await b.stop()
+    await a.stop()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("scenario", [node_joins_mid_request, other_view_mid_request], ids=["node-joins", "other-view"])
+def test_second_layout_leaves_running_requests_intact(engine, scenario, tmp_path):
+  prompts, first, second, held = asyncio.run(scenario(engine, tmp_path))
+  assert first.plan.ring() == [("a", MODEL.n_layers)]
+  assert len(second.plan.ring()) == 2 and dict(second.plan.ring())["a"] < MODEL.n_layers  # another range on node a
+  assert held.most_resident == 2  # both layouts were resident while both requests ran
+  assert [first.tokens, second.tokens] == asyncio.run(alone(engine, prompts))
