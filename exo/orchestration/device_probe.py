@@ -98,10 +98,10 @@ def detect_model_chip_memory() -> tuple[str, str, float]:
   return f"{system or 'Unknown'} Box", platform.processor() or UNKNOWN_CHIP, system_memory_mb()
 
 
-def _median_of_repeats(run_once: Callable[[], float], seconds: float) -> float:
-  """Median of `run_once()` over about `seconds`, at least MIN_REPEATS times: robust to a busy machine's slow outliers."""
+def _median_of_repeats(run_once: Callable[[], float], seconds: float, samples: list[float]) -> float:
+  """Median of `samples` and `run_once()` repeated over about `seconds`, MIN_REPEATS values at least: robust to a busy machine's
+  slow outliers."""
   deadline = time.perf_counter() + seconds
-  samples = []
   while len(samples) < MIN_REPEATS or time.perf_counter() < deadline:
     samples.append(run_once())
   return statistics.median(samples)
@@ -128,13 +128,14 @@ def measure_tflops(seconds: float = MEASURE_SECONDS, max_n: int = MAX_MATMUL_N) 
     b = rng.standard_normal((n, n), dtype=np.float32)
     out = np.empty((n, n), dtype=np.float32)
     np.matmul(a, b, out=out)  # warm-up: thread pool start, page faults
-    rate = max(_matmul_tflops(a, b, out), _matmul_tflops(a, b, out))
+    rates = [_matmul_tflops(a, b, out), _matmul_tflops(a, b, out)]
+    rate = max(rates)
     long_enough = rate * 1e12 * MIN_MATMUL_SECONDS <= 2 * n**3
     if n * 2 > max_n or (long_enough and previous / MATMUL_GROWTH_GAIN <= rate < previous * MATMUL_GROWTH_GAIN):
       break
     del a, b, out  # freed before the next size is allocated, so two sizes never coexist
     n, previous = n * 2, rate
-  return _median_of_repeats(lambda: _matmul_tflops(a, b, out), deadline - time.perf_counter())
+  return _median_of_repeats(lambda: _matmul_tflops(a, b, out), deadline - time.perf_counter(), rates)
 
 
 def measure_memory_bandwidth(seconds: float = MEASURE_SECONDS, size_mb: int = BANDWIDTH_BUFFER_MB) -> float:
@@ -151,7 +152,7 @@ def measure_memory_bandwidth(seconds: float = MEASURE_SECONDS, size_mb: int = BA
     elapsed = time.perf_counter() - start
     return 2 * src.nbytes * COPIES_PER_REPEAT / elapsed / 1e9 if elapsed > 0 else 0.0
 
-  return _median_of_repeats(copy_gbs, seconds)
+  return _median_of_repeats(copy_gbs, seconds, [])
 
 
 def _safe(measure, what: str) -> float:
