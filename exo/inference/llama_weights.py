@@ -132,7 +132,10 @@ def load_shard_weights(path: Path | str, shard: Shard) -> tuple[LlamaConfig, dic
 @functools.lru_cache(maxsize=4)
 def gguf_reader(path: str) -> gguf.GGUFReader:
   """A memory-mapped reader, cached: parsing a 49k-token vocabulary's metadata takes seconds, and weights and tokenizer both need it."""
-  return gguf.GGUFReader(path)
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, OSError) as e:
+    raise PlanError(f"{path} is not a readable GGUF file: {e}") from None
 
 
 def gguf_field(reader: gguf.GGUFReader, key: str, default=None):

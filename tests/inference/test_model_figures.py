@@ -4,6 +4,7 @@ import gguf
 import numpy as np
 import pytest
 
+from exo.errors import PlanError
 from exo.inference.llama_weights import load_shard_weights
 from exo.inference.model_figures import held_tensor_bytes, model_spec_from_file, shard_held_bytes
 from exo.inference.model_files import locate_model
@@ -69,3 +70,10 @@ def test_untied_model_has_its_own_head(tmp_path):
   assert spec.id == "m" and not spec.tied_embeddings
   assert spec.embed_bytes == spec.head_bytes - TINY.hidden_size * 4 == TINY.vocab_size * TINY.hidden_size * 36 / 32
   assert np.isclose(spec.layer_bytes * 3 + spec.embed_bytes + spec.head_bytes, shard_held_bytes(tmp_path / "m.gguf", Shard("m", 0, 2, 3)))
+
+
+def test_a_file_that_is_not_gguf_is_one_clear_error(tmp_path):
+  (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
+  with pytest.raises(PlanError, match="junk.gguf is not a readable GGUF file") as e:
+    model_spec_from_file(tmp_path / "junk.gguf")
+  assert "\n" not in str(e.value)
