@@ -135,6 +135,10 @@ class ShardedEngine(InferenceEngine):
   def resident_shards(self) -> list[Shard]:
     return list(self._models)
 
+  def held_bytes(self) -> int:
+    """Bytes of the resident shards' weights, as the model file's figures give them."""
+    return sum(self._shard_bytes(s) for s in self._models)
+
   async def load_shard(self, shard: Shard) -> None:
     """Make `shard` resident now rather than on its first step."""
     await self._resident(shard)
@@ -145,9 +149,8 @@ class ShardedEngine(InferenceEngine):
     return {s for _, s in self._states}
 
   def _fits(self, need: int) -> bool:
-    resident = sum(self._shard_bytes(s) for s in self._models)
     if self.memory_limit_bytes is not None:
-      return resident + need <= self.memory_limit_bytes
+      return self.held_bytes() + need <= self.memory_limit_bytes
     return need <= psutil.virtual_memory().available
 
   async def _drop_idle(self, keep: Shard) -> None:
