@@ -233,6 +233,7 @@ MALFORMED = {
   "shard-end-past-model": ("SendPrompt", _prompt_request(shard=Shard("llama-3.1-8b", 20, 32, 32)), "end_layer 32 must be below n_layers 32"),
   "empty-request-id": ("SendPrompt", _prompt_request(request_id=""), "empty request_id"),
   "zero-max-tokens": ("SendPrompt", _prompt_request(max_tokens=0), "max_tokens 0"),
+  "negative-position": ("SendPrompt", _prompt_request(position=-1), "position -1"),
   "missing-shard": ("SendPrompt", pb.PromptRequest(prompt="hi", context=conv.context_to_proto(CONTEXT)), "empty model_id"),
 }
 
@@ -282,6 +283,7 @@ def test_domain_objects_round_trip():
   assert conv.shard_from_proto(conv.shard_to_proto(SHARD)) == SHARD
   assert conv.plan_from_proto(conv.plan_to_proto(PLAN)) == PLAN
   assert conv.context_from_proto(conv.context_to_proto(CONTEXT)) == CONTEXT
+  assert conv.context_from_proto(conv.context_to_proto(CONTEXT.at(37))).position == 37
   assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(CAPS)) == CAPS
   assert conv.topology_from_proto(conv.topology_to_proto(sample_topology())) == sample_topology()
   assert conv.topology_from_proto(conv.topology_to_proto(Topology())) == Topology()
