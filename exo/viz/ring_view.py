@@ -36,6 +36,9 @@ class RingView:
     lines = [table]
     if plan:
       lines.append(Text(f"ring: {' -> '.join(n for n, _ in plan.node_shards())} ({plan.model.id})"))
+    waiting = getattr(node.engine, "waiting", None)
+    if waiting:
+      lines.append(Text(f"engine: {waiting}", style="yellow"))
     last = node.last_generation
     if last and last.elapsed_s > 0:
       lines.append(Text(f"last request: {len(last.tokens)} tokens in {last.elapsed_s:.2f} s ({len(last.tokens) / last.elapsed_s:.1f} tokens/s)"))
