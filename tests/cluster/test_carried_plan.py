@@ -2,7 +2,7 @@
 the layers the origin's plan gives it. Three nodes in this process, each with its own gRPC server on 127.0.0.1 and its own peers
 file, wired as `exo` wires them, with a spy on each engine.
 
-Devices (llama-3.2-1b, 16 layers): a: 600 MB (11 layers), 20 GB/s;  b: 400 MB (7 layers), 200 GB/s;  c: 300 MB (5 layers), 150 GB/s.
+Devices (llama-3.2-1b, 16 layers): a: 800 MB (11 layers), 20 GB/s;  b: 540 MB (7 layers), 200 GB/s;  c: 400 MB (5 layers), 150 GB/s.
 flops-latency (latency) fills the fastest nodes first: b 7, c 5, then a the last 4 (1.7 ms per layer on a saves more than the
 extra hop costs): a 0-3 -> b 4-10 -> c 11-15. Node c runs ring-memory-weighted with the throughput objective: for the same
 cluster it would plan a 0-6 -> b 7-11 -> c 12-15. (Wrong device figures in c's peers file would not make its view differ for
@@ -15,7 +15,7 @@ from tests.cluster.harness import Cluster, Device, Spy, reference_tokens, wait_f
 
 MODEL_ARGS = ("--run-model", "llama-3.2-1b")
 PROMPT = "Follow the carried plan"
-DEVICES = {"a": Device(600, 10, 20), "b": Device(400, 10, 200), "c": Device(300, 10, 150)}
+DEVICES = {"a": Device(800, 10, 20), "b": Device(540, 10, 200), "c": Device(400, 10, 150)}
 CARRIED = [("a", 0, 3), ("b", 4, 10), ("c", 11, 15)]
 C_WOULD_PLAN = [("a", 0, 6), ("b", 7, 11), ("c", 12, 15)]
 

@@ -2,7 +2,7 @@
 node's own peers file routes that link through a proxy). The nodes measure it, and the planners react to it.
 
 Devices (llama-3.2-1b, 16 layers; per-layer decode time = 34.2 MB / bandwidth):
-  a: 1000 MB (18 layers), 50 GB/s (0.684 ms/layer);  b: 400 MB (7 layers), 50 GB/s;  c: 500 MB (9 layers), 400 GB/s (0.086 ms/layer).
+  a: 1340 MB (18 layers), 50 GB/s (0.684 ms/layer);  b: 540 MB (7 layers), 50 GB/s;  c: 670 MB (9 layers), 400 GB/s (0.086 ms/layer).
 a holds the model alone: 10.9 ms per token. With c on a loopback link, a 0-6 -> c 7-15 costs 4.8 + 0.8 ms plus one round trip
 (about 2 ms): faster, so flops-latency would use c. Behind a 40 ms round trip it is not: flops-latency runs on a alone. Upstream's
 memory-weighted split ignores the link and gives c 4 layers.
@@ -18,7 +18,7 @@ from tests.cluster.harness import CLIENT, Device, edge_rtts, error_lines, plan_l
 
 MODEL = "llama-3.2-1b"
 PROMPT = "Far away"
-DEVICES = {"a": Device(1000, 10, 50), "b": Device(400, 10, 50), "c": Device(500, 10, 400)}
+DEVICES = {"a": Device(1340, 10, 50), "b": Device(540, 10, 50), "c": Device(670, 10, 400)}
 INJECTED_RTT_MS = 40.0
 SLOW = {("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")}
 TOLERANCE_MS = 5.0

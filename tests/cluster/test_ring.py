@@ -1,8 +1,9 @@
 """Three `exo` node processes on 127.0.0.1 with manual discovery find each other, measure every link, agree on the plan, and
 generate the same tokens whatever the strategy, the origin or the number of nodes.
 
-Devices (llama-3.2-1b: 16 layers of 34 MB plus 17 MB of KV cache; capacity = floor(memory * 0.9 / 51 MB)):
-  a: 600 MB (11 layers), 100 GB/s;  b: 400 MB (7 layers), 200 GB/s, the fastest;  c: 300 MB (5 layers), 50 GB/s.
+Devices (llama-3.2-1b: 16 layers of 34.2e6 bytes plus 33.6e6 bytes of float32 KV cache; capacity =
+floor(memory MB * 2**20 * 0.9 / 67.8e6)):
+  a: 800 MB (11 layers), 100 GB/s;  b: 540 MB (7 layers), 200 GB/s, the fastest;  c: 400 MB (5 layers), 50 GB/s.
 No node holds the model alone. flops-latency fills the fastest node first (b: 7 layers), then a (9); c is slower than a, so it
 would only add a hop: ring a 0-8 -> b 9-15 (ties in ring direction go to the lexicographically smaller ring). Upstream's
 memory-weighted split uses all three: a 0-6, b 7-11, c 12-15.
@@ -19,7 +20,7 @@ from tests.cluster.harness import CLIENT, EXO, ROOT, Cluster, Device, edge_rtts,
 
 MODEL = "llama-3.2-1b"
 PROMPT = "Pipeline parallel around a ring"
-TRIO = {"a": Device(600, 10, 100), "b": Device(400, 10, 200), "c": Device(300, 10, 50)}
+TRIO = {"a": Device(800, 10, 100), "b": Device(540, 10, 200), "c": Device(400, 10, 50)}
 CLIENTS = ("x", "y", "z", "w", "v")
 FLOPS_LATENCY_RING = [("a", 0, 8), ("b", 9, 15)]
 MEMORY_WEIGHTED_RING = [("a", 0, 6), ("b", 7, 11), ("c", 12, 15)]
