@@ -116,10 +116,12 @@ async def engine_ms_per_token(model, prompt: str, tokens: int) -> float:
   engine, shard = DummyInferenceEngine(), Shard(model.id, 0, model.n_layers - 1, model.n_layers)
   for request_id in ("warm-up", "timed"):
     out = await engine.infer_tensor(request_id, shard, (await engine.encode(shard, prompt))[None, :])
+    position = out.shape[1]
     started = time.perf_counter()
     for _ in range(tokens):
       token = await engine.sample(out)
-      out = await engine.infer_tensor(request_id, shard, np.array([[token]], dtype=np.int64))
+      out = await engine.infer_tensor(request_id, shard, np.array([[token]], dtype=np.int64), position)
+      position += 1
   return (time.perf_counter() - started) * 1000 / tokens
 
 
