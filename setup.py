@@ -21,6 +21,7 @@ setup(
     "tinygrad>=0.10",
     "mlx[cpu]>=0.25; platform_system == 'Linux'",
     "mlx>=0.25; platform_system == 'Darwin'",
+    "mlx-lm>=0.32",
     "aiohttp>=3.9",
   ],
   extras_require={

@@ -180,6 +180,7 @@ async def serve(args) -> int:
     if api:
       await api.stop()
     await node.stop()
+    node.engine.close()
 
 
 async def dump_topology(address: str) -> int:

@@ -38,3 +38,7 @@ class InferenceEngine(ABC):
   @abstractmethod
   async def finish_request(self, request_id: str) -> None:
     """Release the request's state (KV cache, position)."""
+
+  @abstractmethod
+  def close(self) -> None:
+    """Release what the engine holds (weights, worker threads) once its queued work is done; called once, when it is no longer used."""

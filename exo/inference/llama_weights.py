@@ -17,8 +17,8 @@ The convention engines can rely on, whatever the source:
   (heads = n_heads for Q, n_kv_heads for K). Loading a GGUF undoes exactly that (unpermute_rope_rows), so both sources give the same
   arrays (up to the GGUF's quantization).
 
-Only the shard's tensors are read: GGUFReader and the safetensors reader here memory-map their files, and only the tensors the
-shard needs are converted or copied.
+Only the shard's tensors are read: each is memory-mapped while it is converted or copied (gguf_header for GGUF files, the
+safetensors reader here for the others), so the file itself never stays resident.
 """
 
 import functools
@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 
 from exo.errors import PlanError
+from exo.inference.gguf_header import GGUFHeader, read_header
 from exo.inference.quantized import KEPT_QUANTIZED, QuantizedMatrix, Weight, from_gguf_blocks, from_mlx, half
 from exo.inference.shard import Shard
 
@@ -109,7 +110,7 @@ def shard_tensor_names(config: LlamaConfig, shard: Shard) -> list[str]:
 
 def load_config(path: Path | str) -> LlamaConfig:
   path = Path(path)
-  return _gguf_config(gguf_reader(str(path))) if path.suffix == ".gguf" else _hf_config(path)
+  return _gguf_config(path, gguf_metadata(str(path))) if path.suffix == ".gguf" else _hf_config(path)
 
 
 def load_shard_weights(path: Path | str, shard: Shard) -> tuple[LlamaConfig, dict[str, Weight]]:
@@ -130,17 +131,13 @@ def load_shard_weights(path: Path | str, shard: Shard) -> tuple[LlamaConfig, dic
 
 
 @functools.lru_cache(maxsize=4)
-def gguf_reader(path: str) -> gguf.GGUFReader:
-  """A memory-mapped reader, cached: parsing a 49k-token vocabulary's metadata takes seconds, and weights and tokenizer both need it."""
-  try:
-    return gguf.GGUFReader(path)
-  except (ValueError, OSError) as e:
-    raise PlanError(f"{path} is not a readable GGUF file: {e}") from None
+def gguf_metadata(path: str) -> GGUFHeader:
+  """The GGUF file's header, read once and cached (it is small; the file is not held)."""
+  return read_header(path)
 
 
-def gguf_field(reader: gguf.GGUFReader, key: str, default=None):
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
+def gguf_field(metadata: GGUFHeader, key: str, default=None):
+  return metadata.fields.get(key, default)
 
 
 def _from_f32(value: float) -> float:
@@ -148,16 +145,16 @@ def _from_f32(value: float) -> float:
   return float(str(np.float32(value)))
 
 
-def _gguf_config(reader: gguf.GGUFReader) -> LlamaConfig:
-  arch = gguf_field(reader, "general.architecture")
+def _gguf_config(path: Path, metadata: GGUFHeader) -> LlamaConfig:
+  arch = gguf_field(metadata, "general.architecture")
   if arch not in ARCHITECTURES:
     raise PlanError(f"GGUF architecture {arch!r} is not supported; expected one of {', '.join(ARCHITECTURES)}")
-  tensors = {t.name: t for t in reader.tensors}
+  tensors = metadata.tensors
 
   def meta(key, default=None):
-    value = gguf_field(reader, f"{arch}.{key}", default)
+    value = gguf_field(metadata, f"{arch}.{key}", default)
     if value is None:
-      raise PlanError(f"GGUF file {reader.data.filename} lacks {arch}.{key}; expected a llama.cpp-converted {arch} model")
+      raise PlanError(f"GGUF file {path} lacks {arch}.{key}; expected a llama.cpp-converted {arch} model")
     return value
 
   hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
@@ -169,8 +166,8 @@ def _gguf_config(reader: gguf.GGUFReader) -> LlamaConfig:
   if "rope_freqs.weight" in tensors:  # llama.cpp stores Llama 3.1+ scaling as these per-frequency divisors
     t = tensors["rope_freqs.weight"]
     factors = tuple(float(f) for f in dequantize(t.data, t.tensor_type))
-  elif (kind := gguf_field(reader, f"{arch}.rope.scaling.type", "none")) != "none":
-    factors = rope_scaling_factors({"rope_type": kind, "factor": gguf_field(reader, f"{arch}.rope.scaling.factor", 1.0)}, theta, head_dim)
+  elif (kind := gguf_field(metadata, f"{arch}.rope.scaling.type", "none")) != "none":
+    factors = rope_scaling_factors({"rope_type": kind, "factor": gguf_field(metadata, f"{arch}.rope.scaling.factor", 1.0)}, theta, head_dim)
   return LlamaConfig(
     vocab_size=int(meta("vocab_size", int(tensors["token_embd.weight"].shape[-1]))),
     hidden_size=hidden,
@@ -212,7 +209,7 @@ def _take_rows(w: Weight, index: np.ndarray) -> Weight:
 
 
 def _gguf_tensor_reader(path: Path, config: LlamaConfig):
-  tensors = {t.name: t for t in gguf_reader(str(path)).tensors}
+  tensors = gguf_metadata(str(path)).tensors
   unpermute_heads = {"self_attn.q_proj.weight": config.n_heads, "self_attn.k_proj.weight": config.n_kv_heads}
   if config.architecture != "llama":  # only the Llama converter permutes Q and K
     unpermute_heads = {}

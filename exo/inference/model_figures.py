@@ -16,7 +16,7 @@ from exo.inference.llama_weights import (
   GGUF_PARTS,
   LM_HEAD,
   NORM,
-  gguf_reader,
+  gguf_metadata,
   layer_key,
   layer_parts,
   load_config,
@@ -52,7 +52,7 @@ def held_tensor_bytes(path: Path | str) -> dict[str, int]:
   path = Path(path)
   sizes: dict[str, int] = {}
   if path.suffix == ".gguf":
-    for t in gguf_reader(str(path)).tensors:
+    for t in gguf_metadata(str(path)).tensors.values():
       if (name := _gguf_name(t.name)) is None:
         continue
       n = int(t.n_elements)

@@ -73,3 +73,6 @@ class PacedInferenceEngine(InferenceEngine):
 
   async def finish_request(self, request_id: str) -> None:
     await self.inner.finish_request(request_id)
+
+  def close(self) -> None:
+    self.inner.close()

@@ -115,6 +115,6 @@ def half(w: np.ndarray) -> np.ndarray:
   """float16 when every value fits float16's range (16-bit files stay 16-bit), else float32."""
   w = np.asarray(w)
   if w.dtype == np.float16:
-    return w
+    return np.array(w)  # a copy: never a view of a mapped file
   w32 = w.astype(np.float32)
   return w32.astype(np.float16) if np.all(np.abs(w32) <= _F16_MAX) else w32

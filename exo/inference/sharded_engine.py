@@ -128,6 +128,11 @@ class ShardedEngine(InferenceEngine):
     if self._finished is not None:
       self._finished.set()
 
+  def close(self) -> None:
+    """Forget every request and shard (engines whose arrays must be freed in their worker do that first)."""
+    self._states.clear()
+    self._models.clear()
+
   def active_requests(self) -> set[str]:
     """Ids of the requests whose state this engine holds."""
     return {r for r, _ in self._states}

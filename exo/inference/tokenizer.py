@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from exo.errors import PlanError
-from exo.inference.llama_weights import gguf_field, gguf_reader
+from exo.inference.llama_weights import gguf_field, gguf_metadata
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")  # llama.cpp's EOG texts
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -73,10 +73,10 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, path: Path | str) -> "Tokenizer":
-    reader = gguf_reader(str(path))
+    metadata = gguf_metadata(str(path))
 
     def field(key: str, default=None):
-      return gguf_field(reader, f"tokenizer.ggml.{key}", default)
+      return gguf_field(metadata, f"tokenizer.ggml.{key}", default)
 
     if field("model") != "gpt2":
       raise PlanError(f"GGUF tokenizer model {field('model')!r} in {path} is not supported; expected 'gpt2' (byte-level BPE)")
@@ -92,7 +92,7 @@ class Tokenizer:
     bos, eos_id = field("bos_token_id"), field("eos_token_id")
     add_bos = bool(field("add_bos_token", pre in _LLAMA3))  # llama.cpp's default: only Llama 3's BPE adds BOS unless told
     bos, eos_id = None if bos is None else int(bos), None if eos_id is None else int(eos_id)
-    return cls(tokenizer, bos, eos_id, eos, add_bos, gguf_field(reader, "tokenizer.chat_template"))
+    return cls(tokenizer, bos, eos_id, eos, add_bos, gguf_field(metadata, "tokenizer.chat_template"))
 
   @classmethod
   def from_hf_dir(cls, directory: Path | str) -> "Tokenizer":

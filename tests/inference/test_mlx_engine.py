@@ -1,261 +1,416 @@
-"""MLXInferenceEngine on the real SmolLM2-135M GGUF: logits against the numpy reference, a split ring against one engine, the KV
-cache against recomputation, and state handling. MLX here runs on CPU with a reference BLAS: a 37-token prompt takes seconds."""
+"""MLXInferenceEngine: tiny random models of both families in every file format against the numpy reference, weights held at the
+file's precision, request state through the engine, and the real SmolLM2-135M Q4_1 GGUF (split rings, bytes held, the answer).
+MLX here runs on CPU: a 37-token SmolLM2 prompt takes seconds, so those tests are slow."""
 
 import asyncio
+import dataclasses
+import subprocess
+import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
-from exo.inference.llama_weights import load_shard_weights, shard_tensor_names
-from exo.inference.mlx_inference_engine import MLXInferenceEngine  # imports MLX lazily, on its worker thread
+from exo.inference.llama_weights import EMBED, LM_HEAD, layer_key, load_shard_weights, rope_scaling_factors
+from exo.inference.mlx_inference_engine import MLXInferenceEngine
+from exo.inference.model_figures import held_tensor_bytes, shard_held_bytes
 from exo.inference.model_files import locate_model
+from exo.inference.quantized import QuantizedMatrix
 from exo.inference.shard import Shard
+from exo.inference.sharded_engine import RequestStateError
 from tests.inference.numpy_llama import forward
+from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
 
-pytest.importorskip("mlx.core")
-
-MODEL, N_LAYERS = "smollm2-135m", 30
-WHOLE = Shard(MODEL, 0, N_LAYERS - 1, N_LAYERS)
+TINY_ID = "tiny"
+FAMILIES = {"llama": TINY, "qwen2": TINY_QWEN2}
+FORMATS = {  # how the tiny model is written: a GGUF's matrix (and embedding) type, or a Hugging Face directory's dtype / MLX bits
+  "gguf-q4_0": {"qtype": Q.Q4_0},
+  "gguf-q4_1": {"qtype": Q.Q4_1, "embed_qtype": Q.Q8_0},  # as SmolLM2's GGUF
+  "gguf-q8_0": {"qtype": Q.Q8_0},
+  "gguf-f16": {"qtype": Q.F16},
+  "hf-f32": {"dtype": "F32"},
+  "hf-bf16": {"dtype": "BF16"},
+  "mlx-4bit": {"mlx_bits": 4, "group_size": 32},
+  "mlx-8bit": {"mlx_bits": 8, "group_size": 64},
+}
+PROMPT = np.array([3, 17, 5, 28, 11, 2, 39], dtype=np.int64)
+TINY_RTOL = 2e-5  # of the largest expected magnitude; observed at most 1.6e-6: the same weights, float32 sums in another order
+SMOL, SMOL_LAYERS = "smollm2-135m", 30
+SMOL_WHOLE = Shard(SMOL, 0, SMOL_LAYERS - 1, SMOL_LAYERS)
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-STEPS = 12
-LOGITS_ATOL = 1e-3  # observed ~1.5e-4 on logits of magnitude ~40: float32 sums in a different order
-HIDDEN_RTOL = 1e-5  # of the largest hidden-state magnitude
+ANSWER_TOKENS = 24
+SMOL_RTOL = 2e-5  # of the largest logit (~40); observed ~4e-6
+SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-def shards(*ranges: tuple[int, int]) -> list[Shard]:
-  return [Shard(MODEL, a, b, N_LAYERS) for a, b in ranges]
+def tiny_shard(start: int, end: int, config=TINY) -> Shard:
+  return Shard(TINY_ID, start, end, config.n_layers)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = TINY_RTOL):
+  assert actual.shape == expected.shape and actual.dtype == np.float32
+  assert np.abs(actual - expected).max() <= rtol * np.abs(expected).max()
+
+
+@pytest.fixture
+def make_tiny(tmp_path, monkeypatch):
+  """Writes the tiny model of `config` in format `fmt` under a fresh EXO_MODELS_DIR as model TINY_ID; returns its path."""
+  monkeypatch.setenv("EXO_MODELS_DIR", str(tmp_path))
+
+  def make(config, fmt: str, rope_scaling: dict | None = None, rope_factors=None):
+    directory, weights = tmp_path / TINY_ID, tiny_weights(config, seed=1)
+    if fmt.startswith("gguf"):
+      directory.mkdir()
+      write_gguf(directory / "tiny.gguf", weights, config, rope_factors=rope_factors, **FORMATS[fmt])
+    else:
+      write_hf_dir(directory, weights, config, rope_scaling=rope_scaling, **FORMATS[fmt])
+      (directory / "tokenizer.json").write_text("{}")  # only the weights are used
+    return locate_model(TINY_ID)
+
+  return make
+
+
+@pytest.fixture
+def engines():
+  """engines(n, **options): n fresh engines, closed after the test."""
+  made: list[MLXInferenceEngine] = []
+
+  def make(n: int, **options) -> list[MLXInferenceEngine]:
+    made.extend(MLXInferenceEngine(**options) for _ in range(n))
+    return made[-n:]
+
+  yield make
+  for engine in made:
+    engine.close()
+
+
+async def through(ring: list[tuple[MLXInferenceEngine, Shard]], request_id: str, x: np.ndarray, position: int) -> np.ndarray:
+  for engine, shard in ring:
+    x = await engine.infer_tensor(request_id, shard, x, position)
+  return x
+
+
+async def greedy(ring, request_id: str, prompt: np.ndarray, steps: int) -> list[int]:
+  """`steps` greedy tokens through the ring (EOS or not), then the request is finished everywhere."""
+  x, position, tokens = prompt, 0, []
+  while len(tokens) < steps:
+    logits = await through(ring, request_id, x, position)
+    position += len(x)
+    tokens.append(await ring[-1][0].sample(logits))
+    x = np.array([tokens[-1]], dtype=np.int64)
+  for engine, _ in ring:
+    await engine.finish_request(request_id)
+  return tokens
+
+
+# the numpy reference, every family and format
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_numpy_reference(make_tiny, engines, family, fmt):
+  """The prompt, then three decode steps at their positions, each against the reference on the same (dequantized) weights."""
+  config = FAMILIES[family]
+  path, shard = make_tiny(config, fmt), tiny_shard(0, config.n_layers - 1, config)
+  loaded_config, weights = load_shard_weights(path, shard)
+  (engine,) = engines(1)
+
+  async def go():
+    cache, x, position = {}, PROMPT, 0
+    for _ in range(4):
+      logits = await engine.infer_tensor("r", shard, x, position)
+      expected = forward(weights, loaded_config, x, 0, config.n_layers - 1, cache)
+      assert_close(logits[0], expected)
+      position += len(x)
+      x = np.array([int(np.argmax(expected[-1]))])
+
+  asyncio.run(go())
+  assert engine.held_array_bytes(shard) == shard_held_bytes(path, shard)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_over_three_engines_equals_one_and_the_reference(make_tiny, engines, family):
+  config = FAMILIES[family]
+  path = make_tiny(config, "gguf-q4_1")
+  _, weights = load_shard_weights(path, tiny_shard(0, 2, config))
+  whole, parts = tiny_shard(0, 2, config), [tiny_shard(i, i, config) for i in range(3)]
+  one, three = engines(1), engines(3)
+
+  async def go():
+    caches, x, position = [{}, {}, {}], PROMPT, 0
+    for _ in range(3):
+      alone = await through([(one[0], whole)], "r", x, position)
+      hidden = x
+      for i, (engine, shard) in enumerate(zip(three, parts)):
+        out = await engine.infer_tensor("r", shard, hidden, position)
+        assert_close(out[0], forward(weights, config, hidden if i == 0 else hidden[0], i, i, caches[i]))
+        hidden = out
+      np.testing.assert_array_equal(hidden, alone)  # one graph per shard: the same arithmetic wherever the model is cut
+      position += len(x)
+      x = np.array([int(np.argmax(alone[0, -1]))])
+
+  asyncio.run(go())
+
+
+@pytest.mark.parametrize("fmt", ["hf-f32", "gguf-q8_0"])
+def test_llama3_rope_scaling_matches_the_reference(make_tiny, engines, fmt):
+  """Llama 3.1 scaling, from config.json's rope_scaling or a GGUF's rope_freqs tensor, at positions where it changes the logits."""
+  factors = rope_scaling_factors(SCALING, TINY.rope_theta, TINY.head_dim)
+  path, shard = make_tiny(TINY, fmt, rope_scaling=SCALING, rope_factors=factors), tiny_shard(0, 2)
+  config, weights = load_shard_weights(path, shard)
+  assert config.rope_freq_factors == pytest.approx(factors) and max(factors) == SCALING["factor"]
+  prompt = np.resize(PROMPT, 100)
+  (engine,) = engines(1)
+  logits = asyncio.run(engine.infer_tensor("r", shard, prompt, 0))[0]
+  assert_close(logits, forward(weights, config, prompt, 0, 2))
+  unscaled = forward(weights, dataclasses.replace(config, rope_freq_factors=None), prompt, 0, 2)
+  assert np.abs(unscaled - logits).max() > 100 * TINY_RTOL * np.abs(logits).max()
+
+
+# weights held at the file's precision
+
+
+def expected_arrays(weights: dict, shard: Shard) -> set[str]:
+  """The names of the arrays a shard should hold: a quantized matrix as .weight, .scales and .biases; a head tied to an
+  embedding on the same shard once, as the embedding."""
+  names = set()
+  for name, w in weights.items():
+    if name == LM_HEAD and w is weights.get(EMBED):
+      continue
+    module = name.removesuffix(".weight")
+    names |= {name, f"{module}.scales", f"{module}.biases"} if isinstance(w, QuantizedMatrix) else {name}
+  return names
+
+
+@pytest.mark.parametrize("family,fmt", [("llama", "gguf-q4_1"), ("qwen2", "mlx-4bit"), ("llama", "gguf-f16"), ("qwen2", "hf-bf16")])
+def test_each_shard_holds_only_its_weights_at_file_precision(make_tiny, engines, family, fmt):
+  config = FAMILIES[family]
+  path = make_tiny(config, fmt)
+  (engine,) = engines(1)
+  for start, end in ((0, 2), (0, 0), (1, 1), (2, 2)):
+    shard = tiny_shard(start, end, config)
+    asyncio.run(engine.load_shard(shard))
+    held, (_, weights) = engine.held_arrays(shard), load_shard_weights(path, shard)
+    assert set(held) == expected_arrays(weights, shard), shard
+    assert all(f"model.layers.{i}." not in name for name in held for i in range(config.n_layers) if not start <= i <= end)
+    for name, a in held.items():
+      if a.ndim == 1:
+        assert a.dtype == mx.float32, name
+      elif fmt in ("gguf-q4_1", "mlx-4bit"):
+        assert a.dtype == (mx.uint32 if name.endswith(".weight") else mx.float16), name
+      else:
+        assert a.dtype == mx.float16, name
+    assert engine.held_array_bytes(shard) == shard_held_bytes(path, shard)
+
+
+def test_half_the_layers_hold_half_the_layer_bytes():
+  """SmolLM2's layers 5-19 (15 of 30, no embedding or head) as held: half the file's layer bytes, still 4-bit."""
+  path, shard = locate_model(SMOL), Shard(SMOL, 5, 19, SMOL_LAYERS)
+  layer_bytes = sum(n for name, n in held_tensor_bytes(path).items() if name.startswith("model.layers."))
+  engine = MLXInferenceEngine()
+  asyncio.run(engine.load_shard(shard))
+  held = engine.held_arrays(shard)
+  assert {name.split(".")[2] for name in held} == {str(i) for i in range(5, 20)}
+  assert engine.held_array_bytes(shard) == pytest.approx(layer_bytes / 2, rel=0.01)
+  assert held[layer_key(5, "mlp.up_proj.weight")].dtype == mx.uint32
+  engine.close()
+
+
+# request state
+
+
+def test_steps_out_of_place_raise_and_leave_the_request_intact(make_tiny, engines):
+  make_tiny(TINY, "gguf-q4_1")
+  whole, n = tiny_shard(0, 2), len(PROMPT)
+  engine, other = engines(2)
+
+  async def go():
+    await engine.infer_tensor("a", whole, PROMPT, 0)
+    for position in (n - 1, n + 1, 0):  # repeated, skipped, restarted
+      with pytest.raises(RequestStateError, match=f"at position {n}"):
+        await engine.infer_tensor("a", whole, np.array([4]), position)
+    with pytest.raises(RequestStateError, match="unknown"):
+      await engine.infer_tensor("lost", whole, np.array([4]), 3)
+    with pytest.raises(RequestStateError, match="runs on layers 0-2"):
+      await engine.infer_tensor("a", tiny_shard(0, 1), np.array([4]), n)
+    step = await engine.infer_tensor("a", whole, np.array([4]), n)
+    at_once = await other.infer_tensor("b", whole, np.append(PROMPT, 4), 0)
+    assert_close(step[0, -1], at_once[0, -1])
+    assert engine.active_requests() == {"a"}
+    await engine.finish_request("a")
+    assert engine.active_requests() == set()
+
+  asyncio.run(go())
+
+
+def test_a_failed_step_leaves_the_request_where_it_was(make_tiny, engines, monkeypatch):
+  """A step that fails after the KV caches took its token (here: evaluation) is undone, so the step can be retried."""
+  make_tiny(TINY, "gguf-q4_1")
+  whole, n = tiny_shard(0, 2), len(PROMPT)
+  (engine,) = engines(1)
+  evaluate = mx.eval
+
+  def fail(*args):
+    raise RuntimeError("evaluation failed")
+
+  async def go():
+    await engine.infer_tensor("a", whole, PROMPT, 0)
+    await engine.infer_tensor("b", whole, PROMPT, 0)
+    monkeypatch.setattr(mx, "eval", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+      await engine.infer_tensor("a", whole, np.array([4, 9]), n)
+    monkeypatch.setattr(mx, "eval", evaluate)
+    retried = await engine.infer_tensor("a", whole, np.array([4, 9]), n)
+    np.testing.assert_array_equal(retried, await engine.infer_tensor("b", whole, np.array([4, 9]), n))
+
+  asyncio.run(go())
+
+
+def test_prompt_in_chunks_equals_prompt_at_once(make_tiny, engines):
+  """New positions attend to the whole cache and causally to each other, however the prompt arrives."""
+  make_tiny(TINY_QWEN2, "mlx-8bit")
+  shard = tiny_shard(1, 2, TINY_QWEN2)
+  (engine,) = engines(1)
+  hidden = np.random.default_rng(0).standard_normal((1, len(PROMPT), TINY_QWEN2.hidden_size)).astype(np.float32)
+
+  async def go():
+    whole = await engine.infer_tensor("whole", shard, hidden, 0)
+    parts = [await engine.infer_tensor("parts", shard, hidden[:, a:b], a) for a, b in ((0, 3), (3, 4), (4, 7))]
+    return whole, np.concatenate(parts, axis=1)
+
+  whole, parts = asyncio.run(go())
+  assert_close(parts[0], whole[0])
+
+
+def test_two_resident_shards_serve_interleaved_requests(make_tiny, engines):
+  """One engine holds the whole model for one request and layers 0-1 for another (finished by a second engine); stepped in
+  turns, each request gets exactly the tokens it gets alone."""
+  make_tiny(TINY, "gguf-q4_0")
+  whole, head, tail = tiny_shard(0, 2), tiny_shard(0, 1), tiny_shard(2, 2)
+  engine, next_engine = engines(2)
+  rings = {"a": [(engine, whole)], "b": [(engine, head), (next_engine, tail)]}
+  prompts = {"a": PROMPT, "b": PROMPT[::-1].copy()}
+
+  async def go():
+    alone = {r: await greedy(rings[r], f"alone-{r}", prompts[r], 6) for r in rings}
+    x, position, tokens = dict(prompts), dict.fromkeys(rings, 0), {r: [] for r in rings}
+    for _ in range(6):
+      for r in rings:
+        logits = await through(rings[r], r, x[r], position[r])
+        position[r] += len(x[r])
+        tokens[r].append(await engine.sample(logits))
+        x[r] = np.array([tokens[r][-1]])
+      assert set(engine.resident_shards()) == {whole, head}
+      assert engine.held_bytes() == engine.held_array_bytes(whole) + engine.held_array_bytes(head)
+    return alone, tokens
+
+  alone, tokens = asyncio.run(go())
+  assert tokens == alone
+
+
+def test_a_shard_that_does_not_fit_waits_for_the_requests_on_the_other(make_tiny, engines):
+  path = make_tiny(TINY, "gguf-q4_1")
+  first, second = tiny_shard(0, 2), tiny_shard(0, 1)
+  (engine,) = engines(1, memory_limit_bytes=shard_held_bytes(path, first) + shard_held_bytes(path, second) - 1)
+
+  async def until_waiting():
+    while engine.waiting is None:
+      await asyncio.sleep(0.01)
+
+  async def go():
+    await engine.infer_tensor("a", first, PROMPT, 0)
+    b = asyncio.create_task(engine.infer_tensor("b", second, PROMPT, 0))
+    await asyncio.wait_for(until_waiting(), 10)
+    assert "0-2" in engine.waiting and engine.resident_shards() == [first] and not b.done()
+    await engine.finish_request("a")
+    assert (await b).shape == (1, len(PROMPT), TINY.hidden_size)
+    assert engine.resident_shards() == [second] and engine.held_bytes() == engine.held_array_bytes(second)
+
+  asyncio.run(go())
+
+
+def test_bad_input_is_refused_and_leaves_no_state(make_tiny, engines):
+  make_tiny(TINY, "gguf-q8_0")
+  (engine,) = engines(1)
+
+  async def go():
+    with pytest.raises(ValueError, match="token ids"):
+      await engine.infer_tensor("x", tiny_shard(0, 0), np.array([TINY.vocab_size]), 0)
+    with pytest.raises(ValueError, match="hidden states"):
+      await engine.infer_tensor("x", tiny_shard(1, 1), np.zeros((1, 2, 7), dtype=np.float32), 0)
+    assert engine.active_requests() == set()
+
+  asyncio.run(go())
+
+
+# the real SmolLM2
 
 
 @pytest.fixture(scope="module")
-def engine():
+def smol():
   engine = MLXInferenceEngine()
   yield engine
   engine.close()
 
 
 @pytest.fixture(scope="module")
-def reference():
-  """The whole model's float32 weights, for the numpy reference."""
-  return load_shard_weights(locate_model(MODEL), WHOLE)
-
-
-@pytest.fixture(scope="module")
-def prompt(engine) -> np.ndarray:
+def smol_prompt(smol) -> np.ndarray:
   async def go():
-    return await engine.encode(WHOLE, await engine.apply_chat_template(WHOLE, QUESTION))
+    return await smol.encode(SMOL_WHOLE, await smol.apply_chat_template(SMOL_WHOLE, QUESTION))
 
   return asyncio.run(go())
 
 
-async def ring(engines: list[MLXInferenceEngine], ring_shards: list[Shard], prompt: np.ndarray, steps: int, request_id: str):
-  """`steps` greedy tokens, EOS or not (the prompt, then one token at a time, each through every engine in turn), and the
-  logits of every step's last position."""
-  x, tokens, logits = prompt, [], []
-  while len(tokens) < steps:
-    for e, s in zip(engines, ring_shards):
-      x = await e.infer_tensor(request_id, s, x)
-    logits.append(x[0, -1])
-    tokens.append(await engines[-1].sample(x))
-    x = np.array([[tokens[-1]]], dtype=np.int64)
-  for e in engines:
-    await e.finish_request(request_id)
-  return tokens, np.stack(logits)
-
-
 @pytest.fixture(scope="module")
-def single(engine, prompt):
-  return asyncio.run(ring([engine], [WHOLE], prompt, STEPS, "single"))
-
-
-# 1. the numpy reference
+def smol_tokens(smol, smol_prompt) -> list[int]:
+  return asyncio.run(greedy([(smol, SMOL_WHOLE)], "single", smol_prompt, ANSWER_TOKENS))
 
 
 @pytest.mark.slow
-def test_whole_model_logits_match_numpy(engine, reference, prompt):
-  config, weights = reference
+def test_smollm2_logits_match_numpy_reference(smol, smol_prompt):
+  """The prompt and two decode steps; the 4-bit layers and 8-bit tied embedding dequantized by the reference."""
+  config, weights = load_shard_weights(locate_model(SMOL), SMOL_WHOLE)
 
   async def go():
-    cache, x = {}, prompt
-    for step in range(3):  # the prompt, then two decode steps
-      logits = await engine.infer_tensor("ref", WHOLE, x)
-      expected = forward(weights, config, np.asarray(x).reshape(-1), 0, N_LAYERS - 1, cache)
-      assert logits.shape == (1, len(expected), config.vocab_size) and logits.dtype == np.float32
-      assert np.abs(logits[0] - expected).max() < LOGITS_ATOL, step
-      x = np.array([[int(np.argmax(expected[-1]))]], dtype=np.int64)
-    await engine.finish_request("ref")
+    cache, x, position = {}, smol_prompt, 0
+    for _ in range(3):
+      logits = await smol.infer_tensor("reference", SMOL_WHOLE, x, position)
+      expected = forward(weights, config, x, 0, SMOL_LAYERS - 1, cache)
+      assert_close(logits[0], expected, SMOL_RTOL)
+      position += len(x)
+      x = np.array([int(np.argmax(expected[-1]))])
+    await smol.finish_request("reference")
 
   asyncio.run(go())
 
 
 @pytest.mark.slow
-def test_middle_shard_hidden_states_match_numpy(reference, prompt):
-  config, weights = reference
-  middle = Shard(MODEL, 5, 22, N_LAYERS)
-  engine = MLXInferenceEngine()
-
-  async def go():
-    head, tail, cache = {}, {}, {}  # numpy caches for layers 0-4 (the shard before), 23-29 (after) and 5-22
-    x = prompt
-    for step in range(3):  # the prompt, then two decode steps
-      hidden = forward(weights, config, x, 0, 4, head)[None]  # what the shard before sends
-      out = await engine.infer_tensor("mid", middle, hidden)
-      expected = forward(weights, config, hidden[0], 5, 22, cache)
-      assert out.shape == (1, len(expected), config.hidden_size) and out.dtype == np.float32
-      assert np.abs(out[0] - expected).max() < HIDDEN_RTOL * np.abs(expected).max(), step
-      x = np.array([int(np.argmax(forward(weights, config, expected, 23, 29, tail)[-1]))])
-
-  asyncio.run(go())
-  engine.close()
-
-
-def test_prompt_in_chunks_equals_prompt_at_once(prompt):
-  """New tokens attend to the whole cache and causally to each other, however the prompt arrives."""
-  config, weights = load_shard_weights(locate_model(MODEL), Shard(MODEL, 0, 4, N_LAYERS))
-  shard = Shard(MODEL, 3, 4, N_LAYERS)
-  engine = MLXInferenceEngine()
-  x = forward(weights, config, prompt[:20], 0, 2)[None]
-
-  async def go():
-    whole = await engine.infer_tensor("whole", shard, x)
-    parts = [await engine.infer_tensor("parts", shard, x[:, a:b]) for a, b in ((0, 7), (7, 8), (8, 20))]
-    return whole, np.concatenate(parts, axis=1)
-
-  whole, parts = asyncio.run(go())
-  engine.close()
-  assert np.abs(whole - parts).max() < HIDDEN_RTOL * np.abs(whole).max()
-  assert np.abs(whole[0] - forward(weights, config, x[0], 3, 4)).max() < HIDDEN_RTOL * np.abs(whole).max()
-
-
-# 2. split equals single, 4. the answer
+def test_smollm2_answers_paris(smol, smol_tokens):
+  eos = smol.eos_token_ids(SMOL_WHOLE)
+  answer = smol_tokens[: next((i for i, t in enumerate(smol_tokens) if t in eos), len(smol_tokens))]
+  assert len(answer) >= 3 and "Paris" in asyncio.run(smol.decode(SMOL_WHOLE, answer))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranges", [((0, 20), (21, 29)), ((0, 4), (5, 22), (23, 29))], ids=["2-nodes", "3-nodes"])
-def test_split_ring_generates_the_same_tokens(ranges, prompt, single):
-  ring_shards = shards(*ranges)
-  engines = [MLXInferenceEngine() for _ in ring_shards]
-  try:
-    tokens, logits = asyncio.run(ring(engines, ring_shards, prompt, STEPS, "split"))
-    assert tokens == single[0]
-    np.testing.assert_array_equal(logits, single[1])  # bit for bit: every layer's arithmetic is the same whatever the split
-    for e, s in zip(engines, ring_shards):
-      assert e.loaded_tensor_names() == set(shard_tensor_names(s)) and e.active_requests() == set()
-  finally:
-    for e in engines:
-      e.close()
+def test_smollm2_is_held_at_its_file_size(smol, smol_tokens):
+  path = locate_model(SMOL)
+  assert smol.held_array_bytes(SMOL_WHOLE) == shard_held_bytes(path, SMOL_WHOLE)
+  assert smol.held_array_bytes(SMOL_WHOLE) == pytest.approx(path.stat().st_size, rel=0.01)
 
 
 @pytest.mark.slow
-def test_answer_mentions_paris(engine, single):
-  tokens, eos = single[0], engine.eos_token_ids(WHOLE)
-  answer = tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
-  assert len(answer) >= 3 and "Paris" in asyncio.run(engine.decode(WHOLE, answer))
+@pytest.mark.parametrize("ranges", [((0, 20), (21, 29)), ((0, 4), (5, 22), (23, 29))], ids=["2-engines", "3-engines"])
+def test_smollm2_split_gives_one_engines_tokens(ranges, smol_prompt, smol_tokens, engines):
+  ring = list(zip(engines(len(ranges)), (Shard(SMOL, a, b, SMOL_LAYERS) for a, b in ranges)))
+  assert asyncio.run(greedy(ring, "split", smol_prompt, 12)) == smol_tokens[:12]
+  assert all(engine.active_requests() == set() for engine, _ in ring)
 
 
-# 3. the KV cache
-
-
-@pytest.mark.slow
-def test_cached_decode_equals_recomputation(engine):
-  async def go():
-    prompt = await engine.encode(WHOLE, "The capital of France is")
-    cached, _ = await ring([engine], [WHOLE], prompt, 8, "cached")
-    recomputed = []
-    for step in range(len(cached)):
-      sequence = np.array([*prompt, *recomputed], dtype=np.int64)
-      recomputed.append(await engine.sample(await engine.infer_tensor(f"fresh-{step}", WHOLE, sequence)))
-      await engine.finish_request(f"fresh-{step}")
-    return cached, recomputed
-
-  cached, recomputed = asyncio.run(go())
-  assert len(cached) == 8 and cached == recomputed
-
-
-# 5. state
-
-
-def test_finish_request_releases_state_and_a_new_shard_replaces_the_old():
-  engine = MLXInferenceEngine()
-  first, last = Shard(MODEL, 0, 1, N_LAYERS), Shard(MODEL, 27, 29, N_LAYERS)
-
-  async def go():
-    hidden = await engine.infer_tensor("a", first, np.array([1, 2, 3]))
-    await engine.infer_tensor("b", first, np.array([[4, 5]]))
-    assert hidden.shape == (1, 3, 576) and engine.active_requests() == {"a", "b"}
-    assert engine.loaded_tensor_names() == set(shard_tensor_names(first))
-    assert not any(name.startswith(f"model.layers.{i}.") for name in engine.loaded_tensor_names() for i in range(2, N_LAYERS))
-    await engine.finish_request("a")
-    await engine.finish_request("never-seen")
-    assert engine.active_requests() == {"b"}
-    logits = await engine.infer_tensor("c", last, hidden)
-    assert logits.shape == (1, 3, 49152) and engine.active_requests() == {"c"}  # the old shard's requests went with it
-    assert engine.loaded_tensor_names() == set(shard_tensor_names(last))
-    await engine.finish_request("c")
-    assert engine.active_requests() == set()
-
-  asyncio.run(go())
-  engine.close()
-
-
-def test_bad_input_is_refused_and_leaves_no_state():
-  engine = MLXInferenceEngine()
-  first, middle = Shard(MODEL, 0, 0, N_LAYERS), Shard(MODEL, 1, 1, N_LAYERS)
-
-  async def go():
-    with pytest.raises(ValueError, match="token ids"):
-      await engine.infer_tensor("x", first, np.zeros((1, 2, 576), dtype=np.float32))
-    with pytest.raises(ValueError, match="token ids"):
-      await engine.infer_tensor("x", first, np.array([49152]))
-    with pytest.raises(ValueError, match="hidden states"):
-      await engine.infer_tensor("x", middle, np.zeros((1, 2, 7), dtype=np.float32))
-    assert engine.active_requests() == set()
-
-  asyncio.run(go())
-  engine.close()
-
-
-def test_concurrent_requests_match_sequential_ones():
-  """Requests interleaved from the event loop run one at a time on the engine's thread, each with its own cache."""
-  shard = Shard(MODEL, 0, 1, N_LAYERS)
-  engine = MLXInferenceEngine()
-  inputs = [np.array([5, 6, 7]), np.array([8, 9])]
-
-  async def go():
-    together = await asyncio.gather(*(engine.infer_tensor(f"g{i}", shard, x) for i, x in enumerate(inputs)))
-    alone = [await engine.infer_tensor(f"s{i}", shard, x) for i, x in enumerate(inputs)]
-    return together, alone
-
-  together, alone = asyncio.run(go())
-  engine.close()
-  for a, b in zip(together, alone):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_sample_is_greedy_at_zero_and_seeded_above():
-  logits = np.log(np.array([[[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]], dtype=np.float32))
-
-  def draws(seed: int, temperature: float, n: int) -> list[int]:
-    engine = MLXInferenceEngine(seed=seed)
-
-    async def go():
-      return [await engine.sample(logits, temperature) for _ in range(n)]
-
-    out = asyncio.run(go())
-    engine.close()
-    return out
-
-  assert draws(0, 0.0, 5) == [0] * 5  # the last position's argmax
-  first, again = draws(1, 1.0, 200), draws(1, 1.0, 200)
-  assert first == again and set(first) == {0, 1, 2} and 0.45 < first.count(0) / 200 < 0.75
-
-
-def test_tokenizer_round_trip_and_eos(engine):
-  async def go():
-    text = await engine.apply_chat_template(WHOLE, QUESTION)
-    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
-    ids = await engine.encode(WHOLE, text)
-    assert ids.dtype == np.int64 and ids.ndim == 1
-    assert await engine.decode(WHOLE, ids.tolist()) == text
-
-  asyncio.run(go())
-  assert engine.eos_token_ids(WHOLE) >= {2}  # <|im_end|>
+def test_the_engine_loads_mlx_lm_models_without_transformers_and_leaves_mlx_lm_whole():
+  script = (
+    "import sys, exo.inference.mlx_inference_engine as engine\n"
+    "assert 'transformers' not in sys.modules and 'mlx_lm' not in sys.modules\n"
+    "import mlx_lm, mlx_lm.models.llama\n"
+    "assert hasattr(mlx_lm, 'load') and hasattr(mlx_lm.models.llama, 'Model') and engine.llama.TransformerBlock\n"
+  )
+  subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
