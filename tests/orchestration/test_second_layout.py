@@ -17,7 +17,7 @@ from exo.models import model_spec
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
-from exo.orchestration.node import Node, PlannerConfig
+from exo.orchestration.node import Node, PlannerConfig, RequestFailed
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from tests.support.greedy import greedy_tokens
 
@@ -145,3 +145,25 @@ def test_second_layout_leaves_running_requests_intact(engine, scenario, tmp_path
   assert len(second.plan.ring()) == 2 and dict(second.plan.ring())["a"] < MODEL.n_layers  # another range on node a
   assert held.most_resident == 2  # both layouts were resident while both requests ran
   assert [first.tokens, second.tokens] == asyncio.run(alone(engine, prompts))
+
+
+async def state_lost_mid_request(tmp_path) -> str:
+  a, b, held = two_nodes("dummy", tmp_path, ("latency", "throughput"))  # b's requests run on a ring through a
+  await asyncio.gather(a.start(wait_for_peers=1), b.start(wait_for_peers=1))
+  try:
+    asked = asyncio.create_task(b.generate(QUESTIONS[0]))
+    await held.holding.wait()
+    await held.inner.finish_request(held.first)  # as if node a had restarted: its state for the request is gone
+    held.release.set()
+    with pytest.raises(RequestFailed) as failure:
+      await asked
+    return str(failure.value)
+  finally:
+    await b.stop()
+    await a.stop()
+
+
+def test_a_step_a_node_cannot_place_fails_the_request_at_its_origin(tmp_path):
+  """Never a silent restart at position 0: the refusal travels back to the node that asked, which fails the request."""
+  message = asyncio.run(state_lost_mid_request(tmp_path))
+  assert "'a'" in message and "its state is gone" in message
