@@ -17,8 +17,6 @@ import socket
 import sys
 import uuid
 
-from exo import plan_cli
-from exo.api import ChatGPTAPI
 from exo.errors import PlanError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.inference_engine import InferenceEngine
@@ -159,6 +157,8 @@ async def serve(args) -> int:
         print(json.dumps(result.plan.to_dict()), file=sys.stderr)
       print(result.text)
       return 0
+    from exo.api import ChatGPTAPI  # imported here: `exo run` answers without the HTTP server and its libraries
+
     api = ChatGPTAPI(node, args.chatgpt_api_host, args.chatgpt_api_port)
     await api.start()
     log.info("ChatGPT API at http://%s:%d/v1/chat/completions", args.chatgpt_api_host, api.port)
@@ -208,6 +208,8 @@ def print_model_spec(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["plan"]:
+    from exo import plan_cli
+
     return plan_cli.main(argv[1:])
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   try:

@@ -132,8 +132,10 @@ def load_shard_weights(path: Path | str, shard: Shard) -> tuple[LlamaConfig, dic
 
 @functools.lru_cache(maxsize=4)
 def gguf_metadata(path: str) -> GGUFHeader:
-  """The GGUF file's header, read once and cached (it is small; the file is not held)."""
-  return read_header(path)
+  """The GGUF file's header, read once and cached, less the tokenizer's fields: a vocabulary's tokens and merges take ~8 MB
+  as Python values, and the tokenizer reads them once, with read_header."""
+  header = read_header(path)
+  return GGUFHeader({k: v for k, v in header.fields.items() if not k.startswith("tokenizer.")}, header.tensors)
 
 
 def gguf_field(metadata: GGUFHeader, key: str, default=None):

@@ -1,15 +1,32 @@
-"""A Llama engine in tinygrad: each node loads only its shard's layers and keeps, per request, a KV cache for those layers.
+"""A Llama-family engine (Llama, Qwen2) in tinygrad: each node holds only its shard's layers, at the precision of the model
+file, and keeps per request a KV cache for those layers.
 
 Per layer: h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)), with rotate-half RoPE (llama_weights' convention),
-grouped-query attention (query head j reads key/value head j // (n_heads / n_kv_heads)) and a causal mask within a prompt.
+grouped-query attention (query head j reads key/value head j // (n_heads / n_kv_heads)), Qwen2's biases on Q, K and V, and a
+causal mask within a prompt.
 
-Speed without losing determinism: a layer's computation is one TinyJit function of (hidden states, its KV cache, the start
-position as a bound symbolic variable, its weights), captured once per (padded length, cache capacity) and replayed for every
-layer, every shard layout and every request. The hidden state is realized after every layer, so a layer computes the same bits
-whether its shard holds 1 or 30 layers, and a model split over several engines gives exactly the greedy tokens of one engine.
-Inputs run in chunks of at most PREFILL_CHUNK positions, each padded with zero rows to a power of two, and caches grow in powers
-of two, so kernels compile once per bucket, not once per length; padded rows sit after the real ones, so the causal mask hides
-them from real rows, and their cache entries are overwritten before any later position can see them.
+Weights stay as the file stores them (exo.inference.quantized): quantized matrices as packed 4- or 8-bit quants plus a scale and
+a bias per group, 16-bit ones as float16, float32 ones as float32. A decode step dequantizes inside each product's kernel (mask
+or shift the quants, multiply by the group's scale, add its bias, multiply by the input, accumulate), so no float32 copy of a
+weight exists. A prompt chunk, whose rows would each dequantize the weights again, dequantizes a layer matrix once into a float32
+temporary of the step (the head excepted: its temporary would outweigh the model). The embedding lookup runs in numpy on the rows
+it needs; on the CPU a tied embedding is the head's own memory.
+
+Speed: a shard's step over a padded input length is one TinyJit function, captured once per shard and length and replayed;
+the start position is a bound symbolic variable. Products accumulate into LANES interleaved partial sums, then across them: the
+CPU overlaps independent adds, where a single running sum would wait on each one. BEAM=n in the environment searches kernel
+optimizations when a step is captured, cached on disk in tinygrad's CACHEDB.
+
+Determinism: the hidden state is realized after every layer, so a layer runs the same kernels on the same inputs whether its
+shard holds 1 or 30 layers, and a model split over several engines gives exactly the greedy tokens of one engine (with BEAM, the
+shared on-disk cache gives every engine on a machine the same kernel choices). A multi-row input runs in chunks of PREFILL_CHUNK
+positions, the last one padded with zero rows, so a shard has two steps, one row and one chunk, whatever the prompt lengths: a
+captured step holds its intermediates for good, and a chunk's are large (attention scores sized for the whole context, logits for
+the whole vocabulary), so one step per length would hold tens of MB each. Padded rows sit after the real ones, the causal mask
+hides them from real rows, and their cache entries are overwritten before a later position reads them.
+
+KV cache: allocated per request, once, for the engine's context: the model's, capped at KV_CONTEXT (what the planner reserves).
+On the CPU the allocation stays untouched virtual memory until positions are written, so a request occupies what it uses.
 
 The tinygrad work runs off the event loop (which keeps serving) in ONE worker thread per process, shared by every engine in it:
 tinygrad's kernel caches and JIT capture are process-global and not thread-safe, and its compile cache is an SQLite connection
@@ -18,228 +35,318 @@ one CPU anyway.
 """
 
 import asyncio
-import functools
+import ctypes
 import math
+import os
+import platform
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
-from tinygrad import Tensor, TinyJit, UOp
+from tinygrad import Context, Device, Tensor, TinyJit, UOp, dtypes
+from tinygrad.device import LRUAllocator
+from tinygrad.helpers import DEV
 
-from exo.inference.inference_engine import InferenceEngine
-from exo.inference.llama_weights import EMBED, LAYER_PARTS, LM_HEAD, NORM, LlamaConfig, layer_key, load_shard_weights, rope_inv_freq
+from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, load_shard_weights, rope_inv_freq
+from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
-from exo.inference.sampling import sample_last
+from exo.inference.quantized import QuantizedMatrix, Weight
 from exo.inference.shard import Shard
-from exo.inference.tokenizer import Tokenizer, load_tokenizer
+from exo.inference.sharded_engine import ModelDims
+from exo.models import KV_CONTEXT
 
-MIN_CAPACITY = 256  # KV cache positions allocated for a new request; doubled as needed
-PREFILL_CHUNK = 512  # longer inputs run in chunks of this many positions, bounding the (T, S) attention scores and the JIT variants
+PREFILL_CHUNK = 16  # rows of a prompt chunk; its step holds (chunk, context) attention scores: 9 MB each for SmolLM2
+LANES = 16  # partial sums per output of a matrix product
 _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygrad")  # all tinygrad work in this process
+_F32 = dtypes.float32
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; elsewhere None
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
+def _release_freed_memory(device: str) -> None:
+  """Hand memory freed since the last call back to the OS: the device's cache of freed buffers, and (glibc) the heap's free
+  pages, which glibc keeps when other allocations sit above them, as tinygrad's do above the loader's freed arrays."""
+  allocator = Device[device].allocator
+  if isinstance(allocator, LRUAllocator):
+    allocator.free_cache()
+  if _MALLOC_TRIM is not None:
+    _MALLOC_TRIM(0)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+@dataclass(frozen=True, eq=False)
+class _Matrix:
+  """An (out, in) weight on the device as its file holds it. bits 32 or 16: tensors = (w,) float32 or float16. bits 8 or 4:
+  tensors = (packed uint8 (out, in * bits / 8), scales, biases (out, in / group)), w = scale * q + bias per group."""
+
+  tensors: tuple[Tensor, ...]
+  bits: int
+  shape: tuple[int, int]
+  group: int = 0
+
+
+def _to_device(w: Weight, device: str) -> _Matrix:
+  if isinstance(w, QuantizedMatrix):
+    arrays, bits, group = (w.packed, w.scales, w.biases), w.bits, w.group_size
+  else:
+    arrays, bits, group = (w,), 16 if w.dtype == np.float16 else 32, 0
+  tensors = tuple(Tensor(np.ascontiguousarray(a), device=device).realize() for a in arrays)
+  return _Matrix(tensors, bits, w.shape, group)
+
+
+def _half_to_float(w: Tensor) -> Tensor:
+  """float16 -> float32 with integer ops: the exponent field moves up 13 bits and the result is scaled by 2**(127 - 15), which
+  is exact for every finite value, subnormals included. Unlike a per-element conversion instruction it vectorizes. O(size)."""
+  bits = w.bitcast(dtypes.uint16).cast(dtypes.uint32)
+  return (((bits & 0x8000) << 16) | ((bits & 0x7FFF) << 13)).bitcast(_F32) * 2.0**112
+
+
+def _affine(m: _Matrix, q: Tensor) -> Tensor:
+  """Quants q (out, in / group, k) of a quantized matrix as float32 values: scale * q + bias with the group's scale and bias."""
+  _, scales, biases = m.tensors
+  return q.cast(_F32) * scales.cast(_F32).unsqueeze(-1) + biases.cast(_F32).unsqueeze(-1)
+
+
+def _nibbles(m: _Matrix) -> tuple[Tensor, Tensor]:
+  """A 4-bit matrix's even and odd columns as float32, each (out, in / group, group / 2): byte b of a row holds column 2b in
+  its low nibble and 2b + 1 in its high one."""
+  out, n = m.shape
+  p = m.tensors[0].reshape(out, n // m.group, m.group // 2)
+  return _affine(m, p & 15), _affine(m, p >> 4)
+
+
+def _dequantized(m: _Matrix) -> Tensor:
+  """The (out, in) float32 matrix as a lazy expression of its held tensors (nothing is computed until a kernel reads it)."""
+  out, n = m.shape
+  if m.bits == 32:
+    return m.tensors[0]
+  if m.bits == 16:
+    return _half_to_float(m.tensors[0])
+  if m.bits == 8:
+    return _affine(m, m.tensors[0].reshape(out, n // m.group, m.group)).reshape(out, n)
+  return Tensor.stack(*_nibbles(m), dim=-1).reshape(out, n)
+
+
+def _matmul(x: Tensor, m: _Matrix, fused: bool = False) -> Tensor:
+  """x (T, in) @ W.T -> (T, out) float32. O(T * out * in).
+  One row (a decode step), or `fused`: W is dequantized inside the product's kernel and the products are summed into LANES
+  interleaved partial sums, then across them, so the CPU overlaps independent adds (one running sum would wait on each). A 4-bit
+  matrix multiplies x's even and odd columns by its low and high nibbles, as interleaving the nibbles costs a select per element.
+  Several rows: W is first dequantized once into a float32 temporary, as each row would dequantize it again."""
+  t, (out, n) = x.shape[0], m.shape
+  if t > 1 and not fused:
+    return (x @ _dequantized(m).contiguous().T).contiguous()
+  if m.bits == 4:
+    low, high = _nibbles(m)
+    columns = x.reshape(t, 1, n // m.group, m.group // 2, 2)
+    products, n = columns[..., 0] * low + columns[..., 1] * high, n // 2
+  else:
+    products = x.reshape(t, 1, n) * _dequantized(m)
+  return _lane_sum(products.reshape(t, out, n)).contiguous()  # else a consumer's kernel recomputes it for each of its outputs
+
+
+def _lane_sum(products: Tensor) -> Tensor:
+  """The sum over the last axis, in LANES interleaved partial sums and then across them (when the axis divides evenly)."""
+  n = products.shape[-1]
+  lanes = LANES if n % LANES == 0 else 1
+  return products.reshape(*products.shape[:-1], n // lanes, lanes).sum(-2).sum(-1)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
   return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * weight
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   """Rotate-half RoPE: dimension d rotates with d + head_dim/2. x: (..., T, head_dim); cos, sin: (T, head_dim/2)."""
   half = x.shape[-1] // 2
   x1, x2 = x[..., :half], x[..., half:]
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
-def layer_forward(config: LlamaConfig, h: Tensor, cache: Tensor, start, cos: Tensor, sin: Tensor, *weights: Tensor) -> Tensor:
+def _project(x: Tensor, weights: dict, name: str) -> Tensor:
+  y = _matmul(x, weights[f"self_attn.{name}.weight"])
+  bias = weights.get(f"self_attn.{name}.bias")
+  return y if bias is None else y + bias
+
+
+def _layer(config: LlamaConfig, weights: dict, h: Tensor, cache: Tensor, start, cos: Tensor, sin: Tensor) -> Tensor:
   """One decoder layer over hidden states h (T, hidden) at positions start..start+T-1 (start: an int or a bound variable).
   Writes the new keys and values into cache (2, n_kv_heads, capacity, head_dim) and attends over its first start+T positions.
-  cos, sin: (capacity, head_dim/2) RoPE tables. weights: the layer's tensors in LAYER_PARTS order."""
-  ln1, wq, wk, wv, wo, ln2, wg, wu, wd = weights
+  cos, sin: (capacity, head_dim/2) RoPE tables. O(T * layer weights + T * (start + T) * hidden)."""
   t, hd, kv = h.shape[0], config.head_dim, config.n_kv_heads
   group = config.n_heads // kv
-  x = rms_norm(h, ln1, config.rms_norm_eps)
-  q = (x @ wq.T).reshape(t, kv, group, hd).permute(1, 2, 0, 3)  # (kv, group, T, hd): query head j = kv head j // group
-  k = (x @ wk.T).reshape(t, kv, hd).transpose(0, 1)  # (kv, T, hd)
-  v = (x @ wv.T).reshape(t, kv, hd).transpose(0, 1)
+  x = _rms_norm(h, weights["input_layernorm.weight"], config.rms_norm_eps).contiguous()  # inputs of products: computed once
+  q = _project(x, weights, "q_proj").reshape(t, kv, group, hd).permute(1, 2, 0, 3)  # (kv, group, T, hd): head j = kv head j // group
+  k = _project(x, weights, "k_proj").reshape(t, kv, hd).transpose(0, 1)  # (kv, T, hd)
+  v = _project(x, weights, "v_proj").reshape(t, kv, hd).transpose(0, 1)
   cos, sin = cos[start : start + t], sin[start : start + t]
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  q, k = _rope(q, cos, sin).contiguous(), _rope(k, cos, sin)
   cache[:, :, start : start + t].assign(Tensor.stack(k, v))
   keys, values = cache[0, :, 0 : start + t].unsqueeze(1), cache[1, :, 0 : start + t].unsqueeze(1)  # (kv, 1, S, hd)
-  scores = q @ keys.transpose(-1, -2) / math.sqrt(hd)  # (kv, group, T, S)
+  scores = _lane_sum(q.unsqueeze(-2) * keys.unsqueeze(-3)) / math.sqrt(hd)  # (kv, group, T, S)
   if t > 1:  # query i sits at start + i and sees keys at or before it
     scores = scores + Tensor.full((t, start + t), float("-inf"), device=h.device).triu(start + 1)
   attn = (scores.softmax(-1) @ values).permute(2, 0, 1, 3).reshape(t, config.n_heads * hd)
-  h = h + attn @ wo.T
-  x = rms_norm(h, ln2, config.rms_norm_eps)
-  return (h + ((x @ wg.T).silu() * (x @ wu.T)) @ wd.T).contiguous()
+  h = h + _matmul(attn, weights["self_attn.o_proj.weight"])
+  x = _rms_norm(h, weights["post_attention_layernorm.weight"], config.rms_norm_eps).contiguous()
+  gate, up = _matmul(x, weights["mlp.gate_proj.weight"]), _matmul(x, weights["mlp.up_proj.weight"])
+  return h + _matmul((gate.silu() * up).contiguous(), weights["mlp.down_proj.weight"])
 
 
-def head_forward(config: LlamaConfig, h: Tensor, norm: Tensor, lm_head: Tensor) -> Tensor:
-  return (rms_norm(h, norm, config.rms_norm_eps) @ lm_head.T).contiguous()
+@dataclass(eq=False)
+class _ShardModel:
+  """What a resident shard holds: its layers' weights on the device, the embedding (first shard) on the host for lookups, the
+  final norm and head (last shard), RoPE tables, and its captured steps by padded input length."""
+
+  config: LlamaConfig
+  device: str
+  capacity: int  # KV cache positions per request: the engine's context
+  layers: list[dict[str, Tensor | _Matrix]]
+  cos: Tensor
+  sin: Tensor
+  embedding: Weight | None = None
+  embedding_is_head: bool = False  # the embedding's arrays are views of the head's device memory (tied, on the CPU)
+  norm: Tensor | None = None
+  head: _Matrix | None = None
+  steps: dict[int, Callable] = field(default_factory=dict)
+
+  def device_tensors(self) -> list[Tensor]:
+    parts = [w for layer in self.layers for w in layer.values()] + [self.cos, self.sin, self.norm, self.head]
+    return [t for w in parts if w is not None for t in (w.tensors if isinstance(w, _Matrix) else (w,))]
+
+  def held_array_bytes(self) -> int:
+    """Bytes of its device tensors, plus the host embedding unless it is a view of them."""
+    host = 0
+    if self.embedding is not None and not self.embedding_is_head:
+      host = self.embedding.nbytes
+    return sum(t.nbytes() for t in self.device_tensors()) + host
+
+  def step(self, x: Tensor, caches: list[Tensor], start) -> Tensor:
+    """The shard's layers (and the head, on the last shard) over x (T, hidden); each layer's output realized on its own."""
+    for weights, cache in zip(self.layers, caches):
+      x = _layer(self.config, weights, x, cache, start, self.cos, self.sin).realize()
+    if self.head is not None:
+      # fused at every length: a float32 temporary of the head would be as large as the whole model's quantized weights
+      x = _matmul(_rms_norm(x, self.norm, self.config.rms_norm_eps).contiguous(), self.head, fused=True).realize()
+    return x
 
 
-class _Request:
-  def __init__(self):
-    self.length = 0  # positions this node has processed
-    self.capacity = 0
-    self.caches: dict[int, Tensor] = {}  # layer -> (2, n_kv_heads, capacity, head_dim) rotated keys and values
+def _host_view(m: _Matrix) -> Weight:
+  """A CPU matrix's device memory as numpy arrays, without copying (valid while the tensors live)."""
+  arrays = [np.frombuffer(t.uop.buffer.as_memoryview(allow_zero_copy=True), dtype=t.dtype.fmt).reshape(t.shape) for t in m.tensors]
+  return QuantizedMatrix(*arrays, m.bits, m.group) if m.bits in (4, 8) else arrays[0]
 
 
-class TinygradInferenceEngine(InferenceEngine):
-  """`device`: a tinygrad device name (None: tinygrad's default). `seed` drives sampling at temperature > 0. `jit`: replay
-  captured kernels (False runs every op through tinygrad's scheduler: same kernels, same bits, several times slower)."""
+def _embed(embedding: Weight, tokens: np.ndarray) -> np.ndarray:
+  """Rows `tokens` of the embedding as float32 (T, hidden): only those rows are dequantized. O(T * hidden)."""
+  if isinstance(embedding, QuantizedMatrix):
+    return embedding.take_rows(tokens).dequantize()
+  return np.asarray(embedding[tokens], dtype=np.float32)
 
-  def __init__(self, device: str | None = None, seed: int = 0, jit: bool = True):
-    self.device = device
+
+_GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dri")
+
+
+def default_device() -> str | None:
+  """The device an engine runs on when none is named: the CPU on a Linux host with no GPU device node, where letting tinygrad
+  choose would import every backend to probe it (~40 MB); else None, tinygrad's own choice (or DEV= from the environment)."""
+  if os.environ.get("DEV") or platform.system() != "Linux" or any(os.path.exists(p) for p in _GPU_DEVICE_NODES):
+    return None
+  return "CPU"
+
+
+class TinygradInferenceEngine(ModelFileEngine):
+  """`device`: a tinygrad device name (None: default_device()). `seed` drives sampling at temperature > 0. `jit`: replay captured kernels (False runs every op through tinygrad's
+  scheduler: same kernels, same bits, slower). `memory_limit_bytes`: see ShardedEngine."""
+
+  def __init__(self, device: str | None = None, seed: int = 0, jit: bool = True, memory_limit_bytes: int | None = None):
+    super().__init__(seed, memory_limit_bytes)
+    self.device = device or default_device()
     self.jit = jit
-    self._sampler = np.random.default_rng(seed)
-    self.shard: Shard | None = None
-    self.config: LlamaConfig | None = None
-    self.weights: dict[str, Tensor] = {}  # the shard's tensors except the embedding
-    self.embedding: np.ndarray | None = None  # first shard only: a lookup is a row copy, so it stays in numpy
-    self._requests: dict[str, _Request] = {}
-    self._jits: dict[tuple, object] = {}
-    self._rope: dict[int, tuple[Tensor, Tensor]] = {}
-    self._tokenizers: dict[str, Tokenizer] = {}
 
-  # tokenizer
+  async def _in_worker(self, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(_WORKER, self._on_device, fn, *args)
 
-  def _tokenizer(self, model_id: str) -> Tokenizer:
-    if model_id not in self._tokenizers:
-      self._tokenizers[model_id] = load_tokenizer(locate_model(model_id))
-    return self._tokenizers[model_id]
+  def _on_device(self, fn, *args):
+    """fn(*args) with tinygrad's default device set to this engine's where the environment (DEV) leaves it open: tinygrad
+    creates constants on the default device, and choosing one imports every backend to probe it (~40 MB on a CPU-only host)."""
+    if self.device is None or DEV.device:
+      return fn(*args)
+    with Context(DEV=self.device):
+      return fn(*args)
 
-  async def _tokenizer_async(self, shard: Shard) -> Tokenizer:
-    if shard.model_id in self._tokenizers:
-      return self._tokenizers[shard.model_id]
-    return await asyncio.get_running_loop().run_in_executor(_WORKER, self._tokenizer, shard.model_id)
-
-  async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
-    return np.array((await self._tokenizer_async(shard)).encode(prompt), dtype=np.int64)
-
-  async def decode(self, shard: Shard, tokens: list[int]) -> str:
-    return (await self._tokenizer_async(shard)).decode([int(t) for t in tokens])
-
-  async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
-    return (await self._tokenizer_async(shard)).apply_chat_template(messages)
-
-  def eos_token_ids(self, shard: Shard) -> set[int]:
-    return set(self._tokenizer(shard.model_id).eos_token_ids)
-
-  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    return sample_last(logits, temperature, self._sampler)
-
-  # requests
-
-  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray) -> np.ndarray:
-    """Token ids ((P,) or (1, P) ints) on the first shard, else hidden states (1, P, hidden_size) float32. Returns hidden states
-    (1, P, hidden_size) float32, or logits (1, P, vocab_size) float32 on the last shard."""
-    return await asyncio.get_running_loop().run_in_executor(_WORKER, self._infer, request_id, shard, input_data)
-
-  async def finish_request(self, request_id: str) -> None:
-    # through the worker, so it lands after any call for the request still queued there
-    await asyncio.get_running_loop().run_in_executor(_WORKER, self._requests.pop, request_id, None)
-
-  def active_requests(self) -> set[str]:
-    """Ids of the requests whose state this engine holds."""
-    return set(self._requests)
-
-  def loaded_tensor_names(self) -> set[str]:
-    """Names of the weights this engine holds: exactly its shard's."""
-    return set(self.weights) | ({EMBED} if self.embedding is not None else set())
-
-  def load_shard(self, shard: Shard) -> None:
-    """Load `shard` now rather than on its first infer_tensor; blocks until done (not for use on the event loop)."""
-    _WORKER.submit(self._load_shard, shard).result()
+  def held_array_bytes(self, shard: Shard) -> int:
+    """Bytes the resident `shard` holds: its device tensors plus host arrays that are not views of them."""
+    return self._models[shard].held_array_bytes()
 
   def close(self) -> None:
-    """Drop the loaded shard's weights and every request's state once queued work is done (the worker thread is the process's)."""
-    _WORKER.submit(self._unload).result()
+    """Drop every resident shard and request state once queued work is done (the worker thread is the process's)."""
+    models = list(self._models.values())
+    self._models.clear()
+    self._states.clear()
+    for model in models:
+      _WORKER.submit(self._on_device, self._unload_model, model).result()
 
   # in the worker thread
 
-  def _unload(self) -> None:
-    self.shard, self.config, self.weights, self.embedding = None, None, {}, None
-    self._requests.clear()
-    self._jits.clear()
-    self._rope.clear()
+  def _load_model(self, shard: Shard) -> _ShardModel:
+    """The shard's weights moved to the device one by one, each host copy dropped once moved. O(shard weights)."""
+    device = Device.canonicalize(self.device)
+    config, weights = load_shard_weights(locate_model(shard.model_id), shard)
+    capacity = min(config.context_length, KV_CONTEXT)
+    angles = np.arange(capacity, dtype=np.float64)[:, None] * rope_inv_freq(config)[None, :]
+    cos, sin = (Tensor(f(angles).astype(np.float32), device=device).realize() for f in (np.cos, np.sin))
 
-  def _load_shard(self, shard: Shard) -> None:
-    """Load `shard`'s weights unless they are loaded; another shard replaces them and drops every request's state."""
-    if shard == self.shard:
-      return
-    self._unload()
-    config, arrays = load_shard_weights(locate_model(shard.model_id), shard)
-    self.embedding = arrays.pop(EMBED, None)
-    self.weights = {name: Tensor(a, device=self.device) for name, a in arrays.items()}
-    Tensor.realize(*self.weights.values())
-    self.shard, self.config = shard, config
+    def take(name: str):
+      w = weights.pop(name)
+      return _to_device(w, device) if len(w.shape) == 2 else Tensor(w, device=device).realize()
 
-  def _infer(self, request_id: str, shard: Shard, input_data: np.ndarray) -> np.ndarray:
-    self._load_shard(shard)
-    config = self.config
+    layers = []
+    for i in range(shard.start_layer, shard.end_layer + 1):
+      layers.append({part: take(layer_key(i, part)) for part in layer_parts(config)})
+      _release_freed_memory(device)  # the layer's host arrays: else the host holds the shard twice by the end
+    model = _ShardModel(config, device, capacity, layers, cos, sin)
+    if shard.is_last_layer():
+      model.norm, model.head = take(NORM), take(LM_HEAD)
     if shard.is_first_layer():
-      tokens = np.asarray(input_data)
-      if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim not in (1, 2) or (tokens.ndim == 2 and tokens.shape[0] != 1) or tokens.size == 0:
-        raise ValueError(f"the first shard takes (P,) or (1, P) token ids, got {tokens.dtype} {tokens.shape}")
-      tokens = tokens.reshape(-1)
-      if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got {tokens.min()}..{tokens.max()}")
-      h = self.embedding[tokens]
-    else:
-      h = np.asarray(input_data)
-      if h.ndim != 3 or h.shape[0] != 1 or h.shape[1] == 0 or h.shape[2] != config.hidden_size:
-        raise ValueError(f"shard {shard} takes hidden states (1, P, {config.hidden_size}), got {h.shape}")
-      h = h[0].astype(np.float32)
-    request = self._requests.get(request_id) or _Request()  # stored only once the call succeeds
-    start, t = request.length, len(h)
-    if start + t > config.context_length:
-      raise ValueError(
-        f"request {request_id!r} would reach {start + t} positions; expected at most the model's context length {config.context_length}"
-      )
-    outputs = [self._run_chunk(request, h[lo : lo + PREFILL_CHUNK], start + lo) for lo in range(0, t, PREFILL_CHUNK)]
-    request.length = start + t
-    self._requests[request_id] = request
+      tied_here = config.tie_word_embeddings and shard.is_last_layer()
+      model.embedding_is_head = tied_here and device.split(":")[0] == "CPU"
+      model.embedding = _host_view(model.head) if model.embedding_is_head else weights.pop(EMBED)
+    weights.clear()  # a tied embedding is left: on the device now, as the head
+    _release_freed_memory(device)
+    return model
+
+  def _unload_model(self, model: _ShardModel) -> None:
+    """Drop the model's tensors and captured steps, and hand the device's cached free buffers back."""
+    model.steps.clear()
+    model.layers, model.head, model.norm, model.embedding = [], None, None, None
+    _release_freed_memory(model.device)
+
+  def _new_cache(self, model: _ShardModel, shard: Shard) -> list[Tensor]:
+    """Per layer, (2, n_kv_heads, capacity, head_dim) float32 rotated keys and values; allocated, not written."""
+    c = model.config
+    caches = [Tensor.empty(2, c.n_kv_heads, model.capacity, c.head_dim, device=model.device) for _ in model.layers]
+    for cache in caches:
+      cache.uop.buffer.ensure_allocated()  # a real buffer, as JIT inputs must be; Tensor.empty(...).realize() would not allocate it
+    return caches
+
+  def _dims(self, model: _ShardModel) -> ModelDims:
+    return ModelDims(model.config.vocab_size, model.config.hidden_size, model.capacity)
+
+  def _forward(self, model: _ShardModel, cache: list[Tensor], shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+    h = _embed(model.embedding, x) if shard.is_first_layer() else x
+    outputs = [self._run_chunk(model, cache, h[lo : lo + PREFILL_CHUNK], position + lo) for lo in range(0, len(h), PREFILL_CHUNK)]
     return np.concatenate(outputs)[None]
 
-  def _run_chunk(self, request: _Request, h: np.ndarray, start: int) -> np.ndarray:
-    """The shard's layers (and head, on the last shard) over hidden states h (T, hidden) at positions start..start+T-1."""
-    t, shard = len(h), self.shard
-    padded = 1 if t == 1 else min(_pow2(t), _pow2(self.config.context_length) - start)
-    self._reserve(request, start + padded)
-    x = Tensor(np.pad(h, ((0, padded - t), (0, 0))), device=self.device).realize()
-    cos, sin = self._rope_tables(request.capacity)
-    position = UOp.variable("start_pos", 0, request.capacity - padded).bind(start)
-    layer = self._compiled("layer", padded, request.capacity)
-    for i in range(shard.start_layer, shard.end_layer + 1):
-      x = layer(x, request.caches[i], position, cos, sin, *(self.weights[layer_key(i, part)] for part in LAYER_PARTS))
-    if shard.is_last_layer():
-      x = self._compiled("head", padded)(x, self.weights[NORM], self.weights[LM_HEAD])
-    return x.numpy()[:t]
-
-  def _compiled(self, kind: str, *key: int):
-    """The layer or head function, captured by TinyJit once per padded length (and cache capacity)."""
-    if (kind, *key) not in self._jits:
-      fn = functools.partial(layer_forward if kind == "layer" else head_forward, self.config)
-      self._jits[(kind, *key)] = TinyJit(fn) if self.jit else lambda *args: fn(*args).realize()
-    return self._jits[(kind, *key)]
-
-  def _rope_tables(self, capacity: int) -> tuple[Tensor, Tensor]:
-    if capacity not in self._rope:
-      angles = np.arange(capacity, dtype=np.float64)[:, None] * rope_inv_freq(self.config)[None, :]
-      self._rope[capacity] = tuple(Tensor(f(angles).astype(np.float32), device=self.device).realize() for f in (np.cos, np.sin))
-    return self._rope[capacity]
-
-  def _reserve(self, request: _Request, positions: int) -> None:
-    """Grow the request's caches (keeping their contents) to hold `positions`."""
-    if positions <= request.capacity:
-      return
-    capacity = max(MIN_CAPACITY, _pow2(positions))
-    shape = (2, self.config.n_kv_heads, capacity, self.config.head_dim)
-    for i in range(self.shard.start_layer, self.shard.end_layer + 1):
-      old = request.caches.get(i)
-      grown = Tensor.zeros(*shape, device=self.device) if old is None else old.pad(((0, 0), (0, 0), (0, capacity - old.shape[2]), (0, 0)))
-      request.caches[i] = grown.contiguous().realize()
-    request.capacity = capacity
+  def _run_chunk(self, model: _ShardModel, cache: list[Tensor], h: np.ndarray, start: int) -> np.ndarray:
+    """The shard over hidden states h (T, hidden) at positions start..start+T-1, one row or padded to a whole chunk."""
+    t = len(h)
+    padded = 1 if t == 1 else min(PREFILL_CHUNK, model.capacity - start)
+    if padded not in model.steps:
+      model.steps[padded] = TinyJit(model.step) if self.jit else model.step
+    step = model.steps[padded]
+    x = Tensor(np.pad(h, ((0, padded - t), (0, 0))), device=model.device)
+    position = UOp.variable("start_pos", 0, model.capacity - padded).bind(start)
+    out = step(x, cache, position).numpy()[:t]
+    if getattr(step, "cnt", 0) in (1, 2):  # TinyJit's calls so far: it has just run uncaptured, or captured
+      _release_freed_memory(model.device)  # those runs' intermediates, which the captured step does not reuse
+    return out

@@ -14,7 +14,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from exo.errors import PlanError
-from exo.inference.llama_weights import gguf_field, gguf_metadata
+from exo.inference.gguf_header import read_header
+from exo.inference.llama_weights import gguf_field
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")  # llama.cpp's EOG texts
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -73,7 +74,7 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, path: Path | str) -> "Tokenizer":
-    metadata = gguf_metadata(str(path))
+    metadata = read_header(str(path))
 
     def field(key: str, default=None):
       return gguf_field(metadata, f"tokenizer.ggml.{key}", default)

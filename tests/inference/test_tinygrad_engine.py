@@ -1,41 +1,245 @@
-"""The tinygrad engine on the real SmolLM2-135M (the GGUF that locate_model finds): against the numpy reference, split against
-single, cached against recomputed. Engines are shared per module, one instance per shard (each its own node)."""
+"""The tinygrad engine: tiny random Llama and Qwen2 models in every supported file format against the numpy reference, weights
+held at file precision, request-state errors, shards side by side; and on the real SmolLM2-135M (the GGUF that locate_model
+finds): splits over 2 and 3 engines give one engine's exact greedy tokens, and it answers "Paris"."""
 
 import asyncio
+import dataclasses
 import time
+from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from exo.inference import tinygrad_inference_engine
-from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, load_shard_weights, shard_tensor_names
+from exo.inference.llama_weights import LM_HEAD, layer_key, layer_parts, load_shard_weights
 from exo.inference.model_files import locate_model
+from exo.inference.quantized import weight_nbytes
 from exo.inference.shard import Shard
+from exo.inference.sharded_engine import RequestStateError
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
+from exo.models import KV_CONTEXT
 from tests.inference.numpy_llama import forward
+from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
 
-MODEL = "smollm2-135m"
-N_LAYERS = 30
-WHOLE = Shard(MODEL, 0, N_LAYERS - 1, N_LAYERS)
+FAMILIES = {"llama": TINY, "qwen2": TINY_QWEN2}
+FORMATS = {  # name: how the model directory is written
+  "gguf-q4_0": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.Q4_0),
+  "gguf-q4_1": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.Q4_1),
+  "gguf-q8_0": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.Q8_0),
+  "gguf-f16": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.F16),
+  "hf-f32": lambda d, w, c: write_hf_dir(d, w, c, dtype="F32"),
+  "hf-bf16": lambda d, w, c: write_hf_dir(d, w, c, dtype="BF16"),
+  "mlx-4bit": lambda d, w, c: write_hf_dir(d, w, c, mlx_bits=4, group_size=32),
+  "mlx-8bit-g64": lambda d, w, c: write_hf_dir(d, w, c, mlx_bits=8, group_size=64),
+}
+LOGITS_RTOL = 1e-5  # of the largest logit (measured: at most 1e-6): float32 sums in another order than numpy's, same weights
+PROMPT = np.array([3, 17, 5, 31, 8, 2, 26], dtype=np.int64)
+SMOLLM = "smollm2-135m"
+SMOLLM_LAYERS = 30
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-MAX_TOKENS = 12
-LOGITS_ATOL = 1e-3  # float32 over 30 layers; logits reach ~40
-HIDDEN_RTOL = 1e-5  # hidden states hold outliers of ~25,000: compare relative to the largest magnitude
 
 
-def shards(*bounds: tuple[int, int]) -> list[Shard]:
-  return [Shard(MODEL, start, end, N_LAYERS) for start, end in bounds]
+def tiny_model(root: Path, family: str, fmt: str, config=None) -> str:
+  """Write (once) the tiny `family` model in format `fmt` under root; returns its model id."""
+  config = config or FAMILIES[family]
+  model_id = f"tiny-{family}-{fmt}-{config.n_layers}-layers-{config.context_length}-positions"
+  directory = root / model_id
+  if not directory.exists():
+    if fmt.startswith("gguf"):
+      directory.mkdir()
+    FORMATS[fmt](directory, tiny_weights(config, seed=1), config)
+    (directory / "tokenizer.json").write_text("{}")  # only the weights are used
+  return model_id
 
 
 @pytest.fixture(scope="module")
-def engines():
-  """Shard -> its engine, created (and loaded) on first use."""
+def models_dir(tmp_path_factory) -> Path:
+  return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def models(models_dir, monkeypatch) -> Path:
+  monkeypatch.setenv("EXO_MODELS_DIR", str(models_dir))
+  return models_dir
+
+
+def whole(model_id: str, n_layers: int) -> Shard:
+  return Shard(model_id, 0, n_layers - 1, n_layers)
+
+
+async def greedy(ring: list[tuple[TinygradInferenceEngine, Shard]], prompt: np.ndarray, steps: int, request: str) -> tuple[list[int], np.ndarray]:
+  """`steps` greedy tokens (past EOS too: more to compare) for `prompt` through engines in a ring, and the last logits."""
+  x, tokens = prompt, []
+  while len(tokens) < steps:
+    position = len(prompt) + len(tokens) - 1 if tokens else 0
+    for engine, shard in ring:
+      x = await engine.infer_tensor(request, shard, x, position)
+    logits = x
+    tokens.append(await ring[-1][0].sample(logits))
+    x = np.array(tokens[-1:], dtype=np.int64)
+  for engine, _ in ring:
+    await engine.finish_request(request)
+  return tokens, logits
+
+
+# tiny models: every family and format
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_numpy_reference(models, family, fmt):
+  config = FAMILIES[family]
+  model_id = tiny_model(models, family, fmt)
+  shard = whole(model_id, config.n_layers)
+  _, weights = load_shard_weights(locate_model(model_id), shard)
+  engine = TinygradInferenceEngine()
+
+  async def run():
+    cache, tokens, position = {}, PROMPT, 0
+    for _ in range(4):  # the prompt, then decode steps that read the KV cache
+      expected = forward(weights, config, tokens, 0, config.n_layers - 1, cache)
+      got = await engine.infer_tensor("r", shard, tokens, position)
+      assert got.shape == (1, len(tokens), config.vocab_size) and got.dtype == np.float32
+      assert np.abs(got[0] - expected).max() <= LOGITS_RTOL * np.abs(expected).max()
+      position += len(tokens)
+      tokens = np.array([int(np.argmax(expected[-1]))], dtype=np.int64)
+
+  try:
+    asyncio.run(run())
+  finally:
+    engine.close()
+
+
+def test_long_inputs_run_in_chunks(models, monkeypatch):
+  monkeypatch.setattr(tinygrad_inference_engine, "PREFILL_CHUNK", 4)  # 7 positions: chunks of 4 and 3
+  model_id = tiny_model(models, "qwen2", "gguf-q4_1")
+  shard = whole(model_id, TINY_QWEN2.n_layers)
+  _, weights = load_shard_weights(locate_model(model_id), shard)
+  engine = TinygradInferenceEngine()
+  try:
+    got = asyncio.run(engine.infer_tensor("chunks", shard, PROMPT, 0))
+  finally:
+    engine.close()
+  expected = forward(weights, TINY_QWEN2, PROMPT, 0, TINY_QWEN2.n_layers - 1)
+  assert np.abs(got[0] - expected).max() <= LOGITS_RTOL * np.abs(expected).max()
+
+
+def test_split_over_three_engines_is_bit_identical(models):
+  config = dataclasses.replace(TINY, n_layers=6)
+  model_id = tiny_model(models, "llama", "gguf-q4_0", config)
+  shards = [Shard(model_id, a, b, 6) for a, b in ((0, 1), (2, 4), (5, 5))]
+  engines = [TinygradInferenceEngine() for _ in range(4)]
+  try:
+    single = asyncio.run(greedy([(engines[0], whole(model_id, 6))], PROMPT, 6, "single"))
+    split = asyncio.run(greedy(list(zip(engines[1:], shards)), PROMPT, 6, "split"))
+  finally:
+    for engine in engines:
+      engine.close()
+  assert split[0] == single[0]
+  assert np.array_equal(split[1], single[1])
+
+
+def test_weights_stay_packed(models):
+  """A Q4_1 shard holds exactly its file's tensor bytes (5 bits a weight) besides its RoPE tables, far below float32; the tied
+  head is the embedding's matrix, held once."""
+  config = dataclasses.replace(TINY_QWEN2, context_length=64)  # small RoPE tables, so the weights dominate
+  model_id = tiny_model(models, "qwen2", "gguf-q4_1", config)
+  shard = whole(model_id, config.n_layers)
+  file_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(locate_model(model_id))).tensors)
+  _, weights = load_shard_weights(locate_model(model_id), shard)
+  float32_bytes = sum(4 * int(np.prod(w.shape)) for name, w in weights.items() if name != LM_HEAD)
+  engine = TinygradInferenceEngine()
+  try:
+    asyncio.run(engine.load_shard(shard))
+    held = engine.held_array_bytes(shard)
+  finally:
+    engine.close()
+  rope_tables = 2 * config.context_length * config.head_dim // 2 * 4  # cos and sin, float32
+  assert held - rope_tables == file_bytes
+  assert held < 0.2 * float32_bytes
+
+
+def test_cache_covers_the_capped_context(models):
+  model_id = tiny_model(models, "llama", "hf-f32")
+  shard = whole(model_id, TINY.n_layers)
+  engine = TinygradInferenceEngine()
+  try:
+    asyncio.run(engine.load_shard(shard))
+    model = engine._models[shard]
+    assert engine._dims(model).context_length == min(TINY.context_length, KV_CONTEXT)
+    with pytest.raises(ValueError):
+      asyncio.run(engine.infer_tensor("r", shard, np.zeros(TINY.context_length + 1, dtype=np.int64), 0))
+  finally:
+    engine.close()
+
+
+def test_lost_or_unknown_steps_raise(models):
+  model_id = tiny_model(models, "llama", "gguf-q8_0")
+  shard = whole(model_id, TINY.n_layers)
+  engine = TinygradInferenceEngine()
+
+  async def run():
+    await engine.infer_tensor("r", shard, PROMPT, 0)
+    with pytest.raises(RequestStateError):  # a step lost: position 7 never arrived
+      await engine.infer_tensor("r", shard, PROMPT[:1], 8)
+    with pytest.raises(RequestStateError):  # a step repeated
+      await engine.infer_tensor("r", shard, PROMPT[:1], 0)
+    with pytest.raises(RequestStateError):  # state this engine never had
+      await engine.infer_tensor("unknown", shard, PROMPT[:1], 5)
+    await engine.infer_tensor("r", shard, PROMPT[:1], len(PROMPT))  # the right position still works
+    assert engine.active_requests() == {"r"}
+    await engine.finish_request("r")
+    assert not engine.active_requests()
+
+  try:
+    asyncio.run(run())
+  finally:
+    engine.close()
+
+
+def test_two_resident_shards_serve_interleaved_requests(models):
+  llama, qwen = tiny_model(models, "llama", "mlx-4bit"), tiny_model(models, "qwen2", "hf-bf16")
+  shards = {"a": whole(llama, TINY.n_layers), "b": whole(qwen, TINY_QWEN2.n_layers), "c": whole(llama, TINY.n_layers)}
+  prompts = {"a": PROMPT, "b": PROMPT[::-1].copy(), "c": PROMPT[2:]}
+  engine = TinygradInferenceEngine()
+
+  async def alone(request: str) -> list[int]:
+    return (await greedy([(engine, shards[request])], prompts[request], 5, f"alone-{request}"))[0]
+
+  async def interleaved() -> dict[str, list[int]]:
+    tokens = {r: [] for r in shards}
+    inputs = dict(prompts)
+    for _ in range(5):
+      for request, shard in shards.items():
+        position = len(prompts[request]) + len(tokens[request]) - 1 if tokens[request] else 0
+        logits = await engine.infer_tensor(request, shard, inputs[request], position)
+        tokens[request].append(await engine.sample(logits))
+        inputs[request] = np.array(tokens[request][-1:], dtype=np.int64)
+    assert set(engine.resident_shards()) == {shards["a"], shards["b"]}
+    assert engine.active_requests() == set(shards)
+    return tokens
+
+  try:
+    expected = {r: asyncio.run(alone(r)) for r in shards}
+    assert asyncio.run(interleaved()) == expected
+  finally:
+    engine.close()
+  assert not engine.resident_shards()
+
+
+# the real SmolLM2-135M
+
+
+@pytest.fixture(scope="module")
+def smollm_engines():
+  """Shard -> its own loaded engine (each a node of its own), created on first use."""
   made: dict[Shard, TinygradInferenceEngine] = {}
 
   def get(shard: Shard) -> TinygradInferenceEngine:
     if shard not in made:
       made[shard] = TinygradInferenceEngine()
-      made[shard].load_shard(shard)
+      asyncio.run(made[shard].load_shard(shard))
     return made[shard]
 
   yield get
@@ -44,112 +248,74 @@ def engines():
 
 
 @pytest.fixture(scope="module")
-def reference():
-  return load_shard_weights(locate_model(MODEL), WHOLE)
+def chat_prompt(smollm_engines) -> np.ndarray:
+  shard = whole(SMOLLM, SMOLLM_LAYERS)
+  engine = smollm_engines(shard)
+  return asyncio.run(engine.encode(shard, asyncio.run(engine.apply_chat_template(shard, QUESTION))))
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(engines) -> np.ndarray:
-  engine = engines(WHOLE)
-  return asyncio.run(engine.encode(WHOLE, asyncio.run(engine.apply_chat_template(WHOLE, QUESTION))))
+def single_run(smollm_engines, chat_prompt) -> tuple[list[int], np.ndarray]:
+  shard = whole(SMOLLM, SMOLLM_LAYERS)
+  return asyncio.run(greedy([(smollm_engines(shard), shard)], chat_prompt, 24, "single"))
 
 
-async def run_ring(ring: list[tuple[TinygradInferenceEngine, Shard]], prompt: np.ndarray, max_tokens: int, request_id: str):
-  """Exactly `max_tokens` greedy tokens (past EOS too: more to compare) for `prompt` through a ring of engines, each passing its
-  output to the next. Returns the tokens and the last logits."""
-  x, tokens = prompt, []
-  while len(tokens) < max_tokens:
-    for engine, shard in ring:
-      x = await engine.infer_tensor(request_id, shard, x)
-    tokens.append(await ring[-1][0].sample(x))
-    if len(tokens) < max_tokens:
-      x = np.array([tokens[-1]], dtype=np.int64)
-  for engine, _ in ring:
-    await engine.finish_request(request_id)
-  return tokens, x
-
-
-@pytest.fixture(scope="module")
-def single_run(engines, prompt_ids) -> tuple[list[int], np.ndarray]:
-  return asyncio.run(run_ring([(engines(WHOLE), WHOLE)], prompt_ids, MAX_TOKENS, "single"))
+def test_smollm_shards_hold_packed_layers_in_proportion(smollm_engines):
+  """Q4_1 layers are held at their file size; a shard of half the middle layers holds half the layer bytes."""
+  config, weights = load_shard_weights(locate_model(SMOLLM), whole(SMOLLM, SMOLLM_LAYERS))
+  parts = layer_parts(config)
+  layer_bytes = {i: sum(weight_nbytes(weights[layer_key(i, p)]) for p in parts) for i in range(SMOLLM_LAYERS)}
+  quarter, half = Shard(SMOLLM, 1, 7, SMOLLM_LAYERS), Shard(SMOLLM, 1, 14, SMOLLM_LAYERS)
+  held = {s: smollm_engines(s).held_array_bytes(s) for s in (quarter, half)}
+  tables = held[half] - sum(layer_bytes[i] for i in range(1, 15))  # the RoPE tables, the same in both
+  assert 0 <= tables <= 4 * KV_CONTEXT * 64  # cos and sin, (context, head_dim / 2) float32 each
+  assert held[quarter] - tables == sum(layer_bytes[i] for i in range(1, 8))
+  assert abs((held[quarter] - tables) / (held[half] - tables) - 0.5) < 0.01
+  assert held[half] < 0.2 * 4 * sum(int(np.prod(weights[layer_key(i, p)].shape)) for i in range(1, 15) for p in parts)
 
 
 @pytest.mark.slow
-def test_logits_match_numpy_reference(engines, reference, prompt_ids):
-  config, weights = reference
-  engine, cache = engines(WHOLE), {}
-  expected = forward(weights, config, prompt_ids, 0, N_LAYERS - 1, cache)
-  got = asyncio.run(engine.infer_tensor("ref", WHOLE, prompt_ids))
-  assert got.shape == (1, len(prompt_ids), config.vocab_size) and got.dtype == np.float32
-  assert np.abs(got[0] - expected).max() < LOGITS_ATOL
-  for _ in range(2):  # decode steps read the KV cache
-    token = np.array([int(np.argmax(expected[-1]))], dtype=np.int64)
-    expected = forward(weights, config, token, 0, N_LAYERS - 1, cache)
-    got = asyncio.run(engine.infer_tensor("ref", WHOLE, token))
-    assert got.shape == (1, 1, config.vocab_size)
-    assert np.abs(got[0] - expected).max() < LOGITS_ATOL
-  asyncio.run(engine.finish_request("ref"))
+def test_smollm_logits_match_numpy_reference(smollm_engines, chat_prompt):
+  shard = whole(SMOLLM, SMOLLM_LAYERS)
+  engine = smollm_engines(shard)
+  config, weights = load_shard_weights(locate_model(SMOLLM), shard)
+
+  async def run():
+    cache, tokens, position = {}, chat_prompt, 0
+    for _ in range(3):  # the prompt, then decode steps that read the KV cache
+      expected = forward(weights, config, tokens, 0, SMOLLM_LAYERS - 1, cache)
+      got = await engine.infer_tensor("reference", shard, tokens, position)
+      assert np.abs(got[0] - expected).max() <= 10 * LOGITS_RTOL * np.abs(expected).max()  # 30 layers, not 3
+      position += len(tokens)
+      tokens = np.array([int(np.argmax(expected[-1]))], dtype=np.int64)
+    await engine.finish_request("reference")
+
+  asyncio.run(run())
 
 
 @pytest.mark.slow
-def test_long_inputs_run_in_chunks(engines, reference, prompt_ids, monkeypatch):
-  config, weights = reference
-  monkeypatch.setattr(tinygrad_inference_engine, "PREFILL_CHUNK", 16)  # 37 positions: chunks of 16, 16 and 5
-  expected = forward(weights, config, prompt_ids, 0, N_LAYERS - 1)
-  got = asyncio.run(engines(WHOLE).infer_tensor("chunks", WHOLE, prompt_ids))
-  asyncio.run(engines(WHOLE).finish_request("chunks"))
-  assert got.shape == (1, len(prompt_ids), config.vocab_size)
-  assert np.abs(got[0] - expected).max() < LOGITS_ATOL
-
-
-@pytest.mark.slow
-def test_middle_shard_hidden_states_match_numpy_reference(engines, reference, prompt_ids):
-  config, weights = reference
-  middle = Shard(MODEL, 5, 22, N_LAYERS)
-  first_cache, cache = {}, {}  # the reference's layers 0-4 and 5-22
-  hidden = forward(weights, config, prompt_ids, 0, 4, first_cache)
-  expected = forward(weights, config, hidden, 5, 22, cache)
-  got = asyncio.run(engines(middle).infer_tensor("mid", middle, hidden[None]))
-  assert got.shape == (1, len(prompt_ids), config.hidden_size) and got.dtype == np.float32
-  assert np.abs(got[0] - expected).max() < HIDDEN_RTOL * np.abs(expected).max()
-  # a decode step: the middle shard's own KV cache is read
-  step_hidden = forward(weights, config, prompt_ids[-1:], 0, 4, first_cache)
-  expected = forward(weights, config, step_hidden, 5, 22, cache)
-  got = asyncio.run(engines(middle).infer_tensor("mid", middle, step_hidden[None]))
-  assert np.abs(got[0] - expected).max() < HIDDEN_RTOL * np.abs(expected).max()
-  asyncio.run(engines(middle).finish_request("mid"))
-
-
-@pytest.mark.slow
-def test_answer_mentions_paris(engines, single_run):
+def test_smollm_answers_paris(smollm_engines, chat_prompt, single_run):
+  shard = whole(SMOLLM, SMOLLM_LAYERS)
+  engine = smollm_engines(shard)
   tokens, _ = single_run
-  eos = engines(WHOLE).eos_token_ids(WHOLE)
+  eos = engine.eos_token_ids(shard)
   answer = tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
-  assert "Paris" in asyncio.run(engines(WHOLE).decode(WHOLE, answer))
+  assert "Paris" in asyncio.run(engine.decode(shard, answer))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bounds", [((0, 20), (21, 29)), ((0, 4), (5, 22), (23, 29))], ids=["2-nodes", "3-nodes"])
-def test_split_equals_single(engines, prompt_ids, single_run, bounds):
-  ring = [(engines(shard), shard) for shard in shards(*bounds)]
-  tokens, logits = asyncio.run(run_ring(ring, prompt_ids, MAX_TOKENS, "split"))
+@pytest.mark.parametrize("bounds", [((0, 20), (21, 29)), ((0, 4), (5, 22), (23, 29))], ids=["2-engines", "3-engines"])
+def test_smollm_split_equals_single(smollm_engines, chat_prompt, single_run, bounds):
+  ring = [(smollm_engines(s), s) for s in (Shard(SMOLLM, a, b, SMOLLM_LAYERS) for a, b in bounds)]
+  tokens, logits = asyncio.run(greedy(ring, chat_prompt, 24, "split"))
   assert tokens == single_run[0]
   assert np.array_equal(logits, single_run[1])  # bit-identical, not merely close
 
 
 @pytest.mark.slow
-def test_kv_cache_equals_recomputing(engines, prompt_ids, single_run):
-  tokens, engine, recomputed = single_run[0], engines(WHOLE), []
-  for step in range(len(tokens)):  # each step: the whole sequence so far, as a fresh request with no cache
-    sequence = np.concatenate([prompt_ids, np.array(tokens[:step], dtype=np.int64)])
-    recomputed.append(asyncio.run(engine.sample(asyncio.run(engine.infer_tensor(f"scratch-{step}", WHOLE, sequence)))))
-    asyncio.run(engine.finish_request(f"scratch-{step}"))
-  assert recomputed == tokens
-
-
-@pytest.mark.slow
-def test_event_loop_keeps_running_while_computing(engines, prompt_ids):
-  engine = engines(WHOLE)
+def test_event_loop_keeps_running_while_computing(smollm_engines, chat_prompt):
+  shard = whole(SMOLLM, SMOLLM_LAYERS)
+  engine = smollm_engines(shard)
 
   async def ticks_during_prompt() -> tuple[int, float]:
     ticks, done = 0, asyncio.Event()
@@ -161,7 +327,7 @@ def test_event_loop_keeps_running_while_computing(engines, prompt_ids):
         await asyncio.sleep(0.005)
 
     task, start = asyncio.create_task(ticker()), time.perf_counter()
-    await engine.infer_tensor("busy", WHOLE, prompt_ids)
+    await engine.infer_tensor("busy", shard, chat_prompt, 0)
     elapsed = time.perf_counter() - start
     done.set()
     await task
@@ -170,66 +336,3 @@ def test_event_loop_keeps_running_while_computing(engines, prompt_ids):
 
   ticks, elapsed = asyncio.run(ticks_during_prompt())
   assert ticks >= elapsed / 0.005 / 4  # the loop ran throughout, not just before and after
-
-
-@pytest.mark.slow
-def test_finish_request_releases_state(engines, prompt_ids):
-  engine = engines(WHOLE)
-  asyncio.run(engine.infer_tensor("a", WHOLE, prompt_ids[:1]))
-  asyncio.run(engine.infer_tensor("b", WHOLE, prompt_ids[:1][None]))
-  assert {"a", "b"} <= engine.active_requests()
-  asyncio.run(engine.finish_request("a"))
-  asyncio.run(engine.finish_request("never seen"))
-  assert "a" not in engine.active_requests() and "b" in engine.active_requests()
-  asyncio.run(engine.finish_request("b"))
-  assert not engine.active_requests() & {"a", "b"}
-
-
-@pytest.mark.slow
-def test_a_shard_loads_only_its_layers():
-  first, middle, last = shards((0, 3), (4, 5), (28, 29))
-  engine = TinygradInferenceEngine()
-  try:
-    for shard in (first, middle, last):
-      engine.load_shard(shard)
-      assert engine.loaded_tensor_names() == set(shard_tensor_names(shard))
-    assert EMBED in set(shard_tensor_names(first)) and {NORM, LM_HEAD} <= set(shard_tensor_names(last))
-    assert engine.embedding is None and set(engine.weights) == set(shard_tensor_names(last))
-    hidden = np.zeros((1, 2, 576), dtype=np.float32)
-    asyncio.run(engine.infer_tensor("x", last, hidden))
-    assert engine.active_requests() == {"x"}
-    asyncio.run(engine.infer_tensor("y", middle, hidden))  # another shard replaces the loaded one and its requests
-    assert engine.shard == middle and engine.active_requests() == {"y"}
-  finally:
-    engine.close()
-
-
-@pytest.mark.slow
-def test_bad_inputs_are_rejected(engines):
-  engine = engines(WHOLE)
-  before = engine.active_requests()
-  with pytest.raises(ValueError):
-    asyncio.run(engine.infer_tensor("bad", WHOLE, np.zeros((1, 3, 576), dtype=np.float32)))
-  with pytest.raises(ValueError):
-    asyncio.run(engine.infer_tensor("bad", WHOLE, np.array([1, 10**6])))
-  assert engine.active_requests() == before  # a rejected call leaves no state behind
-
-
-def test_sampling():
-  engine = TinygradInferenceEngine(seed=1)
-  logits = np.log(np.array([[[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]], dtype=np.float32))
-  assert asyncio.run(engine.sample(logits)) == 0  # greedy reads the last position
-  draws = [asyncio.run(engine.sample(logits, temperature=1.0)) for _ in range(200)]
-  again = TinygradInferenceEngine(seed=1)
-  assert draws == [asyncio.run(again.sample(logits, temperature=1.0)) for _ in range(200)]
-  assert set(draws) == {0, 1, 2, 3} and draws.count(0) > 100
-
-
-def test_tokenizer():
-  engine = TinygradInferenceEngine()  # needs no weights
-  prompt = asyncio.run(engine.apply_chat_template(WHOLE, QUESTION))
-  assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
-  ids = asyncio.run(engine.encode(WHOLE, prompt))
-  assert ids.dtype == np.int64 and ids.ndim == 1
-  assert asyncio.run(engine.decode(WHOLE, ids.tolist())) == prompt
-  assert engine.eos_token_ids(WHOLE) and all(isinstance(t, int) for t in engine.eos_token_ids(WHOLE))
