@@ -84,7 +84,7 @@ async def run_node(engine: str, name: str, names: list[str], peers_file: Path, s
     await node.start(wait_for_peers=len(names) - 1)
     if name == names[0]:
       prompt = await node.engine.apply_chat_template(Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers), MESSAGES)
-      await node.generate(prompt, max_tokens=2)  # load every shard's weights before timing
+      await node.generate(prompt, max_tokens=4)  # load every shard's weights and capture its compiled steps before timing
       stamps = []
       started = time.perf_counter()
       generation = await node.generate(prompt, max_tokens=tokens, on_token=lambda t: stamps.append(time.perf_counter()))
@@ -97,6 +97,7 @@ async def run_node(engine: str, name: str, names: list[str], peers_file: Path, s
     result["held_mb"] = node.engine.held_bytes() / 1e6
   finally:
     await node.stop()
+    node.engine.close()
   result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
   return result
 
