@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def show(args: argparse.Namespace, plans: dict[str, Plan], topology: Topology, costs: ClusterCosts) -> None:
   if args.json:
     one = len(plans) == 1
-    data = plan_json(next(iter(plans.values()))) if one else {**{s: plan_json(p) for s, p in plans.items()}, "speedup": speedup(plans)}
+    data = next(iter(plans.values())).to_dict() if one else {**{s: p.to_dict() for s, p in plans.items()}, "speedup": speedup(plans)}
     print(json.dumps(data, indent=2))
     return
   console = Console(file=sys.stdout, highlight=False)
@@ -108,11 +108,6 @@ def show(args: argparse.Namespace, plans: dict[str, Plan], topology: Topology, c
     show_plan(console, plan, topology, costs, args.prompt_tokens)
   if args.compare:
     show_comparison(console, plans, args.objective)
-
-
-def plan_json(plan: Plan) -> dict:
-  """The plan JSON with the whole model spec (embedding, head, tying included) under "model", not only its id and layer count."""
-  return {**plan.to_dict(), "model": plan.model.to_dict()}
 
 
 def _fail(error: Exception, status: int) -> int:

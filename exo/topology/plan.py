@@ -34,7 +34,7 @@ class Plan:
       "strategy": self.strategy,
       "objective": self.objective,
       "params": self.params.to_dict(),
-      "model": {"id": self.model.id, "n_layers": self.model.n_layers},
+      "model": self.model.to_dict(),
       "partitions": [{"node_id": p.node_id, "start": p.start, "end": p.end} for p in self.partitions],
       "shards": [
         {"node_id": node_id, "start_layer": s.start_layer, "end_layer": s.end_layer, "n_layers": s.n_layers} for node_id, s in self.node_shards()

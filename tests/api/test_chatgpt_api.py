@@ -196,6 +196,7 @@ def test_plan_is_the_current_plan_with_predictions(served):
   status, _, plan = get(f"{served.base}/v1/plan")
   assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_plan.to_dict()
   assert plan["model"]["id"] == SERVED and plan["shards"] == [{"node_id": "api-node", "start_layer": 0, "end_layer": 15, "n_layers": 16}]
+  assert plan["model"] == served.node.model.to_dict() and plan["model"]["embed_bytes"] > 0  # every figure the plan rests on
   assert plan["predicted"]
 
 
