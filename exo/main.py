@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
   plan.add_argument("--objective", choices=OBJECTIVES, default="latency")
   plan.add_argument("--memory-headroom", type=float, default=0.1)
   plan.add_argument("--default-rtt-ms", type=float, default=5.0)
+  plan.add_argument("--batch", type=int, default=1, help="requests each stage runs at once when saturated (throughput objective)")
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
   return parser
 
@@ -137,7 +138,7 @@ def build_node(args) -> Node:
       discovery_timeout=args.discovery_timeout,
       broadcast_addresses=args.broadcast_address,
     )
-  planner = PlannerConfig(args.partitioning_strategy, args.objective, args.memory_headroom, args.default_rtt_ms, args.replan_threshold)
+  planner = PlannerConfig(args.partitioning_strategy, args.objective, args.memory_headroom, args.default_rtt_ms, args.replan_threshold, args.batch)
   node = Node(node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout)
   node.server = GRPCServer(node, args.node_host, port)
   return node

@@ -96,7 +96,7 @@ def four_args(tmp_path) -> list[str]:
 def check_plan_shape(plan: dict, strategy: str, objective: str) -> None:
   assert set(plan) == PLAN_KEYS
   assert set(plan["predicted"]) == PREDICTED_KEYS
-  assert set(plan["params"]) == {"memory_headroom", "default_rtt_ms"}
+  assert set(plan["params"]) == {"memory_headroom", "default_rtt_ms", "batch"}
   assert set(plan["model"]) == MODEL_KEYS
   assert (plan["strategy"], plan["objective"]) == (strategy, objective)
   n, parts, shards = plan["model"]["n_layers"], plan["partitions"], plan["shards"]

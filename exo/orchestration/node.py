@@ -46,6 +46,10 @@ class PlannerConfig:
   memory_headroom: float = 0.1
   default_rtt_ms: float = 5.0
   replan_threshold: float = 0.1  # adopt a better plan for unchanged membership only if it is this much faster
+  batch: int = 1  # requests each stage runs at once when the ring is saturated (the throughput objective's b)
+
+  def params(self) -> dict:
+    return {"memory_headroom": self.memory_headroom, "default_rtt_ms": self.default_rtt_ms, "batch": self.batch}
 
 
 @dataclass
@@ -196,7 +200,7 @@ class Node:
   def plan(self, model: ModelSpec) -> Plan:
     """The plan for the next request: a fresh one if membership changed or it beats the current ring by the threshold."""
     topology = self.planning_topology()
-    params = {"memory_headroom": self.planner.memory_headroom, "default_rtt_ms": self.planner.default_rtt_ms}
+    params = self.planner.params()
     candidate = plan_for(topology, model, self.planner.strategy, self.planner.objective, **params)
     current = self.current_plan
     if current is not None and current.model.id == model.id:

@@ -16,9 +16,10 @@ MIN_LAYER_TIME = 1e-12  # seconds; keeps a model with no weights and no FLOPs fr
 class PlannerParams:
   memory_headroom: float = 0.1  # fraction of each node's memory kept free for the OS, activations and runtime
   default_rtt_ms: float = 5.0  # assumed for neighbours whose RTT was never measured
+  batch: int = 1  # requests each stage runs at once when the ring is saturated (the throughput objective)
 
   def to_dict(self) -> dict:
-    return {"memory_headroom": self.memory_headroom, "default_rtt_ms": self.default_rtt_ms}
+    return {"memory_headroom": self.memory_headroom, "default_rtt_ms": self.default_rtt_ms, "batch": self.batch}
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,9 @@ def plan_for(
   prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
   **params,
 ) -> Plan:
-  unknown = sorted(set(params) - {"memory_headroom", "default_rtt_ms"})
+  unknown = sorted(set(params) - {"memory_headroom", "default_rtt_ms", "batch"})
   if unknown:
-    raise PlanError(f"unknown planner parameter {unknown[0]!r}; expected memory_headroom or default_rtt_ms")
+    raise PlanError(f"unknown planner parameter {unknown[0]!r}; expected memory_headroom, default_rtt_ms or batch")
   topology, model, planner_params = as_topology(topology), as_model(model), PlannerParams(**params)
   check_params(objective, planner_params)
   if strategy == "flops-latency":
