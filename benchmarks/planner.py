@@ -112,8 +112,9 @@ def time_model(n: int) -> str:
   return "llama-3.1-70b" if n <= 8 else "llama-3.1-405b" if n <= 16 else "llama-3.1-405b-bf16"
 
 
-def layer_capacity(memory_mb: float, model) -> int:
-  return math.floor(memory_mb * 2**20 * (1 - HEADROOM) / (model.layer_bytes + model.kv_bytes_per_layer))
+def layer_capacity(memory_mb: float, model, requests: int = 1) -> int:
+  """Layers a node holds with KV for `requests` requests (the throughput objective keeps one per ring stage in flight)."""
+  return math.floor(memory_mb * 2**20 * (1 - HEADROOM) / (model.layer_bytes + requests * model.kv_bytes_per_layer))
 
 
 def random_cluster(rng: random.Random, n: int, model, with_bandwidth: bool) -> dict:
@@ -121,8 +122,10 @@ def random_cluster(rng: random.Random, n: int, model, with_bandwidth: bool) -> d
   while True:
     chips = [rng.choice(DRAWN_CHIPS) for _ in range(n)]
     memory = [rng.choice(MEMORY_GB[chip]) * 1024 for chip in chips]
-    caps = [layer_capacity(m, model) for m in memory]
-    if sum(caps) >= model.n_layers and max(caps) < model.n_layers:
+    caps = [layer_capacity(m, model, n) for m in memory]  # enough for the throughput objective's KV on a ring of every node
+    per_layer = model.layer_bytes + n * model.kv_bytes_per_layer
+    ends = math.ceil(model.embed_bytes / per_layer) + math.ceil(model.head_bytes / per_layer)  # the first and last stage hold these
+    if sum(caps) >= model.n_layers + ends and max(layer_capacity(m, model) for m in memory) < model.n_layers:
       break
   nodes = {}
   for i, (chip, mem) in enumerate(zip(chips, memory)):
@@ -215,7 +218,7 @@ def objective_ratio(plan, exact, objective: str) -> float:
   """1.0 = as good as the exact optimum; below 1 = worse."""
   if objective == "latency":
     return exact.prediction.tpot_s / plan.prediction.tpot_s
-  return exact.prediction.bottleneck_s / plan.prediction.bottleneck_s
+  return plan.prediction.throughput_tps / exact.prediction.throughput_tps
 
 
 def quality(console: Console, rng: random.Random, quick: bool) -> dict:

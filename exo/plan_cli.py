@@ -16,11 +16,11 @@ from rich.table import Table
 
 from exo.errors import PlanError
 from exo.models import MODELS, model_spec
-from exo.topology.cost_model import ClusterCosts, cluster_costs
+from exo.topology.cost_model import CostModel, cost_model, head_layers
 from exo.topology.model_spec import ModelSpec
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
-from exo.topology.search_problem import OBJECTIVES
+from exo.topology.cost_model import OBJECTIVES
 from exo.topology.topology import Topology
 
 PROG = "exo plan"
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--memory-headroom", type=float, default=0.1, metavar="FRACTION", help="memory kept free on each node (default: %(default)s)")
   parser.add_argument("--default-rtt-ms", type=float, default=5.0, metavar="MS", help="RTT assumed for unmeasured edges (default: %(default)s)")
   parser.add_argument(
+    "--batch", type=_positive_int, default=1, metavar="B", help="requests each stage runs at once when saturated (throughput; default: %(default)s)"
+  )
+  parser.add_argument(
     "--prompt-tokens", type=_positive_int, default=128, metavar="N", help="prompt length behind the reported TTFT (default: %(default)s)"
   )
   parser.add_argument("--json", action="store_true", help="print the plan as one JSON object and nothing else")
@@ -80,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     topology = Topology.load(args.topology)
     model = ModelSpec.load(args.model_spec) if args.model_spec else model_spec(args.model)
     strategies = STRATEGIES if args.compare else (args.partitioning_strategy,)
-    params = {"memory_headroom": args.memory_headroom, "default_rtt_ms": args.default_rtt_ms}
+    params = {"memory_headroom": args.memory_headroom, "default_rtt_ms": args.default_rtt_ms, "batch": args.batch}
     plans = {s: plan_for(topology, model, s, args.objective, args.prompt_tokens, **params) for s in strategies}
-    costs = cluster_costs(topology, model, next(iter(plans.values())).params)
+    costs = plan_costs(next(iter(plans.values())), topology, args.prompt_tokens)
     if args.plot:  # before printing anything, so a plot that cannot be written leaves stdout empty
       write_plot(args.plot, list(plans.values()), costs)
   except PlanError as e:
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def show(args: argparse.Namespace, plans: dict[str, Plan], topology: Topology, costs: ClusterCosts) -> None:
+def show(args: argparse.Namespace, plans: dict[str, Plan], topology: Topology, costs: CostModel) -> None:
   if args.json:
     one = len(plans) == 1
     data = next(iter(plans.values())).to_dict() if one else {**{s: p.to_dict() for s, p in plans.items()}, "speedup": speedup(plans)}
@@ -122,17 +125,31 @@ def fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
   return "unknown" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def stage_s(costs: ClusterCosts, node_id: str, layers: int) -> float | None:
-  """Compute time of one stage per decoded token: layers x per-layer time."""
-  return None if costs.layer_time is None else layers * costs.layer_time[costs.index(node_id)]
+def stage_s(costs: CostModel, node_id: str, layers: int, last: bool) -> float | None:
+  """Compute time of one stage per decoded token: layers (and the head on the last stage) x per-layer time."""
+  if not costs.speed_known():
+    return None
+  return (layers + head_layers(costs.model) * last) * costs.times(1)[costs.index(node_id)]
 
 
-def hop_s(costs: ClusterCosts, from_id: str, to_id: str) -> tuple[float, bool]:
+def layer_ms(costs: CostModel, node_id: str, topology: Topology) -> str:
+  """One layer's time for one token, and where it comes from: the node's own engine (measured) or the roofline."""
+  if not costs.speed_known():
+    return "unknown"
+  measured = costs.model.id in topology.nodes[node_id].layer_times
+  return f"{costs.times(1)[costs.index(node_id)] * 1000:.3f}" + (" (measured)" if measured else "")
+
+
+def hop_s(costs: CostModel, from_id: str, to_id: str) -> tuple[float, bool]:
   """(seconds, whether an edge joins the pair); a pair with no edge is charged the default RTT, as the cost model does."""
   i, j = costs.index(from_id), costs.index(to_id)
-  if costs.hop[i][j] is None:
-    return costs.params.default_rtt_ms / 2000 + costs.transfer[i][j], False
-  return costs.hop[i][j], True
+  return costs.hop_s(i, j), math.isfinite(costs.hop[i, j])
+
+
+def ring_capacities(plan: Plan, costs: CostModel) -> dict[str, int]:
+  """Each ring node's capacity in its role (embedding on the first, head on the last)."""
+  ids = [node_id for node_id, _ in plan.ring()]
+  return dict(zip(ids, costs.ring_capacities([costs.index(n) for n in ids])))
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -147,7 +164,11 @@ def speedup(plans: dict[str, Plan]) -> dict:
   return {key: ratio(new[key], old[key]) for key in ("tokens_per_second", "throughput_tps")}
 
 
-def left_out(plan: Plan, costs: ClusterCosts) -> list[str]:
+def plan_costs(plan: Plan, topology: Topology, prompt_tokens: int) -> CostModel:
+  return cost_model(topology, plan.model, plan.params, plan.objective, prompt_tokens)
+
+
+def left_out(plan: Plan, costs: CostModel) -> list[str]:
   in_ring = {node_id for node_id, _ in plan.ring()}
   return [node_id for node_id in costs.node_ids if node_id not in in_ring]
 
@@ -184,7 +205,7 @@ def ring_text(plan: Plan) -> str:
 # ---------- text ----------
 
 
-def show_plan(console: Console, plan: Plan, topology: Topology, costs: ClusterCosts, prompt_tokens: int) -> None:
+def show_plan(console: Console, plan: Plan, topology: Topology, costs: CostModel, prompt_tokens: int) -> None:
   title = f"{plan.strategy} plan: {escape(plan.model.id)} ({plan.model.n_layers} layers) on {len(costs.node_ids)} nodes, {plan.objective} objective"
   table = Table(title=title, title_justify="left")
   for name, justify in [
@@ -194,21 +215,23 @@ def show_plan(console: Console, plan: Plan, topology: Topology, costs: ClusterCo
     ("layers", "right"),
     ("count", "right"),
     ("capacity", "right"),
+    ("ms/layer", "right"),
     ("stage ms", "right"),
     ("hop to next ms", "left"),
   ]:
     table.add_column(name, justify=justify)
-  shards = plan.node_shards()
+  shards, capacities = plan.node_shards(), ring_capacities(plan, costs)
   for k, (node_id, shard) in enumerate(shards):
-    device, count, capacity = topology.nodes[node_id], shard.get_layer_count(), costs.capacity[costs.index(node_id)]
+    device, count, capacity = topology.nodes[node_id], shard.get_layer_count(), capacities[node_id]
     hop = "-"
     if len(shards) > 1:
       next_id = shards[(k + 1) % len(shards)][0]
       seconds, joined = hop_s(costs, node_id, next_id)
       hop = f"{seconds * 1000:.2f} → {escape(next_id)}" + ("" if joined else " [red](no edge)[/red]")
     fits = f"{capacity}" if count <= capacity else f"[red]{capacity} (over)[/red]"
-    stage = stage_s(costs, node_id, count)
-    table.add_row(str(k + 1), escape(node_id), escape(f"{device.model} ({device.chip})"), layer_range(shard), str(count), fits, fmt(ms(stage)), hop)
+    stage = stage_s(costs, node_id, count, k == len(shards) - 1)
+    row = [str(k + 1), escape(node_id), escape(f"{device.model} ({device.chip})"), layer_range(shard), str(count), fits]
+    table.add_row(*row, layer_ms(costs, node_id, topology), fmt(ms(stage)), hop)
   console.print(table)
   p = plan.prediction.to_dict()
   feasible = "yes" if p["feasible"] else "[red]no[/red]"
@@ -216,7 +239,7 @@ def show_plan(console: Console, plan: Plan, topology: Topology, costs: ClusterCo
     predicted = [f"Predicted: {speeds(p)}; feasible: {feasible}"]
   else:
     predicted = [
-      f"Predicted: TPOT {fmt(p['tpot_ms'])} ms ({speeds(p)})",
+      f"Predicted: TPOT {fmt(p['tpot_ms'])} ms ({speeds(p)} at batch {plan.params.batch})",
       f"           TTFT {fmt(p['ttft_ms'])} ms for a {prompt_tokens}-token prompt, feasible: {feasible}",
     ]
   lines = [
@@ -264,7 +287,7 @@ OUT_STEP = 0.8  # spacing of the greyed boxes of nodes left out of the ring
 INK, BAD, RING_FILL, OUT_FILL, OUT_INK = "#2c3e50", "#c0392b", "#dbe9f6", "#f2f2f2", "#999999"
 
 
-def write_plot(path: str, plans: list[Plan], costs: ClusterCosts) -> None:
+def write_plot(path: str, plans: list[Plan], costs: CostModel) -> None:
   """Draw each plan's ring side by side and save it; raises PlanError if the file cannot be written."""
   from matplotlib.figure import Figure  # imported here: matplotlib is slow to load and only --plot needs it
 
@@ -285,19 +308,19 @@ def write_plot(path: str, plans: list[Plan], costs: ClusterCosts) -> None:
     raise PlanError(f"cannot write plot {path!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def draw_ring(ax, plan: Plan, costs: ClusterCosts, with_model: bool = True) -> tuple[float, float, float]:
+def draw_ring(ax, plan: Plan, costs: CostModel, with_model: bool = True) -> tuple[float, float, float]:
   """Ring nodes clockwise from the top in execution order, hops as arrows labelled in ms; nodes left out greyed along the bottom.
 
   Returns the extent the drawing needs: (half width, bottom, top) in data units."""
-  shards = plan.node_shards()
+  shards, capacities = plan.node_shards(), ring_capacities(plan, costs)
   k = len(shards)
   radius = 0.0 if k == 1 else max(1.0, MIN_CHORD / 2 / math.sin(math.pi / k))
   pos = [(radius * math.cos(a), radius * math.sin(a)) for a in (math.pi / 2 - 2 * math.pi * n / k for n in range(k))]
   boxes = []
   for n, ((node_id, shard), (x, y)) in enumerate(zip(shards, pos)):
-    count, capacity = shard.get_layer_count(), costs.capacity[costs.index(node_id)]
+    count, capacity = shard.get_layer_count(), capacities[node_id]
     noun = "layer" if count == 1 else "layers"
-    label = f"{n + 1}. {node_id}\n{noun} {layer_range(shard)} ({count})\nstage {fmt(ms(stage_s(costs, node_id, count)), unit=' ms')}"
+    label = f"{n + 1}. {node_id}\n{noun} {layer_range(shard)} ({count})\nstage {fmt(ms(stage_s(costs, node_id, count, n == k - 1)), unit=' ms')}"
     if count > capacity:
       label += f"\nover memory: fits {capacity}"
     style = dict(boxstyle="round,pad=0.6", fc=RING_FILL, ec=BAD if count > capacity else INK, lw=2.5 if count > capacity else 1.2)

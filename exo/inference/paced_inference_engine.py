@@ -1,8 +1,10 @@
 """An engine that takes as long as a given device would: it wraps another engine and stretches every infer_tensor call to the time
-the v1 cost model (docs/DESIGN.md section 2) gives for that device, so one machine can stand in for a cluster of uneven devices.
+the cost model (docs/DESIGN.md section 2) gives for that device's roofline, so one machine can stand in for a cluster of uneven
+devices.
 
-Per call of P positions over a shard of n layers: n x max(P x F / fp16, B / bandwidth) (P = 1 for decode, the prompt length for
-prefill, the TTFT rule), dropping an unknown (0) capability; with both unknown there is no pacing. The inner engine's own time
+Per call of P positions over a shard of n layers: (n + eta on the last shard) x t(P), t(P) = max(d, P c) from the device's
+TFLOPS and memory bandwidth (P = 1 for decode, the prompt length for prefill), dropping an unknown (0) capability; with both
+unknown there is no pacing. The inner engine's own time
 counts towards the delay. Calls are serialised: a device runs one shard call at a time, which is what makes a paced node a
 pipeline stage with the cost model's throughput.
 """
@@ -12,9 +14,10 @@ import time
 
 import numpy as np
 
+from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.shard import Shard
-from exo.topology.cost_model import roofline_layer_time
+from exo.topology.cost_model import head_layers, layer_speed, layer_time
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_spec import ModelSpec
 
@@ -30,14 +33,16 @@ def positions_in(input_data: np.ndarray) -> int:
 def pacing_delay(shard: Shard, model: ModelSpec, device: DeviceCapabilities, tokens: int = 1, prompt_tokens_scale: bool = True) -> float:
   """Seconds `device` needs to run `shard` over `tokens` positions; 0 if its speed is unknown. With `prompt_tokens_scale` False a
   prefill is paced as one token."""
-  p = tokens if prompt_tokens_scale else 1
-  per_layer = roofline_layer_time(p * model.layer_flops, model.layer_bytes, device.flops.fp16, device.memory_bandwidth)
-  return 0.0 if per_layer is None else shard.get_layer_count() * per_layer
+  speed = layer_speed(model, device.flops.fp16, device.memory_bandwidth)
+  if speed is None:
+    return 0.0
+  layers = shard.get_layer_count() + (head_layers(model) if shard.is_last_layer() else 0.0)
+  return layers * layer_time(speed, tokens if prompt_tokens_scale else 1)
 
 
-class PacedInferenceEngine(InferenceEngine):
+class PacedInferenceEngine(EngineWrapper):
   def __init__(self, inner: InferenceEngine, model: ModelSpec, device: DeviceCapabilities, prompt_tokens_scale: bool = True):
-    self.inner = inner
+    super().__init__(inner)
     self.model = model
     self.device = device
     self.prompt_tokens_scale = prompt_tokens_scale
@@ -55,24 +60,3 @@ class PacedInferenceEngine(InferenceEngine):
       if remaining > 0:
         await asyncio.sleep(remaining)
     return output
-
-  async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
-    return await self.inner.encode(shard, prompt)
-
-  async def decode(self, shard: Shard, tokens: list[int]) -> str:
-    return await self.inner.decode(shard, tokens)
-
-  async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
-    return await self.inner.apply_chat_template(shard, messages)
-
-  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    return await self.inner.sample(logits, temperature)
-
-  def eos_token_ids(self, shard: Shard) -> set[int]:
-    return self.inner.eos_token_ids(shard)
-
-  async def finish_request(self, request_id: str) -> None:
-    await self.inner.finish_request(request_id)
-
-  def close(self) -> None:
-    self.inner.close()

@@ -9,11 +9,13 @@ def predicted_gain(current: Prediction | None, candidate: Prediction, objective:
     return float("inf")
   if objective == "latency":
     old, new = current.tpot_s, candidate.tpot_s
-  else:
-    old, new = current.bottleneck_s, candidate.bottleneck_s
-  if old is None or new is None or new <= 0:
+    if old is None or new is None or new <= 0:
+      return 0.0
+    return old / new - 1
+  old, new = current.throughput_tps, candidate.throughput_tps
+  if old is None or new is None or old <= 0:
     return 0.0
-  return old / new - 1
+  return new / old - 1
 
 
 def should_replan(membership_changed: bool, current: Prediction | None, candidate: Prediction, objective: str, threshold: float) -> bool:

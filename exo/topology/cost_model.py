@@ -1,15 +1,20 @@
-"""The v1 cost model of docs/DESIGN.md section 2: per-layer times, layer capacities, hop times, and the predictions for any plan.
+"""The cost model v2 of docs/DESIGN.md section 2, in index form: per-layer times, layer capacities, hops, and the one evaluation
+of a plan (TPOT, throughput, TTFT, feasibility) that every search, `exo plan`, the API and the benchmarks use.
 
-A plan is a ring `[(node_id, layers), ...]` in execution order. Everything here is pure arithmetic on the topology and model spec.
+A plan is a ring of node indices in execution order (the first embeds, the last runs the head) with a layer count for each.
+Everything here is pure arithmetic on the topology and model spec.
 """
 
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from exo.topology.model_spec import ModelSpec
 from exo.topology.topology import Topology
 
 MIN_LAYER_TIME = 1e-12  # seconds; keeps a model with no weights and no FLOPs from dividing by zero in the split
+OBJECTIVES = ("latency", "throughput")
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class PlannerParams:
 @dataclass(frozen=True)
 class Prediction:
   tpot_s: float | None  # None when no node's speed is known
-  bottleneck_s: float | None  # busiest stage's time per token; throughput = 1 / bottleneck
+  throughput_tps: float | None  # tokens/s of the saturated ring at the planner's batch
   ttft_s: float | None
   feasible: bool
 
@@ -33,153 +38,189 @@ class Prediction:
     def ms(s):
       return None if s is None else s * 1000
 
-    def per_second(s):
-      return None if s is None else (math.inf if s == 0 else 1 / s)
-
     return {
       "tpot_ms": ms(self.tpot_s),
-      "tokens_per_second": per_second(self.tpot_s),
-      "throughput_tps": per_second(self.bottleneck_s),
+      "tokens_per_second": None if self.tpot_s is None else (math.inf if self.tpot_s == 0 else 1 / self.tpot_s),
+      "throughput_tps": self.throughput_tps,
       "ttft_ms": ms(self.ttft_s),
       "feasible": self.feasible,
     }
 
 
-@dataclass
-class ClusterCosts:
-  """Derived figures for one topology and model, nodes indexed in sorted-id order.
+def layer_speed(model: ModelSpec, tflops: float, bandwidth_gbs: float, measured=None) -> tuple[float, float] | None:
+  """(d, c) seconds of one layer: d for one token, c per token when many run at once, so t(n) = max(d, n c).
 
-  layer_time[i]: seconds per layer per decoded token (roofline, unknown speed -> slowest known); None for all if no speed is known.
-  capacity[i]: layers node i can hold. hop[i][j]: seconds per hop, None if i and j are not neighbours.
-  transfer[i][j]: seconds to push one token's activation over the link (0 if the bandwidth is unknown).
+  Measured layer times win; else the roofline d = max(F / flops, B / bandwidth), c = F / flops, dropping a term whose
+  capability is unknown (0). None when neither is known."""
+  if measured is not None:
+    return measured.decode_ms / 1000, measured.token_ms / 1000
+  compute = model.layer_flops / (tflops * 1e12) if tflops > 0 else None
+  streaming = model.layer_bytes / (bandwidth_gbs * 1e9) if bandwidth_gbs > 0 else None
+  if compute is None and streaming is None:
+    return None
+  return max(t for t in (compute, streaming) if t is not None), compute or 0.0
+
+
+def layer_time(speed: tuple[float, float], tokens: int) -> float:
+  """t(n) = max(d, n c): seconds for one layer to run `tokens` tokens at once."""
+  return max(speed[0], tokens * speed[1])
+
+
+def head_layers(model: ModelSpec) -> float:
+  """eta = H / B: the final norm and output head cost this many layers of time on the last stage."""
+  return model.head_bytes / model.layer_bytes if model.head_bytes > 0 else 0.0
+
+
+@dataclass
+class CostModel:
+  """Every per-node and per-pair figure of a topology for one model, objective and parameters; nodes in sorted-id order.
+
+  speed[i]: (d, c) seconds per layer, None when unknown (such a node is charged the slowest known t(n)); no speed known at all
+  means the memory-weighted fallback. hop[i, j]: seconds for one token's hop, inf if i and j are not neighbours.
+  transfer[i, j]: seconds to push one token's activation over the link (0 if its bandwidth is unknown).
   """
 
   node_ids: list[str]
   model: ModelSpec
   params: PlannerParams
-  layer_time: list[float] | None
-  capacity: list[int]
-  hop: list[list[float | None]]
-  transfer: list[list[float]]
-  unknown_speed: list[str] = field(default_factory=list)
+  objective: str
+  prompt_tokens: int
+  speed: list[tuple[float, float] | None]
+  usable_bytes: list[float]  # memory less the headroom
+  rtt_s: np.ndarray  # nan where not neighbours
+  transfer: np.ndarray
+  hop: np.ndarray
   unknown_memory: list[str] = field(default_factory=list)
-  flops: list[float] = field(default_factory=list)
-  bandwidth: list[float] = field(default_factory=list)
-  rtt_s: list[list[float | None]] = field(default_factory=list)
-  link_mbps: list[list[float | None]] = field(default_factory=list)
+  _times: dict = field(default_factory=dict, repr=False)
+
+  @property
+  def size(self) -> int:
+    return len(self.node_ids)
 
   def index(self, node_id: str) -> int:
     return self.node_ids.index(node_id)
 
+  def speed_known(self) -> bool:
+    return any(s is not None for s in self.speed)
+
+  def unknown_speed(self) -> list[str]:
+    return [n for n, s in zip(self.node_ids, self.speed) if s is None] if self.speed_known() else []
+
+  def times(self, tokens: int) -> list[float]:
+    """t_i(tokens) for every node; unknown speed: the slowest known node's t(tokens)."""
+    if tokens not in self._times:
+      slowest = max(layer_time(s, tokens) for s in self.speed if s is not None)
+      self._times[tokens] = [max(MIN_LAYER_TIME, slowest if s is None else layer_time(s, tokens)) for s in self.speed]
+    return self._times[tokens]
+
+  def resident_requests(self, ring_size: int) -> int:
+    """c: requests whose KV cache each stage holds: one under latency, k micro-batches of b under throughput."""
+    return 1 if self.objective == "latency" else ring_size * self.params.batch
+
+  def capacity(self, i: int, first: bool = False, last: bool = False, ring_size: int = 1) -> int:
+    """Layers node i can hold in a ring of `ring_size` nodes, with the embedding if first and the head if last."""
+    m = self.model
+    if first and last and m.tied_embeddings:
+      reserved = max(m.embed_bytes, m.head_bytes)
+    else:
+      reserved = m.embed_bytes * first + m.head_bytes * last
+    per_layer = m.layer_bytes + self.resident_requests(ring_size) * m.kv_bytes_per_layer
+    return math.floor((self.usable_bytes[i] - reserved) / per_layer)
+
+  def ring_capacities(self, ring: list[int]) -> list[int]:
+    k = len(ring)
+    return [self.capacity(i, n == 0, n == k - 1, k) for n, i in enumerate(ring)]
+
+  def hop_s(self, i: int, j: int, tokens: int = 1) -> float:
+    """A hop of `tokens` tokens' activations; a pair with no edge (only in plans from other strategies) is charged the default RTT."""
+    rtt = float(self.rtt_s[i, j])
+    half = (self.params.default_rtt_ms / 1000 if math.isnan(rtt) else rtt) / 2
+    return half + tokens * float(self.transfer[i, j])
+
+  def restrict(self, indices: list[int]) -> "CostModel":
+    """The same figures for a subset of the nodes (kept in the given order)."""
+    ix = np.ix_(indices, indices)
+    return CostModel(
+      [self.node_ids[i] for i in indices],
+      self.model,
+      self.params,
+      self.objective,
+      self.prompt_tokens,
+      [self.speed[i] for i in indices],
+      [self.usable_bytes[i] for i in indices],
+      self.rtt_s[ix],
+      self.transfer[ix],
+      self.hop[ix],
+    )
+
+  def evaluate(self, ring: list[int], layers: list[int]) -> Prediction:
+    """The plan's TPOT, throughput at the planner's batch, TTFT for `prompt_tokens` and feasibility (docs/DESIGN.md section 2)."""
+    feasible = all(1 <= n <= cap for n, cap in zip(layers, self.ring_capacities(ring)))
+    if not self.speed_known():
+      return Prediction(None, None, None, feasible)
+    b, p = self.params.batch, self.prompt_tokens
+    return Prediction(self.tpot(ring, layers), b / self.busiest_stage(ring, layers), self._pass_time(ring, layers, p), feasible)
+
+  def _pass_time(self, ring: list[int], layers: list[int], tokens: int) -> float:
+    """One pass of `tokens` tokens round the ring: every stage's layers, the head, and (k >= 2) every hop."""
+    t = self.times(tokens)
+    total = sum(n * t[i] for i, n in zip(ring, layers)) + head_layers(self.model) * t[ring[-1]]
+    if len(ring) >= 2:
+      total += sum(self.hop_s(i, j, tokens) for i, j in zip(ring, ring[1:] + ring[:1]))
+    return total
+
+  def tpot(self, ring: list[int], layers: list[int]) -> float:
+    return self._pass_time(ring, layers, 1)
+
+  def stage_constants(self, ring: list[int]) -> list[float]:
+    """Per stage, the seconds per batch that do not depend on its layer count: the head on the last stage, the batch's transfer."""
+    tb, b = self.times(self.params.batch), self.params.batch
+    out = [b * float(self.transfer[i, j]) if len(ring) >= 2 else 0.0 for i, j in zip(ring, ring[1:] + ring[:1])]
+    out[-1] += head_layers(self.model) * tb[ring[-1]]
+    return out
+
+  def busiest_stage(self, ring: list[int], layers: list[int]) -> float:
+    """Seconds the busiest stage takes for one batch: throughput = batch / this."""
+    tb = self.times(self.params.batch)
+    return max(n * tb[i] + c for i, n, c in zip(ring, layers, self.stage_constants(ring)))
+
   def warnings(self) -> list[str]:
     memory = [f"node {n!r} has unknown memory (0 MB): it holds no layers" for n in self.unknown_memory]
-    if self.layer_time is None:
-      return memory + ["no node has a known speed (TFLOPS or memory bandwidth): falling back to the memory-weighted split"]
-    slowest = max(self.layer_time)
+    if not self.speed_known():
+      return memory + ["no node has a known speed (measured layer times, TFLOPS or memory bandwidth): falling back to the memory-weighted split"]
+    slowest = max(self.times(1))
     return memory + [
-      f"node {n!r} has unknown speed: assumed as slow as the slowest known node ({slowest * 1000:.3f} ms per layer)" for n in self.unknown_speed
+      f"node {n!r} has unknown speed: assumed as slow as the slowest known node ({slowest * 1000:.3f} ms per layer)" for n in self.unknown_speed()
     ]
 
 
-def roofline_layer_time(layer_flops: float, layer_bytes: float, tflops: float, bandwidth_gbs: float) -> float | None:
-  """max(compute time, weight-streaming time) for one layer, dropping a term whose capability is unknown (0); None if both are."""
-  terms = []
-  if tflops > 0:
-    terms.append(layer_flops / (tflops * 1e12))
-  if bandwidth_gbs > 0:
-    terms.append(layer_bytes / (bandwidth_gbs * 1e9))
-  return max(terms) if terms else None
-
-
-def layer_capacity(memory_mb: float, model: ModelSpec, memory_headroom: float) -> int:
-  return math.floor(memory_mb * 2**20 * (1 - memory_headroom) / (model.layer_bytes + model.kv_bytes_per_layer))
-
-
-def _transfer_s(activation_bytes: float, bandwidth_mbps: float | None) -> float:
-  return activation_bytes * 8 / (bandwidth_mbps * 1e6) if bandwidth_mbps else 0.0
-
-
-def cluster_costs(topology: Topology, model: ModelSpec, params: PlannerParams) -> ClusterCosts:
+def cost_model(topology: Topology, model: ModelSpec, params: PlannerParams, objective: str = "latency", prompt_tokens: int = 128) -> CostModel:
   """Derive every per-node and per-pair figure the planner needs. O(n^2)."""
   ids = sorted(topology.nodes)
   caps = [topology.nodes[i] for i in ids]
-  flops = [c.flops.fp16 for c in caps]
-  bandwidth = [c.memory_bandwidth for c in caps]
-  known = [roofline_layer_time(model.layer_flops, model.layer_bytes, f, b) for f, b in zip(flops, bandwidth)]
-  known_times = [t for t in known if t is not None]
-  layer_time = None
-  if known_times:
-    slowest = max(known_times)
-    layer_time = [max(MIN_LAYER_TIME, slowest if t is None else t) for t in known]
   n = len(ids)
-  rtt_s = [[None] * n for _ in range(n)]
-  link_mbps = [[None] * n for _ in range(n)]
-  hop = [[None] * n for _ in range(n)]
-  transfer = [[0.0] * n for _ in range(n)]
+  rtt_s = np.full((n, n), math.nan)
+  transfer = np.zeros((n, n))
+  hop = np.full((n, n), math.inf)
   for i in range(n):
     for j in range(n):
       if i == j or not topology.are_neighbours(ids[i], ids[j]):
         continue
       rtt = topology.pair_rtt_ms(ids[i], ids[j])
-      rtt_s[i][j] = (params.default_rtt_ms if rtt is None else rtt) / 1000
-      link_mbps[i][j] = topology.pair_bandwidth_mbps(ids[i], ids[j])
-      transfer[i][j] = _transfer_s(model.activation_bytes, link_mbps[i][j])
-      hop[i][j] = rtt_s[i][j] / 2 + transfer[i][j]
-  return ClusterCosts(
+      rtt_s[i, j] = (params.default_rtt_ms if rtt is None else rtt) / 1000
+      mbps = topology.pair_bandwidth_mbps(ids[i], ids[j])
+      transfer[i, j] = model.activation_bytes * 8 / (mbps * 1e6) if mbps else 0.0
+      hop[i, j] = rtt_s[i, j] / 2 + transfer[i, j]
+  return CostModel(
     node_ids=ids,
     model=model,
     params=params,
-    layer_time=layer_time,
-    capacity=[layer_capacity(c.memory, model, params.memory_headroom) for c in caps],
-    hop=hop,
-    transfer=transfer,
-    unknown_speed=[ids[i] for i, t in enumerate(known) if t is None] if known_times else [],
-    unknown_memory=[node_id for node_id, c in zip(ids, caps) if c.memory == 0],
-    flops=flops,
-    bandwidth=bandwidth,
+    objective=objective,
+    prompt_tokens=prompt_tokens,
+    speed=[layer_speed(model, c.flops.fp16, c.memory_bandwidth, c.layer_times.get(model.id)) for c in caps],
+    usable_bytes=[c.memory * 2**20 * (1 - params.memory_headroom) for c in caps],
     rtt_s=rtt_s,
-    link_mbps=link_mbps,
+    transfer=transfer,
+    hop=hop,
+    unknown_memory=[node_id for node_id, c in zip(ids, caps) if c.memory == 0],
   )
-
-
-def _hop_or_default(costs: ClusterCosts, i: int, j: int) -> float:
-  """A hop between ring neighbours; a pair with no edge (only in plans from other strategies) is charged the default RTT."""
-  hop = costs.hop[i][j]
-  return costs.params.default_rtt_ms / 2000 + costs.transfer[i][j] if hop is None else hop
-
-
-def ring_tpot(costs: ClusterCosts, ring: list[int], layers: list[int]) -> float:
-  compute = sum(n * costs.layer_time[i] for i, n in zip(ring, layers))
-  if len(ring) < 2:
-    return compute
-  return compute + sum(_hop_or_default(costs, ring[k], ring[(k + 1) % len(ring)]) for k in range(len(ring)))
-
-
-def ring_bottleneck(costs: ClusterCosts, ring: list[int], layers: list[int]) -> float:
-  if len(ring) < 2:
-    return layers[0] * costs.layer_time[ring[0]]
-  return max(n * costs.layer_time[i] + costs.transfer[i][ring[(k + 1) % len(ring)]] for k, (i, n) in enumerate(zip(ring, layers)))
-
-
-def ring_ttft(costs: ClusterCosts, ring: list[int], layers: list[int], prompt_tokens: int) -> float:
-  """Prefill of `prompt_tokens` tokens: compute scales with the prompt, weight streaming does not; each hop carries the whole prompt."""
-  m = costs.model
-  per_layer = [roofline_layer_time(prompt_tokens * m.layer_flops, m.layer_bytes, costs.flops[i], costs.bandwidth[i]) for i in ring]
-  known = [t for t in per_layer if t is not None]
-  slowest = max(known) if known else 0.0
-  total = sum(n * (slowest if t is None else t) for t, n in zip(per_layer, layers))
-  if len(ring) < 2:
-    return total
-  for k, i in enumerate(ring):
-    j = ring[(k + 1) % len(ring)]
-    rtt = costs.rtt_s[i][j] if costs.rtt_s[i][j] is not None else costs.params.default_rtt_ms / 1000
-    total += rtt / 2 + _transfer_s(prompt_tokens * m.activation_bytes, costs.link_mbps[i][j])
-  return total
-
-
-def predict(costs: ClusterCosts, ring: list[int], layers: list[int], prompt_tokens: int) -> Prediction:
-  """TPOT, bottleneck, TTFT and feasibility (every node's layers within its capacity) of a plan given as node indices and layer counts."""
-  feasible = all(1 <= n <= costs.capacity[i] for i, n in zip(ring, layers))
-  if costs.layer_time is None:
-    return Prediction(None, None, None, feasible)
-  return Prediction(ring_tpot(costs, ring, layers), ring_bottleneck(costs, ring, layers), ring_ttft(costs, ring, layers, prompt_tokens), feasible)

@@ -1,47 +1,119 @@
-"""Exact plan search for small clusters: the best subset of nodes, ring order and layer split under the cost model.
+"""Exact plan search for small clusters: the best subset of nodes, ring order, first node and layer split under cost model v2.
 
-Latency. TPOT(S, ring, L) = sum L_i t_i + hops(ring) separates: the split depends only on the subset S (fastest nodes fill
-first) and the ring only on S (Held-Karp). So min over S of min_split(S) + min_tour(S), all subsets in O(2^n n^2).
-Ties (same TPOT) are broken by throughput over every cheapest tour of every tied subset.
+A ring's first node f holds the embedding and its last node l (f's predecessor) the head, which also costs eta layers of time;
+the ring's size k sets the KV cache each node reserves under the throughput objective. Both searches visit node subsets by a
+lower bound (middle-of-ring capacities, no embedding or head, the cheapest hops or transfers) and stop once the bound passes
+the best plan found, so only subsets that could win or tie are solved exactly.
 
-Throughput. The busiest stage max(L_i t_i + c_i) depends on the ring only through each node's transfer time to its successor.
-For each subset a lower bound uses each node's cheapest transfer; subsets are visited in bound order and stop once the bound
-passes the best found. A subset whose transfers do not depend on order is solved in closed form; otherwise its rings are
-enumerated with the same bound as pruning. Exact; worst case O(2^n n!) but the bound keeps typical cases to a few subsets.
+Latency. TPOT(S, f, l, ring, L) = compute(S, f, l) + eta t_l + hops(ring). The split fills the fastest nodes first and depends
+only on (S, f, l); the hops of the cheapest ring from f through S to l come from a Held-Karp table from every start,
+path[S, f, j], O(2^n n^3) time and O(2^n n^2) memory. Ties (equal TPOT) are broken by throughput over the cheapest rings of
+every tied (S, f, l).
+
+Throughput. The busiest stage depends on the ring through each node's transfer to its successor. A subset whose transfers do
+not depend on the order is solved in closed form for every (f, l) on its cheapest ring; otherwise every directed ring and
+every first node is tried, rings whose own bound cannot tie the best skipped. Worst case O(2^n n!) splits; the bounds keep
+typical cases to a few subsets.
 """
 
 import math
+from typing import Iterator
 
 import numpy as np
 
 from exo.topology.layer_split import bottleneck_split, min_time_split
-from exo.topology.ring_search import SubsetLayout, held_karp, members, optimal_tours, subset_layout
+from exo.topology.ring_search import members
 from exo.topology.search_problem import Candidate, SearchProblem, better, within_tolerance
 
-TOUR_BUDGET = 200_000  # rings per subset evaluated at most when breaking ties; beyond, the best found so far is kept
-_REL_EPS = 1e-9  # float slack when turning a stage time back into a whole number of layers
+TOUR_BUDGET = 200_000  # rings evaluated at most per search when breaking ties or trying orders; beyond, the best found is kept
+_TOL = 1e-9
 
 
-def exact_search(problem: SearchProblem, objective: str) -> Candidate | None:
-  layout = subset_layout(problem.size)
-  cycle, path = held_karp(problem.hop, layout)
-  if objective == "latency":
-    return _latency(problem, cycle, path)
-  return _throughput(problem, cycle, path, layout)
+def paths_from_every_start(hop: np.ndarray) -> np.ndarray:
+  """path[S, f, j]: the cheapest path from f through every node of subset S ending at j (inf if none; 0 for S = {f}, j = f).
+
+  Held-Karp with the start as an extra axis, by growing subset size. O(2^n n^3) time, vectorised over subsets and starts."""
+  n = len(hop)
+  masks = np.arange(1 << n)
+  size = np.zeros(1 << n, dtype=np.int64)
+  for i in range(n):
+    size += (masks >> i) & 1
+  path = np.full((1 << n, n, n), math.inf)
+  path[1 << np.arange(n), np.arange(n), np.arange(n)] = 0.0
+  for k in range(2, n + 1):
+    layer = masks[size == k]
+    for j in range(n):
+      sel = layer[(layer >> j) & 1 == 1]
+      path[sel, :, j] = (path[sel ^ (1 << j)] + hop[:, j][None, None, :]).min(axis=2)
+  return path
 
 
-def _subsets(problem: SearchProblem, cycle: np.ndarray):
-  """Every subset that can form a ring and hold the model, with its members."""
-  for mask in range(1, 1 << problem.size):
-    if math.isfinite(cycle[mask]):
-      nodes = members(mask)
-      caps = [problem.caps[i] for i in nodes]
-      if len(nodes) <= problem.n_layers and min(caps) >= 1 and sum(caps) >= problem.n_layers:
-        yield mask, nodes
+def exact_search(problem: SearchProblem) -> Candidate | None:
+  paths = paths_from_every_start(problem.hop)
+  cycles = paths + problem.hop.T[None, :, :]  # cycles[S, f, l]: the cheapest ring through S that closes with the hop l -> f
+  for i in range(problem.size):
+    cycles[1 << i, i, i] = 0.0
+  if problem.objective == "latency":
+    return _latency(problem, paths, cycles)
+  return _throughput(problem, paths, cycles)
+
+
+def _subsets(problem: SearchProblem, cycles: np.ndarray) -> Iterator[tuple[int, list[int], list[int]]]:
+  """Every subset that has a ring and whose middle-of-ring capacities could hold the model: (mask, members, capacities)."""
+  has_ring = np.isfinite(cycles.reshape(len(cycles), -1).min(axis=1))
+  for mask in np.flatnonzero(has_ring).tolist():
+    nodes = members(mask)
+    k = len(nodes)
+    if k > problem.n_layers:
+      continue
+    caps = [problem.middle_capacity(i, k) for i in nodes]
+    if min(caps) >= 1 and sum(caps) >= problem.n_layers:
+      yield mask, nodes, caps
+
+
+def _ends(nodes: list[int], mask: int, cycles: np.ndarray) -> Iterator[tuple[int, int]]:
+  """Every (first, last) pair a ring through the subset can have: one node is both; otherwise last -> first is a ring hop."""
+  if len(nodes) == 1:
+    yield nodes[0], nodes[0]
+    return
+  for f in nodes:
+    for last in nodes:
+      if last != f and math.isfinite(cycles[mask, f, last]):
+        yield f, last
+
+
+def _role_capacities(problem: SearchProblem, nodes: list[int], first: int, last: int) -> list[int]:
+  k = len(nodes)
+  return [problem.capacity(i, i == first, i == last, k) for i in nodes]
+
+
+def cheapest_rings(mask: int, first: int, last: int, paths: np.ndarray, hop: np.ndarray) -> Iterator[list[int]]:
+  """Every cheapest ring through subset `mask` from `first` to `last` (within a relative 1e-9), in lexicographic order.
+
+  A branch continues only while its hops plus the exact cheapest completion (read off the table) reach the optimum, so each
+  ring comes in O(k^2)."""
+  if first == last:
+    yield [first]
+    return
+  target = paths[mask, first, last] * (1 + _TOL) + 1e-15
+
+  def extend(ring: list[int], left: int, spent: float) -> Iterator[list[int]]:
+    x = ring[-1]
+    if left == 1 << last:
+      yield ring + [last]
+      return
+    for y in members(left & ~(1 << last)):
+      cost = spent + hop[x, y]
+      if cost + paths[left, y, last] <= target:
+        ring.append(y)
+        yield from extend(ring, left & ~(1 << y), cost)
+        ring.pop()
+
+  yield from extend([first], mask & ~(1 << first), 0.0)
 
 
 def _order_free(problem: SearchProblem, nodes: list[int]) -> bool:
-  """True if every node's transfer time is the same to every neighbour in the subset, so the ring order cannot change the split."""
+  """True if every node's transfer time is the same to every neighbour in the subset, so the ring order cannot change a stage."""
   for i in nodes:
     seen = {float(problem.transfer[i, j]) for j in nodes if j != i and math.isfinite(problem.hop[i, j])}
     if len(seen) > 1:
@@ -49,162 +121,217 @@ def _order_free(problem: SearchProblem, nodes: list[int]) -> bool:
   return True
 
 
-def _latency(problem: SearchProblem, cycle: np.ndarray, path: np.ndarray) -> Candidate | None:
-  zeros = [0.0] * problem.size
-  scored = []
-  for mask, nodes in _subsets(problem, cycle):
-    times = [problem.times[i] for i in nodes]
-    layers = min_time_split(times, [problem.caps[i] for i in nodes], zeros[: len(nodes)], problem.n_layers)
-    scored.append((sum(n * t for n, t in zip(layers, times)) + float(cycle[mask]), mask, nodes))
-  if not scored:
-    return None
-  best_tpot = min(s[0] for s in scored)
+def _latency(problem: SearchProblem, paths: np.ndarray, cycles: np.ndarray) -> Candidate | None:
+  t1, n = problem.t1, problem.n_layers
+  bounds = []
+  for mask, nodes, caps in _subsets(problem, cycles):
+    times = [t1[i] for i in nodes]
+    layers = min_time_split(times, caps, [0.0] * len(nodes), n)
+    hops = float(cycles[mask].min())
+    bounds.append((sum(c * t for c, t in zip(layers, times)) + problem.eta * min(times) + hops, mask, nodes))
+  bounds.sort(key=lambda b: (b[0], b[1]))
+  best_tpot, tied = math.inf, []
+  for bound, mask, nodes in bounds:
+    if not within_tolerance(bound, best_tpot):
+      break
+    times = [t1[i] for i in nodes]
+    for first, last in _ends(nodes, mask, cycles):
+      layers = min_time_split(times, _role_capacities(problem, nodes, first, last), [0.0] * len(nodes), n)
+      if layers is None:
+        continue
+      tpot = sum(c * t for c, t in zip(layers, times)) + problem.eta * t1[last] + float(cycles[mask, first, last])
+      if within_tolerance(tpot, best_tpot):
+        best_tpot = min(best_tpot, tpot)
+        tied.append((tpot, mask, nodes, first, last))
   best, budget = None, TOUR_BUDGET
-  for tpot, mask, nodes in scored:
+  for tpot, mask, nodes, first, last in tied:
     if not within_tolerance(tpot, best_tpot):
       continue
     free = _order_free(problem, nodes)
-    for tour in optimal_tours(mask, cycle, path, problem.hop):
-      layers = min_time_split([problem.times[i] for i in tour], [problem.caps[i] for i in tour], problem.ring_transfer(tour), problem.n_layers)
-      candidate = problem.candidate(tour, layers, float(cycle[mask]))
-      if better(candidate, best, "latency"):
-        best = candidate
+    for ring in cheapest_rings(mask, first, last, paths, problem.hop):
+      candidate = problem.plan_ring(ring)
+      best = candidate if better(candidate, best, "latency") else best
       budget -= 1
       if free or budget <= 0:
         break
   return best
 
 
-def _cheapest_transfer(problem: SearchProblem, nodes: list[int]) -> list[float]:
-  if len(nodes) == 1:
-    return [0.0]
-  return [min(float(problem.transfer[i, j]) for j in nodes if j != i and math.isfinite(problem.hop[i, j])) for i in nodes]
-
-
-def _throughput(problem: SearchProblem, cycle: np.ndarray, path: np.ndarray, layout: SubsetLayout) -> Candidate | None:
-  subsets = list(_subsets(problem, cycle))
-  if not subsets:
-    return None
-  if _order_free(problem, list(range(problem.size))) or all(_order_free(problem, nodes) for _, nodes in subsets):
-    return _throughput_order_free(problem, subsets, cycle, path)
-  stage = _optimal_stage_time(problem, layout)
-  reach = _layers_reachable(problem, stage, layout)
-  best = None
-  for mask, nodes in subsets:
-    if reach[mask] < problem.n_layers:
-      continue
-    if _order_free(problem, nodes):
-      candidate = _order_free_candidate(problem, mask, nodes, cycle, path)
-      best = candidate if better(candidate, best, "throughput") else best
-    else:
-      best = _rings_at_stage(problem, mask, nodes, stage, path, best)
-  return best
-
-
-def _order_free_candidate(problem: SearchProblem, mask: int, nodes: list[int], cycle: np.ndarray, path: np.ndarray) -> Candidate:
-  """Transfers that do not depend on the order: the closed-form split of the subset on its cheapest ring."""
-  _, layers = bottleneck_split(
-    [problem.times[i] for i in nodes], [problem.caps[i] for i in nodes], _cheapest_transfer(problem, nodes), problem.n_layers
-  )
-  tour = next(optimal_tours(mask, cycle, path, problem.hop))
-  by_node = dict(zip(nodes, layers))
-  return problem.candidate(tour, [by_node[i] for i in tour], float(cycle[mask]))
-
-
-def _throughput_order_free(problem: SearchProblem, subsets: list, cycle: np.ndarray, path: np.ndarray) -> Candidate | None:
-  """Every subset solved in closed form; visited by bottleneck, stopping once a subset cannot tie the best."""
-  scored = []
-  for mask, nodes in subsets:
-    times, caps = [problem.times[i] for i in nodes], [problem.caps[i] for i in nodes]
-    scored.append((bottleneck_split(times, caps, _cheapest_transfer(problem, nodes), problem.n_layers)[0], mask, nodes))
-  scored.sort(key=lambda entry: (entry[0], entry[1]))
-  best = None
-  for stage, mask, nodes in scored:
-    if best is not None and not within_tolerance(stage, best.bottleneck):
+def _throughput(problem: SearchProblem, paths: np.ndarray, cycles: np.ndarray) -> Candidate | None:
+  tb, n, b = problem.tb, problem.n_layers, problem.batch
+  bounds = []
+  for mask, nodes, caps in _subsets(problem, cycles):
+    cheapest = (
+      (b * np.where(np.isfinite(problem.hop), problem.transfer, math.inf)[np.ix_(nodes, nodes)].min(axis=1)).tolist() if len(nodes) > 1 else [0.0]
+    )
+    bounds.append((bottleneck_split([tb[i] for i in nodes], caps, cheapest, n)[0], mask, nodes))
+  bounds.sort(key=lambda entry: (entry[0], entry[1]))
+  best, dependent = None, []
+  for bound, mask, nodes in bounds:
+    if best is not None and not within_tolerance(bound, best.bottleneck):
       break
-    candidate = _order_free_candidate(problem, mask, nodes, cycle, path)
-    best = candidate if better(candidate, best, "throughput") else best
+    free = _order_free(problem, nodes)
+    fastest = min(nodes, key=lambda i: (tb[i], i))
+    for first, last in _ends(nodes, mask, cycles):  # exact when the order does not matter, else upper bounds
+      if not free and last != fastest:
+        continue
+      if free and best is not None:  # any order with these ends has the same stages: skip building a ring that cannot tie
+        order = [first] + [i for i in nodes if i not in (first, last)] + ([last] if last != first else [])
+        layers = problem.split(order)
+        if layers is None or not within_tolerance(problem.costs.busiest_stage(order, layers), best.bottleneck):
+          continue
+      candidate = problem.plan_ring(next(cheapest_rings(mask, first, last, paths, problem.hop)))
+      best = candidate if better(candidate, best, "throughput") else best
+    if not free:
+      dependent.append((bound, mask, nodes))
+  if dependent:
+    best = _order_dependent(problem, [d for d in dependent if best is None or within_tolerance(d[0], best.bottleneck)], best, paths)
   return best
 
 
-def _max_layers(problem: SearchProblem, stage: float) -> np.ndarray:
-  """g[i, j]: most layers node i can hold with successor j within stage time `stage` (diagonal: i alone, no transfer); -inf if < 1."""
-  times = np.array(problem.times)[:, None]
-  transfer = problem.transfer.copy()
-  np.fill_diagonal(transfer, 0.0)
-  g = np.minimum(np.array(problem.caps, dtype=float)[:, None], np.floor((stage - transfer) / times + _REL_EPS))
-  edge = np.isfinite(problem.hop) | np.eye(problem.size, dtype=bool)
-  return np.where(edge & (g >= 1), g, -math.inf)
+def _order_dependent(problem: SearchProblem, subsets: list, best: Candidate | None, paths: np.ndarray) -> Candidate | None:
+  """Subsets whose stages depend on the ring order: per ring size k, the least busiest-stage time any ring of k nodes achieves,
+  by binary search over the values a stage can take, each probe a longest-cycle DP (_reach); then, at the best time, every
+  ring of the subsets that reach it, searched depth-first with the layers and TPOT bounds of _rings_at_stage."""
+  layout = _SizeLayout(problem.size)
+  values = _stage_values(problem)
+  stage_at = {}
+  for k in sorted({len(nodes) for _, _, nodes in subsets}):
+    low = min(bound for bound, _, nodes in subsets if len(nodes) == k)
+    high = math.inf if best is None else best.bottleneck * (1 + _TOL)
+    window = values[(values >= low * (1 - _TOL)) & (values <= high)]
+    lo, hi = 0, len(window)
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if _reach(problem, float(window[mid]), k, layout).max() >= problem.n_layers:
+        hi = mid
+      else:
+        lo = mid + 1
+    if lo < len(window):
+      stage_at[k] = float(window[lo])
+  if not stage_at:
+    return best
+  target = min(stage_at.values())
+  budget = [TOUR_BUDGET]
+  for k, stage in sorted(stage_at.items()):
+    if not within_tolerance(stage, target):
+      continue
+    reach = _reach(problem, stage, k, layout)
+    for _, mask, nodes in subsets:
+      if len(nodes) == k and reach[mask] >= problem.n_layers:
+        best = _rings_at_stage(problem, mask, nodes, stage, paths, best, budget)
+  return best
 
 
-def _layers_reachable(problem: SearchProblem, stage: float, layout: SubsetLayout) -> np.ndarray:
-  """For every subset, the most layers any ring through exactly that subset can hold with every stage within `stage`.
+class _SizeLayout:
+  """Masks of n nodes grouped for the DP: by subset size, and per size and node j the masks of that size holding j."""
 
-  A node's limit depends only on its successor, so this is a longest-cycle Held-Karp with edge weight g[i, j]."""
-  g = _max_layers(problem, stage)
-  cycle, _ = held_karp(-g, layout)
-  reach = -cycle
-  singles = 1 << np.arange(problem.size)
-  reach[singles] = np.diag(g)
-  reach[layout.size > problem.n_layers] = -math.inf
+  def __init__(self, n: int):
+    masks = np.arange(1 << n)
+    size = np.zeros(1 << n, dtype=np.int64)
+    for i in range(n):
+      size += (masks >> i) & 1
+    self.by_size = [masks[size == k] for k in range(n + 1)]
+    self.with_node = [[layer[(layer >> j) & 1 == 1] for j in range(n)] for layer in self.by_size]
+
+
+def _stage_values(problem: SearchProblem) -> np.ndarray:
+  """Every value a stage can take: m t_i(b) + the batch's transfer to any successor (or none), plus the head on a last stage."""
+  tb = np.array(problem.tb)
+  extra = np.concatenate([np.zeros((problem.size, 1)), problem.batch * problem.transfer], axis=1)
+  m = np.arange(1, problem.n_layers + 1, dtype=float)
+  plain = tb[:, None, None] * m[None, None, :] + extra[:, :, None]
+  return np.unique(np.concatenate([plain.ravel(), (plain + problem.eta * tb[:, None, None]).ravel()]))
+
+
+def _limits(problem: SearchProblem, stage: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Most layers each node can hold within `stage` in a ring of k nodes: (first[i, j], middle[i, j], last[i, j]) with successor
+  j, -inf below one layer or without an edge; and alone[i] for a ring of one."""
+  n, tb, eta = problem.size, np.array(problem.tb), problem.eta
+  roles = ((True, False), (False, False), (False, True), (True, True))
+  caps = np.array([[problem.capacity(i, first, last, k) for first, last in roles] for i in range(n)], dtype=float)
+  x = problem.batch * problem.transfer
+  plain = np.floor((stage - x) / tb[:, None] + _TOL)
+  headed = np.floor((stage - x - eta * tb[:, None]) / tb[:, None] + _TOL)
+  edge = np.isfinite(problem.hop)
+  out = []
+  for cap, fits in ((caps[:, 0], plain), (caps[:, 1], plain), (caps[:, 2], headed)):
+    g = np.minimum(cap[:, None], fits)
+    out.append(np.where(edge & (g >= 1), g, -math.inf))
+  alone = np.minimum(caps[:, 3], np.floor((stage - eta * tb) / tb + _TOL))
+  out.append(np.where(alone >= problem.n_layers, alone, -math.inf))
+  return tuple(out)
+
+
+def _reach(problem: SearchProblem, stage: float, k: int, layout: _SizeLayout) -> np.ndarray:
+  """For every subset of k nodes, the most layers a ring through exactly it can hold with every stage within `stage`.
+
+  A node's limit depends only on its role and successor, so this is a longest-cycle Held-Karp from every first node:
+  O(2^n n^3) for k = n."""
+  n = problem.size
+  first, middle, last, alone = _limits(problem, stage, k)
+  reach = np.full(1 << n, -math.inf)
+  if k == 1:
+    reach[1 << np.arange(n)] = alone
+    return reach
+  held = np.full((1 << n, n, n), -math.inf)
+  held[1 << np.arange(n), np.arange(n), np.arange(n)] = 0.0
+  for size in range(2, k + 1):
+    weights = first if size == 2 else middle
+    for j in range(n):
+      sel = layout.with_node[size][j]
+      held[sel, :, j] = (held[sel ^ (1 << j)] + weights[:, j][None, None, :]).max(axis=2)
+  masks = layout.by_size[k]
+  reach[masks] = (held[masks] + last.T[None, :, :]).max(axis=(1, 2))
   return reach
 
 
-def _optimal_stage_time(problem: SearchProblem, layout: SubsetLayout) -> float:
-  """The least busiest-stage time any plan achieves: binary search over every value a stage can take (m t_i + c_ij), each
-  probe a longest-cycle DP. O(log(n^2 L) 2^n n^2)."""
-  values = set()
-  for i in range(problem.size):
-    outgoing = [0.0] + [float(problem.transfer[i, j]) for j in range(problem.size) if j != i and math.isfinite(problem.hop[i, j])]
-    for m in range(1, min(problem.caps[i], problem.n_layers) + 1):
-      values.update(m * problem.times[i] + c for c in outgoing)
-  values = sorted(values)
-  lo, hi = 0, len(values) - 1
-  while lo < hi:
-    mid = (lo + hi) // 2
-    if _layers_reachable(problem, values[mid], layout).max() >= problem.n_layers:
-      hi = mid
-    else:
-      lo = mid + 1
-  return values[lo]
+def _rings_at_stage(
+  problem: SearchProblem, mask: int, nodes: list[int], stage: float, paths: np.ndarray, best: Candidate | None, budget: list[int]
+) -> Candidate | None:
+  """Among the rings through one subset whose stages all fit in `stage`, the best by the objective's order (lowest TPOT).
 
+  Depth-first from every first node; a branch is cut when even its most generous layer limits cannot hold the model, or when
+  its hops so far plus the cheapest completion plus the subset's least compute cannot beat the best TPOT."""
+  k = len(nodes)
+  first_g, middle_g, last_g, _ = _limits(problem, stage, k)
+  most = {i: max(max(middle_g[i, j], last_g[i, j]) for j in nodes if j != i) for i in nodes}
+  opened = {i: max(first_g[i, j] for j in nodes if j != i) for i in nodes}
+  limits = [int(v) if math.isfinite(v) else problem.n_layers for v in (max(most[i], opened[i]) for i in nodes)]
+  times = [problem.t1[i] for i in nodes]
+  fill = min_time_split(times, limits, [0.0] * k, problem.n_layers)
+  least_compute = sum(c * t for c, t in zip(fill, times)) + problem.eta * min(times)
 
-def _rings_at_stage(problem: SearchProblem, mask: int, nodes: list[int], stage: float, path: np.ndarray, best: Candidate | None) -> Candidate | None:
-  """Among the rings of one subset whose stages all fit in `stage`, the one with the lowest TPOT.
-
-  Depth-first over rings from the subset's lowest node; a branch is cut when even its most generous layer limits cannot hold
-  the model, or when its hops so far plus the cheapest completion plus the subset's least compute cannot beat the best TPOT."""
-  g = _max_layers(problem, stage)
-  start = nodes[0]
-  most = {i: max(g[i, j] for j in nodes if j != i) for i in nodes}
-  least_compute = sum(
-    n * problem.times[i]
-    for i, n in zip(nodes, min_time_split([problem.times[i] for i in nodes], [int(most[i]) for i in nodes], [0.0] * len(nodes), problem.n_layers))
-  )
-  budget = TOUR_BUDGET
-
-  def extend(tour: list[int], left: int, hops: float, held: float, open_most: float):
-    nonlocal best, budget
-    x = tour[-1]
+  def extend(ring: list[int], left: int, held: float, hops: float, optimistic: float):
+    """`optimistic`: the most the nodes not yet given a successor (the ring's end and those left) could hold."""
+    nonlocal best
+    x, f = ring[-1], ring[0]
     if not left:
-      limits = [int(g[a, b]) for a, b in zip(tour, tour[1:] + tour[:1])]
-      layers = min_time_split([problem.times[i] for i in tour], limits, problem.ring_transfer(tour), problem.n_layers)
-      candidate = problem.candidate(tour, layers, hops + float(problem.hop[x, start]))
-      best = candidate if better(candidate, best, "throughput") else best
-      budget -= 1
+      if held + last_g[x, f] >= problem.n_layers:
+        best = _better_ring(problem, ring, best)
+        budget[0] -= 1
       return
     for y in members(left):
+      if budget[0] <= 0:
+        return
+      gain, own = (first_g[x, y], opened[x]) if len(ring) == 1 else (middle_g[x, y], most[x])
+      if held + gain + optimistic - own < problem.n_layers:
+        continue
       rest = left & ~(1 << y)
-      closing = g[y, start] if not rest else 0.0
-      gained = held + g[x, y] + closing
       spent = hops + float(problem.hop[x, y])
-      if budget <= 0 or gained + open_most - most[x] - (most[y] if not rest else 0.0) < problem.n_layers:
+      closing = float(paths[rest | (1 << y) | (1 << f), f, y])  # hops are symmetric: the cheapest way from y through the rest back to f
+      if best is not None and within_tolerance(best.bottleneck, stage) and not within_tolerance(spent + closing + least_compute, best.tpot):
         continue
-      if best is not None and not within_tolerance(spent + float(path[left | (1 << start), y]) + least_compute, best.tpot):
-        continue
-      tour.append(y)
-      extend(tour, rest, spent, gained - closing, open_most - most[x])
-      tour.pop()
+      ring.append(y)
+      extend(ring, rest, held + gain, spent, optimistic - own)
+      ring.pop()
 
-  extend([start], mask & ~(1 << start), 0.0, 0.0, sum(most.values()))
+  total = sum(most.values())
+  for f in nodes:
+    extend([f], mask & ~(1 << f), 0.0, 0.0, total - most[f] + opened[f])
   return best
+
+
+def _better_ring(problem: SearchProblem, ring: list[int], best: Candidate | None) -> Candidate | None:
+  candidate = problem.plan_ring(list(ring))
+  return candidate if better(candidate, best, "throughput") else best

@@ -1,19 +1,17 @@
-"""The fork's strategy: which nodes take part, in what ring order, with how many layers, optimal under the v1 cost model."""
+"""The fork's strategy: which nodes take part, in what ring order, with how many layers, optimal under cost model v2."""
 
 import math
 
-import numpy as np
-
 from exo.errors import PlanError
 from exo.models import DEFAULT_MODEL, model_spec
-from exo.topology.cost_model import ClusterCosts, PlannerParams, cluster_costs, predict
+from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, cost_model
 from exo.topology.exact_search import exact_search
 from exo.topology.heuristic_search import heuristic_search, ring_through
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.model_spec import ModelSpec
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 from exo.topology.plan import Plan
-from exo.topology.search_problem import OBJECTIVES, SearchProblem
+from exo.topology.search_problem import SearchProblem
 from exo.topology.topology import Topology
 
 EXACT_LIMIT = 10  # usable nodes up to which the search is exhaustive (Held-Karp plus subset enumeration)
@@ -27,13 +25,20 @@ def check_params(objective: str, params: PlannerParams) -> None:
     raise PlanError(f"memory headroom must be a fraction in [0, 1), got {params.memory_headroom!r}")
   if not (isinstance(params.default_rtt_ms, (int, float)) and math.isfinite(params.default_rtt_ms) and params.default_rtt_ms >= 0):
     raise PlanError(f"default RTT must be a finite number of milliseconds >= 0, got {params.default_rtt_ms!r}")
+  if isinstance(params.batch, bool) or not isinstance(params.batch, int) or params.batch < 1:
+    raise PlanError(f"batch must be a whole number of requests >= 1, got {params.batch!r}")
 
 
-def check_fits(costs: ClusterCosts) -> None:
+def usable_nodes(costs: CostModel) -> list[int]:
+  """Nodes that can hold at least one layer in the middle of a ring."""
+  return [i for i in range(costs.size) if costs.capacity(i) >= 1]
+
+
+def check_fits(costs: CostModel) -> None:
   """Refuse a model that exceeds the cluster's usable memory, naming both sizes."""
-  model, usable = costs.model, sum(max(0, c) for c in costs.capacity)
+  model, usable = costs.model, sum(max(0, costs.capacity(i)) for i in range(costs.size))
   if usable < model.n_layers:
-    per_layer_mb = (model.layer_bytes + model.kv_bytes_per_layer) / 2**20
+    per_layer_mb = (model.layer_bytes + costs.resident_requests(1) * model.kv_bytes_per_layer) / 2**20
     raise PlanError(
       f"model {model.id!r} does not fit: it needs {model.n_layers} layers of {per_layer_mb:.1f} MB "
       f"({model.n_layers * per_layer_mb / 1024:.1f} GB) but the cluster's usable memory holds only {usable} layers "
@@ -41,9 +46,17 @@ def check_fits(costs: ClusterCosts) -> None:
     )
 
 
+def no_ring(costs: CostModel) -> PlanError:
+  return PlanError(
+    f"no ring can hold model {costs.model.id!r}: the nodes with enough memory between them (with the embedding on the first "
+    "stage and the head on the last) are not joined by edges (consecutive nodes in a ring, and the last and first, must share an edge)"
+  )
+
+
 class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
-  """Minimise time per output token (`latency`) or maximise pipelined tokens/s (`throughput`) using device TFLOPS, memory
-  bandwidth and memory, and measured link RTT and bandwidth. Exact up to EXACT_LIMIT usable nodes, heuristic beyond."""
+  """Minimise time per output token (`latency`) or maximise pipelined tokens/s at a batch (`throughput`) using each node's
+  measured layer times (or TFLOPS and memory bandwidth), memory, and measured link RTT and bandwidth. Exact up to EXACT_LIMIT
+  usable nodes, heuristic beyond."""
 
   name = "flops-latency"
 
@@ -53,12 +66,13 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     objective: str = "latency",
     memory_headroom: float = 0.1,
     default_rtt_ms: float = 5.0,
+    batch: int = 1,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     exact_limit: int = EXACT_LIMIT,
   ):
     self.model = model if model is not None else model_spec(DEFAULT_MODEL)
     self.objective = objective
-    self.params = PlannerParams(memory_headroom, default_rtt_ms)
+    self.params = PlannerParams(memory_headroom, default_rtt_ms, batch)
     self.prompt_tokens = prompt_tokens
     self.exact_limit = exact_limit
     check_params(objective, self.params)
@@ -67,45 +81,33 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     return self.plan(topology).partitions
 
   def plan(self, topology: Topology) -> Plan:
-    costs = cluster_costs(topology, self.model, self.params)
+    costs = cost_model(topology, self.model, self.params, self.objective, self.prompt_tokens)
     check_fits(costs)
-    usable = [i for i, cap in enumerate(costs.capacity) if cap >= 1]
-    if costs.layer_time is None:
-      ring_idx, layers = self._memory_weighted(costs, usable)
+    usable = usable_nodes(costs)
+    if costs.speed_known():
+      ring, layers = self._search(costs, usable)
     else:
-      ring_idx, layers = self._search(costs, usable)
-    ring = [(costs.node_ids[i], n) for i, n in zip(ring_idx, layers)]
-    prediction = predict(costs, ring_idx, layers, self.prompt_tokens)
-    return Plan.from_ring(self.name, self.objective, self.params, self.model, ring, prediction, costs.warnings())
+      ring, layers = self._memory_weighted(costs, usable)
+    named = [(costs.node_ids[i], n) for i, n in zip(ring, layers)]
+    return Plan.from_ring(self.name, self.objective, self.params, self.model, named, costs.evaluate(ring, layers), costs.warnings())
 
-  def _problem(self, costs: ClusterCosts, usable: list[int], times: list[float]) -> SearchProblem:
-    hop = np.array([[math.inf if costs.hop[i][j] is None else costs.hop[i][j] for j in usable] for i in usable], dtype=float).reshape(
-      len(usable), len(usable)
-    )
-    transfer = np.array([[costs.transfer[i][j] for j in usable] for i in usable], dtype=float).reshape(len(usable), len(usable))
-    return SearchProblem(times, [costs.capacity[i] for i in usable], hop, transfer, self.model.n_layers)
-
-  def _search(self, costs: ClusterCosts, usable: list[int]) -> tuple[list[int], list[int]]:
-    problem = self._problem(costs, usable, [costs.layer_time[i] for i in usable])
-    search = exact_search if len(usable) <= self.exact_limit else heuristic_search
-    best = search(problem, self.objective)
+  def _search(self, costs: CostModel, usable: list[int]) -> tuple[list[int], list[int]]:
+    problem = SearchProblem(costs.restrict(usable))
+    best = exact_search(problem) if len(usable) <= self.exact_limit else heuristic_search(problem)
     if best is None:
-      raise _no_ring(costs)
+      raise no_ring(costs)
     return [usable[i] for i in best.ring], list(best.layers)
 
-  def _memory_weighted(self, costs: ClusterCosts, usable: list[int]) -> tuple[list[int], list[int]]:
+  def _memory_weighted(self, costs: CostModel, usable: list[int]) -> tuple[list[int], list[int]]:
     """With no speed known anywhere: shares proportional to memory (capped), on the cheapest ring of the largest nodes."""
-    by_memory = sorted(usable, key=lambda i: (-costs.capacity[i], i))[: self.model.n_layers]
-    problem = self._problem(costs, by_memory, [1.0 / costs.capacity[i] for i in by_memory])
-    ring = ring_through(problem, list(range(len(by_memory))))
-    if ring is None:
-      raise _no_ring(costs)
-    split = bottleneck_split([problem.times[i] for i in ring], [problem.caps[i] for i in ring], [0.0] * len(ring), self.model.n_layers)
-    return [by_memory[i] for i in ring], split[1]
-
-
-def _no_ring(costs: ClusterCosts) -> PlanError:
-  return PlanError(
-    f"no ring can hold model {costs.model.id!r}: the nodes with enough memory between them are not joined by edges "
-    "(consecutive nodes in a ring, and the last and first, must share an edge)"
-  )
+    by_memory = sorted(usable, key=lambda i: (-costs.capacity(i), i))[: self.model.n_layers]
+    found = ring_through(costs.hop[[[i] for i in by_memory], by_memory], list(range(len(by_memory))))
+    ring = None if found is None else [by_memory[i] for i in found]
+    split = (
+      None
+      if ring is None
+      else bottleneck_split([1.0 / costs.capacity(i) for i in ring], costs.ring_capacities(ring), [0.0] * len(ring), self.model.n_layers)
+    )
+    if split is None:
+      raise no_ring(costs)
+    return ring, split[1]

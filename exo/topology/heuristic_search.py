@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from exo.topology.layer_split import bottleneck_split, min_time_split
+from exo.topology.layer_split import bottleneck_split
 from exo.topology.ring_search import held_karp, optimal_tours, two_opt_tour
 from exo.topology.search_problem import Candidate, SearchProblem, better
 
@@ -21,48 +21,61 @@ LOCAL_MOVES = 60  # improving moves at most; each is one pass over the candidate
 MOVE_CANDIDATES = 8  # outside nodes considered per pass: the fastest few and the nearest few
 THROUGHPUT_PREFIXES = 3  # best-bounded prefixes solved with a real ring
 LOCAL_SEARCH_LIMIT = 16  # throughput rings up to this size are refined by local moves; larger ones keep the best prefix
+END_CHOICES = 3  # last stages tried per ring: its fastest few nodes, in both directions (the next node is first)
 
 
-def ring_through(problem: SearchProblem, nodes: list[int]) -> list[int] | None:
+def ring_through(hop: np.ndarray, nodes: list[int]) -> list[int] | None:
   """A cheap ring through `nodes` (exact when small), or None if the heuristic finds none along existing edges."""
   nodes = sorted(nodes)
   if len(nodes) == 1:
     return nodes
   if len(nodes) <= EXACT_RING:
-    sub = problem.hop[np.ix_(nodes, nodes)]
+    sub = hop[np.ix_(nodes, nodes)]
     cycle, path = held_karp(sub)
     full = (1 << len(nodes)) - 1
     if not math.isfinite(cycle[full]):
       return None
     return [nodes[i] for i in next(optimal_tours(full, cycle, path, sub))]
-  tour = two_opt_tour(nodes, problem.hop, MISSING_EDGE_COST)
-  ok = all(math.isfinite(problem.hop[tour[k], tour[(k + 1) % len(tour)]]) for k in range(len(tour)))
+  tour = two_opt_tour(nodes, hop, MISSING_EDGE_COST)
+  ok = all(math.isfinite(hop[tour[k], tour[(k + 1) % len(tour)]]) for k in range(len(tour)))
   return tour if ok else None
 
 
+def _times(problem: SearchProblem) -> list[float]:
+  return problem.t1 if problem.objective == "latency" else problem.tb
+
+
 def _speed_ranking(problem: SearchProblem) -> list[int]:
-  return sorted((i for i in range(problem.size) if problem.caps[i] >= 1), key=lambda i: (problem.times[i], i))
+  times = _times(problem)
+  return sorted((i for i in range(problem.size) if problem.middle_capacity(i, 1) >= 1), key=lambda i: (times[i], i))
+
+
+def _caps(problem: SearchProblem, nodes: list[int]) -> list[int]:
+  return [problem.middle_capacity(i, len(nodes)) for i in nodes]
+
+
+def best_orientation(problem: SearchProblem, ring: list[int]) -> Candidate | None:
+  """The best plan on a ring's cycle over a few choices of its ends: each of its END_CHOICES fastest nodes as the last stage
+  (it runs the head), in both directions, the next node first. O(END_CHOICES) splits."""
+  times = _times(problem)
+  best = None
+  for last in sorted(ring, key=lambda i: (times[i], i))[:END_CHOICES]:
+    k = ring.index(last)
+    for order in (ring[k + 1 :] + ring[: k + 1], (ring[k:] + ring[:k])[::-1]):
+      candidate = problem.plan_ring(order)
+      best = candidate if better(candidate, best, problem.objective) else best
+  return best
 
 
 def _plan(problem: SearchProblem, nodes: list[int], objective: str) -> Candidate | None:
   """The best split of `nodes` for the objective on a cheap ring through them."""
-  ring = ring_through(problem, nodes)
-  if ring is None:
-    return None
-  times, caps, transfer = [problem.times[i] for i in ring], [problem.caps[i] for i in ring], problem.ring_transfer(ring)
-  if objective == "latency":
-    layers = min_time_split(times, caps, transfer, problem.n_layers)
-  else:
-    split = bottleneck_split(times, caps, transfer, problem.n_layers)
-    layers = None if split is None else split[1]
-  return None if layers is None else problem.candidate(ring, layers)
+  ring = ring_through(problem.hop, nodes)
+  return None if ring is None else best_orientation(problem, ring)
 
 
 def _smallest_fitting_prefix(problem: SearchProblem, ranking: list[int]) -> int | None:
-  held = 0
-  for k, i in enumerate(ranking, 1):
-    held += problem.caps[i]
-    if held >= problem.n_layers:
+  for k in range(1, len(ranking) + 1):
+    if sum(_caps(problem, ranking[:k])) >= problem.n_layers:
       return k
   return None
 
@@ -89,7 +102,7 @@ def _improve(problem: SearchProblem, start: list[int], ranking: list[int], objec
       moves.extend((current - {i}) | {j} for i in sorted(current))
     improved = None
     for move in moves:
-      if len(move) > problem.n_layers or sum(problem.caps[i] for i in move) < problem.n_layers:
+      if len(move) > problem.n_layers or sum(_caps(problem, sorted(move))) < problem.n_layers:
         continue
       candidate = _plan(problem, sorted(move), objective)
       if candidate is not None and better(candidate, best, objective) and better(candidate, improved, objective):
@@ -110,16 +123,16 @@ def _polish_order(problem: SearchProblem, best: Candidate) -> Candidate:
     for i in range(1, len(ring) - 1):
       for j in range(i + 1, len(ring)):
         order = ring[:i] + ring[i : j + 1][::-1] + ring[j + 1 :]
-        if not all(math.isfinite(problem.hop[order[k], order[(k + 1) % len(order)]]) for k in range(len(order))):
+        if not problem.ring_ok(order):
           continue
-        times, caps = [problem.times[n] for n in order], [problem.caps[n] for n in order]
-        candidate = problem.candidate(order, bottleneck_split(times, caps, problem.ring_transfer(order), problem.n_layers)[1])
+        candidate = problem.plan_ring(order)
         if better(candidate, best, "throughput"):
           best, improved = candidate, True
   return best
 
 
-def heuristic_search(problem: SearchProblem, objective: str) -> Candidate | None:
+def heuristic_search(problem: SearchProblem) -> Candidate | None:
+  objective = problem.objective
   ranking = _speed_ranking(problem)
   k_min = _smallest_fitting_prefix(problem, ranking)
   if k_min is None:
@@ -129,8 +142,8 @@ def heuristic_search(problem: SearchProblem, objective: str) -> Candidate | None
   scored = []
   for k in range(k_min, min(len(ranking), problem.n_layers) + 1):
     nodes = ranking[:k]
-    cheapest = [min((float(problem.transfer[i, j]) for j in nodes if j != i), default=0.0) for i in nodes]
-    bound = bottleneck_split([problem.times[i] for i in nodes], [problem.caps[i] for i in nodes], cheapest, problem.n_layers)
+    cheapest = [problem.batch * min((float(problem.transfer[i, j]) for j in nodes if j != i), default=0.0) for i in nodes]
+    bound = bottleneck_split([problem.tb[i] for i in nodes], _caps(problem, nodes), cheapest, problem.n_layers)
     if bound is not None:
       scored.append((bound[0], k))
   best = None

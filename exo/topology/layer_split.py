@@ -1,7 +1,8 @@
 """How many layers each node of a fixed ring holds: integer splits that are optimal for each objective.
 
-Nodes are given in ring order as per-layer times t_i, capacities cap_i (max layers) and per-token transfer times c_i to the next
-node. Every node holds 1 <= L_i <= cap_i layers and sum L_i = n. Both splits are exact and run in O(k log k + n) for k nodes.
+Nodes are given in ring order with two per-layer times, one token's (TPOT) and one batch's (a stage of the saturated ring),
+capacities cap_i (max layers) and per-stage constants c_i (the batch's transfer to the next node, the head on the last stage).
+Every node holds 1 <= L_i <= cap_i layers and sum L_i = n. Both splits are exact and run in O(k log k + n) for k nodes.
 """
 
 import heapq
@@ -32,12 +33,14 @@ def _add_greedily(layers: list[int], cost, caps: list[int], count: int, members:
       heapq.heappush(heap, (cost(i, layers[i] + 1), i))
 
 
-def min_time_split(times: list[float], caps: list[int], transfer: list[float], n: int) -> list[int] | None:
-  """Minimise total compute sum L_i t_i (the TPOT part a split controls); among those, minimise the busiest stage max(L_i t_i + c_i).
+def min_time_split(times: list[float], caps: list[int], transfer: list[float], n: int, stage_times: list[float] | None = None) -> list[int] | None:
+  """Minimise total compute sum L_i t_i (the TPOT part a split controls); among those, minimise the busiest stage
+  max(L_i s_i + c_i), with s the batch's per-layer times (default: t).
 
   The fastest nodes fill to capacity, the rest keep one layer. Only nodes tied in speed at the margin leave a choice, and the
   tie is spread to balance stages. None if no split exists.
   """
+  stage_times = times if stage_times is None else stage_times
   if not splittable(caps, n):
     return None
   layers, left = [1] * len(times), n - len(times)
@@ -53,7 +56,7 @@ def min_time_split(times: list[float], caps: list[int], transfer: list[float], n
         layers[i] = caps[i]
       left -= room
     else:
-      _add_greedily(layers, lambda i, m: m * times[i] + transfer[i], caps, left, group)
+      _add_greedily(layers, lambda i, m: m * stage_times[i] + transfer[i], caps, left, group)
       left = 0
     g += len(group)
   return layers
@@ -78,8 +81,11 @@ def _water_level(times: list[float], caps: list[int], transfer: list[float], n: 
   return level
 
 
-def bottleneck_split(times: list[float], caps: list[int], transfer: list[float], n: int) -> tuple[float, list[int]] | None:
-  """Minimise the busiest stage max(L_i t_i + c_i) (1 / throughput); among those, minimise total compute sum L_i t_i.
+def bottleneck_split(
+  times: list[float], caps: list[int], transfer: list[float], n: int, tpot_times: list[float] | None = None
+) -> tuple[float, list[int]] | None:
+  """Minimise the busiest stage max(L_i t_i + c_i) (batch / throughput); among those, minimise total compute sum L_i u_i, with u
+  one token's per-layer times (default: t).
 
   Closed-form water level, rounded down, then the remaining few layers placed greedily on the least-loaded stage: the rounded
   split never exceeds any optimum's per-node counts, so the greedy completion is optimal. Then, with the optimal stage time T
@@ -96,7 +102,7 @@ def bottleneck_split(times: list[float], caps: list[int], transfer: list[float],
   stage = max(m * t + c for m, t, c in zip(layers, times, transfer))
   limit = [min(cap, max(1, math.floor((stage - c) / t + _REL_EPS))) for t, cap, c in zip(times, caps, transfer)]
   best, left = [1] * k, n - k
-  for i in _speed_order(times):
+  for i in _speed_order(times if tpot_times is None else tpot_times):
     extra = min(left, limit[i] - 1)
     best[i] += extra
     left -= extra

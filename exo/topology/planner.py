@@ -1,8 +1,10 @@
 """One entry point for every strategy: `make_plan` returns the plan JSON object (docs/DESIGN.md section 3) as a dict."""
 
+import math
+
 from exo.errors import PlanError
 from exo.models import model_spec
-from exo.topology.cost_model import PlannerParams, cluster_costs, predict
+from exo.topology.cost_model import PlannerParams, Prediction, cost_model
 from exo.topology.flops_latency_partitioning_strategy import DEFAULT_PROMPT_TOKENS, FlopsLatencyPartitioningStrategy, check_fits, check_params
 from exo.topology.model_spec import ModelSpec
 from exo.topology.plan import Plan
@@ -26,31 +28,36 @@ def as_model(model: ModelSpec | dict | str) -> ModelSpec:
 
 def memory_weighted_plan(topology: Topology, model: ModelSpec, objective: str, params: PlannerParams, prompt_tokens: int) -> Plan:
   """Upstream's strategy, evaluated under the same cost model; its plan may overfill a node, which is reported, not hidden."""
-  costs = cluster_costs(topology, model, params)
+  costs = cost_model(topology, model, params, objective, prompt_tokens)
   check_fits(costs)
   plan = Plan("ring-memory-weighted", objective, params, model, RingMemoryWeightedPartitioningStrategy().partition(topology), None)
   ring = plan.ring()
   idx, layers = [costs.index(node_id) for node_id, _ in ring], [n for _, n in ring]
-  plan.prediction = predict(costs, idx, layers, prompt_tokens)
+  plan.prediction = costs.evaluate(idx, layers)
   plan.warnings = costs.warnings()
-  for i, n in zip(idx, layers):
-    if n > costs.capacity[i]:
-      plan.warnings.append(f"node {costs.node_ids[i]!r} is given {n} layers but its memory holds only {costs.capacity[i]}")
+  for i, n, cap in zip(idx, layers, costs.ring_capacities(idx)):
+    if n > cap:
+      plan.warnings.append(f"node {costs.node_ids[i]!r} is given {n} layers but its memory holds only {cap}")
   for k, i in enumerate(idx if len(idx) > 1 else []):
     j = idx[(k + 1) % len(idx)]
-    if costs.hop[i][j] is None:
+    if not math.isfinite(costs.hop[i, j]):
       plan.warnings.append(f"ring neighbours {costs.node_ids[i]!r} and {costs.node_ids[j]!r} share no edge (hop charged the default RTT)")
   return plan
 
 
 def predict_ring(
-  topology: Topology, model: ModelSpec, params: PlannerParams, ring: list[tuple[str, int]], prompt_tokens: int = DEFAULT_PROMPT_TOKENS
-):
+  topology: Topology,
+  model: ModelSpec,
+  params: PlannerParams,
+  ring: list[tuple[str, int]],
+  objective: str = "latency",
+  prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+) -> Prediction | None:
   """The cost model's prediction for an existing ring [(node id, layers)] on `topology`; None if a ring node has left it."""
   if any(node_id not in topology.nodes for node_id, _ in ring):
     return None
-  costs = cluster_costs(topology, model, params)
-  return predict(costs, [costs.index(node_id) for node_id, _ in ring], [n for _, n in ring], prompt_tokens)
+  costs = cost_model(topology, model, params, objective, prompt_tokens)
+  return costs.evaluate([costs.index(node_id) for node_id, _ in ring], [n for _, n in ring])
 
 
 def plan_for(

@@ -1,49 +1,77 @@
-"""The planning problem in index form, a candidate plan, and the objective's ordering of candidates."""
+"""The planning problem the searches solve: the usable nodes' cost model, a candidate plan, and the objective's ordering.
+
+A candidate's figures come from the cost model's one evaluation of a plan; the searches only choose rings and splits.
+"""
 
 import math
 from dataclasses import dataclass
 
-import numpy as np
+from exo.topology.cost_model import CostModel, head_layers
+from exo.topology.layer_split import bottleneck_split, min_time_split
 
-from exo.topology.ring_search import tour_cost
-
-OBJECTIVES = ("latency", "throughput")
 _REL_TOL = 1e-9  # plans whose objective values differ by less than this are ties
 
 
 @dataclass(frozen=True)
-class SearchProblem:
-  """Nodes 0..n-1 in sorted-id order (so index order is id order): per-layer time, layer capacity, symmetric hop matrix
-  (inf where there is no edge) and per-token transfer matrix; plus the number of layers to place."""
+class Candidate:
+  ring: tuple[int, ...]  # execution order: ring[0] embeds, ring[-1] runs the head
+  layers: tuple[int, ...]
+  tpot: float
+  bottleneck: float  # seconds the busiest stage takes for one batch
 
-  times: list[float]
-  caps: list[int]
-  hop: np.ndarray
-  transfer: np.ndarray
-  n_layers: int
+
+class SearchProblem:
+  """Nodes 0..n-1 of `costs` (sorted ids, so index order is id order), with the figures the searches read most, cached."""
+
+  def __init__(self, costs: CostModel):
+    self.costs = costs
+    self.objective = costs.objective
+    self.n_layers = costs.model.n_layers
+    self.t1 = costs.times(1)
+    self.tb = costs.times(costs.params.batch)
+    self.eta = head_layers(costs.model)
+    self.batch = costs.params.batch
+    self.hop = costs.hop
+    self.transfer = costs.transfer
+    self._capacity = {}
+
+  def capacity(self, i: int, first: bool, last: bool, ring_size: int) -> int:
+    key = (i, first, last, ring_size)
+    if key not in self._capacity:
+      self._capacity[key] = self.costs.capacity(i, first, last, ring_size)
+    return self._capacity[key]
+
+  def ring_capacities(self, ring: list[int]) -> list[int]:
+    k = len(ring)
+    return [self.capacity(i, n == 0, n == k - 1, k) for n, i in enumerate(ring)]
 
   @property
   def size(self) -> int:
-    return len(self.times)
+    return self.costs.size
 
-  def ring_transfer(self, ring: list[int]) -> list[float]:
-    if len(ring) < 2:
-      return [0.0]
-    return [float(self.transfer[i, ring[(k + 1) % len(ring)]]) for k, i in enumerate(ring)]
+  def middle_capacity(self, i: int, ring_size: int) -> int:
+    """Node i's capacity neither first nor last: the most it holds in any ring of that size."""
+    return self.capacity(i, False, False, ring_size)
 
-  def candidate(self, ring: list[int], layers: list[int], ring_cost: float | None = None) -> "Candidate":
-    compute = sum(n * self.times[i] for i, n in zip(ring, layers))
-    hops = tour_cost(ring, self.hop) if ring_cost is None else ring_cost
-    bottleneck = max(n * self.times[i] + c for i, n, c in zip(ring, layers, self.ring_transfer(ring)))
-    return Candidate(tuple(ring), tuple(layers), compute + hops, bottleneck)
+  def split(self, ring: list[int]) -> list[int] | None:
+    """The objective's best layer counts for a fixed ring (ring[0] first, ring[-1] last); None if the ring cannot hold the model."""
+    caps, constants = self.ring_capacities(ring), self.costs.stage_constants(ring)
+    t1, tb = [self.t1[i] for i in ring], [self.tb[i] for i in ring]
+    if self.objective == "latency":
+      return min_time_split(t1, caps, constants, self.n_layers, stage_times=tb)
+    best = bottleneck_split(tb, caps, constants, self.n_layers, tpot_times=t1)
+    return None if best is None else best[1]
 
+  def candidate(self, ring: list[int], layers: list[int]) -> Candidate:
+    return Candidate(tuple(ring), tuple(layers), self.costs.tpot(ring, layers), self.costs.busiest_stage(ring, layers))
 
-@dataclass(frozen=True)
-class Candidate:
-  ring: tuple[int, ...]
-  layers: tuple[int, ...]
-  tpot: float
-  bottleneck: float
+  def plan_ring(self, ring: list[int]) -> Candidate | None:
+    layers = self.split(ring)
+    return None if layers is None else self.candidate(ring, layers)
+
+  def ring_ok(self, ring: list[int]) -> bool:
+    """Consecutive nodes (and the last and first) share an edge."""
+    return len(ring) == 1 or all(math.isfinite(self.hop[i, j]) for i, j in zip(ring, ring[1:] + ring[:1]))
 
 
 def _close(a: float, b: float) -> bool:
@@ -55,8 +83,10 @@ def within_tolerance(value: float, best: float) -> bool:
   return value <= best or _close(value, best)
 
 
-def better(a: Candidate, b: Candidate | None, objective: str) -> bool:
+def better(a: Candidate | None, b: Candidate | None, objective: str) -> bool:
   """Is `a` strictly preferred to `b`? Primary objective, then the other one, then node ids in ring order, then layer counts."""
+  if a is None:
+    return False
   if b is None:
     return True
   pairs = [(a.tpot, b.tpot), (a.bottleneck, b.bottleneck)]

@@ -7,7 +7,7 @@ from exo.topology.cost_model import Prediction
 
 
 def prediction(tpot, bottleneck, feasible=True):
-  return Prediction(tpot, bottleneck, None, feasible)
+  return Prediction(tpot, None if bottleneck is None else 1 / bottleneck, None, feasible)
 
 
 def test_gain_is_relative_on_the_objective():
