@@ -22,6 +22,7 @@ from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
 from exo.inference.shard import Shard
+from exo.inference.slowed_engine import SlowedEngine
 from exo.models import DEFAULT_MODEL, MODELS, model_spec
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
@@ -30,8 +31,8 @@ from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.udp_discovery import UDPDiscovery
 from exo.orchestration.device_probe import detect_device_capabilities
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
+from exo.topology.cost_model import OBJECTIVES
 from exo.topology.planner import STRATEGIES
-from exo.topology.search_problem import OBJECTIVES
 
 log = logging.getLogger("exo")
 
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
   node.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
   node.add_argument("--inference-engine", choices=["tinygrad", "mlx", "dummy"], default=None, help=f"default: {default_engine()} on this machine")
   node.add_argument("--emulate", action="store_true", help="pace the engine to the cost model's time for this node's declared device")
+  node.add_argument(
+    "--engine-slowdown",
+    type=slowdown_factor,
+    default=1.0,
+    metavar="FACTOR",
+    help="make every engine step take FACTOR times as long, declared nowhere: for benchmarks of the planner's measurements",
+  )
   node.add_argument("--run-model", default=None, help=f"model to serve (default {DEFAULT_MODEL}); one of {', '.join(sorted(MODELS))}")
   node.add_argument("--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit)")
   node.add_argument("--max-generate-tokens", type=int, default=1024)
@@ -82,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
   plan.add_argument("--batch", type=int, default=1, help="requests each stage runs at once when saturated (throughput objective)")
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
   return parser
+
+
+def slowdown_factor(text: str) -> float:
+  factor = float(text)
+  if not factor >= 1:
+    raise argparse.ArgumentTypeError(f"must be a factor >= 1, got {text}")
+  return factor
 
 
 def default_engine() -> str:
@@ -120,6 +135,8 @@ def build_node(args) -> Node:
   engine = make_engine(engine_name)
   if args.emulate:
     engine = PacedInferenceEngine(engine, model, capabilities)
+  if args.engine_slowdown != 1:
+    engine = SlowedEngine(engine, args.engine_slowdown)
   module = discovery_module(args)
   if module == "none":
     discovery = NoDiscovery()
@@ -139,7 +156,11 @@ def build_node(args) -> Node:
       broadcast_addresses=args.broadcast_address,
     )
   planner = PlannerConfig(args.partitioning_strategy, args.objective, args.memory_headroom, args.default_rtt_ms, args.replan_threshold, args.batch)
-  node = Node(node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout)
+  # A node measures its engine when the times stand for a device (a real engine, or one paced to the declared device), and when
+  # it has peers to plan with or its plan is shown: the bare dummy engine's microseconds would override the declared devices of
+  # a test cluster, and a lone `exo run` needs no plan but one.
+  measure = (engine_name != "dummy" or args.emulate) and (module != "none" or args.show_plan)
+  node = Node(node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout, measure_layer_times=measure)
   node.server = GRPCServer(node, args.node_host, port)
   return node
 

@@ -16,11 +16,10 @@ from rich.table import Table
 
 from exo.errors import PlanError
 from exo.models import MODELS, model_spec
-from exo.topology.cost_model import CostModel, cost_model, head_layers
+from exo.topology.cost_model import OBJECTIVES, CostModel, cost_model, head_layers
 from exo.topology.model_spec import ModelSpec
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
-from exo.topology.cost_model import OBJECTIVES
 from exo.topology.topology import Topology
 
 PROG = "exo plan"

@@ -36,6 +36,14 @@ class InferenceEngine(ABC):
     pass
 
   @abstractmethod
+  async def hidden_size(self, shard: Shard) -> int:
+    """The width of the hidden states the shard's layers take and give (loading the shard if it is not resident)."""
+
+  @abstractmethod
+  async def unload_shard(self, shard: Shard) -> None:
+    """Drop the shard's weights now if they are resident and no request uses them."""
+
+  @abstractmethod
   async def finish_request(self, request_id: str) -> None:
     """Release the request's state (KV cache, position)."""
 

@@ -148,6 +148,13 @@ class ShardedEngine(InferenceEngine):
     """Make `shard` resident now rather than on its first step."""
     await self._resident(shard)
 
+  async def hidden_size(self, shard: Shard) -> int:
+    return self._dims(await self._resident(shard)).hidden_size
+
+  async def unload_shard(self, shard: Shard) -> None:
+    if shard in self._models and shard not in self._busy():
+      await self._in_worker(self._unload_model, self._models.pop(shard))
+
   # residency
 
   def _busy(self) -> set[Shard]:

@@ -4,6 +4,7 @@ import asyncio
 from abc import ABC, abstractmethod
 
 from exo.networking.peer_handle import PeerHandle
+from exo.topology.device_capabilities import DeviceCapabilities
 
 
 class Discovery(ABC):
@@ -18,6 +19,11 @@ class Discovery(ABC):
   @abstractmethod
   async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
     """The live peers now (healthy, not evicted), after waiting until at least `wait_for_peers` are known."""
+
+  @abstractmethod
+  def announce(self, capabilities: DeviceCapabilities) -> None:
+    """Announce `capabilities` as this node's from now on (they change as the node measures its engine); a discovery that
+    announces nothing ignores them."""
 
 
 async def known_peers(entries: dict, wait_for_peers: int, poll_s: float) -> list[PeerHandle]:
@@ -39,3 +45,6 @@ class NoDiscovery(Discovery):
 
   async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
     return []
+
+  def announce(self, capabilities: DeviceCapabilities) -> None:
+    pass

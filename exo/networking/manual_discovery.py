@@ -138,6 +138,9 @@ class ManualDiscovery(Discovery):
     """The known peers sorted by id, after waiting (polling) until at least `wait_for_peers` are known."""
     return await known_peers(self._peers, wait_for_peers, min(0.1, self.poll_interval))
 
+  def announce(self, capabilities: DeviceCapabilities) -> None:
+    """Nothing to announce: peers learn this node's capabilities when they collect the topology from it."""
+
   async def _poll_forever(self) -> None:
     while True:
       try:

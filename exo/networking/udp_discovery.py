@@ -5,6 +5,9 @@ Every `broadcast_interval` a node sends to each broadcast address, on `broadcast
   {"type": "discovery", "node_id": ..., "grpc_port": ..., "device_capabilities": {..., "memory_bandwidth": ...}, "priority": 1}
 
 (plus "advertised_host" when the node is reachable at an address other than the one it sends from, e.g. behind NAT).
+Each announcement carries the capabilities the node last gave `announce`: its measured layer times change as it refines them,
+and a peer re-announcing at its address with only new layer times keeps its handle and connection (the handle keeps the
+capabilities first announced: nodes take each peer's current ones from the peer itself, when they collect the topology).
 A peer is listed from its first successful health check until it has not answered one for `discovery_timeout`; a
 healthy peer whose announcements are lost is kept, and announcements alone never keep an unhealthy one.
 
@@ -22,7 +25,7 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 
@@ -123,6 +126,11 @@ class _Listener(asyncio.DatagramProtocol):
     log.debug("discovery listener error: %s", exc)
 
 
+def _device(caps: DeviceCapabilities) -> DeviceCapabilities:
+  """The device without its measured layer times, which a node refines as it runs: what identifies a node's announcements."""
+  return replace(caps, layer_times={})
+
+
 class UDPDiscovery(Discovery):
   def __init__(
     self,
@@ -203,9 +211,12 @@ class UDPDiscovery(Discovery):
     self._tasks.add(task)
     task.add_done_callback(self._tasks.discard)
 
+  def announce(self, capabilities: DeviceCapabilities) -> None:
+    self.device_capabilities = capabilities
+
   async def _broadcast_forever(self) -> None:
-    data = json.dumps(self.announcement()).encode()
     while True:
+      data = json.dumps(self.announcement()).encode()
       for address in self.broadcast_addresses:
         try:
           self._sender.sendto(data, (address, self.broadcast_port))
@@ -231,8 +242,10 @@ class UDPDiscovery(Discovery):
   def _seen(self, peer_id: str, addr: str, caps: DeviceCapabilities, priority: int) -> None:
     now = time.monotonic()
     peer = self._peers.get(peer_id)
+    if peer is not None and peer.addr == addr and _device(peer.caps) == _device(caps):
+      peer.caps = caps  # its measured layer times moved: the same node, handle and connection
     if peer is not None and (peer.addr, peer.caps) != (addr, caps):
-      if peer.known and peer.healthy and peer.caps == caps and priority <= peer.priority:
+      if peer.known and peer.healthy and _device(peer.caps) == _device(caps) and priority <= peer.priority:
         peer.last_seen = now  # the same node on another interface: keep the address that works rather than flap
         return
       log.info("peer %s moved from %s to %s", peer_id, peer.addr, addr)

@@ -4,6 +4,10 @@ The node that receives a request plans it once; the plan travels in every messag
 same ring whatever its own view of the topology. The last stage samples, reports the tokens to the requesting node and sends
 the new token back to the first stage. Work triggered by a message runs in a task, so a gRPC call returns at once and a long
 generation never nests calls around the ring.
+
+A node that measures (`measure_layer_times`) times its engine on the model it serves before it starts serving, publishes the
+layer times with its device (capabilities, its topology entry, its announcements) and refines them from its own steps of
+requests, so re-planning between requests follows the engine's real speed.
 """
 
 import asyncio
@@ -16,7 +20,9 @@ from typing import Callable
 
 import numpy as np
 
+from exo.inference.calibration import calibrate
 from exo.inference.inference_engine import InferenceEngine
+from exo.inference.layer_time_estimate import LayerTimeEstimate
 from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
@@ -24,7 +30,7 @@ from exo.networking.rtt import RttEstimator, measure_rtt_ms
 from exo.networking.server import Server
 from exo.orchestration.replan import should_replan
 from exo.orchestration.request_context import RequestContext, RingPlan
-from exo.topology.cost_model import PlannerParams
+from exo.topology.cost_model import PlannerParams, head_layers
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_spec import ModelSpec
 from exo.topology.plan import Plan
@@ -82,6 +88,7 @@ class Node:
     max_generate_tokens: int = 256,
     request_timeout: float = 120.0,
     refresh_interval: float = 1.0,
+    measure_layer_times: bool = False,
   ):
     self.id = node_id
     self.engine = engine
@@ -107,8 +114,14 @@ class Node:
     self._refresher: asyncio.Task | None = None
     self.on_status: list[Callable[[str, dict], None]] = []
     self.last_generation: Generation | None = None
+    self.measure_layer_times = measure_layer_times  # calibrate the engine at start, refine from requests, publish
+    self._measuring: dict[str, tuple[ModelSpec, LayerTimeEstimate]] = {}  # by model id: the models whose layer times it refines
+    self._steps_running = 0  # engine steps in flight on this node
+    self._steps_started = 0
 
   async def start(self, wait_for_peers: int = 0) -> None:
+    if self.measure_layer_times:
+      await self.calibrate(self.model)
     await self.server.start()
     await self.discovery.start()
     await self._refresh(wait_for_peers)
@@ -126,6 +139,49 @@ class Node:
 
   def is_healthy(self) -> bool:
     return True
+
+  # ---------- this node's engine: measured layer times ----------
+
+  async def calibrate(self, model: ModelSpec) -> None:
+    """Time the engine on `model`'s layers and publish the layer times; refine them from then on with the steps of requests.
+    A calibration that fails is logged and publishes nothing (the planner then uses the roofline until steps give figures)."""
+    max_bytes = self.capabilities.memory * 2**20 / 2 if self.capabilities.memory > 0 else None
+    try:
+      measured = await calibrate(self.engine, model, max_bytes)
+    except Exception as e:
+      log.warning("could not measure the engine on %s: %s: %s", model.id, type(e).__name__, e)
+      measured = None
+    self._measuring[model.id] = (model, LayerTimeEstimate(measured))
+    if measured is not None:
+      log.info("engine on %s: %.4g ms a layer per decode step, %.4g ms a layer per prefill token", model.id, measured.decode_ms, measured.token_ms)
+      self._publish_layer_times(model.id)
+
+  async def _timed_step(self, context: RequestContext, shard: Shard, tensor: np.ndarray) -> np.ndarray:
+    """The engine's step; a step that ran alone on this node (no other request's step overlapped it) refines the layer times
+    of the model, if this node measures it. The last stage's step includes the head: eta layers of time."""
+    alone = self._steps_running == 0
+    self._steps_running += 1
+    self._steps_started += 1
+    started, mark = time.perf_counter(), self._steps_started
+    try:
+      out = await self.engine.infer_tensor(context.request_id, shard, tensor, context.position)
+    finally:
+      self._steps_running -= 1
+    if shard.model_id in self._measuring and alone and mark == self._steps_started:
+      model, estimate = self._measuring[shard.model_id]
+      eta = head_layers(model) if shard.is_last_layer() else 0.0
+      if estimate.add_step(time.perf_counter() - started, out.shape[1], shard.get_layer_count() + eta):
+        self._publish_layer_times(model.id)
+    return out
+
+  def _publish_layer_times(self, model_id: str) -> None:
+    """This node's capabilities, its entry in the topology and its announcements carry the current estimate."""
+    times = self._measuring[model_id][1].value()
+    if times is None:
+      return
+    self.capabilities = self.capabilities.with_layer_times(model_id, times)
+    self.topology.update_node(self.id, self.capabilities)
+    self.discovery.announce(self.capabilities)
 
   # ---------- topology: peers, measured RTT, collection ----------
 
@@ -205,7 +261,7 @@ class Node:
     current = self.current_plan
     if current is not None and current.model.id == model.id:
       membership_changed = set(topology.nodes) != self._planned_membership
-      still = predict_ring(topology, model, PlannerParams(**params), current.ring())
+      still = predict_ring(topology, model, PlannerParams(**params), current.ring(), self.planner.objective)
       if not should_replan(membership_changed, still, candidate.prediction, self.planner.objective, self.planner.replan_threshold):
         return current
     self.current_plan, self._planned_membership = candidate, set(topology.nodes)
@@ -314,7 +370,7 @@ class Node:
         raise RequestFailed(f"node {self.id!r} was sent layers {shard.start_layer}-{shard.end_layer}, which the request's plan does not give it")
       if prompt is not None:
         tensor = (await self.engine.encode(shard, prompt))[None, :]
-      out = await self.engine.infer_tensor(context.request_id, shard, tensor, context.position)
+      out = await self._timed_step(context, shard, tensor)
       if index < len(ring.stages) - 1:
         await self._deliver(ring.stages[index + 1].node_id, "tensor", ring.shard(index + 1), out, context)
         return

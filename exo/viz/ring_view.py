@@ -1,4 +1,5 @@
-"""The terminal view of a running node: the nodes it sees, the RTT it measures to each, the ring of the current plan, tokens/s."""
+"""The terminal view of a running node: the nodes it sees, the RTT it measures to each, each node's measured milliseconds per
+layer (a decode step, on its own engine) for the model served, the ring of the current plan, tokens/s."""
 
 import asyncio
 
@@ -18,12 +19,14 @@ class RingView:
   def render(self) -> Group:
     node, plan = self.node, self.node.current_plan
     stages = {node_id: shard for node_id, shard in plan.node_shards()} if plan else {}
+    model_id = plan.model.id if plan else node.model.id
     table = Table(title=f"exo node {node.id}: {len(node.topology.nodes)} nodes, strategy {node.planner.strategy} ({node.planner.objective})")
-    for column in ("node", "device", "memory MB", "fp16 TFLOPS", "bandwidth GB/s", "RTT ms", "layers"):
+    for column in ("node", "device", "memory MB", "fp16 TFLOPS", "bandwidth GB/s", "RTT ms", "ms/layer", "layers"):
       table.add_column(column)
     for node_id, caps in sorted(node.topology.nodes.items()):
       rtt = node.rtt.get(node_id)
       shard = stages.get(node_id)
+      measured = caps.layer_times.get(model_id)
       table.add_row(
         node_id + (" (this node)" if node_id == node.id else ""),
         f"{caps.model} ({caps.chip})",
@@ -31,6 +34,7 @@ class RingView:
         f"{caps.flops.fp16:g}",
         f"{caps.memory_bandwidth:g}",
         "-" if rtt is None or rtt.value() is None else f"{rtt.value():.2f}",
+        "-" if measured is None else f"{measured.decode_ms:.3g}",
         "-" if shard is None else f"{shard.start_layer}-{shard.end_layer}",
       )
     lines = [table]

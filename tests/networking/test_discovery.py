@@ -16,7 +16,7 @@ from exo.errors import PlanError
 from exo.networking import udp_discovery
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.udp_discovery import UDPDiscovery, parse_announcement
-from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops
+from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops, LayerTimes
 from tests.support.health_only_peer import HealthOnlyPeer
 
 LOOPBACK_BROADCAST = "127.255.255.255"
@@ -406,6 +406,38 @@ def test_parse_announcement_round_trips_an_announcement():
     "interface_type": "wifi",
   }
   assert parse_announcement(json.dumps(upstream).encode()).device_capabilities == DeviceCapabilities("m", "c", 8.0)
+
+
+def test_announcements_carry_the_layer_times_last_announced():
+  d = udp("a", 50061, 1, FakeNet(), STUDIO)
+  measured = STUDIO.with_layer_times("smollm2-135m", LayerTimes(1.6, 0.85))
+  d.announce(measured)
+  assert d.announcement()["device_capabilities"]["layer_times"] == {"smollm2-135m": {"decode_ms": 1.6, "token_ms": 0.85}}
+  assert parse_announcement(json.dumps(d.announcement()).encode()).device_capabilities == measured
+  bad = {**d.announcement(), "device_capabilities": {**measured.to_dict(), "layer_times": {"m": {"decode_ms": 0, "token_ms": 1}}}}
+  with pytest.raises(PlanError, match="decode_ms must be > 0"):
+    parse_announcement(json.dumps(bad).encode())
+
+
+def test_udp_peer_with_new_layer_times_keeps_its_handle_and_connection():
+  port, net = free_udp_port(), FakeNet()
+
+  async def main():
+    a, b = udp("a", 50061, port, net, STUDIO), udp("b", 50062, port, net, AIR)
+    await a.start()
+    await b.start()
+    try:
+      [handle] = await asyncio.wait_for(a.discover_peers(1), WAIT_S)
+      for decode_ms in (1.0, 2.0):
+        measured = AIR.with_layer_times("smollm2-135m", LayerTimes(decode_ms, 0.5))
+        b.announce(measured)
+        await wait_until(lambda m=measured: a._peers["b"].caps == m, f"a hears b's layer times of {decode_ms} ms")
+      assert await a.discover_peers() == [handle] and handle.disconnects == 0 and net.made("b") == [handle]
+    finally:
+      await a.stop()
+      await b.stop()
+
+  asyncio.run(main())
 
 
 Addr = namedtuple("Addr", "family address netmask broadcast ptp")

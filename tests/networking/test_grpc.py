@@ -17,12 +17,13 @@ from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.orchestration.request_context import RequestContext, RingPlan, RingStage
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
 from exo.topology.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = "exo/networking/grpc/node_service.proto"
 CAPS = DeviceCapabilities("Mac Studio", "Apple M2 Ultra", 196608.0, DeviceFlops(27.2, 54.4, 108.8), 800.0)
+MEASURED = CAPS.with_layer_times("llama-3.1-8b", LayerTimes(0.21, 0.004)).with_layer_times("smollm2-135m", LayerTimes(0.02, 0.0))
 PLAN = RingPlan("llama-3.1-8b", 32, (RingStage("studio", 0, 19), RingStage("air", 20, 31)))
 CONTEXT = RequestContext("req-1", "studio", PLAN, 64)
 SHARD = PLAN.shard(1)
@@ -30,7 +31,7 @@ SHARD = PLAN.shard(1)
 
 def sample_topology() -> Topology:
   topology = Topology()
-  topology.update_node("studio", CAPS)
+  topology.update_node("studio", MEASURED)
   topology.update_node("air", DeviceCapabilities("MacBook Air", "Apple M2", 16384.0, DeviceFlops(3.6, 7.1, 14.2), 100.0))
   topology.add_edge("studio", "air", rtt_ms=3.1, bandwidth_mbps=1000.0)
   topology.add_edge("air", "studio")
@@ -285,6 +286,7 @@ def test_domain_objects_round_trip():
   assert conv.context_from_proto(conv.context_to_proto(CONTEXT)) == CONTEXT
   assert conv.context_from_proto(conv.context_to_proto(CONTEXT.at(37))).position == 37
   assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(CAPS)) == CAPS
+  assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(MEASURED)) == MEASURED
   assert conv.topology_from_proto(conv.topology_to_proto(sample_topology())) == sample_topology()
   assert conv.topology_from_proto(conv.topology_to_proto(Topology())) == Topology()
 
@@ -308,6 +310,15 @@ def test_tensor_round_trip_any_layout_and_byte_order(dtype):
     (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 8, (RingStage("a", 0, 3), RingStage("a", 4, 7))))), "names a node twice"),
     (lambda: conv.context_from_proto(conv.context_to_proto(RequestContext("r", "", PLAN, 1))), "empty origin_node_id"),
     (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(memory=-1)), "device.memory"),
+    (
+      lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(layer_times={"m": pb.LayerTimes(token_ms=1)})),
+      r"\['m'\].decode_ms must be > 0",
+    ),
+    (
+      lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(layer_times={"m": pb.LayerTimes(decode_ms=1, token_ms=float("inf"))})),
+      r"\['m'\].token_ms must be a finite number",
+    ),
+    (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(layer_times={"": pb.LayerTimes(decode_ms=1)})), "empty model id"),
     (lambda: conv.topology_from_proto(pb.Topology(edges=[pb.Edge(from_id="a", to_id="b", rtt_ms=float("nan"))])), "rtt_ms"),
     (lambda: conv.topology_from_proto(pb.Topology(edges=[pb.Edge(from_id="a", to_id="a")])), "two different nodes"),
   ],

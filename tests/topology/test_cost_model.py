@@ -33,7 +33,9 @@ def test_roofline_takes_the_slower_bound_and_drops_unknowns():
 
 def test_measured_layer_times_win_over_the_roofline():
   assert layer_speed(MODEL, 10, 100, LayerTimes(3.0, 0.5)) == (0.003, 0.0005)
-  costs = cost_model(two_nodes({"layer_times": {"m": {"decode_ms": 3.0, "token_ms": 0.5}, "other": {"decode_ms": 99, "token_ms": 9}}}), MODEL, PlannerParams())
+  costs = cost_model(
+    two_nodes({"layer_times": {"m": {"decode_ms": 3.0, "token_ms": 0.5}, "other": {"decode_ms": 99, "token_ms": 9}}}), MODEL, PlannerParams()
+  )
   assert costs.times(1) == [0.003, 0.02] and costs.times(10) == pytest.approx([0.005, 0.02])
 
 

@@ -4,7 +4,7 @@ from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.models import model_spec
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
 from exo.viz.ring_view import RingView
 
 
@@ -21,3 +21,13 @@ def test_the_view_says_when_new_work_waits_for_memory():
   assert "engine:" not in rendered(node)
   node.engine.waiting = "layers 0-14 wait for the requests on layers 0-29 to finish: both do not fit in memory"
   assert "engine: layers 0-14 wait for the requests on layers 0-29 to finish" in rendered(node)
+
+
+def test_the_view_shows_each_nodes_measured_ms_per_layer_for_the_served_model():
+  model = model_spec("smollm2-135m")
+  caps = DeviceCapabilities("Test", "chip", 4096, DeviceFlops(1, 2, 4), 10)
+  node = Node("solo", DummyInferenceEngine(), NoDiscovery(), caps.with_layer_times(model.id, LayerTimes(2.08, 0.9)), model)
+  node.topology.update_node("peer", caps.with_layer_times("another-model", LayerTimes(5.0, 1.0)))  # measured for another model only
+  rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in rendered(node).splitlines() if line.startswith("│")]
+  column = [cell.strip() for cell in next(line for line in rendered(node).splitlines() if line.startswith("┃")).split("┃")[1:-1]].index("ms/layer")
+  assert {row[0]: row[column] for row in rows} == {"peer": "-", "solo (this node)": "2.08"}

@@ -7,7 +7,7 @@ import numpy as np
 from exo.inference.shard import Shard
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.orchestration.request_context import RequestContext, RingPlan, RingStage
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, non_negative_number
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes, non_negative_number
 from exo.topology.topology import Topology
 
 # Hidden states and token ids. bfloat16 has no numpy dtype; an engine casts it before sending.
@@ -92,13 +92,24 @@ def tensor_from_proto(msg: pb.Tensor) -> np.ndarray:
 
 def device_capabilities_to_proto(caps: DeviceCapabilities) -> pb.DeviceCapabilities:
   flops = pb.DeviceFlops(fp32=caps.flops.fp32, fp16=caps.flops.fp16, int8=caps.flops.int8)
-  return pb.DeviceCapabilities(model=caps.model, chip=caps.chip, memory=caps.memory, flops=flops, memory_bandwidth=caps.memory_bandwidth)
+  layer_times = {model_id: pb.LayerTimes(decode_ms=t.decode_ms, token_ms=t.token_ms) for model_id, t in caps.layer_times.items()}
+  return pb.DeviceCapabilities(
+    model=caps.model, chip=caps.chip, memory=caps.memory, flops=flops, memory_bandwidth=caps.memory_bandwidth, layer_times=layer_times
+  )
 
 
 def device_capabilities_from_proto(msg: pb.DeviceCapabilities, where: str = "device") -> DeviceCapabilities:
   flops = DeviceFlops(*(non_negative_number(getattr(msg.flops, k), f"{where}.flops.{k}") for k in ("fp32", "fp16", "int8")))
   memory, bandwidth = non_negative_number(msg.memory, f"{where}.memory"), non_negative_number(msg.memory_bandwidth, f"{where}.memory_bandwidth")
-  return DeviceCapabilities(msg.model, msg.chip, memory, flops, bandwidth)
+  if "" in msg.layer_times:
+    raise ValueError(f"{where}.layer_times has an empty model id")
+  layer_times = {model_id: layer_times_from_proto(t, f"{where}.layer_times[{model_id!r}]") for model_id, t in msg.layer_times.items()}
+  return DeviceCapabilities(msg.model, msg.chip, memory, flops, bandwidth, layer_times)
+
+
+def layer_times_from_proto(msg: pb.LayerTimes, where: str) -> LayerTimes:
+  """One model's measured times, validated as in topology JSON: finite, decode_ms > 0, token_ms >= 0."""
+  return LayerTimes.from_dict({"decode_ms": msg.decode_ms, "token_ms": msg.token_ms}, where)
 
 
 def topology_to_proto(topology: Topology) -> pb.Topology:

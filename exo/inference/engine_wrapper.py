@@ -1,0 +1,41 @@
+"""An engine that runs another one: every call goes to `inner`, so a wrapper (pacing, slowing down) overrides only what it changes."""
+
+import numpy as np
+
+from exo.inference.inference_engine import InferenceEngine
+from exo.inference.shard import Shard
+
+
+class EngineWrapper(InferenceEngine):
+  def __init__(self, inner: InferenceEngine):
+    self.inner = inner
+
+  async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
+    return await self.inner.encode(shard, prompt)
+
+  async def decode(self, shard: Shard, tokens: list[int]) -> str:
+    return await self.inner.decode(shard, tokens)
+
+  async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
+    return await self.inner.apply_chat_template(shard, messages)
+
+  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
+    return await self.inner.sample(logits, temperature)
+
+  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
+    return await self.inner.infer_tensor(request_id, shard, input_data, position)
+
+  def eos_token_ids(self, shard: Shard) -> set[int]:
+    return self.inner.eos_token_ids(shard)
+
+  async def hidden_size(self, shard: Shard) -> int:
+    return await self.inner.hidden_size(shard)
+
+  async def unload_shard(self, shard: Shard) -> None:
+    await self.inner.unload_shard(shard)
+
+  async def finish_request(self, request_id: str) -> None:
+    await self.inner.finish_request(request_id)
+
+  def close(self) -> None:
+    self.inner.close()
