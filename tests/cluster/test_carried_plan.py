@@ -2,9 +2,11 @@
 the layers the origin's plan gives it. Three nodes in this process, each with its own gRPC server on 127.0.0.1 and its own peers
 file, wired as `exo` wires them, with a spy on each engine.
 
-Devices (llama-3.2-1b, 16 layers): a: 800 MB (11 layers), 20 GB/s;  b: 540 MB (7 layers), 200 GB/s;  c: 400 MB (5 layers), 150 GB/s.
-flops-latency (latency) fills the fastest nodes first: b 7, c 5, then a the last 4 (1.7 ms per layer on a saves more than the
-extra hop costs): a 0-3 -> b 4-10 -> c 11-15. Node c runs ring-memory-weighted with the throughput objective: for the same
+Devices (llama-3.2-1b, 16 layers; the first stage also holds the embedding, the last the head, which costs 4.32 layers of time):
+a: 800 MB (11 layers, 8 at an end), 20 GB/s, 1.71 ms a layer;  b: 540 MB (7, 5 at an end), 200 GB/s, 0.171 ms;  c: 400 MB (5, 3 at
+an end), 150 GB/s, 0.228 ms. No two nodes hold the model. flops-latency (latency) puts the slow a first and fills the fast ones:
+b last with 5 layers and the head (1.59 ms), c in the middle with 5 (1.14 ms), a the 6 left (10.26 ms): 12.99 ms of compute,
+against 13.13 ms with b in the middle (7 layers) and c last: a 0-5 -> c 6-10 -> b 11-15. Node c runs ring-memory-weighted with the throughput objective: for the same
 cluster it would plan a 0-6 -> b 7-11 -> c 12-15. (Wrong device figures in c's peers file would not make its view differ for
 long: each node's own report of its device replaces them as soon as c collects the views.)
 """
@@ -16,7 +18,7 @@ from tests.cluster.harness import Cluster, Device, Spy, reference_tokens, wait_f
 MODEL_ARGS = ("--run-model", "llama-3.2-1b")
 PROMPT = "Follow the carried plan"
 DEVICES = {"a": Device(800, 10, 20), "b": Device(540, 10, 200), "c": Device(400, 10, 150)}
-CARRIED = [("a", 0, 3), ("b", 4, 10), ("c", 11, 15)]
+CARRIED = [("a", 0, 5), ("c", 6, 10), ("b", 11, 15)]
 C_WOULD_PLAN = [("a", 0, 6), ("b", 7, 11), ("c", 12, 15)]
 
 

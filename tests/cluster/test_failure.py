@@ -153,7 +153,7 @@ def test_exo_run_reports_a_crash_in_one_line(cluster):
 def test_ring_stops_when_its_origin_dies(cluster):
   """Each token goes round before the origin is told of it; once the origin cannot be told, the ring stops going round."""
   for node_id in ("a", "b"):
-    cluster.declare(node_id, Device(600, 1, 20))  # 8 layers each: both needed; 1.7 ms per layer, 27 ms per token
+    cluster.declare(node_id, Device(800, 1, 20))  # 8 layers each at an end of the ring: both needed; 1.7 ms per layer
   cluster.declare("o", CLIENT)
   calls: list = []
 

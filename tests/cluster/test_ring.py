@@ -1,12 +1,15 @@
 """Three `exo` node processes on 127.0.0.1 with manual discovery find each other, measure every link, agree on the plan, and
 generate the same tokens whatever the strategy, the origin or the number of nodes.
 
-Devices (llama-3.2-1b: 16 layers of 34.2e6 bytes plus 33.6e6 bytes of float32 KV cache; capacity =
-floor(memory MB * 2**20 * 0.9 / 67.8e6)):
-  a: 800 MB (11 layers), 100 GB/s;  b: 540 MB (7 layers), 200 GB/s, the fastest;  c: 400 MB (5 layers), 50 GB/s.
-No node holds the model alone. flops-latency fills the fastest node first (b: 7 layers), then a (9); c is slower than a, so it
-would only add a hop: ring a 0-8 -> b 9-15 (ties in ring direction go to the lexicographically smaller ring). Upstream's
-memory-weighted split uses all three: a 0-6, b 7-11, c 12-15.
+Devices (llama-3.2-1b: 16 layers of 34.2e6 bytes plus 33.6e6 bytes of float32 KV cache; the first stage also holds the 147.75e6
+byte embedding, the last the 147.76e6 byte head, which costs eta = 4.32 layers of time; capacity =
+floor((memory MB * 2**20 * 0.9 - embedding or head) / 67.8e6)):
+  a: 800 MB (11 layers, 8 at either end), 100 GB/s, 0.342 ms a layer;  b: 540 MB (7, 5 at an end), 200 GB/s, 0.171 ms, the
+  fastest;  c: 400 MB (5, 3 at an end), 50 GB/s, 0.684 ms.
+No two nodes hold the model (8 + 5 at the ends). Of the six ways to give the three nodes the ends, c first, a in the middle and b
+last is fastest: b fills its 5 layers and runs the head (5 x 0.171 + 4.32 x 0.171 = 1.59 ms), a takes 10 (3.42 ms), c the one
+left (0.68 ms), 5.70 ms of compute; the next best, a first, c in the middle, b last, gives c 3 layers: 6.38 ms. Ring c 0 -> a
+1-10 -> b 11-15. Upstream's memory-weighted split ignores the ends: a 0-6, b 7-11, c 12-15.
 """
 
 import json
@@ -22,7 +25,7 @@ MODEL = "llama-3.2-1b"
 PROMPT = "Pipeline parallel around a ring"
 TRIO = {"a": Device(800, 10, 100), "b": Device(540, 10, 200), "c": Device(400, 10, 50)}
 CLIENTS = ("x", "y", "z", "w", "v")
-FLOPS_LATENCY_RING = [("a", 0, 8), ("b", 9, 15)]
+FLOPS_LATENCY_RING = [("c", 0, 0), ("a", 1, 10), ("b", 11, 15)]
 MEMORY_WEIGHTED_RING = [("a", 0, 6), ("b", 7, 11), ("c", 12, 15)]
 RUN_TIMEOUT_S = 60.0  # generous; a run takes about two seconds
 
