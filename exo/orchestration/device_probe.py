@@ -10,8 +10,9 @@ import platform
 import shutil
 import statistics
 import subprocess
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
+from time import perf_counter
 
 import numpy as np
 import psutil
@@ -23,12 +24,11 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 2.0
 MEASURE_SECONDS = 1.0  # per benchmark; both together stay within about two seconds
-MIN_REPEATS = 5  # timed repeats per benchmark even past its time, so the median is never one sample
-MIN_MATMUL_SECONDS = 0.01  # matmul sizes grow at least until one product takes this long
-MATMUL_GROWTH_GAIN = 1.1  # ... and past it while doubling the size changes the rate by this factor or more
+MIN_SAMPLES = 5  # timed samples per figure, even past its time; the figure is their median, never one sample
+MIN_SAMPLE_SECONDS = 0.02  # a sample repeats its operation until it lasts this long; a shorter sample is never used
+MAX_PRODUCT_SHARE = 0.5  # matmul sizes grow while one product would take at most this share of the measuring time
 MAX_MATMUL_N = 2048  # three float32 2048 x 2048 matrices: 48 MB, under the probe's 64 MB memory budget
 BANDWIDTH_BUFFER_MB = 24  # each of the two copy buffers: 48 MB together, more than typical last-level caches
-COPIES_PER_REPEAT = 4  # copies timed together, so one repeat lasts milliseconds even at hundreds of GB/s
 UNKNOWN_MODEL = "Unknown Model"
 UNKNOWN_CHIP = "Unknown Chip"
 
@@ -98,61 +98,69 @@ def detect_model_chip_memory() -> tuple[str, str, float]:
   return f"{system or 'Unknown'} Box", platform.processor() or UNKNOWN_CHIP, system_memory_mb()
 
 
-def _median_of_repeats(run_once: Callable[[], float], seconds: float, samples: list[float]) -> float:
-  """Median of `samples` and `run_once()` repeated over about `seconds`, MIN_REPEATS values at least: robust to a busy machine's
-  slow outliers."""
-  deadline = time.perf_counter() + seconds
-  while len(samples) < MIN_REPEATS or time.perf_counter() < deadline:
-    samples.append(run_once())
-  return statistics.median(samples)
+def _samples(run: Callable[[], object], work: float) -> Iterator[float]:
+  """Rates (work per second, `work` per call) of successive samples of run(), each repeating it often enough to last
+  MIN_SAMPLE_SECONDS even at the fastest rate per call seen so far. A shorter sample (a quick call, a coarse clock or one that did
+  not move) is dropped and retried with twice the repeats, which later samples keep; a sample made long only by a scheduler
+  wait is dropped too, so waits cannot pick the samples that count. No rate comes from a few microseconds that one wait can
+  swell a thousandfold, and none is 0 or infinite."""
+  repeats, fastest = 1, math.inf  # fastest: the least seconds per call seen
+  while True:
+    start = perf_counter()
+    for _ in range(repeats):
+      run()
+    elapsed = perf_counter() - start
+    if elapsed > 0:
+      fastest = min(fastest, elapsed / repeats)
+    if elapsed > 0 and repeats * fastest >= MIN_SAMPLE_SECONDS:
+      yield work * repeats / elapsed
+    else:
+      repeats *= 2
 
 
-def _matmul_tflops(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> float:
-  """TFLOPS of one timed a @ b into out (square, n x n); 0 if the clock did not move."""
-  start = time.perf_counter()
-  np.matmul(a, b, out=out)
-  elapsed = time.perf_counter() - start
-  return 2 * a.shape[0] ** 3 / elapsed / 1e12 if elapsed > 0 else 0.0
+def _median(rates: Iterator[float], deadline: float, taken: list[float]) -> float:
+  """Median of `taken` and further `rates` drawn until `deadline`, MIN_SAMPLES in all at least: slow samples from a busy
+  machine are outliers unless they are most of them."""
+  while len(taken) < MIN_SAMPLES or perf_counter() < deadline:
+    taken.append(next(rates))
+  return statistics.median(taken)
 
 
 def measure_tflops(seconds: float = MEASURE_SECONDS, max_n: int = MAX_MATMUL_N) -> float:
-  """Median fp32 TFLOPS of square numpy matmuls over about `seconds`, at a size n that doubles from 128 until one product takes
-  MIN_MATMUL_SECONDS and the rate has levelled off (best of two products within MATMUL_GROWTH_GAIN of the last size's), or n
-  reaches `max_n`. Only one size's matrices exist at a time: 48 MB at n = 2048. Growing past jumpy rates keeps a busy machine's
-  scheduler waits, which swamp small products, from setting the figure."""
-  deadline = time.perf_counter() + seconds
+  """Median fp32 TFLOPS over about `seconds` of square numpy matmuls (_samples of repeated products) at a size n doubling
+  from 256 up to `max_n` while one product of the next size would take at most MAX_PRODUCT_SHARE of `seconds`.
+
+  A product's time is taken at the better of two samples (one slow sample cannot stop the growth) and modelled as a fixed wait
+  plus work growing as n^3, so the next size's is this one's plus 8 times the growth since the last size (this one's again
+  after the first size). On a busy machine multithreaded BLAS waits for a scheduler slice on every call: a small product then
+  costs about as much as a large one, and only a large one measures the chip. The figure is the median of the last size's
+  samples. Only one size's matrices exist at a time: 48 MB at n = 2048."""
+  deadline = perf_counter() + seconds
   rng = np.random.default_rng(0)
-  n, previous = 128, 0.0
+  n, previous = 256, 0.0  # previous: seconds per product at the last size
   while True:
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    out = np.empty((n, n), dtype=np.float32)
-    np.matmul(a, b, out=out)  # warm-up: thread pool start, page faults
-    rates = [_matmul_tflops(a, b, out), _matmul_tflops(a, b, out)]
-    rate = max(rates)
-    long_enough = rate * 1e12 * MIN_MATMUL_SECONDS <= 2 * n**3
-    if n * 2 > max_n or (long_enough and previous / MATMUL_GROWTH_GAIN <= rate < previous * MATMUL_GROWTH_GAIN):
-      break
-    del a, b, out  # freed before the next size is allocated, so two sizes never coexist
-    n, previous = n * 2, rate
-  return _median_of_repeats(lambda: _matmul_tflops(a, b, out), deadline - time.perf_counter(), rates)
+    out = np.ones((n, n), dtype=np.float32)  # written, so no page fault is timed
+    flops = 2 * n**3 / 1e12
+    rates = _samples(partial(np.matmul, a, b, out=out), flops)
+    taken = [next(rates), next(rates)]
+    product = flops / max(taken)
+    following = min(8 * product, max(product, product + 8 * (product - previous))) if previous else product
+    if 2 * n > max_n or following > MAX_PRODUCT_SHARE * seconds:
+      return _median(rates, deadline, taken)
+    del a, b, out, rates  # freed before the next size is allocated, so two sizes never coexist
+    n, previous = 2 * n, product
 
 
 def measure_memory_bandwidth(seconds: float = MEASURE_SECONDS, size_mb: int = BANDWIDTH_BUFFER_MB) -> float:
-  """Median GB/s (1e9 B/s) over about `seconds` of np.copyto between two `size_mb` arrays, counting the bytes read and the bytes
-  written. Each repeat copies COPIES_PER_REPEAT times; the two buffers together (48 MB by default) exceed typical last-level caches."""
+  """Median GB/s (1e9 B/s) over about `seconds` of np.copyto between two `size_mb` arrays (_samples of repeated copies),
+  counting the bytes read and the bytes written. The two buffers together (48 MB by default) exceed typical last-level caches."""
+  deadline = perf_counter() + seconds
   src = np.ones(size_mb * 2**20 // 4, dtype=np.float32)
   dst = np.empty_like(src)
   np.copyto(dst, src)  # warm-up: touches every page of dst, so no page fault is timed
-
-  def copy_gbs() -> float:
-    start = time.perf_counter()
-    for _ in range(COPIES_PER_REPEAT):
-      np.copyto(dst, src)
-    elapsed = time.perf_counter() - start
-    return 2 * src.nbytes * COPIES_PER_REPEAT / elapsed / 1e9 if elapsed > 0 else 0.0
-
-  return _median_of_repeats(copy_gbs, seconds, [])
+  return _median(_samples(partial(np.copyto, dst, src), 2 * src.nbytes / 1e9), deadline, [])
 
 
 def _safe(measure, what: str) -> float:
