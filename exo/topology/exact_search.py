@@ -295,9 +295,10 @@ def _rings_at_stage(
   its hops so far plus the cheapest completion plus the subset's least compute cannot beat the best TPOT."""
   k = len(nodes)
   first_g, middle_g, last_g, _ = _limits(problem, stage, k)
-  most = {i: max(max(middle_g[i, j], last_g[i, j]) for j in nodes if j != i) for i in nodes}
-  opened = {i: max(first_g[i, j] for j in nodes if j != i) for i in nodes}
-  limits = [int(v) if math.isfinite(v) else problem.n_layers for v in (max(most[i], opened[i]) for i in nodes)]
+  # the most each node could hold after or as the first node; 0 for none (its own edges then fail the search)
+  most = {i: max(0.0, *(max(middle_g[i, j], last_g[i, j]) for j in nodes if j != i)) for i in nodes}
+  opened = {i: max(0.0, *(first_g[i, j] for j in nodes if j != i)) for i in nodes}
+  limits = [max(1, int(max(most[i], opened[i]))) for i in nodes]
   times = [problem.t1[i] for i in nodes]
   fill = min_time_split(times, limits, [0.0] * k, problem.n_layers)
   least_compute = sum(c * t for c, t in zip(fill, times)) + problem.eta * min(times)

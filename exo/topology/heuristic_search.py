@@ -4,7 +4,11 @@ Nodes are ranked by speed. Latency: start from the fewest fastest nodes whose me
 local moves (add, drop or swap a node) while TPOT falls: a near node can beat a faster far one. Throughput: every prefix of the
 speed ranking is scored by its optimistic bottleneck (cheapest transfer per node), the best few are solved with a real ring,
 and a small enough winner is refined by the same local moves.
-Rings: exact Held-Karp up to EXACT_RING nodes, else nearest neighbour + 2-opt. O(n^2) per ring, O(n^2 log n) for the prefixes.
+Rings: exact Held-Karp up to EXACT_RING nodes, else a bounded Hamiltonian-cycle search (ring_search.hamiltonian_cycle: cheap
+impossibility proofs, nearest neighbour + 2-opt on dense graphs, a Warnsdorff depth-first search on sparse ones, RING_EFFORT
+extensions at most). If no plan is found that way, ring_holding searches for any ring whose nodes hold the model (the fastest
+nodes first, within RING_EFFORT work), so a ring that exists among the usable nodes of a sparse, banded, two-site or star
+topology is not missed. O(n^2) per ring, O(n^2 log n) for the prefixes.
 """
 
 import math
@@ -12,11 +16,12 @@ import math
 import numpy as np
 
 from exo.topology.layer_split import bottleneck_split
-from exo.topology.ring_search import held_karp, optimal_tours, two_opt_tour
+from exo.topology.ring_search import hamiltonian_cycle, held_karp, optimal_tours, ring_holding
 from exo.topology.search_problem import Candidate, SearchProblem, better
 
 EXACT_RING = 10
-MISSING_EDGE_COST = 1e6  # seconds: far above any real hop, so 2-opt routes around missing edges whenever it can
+RING_EFFORT = 20_000  # path extensions per ring search: bounded, since the local search asks for many rings
+FALLBACK_TRIES = 8  # rings of growing capacity asked of ring_holding when its first one cannot take the embedding and head
 LOCAL_MOVES = 60  # improving moves at most; each is one pass over the candidate moves
 MOVE_CANDIDATES = 8  # outside nodes considered per pass: the fastest few and the nearest few
 THROUGHPUT_PREFIXES = 3  # best-bounded prefixes solved with a real ring
@@ -36,9 +41,7 @@ def ring_through(hop: np.ndarray, nodes: list[int]) -> list[int] | None:
     if not math.isfinite(cycle[full]):
       return None
     return [nodes[i] for i in next(optimal_tours(full, cycle, path, sub))]
-  tour = two_opt_tour(nodes, hop, MISSING_EDGE_COST)
-  ok = all(math.isfinite(hop[tour[k], tour[(k + 1) % len(tour)]]) for k in range(len(tour)))
-  return tour if ok else None
+  return hamiltonian_cycle(nodes, hop, RING_EFFORT)
 
 
 def _times(problem: SearchProblem) -> list[float]:
@@ -132,11 +135,35 @@ def _polish_order(problem: SearchProblem, best: Candidate) -> Candidate:
 
 
 def heuristic_search(problem: SearchProblem) -> Candidate | None:
-  objective = problem.objective
   ranking = _speed_ranking(problem)
   k_min = _smallest_fitting_prefix(problem, ranking)
   if k_min is None:
     return None
+  return _search(problem, ranking, k_min) or _any_ring(problem, ranking)
+
+
+def _any_ring(problem: SearchProblem, ranking: list[int]) -> Candidate | None:
+  """A plan on any ring that holds the model, for topologies where the subsets the search tried have no ring. When a ring
+  found cannot hold the model after all (its ends take the embedding and head; under throughput each node keeps KV for every
+  stage), the next try counts capacities for a ring of its size or asks for a layer more. FALLBACK_TRIES rings at most."""
+  ring_size, need = 1, problem.n_layers
+  for _ in range(FALLBACK_TRIES):
+    weight = [float(max(0, problem.middle_capacity(i, ring_size))) for i in range(problem.size)]
+    ring = ring_holding(problem.hop, weight, need, ranking, RING_EFFORT)
+    if ring is None:
+      return None
+    best = best_orientation(problem, ring)
+    if best is not None:
+      return best
+    if len(ring) > ring_size:
+      ring_size = len(ring)
+    else:
+      need += 1
+  return None
+
+
+def _search(problem: SearchProblem, ranking: list[int], k_min: int) -> Candidate | None:
+  objective = problem.objective
   if objective == "latency":
     return _improve(problem, ranking[:k_min], ranking, objective)
   scored = []

@@ -141,3 +141,73 @@ def test_baseline_plan_reports_overfilled_nodes():
   topology = {"nodes": {"a": node(8, 100), "b": node(8, 100), "c": node(8, 100)}, "edges": [{"from": "a", "to": "b"}]}
   d = make_plan(topology, MODEL, strategy="ring-memory-weighted")
   assert any("share no edge" in w for w in d["warnings"])
+
+
+# ---------- beyond the exact limit: rings that exist are found ----------
+
+BIG = {"id": "big", "n_layers": 80, "layer_bytes": 5e8, "layer_flops": 1e9, "activation_bytes": 8192, "embed_bytes": 6e8, "head_bytes": 6e8}
+
+
+def banded(n: int) -> dict:
+  """Edges i - i+1 and i - i+2 only: a ring exists (0, 2, 4, ..., 5, 3, 1) but nearest neighbour and 2-opt miss it."""
+  nodes = {f"n{i:02d}": node(4, 100 + 10 * (i % 5), 10 + i % 7) for i in range(n)}  # 7 layers each, 5 at an end
+  return {"nodes": nodes, "edges": [{"from": f"n{i:02d}", "to": f"n{j:02d}", "rtt_ms": 1 + i % 3} for i in range(n) for j in (i + 1, i + 2) if j < n]}
+
+
+def two_sites(n: int) -> dict:
+  """Two full meshes of n / 2 nodes joined by one link: no ring crosses a single link, so a ring must stay within a site."""
+  names = [f"n{i:02d}" for i in range(n)]
+  site = {name: i < n // 2 for i, name in enumerate(names)}
+  edges = [{"from": a, "to": b, "rtt_ms": 1.0} for a, b in itertools.combinations(names, 2) if site[a] == site[b]]
+  return {"nodes": {name: node(4, 100) for name in names}, "edges": edges + [{"from": names[0], "to": names[-1], "rtt_ms": 30.0}]}
+
+
+def star(n: int) -> dict:
+  """Leaves joined only to a router node: the only rings are a node alone and the router with one leaf."""
+  nodes = {f"n{i:02d}": node(30, 100 + i) for i in range(n)}  # 53 layers each: no node alone, any pair holds the model
+  return {"nodes": nodes, "edges": [{"from": "n00", "to": f"n{i:02d}", "rtt_ms": 1.0} for i in range(1, n)]}
+
+
+def check_ring(topology: dict, plan: dict) -> list[str]:
+  ids = [s["node_id"] for s in plan["shards"]]
+  assert sum(s["end_layer"] - s["start_layer"] + 1 for s in plan["shards"]) == 80 and plan["predicted"]["feasible"]
+  pairs = {frozenset((e["from"], e["to"])) for e in topology["edges"]}
+  assert len(ids) == 1 or all(frozenset((a, b)) in pairs for a, b in zip(ids, ids[1:] + ids[:1]))
+  return ids
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("n", [12, 16, 40])
+def test_heuristic_finds_rings_on_banded_topologies(n, objective):
+  check_ring(banded(n), make_plan(banded(n), BIG, objective=objective))
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_heuristic_keeps_the_ring_within_one_site(objective):
+  topology = two_sites(40)  # 20 nodes of 7 layers a site
+  ids = check_ring(topology, make_plan(topology, BIG, objective=objective))
+  assert len({int(name[1:]) < 20 for name in ids}) == 1
+  with pytest.raises(PlanError, match="no ring can hold"):  # 8 nodes a site hold 56 layers: only both sites would, and no ring joins them
+    make_plan(two_sites(16), BIG, objective=objective)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_heuristic_finds_the_router_and_a_leaf_on_a_star(objective):
+  topology = star(24)
+  ids = check_ring(topology, make_plan(topology, BIG, objective=objective))
+  assert len(ids) == 2 and "n00" in ids
+
+
+@pytest.mark.parametrize("shape", [banded, two_sites, star])
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_heuristic_finds_a_ring_whenever_the_exact_search_does(shape, objective):
+  """Up to 10 nodes the exact search is the reference: the heuristic must plan exactly when it does."""
+  for n in range(2, 11):
+    topology = Topology.from_dict(shape(n))
+    outcomes = []
+    for limit in (10, 0):
+      try:
+        outcomes.append(FlopsLatencyPartitioningStrategy(ModelSpec.from_dict(BIG), objective, exact_limit=limit).plan(topology))
+      except PlanError:
+        outcomes.append(None)
+    assert (outcomes[0] is None) == (outcomes[1] is None), f"{shape.__name__}({n}): exact {outcomes[0]}, heuristic {outcomes[1]}"
