@@ -159,7 +159,7 @@ class ChatGPTAPI:
 
   async def handle_plan(self, request: web.Request) -> web.Response:
     try:
-      plan = self.node.current_plan or self.node.plan(self.node.model)
+      plan = self.node.current_prediction() or self.node.plan(self.node.model)
     except PlanError as e:
       return error_response(409, str(e), "plan_error")
     return web.json_response(plan.to_dict())

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -263,9 +263,18 @@ class Node:
       membership_changed = set(topology.nodes) != self._planned_membership
       still = predict_ring(topology, model, PlannerParams(**params), current.ring(), self.planner.objective)
       if not should_replan(membership_changed, still, candidate.prediction, self.planner.objective, self.planner.replan_threshold):
-        return current
+        self.current_plan = replace(current, prediction=still)  # the kept ring, predicted with today's figures
+        return self.current_plan
     self.current_plan, self._planned_membership = candidate, set(topology.nodes)
     return candidate
+
+  def current_prediction(self) -> Plan | None:
+    """The current plan predicted on today's topology (measured layer times move between requests); None before any plan."""
+    current = self.current_plan
+    if current is None:
+      return None
+    still = predict_ring(self.planning_topology(), current.model, PlannerParams(**self.planner.params()), current.ring(), self.planner.objective)
+    return current if still is None else replace(current, prediction=still)
 
   # ---------- requests at the node that receives them ----------
 

@@ -75,7 +75,8 @@ def head_layers(model: ModelSpec) -> float:
 class CostModel:
   """Every per-node and per-pair figure of a topology for one model, objective and parameters; nodes in sorted-id order.
 
-  speed[i]: (d, c) seconds per layer, None when unknown (such a node is charged the slowest known t(n)); no speed known at all
+  speed[i]: (d, c) seconds per layer, None when unknown (such a node is charged the slowest t(n) known anywhere in the topology,
+  which a model restricted to some nodes keeps); no speed known at all
   means the memory-weighted fallback. hop[i, j]: seconds for one token's hop, inf if i and j are not neighbours.
   transfer[i, j]: seconds to push one token's activation over the link (0 if its bandwidth is unknown).
   """
@@ -91,7 +92,12 @@ class CostModel:
   transfer: np.ndarray
   hop: np.ndarray
   unknown_memory: list[str] = field(default_factory=list)
+  known_speeds: list[tuple[float, float]] | None = None  # every known speed of the whole topology (a restricted model keeps them)
   _times: dict = field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    if self.known_speeds is None:
+      self.known_speeds = [s for s in self.speed if s is not None]
 
   @property
   def size(self) -> int:
@@ -101,7 +107,7 @@ class CostModel:
     return self.node_ids.index(node_id)
 
   def speed_known(self) -> bool:
-    return any(s is not None for s in self.speed)
+    return bool(self.known_speeds)
 
   def unknown_speed(self) -> list[str]:
     return [n for n, s in zip(self.node_ids, self.speed) if s is None] if self.speed_known() else []
@@ -109,7 +115,7 @@ class CostModel:
   def times(self, tokens: int) -> list[float]:
     """t_i(tokens) for every node; unknown speed: the slowest known node's t(tokens)."""
     if tokens not in self._times:
-      slowest = max(layer_time(s, tokens) for s in self.speed if s is not None)
+      slowest = max(layer_time(s, tokens) for s in self.known_speeds)
       self._times[tokens] = [max(MIN_LAYER_TIME, slowest if s is None else layer_time(s, tokens)) for s in self.speed]
     return self._times[tokens]
 
@@ -151,6 +157,7 @@ class CostModel:
       self.rtt_s[ix],
       self.transfer[ix],
       self.hop[ix],
+      known_speeds=self.known_speeds,
     )
 
   def evaluate(self, ring: list[int], layers: list[int]) -> Prediction:

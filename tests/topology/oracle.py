@@ -1,50 +1,131 @@
-"""Brute-force oracle for the docs/DESIGN.md section 2 cost model, written from the design alone.
+"""Brute-force oracle for the docs/DESIGN.md section 2 cost model (v2), written from the design alone.
 
 It reads the topology and model-spec JSON dicts directly and imports nothing from `exo.topology`, so a bug shared with the
 planner's cost model cannot hide here. It enumerates every non-empty subset of nodes, every ring order of it (every
-permutation, rotations and reflections included) and every integer layer assignment, so it is only for tiny cases:
-O(sum_k C(N, k) * k! * C(L - 1, k - 1)) plans.
+permutation: rotations and reflections included, so every choice of first and last node) and every integer layer assignment
+within the capacities, so it is only for tiny cases. With N nodes and L layers it visits at most
+O(sum_{k <= min(N, L)} C(N, k) * k! * C(L - 1, k - 1)) plans per objective, each evaluated in O(k) after O(N^2 + N * E)
+set-up (E edges); the layer assignments are generated within the caps, so small caps prune the count.
+
+v2 in one place (DESIGN.md section 2 is authoritative; the names follow it):
+- t_i(n) = max(d_i, n * c_i): from the node's `layer_times` for the served model id if present (decode_ms, token_ms in ms),
+  else the roofline d_i = max(F / f_i, B / b_i), c_i = F / f_i over the known terms (c_i = 0 when f_i is unknown); a node
+  with neither takes, for each n separately, the largest t_j(n) over the nodes j of known speed.
+- eta = H / B layers of time on the last stage (0 when H = 0).
+- c = 1 resident request under `latency`, k * b under `throughput`; cap_i = floor((M_i * 2**20 * (1 - h) - E [first]
+  - H [last]) / (B + c * K)), subtracting max(E, H) once when the embeddings are tied and one node is first and last.
+- hop_uv(n) = r_uv / 2000 + n * A * 8 / (w_uv * 1e6) (the transfer term only when a bandwidth is given).
+- TPOT = sum L_i t_i(1) + eta t_last(1) + (k >= 2: every ring hop, last -> first included, with n = 1).
+- throughput = b / max_i (L_i t_i(b) + [i last] eta t_i(b) + (k >= 2: b * A * 8 / (w to the next node * 1e6))).
+- TTFT(P) = sum L_i t_i(P) + eta t_last(P) + (k >= 2: every ring hop with n = P).
 """
 
 import itertools
 import math
 
 REL_TIE = 1e-9  # plans whose primary objective is within this relative distance of the best count as tied
+DEFAULT_PROMPT_TOKENS = 128  # the prompt length behind the plan JSON's `ttft_ms`
+OBJECTIVES = ("latency", "throughput")
 
 
 def close(a: float, b: float, rel: float) -> bool:
-  return abs(a - b) <= rel * max(abs(a), abs(b))
+  return a == b or abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def compositions(total: int, caps: list[int]):
+  """Every tuple of len(caps) integers x_p with 1 <= x_p <= caps[p] summing to `total`, in lexicographic order."""
+  if len(caps) == 1:
+    if 1 <= total <= caps[0]:
+      yield (total,)
+    return
+  rest = len(caps) - 1  # every later position needs at least one layer
+  for x in range(1, min(caps[0], total - rest) + 1):
+    for tail in compositions(total - x, caps[1:]):
+      yield (x, *tail)
 
 
 class CostModel:
-  """Derived quantities of docs/DESIGN.md section 2 for one (topology, model, headroom, default RTT)."""
+  """Derived quantities of docs/DESIGN.md section 2 (v2) for one (topology, model, headroom, default RTT, batch).
 
-  def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0):
+  A ring is a list [(node id, layer count), ...] in execution order: the first entry embeds, the last runs the head.
+  """
+
+  def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1):
     self.nodes = topology["nodes"]
     self.edges = topology.get("edges", [])
+    self.model_id = model["id"]
     self.n_layers = model["n_layers"]
     self.B, self.F, self.A = model["layer_bytes"], model["layer_flops"], model["activation_bytes"]
     self.K = model.get("kv_bytes_per_layer", 0)
-    self.h, self.default_rtt_ms = memory_headroom, default_rtt_ms
-    self.known_t = {n: t for n in self.nodes if (t := self._known_layer_time(n)) is not None}
+    self.E, self.H = model.get("embed_bytes", 0), model.get("head_bytes", 0)
+    self.tied = model.get("tied_embeddings", False)
+    self.eta = self.H / self.B if self.H else 0.0
+    self.h, self.default_rtt_ms, self.batch = memory_headroom, default_rtt_ms, batch
+    # (d_i, c_i) in seconds for every node of known speed
+    self.speed = {n: s for n in self.nodes if (s := self._own_speed(n)) is not None}
     # edges of each unordered pair, looked up once: the enumeration asks for the same pairs many times
     self.pairs = {(u, v): [e for e in self.edges if (e["from"], e["to"]) in ((u, v), (v, u))] for u in self.nodes for v in self.nodes if u != v}
+    self.rtt_ms = {pair: self._mean_rtt_ms(edges) for pair, edges in self.pairs.items()}
+    self.bandwidth_mbps = {pair: self._mean_bandwidth_mbps(edges) for pair, edges in self.pairs.items()}
+    self._t = {}  # (node id, n) -> t_i(n), memoised
 
-  def _known_layer_time(self, node_id: str) -> float | None:
+  # ---------- per node ----------
+
+  def _own_speed(self, node_id: str) -> tuple[float, float] | None:
+    """(d_i, c_i) from the node's measured layer_times for the served model, else its roofline; None if neither is known."""
     node = self.nodes[node_id]
+    measured = node.get("layer_times", {}).get(self.model_id)
+    if measured is not None:
+      return measured["decode_ms"] / 1000, measured["token_ms"] / 1000
     f, b = node.get("flops", {}).get("fp16", 0), node.get("memory_bandwidth", 0)
-    terms = ([self.F / (f * 1e12)] if f else []) + ([self.B / (b * 1e9)] if b else [])
-    return max(terms) if terms else None
+    compute = [self.F / (f * 1e12)] if f else []
+    streaming = [self.B / (b * 1e9)] if b else []
+    if not compute and not streaming:
+      return None
+    return max(compute + streaming), (compute[0] if compute else 0.0)
+
+  def known_speed(self, node_id: str) -> bool:
+    return node_id in self.speed
 
   def any_known_speed(self) -> bool:
-    return bool(self.known_t)
+    return bool(self.speed)
 
-  def layer_time(self, node_id: str) -> float:
-    """Seconds per layer per token; a node of unknown speed counts as the slowest known node of the whole topology."""
-    return self.known_t[node_id] if node_id in self.known_t else max(self.known_t.values())
+  def t(self, node_id: str, n: int) -> float:
+    """Seconds for one layer on `node_id` with n tokens at once; unknown speed: the slowest known node's t_j(n), for this n."""
+    key = (node_id, n)
+    if key not in self._t:
+      if node_id in self.speed:
+        d, c = self.speed[node_id]
+        self._t[key] = max(d, n * c)
+      else:
+        self._t[key] = max(self.t(j, n) for j in self.speed)
+    return self._t[key]
 
-  def cap(self, node_id: str) -> int:
-    return math.floor(self.nodes[node_id].get("memory", 0) * 2**20 * (1 - self.h) / (self.B + self.K))
+  def resident_requests(self, objective: str, k: int) -> int:
+    """c: requests whose KV cache every stage holds; 1 under latency, k micro-batches of b under throughput."""
+    assert objective in OBJECTIVES, objective
+    return 1 if objective == "latency" else k * self.batch
+
+  def reserved_bytes(self, first: bool, last: bool) -> float:
+    """Embedding bytes on the first stage, head bytes on the last; a tied matrix is held once by a node that is both."""
+    if first and last and self.tied:
+      return max(self.E, self.H)
+    return (self.E if first else 0) + (self.H if last else 0)
+
+  def cap_quotient(self, node_id: str, first: bool, last: bool, k: int, objective: str) -> float:
+    """The capacity before the floor: layers' worth of usable memory for this role, ring length and objective."""
+    usable = self.nodes[node_id].get("memory", 0) * 2**20 * (1 - self.h) - self.reserved_bytes(first, last)
+    return usable / (self.B + self.resident_requests(objective, k) * self.K)
+
+  def cap(self, node_id: str, first: bool, last: bool, k: int, objective: str) -> int:
+    """Layers `node_id` can hold as a stage of a k-node ring (first: it embeds; last: it holds the head) under `objective`."""
+    return math.floor(self.cap_quotient(node_id, first, last, k, objective))
+
+  def ring_caps(self, ids: list[str] | tuple[str, ...], objective: str) -> list[int]:
+    k = len(ids)
+    return [self.cap(n, p == 0, p == k - 1, k, objective) for p, n in enumerate(ids)]
+
+  # ---------- per pair ----------
 
   def _pair(self, u: str, v: str) -> list[dict]:
     return self.pairs[(u, v)]
@@ -52,83 +133,167 @@ class CostModel:
   def adjacent(self, u: str, v: str) -> bool:
     return bool(self._pair(u, v))
 
-  def pair_bandwidth_mbps(self, u: str, v: str) -> float | None:
-    given = [e["bandwidth_mbps"] for e in self._pair(u, v) if e.get("bandwidth_mbps") is not None and e["bandwidth_mbps"] > 0]
+  def _mean_rtt_ms(self, edges: list[dict]) -> float:
+    """r_uv: the mean RTT of the edges u->v and v->u that measured one, default_rtt_ms if none did."""
+    rtts = [e["rtt_ms"] for e in edges if e.get("rtt_ms") is not None]
+    return sum(rtts) / len(rtts) if rtts else self.default_rtt_ms
+
+  def _mean_bandwidth_mbps(self, edges: list[dict]) -> float | None:
+    """w_uv: the mean of the bandwidths given (> 0) on the edges u->v and v->u; None if none is."""
+    given = [e["bandwidth_mbps"] for e in edges if e.get("bandwidth_mbps") is not None and e["bandwidth_mbps"] > 0]
     return sum(given) / len(given) if given else None
 
-  def transfer(self, u: str, v: str) -> float:
-    w = self.pair_bandwidth_mbps(u, v)
-    return self.A * 8 / (w * 1e6) if w is not None else 0.0
+  def pair_rtt_ms(self, u: str, v: str) -> float:
+    return self.rtt_ms[(u, v)]
 
-  def hop(self, u: str, v: str) -> float:
-    pair = self._pair(u, v)
-    assert pair, f"{u} and {v} are not neighbours"
-    rtts = [e["rtt_ms"] for e in pair if e.get("rtt_ms") is not None]
-    r = sum(rtts) / len(rtts) if rtts else self.default_rtt_ms
-    return r / 2 / 1000 + self.transfer(u, v)
+  def pair_bandwidth_mbps(self, u: str, v: str) -> float | None:
+    return self.bandwidth_mbps[(u, v)]
+
+  def transfer(self, u: str, v: str, n: int) -> float:
+    """Seconds to push n tokens' hidden states from u to v; 0 when the link's bandwidth is unknown."""
+    w = self.pair_bandwidth_mbps(u, v)
+    return n * self.A * 8 / (w * 1e6) if w is not None else 0.0
+
+  def hop(self, u: str, v: str, n: int) -> float:
+    assert self.adjacent(u, v), f"{u} and {v} are not neighbours"
+    return self.pair_rtt_ms(u, v) / 2 / 1000 + self.transfer(u, v, n)
+
+  # ---------- per ring ----------
+
+  def _hops(self, ids: list[str], n: int) -> float:
+    if len(ids) < 2:
+      return 0.0
+    return sum(self.hop(u, v, n) for u, v in zip(ids, ids[1:] + ids[:1], strict=True))
+
+  def _time_through(self, ring: list[tuple[str, int]], n: int) -> float:
+    """sum L_i t_i(n) + eta t_last(n) + (k >= 2: every hop with n tokens): TPOT for n = 1, TTFT for n = P."""
+    ids = [node_id for node_id, _ in ring]
+    layers = sum(count * self.t(node_id, n) for node_id, count in ring)
+    return layers + self.eta * self.t(ids[-1], n) + self._hops(ids, n)
+
+  def tpot(self, ring: list[tuple[str, int]]) -> float:
+    return self._time_through(ring, 1)
+
+  def ttft(self, ring: list[tuple[str, int]], prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> float:
+    return self._time_through(ring, prompt_tokens)
+
+  def throughput(self, ring: list[tuple[str, int]]) -> float:
+    """Tokens/s of the saturated pipeline: b tokens per cycle of the busiest stage (its layers, the head if last, its send)."""
+    b, k = self.batch, len(ring)
+    ids = [node_id for node_id, _ in ring]
+    stages = []
+    for p, (node_id, count) in enumerate(ring):
+      stage = count * self.t(node_id, b)
+      if p == k - 1:
+        stage += self.eta * self.t(node_id, b)
+      if k >= 2:
+        stage += self.transfer(node_id, ids[(p + 1) % k], b)
+      stages.append(stage)
+    slowest = max(stages)
+    return b / slowest if slowest > 0 else math.inf
 
   def evaluate(self, ring: list[tuple[str, int]]) -> tuple[float, float]:
-    """(TPOT seconds, throughput tokens/s) of a ring [(node id, layer count), ...] in execution order."""
-    k = len(ring)
-    tpot = sum(count * self.layer_time(n) for n, count in ring)
-    stages = [count * self.layer_time(n) for n, count in ring]
-    if k >= 2:
-      ids = [n for n, _ in ring]
-      nexts = ids[1:] + ids[:1]
-      tpot += sum(self.hop(u, v) for u, v in zip(ids, nexts, strict=True))
-      stages = [s + self.transfer(u, v) for s, u, v in zip(stages, ids, nexts, strict=True)]
-    return tpot, 1 / max(stages)
+    """(TPOT seconds, throughput tokens/s at batch b) of a ring."""
+    return self.tpot(ring), self.throughput(ring)
 
-  def feasible_plans(self):
-    """Every feasible ring: yields [(node id, layer count), ...]."""
+  def feasible(self, ring: list[tuple[str, int]], objective: str) -> bool:
+    """Every stage holds at least one layer and no more than its capacity (adjacency is not part of this)."""
+    caps = self.ring_caps([node_id for node_id, _ in ring], objective)
+    return all(1 <= count <= cap for (_, count), cap in zip(ring, caps, strict=True))
+
+  def feasible_plans(self, objective: str):
+    """Every feasible ring under `objective`, as [(node id, layer count), ...]: any subset, any order, any layer counts."""
     ids, n = list(self.nodes), self.n_layers
-    caps = {i: self.cap(i) for i in ids}
-    for k in range(1, len(ids) + 1):
+    for k in range(1, min(len(ids), n) + 1):
       for subset in itertools.combinations(ids, k):
         for order in itertools.permutations(subset):
-          if k >= 2 and not all(self.adjacent(order[i], order[(i + 1) % k]) for i in range(k)):
+          if k >= 2 and not all(self.adjacent(order[p], order[(p + 1) % k]) for p in range(k)):
             continue
-          # cut points 0 < c_1 < ... < c_{k-1} < n give every composition of n into k positive parts
-          for cuts in itertools.combinations(range(1, n), k - 1):
-            bounds = (0, *cuts, n)
-            counts = [bounds[i + 1] - bounds[i] for i in range(k)]
-            if all(1 <= c <= caps[i] for i, c in zip(order, counts, strict=True)):
-              yield list(zip(order, counts, strict=True))
+          for counts in compositions(n, self.ring_caps(order, objective)):
+            yield list(zip(order, counts, strict=True))
 
 
-def oracle(topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0) -> dict | None:
-  """Best values over every feasible plan, or None when no plan is feasible.
+def _best(values: list[tuple[float, float]], objective: str) -> tuple[float, float]:
+  """(primary, secondary) optimum: the best primary, then the best secondary among plans tied on it within REL_TIE."""
+  if objective == "latency":
+    best = min(t for t, _ in values)
+    return best, max(x for t, x in values if close(t, best, REL_TIE))
+  best = max(x for _, x in values)
+  return best, min(t for t, x in values if close(x, best, REL_TIE))
 
-  Returns {"best_tpot", "throughput_at_best_tpot", "best_throughput", "tpot_at_best_throughput", "n_plans"}: the secondary
-  values are the best among plans whose primary is within REL_TIE of the best (the objective's tie-break).
+
+def oracle(topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1) -> dict | None:
+  """Best values over every feasible plan, or None when no plan is feasible under either objective.
+
+  Returns {"best_tpot", "throughput_at_best_tpot", "n_plans"} over the latency-feasible plans (c = 1) and {"best_throughput",
+  "tpot_at_best_throughput", "n_throughput_plans"} over the throughput-feasible plans (c = k * b); the latter two values are
+  None when no plan is feasible under throughput (a throughput-feasible plan is always latency-feasible, not conversely). The
+  secondary values are the best among plans whose primary is within REL_TIE of the best (the objective's tie-break).
   """
-  cm = CostModel(topology, model, memory_headroom, default_rtt_ms)
+  cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
   assert cm.any_known_speed(), "the oracle does not model the memory-weighted fallback"
-  values = [cm.evaluate(ring) for ring in cm.feasible_plans()]
-  if not values:
+  latency = [cm.evaluate(ring) for ring in cm.feasible_plans("latency")]
+  if not latency:
     return None
-  best_tpot = min(t for t, _ in values)
-  best_thr = max(x for _, x in values)
+  throughput = [cm.evaluate(ring) for ring in cm.feasible_plans("throughput")]
+  best_tpot, throughput_at_best_tpot = _best(latency, "latency")
+  best_throughput, tpot_at_best_throughput = _best(throughput, "throughput") if throughput else (None, None)
   return {
     "best_tpot": best_tpot,
-    "throughput_at_best_tpot": max(x for t, x in values if close(t, best_tpot, REL_TIE)),
-    "best_throughput": best_thr,
-    "tpot_at_best_throughput": min(t for t, x in values if close(x, best_thr, REL_TIE)),
-    "n_plans": len(values),
+    "throughput_at_best_tpot": throughput_at_best_tpot,
+    "best_throughput": best_throughput,
+    "tpot_at_best_throughput": tpot_at_best_throughput,
+    "n_plans": len(latency),
+    "n_throughput_plans": len(throughput),
   }
 
 
-def evaluate_plan(topology: dict, model: dict, plan: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0) -> tuple[float, float]:
-  """(TPOT seconds, throughput tokens/s) of a plan JSON object's shards, recomputed from the topology."""
-  cm = CostModel(topology, model, memory_headroom, default_rtt_ms)
-  ring = [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
-  return cm.evaluate(ring)
+def plan_ring(plan: dict) -> list[tuple[str, int]]:
+  """[(node id, layer count), ...] of a plan JSON object's shards, in ring order."""
+  return [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
 
 
-def check_predicted(topology: dict, model: dict, plan: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, rel: float = 1e-6) -> None:
-  """Assert the plan's `predicted` numbers agree with the oracle's evaluation of its shards."""
-  tpot, throughput = evaluate_plan(topology, model, plan, memory_headroom, default_rtt_ms)
+def evaluate_plan(
+  topology: dict,
+  model: dict,
+  plan: dict,
+  memory_headroom: float = 0.1,
+  default_rtt_ms: float = 5.0,
+  batch: int = 1,
+  objective: str | None = None,
+  prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+) -> dict:
+  """{"tpot_s", "throughput_tps", "ttft_s", "feasible"} of a plan JSON object's shards, recomputed from the topology.
+
+  Feasibility uses the capacities of `objective` (default: the plan's own objective)."""
+  cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
+  ring = plan_ring(plan)
+  tpot, throughput = cm.evaluate(ring)
+  return {
+    "tpot_s": tpot,
+    "throughput_tps": throughput,
+    "ttft_s": cm.ttft(ring, prompt_tokens),
+    "feasible": cm.feasible(ring, objective or plan["objective"]),
+  }
+
+
+def check_predicted(
+  topology: dict,
+  model: dict,
+  plan: dict,
+  memory_headroom: float = 0.1,
+  default_rtt_ms: float = 5.0,
+  batch: int = 1,
+  objective: str | None = None,
+  prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+  rel: float = 1e-6,
+) -> None:
+  """Assert the plan's `predicted` numbers (TPOT, tokens/s, throughput, TTFT, feasible) agree with the oracle's evaluation."""
+  want = evaluate_plan(topology, model, plan, memory_headroom, default_rtt_ms, batch, objective, prompt_tokens)
+  tpot, throughput, ttft = want["tpot_s"], want["throughput_tps"], want["ttft_s"]
   p = plan["predicted"]
   assert close(p["tpot_ms"], tpot * 1000, rel), f"tpot_ms {p['tpot_ms']!r} != {tpot * 1000!r}"
   assert close(p["tokens_per_second"], 1 / tpot, rel), f"tokens_per_second {p['tokens_per_second']!r} != {1 / tpot!r}"
   assert close(p["throughput_tps"], throughput, rel), f"throughput_tps {p['throughput_tps']!r} != {throughput!r}"
+  assert close(p["ttft_ms"], ttft * 1000, rel), f"ttft_ms {p['ttft_ms']!r} != {ttft * 1000!r}"
+  assert p["feasible"] is want["feasible"], f"feasible {p['feasible']!r} != {want['feasible']!r}"
