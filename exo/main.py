@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
   device.add_argument("--tflops", type=float, default=None, help="fp16 TFLOPS")
   device.add_argument("--memory-bandwidth", type=float, default=None, help="GB/s")
   device.add_argument("--measure-device", action="store_true", help="measure TFLOPS and bandwidth even for a known chip")
+  device.add_argument(
+    "--no-layer-times", action="store_true", help="do not time this node's engine: plans use the roofline of the device figures alone"
+  )
   plan = parser.add_argument_group("planner")
   plan.add_argument("--partitioning-strategy", choices=STRATEGIES, default="flops-latency")
   plan.add_argument("--objective", choices=OBJECTIVES, default="latency")
@@ -159,7 +162,7 @@ def build_node(args) -> Node:
   # A node measures its engine when the times stand for a device (a real engine, or one paced to the declared device), and when
   # it has peers to plan with or its plan is shown: the bare dummy engine's microseconds would override the declared devices of
   # a test cluster, and a lone `exo run` needs no plan but one.
-  measure = (engine_name != "dummy" or args.emulate) and (module != "none" or args.show_plan)
+  measure = (engine_name != "dummy" or args.emulate) and (module != "none" or args.show_plan) and not args.no_layer_times
   node = Node(node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout, measure_layer_times=measure)
   node.server = GRPCServer(node, args.node_host, port)
   return node
