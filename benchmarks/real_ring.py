@@ -6,19 +6,21 @@ Every node is an `exo` process on 127.0.0.1 (manual discovery, its own HTTP API)
   mx    MLX (on the CPU here)
   slow  tinygrad, every engine step made 3x as long by --engine-slowdown, which it declares nowhere
 All three declare the same device (--tflops 1 --memory-bandwidth 20): the roofline cannot tell them apart, only measuring can.
-Memory: 600 MB for a node alone (it holds the model with its KV cache); in the 2- and 3-node clusters tg and mx get 300 MB (19
-layers in the middle of a ring, 16 at an end), so both are needed, and slow 600 MB.
+Memory: 600 MB holds the model alone (with its KV cache), 300 MB 19 layers in the middle of a ring, 16 at an end. Clusters:
+  1 node   tg 600 MB
+  2 nodes  tg 300 MB, mx 600 MB: mx alone holds the model; tg would be faster but needs help
+  3 nodes  tg 300 MB, mx 300 MB, slow 600 MB: only the slowed node holds the model alone
 
 Clusters of 1, 2 and 3 nodes, each planned three ways (nodes restarted for each):
   measured          flops-latency; each node times its own engine at start and refines from requests (the default)
-  roofline          flops-latency; nodes started with --no-layer-times, so the plan rests on the declared devices alone
+  roofline          flops-latency with --ignore-layer-times: the nodes measure as ever, the plan rests on the declared devices
   memory-weighted   upstream's ring-memory-weighted
 Each run: start the nodes one at a time (so no calibration runs during another's), one warm-up request, then --repeats
 streamed requests of --tokens tokens to the first node's API. Measured: TTFT (request sent to first text) and TPOT (the decode
 time per token after the first, from the first and last text chunks and the usage's token count), medians over the repeats.
-Predicted: the cost model's one evaluation of the ring that ran, on the live topology with each node's measured layer times
-(for the roofline runs, the layer times the measured run of the same cluster published: the roofline's own figure, which
-/v1/plan shows, says nothing of these engines), for the prompt's token count.
+Predicted: the cost model's one evaluation of the ring that ran, on the live topology with each node's measured layer times,
+for the prompt's token count (for the roofline runs /v1/plan shows the roofline's own figure, which says nothing of these
+engines).
 
   python benchmarks/real_ring.py [--tokens 32] [--repeats 3] [--nodes 1,2,3]
 """
@@ -59,10 +61,10 @@ ENGINES = {
   "mx": ["--inference-engine", "mlx"],
   "slow": ["--inference-engine", "tinygrad", "--engine-slowdown", "3"],
 }
-CLUSTERS = {1: {"tg": 600}, 2: {"tg": 300, "mx": 300}, 3: {"tg": 300, "mx": 300, "slow": 600}}
+CLUSTERS = {1: {"tg": 600}, 2: {"tg": 300, "mx": 600}, 3: {"tg": 300, "mx": 300, "slow": 600}}
 STRATEGIES = {
   "measured": ["--partitioning-strategy", "flops-latency"],
-  "roofline": ["--partitioning-strategy", "flops-latency", "--no-layer-times"],
+  "roofline": ["--partitioning-strategy", "flops-latency", "--ignore-layer-times"],
   "memory-weighted": ["--partitioning-strategy", "ring-memory-weighted"],
 }
 START_TIMEOUT_S = 300.0  # loading, calibrating and compiling tinygrad's kernels take tens of seconds on 2 cores
@@ -207,7 +209,7 @@ class Run:
   layer_times: dict[str, dict]
 
 
-def measure(workdir: Path, size: int, strategy: str, tokens: int, repeats: int, measured_times: dict | None) -> Run:
+def measure(workdir: Path, size: int, strategy: str, tokens: int, repeats: int) -> Run:
   cluster = Cluster(workdir, CLUSTERS[size], STRATEGIES[strategy])
   origin = next(iter(CLUSTERS[size]))
   try:
@@ -219,10 +221,6 @@ def measure(workdir: Path, size: int, strategy: str, tokens: int, repeats: int, 
   finally:
     cluster.close()
   layer_times = {n: caps.get("layer_times", {}).get(MODEL) for n, caps in topology["nodes"].items()}
-  if measured_times is not None:  # the roofline run: predict its ring with what the engines were measured to do
-    for name, times in measured_times.items():
-      if times is not None and name in topology["nodes"]:
-        topology["nodes"][name]["layer_times"] = {MODEL: times}
   ring = [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
   prompt_tokens = streams[0].prompt_tokens
   prediction = predict_ring(
@@ -259,12 +257,10 @@ def main() -> None:
   runs: list[Run] = []
   with tempfile.TemporaryDirectory(prefix="exo-real-ring-") as tmp:
     for size in sizes:
-      measured = None
       for strategy in STRATEGIES:
         workdir = Path(tmp) / f"{size}-{strategy}"
         workdir.mkdir()
-        run = measure(workdir, size, strategy, args.tokens, args.repeats, measured.layer_times if strategy == "roofline" and measured else None)
-        measured = run if strategy == "measured" else measured
+        run = measure(workdir, size, strategy, args.tokens, args.repeats)
         runs.append(run)
         ring = " > ".join(f"{n}:{k}" for n, k in run.ring)
         console.print(
@@ -272,6 +268,8 @@ def main() -> None:
           f"({1 / run.tpot_s:.1f} tokens/s), TTFT predicted {ms(run.predicted_ttft_s)} ms measured {ms(run.ttft_s)} ms; "
           f"measured/predicted {run.tpot_s / run.predicted_tpot_s:.2f}"
         )
+        measured = ", ".join(f"{n} {t['decode_ms']:.2f}/{t['token_ms']:.3f}" for n, t in sorted(run.layer_times.items()) if t)
+        console.print(f"    layer times published (decode_ms/token_ms): {measured}")
   table = Table(box=box.MARKDOWN, title="Real SmolLM2 rings on 127.0.0.1 (TPOT and TTFT in ms; predicted from measured layer times)")
   for name in ("nodes", "strategy", "ring", "pred TPOT", "TPOT", "tok/s", "pred TTFT", "TTFT", "/v1/plan TPOT", "meas/pred"):
     table.add_column(name, justify="left" if name in ("strategy", "ring") else "right")

@@ -82,15 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
   device.add_argument("--tflops", type=float, default=None, help="fp16 TFLOPS")
   device.add_argument("--memory-bandwidth", type=float, default=None, help="GB/s")
   device.add_argument("--measure-device", action="store_true", help="measure TFLOPS and bandwidth even for a known chip")
-  device.add_argument(
-    "--no-layer-times", action="store_true", help="do not time this node's engine: plans use the roofline of the device figures alone"
-  )
   plan = parser.add_argument_group("planner")
   plan.add_argument("--partitioning-strategy", choices=STRATEGIES, default="flops-latency")
   plan.add_argument("--objective", choices=OBJECTIVES, default="latency")
   plan.add_argument("--memory-headroom", type=float, default=0.1)
   plan.add_argument("--default-rtt-ms", type=float, default=5.0)
   plan.add_argument("--batch", type=int, default=1, help="requests each stage runs at once when saturated (throughput objective)")
+  plan.add_argument(
+    "--ignore-layer-times", action="store_true", help="plan from the devices' TFLOPS and bandwidth alone, not the nodes' measured layer times"
+  )
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
   return parser
 
@@ -158,11 +158,13 @@ def build_node(args) -> Node:
       discovery_timeout=args.discovery_timeout,
       broadcast_addresses=args.broadcast_address,
     )
-  planner = PlannerConfig(args.partitioning_strategy, args.objective, args.memory_headroom, args.default_rtt_ms, args.replan_threshold, args.batch)
+  planner = PlannerConfig(
+    args.partitioning_strategy, args.objective, args.memory_headroom, args.default_rtt_ms, args.replan_threshold, args.batch, args.ignore_layer_times
+  )
   # A node measures its engine when the times stand for a device (a real engine, or one paced to the declared device), and when
   # it has peers to plan with or its plan is shown: the bare dummy engine's microseconds would override the declared devices of
   # a test cluster, and a lone `exo run` needs no plan but one.
-  measure = (engine_name != "dummy" or args.emulate) and (module != "none" or args.show_plan) and not args.no_layer_times
+  measure = (engine_name != "dummy" or args.emulate) and (module != "none" or args.show_plan)
   node = Node(node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout, measure_layer_times=measure)
   node.server = GRPCServer(node, args.node_host, port)
   return node

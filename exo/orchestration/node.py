@@ -53,6 +53,7 @@ class PlannerConfig:
   default_rtt_ms: float = 5.0
   replan_threshold: float = 0.1  # adopt a better plan for unchanged membership only if it is this much faster
   batch: int = 1  # requests each stage runs at once when the ring is saturated (the throughput objective's b)
+  ignore_layer_times: bool = False  # plan from the devices' roofline alone, as if no node had measured its engine
 
   def params(self) -> dict:
     return {"memory_headroom": self.memory_headroom, "default_rtt_ms": self.default_rtt_ms, "batch": self.batch}
@@ -238,14 +239,15 @@ class Node:
 
   def planning_topology(self) -> Topology:
     """The topology without peers that just failed a request, nor nodes this node does not reach itself: every ring node sends
-    its results here, and other nodes list a peer that died until their discovery timeout, so a new node would plan with it."""
+    its results here, and other nodes list a peer that died until their discovery timeout, so a new node would plan with it.
+    With `ignore_layer_times`, without the nodes' measured layer times."""
     usable = {self.id} | (set(self.peers) - self.suspects)
-    if set(self.topology.nodes) <= usable:
+    if set(self.topology.nodes) <= usable and not self.planner.ignore_layer_times:
       return self.topology
     kept = Topology()
     for node_id, caps in self.topology.nodes.items():
       if node_id in usable:
-        kept.update_node(node_id, caps)
+        kept.update_node(node_id, replace(caps, layer_times={}) if self.planner.ignore_layer_times else caps)
     for (a, b), edge in self.topology.edges.items():
       if a in kept.nodes and b in kept.nodes:
         kept.add_edge(a, b, edge.rtt_ms, edge.bandwidth_mbps)

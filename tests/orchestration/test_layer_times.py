@@ -7,6 +7,8 @@ import json
 import logging
 import socket
 
+import pytest
+
 from exo.inference.dummy_inference_engine import HIDDEN_SIZE, DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.paced_inference_engine import PacedInferenceEngine
@@ -120,3 +122,21 @@ def test_a_node_whose_engine_gets_slower_is_given_fewer_layers_after_a_few_reque
   before, after = asyncio.run(layers_of_b_as_it_slows_down(tmp_path))
   assert before > MODEL.n_layers // 2  # b measured faster than a: it held most layers
   assert after[-1] < before, f"b kept {before} layers: {after}"
+
+
+def test_a_node_told_to_ignore_layer_times_plans_from_the_roofline_and_still_measures():
+  """The same measured node plans with its layer times, or from its declared device's roofline alone with ignore_layer_times."""
+  node, _ = lone_node(DummyInferenceEngine())
+  asyncio.run(node.start())
+  try:
+    measured = node.capabilities.layer_times[MODEL.id]
+    node.topology.update_node("solo", DEVICE.with_layer_times(MODEL.id, measured))
+    node.capabilities = node.topology.nodes["solo"]
+    small = ModelSpec("paced", n_layers=4, layer_bytes=1e6, layer_flops=2e6, activation_bytes=4 * HIDDEN_SIZE)  # fits alone
+    # roofline of the declared device: 1e6 bytes at 1 GB/s = 1 ms a layer, 4 ms a token; measured: 4 x decode_ms
+    assert node.plan(small).prediction.tpot_s == pytest.approx(measured.decode_ms * 4 / 1000)
+    node.planner, node.current_plan = PlannerConfig(ignore_layer_times=True), None
+    assert node.plan(small).prediction.tpot_s == pytest.approx(4e-3)
+    assert node.planning_topology().nodes["solo"].layer_times == {} and node.capabilities.layer_times == {MODEL.id: measured}
+  finally:
+    asyncio.run(node.stop())
