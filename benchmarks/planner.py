@@ -310,7 +310,7 @@ def scenarios(console: Console) -> list[tuple[str, float | None, bool | None]]:
         predicted[strategy] = None
     flops, base = predicted["flops-latency"], predicted["ring-memory-weighted"]
     speedup = None
-    if flops and base:
+    if flops and base and base["feasible"]:  # an overfilled baseline's figures are for a plan that cannot run
       if objective == "latency" and flops["tpot_ms"] and base["tpot_ms"] is not None:
         speedup = base["tpot_ms"] / flops["tpot_ms"]
       elif objective == "throughput" and flops["throughput_tps"] is not None and base["throughput_tps"]:
@@ -328,7 +328,8 @@ def scenarios(console: Console) -> list[tuple[str, float | None, bool | None]]:
     console,
     "tok/s = single-stream tokens/s (1 / TPOT); thr = pipelined throughput in tokens/s (1 / busiest stage). speed-up on the scenario's "
     "objective: latency = RMW TPOT / FL TPOT, throughput = FL thr / RMW thr. RMW fits? NO = RMW gives some node more layers than its "
-    "memory holds: its figures are what the model predicts had it fit. Scenarios whose expected outcome is an error are skipped.\n",
+    "memory holds: its figures are what the model predicts had it fit, and no speed-up is claimed over it. Scenarios whose expected "
+    "outcome is an error are skipped.\n",
   )
   return results
 
