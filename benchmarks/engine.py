@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import platform
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -27,12 +26,13 @@ from rich.table import Table
 
 from exo.inference.model_figures import served_model_spec
 from exo.inference.shard import Shard
-from exo.models import model_spec
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.models import model_spec
 
 MODEL = served_model_spec(model_spec("smollm2-135m"))  # the file's figures, as a node serving it plans with
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -57,12 +57,6 @@ DEVICES = {
   "small": DeviceCapabilities("Bench", "small", 96, DeviceFlops(0.5, 1.0, 2.0), 10.0),
 }
 RINGS = {1: ["big"], 2: ["big", "mid"], 3: ["big", "mid", "small"]}
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 async def run_node(engine: str, name: str, names: list[str], peers_file: Path, strategy: str, tokens: int, done) -> dict:

@@ -27,7 +27,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exo.errors import PlanError  # noqa: E402
+from exo.errors import ExoError  # noqa: E402
 from exo.topology.chips import CHIPS, chip_spec  # noqa: E402
 from exo.topology.flops_latency_partitioning_strategy import EXACT_LIMIT, FlopsLatencyPartitioningStrategy  # noqa: E402
 from exo.topology.planner import as_model, as_topology, make_plan  # noqa: E402
@@ -305,7 +305,7 @@ def scenarios(console: Console) -> list[tuple[str, float | None, bool | None]]:
     for strategy in ("flops-latency", "ring-memory-weighted"):
       try:
         predicted[strategy] = make_plan(scenario["topology"], scenario["model"], strategy, objective, **params)["predicted"]
-      except PlanError as e:
+      except ExoError as e:
         show(console, f"{path.stem}: {strategy} refused: {e}")
         predicted[strategy] = None
     flops, base = predicted["flops-latency"], predicted["ring-memory-weighted"]

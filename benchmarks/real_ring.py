@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from exo.networking.ports import free_port  # noqa: E402
 from exo.topology.cost_model import PlannerParams  # noqa: E402
 from exo.topology.model_spec import ModelSpec  # noqa: E402
 from exo.topology.planner import predict_ring  # noqa: E402
@@ -69,12 +69,6 @@ STRATEGIES = {
 }
 START_TIMEOUT_S = 300.0  # loading, calibrating and compiling tinygrad's kernels take tens of seconds on 2 cores
 REQUEST_TIMEOUT_S = 300.0
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind((HOST, 0))
-    return s.getsockname()[1]
 
 
 def http_json(port: int, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:

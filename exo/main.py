@@ -13,34 +13,28 @@ import json
 import logging
 import platform
 import signal
-import socket
 import sys
 import uuid
 
-from exo.errors import PlanError
+from exo.errors import BadInput, ExoError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.slowed_engine import SlowedEngine
-from exo.models import DEFAULT_MODEL, MODELS, model_spec
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.ports import free_port
 from exo.networking.udp_discovery import UDPDiscovery
 from exo.orchestration.device_probe import detect_device_capabilities
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
-from exo.topology.cost_model import OBJECTIVES
+from exo.topology.cost_model import OBJECTIVES, PlannerParams
+from exo.topology.models import DEFAULT_MODEL, MODELS, model_spec
 from exo.topology.planner import STRATEGIES
 
 log = logging.getLogger("exo")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-  with socket.socket() as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
   plan = parser.add_argument_group("planner")
   plan.add_argument("--partitioning-strategy", choices=STRATEGIES, default="flops-latency")
   plan.add_argument("--objective", choices=OBJECTIVES, default="latency")
-  plan.add_argument("--memory-headroom", type=float, default=0.1)
-  plan.add_argument("--default-rtt-ms", type=float, default=5.0)
+  plan.add_argument("--memory-headroom", type=float, default=PlannerParams.memory_headroom)
+  plan.add_argument("--default-rtt-ms", type=float, default=PlannerParams.default_rtt_ms)
   plan.add_argument("--batch", type=int, default=1, help="requests each stage runs at once when saturated (throughput objective)")
   plan.add_argument(
     "--ignore-layer-times", action="store_true", help="plan from the devices' TFLOPS and bandwidth alone, not the nodes' measured layer times"
@@ -145,7 +139,7 @@ def build_node(args) -> Node:
     discovery = NoDiscovery()
   elif module == "manual":
     if not args.discovery_config_path:
-      raise PlanError("--discovery-module manual needs --discovery-config-path FILE (the peers file)")
+      raise BadInput("--discovery-module manual needs --discovery-config-path FILE (the peers file)")
     discovery = ManualDiscovery(node_id, args.discovery_config_path, GRPCPeerHandle, discovery_timeout=args.discovery_timeout)
   else:
     discovery = UDPDiscovery(
@@ -248,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
       return print_model_spec(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run" and args.prompt is None:
-      raise PlanError("`exo run MODEL` needs --prompt TEXT")
+      raise BadInput("`exo run MODEL` needs --prompt TEXT")
     return asyncio.run(serve(args))
-  except (PlanError, RequestFailed, OSError) as e:
+  except ExoError as e:
+    print(f"exo: error: {e}", file=sys.stderr)
+    return e.exit_status
+  except (RequestFailed, OSError) as e:
     print(f"exo: error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from exo.errors import PlanError
-from exo.models import MODELS, model_spec
-from exo.topology.cost_model import OBJECTIVES, CostModel, cost_model, head_layers
+from exo.errors import BadInput, ExoError
+from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, cost_model, head_layers
 from exo.topology.model_spec import ModelSpec
+from exo.topology.models import MODELS, model_spec
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
 from exo.topology.topology import Topology
@@ -57,8 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument("--model-spec", metavar="FILE", help="model spec JSON (n_layers, layer_bytes, layer_flops, ...)")
   parser.add_argument("--partitioning-strategy", choices=STRATEGIES, default=STRATEGIES[0], help="default: %(default)s")
   parser.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0], help="minimise time per token or maximise pipelined tokens/s")
-  parser.add_argument("--memory-headroom", type=float, default=0.1, metavar="FRACTION", help="memory kept free on each node (default: %(default)s)")
-  parser.add_argument("--default-rtt-ms", type=float, default=5.0, metavar="MS", help="RTT assumed for unmeasured edges (default: %(default)s)")
+  parser.add_argument(
+    "--memory-headroom",
+    type=float,
+    default=PlannerParams.memory_headroom,
+    metavar="FRACTION",
+    help="memory kept free on each node (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--default-rtt-ms", type=float, default=PlannerParams.default_rtt_ms, metavar="MS", help="RTT assumed for unmeasured edges (default: %(default)s)"
+  )
   parser.add_argument(
     "--batch", type=_positive_int, default=1, metavar="B", help="requests each stage runs at once when saturated (throughput; default: %(default)s)"
   )
@@ -87,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     costs = plan_costs(next(iter(plans.values())), topology, args.prompt_tokens)
     if args.plot:  # before printing anything, so a plot that cannot be written leaves stdout empty
       write_plot(args.plot, list(plans.values()), costs)
-  except PlanError as e:
-    return _fail(e, 1)
+  except ExoError as e:
+    return _fail(e, e.exit_status)
   try:
     show(args, plans, topology, costs)
   except BrokenPipeError:  # `exo plan ... | head` closed stdout early: nothing to report, and no traceback at exit either
@@ -287,7 +295,7 @@ INK, BAD, RING_FILL, OUT_FILL, OUT_INK = "#2c3e50", "#c0392b", "#dbe9f6", "#f2f2
 
 
 def write_plot(path: str, plans: list[Plan], costs: CostModel) -> None:
-  """Draw each plan's ring side by side and save it; raises PlanError if the file cannot be written."""
+  """Draw each plan's ring side by side and save it; raises BadInput if the file cannot be written."""
   from matplotlib.figure import Figure  # imported here: matplotlib is slow to load and only --plot needs it
 
   fig = Figure(dpi=120, layout="constrained")
@@ -304,7 +312,7 @@ def write_plot(path: str, plans: list[Plan], costs: CostModel) -> None:
   try:
     fig.savefig(path)
   except (OSError, ValueError) as e:  # missing folder, no permission, an extension matplotlib cannot write
-    raise PlanError(f"cannot write plot {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    raise BadInput(f"cannot write plot {path!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def draw_ring(ax, plan: Plan, costs: CostModel, with_model: bool = True) -> tuple[float, float, float]:

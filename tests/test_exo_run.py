@@ -1,12 +1,13 @@
 """The real thing, as a user runs it: `exo run` answers with SmolLM2 offline, and a node's API answers the official openai client."""
 
-import socket
 import subprocess
 import sys
 import time
 
 import openai
 import pytest
+
+from exo.networking.ports import free_port
 
 QUESTION = "What is the capital of France?"
 
@@ -22,12 +23,6 @@ def test_exo_run_answers_offline(engine):
   )
   assert result.returncode == 0, result.stderr
   assert "Paris" in result.stdout
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture

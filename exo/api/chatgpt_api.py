@@ -14,13 +14,13 @@ import uuid
 
 from aiohttp import web
 
-from exo.errors import PlanError
+from exo.errors import BadInput, ExoError
 from exo.inference.model_figures import served_model_spec
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.shard import Shard
-from exo.models import MODELS
 from exo.orchestration.node import Node, RequestFailed
 from exo.topology.model_spec import ModelSpec
+from exo.topology.models import MODELS
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # upstream's --chatgpt-api-port
@@ -32,12 +32,15 @@ CORS_HEADERS = {
 }
 
 
-class BadRequest(Exception):
-  """A request the API rejects with 400; `param` names the offending field."""
+class BadRequest(BadInput):
+  """A request the API rejects with 400; `param` names the offending field, `code` is OpenAI's error code."""
 
   def __init__(self, message: str, param: str | None = None, code: str | None = None):
     super().__init__(message)
     self.param, self.code = param, code
+
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 500: "internal_error", 503: "service_unavailable"}
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -49,8 +52,11 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
 
 
 def failure(model: ModelSpec, e: Exception) -> tuple[dict, int]:
-  """The error body and status for a request that failed after it was accepted: 503 when the cluster cannot serve it."""
-  if isinstance(e, (PlanError, RequestFailed)):
+  """The error body and status for a request that failed after it was accepted: the status an ExoError carries (a missing model
+  404, a cluster that cannot serve it 503), 503 for a failed ring, 500 for a bug."""
+  if isinstance(e, ExoError):
+    return error_body(f"the cluster could not serve {model.id}: {e}", ERROR_TYPES[e.http_status]), e.http_status
+  if isinstance(e, RequestFailed):
     return error_body(f"the cluster could not serve {model.id}: {e}", "service_unavailable"), 503
   log.error("a chat completion for %s failed", model.id, exc_info=e)
   return error_body(f"the chat completion for {model.id} failed: {type(e).__name__}: {e}", "internal_error"), 500
@@ -159,9 +165,9 @@ class ChatGPTAPI:
 
   async def handle_plan(self, request: web.Request) -> web.Response:
     try:
-      plan = self.node.current_prediction() or self.node.plan(self.node.model)
-    except PlanError as e:
-      return error_response(409, str(e), "plan_error")
+      plan = self.node.current_prediction() or await asyncio.to_thread(self.node.candidate_plan, self.node.model)  # a read adopts nothing
+    except ExoError as e:
+      return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
     return web.json_response(plan.to_dict())
 
   # ---------- chat completions ----------
@@ -199,7 +205,7 @@ class ChatGPTAPI:
       if not isinstance(stream_options, dict):
         raise BadRequest(f"'stream_options' must be an object, got {stream_options!r}", "stream_options")
     except BadRequest as e:
-      return error_response(400, str(e), "invalid_request_error", e.param, e.code)
+      return error_response(e.http_status, str(e), "invalid_request_error", e.param, e.code)
     shard = full_shard(model)
     max_tokens = min(max_tokens or self.node.max_generate_tokens, self.node.max_generate_tokens)
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from exo.errors import PlanError
+from exo.errors import BadInput
 
 V = gguf.GGUFValueType
 _SCALARS = {
@@ -88,12 +88,12 @@ class _Cursor:
 
 
 def read_header(path: str) -> GGUFHeader:
-  """The header of the GGUF file at `path`, or a PlanError naming the file if it is not one this can read."""
+  """The header of the GGUF file at `path`, or a BadInput naming the file if it is not one this can read."""
   try:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
       return _parse(path, buffer)
   except (OSError, ValueError, struct.error) as e:
-    raise PlanError(f"{path} is not a readable GGUF file: {e}") from None
+    raise BadInput(f"{path} is not a readable GGUF file: {e}") from None
 
 
 def _parse(path: str, buffer) -> GGUFHeader:

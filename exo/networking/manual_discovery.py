@@ -15,45 +15,37 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from exo.errors import PlanError
-from exo.networking.discovery import Discovery, known_peers
+from exo.errors import BadInput
+from exo.networking.discovery import CreatePeerHandle, Discovery, disconnect, health_check, host_port, known_peers
 from exo.networking.peer_handle import PeerHandle
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, reject_unknown_keys
 
 log = logging.getLogger(__name__)
 
-CreatePeerHandle = Callable[[str, str, DeviceCapabilities], PeerHandle]
-
-
-def host_port(host: str, port: int) -> str:
-  """`host:port`, with an IPv6 literal in brackets as gRPC expects."""
-  return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
 
 def parse_peers(data, node_id: str) -> dict[str, tuple[str, DeviceCapabilities]]:
-  """The peers in a parsed peers file other than `node_id`, as {peer_id: ("host:port", capabilities)}; PlanError if malformed."""
+  """The peers in a parsed peers file other than `node_id`, as {peer_id: ("host:port", capabilities)}; BadInput if malformed."""
   if not isinstance(data, dict):
-    raise PlanError(f'expected a JSON object {{"peers": {{...}}}}, got {type(data).__name__}')
+    raise BadInput(f'expected a JSON object {{"peers": {{...}}}}, got {type(data).__name__}')
   reject_unknown_keys(data, {"peers"}, "the top level")
   peers = data.get("peers")
   if not isinstance(peers, dict):
-    raise PlanError(f"peers must be a JSON object mapping node ids to {{address, port}}, got {peers!r}")
+    raise BadInput(f"peers must be a JSON object mapping node ids to {{address, port}}, got {peers!r}")
   out = {}
   for peer_id, entry in peers.items():
     where = f"peers.{peer_id}"
     if not peer_id:
-      raise PlanError("peers has an empty node id; expected a non-empty string")
+      raise BadInput("peers has an empty node id; expected a non-empty string")
     if not isinstance(entry, dict):
-      raise PlanError(f"{where} must be a JSON object with address and port, got {entry!r}")
+      raise BadInput(f"{where} must be a JSON object with address and port, got {entry!r}")
     reject_unknown_keys(entry, {"address", "port", "device_capabilities"}, where)
     address, port = entry.get("address"), entry.get("port")
     if not isinstance(address, str) or not address:
-      raise PlanError(f"{where}.address must be a non-empty host name or IP address, got {address!r}")
+      raise BadInput(f"{where}.address must be a non-empty host name or IP address, got {address!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-      raise PlanError(f"{where}.port must be an integer from 1 to 65535, got {port!r}")
+      raise BadInput(f"{where}.port must be an integer from 1 to 65535, got {port!r}")
     caps = entry.get("device_capabilities")
     caps = UNKNOWN_DEVICE_CAPABILITIES if caps is None else DeviceCapabilities.from_dict(caps, f"{where}.device_capabilities")
     if peer_id != node_id:
@@ -62,20 +54,20 @@ def parse_peers(data, node_id: str) -> dict[str, tuple[str, DeviceCapabilities]]
 
 
 def load_peers_file(path: str, node_id: str) -> dict[str, tuple[str, DeviceCapabilities]]:
-  """`parse_peers` of the file at `path`; a one-line PlanError naming the file and the problem."""
+  """`parse_peers` of the file at `path`; a one-line BadInput naming the file and the problem."""
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
   except OSError as e:
-    raise PlanError(f"cannot read peers file {path}: {e.strerror or e}") from None
+    raise BadInput(f"cannot read peers file {path}: {e.strerror or e}") from None
   except json.JSONDecodeError as e:
-    raise PlanError(f"peers file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    raise BadInput(f"peers file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
   except UnicodeDecodeError as e:
-    raise PlanError(f"peers file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    raise BadInput(f"peers file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
   try:
     return parse_peers(data, node_id)
-  except PlanError as e:
-    raise PlanError(f"peers file {path}: {e}") from None
+  except BadInput as e:
+    raise BadInput(f"peers file {path}: {e}") from None
 
 
 @dataclass(eq=False)
@@ -85,22 +77,6 @@ class _Peer:
   caps: DeviceCapabilities
   known: bool = False  # answered a health check since this handle was made
   last_ok: float = 0.0  # time.monotonic() of the last successful health check
-
-
-async def health_check(handle: PeerHandle, timeout: float) -> bool:
-  """`handle.health_check`, with an exception (a broken PeerHandle) counted as unhealthy rather than ending discovery."""
-  try:
-    return bool(await handle.health_check(timeout))
-  except Exception:
-    log.exception("health check of %s raised; counting it as unhealthy", handle.addr())
-    return False
-
-
-async def disconnect(handle: PeerHandle) -> None:
-  try:
-    await handle.disconnect()
-  except Exception as e:
-    log.debug("disconnecting %s failed: %s", handle.addr(), e)
 
 
 class ManualDiscovery(Discovery):
@@ -121,7 +97,7 @@ class ManualDiscovery(Discovery):
     self._task: asyncio.Task | None = None
 
   async def start(self) -> None:
-    """Read the peers file (a PlanError if it is missing or malformed) and start polling."""
+    """Read the peers file (a BadInput if it is missing or malformed) and start polling."""
     self._config = load_peers_file(self.config_path, self.node_id)
     self._task = asyncio.create_task(self._poll_forever())
 
@@ -152,7 +128,7 @@ class ManualDiscovery(Discovery):
   def _reload(self) -> None:
     try:
       self._config = load_peers_file(self.config_path, self.node_id)
-    except PlanError as e:
+    except BadInput as e:
       if str(e) != self._problem:
         log.warning("%s; keeping the last good peers list", e)
       self._problem = str(e)

@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from exo.inference.shard import Shard
-from exo.orchestration.request_context import RequestContext
+from exo.networking.request_context import RequestContext
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import Topology
 
@@ -21,14 +21,6 @@ class PeerHandle(ABC):
 
   @abstractmethod
   def device_capabilities(self) -> DeviceCapabilities:
-    pass
-
-  @abstractmethod
-  async def connect(self) -> None:
-    pass
-
-  @abstractmethod
-  async def is_connected(self) -> bool:
     pass
 
   @abstractmethod

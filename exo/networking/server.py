@@ -1,4 +1,13 @@
+"""The seams between the wire and a node: a server that starts and stops, and the node it serves."""
+
 from abc import ABC, abstractmethod
+from typing import Protocol
+
+import numpy as np
+
+from exo.inference.shard import Shard
+from exo.networking.request_context import RequestContext
+from exo.topology.topology import Topology
 
 
 class Server(ABC):
@@ -9,3 +18,21 @@ class Server(ABC):
   @abstractmethod
   async def stop(self) -> None:
     pass
+
+
+class RingNode(Protocol):
+  """What a server needs of the node behind it: the ring's messages, results and status, topology collection and health."""
+
+  id: str
+
+  async def process_prompt(self, shard: Shard, prompt: str, context: RequestContext) -> None: ...
+
+  async def process_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None: ...
+
+  def process_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str) -> None: ...
+
+  def process_opaque_status(self, request_id: str, status: str) -> None: ...
+
+  async def collect_topology(self, visited: set[str], max_depth: int) -> Topology: ...
+
+  def is_healthy(self) -> bool: ...

@@ -29,8 +29,7 @@ from dataclasses import dataclass, replace
 
 import psutil
 
-from exo.networking.discovery import Discovery, known_peers
-from exo.networking.manual_discovery import CreatePeerHandle, disconnect, health_check, host_port
+from exo.networking.discovery import CreatePeerHandle, Discovery, disconnect, health_check, host_port, known_peers
 from exo.networking.peer_handle import PeerHandle
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 
@@ -49,7 +48,7 @@ class Announcement:
 
 
 def parse_announcement(data: bytes) -> Announcement:
-  """The announcement in one datagram; ValueError (PlanError for bad capabilities) if it is not one."""
+  """The announcement in one datagram; ValueError (BadInput for bad capabilities) if it is not one."""
   try:
     msg = json.loads(data)
   except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: a packet of 5000 '['

@@ -11,13 +11,14 @@ import shutil
 import statistics
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from time import perf_counter
 
 import numpy as np
 import psutil
 
-from exo.topology.chips import chip_spec
+from exo.topology.chips import capabilities_for_chip, chip_spec
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 
 log = logging.getLogger(__name__)
@@ -187,27 +188,22 @@ def detect_device_capabilities(
   except Exception as e:  # detection is best effort on every OS; an odd one must still get a node up
     log.info("could not detect this device: %s", e)
     model, chip, detected_memory = UNKNOWN_MODEL, UNKNOWN_CHIP, system_memory_mb()
-  spec = chip_spec(chip)
-  flops = spec.flops if spec is not None else DeviceFlops()
-  bandwidth = spec.memory_bandwidth if spec is not None else 0.0
-  if spec is None:
+  known = chip_spec(chip) is not None
+  caps = capabilities_for_chip(chip, float(detected_memory if memory_mb is None else memory_mb), model)
+  if not known:
     log.info("chip %r is not in the chip table; measuring this node's speed", chip)
-  if spec is None or measure:
+  if not known or measure:
     if tflops is None:
       measured = _safe(measure_tflops, "TFLOPS")
-      flops = DeviceFlops(measured, measured, measured)
+      caps = replace(caps, flops=DeviceFlops(measured, measured, measured))
       log.info("measured %.3f fp32 TFLOPS with numpy on the CPU (used as fp16 and int8 too)", measured)
     if memory_bandwidth is None:
-      bandwidth = _safe(measure_memory_bandwidth, "memory bandwidth")
-      log.info("measured %.1f GB/s memory bandwidth with numpy on the CPU", bandwidth)
+      caps = replace(caps, memory_bandwidth=_safe(measure_memory_bandwidth, "memory bandwidth"))
+      log.info("measured %.1f GB/s memory bandwidth with numpy on the CPU", caps.memory_bandwidth)
   if tflops is not None:
-    flops = DeviceFlops(flops.fp32 if spec is not None else tflops / 2, tflops, flops.int8 if spec is not None else tflops)
-  caps = DeviceCapabilities(
-    model=model,
-    chip=chip,
-    memory=float(detected_memory if memory_mb is None else memory_mb),
-    flops=flops,
-    memory_bandwidth=float(bandwidth if memory_bandwidth is None else memory_bandwidth),
-  )
+    flops = caps.flops
+    caps = replace(caps, flops=DeviceFlops(flops.fp32 if known else tflops / 2, tflops, flops.int8 if known else tflops))
+  if memory_bandwidth is not None:
+    caps = replace(caps, memory_bandwidth=float(memory_bandwidth))
   log.info("device capabilities: %s", caps.to_dict())
   return caps

@@ -26,10 +26,10 @@ from exo.inference.layer_time_estimate import LayerTimeEstimate
 from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
+from exo.networking.request_context import RequestContext, RingPlan
 from exo.networking.rtt import RttEstimator, measure_rtt_ms
 from exo.networking.server import Server
 from exo.orchestration.replan import should_replan
-from exo.orchestration.request_context import RequestContext, RingPlan
 from exo.topology.cost_model import PlannerParams, head_layers
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_spec import ModelSpec
@@ -49,8 +49,8 @@ class RequestFailed(Exception):
 class PlannerConfig:
   strategy: str = "flops-latency"
   objective: str = "latency"
-  memory_headroom: float = 0.1
-  default_rtt_ms: float = 5.0
+  memory_headroom: float = PlannerParams.memory_headroom
+  default_rtt_ms: float = PlannerParams.default_rtt_ms
   replan_threshold: float = 0.1  # adopt a better plan for unchanged membership only if it is this much faster
   batch: int = 1  # requests each stage runs at once when the ring is saturated (the throughput objective's b)
   ignore_layer_times: bool = False  # plan from the devices' roofline alone, as if no node had measured its engine
@@ -113,7 +113,6 @@ class Node:
     self._orphans: set[str] = set()  # at the last stage: requests whose origin could not be told a result; not continued
     self._tasks: set[asyncio.Task] = set()
     self._refresher: asyncio.Task | None = None
-    self.on_status: list[Callable[[str, dict], None]] = []
     self.last_generation: Generation | None = None
     self.measure_layer_times = measure_layer_times  # calibrate the engine at start, refine from requests, publish
     self._measuring: dict[str, tuple[ModelSpec, LayerTimeEstimate]] = {}  # by model id: the models whose layer times it refines
@@ -259,7 +258,7 @@ class Node:
     """The plan for the next request: a fresh one if membership changed or it beats the current ring by the threshold."""
     topology = self.planning_topology()
     params = self.planner.params()
-    candidate = plan_for(topology, model, self.planner.strategy, self.planner.objective, **params)
+    candidate = plan_for(topology, model, self.planner.strategy, self.planner.objective, **params)  # one view of the topology
     current = self.current_plan
     if current is not None and current.model.id == model.id:
       membership_changed = set(topology.nodes) != self._planned_membership
@@ -269,6 +268,10 @@ class Node:
         return self.current_plan
     self.current_plan, self._planned_membership = candidate, set(topology.nodes)
     return candidate
+
+  def candidate_plan(self, model: ModelSpec) -> Plan:
+    """The plan the strategy would make for `model` now, without adopting it."""
+    return plan_for(self.planning_topology(), model, self.planner.strategy, self.planner.objective, **self.planner.params())
 
   def current_prediction(self) -> Plan | None:
     """The current plan predicted on today's topology (measured layer times move between requests); None before any plan."""
@@ -285,7 +288,7 @@ class Node:
   ) -> Generation:
     """Plan, send the prompt to the first stage, and wait for the last stage's tokens until EOS, the token budget or the deadline."""
     started = time.perf_counter()
-    plan = self.plan(model or self.model)
+    plan = await asyncio.to_thread(self.plan, model or self.model)  # the search takes milliseconds to a few seconds
     ring = RingPlan.from_node_shards(plan.node_shards())
     context = RequestContext(str(uuid.uuid4()), self.id, ring, max_tokens or self.max_generate_tokens)
     pending = _Pending(asyncio.get_running_loop().create_future(), on_token=on_token)
@@ -307,7 +310,7 @@ class Node:
       self._pending.pop(context.request_id, None)
       await self._broadcast_finish(ring, context.request_id)
     last = ring.shard(len(ring.stages) - 1)
-    answer = tokens[:-1] if tokens and tokens[-1] in self.engine.eos_token_ids(last) else tokens
+    answer = tokens[:-1] if tokens and tokens[-1] in await asyncio.to_thread(self.engine.eos_token_ids, last) else tokens
     text = await self.engine.decode(last, answer)
     self.last_generation = Generation(context.request_id, tokens, text, plan, time.perf_counter() - started)
     return self.last_generation
@@ -336,15 +339,19 @@ class Node:
     return [n for n in ring.node_ids() if n in failed]
 
   async def _broadcast_finish(self, ring: RingPlan, request_id: str) -> None:
+    """Tell every ring node, all at once, that the request is over; a dead node (it has no state left) costs one timeout."""
     status = json.dumps({"type": "finish", "request_id": request_id})
-    for node_id in ring.node_ids():
+
+    async def tell(node_id: str) -> None:
       try:
         if node_id == self.id:
           self.process_opaque_status(request_id, status)
         elif node_id in self.peers:
           await asyncio.wait_for(self.peers[node_id].send_opaque_status(request_id, status), 2.0)
-      except Exception as e:  # a dead node has no state left to release
+      except Exception as e:
         log.info("could not tell %s that request %s finished: %s", node_id, request_id, e)
+
+    await asyncio.gather(*(tell(node_id) for node_id in ring.node_ids()))
 
   def process_opaque_status(self, request_id: str, status: str) -> None:
     try:
@@ -352,12 +359,13 @@ class Node:
     except json.JSONDecodeError:
       log.warning("ignoring a status that is not JSON for request %s", request_id)
       return
+    if not isinstance(message, dict):
+      log.warning("ignoring a status that is not a JSON object for request %s", request_id)
+      return
     if message.get("type") == "finish":
       self._ring_tokens.pop(request_id, None)
       self._orphans.discard(request_id)
       self._spawn(self.engine.finish_request(request_id))
-    for callback in self.on_status:
-      callback(request_id, message)
 
   # ---------- the ring ----------
 
@@ -388,7 +396,8 @@ class Node:
       token = await self.engine.sample(out)
       tokens = self._ring_tokens.setdefault(context.request_id, [])
       tokens.append(token)
-      finished = token in self.engine.eos_token_ids(shard) or len(tokens) >= context.max_tokens
+      eos = await asyncio.to_thread(self.engine.eos_token_ids, shard)  # the first call builds the tokenizer: not on the event loop
+      finished = token in eos or len(tokens) >= context.max_tokens
       # The next step goes round first, so the report to the origin is off the ring's critical path (one RPC less per token).
       if not finished and context.request_id not in self._orphans:
         next_step = context.at(context.position + out.shape[1])

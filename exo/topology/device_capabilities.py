@@ -3,7 +3,7 @@
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from exo.errors import PlanError
+from exo.errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,14 @@ class LayerTimes:
   @staticmethod
   def from_dict(data: dict, where: str) -> "LayerTimes":
     if not isinstance(data, dict):
-      raise PlanError(f"{where} must be a JSON object with decode_ms and token_ms, got {data!r}")
+      raise BadInput(f"{where} must be a JSON object with decode_ms and token_ms, got {data!r}")
     reject_unknown_keys(data, {"decode_ms", "token_ms"}, where)
     for key in ("decode_ms", "token_ms"):
       if key not in data:
-        raise PlanError(f"{where} is missing {key!r}")
+        raise BadInput(f"{where} is missing {key!r}")
     decode_ms = non_negative_number(data["decode_ms"], f"{where}.decode_ms")
     if decode_ms <= 0:
-      raise PlanError(f"{where}.decode_ms must be > 0, got {data['decode_ms']!r}")
+      raise BadInput(f"{where}.decode_ms must be > 0, got {data['decode_ms']!r}")
     return LayerTimes(decode_ms, non_negative_number(data["token_ms"], f"{where}.token_ms"))
 
 
@@ -64,21 +64,21 @@ class DeviceCapabilities:
   @staticmethod
   def from_dict(data: dict, where: str = "device") -> "DeviceCapabilities":
     if not isinstance(data, dict):
-      raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
+      raise BadInput(f"{where} must be a JSON object, got {type(data).__name__}")
     reject_unknown_keys(data, {"model", "chip", "memory", "flops", "memory_bandwidth", "layer_times"}, where)
     flops = data.get("flops", {})
     if not isinstance(flops, dict):
-      raise PlanError(f"{where}.flops must be a JSON object with fp32, fp16 and int8, got {flops!r}")
+      raise BadInput(f"{where}.flops must be a JSON object with fp32, fp16 and int8, got {flops!r}")
     reject_unknown_keys(flops, {"fp32", "fp16", "int8"}, f"{where}.flops")
     layer_times = data.get("layer_times", {})
     if not isinstance(layer_times, dict) or not all(isinstance(k, str) and k for k in layer_times):
-      raise PlanError(f"{where}.layer_times must be a JSON object mapping model ids to decode_ms and token_ms, got {layer_times!r}")
+      raise BadInput(f"{where}.layer_times must be a JSON object mapping model ids to decode_ms and token_ms, got {layer_times!r}")
     return DeviceCapabilities(
       model=_string(data.get("model", "Unknown Model"), f"{where}.model"),
       chip=_string(data.get("chip", "Unknown Chip"), f"{where}.chip"),
       memory=non_negative_number(data.get("memory", 0), f"{where}.memory"),
-      flops=DeviceFlops(**{k: non_negative_number(flops.get(k, 0), f"{where}.flops.{k}") for k in ("fp32", "fp16", "int8")}),
-      memory_bandwidth=non_negative_number(data.get("memory_bandwidth", 0), f"{where}.memory_bandwidth"),
+      flops=DeviceFlops(**{k: non_negative_number(flops.get(k, 0), f"{where}.flops.{k}", speed=True) for k in ("fp32", "fp16", "int8")}),
+      memory_bandwidth=non_negative_number(data.get("memory_bandwidth", 0), f"{where}.memory_bandwidth", speed=True),
       layer_times={k: LayerTimes.from_dict(v, f"{where}.layer_times[{k!r}]") for k, v in layer_times.items()},
     )
 
@@ -91,20 +91,40 @@ UNKNOWN_DEVICE_CAPABILITIES = DeviceCapabilities()
 
 
 def reject_unknown_keys(data: dict, allowed: set, where: str) -> None:
-  """Raise a PlanError naming the first key of `data` not in `allowed`."""
+  """Raise a BadInput naming the first key of `data` not in `allowed`."""
   for key in data:
     if key not in allowed:
-      raise PlanError(f"unknown key {key!r} in {where}; expected one of {', '.join(sorted(allowed))}")
+      raise BadInput(f"unknown key {key!r} in {where}; expected one of {', '.join(sorted(allowed))}")
+
+
+LARGEST = 1e15  # any figure above this (a petabyte in bytes, 10^15 ms, ...) is a mistake, and its arithmetic may overflow
+SMALLEST = 1e-9  # a non-zero speed (TFLOPS, GB/s, Mbit/s) below this would make times overflow to infinity
 
 
 def _string(value, where: str) -> str:
   if not isinstance(value, str):
-    raise PlanError(f"{where} must be a string, got {value!r}")
+    raise BadInput(f"{where} must be a string, got {value!r}")
+  return unicode_text(value, where)
+
+
+def unicode_text(value: str, where: str) -> str:
+  """`value` if it is valid Unicode (a lone surrogate from JSON's \\ud800 cannot be printed or sent), else a BadInput."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    raise BadInput(f"{where} must be valid Unicode text, got {value!r}") from None
   return value
 
 
-def non_negative_number(value, where: str) -> float:
-  """`value` as a float, or a PlanError if it is not a finite number >= 0."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value < 0:
-    raise PlanError(f"{where} must be a finite number >= 0, got {value!r}")
+def non_negative_number(value, where: str, speed: bool = False) -> float:
+  """`value` as a float, or a BadInput if it is not a number in [0, LARGEST]; a `speed` (something times are divided by) must
+  also be 0 (unknown) or at least SMALLEST."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise BadInput(f"{where} must be a number, got {value!r}")
+  if isinstance(value, int) and abs(value) > LARGEST:
+    raise BadInput(f"{where} must be at most {LARGEST:g}, got an integer of {len(str(abs(value)))} digits")
+  if math.isnan(value) or value < 0 or value > LARGEST:
+    raise BadInput(f"{where} must be a number from 0 to {LARGEST:g}, got {value!r}")
+  if speed and 0 < value < SMALLEST:
+    raise BadInput(f"{where} must be 0 (unknown) or at least {SMALLEST:g}, got {value!r}")
   return float(value)

@@ -3,10 +3,11 @@
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exo.errors import PlanError
-from exo.topology.device_capabilities import non_negative_number, reject_unknown_keys
+from exo.errors import BadInput
+from exo.topology.device_capabilities import non_negative_number, reject_unknown_keys, unicode_text
 from exo.topology.topology import parse_json, read_text
 
+MAX_LAYERS = 10_000  # the largest published models have a few hundred; more is a mistake the planner would take minutes over
 FLOAT32_BYTES = 4  # the engines send hidden states between stages and keep the KV cache in float32; the final norm is counted as float32
 
 
@@ -31,21 +32,22 @@ class ModelSpec:
   @staticmethod
   def from_dict(data: dict, where: str = "model spec") -> "ModelSpec":
     if not isinstance(data, dict):
-      raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
+      raise BadInput(f"{where} must be a JSON object, got {type(data).__name__}")
     required = {"id", "n_layers", "layer_bytes", "layer_flops", "activation_bytes"}
     sizes = ("layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer", "embed_bytes", "head_bytes")
     reject_unknown_keys(data, {*required, *sizes, "tied_embeddings"}, where)
     for key in sorted(required):
       if key not in data:
-        raise PlanError(f"{where} is missing {key!r}")
+        raise BadInput(f"{where} is missing {key!r}")
     if not isinstance(data["id"], str) or not data["id"]:
-      raise PlanError(f"{where}.id must be a non-empty string, got {data['id']!r}")
+      raise BadInput(f"{where}.id must be a non-empty string, got {data['id']!r}")
+    unicode_text(data["id"], f"{where}.id")
     n_layers = data["n_layers"]
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-      raise PlanError(f"{where}.n_layers must be an integer >= 1, got {n_layers!r}")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
+      raise BadInput(f"{where}.n_layers must be a whole number from 1 to {MAX_LAYERS}, got {n_layers!r}")
     tied = data.get("tied_embeddings", False)
     if not isinstance(tied, bool):
-      raise PlanError(f"{where}.tied_embeddings must be true or false, got {tied!r}")
+      raise BadInput(f"{where}.tied_embeddings must be true or false, got {tied!r}")
     spec = ModelSpec(
       id=data["id"],
       n_layers=n_layers,
@@ -53,7 +55,7 @@ class ModelSpec:
       **{k: non_negative_number(data.get(k, 0), f"{where}.{k}") for k in sizes},
     )
     if spec.layer_bytes + spec.kv_bytes_per_layer <= 0:
-      raise PlanError(f"{where}.layer_bytes must be > 0, got {spec.layer_bytes!r}")
+      raise BadInput(f"{where}.layer_bytes must be > 0, got {spec.layer_bytes!r}")
     return spec
 
   @staticmethod

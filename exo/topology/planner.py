@@ -2,11 +2,11 @@
 
 import math
 
-from exo.errors import PlanError
-from exo.models import model_spec
+from exo.errors import BadInput
 from exo.topology.cost_model import PlannerParams, Prediction, cost_model
 from exo.topology.flops_latency_partitioning_strategy import DEFAULT_PROMPT_TOKENS, FlopsLatencyPartitioningStrategy, check_fits, check_params
 from exo.topology.model_spec import ModelSpec
+from exo.topology.models import model_spec
 from exo.topology.plan import Plan
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
 from exo.topology.topology import Topology
@@ -70,18 +70,18 @@ def plan_for(
 ) -> Plan:
   unknown = sorted(set(params) - {"memory_headroom", "default_rtt_ms", "batch"})
   if unknown:
-    raise PlanError(f"unknown planner parameter {unknown[0]!r}; expected memory_headroom, default_rtt_ms or batch")
+    raise BadInput(f"unknown planner parameter {unknown[0]!r}; expected memory_headroom, default_rtt_ms or batch")
   topology, model, planner_params = as_topology(topology), as_model(model), PlannerParams(**params)
   check_params(objective, planner_params)
   if strategy == "flops-latency":
     return FlopsLatencyPartitioningStrategy(model, objective, prompt_tokens=prompt_tokens, **params).plan(topology)
   if strategy == "ring-memory-weighted":
     return memory_weighted_plan(topology, model, objective, planner_params, prompt_tokens)
-  raise PlanError(f"unknown partitioning strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+  raise BadInput(f"unknown partitioning strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
 
 
 def make_plan(
   topology: Topology | dict, model: ModelSpec | dict | str, strategy: str = "flops-latency", objective: str = "latency", **params
 ) -> dict:
-  """The plan JSON object for `model` on `topology`; raises PlanError (one sentence) when the request is impossible or malformed."""
+  """The plan JSON object for `model` on `topology`; raises BadInput (one sentence) when the request is impossible or malformed."""
   return plan_for(topology, model, strategy, objective, **params).to_dict()

@@ -99,30 +99,6 @@ def optimal_tours(mask: int, cycle: np.ndarray, path: np.ndarray, hop: np.ndarra
   yield from extend([start], mask & ~(1 << start), 0.0)
 
 
-def all_tours(mask: int, hop: np.ndarray, keep=lambda tour: True) -> Iterator[list[int]]:
-  """Every ring through subset `mask` along existing edges, both directions, starting at its lowest node, in lexicographic order.
-
-  `keep(partial_tour)` may prune a branch. Up to (k-1)! tours for k nodes.
-  """
-  nodes = members(mask)
-  start = nodes[0]
-
-  def extend(tour: list[int], left: int):
-    x = tour[-1]
-    if not left:
-      if len(tour) == 1 or math.isfinite(hop[x, start]):
-        yield list(tour)
-      return
-    for y in members(left):
-      if math.isfinite(hop[x, y]):
-        tour.append(y)
-        if keep(tour):
-          yield from extend(tour, left & ~(1 << y))
-        tour.pop()
-
-  yield from extend([start], mask & ~(1 << start))
-
-
 def tour_cost(tour: list[int], hop: np.ndarray) -> float:
   if len(tour) < 2:
     return 0.0

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from exo.errors import PlanError
-from exo.topology.device_capabilities import DeviceCapabilities, non_negative_number, reject_unknown_keys
+from exo.errors import BadInput
+from exo.topology.device_capabilities import DeviceCapabilities, non_negative_number, reject_unknown_keys, unicode_text
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,13 @@ class Topology:
   def update_node(self, node_id: str, capabilities: DeviceCapabilities) -> None:
     self.nodes[node_id] = capabilities
 
-  def get_node(self, node_id: str) -> DeviceCapabilities | None:
-    return self.nodes.get(node_id)
-
   def all_nodes(self) -> Iterable[tuple[str, DeviceCapabilities]]:
     return self.nodes.items()
 
   def add_edge(self, from_id: str, to_id: str, rtt_ms: float | None = None, bandwidth_mbps: float | None = None) -> None:
     """Record (or replace) the measurement on the directed edge from_id -> to_id."""
     if from_id == to_id:
-      raise PlanError(f"an edge must join two different nodes, got {from_id!r} to itself")
+      raise BadInput(f"an edge must join two different nodes, got {from_id!r} to itself")
     self.edges[(from_id, to_id)] = Edge(from_id, to_id, rtt_ms, bandwidth_mbps)
 
   def neighbours(self, node_id: str) -> list[str]:
@@ -67,11 +64,6 @@ class Topology:
   def _pair_edges(self, u: str, v: str) -> list[Edge]:
     return [e for e in (self.edges.get((u, v)), self.edges.get((v, u))) if e is not None]
 
-  def merge(self, other: "Topology") -> None:
-    """Take every node and edge of `other`, its values winning: each node is the authority on its own measurements."""
-    self.nodes.update(other.nodes)
-    self.edges.update(other.edges)
-
   def to_dict(self) -> dict:
     return {
       "nodes": {node_id: caps.to_dict() for node_id, caps in sorted(self.nodes.items())},
@@ -80,37 +72,38 @@ class Topology:
 
   @staticmethod
   def from_dict(data: dict) -> "Topology":
-    """Build and validate a topology from the topology JSON format; any problem is one PlanError naming it."""
+    """Build and validate a topology from the topology JSON format; any problem is one BadInput naming it."""
     if not isinstance(data, dict):
-      raise PlanError(f"a topology must be a JSON object with 'nodes' and 'edges', got {type(data).__name__}")
+      raise BadInput(f"a topology must be a JSON object with 'nodes' and 'edges', got {type(data).__name__}")
     reject_unknown_keys(data, {"nodes", "edges"}, "topology")
     nodes, edges = data.get("nodes"), data.get("edges", [])
     if not isinstance(nodes, dict) or not nodes:
-      raise PlanError("topology 'nodes' must be a non-empty JSON object mapping node ids to devices")
+      raise BadInput("topology 'nodes' must be a non-empty JSON object mapping node ids to devices")
     if not isinstance(edges, list):
-      raise PlanError(f"topology 'edges' must be a JSON list, got {type(edges).__name__}")
+      raise BadInput(f"topology 'edges' must be a JSON list, got {type(edges).__name__}")
     topology = Topology()
     for node_id, caps in nodes.items():
       if not isinstance(node_id, str) or not node_id:
-        raise PlanError(f"node ids must be non-empty strings, got {node_id!r}")
+        raise BadInput(f"node ids must be non-empty strings, got {node_id!r}")
+      unicode_text(node_id, "a node id")
       topology.update_node(node_id, DeviceCapabilities.from_dict(caps, f"node {node_id!r}"))
     for index, edge in enumerate(edges):
       where = f"edge #{index}"
       if not isinstance(edge, dict):
-        raise PlanError(f"{where} must be a JSON object with 'from' and 'to', got {edge!r}")
+        raise BadInput(f"{where} must be a JSON object with 'from' and 'to', got {edge!r}")
       reject_unknown_keys(edge, {"from", "to", "rtt_ms", "bandwidth_mbps"}, where)
       from_id, to_id = edge.get("from"), edge.get("to")
       for end in (from_id, to_id):
         if end not in topology.nodes:
-          raise PlanError(f"{where} names unknown node {end!r}; known nodes are {', '.join(sorted(topology.nodes))}")
+          raise BadInput(f"{where} names unknown node {end!r}; known nodes are {', '.join(sorted(topology.nodes))}")
       if (from_id, to_id) in topology.edges:
-        raise PlanError(f"duplicate edge from {from_id!r} to {to_id!r}")
+        raise BadInput(f"duplicate edge from {from_id!r} to {to_id!r}")
       rtt, bandwidth = edge.get("rtt_ms"), edge.get("bandwidth_mbps")
       topology.add_edge(
         from_id,
         to_id,
         None if rtt is None else non_negative_number(rtt, f"{where}.rtt_ms"),
-        None if bandwidth is None else non_negative_number(bandwidth, f"{where}.bandwidth_mbps"),
+        None if bandwidth is None else non_negative_number(bandwidth, f"{where}.bandwidth_mbps", speed=True),
       )
     return topology
 
@@ -124,9 +117,6 @@ class Topology:
   @staticmethod
   def load(path: str | Path) -> "Topology":
     return Topology.from_json(read_text(path, "topology file"), str(path))
-
-  def save(self, path: str | Path) -> None:
-    Path(path).write_text(self.to_json() + "\n")
 
   def __eq__(self, other) -> bool:
     return isinstance(other, Topology) and self.nodes == other.nodes and self.edges == other.edges
@@ -144,25 +134,29 @@ def _no_duplicate_keys(pairs: list) -> dict:
   out = {}
   for key, value in pairs:
     if key in out:
-      raise PlanError(f"duplicate key {key!r}: each node id (and each JSON key) may appear only once")
+      raise BadInput(f"duplicate key {key!r}: each node id (and each JSON key) may appear only once")
     out[key] = value
   return out
 
 
 def _reject_constant(name: str):
-  raise PlanError(f"{name} is not a number JSON allows; use a finite number")
+  raise BadInput(f"{name} is not a number JSON allows; use a finite number")
 
 
 def parse_json(text: str, source: str):
-  """Parse JSON strictly (no duplicate keys, no NaN/Infinity) into plain data, with a one-line PlanError on failure."""
+  """Parse JSON strictly (no duplicate keys, no NaN/Infinity) into plain data, with a one-line BadInput on failure."""
   try:
     return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
   except json.JSONDecodeError as e:
-    raise PlanError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    raise BadInput(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+  except RecursionError:
+    raise BadInput(f"{source} nests arrays or objects too deeply to be a topology or model spec") from None
 
 
 def read_text(path: str | Path, what: str) -> str:
   try:
-    return Path(path).read_text()
+    return Path(path).read_text(encoding="utf-8")
   except OSError as e:
-    raise PlanError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+    raise BadInput(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+  except UnicodeDecodeError:
+    raise BadInput(f"{what} {str(path)!r} is not UTF-8 text") from None

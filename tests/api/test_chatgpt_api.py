@@ -12,11 +12,11 @@ import pytest
 from exo.api import ChatGPTAPI
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.shard import Shard
-from exo.models import MODELS, model_spec
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.orchestration.node import Node
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.models import MODELS, model_spec
 from tests.support.greedy import greedy_tokens
 
 SERVED = "llama-3.2-1b"
@@ -200,10 +200,11 @@ def test_plan_is_the_current_plan_with_predictions(served):
   assert plan["predicted"]
 
 
-@pytest.mark.parametrize("caps, model_id, status", [(CAPS, SERVED, 200), (TINY, "llama-3.1-70b", 409)])
-def test_plan_before_any_request_is_computed_or_409(caps, model_id, status):
+@pytest.mark.parametrize("caps, model_id, status", [(CAPS, SERVED, 200), (TINY, "llama-3.1-70b", 503)])
+def test_plan_before_any_request_is_computed_or_503(caps, model_id, status):
+  node = Node("fresh", DummyInferenceEngine(), NoDiscovery(), caps, model_spec(model_id))
+
   async def main():
-    node = Node("fresh", DummyInferenceEngine(), NoDiscovery(), caps, model_spec(model_id))
     api = ChatGPTAPI(node, "127.0.0.1", 0)
     await api.start()
     try:
@@ -215,8 +216,9 @@ def test_plan_before_any_request_is_computed_or_409(caps, model_id, status):
   assert got == status
   if status == 200:
     assert set(body) == PLAN_KEYS and body["model"]["id"] == model_id
+    assert node.current_plan is None  # reading the plan adopted nothing
   else:
-    assert body["error"]["type"] == "plan_error" and body["error"]["message"]
+    assert body["error"]["type"] == "service_unavailable" and "does not fit" in body["error"]["message"]
 
 
 def test_healthcheck_and_cors(served):

@@ -6,7 +6,7 @@ import pytest
 
 from exo.inference.slowed_engine import SlowedEngine
 from exo.main import build_node, build_parser
-from exo.models import DEFAULT_MODEL
+from exo.topology.models import DEFAULT_MODEL
 from tests.cluster.harness import Device
 
 DEVICE = Device(2000, 1, 20)

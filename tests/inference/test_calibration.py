@@ -120,7 +120,7 @@ def test_calibrated_layer_times_match_the_engines_own_time_per_token_on_smollm2(
   """Other processes on a shared machine can slow one of the two timings and not the other: a pair far apart is timed again,
   up to ATTEMPTS times."""
   from exo.inference.model_figures import served_model_spec
-  from exo.models import model_spec
+  from exo.topology.models import model_spec
 
   model = served_model_spec(model_spec("smollm2-135m"))
   engine, ratios = engine_class(), []

@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.inference.gguf_header import read_header
 from exo.inference.model_files import locate_model
 from tests.inference.tiny_models import TINY, TINY_QWEN2, tiny_weights, write_gguf
@@ -45,12 +45,12 @@ def test_smollm2_file_with_its_vocabulary_and_template():
 )
 def test_bad_files_are_one_clear_error(tmp_path, content, problem):
   (tmp_path / "bad.gguf").write_bytes(content)
-  with pytest.raises(PlanError, match=f"bad.gguf is not a readable GGUF file: .*{problem}"):
+  with pytest.raises(ExoError, match=f"bad.gguf is not a readable GGUF file: .*{problem}"):
     read_header(str(tmp_path / "bad.gguf"))
 
 
 def test_a_truncated_download_is_named(tmp_path):
   write_gguf(tmp_path / "m.gguf", tiny_weights(TINY), TINY)
   (tmp_path / "cut.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:-100])
-  with pytest.raises(PlanError, match="truncated"):
+  with pytest.raises(ExoError, match="truncated"):
     read_header(str(tmp_path / "cut.gguf"))

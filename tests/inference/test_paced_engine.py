@@ -7,9 +7,9 @@ from exo.inference import paced_inference_engine
 from exo.inference.dummy_inference_engine import HIDDEN_SIZE, DummyInferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine, pacing_delay, positions_in
 from exo.inference.shard import Shard
-from exo.models import model_spec
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.model_spec import ModelSpec
+from exo.topology.models import model_spec
 
 MODEL = ModelSpec("m", n_layers=10, layer_bytes=1e8, layer_flops=2e9, activation_bytes=4096)
 DEVICE = DeviceCapabilities(memory=8192, flops=DeviceFlops(5, 10, 20), memory_bandwidth=100)  # fp16 10 TFLOPS, 100 GB/s

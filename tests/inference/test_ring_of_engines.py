@@ -6,20 +6,20 @@ differ so the planner's throughput split is uneven. The reference is the same en
 
 import asyncio
 import json
-import socket
 
 import pytest
 
 from exo.inference.mlx_inference_engine import MLXInferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
-from exo.models import model_spec
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.models import model_spec
 
 MODEL = model_spec("smollm2-135m")
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -31,12 +31,6 @@ DEVICES = {
   "slow": DeviceCapabilities("Test", "slow", 4096, DeviceFlops(0.5, 1.0, 2.0), 10.0),
 }
 ENGINES = {"tinygrad": TinygradInferenceEngine, "mlx": MLXInferenceEngine}
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 async def single_node_tokens(engine_class) -> list[int]:

@@ -18,7 +18,7 @@ from exo.inference.quantized import weight_nbytes
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import RequestStateError
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
-from exo.models import KV_CONTEXT
+from exo.topology.models import KV_CONTEXT
 from tests.inference.numpy_llama import forward
 from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
 

@@ -12,7 +12,7 @@ from collections import namedtuple
 
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.networking import udp_discovery
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.udp_discovery import UDPDiscovery, parse_announcement
@@ -39,12 +39,6 @@ class FakePeer(HealthOnlyPeer):
 
   def device_capabilities(self):
     return self.caps
-
-  async def connect(self):
-    pass
-
-  async def is_connected(self):
-    return self.disconnects == 0
 
   async def disconnect(self):
     self.disconnects += 1
@@ -255,7 +249,7 @@ def test_manual_bad_file_at_start_is_a_one_line_error_naming_the_file(tmp_path, 
   path, net = tmp_path / "peers.json", FakeNet()
   if content is not None:
     path.write_text(content)
-  with pytest.raises(PlanError, match=re.escape(problem)) as e:
+  with pytest.raises(ExoError, match=re.escape(problem)) as e:
     asyncio.run(manual(path, net).start())
   assert str(path) in str(e.value) and "\n" not in str(e.value)
   assert net.handles == []
@@ -375,16 +369,17 @@ def test_udp_uses_the_advertised_host_and_keeps_a_working_address():
       [handle] = await asyncio.wait_for(a.discover_peers(1), WAIT_S)
       assert handle.addr() == "10.0.0.2:50062"
       # the same node reached on another interface, at the same priority: keep the address that works
-      send(port, json.dumps({**announce, "advertised_host": "10.0.0.3"}).encode())
-      send(port, json.dumps(announce).encode())
-      await asyncio.sleep(0.2)
-      assert [p.addr() for p in await a.discover_peers()] == ["10.0.0.2:50062"]
+      # then a marker node's announcement, from the same socket: once the marker is seen, the two before it were handled
+      marker = {**announce, "node_id": "m", "advertised_host": "10.0.0.9"}
+      send(port, json.dumps({**announce, "advertised_host": "10.0.0.3"}).encode(), json.dumps(announce).encode(), json.dumps(marker).encode())
+      await wait_until(lambda: has_addr(a, "10.0.0.9:50062"), "the marker announcement is handled")
+      assert [p.addr() for p in await a.discover_peers() if p.id() == "b"] == ["10.0.0.2:50062"]
       # once that address fails its health check, the next announcement's address replaces it
       net.healthy["10.0.0.2:50062"] = False
       checks = handle.checks
       await wait_until(lambda: handle.checks >= checks + 2, "a failed check, applied")  # the 2nd starts after the 1st's result
       send(port, json.dumps({**announce, "advertised_host": "10.0.0.3"}).encode())
-      await wait_until(lambda: addrs_are(a, ["10.0.0.3:50062"]), "b moves to 10.0.0.3")
+      await wait_until(lambda: addrs_are(a, ["10.0.0.3:50062", "10.0.0.9:50062"]), "b moves to 10.0.0.3 (m stays)")
       assert handle.disconnects == 1
     finally:
       await a.stop()
@@ -415,7 +410,7 @@ def test_announcements_carry_the_layer_times_last_announced():
   assert d.announcement()["device_capabilities"]["layer_times"] == {"smollm2-135m": {"decode_ms": 1.6, "token_ms": 0.85}}
   assert parse_announcement(json.dumps(d.announcement()).encode()).device_capabilities == measured
   bad = {**d.announcement(), "device_capabilities": {**measured.to_dict(), "layer_times": {"m": {"decode_ms": 0, "token_ms": 1}}}}
-  with pytest.raises(PlanError, match="decode_ms must be > 0"):
+  with pytest.raises(ExoError, match="decode_ms must be > 0"):
     parse_announcement(json.dumps(bad).encode())
 
 
@@ -456,6 +451,10 @@ def test_default_broadcast_addresses_reads_the_interfaces(monkeypatch):
 
 async def ids_are(discovery, expected: list[str]) -> bool:
   return [p.id() for p in await discovery.discover_peers()] == expected
+
+
+async def has_addr(discovery, addr: str) -> bool:
+  return addr in [p.addr() for p in await discovery.discover_peers()]
 
 
 async def addrs_are(discovery, expected: list[str]) -> bool:

@@ -5,7 +5,6 @@ gets slower, which nothing declares, is given fewer layers after a few requests.
 import asyncio
 import json
 import logging
-import socket
 
 import pytest
 
@@ -17,6 +16,7 @@ from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.model_spec import ModelSpec
@@ -78,12 +78,6 @@ def test_a_node_whose_calibration_fails_starts_and_publishes_nothing(caplog):
     assert any("could not measure the engine on paced" in r.getMessage() and "no such device" in r.getMessage() for r in caplog.records)
   finally:
     asyncio.run(node.stop())
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def two_nodes(tmp_path) -> list[Node]:

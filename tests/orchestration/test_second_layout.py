@@ -7,18 +7,18 @@ The first request is held at a chosen step (an event, not a sleep) until the sec
 
 import asyncio
 import json
-import socket
 
 import pytest
 
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.shard import Shard
-from exo.models import model_spec
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.models import model_spec
 from tests.support.greedy import greedy_tokens
 
 MODEL = model_spec("smollm2-135m")
@@ -71,12 +71,6 @@ class Held:
 
   def __getattr__(self, name):
     return getattr(self.inner, name)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 async def alone(engine_name: str, prompts: list[str]) -> list[list[int]]:

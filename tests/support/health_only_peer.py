@@ -5,12 +5,6 @@ from exo.networking.peer_handle import PeerHandle
 
 
 class HealthOnlyPeer(PeerHandle):
-  async def connect(self):
-    pass
-
-  async def is_connected(self):
-    return True
-
   async def disconnect(self):
     pass
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.latency_proxy import LatencyProxy
+from exo.tools.latency_proxy import LatencyProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,7 +113,7 @@ def test_runs_as_a_process():
     process = await asyncio.create_subprocess_exec(
       sys.executable,
       "-m",
-      "tests.support.latency_proxy",
+      "exo.tools.latency_proxy",
       "--listen",
       "127.0.0.1:0",
       "--target",

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
 from exo.topology.model_spec import ModelSpec
 from exo.topology.partitioning_strategy import Partition
@@ -72,12 +72,12 @@ def test_single_node():
 
 
 def test_model_too_large_is_refused():
-  with pytest.raises(PlanError, match="does not fit.*holds only 6 layers"):
+  with pytest.raises(ExoError, match="does not fit.*holds only 6 layers"):
     make_plan(mesh({"a": node(4, 100), "b": node(4, 100)}), MODEL)
 
 
 def test_nodes_that_fit_only_together_but_share_no_edge_are_refused():
-  with pytest.raises(PlanError, match="no ring"):
+  with pytest.raises(ExoError, match="no ring"):
     make_plan({"nodes": {"a": node(8, 100), "b": node(8, 100)}, "edges": []}, MODEL)
 
 
@@ -92,16 +92,18 @@ def test_partition_works_without_a_model_and_covers_zero_to_one():
   partitions = FlopsLatencyPartitioningStrategy().partition(t)
   assert partitions[0].start == 0 and partitions[-1].end == 1
   assert all(isinstance(p, Partition) for p in partitions)
+  assert FlopsLatencyPartitioningStrategy().plan(t).warnings == ["no model was given: planned for llama-3.2-1b, upstream's default model"]
+  assert FlopsLatencyPartitioningStrategy(ModelSpec.from_dict(MODEL)).plan(t).warnings == []
 
 
 def test_bad_parameters_are_refused():
-  with pytest.raises(PlanError, match="objective must be one of latency, throughput"):
+  with pytest.raises(ExoError, match="objective must be one of latency, throughput"):
     make_plan(mesh({"a": node(16, 100)}), MODEL, objective="speed")
-  with pytest.raises(PlanError, match="memory headroom must be a fraction"):
+  with pytest.raises(ExoError, match="memory headroom must be a fraction"):
     make_plan(mesh({"a": node(16, 100)}), MODEL, memory_headroom=1.5)
-  with pytest.raises(PlanError, match="unknown planner parameter 'hops'"):
+  with pytest.raises(ExoError, match="unknown planner parameter 'hops'"):
     make_plan(mesh({"a": node(16, 100)}), MODEL, hops=3)
-  with pytest.raises(PlanError, match="unknown partitioning strategy"):
+  with pytest.raises(ExoError, match="unknown partitioning strategy"):
     make_plan(mesh({"a": node(16, 100)}), MODEL, strategy="random")
 
 
@@ -187,7 +189,7 @@ def test_heuristic_keeps_the_ring_within_one_site(objective):
   topology = two_sites(40)  # 20 nodes of 7 layers a site
   ids = check_ring(topology, make_plan(topology, BIG, objective=objective))
   assert len({int(name[1:]) < 20 for name in ids}) == 1
-  with pytest.raises(PlanError, match="no ring can hold"):  # 8 nodes a site hold 56 layers: only both sites would, and no ring joins them
+  with pytest.raises(ExoError, match="no ring can hold"):  # 8 nodes a site hold 56 layers: only both sites would, and no ring joins them
     make_plan(two_sites(16), BIG, objective=objective)
 
 
@@ -208,6 +210,6 @@ def test_heuristic_finds_a_ring_whenever_the_exact_search_does(shape, objective)
     for limit in (10, 0):
       try:
         outcomes.append(FlopsLatencyPartitioningStrategy(ModelSpec.from_dict(BIG), objective, exact_limit=limit).plan(topology))
-      except PlanError:
+      except ExoError:
         outcomes.append(None)
     assert (outcomes[0] is None) == (outcomes[1] is None), f"{shape.__name__}({n}): exact {outcomes[0]}, heuristic {outcomes[1]}"

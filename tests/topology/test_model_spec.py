@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from exo.errors import PlanError
-from exo.models import MODELS, model_spec
+from exo.errors import ExoError
 from exo.topology.model_spec import ModelSpec
+from exo.topology.models import MODELS, model_spec
 
 
 def test_llama_8b_figures_follow_from_its_architecture():
@@ -49,7 +49,7 @@ def test_upstream_ids_name_the_4bit_builds():
 
 
 def test_unknown_model_lists_the_known_ones():
-  with pytest.raises(PlanError, match="unknown model 'gpt-5'.*llama-3.1-70b"):
+  with pytest.raises(ExoError, match="unknown model 'gpt-5'.*llama-3.1-70b"):
     model_spec("gpt-5")
 
 
@@ -83,15 +83,18 @@ GOOD = {"id": "x", "n_layers": 2, "layer_bytes": 1, "layer_flops": 1, "activatio
 @pytest.mark.parametrize(
   "data, message",
   [
-    ({"id": "x", "n_layers": 0, "layer_bytes": 1, "layer_flops": 1, "activation_bytes": 1}, "n_layers must be an integer >= 1"),
-    ({"id": "x", "n_layers": 2.5, "layer_bytes": 1, "layer_flops": 1, "activation_bytes": 1}, "n_layers must be an integer"),
+    ({"id": "x", "n_layers": 0, "layer_bytes": 1, "layer_flops": 1, "activation_bytes": 1}, "n_layers must be a whole number from 1 to 10000"),
+    (
+      {"id": "x", "n_layers": 2.5, "layer_bytes": 1, "layer_flops": 1, "activation_bytes": 1},
+      "n_layers must be a whole number from 1 to 10000, got 2.5",
+    ),
     ({"id": "x", "n_layers": 2, "layer_flops": 1, "activation_bytes": 1}, "missing 'layer_bytes'"),
     ({"id": "x", "n_layers": 2, "layer_bytes": 1, "layer_flops": 1, "activation_bytes": 1, "vocab": 5}, "unknown key 'vocab'"),
-    ({"id": "x", "n_layers": 2, "layer_bytes": -1, "layer_flops": 1, "activation_bytes": 1}, "layer_bytes must be a finite number >= 0"),
+    ({"id": "x", "n_layers": 2, "layer_bytes": -1, "layer_flops": 1, "activation_bytes": 1}, "layer_bytes must be a number from 0 to 1e\\+15"),
     ({"id": "x", "n_layers": 2, "layer_bytes": 0, "layer_flops": 1, "activation_bytes": 1}, "layer_bytes must be > 0"),
-    ({**GOOD, "embed_bytes": -1}, "embed_bytes must be a finite number >= 0, got -1"),
-    ({**GOOD, "head_bytes": "big"}, "head_bytes must be a finite number >= 0, got 'big'"),
-    ({**GOOD, "head_bytes": True}, "head_bytes must be a finite number >= 0, got True"),
+    ({**GOOD, "embed_bytes": -1}, "embed_bytes must be a number from 0 to 1e\\+15, got -1"),
+    ({**GOOD, "head_bytes": "big"}, "head_bytes must be a number, got 'big'"),
+    ({**GOOD, "head_bytes": True}, "head_bytes must be a number, got True"),
     ({**GOOD, "tied_embeddings": "true"}, "tied_embeddings must be true or false, got 'true'"),
     ({**GOOD, "tied_embeddings": 1}, "tied_embeddings must be true or false, got 1"),
     ({**GOOD, "tied_embeddings": None}, "tied_embeddings must be true or false, got None"),
@@ -99,6 +102,6 @@ GOOD = {"id": "x", "n_layers": 2, "layer_bytes": 1, "layer_flops": 1, "activatio
   ],
 )
 def test_bad_model_spec(data, message):
-  with pytest.raises(PlanError, match=message) as error:
+  with pytest.raises(ExoError, match=message) as error:
     ModelSpec.from_dict(data)
   assert "\n" not in str(error.value)

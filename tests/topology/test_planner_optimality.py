@@ -1,7 +1,7 @@
 """make_plan against the brute-force oracle of tests/topology/oracle.py (docs/DESIGN.md section 2, cost model v2), plus plan-shape properties.
 
 Properties: (1) the predicted primary objective is the oracle's optimum and the secondary the best among primary-optimal plans,
-and PlanError exactly when nothing is feasible under the objective (throughput reserves KV for k * b requests, so it can be
+and ExoError exactly when nothing is feasible under the objective (throughput reserves KV for k * b requests, so it can be
 infeasible where latency is not); (2) every shard fits its node's capacity for its role (first stage: embedding; last: head)
 and ring neighbours are adjacent; (3) shards and partitions tile the layers; (4) predicted numbers (TPOT, tokens/s,
 throughput, TTFT, feasible) match an independent evaluation of the returned shards; (5) the plan does not depend on dict or
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.topology.planner import make_plan
 from tests.topology.oracle import OBJECTIVES, CostModel, check_predicted, close, oracle
 
@@ -171,7 +171,7 @@ def oracle_for(case: dict) -> dict | None:
 def plan_or_none(case: dict, objective: str) -> dict | None:
   try:
     return plan_for(case, objective)
-  except PlanError:
+  except ExoError:
     return None
 
 
@@ -181,7 +181,7 @@ def plan_or_none(case: dict, objective: str) -> dict | None:
 def check_optimal(case: dict, objective: str) -> None:
   best = oracle_for(case)
   if best is None or (objective == "throughput" and best["best_throughput"] is None):
-    with pytest.raises(PlanError):
+    with pytest.raises(ExoError):
       plan_for(case, objective)
     return
   plan = plan_for(case, objective)
@@ -414,13 +414,13 @@ def test_hand_default_rtt_applies_when_no_edge_measures_one():
 def test_hand_impossible_requests_raise_plan_error():
   # 5 layers but caps 2 + 2 = 4: nothing fits.
   topology = {"nodes": {"a": node(2500, 1000), "b": node(2500, 1000)}, "edges": [{"from": "a", "to": "b", "rtt_ms": 1.0}]}
-  with pytest.raises(PlanError):
+  with pytest.raises(ExoError):
     make_plan(topology, spec(5))
   # 4 layers fit in a + b together, but with no edge they cannot form a ring, and neither holds 4 alone.
-  with pytest.raises(PlanError):
+  with pytest.raises(ExoError):
     make_plan({"nodes": topology["nodes"], "edges": []}, spec(4))
   # headroom 0.5 halves the caps: 2500 MB -> floor(1.31) = 1 each, so 3 layers no longer fit.
-  with pytest.raises(PlanError):
+  with pytest.raises(ExoError):
     make_plan(topology, spec(3), memory_headroom=0.5)
   assert sorted(count for _, count in layers(make_plan(topology, spec(3)))) == [1, 2]
 

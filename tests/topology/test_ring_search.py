@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo.topology.ring_search import all_tours, hamiltonian_cycle, held_karp, members, optimal_tours, ring_holding, tour_cost, two_opt_tour
+from exo.topology.ring_search import hamiltonian_cycle, held_karp, members, optimal_tours, ring_holding, tour_cost, two_opt_tour
 
 
 @st.composite
@@ -39,7 +39,6 @@ def test_held_karp_matches_every_permutation_for_every_subset(hop):
     assert math.isclose(cycle[mask], best, rel_tol=1e-12)
     cheapest = sorted(t for c, t in costs if math.isclose(c, best, rel_tol=1e-9))
     assert list(optimal_tours(mask, cycle, path, hop)) == cheapest
-    assert list(all_tours(mask, hop)) == sorted(t for c, t in costs if math.isfinite(c))
 
 
 def test_two_node_ring_crosses_its_link_twice():

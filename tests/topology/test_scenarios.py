@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from exo.errors import PlanError
-from exo.models import MODELS
+from exo.errors import ExoError
+from exo.topology.models import MODELS
 from exo.topology.planner import make_plan
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
@@ -361,7 +361,7 @@ def test_scenario_expected(path: Path):
   scenario = load(path)
   expected = scenario["expected"]
   if "error" in expected:
-    with pytest.raises(PlanError, match=re.escape(expected["error"])):
+    with pytest.raises(ExoError, match=re.escape(expected["error"])):
       plan_for(scenario)
     return
   plan = plan_for(scenario)
@@ -410,7 +410,7 @@ def test_planner_matches_brute_force(path: Path, objective: str):
   cluster = cluster_for(scenario)
   best = cluster.optimum()
   if best is None:  # possible under the other objective: throughput reserves KV for k b requests per stage
-    with pytest.raises(PlanError):
+    with pytest.raises(ExoError):
       plan_for(scenario)
     return
   plan = plan_for(scenario)
@@ -463,7 +463,7 @@ def test_flops_latency_at_least_as_good_as_memory_weighted(path: Path):
   cluster, objective = cluster_for(scenario), scenario["objective"]
   try:
     baseline = plan_for(scenario, "ring-memory-weighted")
-  except PlanError:
+  except ExoError:
     pytest.skip("ring-memory-weighted refuses this request")
   if cluster.plan_problems(baseline):
     pytest.skip(f"ring-memory-weighted's plan is infeasible: {cluster.plan_problems(baseline)[0]}")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.topology import Topology
 
@@ -23,7 +23,7 @@ def topology_dict(**extra_edge):
 def test_round_trip_through_json(tmp_path):
   path = tmp_path / "topology.json"
   original = Topology.from_dict(topology_dict())
-  original.save(path)
+  path.write_text(original.to_json())
   loaded = Topology.load(path)
   assert loaded == original
   assert loaded.nodes["studio"] == DeviceCapabilities("Mac Studio", "Apple M2 Ultra", 196608, DeviceFlops(27.2, 54.4, 108.8), 800)
@@ -47,16 +47,6 @@ def test_unmeasured_pair_has_no_rtt_and_strangers_are_not_neighbours():
   assert not t.are_neighbours("a", "c")
 
 
-def test_merge_takes_the_other_sides_measurements():
-  mine = Topology.from_dict(topology_dict())
-  theirs = Topology()
-  theirs.update_node("phone", DeviceCapabilities(memory=8192))
-  theirs.add_edge("studio", "air", rtt_ms=9.0)
-  mine.merge(theirs)
-  assert set(mine.nodes) == {"studio", "air", "phone"}
-  assert mine.pair_rtt_ms("studio", "air") == 9.0
-
-
 @pytest.mark.parametrize(
   "text, message",
   [
@@ -64,23 +54,23 @@ def test_merge_takes_the_other_sides_measurements():
     ('{"nodes": {"a": {"flops": {"fp64": 1}}}}', "unknown key 'fp64'"),
     ('{"nodes": {"a": {}}, "links": []}', "unknown key 'links'"),
     ('{"nodes": {"a": {"memory": NaN}}}', "NaN"),
-    ('{"nodes": {"a": {"memory": -5}}}', "memory must be a finite number >= 0, got -5"),
-    ('{"nodes": {"a": {"memory_bandwidth": "fast"}}}', "memory_bandwidth must be a finite number"),
+    ('{"nodes": {"a": {"memory": -5}}}', "memory must be a number from 0 to 1e\\+15, got -5"),
+    ('{"nodes": {"a": {"memory_bandwidth": "fast"}}}', "memory_bandwidth must be a number, got 'fast'"),
     ('{"nodes": {"a": {}, "a": {}}}', "duplicate key 'a'"),
     ('{"nodes": {"a": {}}, "edges": [{"from": "a", "to": "ghost"}]}', "unknown node 'ghost'"),
     ('{"nodes": {"a": {}, "b": {}}, "edges": [{"from": "a", "to": "b"}, {"from": "a", "to": "b"}]}', "duplicate edge"),
     ('{"nodes": {"a": {}}, "edges": [{"from": "a", "to": "a"}]}', "to itself"),
-    ('{"nodes": {"a": {}, "b": {}}, "edges": [{"from": "a", "to": "b", "rtt_ms": -1}]}', "rtt_ms must be a finite number >= 0"),
+    ('{"nodes": {"a": {}, "b": {}}, "edges": [{"from": "a", "to": "b", "rtt_ms": -1}]}', "rtt_ms must be a number from 0 to 1e\\+15"),
     ('{"nodes": {}}', "non-empty"),
     ('{"nodes": {"a": {}}', "not valid JSON"),
   ],
 )
 def test_bad_topology_gives_one_clear_error(text, message):
-  with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+  with pytest.raises(ExoError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
     Topology.from_json(text)
   assert "\n" not in str(err.value)
 
 
 def test_missing_file_is_a_plan_error(tmp_path):
-  with pytest.raises(PlanError, match="cannot read topology file"):
+  with pytest.raises(ExoError, match="cannot read topology file"):
     Topology.load(tmp_path / "nope.json")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.errors import PlanError
+from exo.errors import ExoError
 from exo.topology.planner import make_plan
 
 CASES = json.loads((Path(__file__).parent / "v1_plans.json").read_text())
@@ -22,7 +22,7 @@ def test_v1_inputs_get_the_v1_plans(case):
   want = case["v1"]
   try:
     plan = make_plan(case["topology"], case["model"], "flops-latency", case["objective"])
-  except PlanError as e:
+  except ExoError as e:
     assert str(e).split(":")[0] == want.get("error"), f"v1 planned {want}, v2 raised {e}"
     return
   assert "error" not in want, f"v1 raised {want['error']!r}, v2 planned {plan['shards']}"

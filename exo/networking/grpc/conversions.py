@@ -6,7 +6,7 @@ import numpy as np
 
 from exo.inference.shard import Shard
 from exo.networking.grpc import node_service_pb2 as pb
-from exo.orchestration.request_context import RequestContext, RingPlan, RingStage
+from exo.networking.request_context import RequestContext, RingPlan, RingStage
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes, non_negative_number
 from exo.topology.topology import Topology
 
@@ -99,8 +99,9 @@ def device_capabilities_to_proto(caps: DeviceCapabilities) -> pb.DeviceCapabilit
 
 
 def device_capabilities_from_proto(msg: pb.DeviceCapabilities, where: str = "device") -> DeviceCapabilities:
-  flops = DeviceFlops(*(non_negative_number(getattr(msg.flops, k), f"{where}.flops.{k}") for k in ("fp32", "fp16", "int8")))
-  memory, bandwidth = non_negative_number(msg.memory, f"{where}.memory"), non_negative_number(msg.memory_bandwidth, f"{where}.memory_bandwidth")
+  flops = DeviceFlops(*(non_negative_number(getattr(msg.flops, k), f"{where}.flops.{k}", speed=True) for k in ("fp32", "fp16", "int8")))
+  memory = non_negative_number(msg.memory, f"{where}.memory")
+  bandwidth = non_negative_number(msg.memory_bandwidth, f"{where}.memory_bandwidth", speed=True)
   if "" in msg.layer_times:
     raise ValueError(f"{where}.layer_times has an empty model id")
   layer_times = {model_id: layer_times_from_proto(t, f"{where}.layer_times[{model_id!r}]") for model_id, t in msg.layer_times.items()}
@@ -131,6 +132,6 @@ def topology_from_proto(msg: pb.Topology) -> Topology:
     if not e.from_id or not e.to_id:
       raise ValueError(f"topology {where} has an empty node id")
     rtt = non_negative_number(e.rtt_ms, f"{where} rtt_ms") if e.HasField("rtt_ms") else None
-    bandwidth = non_negative_number(e.bandwidth_mbps, f"{where} bandwidth_mbps") if e.HasField("bandwidth_mbps") else None
+    bandwidth = non_negative_number(e.bandwidth_mbps, f"{where} bandwidth_mbps", speed=True) if e.HasField("bandwidth_mbps") else None
     topology.add_edge(e.from_id, e.to_id, rtt, bandwidth)
   return topology

@@ -1,6 +1,5 @@
 """A peer reached over gRPC: a lazily opened channel, per-call timeouts, and a health check that never raises."""
 
-import asyncio
 import logging
 
 import grpc
@@ -12,14 +11,13 @@ from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.conversions import context_to_proto, shard_to_proto, tensor_to_proto, topology_from_proto
 from exo.networking.grpc.grpc_server import MAX_MESSAGE_MB, message_size_options
 from exo.networking.peer_handle import PeerHandle
-from exo.orchestration.request_context import RequestContext
+from exo.networking.request_context import RequestContext
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import Topology
 
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 10.0
-CONNECT_TIMEOUT_S = 5.0
 # While a channel backs off after a failed connect every call fails at once, and gRPC's backoff grows to 120 s by default:
 # cap it so a restarted peer passes health checks again within seconds.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -46,14 +44,6 @@ class GRPCPeerHandle(PeerHandle):
       self.channel = grpc.aio.insecure_channel(self.address, options=[*message_size_options(self.max_message_mb), *RECONNECT_OPTIONS])
       self.stub = pb_grpc.NodeServiceStub(self.channel)
     return self.stub
-
-  async def connect(self) -> None:
-    """Open the channel and wait until it is ready; TimeoutError after CONNECT_TIMEOUT_S."""
-    self._stub()
-    await asyncio.wait_for(self.channel.channel_ready(), CONNECT_TIMEOUT_S)
-
-  async def is_connected(self) -> bool:
-    return self.channel is not None and self.channel.get_state() == grpc.ChannelConnectivity.READY
 
   async def disconnect(self) -> None:
     if self.channel is not None:

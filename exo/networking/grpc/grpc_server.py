@@ -5,10 +5,11 @@ import logging
 
 import grpc
 
+from exo.errors import ExoError
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.conversions import context_from_proto, shard_from_proto, tensor_from_proto, topology_to_proto
-from exo.networking.server import Server
+from exo.networking.server import RingNode, Server
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +25,16 @@ def message_size_options(max_message_mb: int) -> list[tuple[str, int]]:
 
 
 def _guarded(rpc):
-  """Abort a malformed request with INVALID_ARGUMENT and a node failure with INTERNAL; either way the server stays up."""
+  """Abort with the status an ExoError carries (a malformed request INVALID_ARGUMENT, a missing model NOT_FOUND, ...), a
+  message that does not parse with INVALID_ARGUMENT, and a node failure with INTERNAL; either way the server stays up."""
 
   @functools.wraps(rpc)
   async def handler(self: "GRPCServer", request, context: grpc.aio.ServicerContext):
     try:
       return await rpc(self, request, context)
+    except ExoError as e:
+      logger.warning("rejected %s from %s: %s", rpc.__name__, context.peer(), e)
+      await context.abort(grpc.StatusCode[e.grpc_code], str(e))
     except ValueError as e:
       logger.warning("rejected %s from %s: %s", rpc.__name__, context.peer(), e)
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -41,7 +46,7 @@ def _guarded(rpc):
 
 
 class GRPCServer(pb_grpc.NodeServiceServicer, Server):
-  def __init__(self, node, host: str, port: int, max_message_mb: int = MAX_MESSAGE_MB):
+  def __init__(self, node: RingNode, host: str, port: int, max_message_mb: int = MAX_MESSAGE_MB):
     self.node, self.host, self.port, self.max_message_mb = node, host, port, max_message_mb
     self.server: grpc.aio.Server | None = None
 

@@ -1,7 +1,7 @@
 import pytest
 
 from exo.inference.shard import Shard
-from exo.orchestration.request_context import RingPlan, RingStage
+from exo.networking.request_context import RingPlan, RingStage
 
 
 def ring(*stages):

@@ -5,7 +5,7 @@ Each direction of a connection has a reader that stamps every chunk with its rel
 arrives) and a writer that sends chunks in order at their release time; the reader never waits for a chunk's delay. EOF travels
 the same way (half-close). Buffering is unbounded: fine for tests, not for a hostile peer.
 
-As a process: python -m tests.support.latency_proxy --listen 127.0.0.1:PORT --target 127.0.0.1:PORT --delay-ms 10
+As a process: python -m exo.tools.latency_proxy --listen 127.0.0.1:PORT --target 127.0.0.1:PORT --delay-ms 10
 """
 
 import argparse
@@ -158,7 +158,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m tests.support.latency_proxy", description="TCP proxy adding a one-way delay each way")
+  parser = argparse.ArgumentParser(prog="python -m exo.tools.latency_proxy", description="TCP proxy adding a one-way delay each way")
   parser.add_argument("--listen", type=_address, required=True, help="HOST:PORT to listen on (port 0 picks a free one)")
   parser.add_argument("--target", type=_address, required=True, help="HOST:PORT to forward to")
   parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay in each direction")

@@ -1,6 +1,6 @@
 """Built-in models the fork serves, by upstream's ids: the plain id is the 4-bit build, suffixes name other precisions."""
 
-from exo.errors import PlanError
+from exo.errors import ModelNotFound
 from exo.topology.model_spec import Architecture, ModelSpec
 
 BITS = {"4bit": 4.5, "8bit": 8.5, "q4_1": 5.0, "q8_0": 8.5, "bf16": 16.0}  # q4_1: 4-bit weights plus an fp16 scale and minimum per 32
@@ -47,9 +47,9 @@ MODELS: dict[str, ModelSpec] = {model_id: architecture(model_id).spec(model_id) 
 
 
 def model_spec(model_id: str) -> ModelSpec:
-  """The built-in spec for `model_id`, or a PlanError listing the known ids."""
+  """The built-in spec for `model_id`, or a BadInput listing the known ids."""
   if model_id not in MODELS:
-    raise PlanError(f"unknown model {model_id!r}; built-in models are {', '.join(sorted(MODELS))} (or pass --model-spec FILE)")
+    raise ModelNotFound(f"unknown model {model_id!r}; built-in models are {', '.join(sorted(MODELS))} (or pass --model-spec FILE)")
   return MODELS[model_id]
 
 

@@ -1,0 +1,73 @@
+"""The layers import downward only: topology <- inference <- networking <- orchestration <- api (and the terminal view) <- main.
+
+Every `import` and `from ... import` in the package (at any depth, also inside functions) is read with `ast`; a module may
+import from its own layer, the layers below it and `exo/errors.py`. The benchmarks may use the package, never the tests.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ["topology", "inference", "networking", "orchestration", "api", "main"]
+LAYER_OF = {**{name: i for i, name in enumerate(LAYERS)}, "viz": LAYERS.index("api"), "plan_cli": LAYERS.index("main"), "tools": LAYERS.index("main")}
+SHARED = {"exo.errors", "exo"}
+
+
+def layer_of(module: str) -> int | None:
+  """The layer index of an `exo` module name; None for `exo.errors`, the package itself and modules outside it."""
+  parts = module.split(".")
+  if parts[0] != "exo" or module in SHARED or parts[1] == "__init__":
+    return None
+  return LAYER_OF[parts[1]]
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+  """(line, module) of every absolute import in a file."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      found += [(node.lineno, alias.name) for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.append((node.lineno, node.module))
+  return found
+
+
+def module_name(path: Path) -> str:
+  return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+PACKAGE = sorted((ROOT / "exo").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", PACKAGE, ids=[str(p.relative_to(ROOT)) for p in PACKAGE])
+def test_package_modules_import_downward_only(path):
+  own = layer_of(module_name(path))
+  upward = [f"line {line}: {module}" for line, module in imports(path) if own is not None and (layer_of(module) or -1) > own]
+  assert upward == [], f"{path.relative_to(ROOT)} (layer {LAYERS[own]}) imports a higher layer: {upward}"
+
+
+def test_topology_imports_nothing_of_exo_but_itself_and_errors():
+  for path in sorted((ROOT / "exo" / "topology").rglob("*.py")):
+    outside = [m for _, m in imports(path) if m.startswith("exo") and not m.startswith("exo.topology") and m not in SHARED]
+    assert outside == [], f"{path.relative_to(ROOT)} imports {outside}"
+
+
+def test_benchmarks_do_not_import_the_tests():
+  for path in sorted((ROOT / "benchmarks").glob("*.py")):
+    assert not [m for _, m in imports(path) if m.split(".")[0] == "tests"], f"{path.relative_to(ROOT)} imports the tests"
+
+
+def test_the_rule_catches_the_imports_it_forbids(tmp_path):
+  """The checks above would fail on each kind of upward import the package once had."""
+  cases = {
+    "exo.networking.peer_handle": "from exo.orchestration.request_context import RequestContext",
+    "exo.topology.plan": "from exo.inference.shard import Shard",
+    "exo.inference.engine": "import exo.networking.server",
+  }
+  for module, line in cases.items():
+    path = tmp_path / "m.py"
+    path.write_text(line + "\n")
+    ((_, imported),) = imports(path)
+    assert layer_of(imported) > layer_of(module)
