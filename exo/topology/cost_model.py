@@ -94,6 +94,7 @@ class CostModel:
   unknown_memory: list[str] = field(default_factory=list)
   known_speeds: list[tuple[float, float]] | None = None  # every known speed of the whole topology (a restricted model keeps them)
   _times: dict = field(default_factory=dict, repr=False)
+  _capacity: dict = field(default_factory=dict, repr=False)
 
   def __post_init__(self):
     if self.known_speeds is None:
@@ -124,14 +125,18 @@ class CostModel:
     return 1 if self.objective == "latency" else ring_size * self.params.batch
 
   def capacity(self, i: int, first: bool = False, last: bool = False, ring_size: int = 1) -> int:
-    """Layers node i can hold in a ring of `ring_size` nodes, with the embedding if first and the head if last."""
-    m = self.model
-    if first and last and m.tied_embeddings:
-      reserved = max(m.embed_bytes, m.head_bytes)
-    else:
-      reserved = m.embed_bytes * first + m.head_bytes * last
-    per_layer = m.layer_bytes + self.resident_requests(ring_size) * m.kv_bytes_per_layer
-    return math.floor((self.usable_bytes[i] - reserved) / per_layer)
+    """Layers node i can hold in a ring of `ring_size` nodes, with the embedding if first and the head if last (cached: the
+    searches ask for the same few roles many times)."""
+    key = (i, bool(first), bool(last), ring_size)
+    if key not in self._capacity:
+      m = self.model
+      if first and last and m.tied_embeddings:
+        reserved = max(m.embed_bytes, m.head_bytes)
+      else:
+        reserved = m.embed_bytes * first + m.head_bytes * last
+      per_layer = m.layer_bytes + self.resident_requests(ring_size) * m.kv_bytes_per_layer
+      self._capacity[key] = math.floor((self.usable_bytes[i] - reserved) / per_layer)
+    return self._capacity[key]
 
   def ring_capacities(self, ring: list[int]) -> list[int]:
     k = len(ring)

@@ -84,7 +84,7 @@ def _ends(nodes: list[int], mask: int, cycles: np.ndarray) -> Iterator[tuple[int
 
 def _role_capacities(problem: SearchProblem, nodes: list[int], first: int, last: int) -> list[int]:
   k = len(nodes)
-  return [problem.capacity(i, i == first, i == last, k) for i in nodes]
+  return [problem.costs.capacity(i, i == first, i == last, k) for i in nodes]
 
 
 def cheapest_rings(mask: int, first: int, last: int, paths: np.ndarray, hop: np.ndarray) -> Iterator[list[int]]:
@@ -249,7 +249,7 @@ def _limits(problem: SearchProblem, stage: float, k: int) -> tuple[np.ndarray, n
   j, -inf below one layer or without an edge; and alone[i] for a ring of one."""
   n, tb, eta = problem.size, np.array(problem.tb), problem.eta
   roles = ((True, False), (False, False), (False, True), (True, True))
-  caps = np.array([[problem.capacity(i, first, last, k) for first, last in roles] for i in range(n)], dtype=float)
+  caps = np.array([[problem.costs.capacity(i, first, last, k) for first, last in roles] for i in range(n)], dtype=float)
   x = problem.batch * problem.transfer
   plain = np.floor((stage - x) / tb[:, None] + _TOL)
   headed = np.floor((stage - x - eta * tb[:, None]) / tb[:, None] + _TOL)

@@ -33,17 +33,6 @@ class SearchProblem:
     self.batch = costs.params.batch
     self.hop = costs.hop
     self.transfer = costs.transfer
-    self._capacity = {}
-
-  def capacity(self, i: int, first: bool, last: bool, ring_size: int) -> int:
-    key = (i, first, last, ring_size)
-    if key not in self._capacity:
-      self._capacity[key] = self.costs.capacity(i, first, last, ring_size)
-    return self._capacity[key]
-
-  def ring_capacities(self, ring: list[int]) -> list[int]:
-    k = len(ring)
-    return [self.capacity(i, n == 0, n == k - 1, k) for n, i in enumerate(ring)]
 
   @property
   def size(self) -> int:
@@ -51,11 +40,11 @@ class SearchProblem:
 
   def middle_capacity(self, i: int, ring_size: int) -> int:
     """Node i's capacity neither first nor last: the most it holds in any ring of that size."""
-    return self.capacity(i, False, False, ring_size)
+    return self.costs.capacity(i, ring_size=ring_size)
 
   def split(self, ring: list[int]) -> list[int] | None:
     """The objective's best layer counts for a fixed ring (ring[0] first, ring[-1] last); None if the ring cannot hold the model."""
-    caps, constants = self.ring_capacities(ring), self.costs.stage_constants(ring)
+    caps, constants = self.costs.ring_capacities(ring), self.costs.stage_constants(ring)
     t1, tb = [self.t1[i] for i in ring], [self.tb[i] for i in ring]
     if self.objective == "latency":
       return min_time_split(t1, caps, constants, self.n_layers, stage_times=tb)
