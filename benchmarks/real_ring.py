@@ -30,9 +30,7 @@ import http.client
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,22 +44,21 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exo.networking.ports import free_port  # noqa: E402
+from exo.tools.local_cluster import HOST, Cluster, Device  # noqa: E402
 from exo.topology.cost_model import PlannerParams  # noqa: E402
 from exo.topology.model_spec import ModelSpec  # noqa: E402
 from exo.topology.planner import predict_ring  # noqa: E402
 from exo.topology.topology import Topology  # noqa: E402
 
-HOST = "127.0.0.1"
 MODEL = "smollm2-135m"
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
-DEVICE = ["--tflops", "1", "--memory-bandwidth", "20"]
+TFLOPS, MEMORY_BANDWIDTH = 1, 20  # every node's declared device, with its memory from CLUSTERS
 ENGINES = {
   "tg": ["--inference-engine", "tinygrad"],
   "mx": ["--inference-engine", "mlx"],
   "slow": ["--inference-engine", "tinygrad", "--engine-slowdown", "3"],
 }
-CLUSTERS = {1: {"tg": 600}, 2: {"tg": 300, "mx": 600}, 3: {"tg": 300, "mx": 300, "slow": 600}}
+CLUSTERS = {1: {"tg": 600}, 2: {"tg": 300, "mx": 600}, 3: {"tg": 300, "mx": 300, "slow": 600}}  # node -> memory in MB
 STRATEGIES = {
   "measured": ["--partitioning-strategy", "flops-latency"],
   "roofline": ["--partitioning-strategy", "flops-latency", "--ignore-layer-times"],
@@ -128,66 +125,19 @@ def stream_chat(port: int, max_tokens: int) -> Stream:
   return Stream(chunks[0] - started, tpot, usage["prompt_tokens"], n)
 
 
-class Cluster:
-  """`exo` node processes on loopback, each with a peers file naming the others."""
+def start_nodes(cluster: Cluster, memory: dict[str, int], strategy: list[str]) -> None:
+  """Declare the nodes of `memory` and start them one at a time (a node times its engine at start, and must not share the cores
+  with another doing so), each waited for until its API answers, then until every node sees every other."""
+  for name, memory_mb in memory.items():
+    cluster.declare(name, Device(memory_mb, TFLOPS, MEMORY_BANDWIDTH), engine=ENGINES[name], api=True)
+  for name in memory:
+    cluster.start(name, "--run-model", MODEL, *strategy)
 
-  def __init__(self, workdir: Path, memory: dict[str, int], strategy: list[str]):
-    self.workdir, self.memory, self.strategy = workdir, memory, strategy
-    self.grpc = {name: free_port() for name in memory}
-    self.api = {name: free_port() for name in memory}
-    self.processes: list[subprocess.Popen] = []
+    def api_up(name=name) -> bool:
+      return name in http_json(cluster.api_ports[name], "GET", "/v1/topology")["nodes"]
 
-  def start(self) -> None:
-    for name in self.memory:  # one at a time: a node times its engine at start, and must not share the cores with another doing so
-      self._spawn(name)
-      self._wait(lambda name=name: name in http_json(self.api[name], "GET", "/v1/topology")["nodes"], f"{name}'s API")
-    self._wait(self._meshed, "every node to see every other")
-
-  def _spawn(self, name: str) -> None:
-    peers = {p: {"address": HOST, "port": port} for p, port in self.grpc.items() if p != name}
-    peers_file = self.workdir / f"peers-{name}.json"
-    peers_file.write_text(json.dumps({"peers": peers}))
-    args = [sys.executable, "-m", "exo.main", "--node-id", name, "--node-host", HOST, "--node-port", str(self.grpc[name])]
-    args += ["--discovery-module", "manual", "--discovery-config-path", str(peers_file), "--run-model", MODEL]
-    args += ["--chatgpt-api-host", HOST, "--chatgpt-api-port", str(self.api[name]), "--disable-tui", "--memory-mb", str(self.memory[name])]
-    args += [*DEVICE, *ENGINES[name], *self.strategy]
-    log = open(self.workdir / f"{name}.log", "w")
-    self.processes.append(subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-
-  def _meshed(self) -> bool:
-    for name in self.memory:
-      view = http_json(self.api[name], "GET", "/v1/topology")
-      if set(view["nodes"]) != set(self.memory):
-        return False
-    return True
-
-  def _wait(self, ready, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-      for proc in self.processes:
-        if proc.poll() is not None:
-          raise RuntimeError(f"a node exited while waiting for {what}:\n{self.logs()}")
-      try:
-        if ready():
-          return
-      except (OSError, RuntimeError, http.client.HTTPException):
-        pass
-      time.sleep(0.5)
-    raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}")
-
-  def logs(self) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.workdir.glob("*.log")))
-
-  def close(self) -> None:
-    for proc in self.processes:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-    for proc in self.processes:
-      try:
-        proc.wait(10)
-      except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    cluster.wait_for(api_up, f"{name}'s API", START_TIMEOUT_S, retry_on=(OSError, RuntimeError, http.client.HTTPException), poll_s=0.5)
+  cluster.wait_for_mesh(timeout=START_TIMEOUT_S)
 
 
 @dataclass
@@ -204,14 +154,14 @@ class Run:
 
 
 def measure(workdir: Path, size: int, strategy: str, tokens: int, repeats: int) -> Run:
-  cluster = Cluster(workdir, CLUSTERS[size], STRATEGIES[strategy])
-  origin = next(iter(CLUSTERS[size]))
+  cluster = Cluster(workdir)
   try:
-    cluster.start()
-    stream_chat(cluster.api[origin], tokens)  # loads every shard and compiles tinygrad's kernels
-    streams = [stream_chat(cluster.api[origin], tokens) for _ in range(repeats)]
-    plan = http_json(cluster.api[origin], "GET", "/v1/plan")
-    topology = http_json(cluster.api[origin], "GET", "/v1/topology")
+    start_nodes(cluster, CLUSTERS[size], STRATEGIES[strategy])
+    api = cluster.api_ports[next(iter(CLUSTERS[size]))]  # the first node's: every request goes to it
+    stream_chat(api, tokens)  # loads every shard and compiles tinygrad's kernels
+    streams = [stream_chat(api, tokens) for _ in range(repeats)]
+    plan = http_json(api, "GET", "/v1/plan")
+    topology = http_json(api, "GET", "/v1/topology")
   finally:
     cluster.close()
   layer_times = {n: caps.get("layer_times", {}).get(MODEL) for n, caps in topology["nodes"].items()}

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import platform
 import signal
 import sys
@@ -226,14 +227,24 @@ def print_model_spec(argv: list[str]) -> int:
   return 0
 
 
+def log_level(debug: str) -> int:
+  """The logging level for upstream's DEBUG environment variable: 0 warnings and errors, 1 also what the node does (peers
+  found and dropped, requests sent), 2 and up everything."""
+  try:
+    level = int(debug or "0")
+  except ValueError:
+    raise BadInput(f"DEBUG must be an integer (0 quiet, 1 what the node does, 2 everything), got {debug!r}") from None
+  return logging.WARNING if level <= 0 else logging.INFO if level == 1 else logging.DEBUG
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["plan"]:
     from exo import plan_cli
 
     return plan_cli.main(argv[1:])
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   try:
+    logging.basicConfig(level=log_level(os.environ.get("DEBUG", "0")), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if argv[:1] == ["topology"]:
       parser = argparse.ArgumentParser(prog="exo topology", description="Print a running node's live topology as topology JSON.")
       parser.add_argument("--address", required=True, help="host:port of any node's gRPC server")

@@ -1,6 +1,7 @@
 """`exo plan` end to end: JSON shape (docs/DESIGN.md section 3), --compare with a hand-checked speed-up, --plot, and one-line errors."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exo.errors import ExoError
-from exo.main import main
+from exo.main import log_level, main
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
 PREDICTED_KEYS = {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible"}
@@ -393,3 +394,15 @@ def test_model_spec_of_a_missing_file_is_one_error_line(tmp_path, capsys):
   assert main(["model-spec", str(tmp_path / "absent.gguf")]) == 1
   out, err = capsys.readouterr()
   assert out == "" and err.startswith("exo: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("debug, level", [("", logging.WARNING), ("0", logging.WARNING), ("1", logging.INFO), ("3", logging.DEBUG)])
+def test_debug_sets_how_much_a_node_logs(debug, level):
+  assert log_level(debug) == level
+
+
+def test_a_debug_that_is_not_a_number_is_one_error_line(monkeypatch, capsys):
+  monkeypatch.setenv("DEBUG", "yes")
+  assert main(["model-spec", "absent.gguf"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err == "exo: error: DEBUG must be an integer (0 quiet, 1 what the node does, 2 everything), got 'yes'\n"

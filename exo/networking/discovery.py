@@ -1,14 +1,12 @@
 """How a node finds its peers: UDP broadcast or a manual peers file."""
 
 import asyncio
-import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+from exo.networking.liveness import Liveness, health_check_ms
 from exo.networking.peer_handle import PeerHandle
 from exo.topology.device_capabilities import DeviceCapabilities
-
-log = logging.getLogger(__name__)
 
 CreatePeerHandle = Callable[[str, str, DeviceCapabilities], PeerHandle]  # (peer id, address, capabilities) -> handle
 
@@ -16,22 +14,6 @@ CreatePeerHandle = Callable[[str, str, DeviceCapabilities], PeerHandle]  # (peer
 def host_port(host: str, port: int) -> str:
   """`host:port`, with an IPv6 literal in brackets as gRPC expects."""
   return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-async def health_check(handle: PeerHandle, timeout: float) -> bool:
-  """`handle.health_check`, with an exception (a broken PeerHandle) counted as unhealthy rather than ending discovery."""
-  try:
-    return bool(await handle.health_check(timeout))
-  except Exception:
-    log.exception("health check of %s raised; counting it as unhealthy", handle.addr())
-    return False
-
-
-async def disconnect(handle: PeerHandle) -> None:
-  try:
-    await handle.disconnect()
-  except Exception as e:
-    log.debug("disconnecting %s failed: %s", handle.addr(), e)
 
 
 class Discovery(ABC):
@@ -52,13 +34,34 @@ class Discovery(ABC):
     """Announce `capabilities` as this node's from now on (they change as the node measures its engine); a discovery that
     announces nothing ignores them."""
 
+  def rtt_ms(self, peer_id: str) -> float | None:
+    """The measured round trip to `peer_id` in ms; None if not measured (a discovery that does not time its health checks)."""
+    return None
 
-async def known_peers(entries: dict, wait_for_peers: int, poll_s: float) -> list[PeerHandle]:
-  """The handles of `entries` (id -> record with .known and .handle) that are known, sorted by id, after waiting (polling every
-  `poll_s` seconds) until at least `wait_for_peers` are."""
-  while sum(e.known for e in entries.values()) < wait_for_peers:
-    await asyncio.sleep(poll_s)
-  return [e.handle for _, e in sorted(entries.items()) if e.known]
+  async def check_now(self, peer_ids: Iterable[str]) -> set[str]:
+    """Health-check `peer_ids` now, after a request failed on them; returns those that did not answer healthy (or are not
+    peers), which `discover_peers` leaves out until they answer healthy again where the discovery keeps that memory."""
+    peers, ids = {p.id(): p for p in await self.discover_peers()}, set(peer_ids)
+    checked = [i for i in ids if i in peers]
+    samples = await asyncio.gather(*(health_check_ms(peers[i], timeout=1.0) for i in checked))
+    return ids - {i for i, sample in zip(checked, samples) if sample is not None}
+
+
+class CheckedDiscovery(Discovery):
+  """A discovery whose peers' health and RTT a `Liveness` keeps: the node reads both from here rather than checking again."""
+
+  liveness: Liveness
+  poll_s: float  # how often discover_peers looks again while it waits for peers
+
+  async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
+    """The listed peers (healthy lately, not suspects) sorted by id, once at least `wait_for_peers` are listed."""
+    return await self.liveness.wait_for(wait_for_peers, self.poll_s)
+
+  def rtt_ms(self, peer_id: str) -> float | None:
+    return self.liveness.rtt_ms(peer_id)
+
+  async def check_now(self, peer_ids: Iterable[str]) -> set[str]:
+    return await self.liveness.suspect_unless_healthy(peer_ids)
 
 
 class NoDiscovery(Discovery):

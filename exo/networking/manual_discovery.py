@@ -5,21 +5,19 @@ serve every node):
 
   {"peers": {"node2": {"address": "192.168.1.12", "port": 50052, "device_capabilities": {...}}}}
 
-Every `poll_interval` the file is re-read and every configured peer health-checked concurrently. A peer is listed
-from its first successful health check until its last one is older than `discovery_timeout` (then it is evicted and
-disconnected) or it leaves the file.
+Every `poll_interval` the file is re-read and every configured peer health-checked (by a `Liveness`, concurrently). A peer
+is listed from its first successful health check until its last one is older than `discovery_timeout` (then it is evicted
+and disconnected) or it leaves the file.
 """
 
 import asyncio
 import contextlib
 import json
 import logging
-import time
-from dataclasses import dataclass
 
 from exo.errors import BadInput
-from exo.networking.discovery import CreatePeerHandle, Discovery, disconnect, health_check, host_port, known_peers
-from exo.networking.peer_handle import PeerHandle
+from exo.networking.discovery import CheckedDiscovery, CreatePeerHandle, host_port
+from exo.networking.liveness import Liveness, disconnect
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, reject_unknown_keys
 
 log = logging.getLogger(__name__)
@@ -70,16 +68,7 @@ def load_peers_file(path: str, node_id: str) -> dict[str, tuple[str, DeviceCapab
     raise BadInput(f"peers file {path}: {e}") from None
 
 
-@dataclass(eq=False)
-class _Peer:
-  handle: PeerHandle
-  addr: str
-  caps: DeviceCapabilities
-  known: bool = False  # answered a health check since this handle was made
-  last_ok: float = 0.0  # time.monotonic() of the last successful health check
-
-
-class ManualDiscovery(Discovery):
+class ManualDiscovery(CheckedDiscovery):
   def __init__(
     self,
     node_id: str,
@@ -90,9 +79,10 @@ class ManualDiscovery(Discovery):
     health_check_timeout: float = 2.0,
   ):
     self.node_id, self.config_path, self.create_peer_handle = node_id, config_path, create_peer_handle
-    self.discovery_timeout, self.poll_interval, self.health_check_timeout = discovery_timeout, poll_interval, health_check_timeout
+    self.poll_interval, self.poll_s = poll_interval, min(0.1, poll_interval)
+    self.liveness = Liveness(health_check_timeout, discovery_timeout)
     self._config: dict[str, tuple[str, DeviceCapabilities]] = {}
-    self._peers: dict[str, _Peer] = {}
+    self._made: dict[str, tuple[str, DeviceCapabilities]] = {}  # by peer id: the entry its tracked handle was made from
     self._problem: str | None = None  # the peers file's current problem, so it is logged once rather than every poll
     self._task: asyncio.Task | None = None
 
@@ -107,12 +97,8 @@ class ManualDiscovery(Discovery):
       with contextlib.suppress(asyncio.CancelledError):
         await self._task
       self._task = None
-    peers, self._peers = list(self._peers.values()), {}
-    await asyncio.gather(*(disconnect(p.handle) for p in peers))
-
-  async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
-    """The known peers sorted by id, after waiting (polling) until at least `wait_for_peers` are known."""
-    return await known_peers(self._peers, wait_for_peers, min(0.1, self.poll_interval))
+    self._made = {}
+    await self.liveness.forget_all()
 
   def announce(self, capabilities: DeviceCapabilities) -> None:
     """Nothing to announce: peers learn this node's capabilities when they collect the topology from it."""
@@ -137,32 +123,18 @@ class ManualDiscovery(Discovery):
       log.info("peers file %s is readable again", self.config_path)
     self._problem = None
 
-  async def _drop(self, peer_id: str, why: str) -> None:
-    peer = self._peers.pop(peer_id)
-    log.info("dropping peer %s at %s: %s", peer_id, peer.addr, why)
-    await disconnect(peer.handle)
-
   async def poll(self) -> None:
-    """Re-read the file, apply its changes, health-check every configured peer and evict the stale ones."""
+    """Re-read the file, apply its changes, and health-check every configured peer (evicting the stale ones)."""
     self._reload()
-    for peer_id in [i for i in self._peers if i not in self._config]:
-      await self._drop(peer_id, "removed from the peers file")
+    for peer_id in list(self._made):
+      entry = self._config.get(peer_id)
+      if entry != self._made[peer_id]:
+        del self._made[peer_id]
+        if peer_id in self.liveness.peers:
+          why = "removed from the peers file" if entry is None else f"the peers file now says {entry[0]}"
+          await disconnect(self.liveness.forget(peer_id, why))
     for peer_id, (addr, caps) in self._config.items():
-      peer = self._peers.get(peer_id)
-      if peer is not None and (peer.addr, peer.caps) != (addr, caps):
-        await self._drop(peer_id, f"the peers file now says {addr}")
-        peer = None
-      if peer is None:
-        self._peers[peer_id] = _Peer(self.create_peer_handle(peer_id, addr, caps), addr, caps)
-    checked = list(self._peers.items())
-    results = await asyncio.gather(*(health_check(p.handle, self.health_check_timeout) for _, p in checked))
-    now = time.monotonic()
-    for (peer_id, peer), ok in zip(checked, results):
-      if self._peers.get(peer_id) is not peer:
-        continue
-      if ok:
-        if not peer.known:
-          log.info("found peer %s at %s", peer_id, peer.addr)
-        peer.known, peer.last_ok = True, now
-      elif peer.known and now - peer.last_ok > self.discovery_timeout:
-        await self._drop(peer_id, f"no healthy answer for {self.discovery_timeout} s")
+      if peer_id not in self.liveness.peers:
+        self._made[peer_id] = (addr, caps)
+        self.liveness.track(peer_id, self.create_peer_handle(peer_id, addr, caps))
+    await self.liveness.check()

@@ -1,10 +1,7 @@
 """Round-trip time to a peer: timed health checks, smoothed by a sliding median."""
 
 import statistics
-import time
 from collections import deque
-
-from exo.networking.peer_handle import PeerHandle
 
 
 class RttEstimator:
@@ -30,11 +27,3 @@ class RttEstimator:
   def samples(self) -> list[float]:
     """The samples in the window, oldest first."""
     return list(self._samples)
-
-
-async def measure_rtt_ms(peer: PeerHandle, timeout: float) -> float | None:
-  """One timed `peer.health_check(timeout)` round trip in ms, or None if the peer did not answer healthy."""
-  start = time.perf_counter()
-  healthy = await peer.health_check(timeout)
-  elapsed_ms = (time.perf_counter() - start) * 1000.0
-  return elapsed_ms if healthy else None

@@ -29,8 +29,8 @@ from dataclasses import dataclass, replace
 
 import psutil
 
-from exo.networking.discovery import CreatePeerHandle, Discovery, disconnect, health_check, host_port, known_peers
-from exo.networking.peer_handle import PeerHandle
+from exo.networking.discovery import CheckedDiscovery, CreatePeerHandle, host_port
+from exo.networking.liveness import Liveness, disconnect
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 
 log = logging.getLogger(__name__)
@@ -102,16 +102,11 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 @dataclass(eq=False)
-class _Peer:
-  handle: PeerHandle
+class _Announced:
   addr: str
   caps: DeviceCapabilities
   priority: int
   last_seen: float  # time.monotonic() of the last announcement
-  known: bool = False  # answered a health check since this handle was made
-  healthy: bool = False  # the last health check's answer
-  last_ok: float = 0.0  # time.monotonic() of the last successful health check
-  checking: bool = False  # a first health check is in flight
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -130,7 +125,7 @@ def _device(caps: DeviceCapabilities) -> DeviceCapabilities:
   return replace(caps, layer_times={})
 
 
-class UDPDiscovery(Discovery):
+class UDPDiscovery(CheckedDiscovery):
   def __init__(
     self,
     node_id: str,
@@ -148,10 +143,11 @@ class UDPDiscovery(Discovery):
   ):
     self.node_id, self.node_port, self.listen_port, self.broadcast_port = node_id, node_port, listen_port, broadcast_port
     self.create_peer_handle, self.device_capabilities = create_peer_handle, device_capabilities
-    self.broadcast_interval, self.discovery_timeout, self.health_check_timeout = broadcast_interval, discovery_timeout, health_check_timeout
+    self.broadcast_interval, self.discovery_timeout, self.poll_s = broadcast_interval, discovery_timeout, min(0.1, broadcast_interval)
+    self.liveness = Liveness(health_check_timeout, discovery_timeout)
     self.broadcast_addresses = None if broadcast_addresses is None else list(broadcast_addresses)
     self.advertised_host, self.listen_host = advertised_host, listen_host
-    self._peers: dict[str, _Peer] = {}
+    self._announced: dict[str, _Announced] = {}  # by peer id: where the handle Liveness checks was made from
     self._transport: asyncio.DatagramTransport | None = None
     self._sender: socket.socket | None = None
     self._send_errors: set[str] = set()  # logged once each
@@ -198,12 +194,8 @@ class UDPDiscovery(Discovery):
     if self._sender is not None:
       self._sender.close()
       self._sender = None
-    peers, self._peers = list(self._peers.values()), {}
-    await asyncio.gather(*(disconnect(p.handle) for p in peers))
-
-  async def discover_peers(self, wait_for_peers: int = 0) -> list[PeerHandle]:
-    """The known peers sorted by id, after waiting (polling) until at least `wait_for_peers` are known."""
-    return await known_peers(self._peers, wait_for_peers, min(0.1, self.broadcast_interval))
+    self._announced = {}
+    await self.liveness.forget_all()
 
   def _spawn(self, coro) -> None:
     task = asyncio.create_task(coro)
@@ -240,58 +232,38 @@ class UDPDiscovery(Discovery):
 
   def _seen(self, peer_id: str, addr: str, caps: DeviceCapabilities, priority: int) -> None:
     now = time.monotonic()
-    peer = self._peers.get(peer_id)
-    if peer is not None and peer.addr == addr and _device(peer.caps) == _device(caps):
+    peer, state = self._announced.get(peer_id), self.liveness.peers.get(peer_id)
+    if peer is not None and state is not None and peer.addr == addr and _device(peer.caps) == _device(caps):
       peer.caps = caps  # its measured layer times moved: the same node, handle and connection
-    if peer is not None and (peer.addr, peer.caps) != (addr, caps):
-      if peer.known and peer.healthy and _device(peer.caps) == _device(caps) and priority <= peer.priority:
+    if peer is not None and state is not None and (peer.addr, peer.caps) != (addr, caps):
+      if state.known and state.healthy and _device(peer.caps) == _device(caps) and priority <= peer.priority:
         peer.last_seen = now  # the same node on another interface: keep the address that works rather than flap
         return
       log.info("peer %s moved from %s to %s", peer_id, peer.addr, addr)
-      del self._peers[peer_id]
-      self._spawn(disconnect(peer.handle))
-      peer = None
-    if peer is None:
-      peer = self._peers[peer_id] = _Peer(self.create_peer_handle(peer_id, addr, caps), addr, caps, priority, now)
+      self._spawn(disconnect(self.liveness.forget(peer_id, f"it moved to {addr}")))
+      state = None
+    if state is None:
+      state = self.liveness.track(peer_id, self.create_peer_handle(peer_id, addr, caps))
+      peer = self._announced[peer_id] = _Announced(addr, caps, priority, now)
     peer.last_seen = now
-    if not peer.known and not peer.checking:
-      peer.checking = True
-      self._spawn(self._first_check(peer_id, peer))
-
-  async def _first_check(self, peer_id: str, peer: _Peer) -> None:
-    ok = await health_check(peer.handle, self.health_check_timeout)
-    peer.checking = False
-    if self._peers.get(peer_id) is not peer:
-      return
-    peer.healthy = ok
-    if ok:
-      log.info("found peer %s at %s", peer_id, peer.addr)
-      peer.known, peer.last_ok = True, time.monotonic()
+    if not state.known and not state.checking:
+      self._spawn(self.liveness.check([peer_id]))  # the first check, at once rather than at the next round
 
   async def _check_forever(self) -> None:
     while True:
       try:
-        await self._check_known()
+        await self._check_round()
       except Exception:
         log.exception("discovery health checks failed")
       await asyncio.sleep(self.broadcast_interval)
 
-  async def _check_known(self) -> None:
-    """Health-check every known peer; evict those without a healthy answer for discovery_timeout, and forget unseen unknown ones."""
-    checked = [(i, p) for i, p in self._peers.items() if p.known]
-    results = await asyncio.gather(*(health_check(p.handle, self.health_check_timeout) for _, p in checked))
+  async def _check_round(self) -> None:
+    """Health-check every known peer (evicting those without a healthy answer for discovery_timeout), and forget the unknown
+    ones not announced for discovery_timeout."""
+    await self.liveness.check([i for i, s in self.liveness.peers.items() if s.known])
     now = time.monotonic()
-    for (peer_id, peer), ok in zip(checked, results):
-      if self._peers.get(peer_id) is not peer:
-        continue
-      peer.healthy = ok
-      if ok:
-        peer.last_ok = now
-      elif now - peer.last_ok > self.discovery_timeout:
-        log.info("evicting peer %s at %s: no healthy answer for %s s", peer_id, peer.addr, self.discovery_timeout)
-        del self._peers[peer_id]
-        await disconnect(peer.handle)
-    for peer_id, peer in list(self._peers.items()):
-      if not peer.known and not peer.checking and now - peer.last_seen > self.discovery_timeout:
-        del self._peers[peer_id]
-        await disconnect(peer.handle)
+    for peer_id, state in list(self.liveness.peers.items()):
+      if not state.known and not state.checking and now - self._announced[peer_id].last_seen > self.discovery_timeout:
+        await disconnect(self.liveness.forget(peer_id, "no longer announced"))
+    for peer_id in set(self._announced) - set(self.liveness.peers):
+      del self._announced[peer_id]

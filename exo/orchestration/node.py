@@ -27,10 +27,9 @@ from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
 from exo.networking.request_context import RequestContext, RingPlan
-from exo.networking.rtt import RttEstimator, measure_rtt_ms
 from exo.networking.server import Server
 from exo.orchestration.replan import should_replan
-from exo.topology.cost_model import PlannerParams, head_layers
+from exo.topology.cost_model import PlannerParams, Prediction, head_layers
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_spec import ModelSpec
 from exo.topology.plan import Plan
@@ -102,10 +101,8 @@ class Node:
     self.refresh_interval = refresh_interval
     self.server: Server | None = None
     self.peers: dict[str, PeerHandle] = {}
-    self.rtt: dict[str, RttEstimator] = {}
     self.topology = Topology()
     self.topology.update_node(node_id, capabilities)
-    self.suspects: set[str] = set()  # peers that failed a request; left out of plans until they answer a health check again
     self.current_plan: Plan | None = None
     self._planned_membership: set[str] = set()
     self._pending: dict[str, _Pending] = {}
@@ -194,16 +191,8 @@ class Node:
         log.exception("topology refresh failed")
 
   async def _refresh(self, wait_for_peers: int) -> None:
-    """Take the live peers from discovery, time one health check to each, and rebuild the topology from every node's view."""
-    peers = await self.discovery.discover_peers(wait_for_peers)
-    self.peers = {p.id(): p for p in peers}
-    samples = await asyncio.gather(*(measure_rtt_ms(p, timeout=max(1.0, self.refresh_interval)) for p in peers))
-    for peer, sample in zip(peers, samples):
-      if sample is not None:
-        self.rtt.setdefault(peer.id(), RttEstimator()).add(sample)
-        self.suspects.discard(peer.id())
-    for gone in set(self.rtt) - set(self.peers):
-      del self.rtt[gone]
+    """Take the live peers (and their RTT) from discovery, and rebuild the topology from every node's view."""
+    self.peers = {p.id(): p for p in await self.discovery.discover_peers(wait_for_peers)}
     self.topology = await self.collect_topology({self.id}, max_depth=1)
 
   def local_view(self) -> Topology:
@@ -212,8 +201,7 @@ class Node:
     view.update_node(self.id, self.capabilities)
     for peer_id, peer in self.peers.items():
       view.update_node(peer_id, peer.device_capabilities())
-      rtt = self.rtt.get(peer_id)
-      view.add_edge(self.id, peer_id, rtt.value() if rtt else None)
+      view.add_edge(self.id, peer_id, self.discovery.rtt_ms(peer_id))
     return view
 
   async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
@@ -237,10 +225,11 @@ class Node:
     return topology
 
   def planning_topology(self) -> Topology:
-    """The topology without peers that just failed a request, nor nodes this node does not reach itself: every ring node sends
-    its results here, and other nodes list a peer that died until their discovery timeout, so a new node would plan with it.
+    """The topology without the nodes this node does not list as peers (those that just failed a request and a health check are
+    not listed): every ring node sends its results here, and other nodes list a peer that died until their discovery timeout,
+    so a new node would plan with it.
     With `ignore_layer_times`, without the nodes' measured layer times."""
-    usable = {self.id} | (set(self.peers) - self.suspects)
+    usable = {self.id} | set(self.peers)
     if set(self.topology.nodes) <= usable and not self.planner.ignore_layer_times:
       return self.topology
     kept = Topology()
@@ -256,13 +245,11 @@ class Node:
 
   def plan(self, model: ModelSpec) -> Plan:
     """The plan for the next request: a fresh one if membership changed or it beats the current ring by the threshold."""
-    topology = self.planning_topology()
-    params = self.planner.params()
-    candidate = plan_for(topology, model, self.planner.strategy, self.planner.objective, **params)  # one view of the topology
-    current = self.current_plan
+    topology = self.planning_topology()  # one view of the topology for the candidate and the kept ring
+    candidate, current = self._plan_on(topology, model), self.current_plan
     if current is not None and current.model.id == model.id:
       membership_changed = set(topology.nodes) != self._planned_membership
-      still = predict_ring(topology, model, PlannerParams(**params), current.ring(), self.planner.objective)
+      still = self._predict_on(topology, current)
       if not should_replan(membership_changed, still, candidate.prediction, self.planner.objective, self.planner.replan_threshold):
         self.current_plan = replace(current, prediction=still)  # the kept ring, predicted with today's figures
         return self.current_plan
@@ -271,15 +258,22 @@ class Node:
 
   def candidate_plan(self, model: ModelSpec) -> Plan:
     """The plan the strategy would make for `model` now, without adopting it."""
-    return plan_for(self.planning_topology(), model, self.planner.strategy, self.planner.objective, **self.planner.params())
+    return self._plan_on(self.planning_topology(), model)
 
   def current_prediction(self) -> Plan | None:
     """The current plan predicted on today's topology (measured layer times move between requests); None before any plan."""
     current = self.current_plan
     if current is None:
       return None
-    still = predict_ring(self.planning_topology(), current.model, PlannerParams(**self.planner.params()), current.ring(), self.planner.objective)
+    still = self._predict_on(self.planning_topology(), current)
     return current if still is None else replace(current, prediction=still)
+
+  def _plan_on(self, topology: Topology, model: ModelSpec) -> Plan:
+    return plan_for(topology, model, self.planner.strategy, self.planner.objective, **self.planner.params())
+
+  def _predict_on(self, topology: Topology, plan: Plan) -> Prediction | None:
+    """`plan`'s ring predicted on `topology`; None if a ring node has left it."""
+    return predict_ring(topology, plan.model, PlannerParams(**self.planner.params()), plan.ring(), self.planner.objective)
 
   # ---------- requests at the node that receives them ----------
 
@@ -295,6 +289,7 @@ class Node:
     self._pending[context.request_id] = pending
     try:
       await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
+      log.info("request %s: prompt sent to %s, ring %s", context.request_id, ring.stages[0].node_id, " -> ".join(ring.node_ids()))
       tokens = await asyncio.wait_for(pending.future, self.request_timeout)
     except asyncio.TimeoutError:
       # Nobody said which node failed: check the ring now, so the next request can run at once on the nodes that still answer.
@@ -331,11 +326,10 @@ class Node:
       pending.future.set_result(pending.tokens)
 
   async def _check_ring(self, ring: RingPlan) -> list[str]:
-    """Health-check the ring's other nodes; those that fail (or are no longer peers) become suspects, returned in ring order."""
-    peers = [self.peers[n] for n in ring.node_ids() if n in self.peers]
-    healthy = await asyncio.gather(*(p.health_check(timeout=1.0) for p in peers))
-    failed = {p.id() for p, ok in zip(peers, healthy) if not ok} | {n for n in ring.node_ids() if n != self.id and n not in self.peers}
-    self.suspects.update(failed)
+    """Have discovery health-check the ring's other nodes now; those that fail (or are no longer peers) are left out of the
+    peers, and so of plans, until they answer again. Returns them in ring order."""
+    failed = await self.discovery.check_now(n for n in ring.node_ids() if n != self.id)
+    self.peers = {p.id(): p for p in await self.discovery.discover_peers()}
     return [n for n in ring.node_ids() if n in failed]
 
   async def _broadcast_finish(self, ring: RingPlan, request_id: str) -> None:

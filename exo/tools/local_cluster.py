@@ -3,6 +3,9 @@ tests and the benchmarks.
 
 Every node uses manual discovery with a peers file of its own, so a link can be routed through a LatencyProxy (the proxy in front
 of v, used by u only, delays u -> v traffic both ways). Every process started here is killed by `Cluster.close()`.
+
+A node runs the dummy engine and serves its HTTP API on a port of the OS's choosing unless declared otherwise: `declare(...,
+engine=[...], api=True)` gives it other engine flags and an API port of its own, known in advance (`Cluster.api_ports`).
 """
 
 import asyncio
@@ -13,8 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from exo.networking.ports import free_port
 
@@ -23,6 +28,9 @@ HOST = "127.0.0.1"
 EXO = [sys.executable, "-m", "exo.main"]
 PROXY = [sys.executable, "-m", "exo.tools.latency_proxy"]
 START_TIMEOUT_S = 30.0  # generous: on a loaded 2-core machine a node is normally up in about half a second
+DUMMY_ENGINE = ("--inference-engine", "dummy")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class NodeProcess:
   device: Device
   proc: subprocess.Popen
   log_path: Path
+  api_port: int = 0  # 0: the OS chose it, and only the node's log says which
 
   @property
   def address(self) -> str:
@@ -98,14 +107,19 @@ class Cluster:
   ports: dict[str, int] = field(default_factory=dict)  # every declared node and client
   devices: dict[str, Device] = field(default_factory=dict)
   routes: dict[tuple[str, str], int] = field(default_factory=dict)  # (from, to) -> the port `from` dials for `to` (a proxy's)
+  engines: dict[str, tuple[str, ...]] = field(default_factory=dict)  # every declared node's engine flags
+  api_ports: dict[str, int] = field(default_factory=dict)  # every declared node's HTTP API port (0: the OS chooses)
   processes: list[subprocess.Popen] = field(default_factory=list)
   declare_devices: bool = False  # peers files give every node's device figures (clients' are always given)
 
   def __post_init__(self):
     self.workdir.mkdir(parents=True, exist_ok=True)
 
-  def declare(self, node_id: str, device: Device) -> None:
+  def declare(self, node_id: str, device: Device, engine: Sequence[str] = DUMMY_ENGINE, api: bool = False) -> None:
+    """Declare a node or client: its device, its engine flags (e.g. `--inference-engine tinygrad --engine-slowdown 3`) and, with
+    `api`, an HTTP API port of its own that a caller can reach (otherwise the OS chooses one when the node starts)."""
     self.ports[node_id], self.devices[node_id] = free_port(), device
+    self.engines[node_id], self.api_ports[node_id] = tuple(engine), free_port() if api else 0
 
   def start_proxy(self, target_port: int, delay_ms: float) -> int:
     """A LatencyProxy process adding `delay_ms` each way in front of target_port; returns the port it listens on."""
@@ -144,7 +158,7 @@ class Cluster:
     return path
 
   def node_args(self, node_id: str, *extra: str) -> list[str]:
-    """The flags that make `node_id` a node of this cluster: its id, port, device and its own peers file."""
+    """The flags that make `node_id` a node of this cluster: its id, port, device, engine, API port and its own peers file."""
     return [
       "--node-id",
       node_id,
@@ -156,12 +170,11 @@ class Cluster:
       "manual",
       "--discovery-config-path",
       str(self.peers_file(node_id)),
-      "--inference-engine",
-      "dummy",
+      *self.engines[node_id],
       "--chatgpt-api-host",  # a node serves the HTTP API on 0.0.0.0:52415 by default: loopback, and a free port each
       HOST,
       "--chatgpt-api-port",
-      "0",
+      str(self.api_ports[node_id]),
       *self.devices[node_id].args(),
       *extra,
     ]
@@ -171,7 +184,7 @@ class Cluster:
     log_path = self.workdir / f"node-{node_id}.log"
     proc = spawn([*EXO, *self.node_args(node_id, *extra), "--disable-tui"], log_path)
     self.processes.append(proc)
-    node = self.nodes[node_id] = NodeProcess(node_id, self.ports[node_id], self.devices[node_id], proc, log_path)
+    node = self.nodes[node_id] = NodeProcess(node_id, self.ports[node_id], self.devices[node_id], proc, log_path, self.api_ports[node_id])
     return node
 
   def run(self, client_id: str, model: str, prompt: str, *extra: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -187,22 +200,46 @@ class Cluster:
       raise RuntimeError(f"exo topology failed for {node_id}: {result.stderr}")
     return json.loads(result.stdout)
 
+  def wait_for(
+    self,
+    ready: Callable[[], T],
+    what: str,
+    timeout: float = START_TIMEOUT_S,
+    node_ids: list[str] | None = None,
+    retry_on: tuple[type[Exception], ...] = (),
+    poll_s: float = 0.3,
+  ) -> T:
+    """Call `ready()` until it returns a true value, and return that; an exception in `retry_on` counts as not yet. Raises
+    RuntimeError if a node in `node_ids` (default: all started) exits first, TimeoutError after `timeout` s (with the logs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+      for node_id in node_ids or list(self.nodes):
+        proc = self.nodes[node_id].proc
+        if proc.poll() is not None:
+          raise RuntimeError(f"node {node_id} exited with {proc.returncode} while waiting for {what}:\n{self.logs()}")
+      try:
+        if result := ready():
+          return result
+      except retry_on:
+        pass
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}:\n{self.logs()}")
+      time.sleep(poll_s)
+
   def wait_for_mesh(self, node_ids: list[str] | None = None, timeout: float = START_TIMEOUT_S) -> dict[str, dict]:
     """Wait until every node in `node_ids` (default: all started) sees all of them, with a measured RTT on every directed edge
     between them; returns each node's view (collected over gRPC from this process, cheaper than `exo topology`)."""
     node_ids = sorted(node_ids or self.nodes)
-    deadline = time.monotonic() + timeout
     views: dict[str, dict] = {}
-    while True:
-      for node_id in node_ids:
-        if self.nodes[node_id].proc.poll() is not None:
-          raise RuntimeError(f"node {node_id} exited with {self.nodes[node_id].proc.returncode}: {self.nodes[node_id].log()}")
-      views = {n: collect_topology(self.nodes[n].address) for n in node_ids}
-      if all(view is not None and mesh_complete(view, node_ids) for view in views.values()):
-        return views
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"nodes {node_ids} did not all see each other within {timeout:g} s: {views}\n{self.logs()}")
-      time.sleep(0.3)
+
+    def meshed() -> dict[str, dict] | None:
+      views.update({n: collect_topology(self.nodes[n].address) for n in node_ids})
+      return dict(views) if all(view is not None and mesh_complete(view, node_ids) for view in views.values()) else None
+
+    try:
+      return self.wait_for(meshed, f"nodes {node_ids} to all see each other", timeout, node_ids)
+    except TimeoutError as e:
+      raise TimeoutError(f"{e}\nlast views: {views}") from None
 
   def logs(self) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.workdir.glob("*.log")))

@@ -24,7 +24,7 @@ class RingView:
     for column in ("node", "device", "memory MB", "fp16 TFLOPS", "bandwidth GB/s", "RTT ms", "ms/layer", "layers"):
       table.add_column(column)
     for node_id, caps in sorted(node.topology.nodes.items()):
-      rtt = node.rtt.get(node_id)
+      rtt = node.discovery.rtt_ms(node_id)
       shard = stages.get(node_id)
       measured = caps.layer_times.get(model_id)
       table.add_row(
@@ -33,7 +33,7 @@ class RingView:
         f"{caps.memory:.0f}",
         f"{caps.flops.fp16:g}",
         f"{caps.memory_bandwidth:g}",
-        "-" if rtt is None or rtt.value() is None else f"{rtt.value():.2f}",
+        "-" if rtt is None else f"{rtt:.2f}",
         "-" if measured is None else f"{measured.decode_ms:.3g}",
         "-" if shard is None else f"{shard.start_layer}-{shard.end_layer}",
       )

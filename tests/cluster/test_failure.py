@@ -12,8 +12,10 @@ health-checking the ring.
 """
 
 import asyncio
+import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -124,19 +126,30 @@ def test_exo_run_reports_a_crash_in_one_line(cluster):
   args = [*EXO, "run", MODEL, "--prompt", PROMPT, *cluster.node_args("x", "--wait-for-peers", "3", "--request-timeout", str(REQUEST_TIMEOUT_S))]
   args += [*WEIGHTED, "--max-generate-tokens", str(MAX_TOKENS)]
   started = time.monotonic()
-  run = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  run = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "DEBUG": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  stderr_lines: list[str] = []
+  sent = threading.Event()  # x logged that its request went to the first stage (DEBUG=1): it runs for about four seconds
+
+  def read_stderr():
+    for line in run.stderr:
+      stderr_lines.append(line)
+      if "prompt sent to" in line:
+        sent.set()
+
+  reader = threading.Thread(target=read_stderr, daemon=True)
+  reader.start()
   try:
-    deadline = time.monotonic() + 30
-    while "x" not in (collect_topology(cluster.nodes["a"].address) or {"nodes": {}})["nodes"] and time.monotonic() < deadline:
-      time.sleep(0.1)
-    time.sleep(1.0)  # a has discovered the origin, which sends its four-second request at once
+    assert sent.wait(30), "".join(stderr_lines)
     assert run.poll() is None, "the request should still be running when b is killed"
     cluster.nodes["b"].kill()
-    stdout, stderr = run.communicate(timeout=REQUEST_TIMEOUT_S + SLACK_S + 30)
+    run.wait(REQUEST_TIMEOUT_S + SLACK_S + 30)
   finally:
     if run.poll() is None:
       run.kill()
-      run.communicate()
+      run.wait()
+  reader.join(10)
+  with run.stdout, run.stderr:
+    stdout, stderr = run.stdout.read(), "".join(stderr_lines)
   assert run.returncode == 1
   assert stdout == ""
   [line] = error_lines(stderr)

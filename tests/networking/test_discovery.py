@@ -426,7 +426,7 @@ def test_udp_peer_with_new_layer_times_keeps_its_handle_and_connection():
       for decode_ms in (1.0, 2.0):
         measured = AIR.with_layer_times("smollm2-135m", LayerTimes(decode_ms, 0.5))
         b.announce(measured)
-        await wait_until(lambda m=measured: a._peers["b"].caps == m, f"a hears b's layer times of {decode_ms} ms")
+        await wait_until(lambda m=measured: a._announced["b"].caps == m, f"a hears b's layer times of {decode_ms} ms")
       assert await a.discover_peers() == [handle] and handle.disconnects == 0 and net.made("b") == [handle]
     finally:
       await a.stop()

@@ -3,7 +3,8 @@ import time
 
 import pytest
 
-from exo.networking.rtt import RttEstimator, measure_rtt_ms
+from exo.networking.liveness import health_check_ms
+from exo.networking.rtt import RttEstimator
 from tests.support.health_only_peer import HealthOnlyPeer
 
 
@@ -71,10 +72,10 @@ def test_window_must_be_positive():
 
 def test_measure_rtt_times_one_health_check():
   peer = SlowPeer(0.05)
-  rtt_ms = asyncio.run(measure_rtt_ms(peer, timeout=1.5))
+  rtt_ms = asyncio.run(health_check_ms(peer, timeout=1.5))
   assert rtt_ms is not None and rtt_ms >= 50.0
   assert peer.timeouts == [1.5]
 
 
 def test_measure_rtt_of_an_unhealthy_peer_is_none():
-  assert asyncio.run(measure_rtt_ms(SlowPeer(0.0, healthy=False), timeout=1.0)) is None
+  assert asyncio.run(health_check_ms(SlowPeer(0.0, healthy=False), timeout=1.0)) is None
