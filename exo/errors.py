@@ -3,6 +3,7 @@
   BadInput            a malformed or impossible request: a bad file, flag, JSON value or API field
   ModelNotFound       a model id or file that is not there
   ClusterCannotServe  a well-formed request the cluster cannot serve: the model does not fit, no ring joins the nodes
+  Busy                a request beyond what a node takes at once: try again shortly
 Anything else raised inside exo is a bug: it keeps its traceback, and answers HTTP 500 / gRPC INTERNAL.
 
 Each class carries its HTTP status, gRPC status code name and CLI exit status, so every boundary maps an error the same way.
@@ -30,4 +31,10 @@ class ModelNotFound(ExoError, LookupError):
 class ClusterCannotServe(ExoError):
   http_status = 503
   grpc_code = "FAILED_PRECONDITION"
+  exit_status = 1
+
+
+class Busy(ExoError):
+  http_status = 429
+  grpc_code = "RESOURCE_EXHAUSTED"
   exit_status = 1

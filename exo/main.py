@@ -17,6 +17,7 @@ import signal
 import sys
 import uuid
 
+from exo.cli_args import positive_int, slowdown_factor
 from exo.errors import BadInput, ExoError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.inference_engine import InferenceEngine
@@ -66,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
   )
   node.add_argument("--run-model", default=None, help=f"model to serve (default {DEFAULT_MODEL}); one of {', '.join(sorted(MODELS))}")
   node.add_argument("--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit)")
-  node.add_argument("--max-generate-tokens", type=int, default=1024)
+  node.add_argument("--max-generate-tokens", type=positive_int, default=1024)
   node.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take before it fails")
+  node.add_argument("--max-requests", type=positive_int, default=64, help="requests this node takes at once from its clients; more get HTTP 429")
   node.add_argument("--show-plan", action="store_true", help="with --prompt: print the plan the request ran on (plan JSON, one line) on stderr")
   node.add_argument("--disable-tui", action="store_true", help="no terminal view of the ring")
   node.add_argument("--chatgpt-api-port", type=int, default=52415, help="port of the OpenAI-compatible HTTP API (0: a free one)")
@@ -82,19 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
   plan.add_argument("--objective", choices=OBJECTIVES, default="latency")
   plan.add_argument("--memory-headroom", type=float, default=PlannerParams.memory_headroom)
   plan.add_argument("--default-rtt-ms", type=float, default=PlannerParams.default_rtt_ms)
-  plan.add_argument("--batch", type=int, default=1, help="requests each stage runs at once when saturated (throughput objective)")
+  plan.add_argument(
+    "--batch", type=positive_int, default=1, help="decode steps each stage runs as one engine call, and the throughput objective's batch"
+  )
   plan.add_argument(
     "--ignore-layer-times", action="store_true", help="plan from the devices' TFLOPS and bandwidth alone, not the nodes' measured layer times"
   )
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
   return parser
-
-
-def slowdown_factor(text: str) -> float:
-  factor = float(text)
-  if not factor >= 1:
-    raise argparse.ArgumentTypeError(f"must be a factor >= 1, got {text}")
-  return factor
 
 
 def default_engine() -> str:
@@ -160,7 +157,10 @@ def build_node(args) -> Node:
   # it has peers to plan with or its plan is shown: the bare dummy engine's microseconds would override the declared devices of
   # a test cluster, and a lone `exo run` needs no plan but one.
   measure = (engine_name != "dummy" or args.emulate) and (module != "none" or args.show_plan)
-  node = Node(node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout, measure_layer_times=measure)
+  node = Node(
+    node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout,
+    measure_layer_times=measure, max_requests=args.max_requests,
+  )  # fmt: skip
   node.server = GRPCServer(node, args.node_host, port)
   return node
 

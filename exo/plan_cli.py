@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from exo.cli_args import positive_int
 from exo.errors import BadInput, ExoError
 from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, cost_model, head_layers
 from exo.topology.model_spec import ModelSpec
@@ -34,16 +35,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
     raise UsageError(message)
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a whole number of tokens >= 1, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a whole number of tokens >= 1, got {text!r}")
-  return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     "--default-rtt-ms", type=float, default=PlannerParams.default_rtt_ms, metavar="MS", help="RTT assumed for unmeasured edges (default: %(default)s)"
   )
   parser.add_argument(
-    "--batch", type=_positive_int, default=1, metavar="B", help="requests each stage runs at once when saturated (throughput; default: %(default)s)"
+    "--batch", type=positive_int, default=1, metavar="B", help="requests each stage runs at once when saturated (throughput; default: %(default)s)"
   )
   parser.add_argument(
-    "--prompt-tokens", type=_positive_int, default=128, metavar="N", help="prompt length behind the reported TTFT (default: %(default)s)"
+    "--prompt-tokens", type=positive_int, default=128, metavar="N", help="prompt length behind the reported TTFT (default: %(default)s)"
   )
   parser.add_argument("--json", action="store_true", help="print the plan as one JSON object and nothing else")
   parser.add_argument("--compare", action="store_true", help=f"plan with both strategies and show the speed-up over {BASELINE}")

@@ -11,7 +11,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["topology", "inference", "networking", "orchestration", "api", "main"]
-LAYER_OF = {**{name: i for i, name in enumerate(LAYERS)}, "viz": LAYERS.index("api"), "plan_cli": LAYERS.index("main"), "tools": LAYERS.index("main")}
+LAYER_OF = {
+  **{name: i for i, name in enumerate(LAYERS)},
+  "viz": LAYERS.index("api"),
+  "plan_cli": LAYERS.index("main"),
+  "cli_args": LAYERS.index("main"),
+  "tools": LAYERS.index("main"),
+}
 SHARED = {"exo.errors", "exo"}
 
 

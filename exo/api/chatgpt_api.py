@@ -40,7 +40,7 @@ class BadRequest(BadInput):
     self.param, self.code = param, code
 
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 500: "internal_error", 503: "service_unavailable"}
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -113,7 +113,7 @@ class ChatGPTAPI:
     """Listen on host:port (port 0 picks a free one, stored in self.port); OSError if the address cannot be bound."""
     if self.runner is not None:
       return
-    runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True)  # a client gone: its request stops
     await runner.setup()
     try:
       await web.TCPSite(runner, self.host, self.port).start()
@@ -168,7 +168,7 @@ class ChatGPTAPI:
       plan = self.node.current_prediction() or await asyncio.to_thread(self.node.candidate_plan, self.node.model)  # a read adopts nothing
     except ExoError as e:
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
-    return web.json_response(plan.to_dict())
+    return web.json_response({**plan.to_dict(), "load": self.node.load()})
 
   # ---------- chat completions ----------
 
@@ -213,6 +213,10 @@ class ChatGPTAPI:
     except Exception as e:
       body, status = failure(model, e)
       return web.json_response(body, status=status)
+    try:
+      await self.node.admit(prompt, model)  # a prompt too long (400) or a node full (429) is refused before anything streams
+    except ExoError as e:
+      return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
     completion = Completion(self.node, model, shard, prompt, max_tokens)
     if stream:
       return await self.stream(request, completion, bool(stream_options.get("include_usage")))

@@ -80,6 +80,9 @@ class DummyInferenceEngine(ShardedEngine):
     """No template: the turns' contents, one per line, end with an assistant cue."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
+  async def context_length(self, shard: Shard) -> int:
+    return CONTEXT_LENGTH
+
   def eos_token_ids(self, shard: Shard) -> set[int]:
     return {EOS_TOKEN}
 

@@ -1,8 +1,9 @@
-"""An engine that runs another one: every call goes to `inner`, so a wrapper (pacing, slowing down) overrides only what it changes."""
+"""An engine that runs another one: every call goes to `inner`, so a wrapper (pacing, slowing down) overrides only what it changes
+(a single step is a batch of one, so a wrapper that changes how steps run overrides `infer_batch` alone)."""
 
 import numpy as np
 
-from exo.inference.inference_engine import InferenceEngine
+from exo.inference.inference_engine import InferenceEngine, Step, infer_one
 from exo.inference.shard import Shard
 
 
@@ -23,7 +24,13 @@ class EngineWrapper(InferenceEngine):
     return await self.inner.sample(logits, temperature)
 
   async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
-    return await self.inner.infer_tensor(request_id, shard, input_data, position)
+    return await infer_one(self, request_id, shard, input_data, position)
+
+  async def infer_batch(self, shard: Shard, steps: list[Step]) -> list[np.ndarray | Exception]:
+    return await self.inner.infer_batch(shard, steps)
+
+  async def context_length(self, shard: Shard) -> int | None:
+    return await self.inner.context_length(shard)
 
   def eos_token_ids(self, shard: Shard) -> set[int]:
     return self.inner.eos_token_ids(shard)

@@ -2,10 +2,28 @@
 state (KV cache, position) on the node that owns the layers until the request is finished."""
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
 from exo.inference.shard import Shard
+
+
+def positions_in(input_data: np.ndarray) -> int:
+  """Positions (tokens) in an infer_tensor input: token ids (P,) or (1, P), or hidden states (..., P, hidden)."""
+  shape = np.shape(input_data)
+  if np.issubdtype(np.asarray(input_data).dtype, np.integer) or len(shape) < 2:
+    return int(shape[-1]) if shape else 1
+  return int(shape[-2])
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+  """One request's input to a shard: token ids or hidden states (see `infer_tensor`), at the position of its first row."""
+
+  request_id: str
+  input_data: np.ndarray
+  position: int = 0
 
 
 class InferenceEngine(ABC):
@@ -31,6 +49,21 @@ class InferenceEngine(ABC):
     states, or logits on the last shard. Called first with the whole prompt at position 0, then with one new token at a time
     at the position of its first row; a step this engine cannot place (unknown request, wrong position) raises."""
 
+  async def infer_batch(self, shard: Shard, steps: list[Step]) -> list[np.ndarray | Exception]:
+    """`infer_tensor` for several requests at once (each with its own state and position): each step's output, or the exception
+    it raised (the others still run). An engine that can run them as one computation overrides this; by default, in turn."""
+    outputs: list[np.ndarray | Exception] = []
+    for step in steps:
+      try:
+        outputs.append(await self.infer_tensor(step.request_id, shard, step.input_data, step.position))
+      except Exception as e:
+        outputs.append(e)
+    return outputs
+
+  async def context_length(self, shard: Shard) -> int | None:
+    """Positions one request can hold on this engine, prompt and answer together; None if the engine cannot say."""
+    return None
+
   @abstractmethod
   def eos_token_ids(self, shard: Shard) -> set[int]:
     pass
@@ -50,3 +83,11 @@ class InferenceEngine(ABC):
   @abstractmethod
   def close(self) -> None:
     """Release what the engine holds (weights, worker threads) once its queued work is done; called once, when it is no longer used."""
+
+
+async def infer_one(engine: InferenceEngine, request_id: str, shard: Shard, input_data: np.ndarray, position: int) -> np.ndarray:
+  """`engine.infer_batch` of one step, raising its exception: `infer_tensor` for an engine whose work is `infer_batch`."""
+  [out] = await engine.infer_batch(shard, [Step(request_id, input_data, position)])
+  if isinstance(out, Exception):
+    raise out
+  return out

@@ -1,15 +1,18 @@
 """A ShardedEngine over a model file found on this machine (exo.inference.model_files): its tokenizer and chat template, and
 each shard's size as held, from the file's metadata, for the memory check."""
 
+import asyncio
 from abc import abstractmethod
 
 import numpy as np
 
+from exo.inference.llama_weights import load_config
 from exo.inference.model_figures import shard_held_bytes
 from exo.inference.model_files import locate_model
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ShardedEngine
 from exo.inference.tokenizer import Tokenizer, load_tokenizer
+from exo.topology.models import KV_CONTEXT
 
 
 class ModelFileEngine(ShardedEngine):
@@ -17,6 +20,7 @@ class ModelFileEngine(ShardedEngine):
     super().__init__(seed, memory_limit_bytes)
     self._tokenizers: dict[str, Tokenizer] = {}
     self._sizes: dict[Shard, int] = {}
+    self._contexts: dict[str, int] = {}
 
   @abstractmethod
   async def _in_worker(self, fn, *args):
@@ -38,6 +42,13 @@ class ModelFileEngine(ShardedEngine):
 
   async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
     return (await self._tokenizer_async(shard.model_id)).apply_chat_template(messages)
+
+  async def context_length(self, shard: Shard) -> int:
+    """The model's context, capped at KV_CONTEXT (what the planner reserves KV cache for), from the file's metadata."""
+    if shard.model_id not in self._contexts:
+      config = await asyncio.to_thread(load_config, locate_model(shard.model_id))
+      self._contexts[shard.model_id] = min(config.context_length, KV_CONTEXT)
+    return self._contexts[shard.model_id]
 
   def eos_token_ids(self, shard: Shard) -> set[int]:
     return set(self._tokenizer(shard.model_id).eos_token_ids)

@@ -15,29 +15,21 @@ import time
 import numpy as np
 
 from exo.inference.engine_wrapper import EngineWrapper
-from exo.inference.inference_engine import InferenceEngine
+from exo.inference.inference_engine import InferenceEngine, Step, positions_in
 from exo.inference.shard import Shard
 from exo.topology.cost_model import head_layers, layer_speed, layer_time
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_spec import ModelSpec
 
 
-def positions_in(input_data: np.ndarray) -> int:
-  """Positions (tokens) in an infer_tensor input: token ids (P,) or (1, P), or hidden states (..., P, hidden)."""
-  shape = np.shape(input_data)
-  if np.issubdtype(np.asarray(input_data).dtype, np.integer) or len(shape) < 2:
-    return int(shape[-1]) if shape else 1
-  return int(shape[-2])
-
-
-def pacing_delay(shard: Shard, model: ModelSpec, device: DeviceCapabilities, tokens: int = 1, prompt_tokens_scale: bool = True) -> float:
-  """Seconds `device` needs to run `shard` over `tokens` positions; 0 if its speed is unknown. With `prompt_tokens_scale` False a
-  prefill is paced as one token."""
+def pacing_delay(shard: Shard, model: ModelSpec, device: DeviceCapabilities, tokens: int = 1) -> float:
+  """Seconds `device` needs to run `shard` over `tokens` positions at once: (layers + eta on the last shard) x t(tokens); 0 if
+  its speed is unknown."""
   speed = layer_speed(model, device.flops.fp16, device.memory_bandwidth)
   if speed is None:
     return 0.0
   layers = shard.get_layer_count() + (head_layers(model) if shard.is_last_layer() else 0.0)
-  return layers * layer_time(speed, tokens if prompt_tokens_scale else 1)
+  return layers * layer_time(speed, tokens)
 
 
 class PacedInferenceEngine(EngineWrapper):
@@ -48,15 +40,18 @@ class PacedInferenceEngine(EngineWrapper):
     self.prompt_tokens_scale = prompt_tokens_scale
     self._busy = asyncio.Lock()
 
-  def delay(self, shard: Shard, input_data: np.ndarray) -> float:
-    return pacing_delay(shard, self.model, self.device, positions_in(input_data), self.prompt_tokens_scale)
+  def delay(self, shard: Shard, steps: list[Step]) -> float:
+    """The device's time for one call running `steps` together: n = all their positions at once (each step counts as one
+    position when prompts are not scaled)."""
+    tokens = sum(positions_in(step.input_data) for step in steps) if self.prompt_tokens_scale else len(steps)
+    return pacing_delay(shard, self.model, self.device, tokens)
 
-  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
-    delay = self.delay(shard, input_data)
+  async def infer_batch(self, shard: Shard, steps: list[Step]) -> list[np.ndarray | Exception]:
+    delay = self.delay(shard, steps)
     async with self._busy:
       start = time.perf_counter()
-      output = await self.inner.infer_tensor(request_id, shard, input_data, position)
+      outputs = await self.inner.infer_batch(shard, steps)
       remaining = delay - (time.perf_counter() - start)
       if remaining > 0:
         await asyncio.sleep(remaining)
-    return output
+    return outputs

@@ -17,13 +17,14 @@ Subclasses supply the model-specific work, run in their worker via `_in_worker`:
 import asyncio
 import logging
 from abc import abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import psutil
 
-from exo.inference.inference_engine import InferenceEngine
+from exo.inference.inference_engine import InferenceEngine, Step, infer_one
 from exo.inference.sampling import sample_last
 from exo.inference.shard import Shard
 
@@ -56,7 +57,9 @@ class ShardedEngine(InferenceEngine):
     self._models: dict[Shard, Any] = {}
     self._states: dict[tuple[str, Shard], _State] = {}
     self._loading: asyncio.Lock | None = None
-    self._finished: asyncio.Event | None = None
+    self._finished_event: asyncio.Event | None = None  # set when a request finishes (its shard may then be dropped)
+    self._running: Counter[str] = Counter()  # steps in flight per request
+    self._dropped: set[str] = set()  # requests finished while a step of theirs ran: that step must not bring their state back
     self.waiting: str | None = None  # why new work is waiting for memory, while it does
 
   # model-specific work, in the worker
@@ -97,8 +100,58 @@ class ShardedEngine(InferenceEngine):
   async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
     """Token ids ((P,) or (1, P) ints) on the first shard, else hidden states (1, P, hidden_size). Returns hidden states
     (1, P, hidden_size) float32, or logits (1, P, vocab_size) float32 on the last shard. `position`: that of the first row."""
-    key = (request_id, shard)
-    state = self._states.get(key)
+    return await infer_one(self, request_id, shard, input_data, position)
+
+  async def infer_batch(self, shard: Shard, steps: list[Step]) -> list[np.ndarray | Exception]:
+    """The steps that can run (see `_check_state`; one per request) run as one `_forward_batch` call; each step gets its output
+    or its exception. A request's state is stored only once its step succeeded."""
+    outputs: list[np.ndarray | Exception | None] = [None] * len(steps)
+    placed: list[tuple[int, Step, _State | None]] = []
+    for i, step in enumerate(steps):
+      try:
+        if any(other.request_id == step.request_id for _, other, _ in placed):
+          raise RequestStateError(f"request {step.request_id!r} has two steps in one batch")
+        placed.append((i, step, self._check_state(step.request_id, shard, step.position)))
+      except RequestStateError as e:
+        outputs[i] = e
+    try:
+      model = await self._resident(shard) if placed else None
+      dims = self._dims(model) if placed else None
+    except Exception as e:
+      return [e if out is None else out for out in outputs]
+    ready: list[tuple[int, Step, _State | None, np.ndarray]] = []
+    for i, step, state in placed:
+      try:
+        ready.append((i, step, state, self._validated(shard, dims, step.input_data, step.position)))
+      except ValueError as e:
+        outputs[i] = e
+    if not ready:
+      return outputs
+    ids = [step.request_id for _, step, _, _ in ready]
+    self._running.update(ids)
+    try:
+      states = [state or _State(0, await self._in_worker(self._new_cache, model, shard)) for _, _, state, _ in ready]
+      xs, positions = [x for *_, x in ready], [step.position for _, step, _, _ in ready]
+      results = await self._in_worker(self._forward_batch, model, [s.cache for s in states], shard, xs, positions)
+    except Exception as e:
+      states, results = [None] * len(ready), [e] * len(ready)
+    finally:
+      self._running.subtract(ids)
+    for (i, step, _, x), state, out in zip(ready, states, results):
+      outputs[i] = out
+      if state is not None and step.request_id not in self._dropped:  # one finished while its step ran is not brought back
+        state.position = step.position + len(x)
+        self._states[(step.request_id, shard)] = state
+    for request_id in ids:
+      if self._running[request_id] <= 0:
+        del self._running[request_id]
+        self._dropped.discard(request_id)
+    return outputs
+
+  def _check_state(self, request_id: str, shard: Shard, position: int) -> _State | None:
+    """The request's state at this shard (None: a new request, at position 0), or RequestStateError if a step for it at
+    `position` cannot continue it correctly."""
+    state = self._states.get((request_id, shard))
     if state is None:
       elsewhere = sorted(f"{s.start_layer}-{s.end_layer}" for r, s in self._states if r == request_id)
       if elsewhere:
@@ -112,21 +165,23 @@ class ShardedEngine(InferenceEngine):
         )
     elif state.position != position:
       raise RequestStateError(f"request {request_id!r} is at position {state.position} on this node, but a step for position {position} arrived")
-    model = await self._resident(shard)
-    x = self._validated(shard, self._dims(model), input_data, position)
-    if state is None:
-      state = _State(0, await self._in_worker(self._new_cache, model, shard))
-    out = await self._in_worker(self._forward, model, state.cache, shard, x, position)
-    state.position = position + len(x)
-    self._states[key] = state  # stored only once a step succeeded
-    return out
+    return state
+
+  def _forward_batch(self, model: Any, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
+    """Several requests' steps over the shard in one call: xs[i] is (P_i,) int64 token ids on the first shard, else (P_i, hidden)
+    float32 hidden states, for the request whose per-request state (from _new_cache) is caches[i], at positions positions[i]..;
+    returns each request's (1, P_i, hidden) hidden states, or (1, P_i, vocab) logits on the last shard, float32, updating each
+    cache. By default one _forward each; an engine that batches overrides it."""
+    return [self._forward(model, c, shard, x, p) for c, x, p in zip(caches, xs, positions)]
 
   async def finish_request(self, request_id: str) -> None:
+    if self._running[request_id] > 0:
+      self._dropped.add(request_id)
     for key in [k for k in self._states if k[0] == request_id]:
       state = self._states.pop(key)
       await self._in_worker(lambda s: None, state)  # after any queued step of the request; its arrays are freed in the worker
-    if self._finished is not None:
-      self._finished.set()
+    if self._finished_event is not None:
+      self._finished_event.set()
 
   def close(self) -> None:
     """Forget every request and shard (engines whose arrays must be freed in their worker do that first)."""
@@ -173,7 +228,7 @@ class ShardedEngine(InferenceEngine):
     if shard in self._models:
       return self._models[shard]
     if self._loading is None:
-      self._loading, self._finished = asyncio.Lock(), asyncio.Event()
+      self._loading, self._finished_event = asyncio.Lock(), asyncio.Event()
     async with self._loading:
       if shard in self._models:
         return self._models[shard]
@@ -183,8 +238,8 @@ class ShardedEngine(InferenceEngine):
         busy = ", ".join(sorted(f"{s.start_layer}-{s.end_layer}" for s in self._busy()))
         self.waiting = f"layers {shard.start_layer}-{shard.end_layer} wait for the requests on layers {busy} to finish: both do not fit in memory"
         log.warning(self.waiting)
-        self._finished.clear()
-        await self._finished.wait()
+        self._finished_event.clear()
+        await self._finished_event.wait()
         await self._drop_idle(shard)
       self.waiting = None
       self._models[shard] = await self._in_worker(self._load_model, shard)

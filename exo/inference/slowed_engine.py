@@ -1,5 +1,5 @@
 """A node slower than it says, for benchmarks of the planner's measurements: `exo --engine-slowdown FACTOR` makes every
-infer_tensor call take FACTOR times as long as the wrapped engine's (it sleeps (FACTOR - 1) x the call's own time after it).
+engine call take FACTOR times as long as the wrapped engine's (it sleeps (FACTOR - 1) x the call's own time after it).
 Nothing declares the slowdown: the node's device figures are unchanged, so only its measured layer times reveal it.
 
 Calls are serialised, as on a device that runs one shard call at a time; `factor` may be changed while the engine runs.
@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from exo.inference.engine_wrapper import EngineWrapper
-from exo.inference.inference_engine import InferenceEngine
+from exo.inference.inference_engine import InferenceEngine, Step
 from exo.inference.shard import Shard
 
 
@@ -31,11 +31,11 @@ class SlowedEngine(EngineWrapper):
       raise ValueError(f"an engine slowdown must be a factor >= 1, got {value!r}")
     self._factor = float(value)
 
-  async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
+  async def infer_batch(self, shard: Shard, steps: list[Step]) -> list[np.ndarray | Exception]:
     async with self._busy:
       start = time.perf_counter()
-      output = await self.inner.infer_tensor(request_id, shard, input_data, position)
+      outputs = await self.inner.infer_batch(shard, steps)
       extra = (self.factor - 1) * (time.perf_counter() - start)
       if extra > 0:
         await asyncio.sleep(extra)
-    return output
+    return outputs

@@ -15,20 +15,24 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
+from exo.errors import BadInput, Busy
 from exo.inference.calibration import calibrate
-from exo.inference.inference_engine import InferenceEngine
+from exo.inference.inference_engine import InferenceEngine, Step, positions_in
 from exo.inference.layer_time_estimate import LayerTimeEstimate
 from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
 from exo.networking.peer_handle import PeerHandle
 from exo.networking.request_context import RequestContext, RingPlan
 from exo.networking.server import Server
+from exo.orchestration.recent_ids import RecentIds
 from exo.orchestration.replan import should_replan
+from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
 from exo.topology.cost_model import PlannerParams, Prediction, head_layers
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_spec import ModelSpec
@@ -38,6 +42,8 @@ from exo.topology.topology import Topology
 
 log = logging.getLogger(__name__)
 PEER_WAIT_S = 5.0  # how long a message waits for its ring neighbour to be discovered (nodes that just started)
+WATCH_S = 2.0  # the origin health-checks a request's ring when no token has come for this long
+LOAD_WINDOW_S = 10.0  # the aggregate tokens/s a node reports is over this many seconds
 
 
 class RequestFailed(Exception):
@@ -74,6 +80,7 @@ class _Pending:
   future: asyncio.Future
   tokens: list[int] = field(default_factory=list)
   on_token: Callable[[list[int]], None] | None = None
+  last_progress: float = field(default_factory=time.monotonic)  # when the last token came (or the request started)
 
 
 class Node:
@@ -89,6 +96,7 @@ class Node:
     request_timeout: float = 120.0,
     refresh_interval: float = 1.0,
     measure_layer_times: bool = False,
+    max_requests: int = 64,
   ):
     self.id = node_id
     self.engine = engine
@@ -98,6 +106,7 @@ class Node:
     self.planner = planner
     self.max_generate_tokens = max_generate_tokens
     self.request_timeout = request_timeout
+    self.max_requests = max_requests  # requests this node may have in flight as their origin; more are refused (Busy)
     self.refresh_interval = refresh_interval
     self.server: Server | None = None
     self.peers: dict[str, PeerHandle] = {}
@@ -113,8 +122,9 @@ class Node:
     self.last_generation: Generation | None = None
     self.measure_layer_times = measure_layer_times  # calibrate the engine at start, refine from requests, publish
     self._measuring: dict[str, tuple[ModelSpec, LayerTimeEstimate]] = {}  # by model id: the models whose layer times it refines
-    self._steps_running = 0  # engine steps in flight on this node
-    self._steps_started = 0
+    self._finished = RecentIds()  # requests over (finished, cancelled, failed): their late messages are dropped
+    self.scheduler = StageScheduler(self._engine_call, self._finished.__contains__, max_batch=planner.batch)
+    self._delivered: deque[tuple[float, int]] = deque()  # at the origin: (time, tokens) of the last LOAD_WINDOW_S seconds
 
   async def start(self, wait_for_peers: int = 0) -> None:
     if self.measure_layer_times:
@@ -129,6 +139,7 @@ class Node:
       self._refresher.cancel()
     for task in list(self._tasks):
       task.cancel()
+    await self.scheduler.stop()
     await self.discovery.stop()
     await self.server.stop()
     for peer in self.peers.values():
@@ -153,23 +164,18 @@ class Node:
       log.info("engine on %s: %.4g ms a layer per decode step, %.4g ms a layer per prefill token", model.id, measured.decode_ms, measured.token_ms)
       self._publish_layer_times(model.id)
 
-  async def _timed_step(self, context: RequestContext, shard: Shard, tensor: np.ndarray) -> np.ndarray:
-    """The engine's step; a step that ran alone on this node (no other request's step overlapped it) refines the layer times
-    of the model, if this node measures it. The last stage's step includes the head: eta layers of time."""
-    alone = self._steps_running == 0
-    self._steps_running += 1
-    self._steps_started += 1
-    started, mark = time.perf_counter(), self._steps_started
-    try:
-      out = await self.engine.infer_tensor(context.request_id, shard, tensor, context.position)
-    finally:
-      self._steps_running -= 1
-    if shard.model_id in self._measuring and alone and mark == self._steps_started:
+  async def _engine_call(self, shard: Shard, steps: list[Step], chunk: bool) -> list:
+    """One engine call of the stage scheduler. A call of one step (the scheduler runs one call at a time) refines the layer
+    times of the model, if this node measures it: a decode step, or a prompt chunk. The last stage's step includes the head:
+    eta layers of time. A batch of several decode steps tells neither figure, and is not taken."""
+    started = time.perf_counter()
+    outputs = await self.engine.infer_batch(shard, steps)
+    if shard.model_id in self._measuring and len(steps) == 1 and not isinstance(outputs[0], Exception):
       model, estimate = self._measuring[shard.model_id]
       eta = head_layers(model) if shard.is_last_layer() else 0.0
-      if estimate.add_step(time.perf_counter() - started, out.shape[1], shard.get_layer_count() + eta):
+      if estimate.add_step(time.perf_counter() - started, positions_in(steps[0].input_data), shard.get_layer_count() + eta):
         self._publish_layer_times(model.id)
-    return out
+    return outputs
 
   def _publish_layer_times(self, model_id: str) -> None:
     """This node's capabilities, its entry in the topology and its announcements carry the current estimate."""
@@ -280,35 +286,71 @@ class Node:
   async def generate(
     self, prompt: str, model: ModelSpec | None = None, max_tokens: int | None = None, on_token: Callable[[list[int]], None] | None = None
   ) -> Generation:
-    """Plan, send the prompt to the first stage, and wait for the last stage's tokens until EOS, the token budget or the deadline."""
-    started = time.perf_counter()
-    plan = await asyncio.to_thread(self.plan, model or self.model)  # the search takes milliseconds to a few seconds
-    ring = RingPlan.from_node_shards(plan.node_shards())
-    context = RequestContext(str(uuid.uuid4()), self.id, ring, max_tokens or self.max_generate_tokens)
-    pending = _Pending(asyncio.get_running_loop().create_future(), on_token=on_token)
-    self._pending[context.request_id] = pending
+    """Plan, send the prompt to the first stage, and wait for the last stage's tokens until EOS, the token budget (and the
+    model's context) or the deadline. Refused first as `admit` says."""
+    started, model = time.perf_counter(), model or self.model
+    room = await self.admit(prompt, model)
+    max_tokens = min(max_tokens or self.max_generate_tokens, room or self.max_generate_tokens)
+    request_id = str(uuid.uuid4())
+    pending = self._pending[request_id] = _Pending(asyncio.get_running_loop().create_future(), on_token=on_token)
+    ring = None
     try:
+      plan = await asyncio.to_thread(self.plan, model)  # the search takes milliseconds to a few seconds
+      ring = RingPlan.from_node_shards(plan.node_shards())
+      context = RequestContext(request_id, self.id, ring, max_tokens)
       await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
-      log.info("request %s: prompt sent to %s, ring %s", context.request_id, ring.stages[0].node_id, " -> ".join(ring.node_ids()))
-      tokens = await asyncio.wait_for(pending.future, self.request_timeout)
-    except asyncio.TimeoutError:
-      # Nobody said which node failed: check the ring now, so the next request can run at once on the nodes that still answer.
-      silent = await self._check_ring(ring)
-      because = f": {', '.join(repr(n) for n in silent)} did not answer a health check" if silent else ""
-      raise RequestFailed(
-        f"request {context.request_id} timed out after {self.request_timeout:g} s on ring {' -> '.join(ring.node_ids())}{because}"
-      ) from None
+      log.info("request %s: prompt sent to %s, ring %s", request_id, ring.stages[0].node_id, " -> ".join(ring.node_ids()))
+      tokens = await self._await_tokens(pending, ring, request_id)
     except RequestFailed:
-      await self._check_ring(ring)
+      if ring is not None:
+        await self._check_ring(ring)
       raise
     finally:
-      self._pending.pop(context.request_id, None)
-      await self._broadcast_finish(ring, context.request_id)
+      self._pending.pop(request_id, None)
+      if ring is not None:
+        await self._broadcast_finish(ring, request_id)
     last = ring.shard(len(ring.stages) - 1)
     answer = tokens[:-1] if tokens and tokens[-1] in await asyncio.to_thread(self.engine.eos_token_ids, last) else tokens
     text = await self.engine.decode(last, answer)
-    self.last_generation = Generation(context.request_id, tokens, text, plan, time.perf_counter() - started)
+    self.last_generation = Generation(request_id, tokens, text, plan, time.perf_counter() - started)
     return self.last_generation
+
+  async def admit(self, prompt: str, model: ModelSpec) -> int | None:
+    """How many tokens the answer may have in the model's context (None: the engine cannot say), if this node takes the
+    request now: Busy if it already has `max_requests` in flight, BadInput if the prompt leaves no room for one token."""
+    if len(self._pending) >= self.max_requests:
+      raise Busy(f"node {self.id!r} already runs {len(self._pending)} requests, its limit (--max-requests); try again shortly")
+    shard = Shard(model.id, 0, model.n_layers - 1, model.n_layers)
+    prompt_tokens, context = len(await self.engine.encode(shard, prompt)), await self.engine.context_length(shard)
+    if context is not None and prompt_tokens >= context:
+      raise BadInput(
+        f"the prompt is {prompt_tokens} tokens, and {model.id} takes at most {context - 1} (its context is {context} tokens, the answer included)"
+      )
+    return None if context is None else context - prompt_tokens
+
+  async def _await_tokens(self, pending: _Pending, ring: RingPlan, request_id: str) -> list[int]:
+    """The request's tokens once the last stage reports it finished. When no token has come for WATCH_S seconds, the ring's
+    nodes are health-checked: one that does not answer fails the request at once, naming it, rather than at the deadline."""
+    deadline = time.monotonic() + self.request_timeout
+    while True:
+      now = time.monotonic()
+      if now >= deadline:
+        silent = await self._check_ring(ring)
+        because = f": {', '.join(repr(n) for n in silent)} did not answer a health check" if silent else ""
+        raise RequestFailed(f"request {request_id} timed out after {self.request_timeout:g} s on ring {' -> '.join(ring.node_ids())}{because}")
+      quiet = now - pending.last_progress
+      if quiet >= WATCH_S:
+        pending.last_progress = now  # checked: the next check after another WATCH_S of silence
+        silent = await self._check_ring(ring)
+        if silent:
+          raise RequestFailed(
+            f"request {request_id} stalled on ring {' -> '.join(ring.node_ids())}: {', '.join(repr(n) for n in silent)} did not answer a health check"
+          )
+        continue
+      try:
+        return await asyncio.wait_for(asyncio.shield(pending.future), min(WATCH_S - quiet, deadline - now))
+      except asyncio.TimeoutError:
+        pass
 
   def process_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str) -> None:
     pending = self._pending.get(request_id)
@@ -319,11 +361,29 @@ class Node:
       return
     if not is_finished and len(tokens) <= len(pending.tokens):
       return  # a report resent, or overtaken by the next one
+    if len(tokens) > len(pending.tokens):
+      pending.last_progress = time.monotonic()
+      self._delivered.append((pending.last_progress, len(tokens) - len(pending.tokens)))
     pending.tokens = list(tokens)
     if pending.on_token:
       pending.on_token(pending.tokens)
     if is_finished:
       pending.future.set_result(pending.tokens)
+
+  def load(self) -> dict:
+    """What the node is doing: requests it is the origin of, requests with steps waiting at its stage, the mean size of its
+    last decode batches (up to 100), and the tokens per second its requests received over the last LOAD_WINDOW_S seconds."""
+    now = time.monotonic()
+    while self._delivered and self._delivered[0][0] < now - LOAD_WINDOW_S:
+      self._delivered.popleft()
+    sizes = self.scheduler.batch_sizes
+    return {
+      "active_requests": len(self._pending),
+      "waiting_requests": self.scheduler.waiting_requests(),
+      "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
+      "max_batch": self.scheduler.max_batch,
+      "tokens_per_s": sum(n for _, n in self._delivered) / LOAD_WINDOW_S,
+    }
 
   async def _check_ring(self, ring: RingPlan) -> list[str]:
     """Have discovery health-check the ring's other nodes now; those that fail (or are no longer peers) are left out of the
@@ -357,17 +417,34 @@ class Node:
       log.warning("ignoring a status that is not a JSON object for request %s", request_id)
       return
     if message.get("type") == "finish":
-      self._ring_tokens.pop(request_id, None)
-      self._orphans.discard(request_id)
-      self._spawn(self.engine.finish_request(request_id))
+      self.finish(request_id)
+    elif message.get("type") == "failed" and isinstance(message.get("origin"), str) and isinstance(message.get("error"), str):
+      self._spawn(self._pass_on_failure(request_id, message["origin"], message["error"]))
+
+  def finish(self, request_id: str) -> None:
+    """The request is over: its waiting steps are dropped, its later messages ignored, and its state released."""
+    self._finished.add(request_id)
+    self.scheduler.cancel(request_id)
+    self._ring_tokens.pop(request_id, None)
+    self._orphans.discard(request_id)
+    self._spawn(self.engine.finish_request(request_id))
+
+  async def _pass_on_failure(self, request_id: str, origin: str, error: str) -> None:
+    """A ring node that could not reach `origin` asked this one to tell it that the request failed."""
+    try:
+      await self._report_to(origin, request_id, [], True, error)
+    except Exception as e:
+      log.warning("could not pass on the failure of request %s to %s: %s", request_id, origin, e)
 
   # ---------- the ring ----------
 
   async def process_prompt(self, shard: Shard, prompt: str, context: RequestContext) -> None:
-    self._spawn(self._run_stage(shard, context, prompt=prompt))
+    if context.request_id not in self._finished:  # a message of a request already over is dropped
+      self._spawn(self._run_stage(shard, context, prompt=prompt))
 
   async def process_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None:
-    self._spawn(self._run_stage(shard, context, tensor=tensor))
+    if context.request_id not in self._finished:
+      self._spawn(self._run_stage(shard, context, tensor=tensor))
 
   def _spawn(self, coroutine) -> None:
     task = asyncio.create_task(coroutine)
@@ -383,7 +460,10 @@ class Node:
         raise RequestFailed(f"node {self.id!r} was sent layers {shard.start_layer}-{shard.end_layer}, which the request's plan does not give it")
       if prompt is not None:
         tensor = (await self.engine.encode(shard, prompt))[None, :]
-      out = await self._timed_step(context, shard, tensor)
+      rows = positions_in(tensor)
+      out = await self.scheduler.run(shard, Step(context.request_id, tensor, context.position))
+      if context.request_id in self._finished:
+        return  # finished while its step ran
       if index < len(ring.stages) - 1:
         await self._deliver(ring.stages[index + 1].node_id, "tensor", ring.shard(index + 1), out, context)
         return
@@ -394,22 +474,40 @@ class Node:
       finished = token in eos or len(tokens) >= context.max_tokens
       # The next step goes round first, so the report to the origin is off the ring's critical path (one RPC less per token).
       if not finished and context.request_id not in self._orphans:
-        next_step = context.at(context.position + out.shape[1])
+        next_step = context.at(context.position + rows)
         await self._deliver(ring.stages[0].node_id, "tensor", ring.shard(0), np.array([[token]], dtype=np.int64), next_step)
       try:
         await self._report(context, list(tokens), finished)
       except Exception:
         self._orphans.add(context.request_id)  # the origin is gone: stop going round for it
         raise
+    except StepCancelled:
+      return  # the request is over: nobody waits for this step
     except asyncio.CancelledError:
       raise
     except Exception as e:
       reason = str(e) if isinstance(e, RequestFailed) else f"node {self.id!r} failed: {type(e).__name__}: {e}"
       log.warning("request %s failed at %s: %s", context.request_id, self.id, reason)
+      self.finish(context.request_id)
       try:
         await self._report(context, [], True, reason)
       except Exception as report_error:
-        log.warning("could not report the failure of request %s: %s", context.request_id, report_error)
+        log.warning(
+          "could not report the failure of request %s to %s: %s; asking its peers to", context.request_id, context.origin_node_id, report_error
+        )
+        await self._relay_failure(context, reason)
+
+  async def _relay_failure(self, context: RequestContext, reason: str) -> None:
+    """Ask the peers, one after another, to tell the origin that the request failed, until one takes it on."""
+    status = json.dumps({"type": "failed", "origin": context.origin_node_id, "error": reason})
+    for peer_id, peer in sorted(self.peers.items()):
+      if peer_id == context.origin_node_id:
+        continue
+      try:
+        await asyncio.wait_for(peer.send_opaque_status(context.request_id, status), 2.0)
+        return
+      except Exception as e:
+        log.info("%s could not take on the failure of request %s: %s", peer_id, context.request_id, e)
 
   async def _deliver(self, node_id: str, kind: str, shard: Shard, payload, context: RequestContext) -> None:
     if node_id == self.id:
@@ -422,16 +520,19 @@ class Node:
       raise RequestFailed(f"node {self.id!r} could not reach {node_id!r}: {type(e).__name__}") from e
 
   async def _report(self, context: RequestContext, tokens: list[int], finished: bool, error: str = "") -> None:
-    if context.origin_node_id == self.id:
-      self.process_result(context.request_id, tokens, finished, error)
+    await self._report_to(context.origin_node_id, context.request_id, tokens, finished, error)
+
+  async def _report_to(self, origin: str, request_id: str, tokens: list[int], finished: bool, error: str = "") -> None:
+    if origin == self.id:
+      self.process_result(request_id, tokens, finished, error)
       return
-    peer = await self._peer(context.origin_node_id, f"which asked for request {context.request_id}")
+    peer = await self._peer(origin, f"which asked for request {request_id}")
     # A result may be sent twice, so it is retried for a while: an origin restarted under the same id (a second `exo run`) is
     # reached through the channel to the first process, which gRPC keeps failing at once while it backs off between reconnects.
     deadline = time.monotonic() + PEER_WAIT_S
     while True:
       try:
-        await peer.send_result(context.request_id, tokens, finished, error)
+        await peer.send_result(request_id, tokens, finished, error)
         return
       except Exception:
         if time.monotonic() >= deadline:

@@ -43,6 +43,13 @@ class RingView:
     waiting = getattr(node.engine, "waiting", None)
     if waiting:
       lines.append(Text(f"engine: {waiting}", style="yellow"))
+    load = node.load()
+    lines.append(
+      Text(
+        f"requests: {load['active_requests']} from this node, {load['waiting_requests']} waiting at its stage; "
+        f"decode batch {load['mean_batch']:.1f} of at most {load['max_batch']}; {load['tokens_per_s']:.1f} tokens/s"
+      )
+    )
     last = node.last_generation
     if last and last.elapsed_s > 0:
       lines.append(Text(f"last request: {len(last.tokens)} tokens in {last.elapsed_s:.2f} s ({len(last.tokens) / last.elapsed_s:.1f} tokens/s)"))

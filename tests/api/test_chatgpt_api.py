@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import re
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -11,6 +13,7 @@ import pytest
 
 from exo.api import ChatGPTAPI
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.shard import Shard
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_server import GRPCServer
@@ -30,11 +33,12 @@ PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards",
 class Served:
   """A node and its API on loopback, run by an event loop in a background thread."""
 
-  def __init__(self):
+  def __init__(self, engine=None, **node_options):
     self.loop = asyncio.new_event_loop()
     self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
     self.thread.start()
-    self.node = Node("api-node", DummyInferenceEngine(), NoDiscovery(), CAPS, model_spec(SERVED), max_generate_tokens=MAX_TOKENS, request_timeout=10)
+    options = {"max_generate_tokens": MAX_TOKENS, "request_timeout": 10, **node_options}
+    self.node = Node("api-node", engine or DummyInferenceEngine(), NoDiscovery(), CAPS, model_spec(SERVED), **options)
     self.node.server = GRPCServer(self.node, "127.0.0.1", 0)
     self.api = ChatGPTAPI(self.node, "127.0.0.1", 0)
     self.run(self.node.start())
@@ -194,7 +198,10 @@ def test_topology_is_the_nodes_live_view(served):
 def test_plan_is_the_current_plan_with_predictions(served):
   served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=1)
   status, _, plan = get(f"{served.base}/v1/plan")
+  load = plan.pop("load")
   assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_plan.to_dict()
+  assert load["active_requests"] == 0 and load["waiting_requests"] == 0 and load["max_batch"] == 1
+  assert load["mean_batch"] == 1.0 and load["tokens_per_s"] > 0  # the request above: one token, in the last 10 s
   assert plan["model"]["id"] == SERVED and plan["shards"] == [{"node_id": "api-node", "start_layer": 0, "end_layer": 15, "n_layers": 16}]
   assert plan["model"] == served.node.model.to_dict() and plan["model"]["embed_bytes"] > 0  # every figure the plan rests on
   assert plan["predicted"]
@@ -215,7 +222,7 @@ def test_plan_before_any_request_is_computed_or_503(caps, model_id, status):
   got, _, body = asyncio.run(main())
   assert got == status
   if status == 200:
-    assert set(body) == PLAN_KEYS and body["model"]["id"] == model_id
+    assert set(body) == PLAN_KEYS | {"load"} and body["model"]["id"] == model_id
     assert node.current_plan is None  # reading the plan adopted nothing
   else:
     assert body["error"]["type"] == "service_unavailable" and "does not fit" in body["error"]["message"]
@@ -232,3 +239,81 @@ def test_a_port_in_use_is_an_oserror_naming_it(served):
   api = ChatGPTAPI(served.node, "127.0.0.1", served.api.port)
   with pytest.raises(OSError, match=f"127.0.0.1:{served.api.port}"):
     served.run(api.start())
+
+
+# Many clients at once.
+
+
+class Counted(EngineWrapper):
+  """Counts the steps run per request; never ends a generation (no EOS); a context of CONTEXT positions."""
+
+  def __init__(self):
+    super().__init__(DummyInferenceEngine(eos_after=10**9))
+    self.steps: dict[str, int] = {}
+
+  async def infer_batch(self, shard, steps):
+    for step in steps:
+      self.steps[step.request_id] = self.steps.get(step.request_id, 0) + 1
+    return await self.inner.infer_batch(shard, steps)
+
+  async def context_length(self, shard):
+    return CONTEXT
+
+
+CONTEXT = 400
+
+
+@pytest.fixture
+def endless():
+  served = Served(Counted(), max_generate_tokens=10**6, max_requests=2, request_timeout=60)
+  yield served
+  served.close()
+
+
+def open_stream(served: Served, content: str = "Go on forever."):
+  """A streamed chat completion, opened; the caller reads it and closes it."""
+  body = json.dumps({"model": SERVED, "messages": [{"role": "user", "content": content}], "stream": True}).encode()
+  request = urllib.request.Request(f"{served.base}/v1/chat/completions", data=body, method="POST", headers={"Content-Type": "application/json"})
+  return urllib.request.urlopen(request, timeout=10)
+
+
+def read_chunks(response, n: int) -> None:
+  while n > 0:
+    if response.readline().startswith(b"data: "):
+      n -= 1
+
+
+def test_a_client_that_disconnects_leaves_the_node_idle_within_a_step(endless):
+  response = open_stream(endless)
+  read_chunks(response, 5)
+  [request_id] = list(endless.node._pending)
+  response.close()
+  deadline = time.monotonic() + 10
+  while endless.node._pending:  # the server notices the closed connection and cancels the generation
+    assert time.monotonic() < deadline, "the generation went on after its client left"
+    time.sleep(0.01)
+  at_end = endless.node.engine.steps[request_id]
+  assert len(endless.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=10).choices[0].message.content) > 0
+  assert endless.node.engine.steps[request_id] <= at_end + 1  # 10 steps of another request later: at most the one running
+  assert endless.node.scheduler.waiting_requests() == 0 and endless.node.engine.inner.active_requests() == set()
+
+
+def test_a_prompt_longer_than_the_context_is_refused_at_once_with_400(endless):
+  status, _, body = get(
+    f"{endless.base}/v1/chat/completions", "POST", json.dumps({"model": SERVED, "messages": [{"role": "user", "content": "x" * 500}]}).encode()
+  )
+  assert status == 400 and body["error"]["type"] == "invalid_request_error"
+  assert re.search(r"the prompt is \d+ tokens, and llama-3.2-1b takes at most 399 \(its context is 400 tokens", body["error"]["message"])
+  assert endless.node.engine.steps == {}  # nothing ran
+
+
+def test_beyond_its_request_limit_a_node_answers_429(endless):
+  streams = [open_stream(endless, f"client {i}") for i in range(2)]
+  try:
+    for response in streams:
+      read_chunks(response, 2)
+    with pytest.raises(openai.RateLimitError, match=r"already runs 2 requests, its limit \(--max-requests\)"):
+      endless.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=3)
+  finally:
+    for response in streams:
+      response.close()

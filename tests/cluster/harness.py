@@ -5,6 +5,7 @@ import asyncio
 import json
 import time
 
+from exo.inference.engine_wrapper import EngineWrapper
 from exo.tools.local_cluster import (  # noqa: F401  (the cluster tests import these from here with the helpers below)
   CLIENT,
   EXO,
@@ -48,15 +49,16 @@ async def reference_tokens(model, prompt: str, max_tokens: int) -> list[int]:
   return await greedy_tokens(engine, shard, await engine.encode(shard, prompt), max_tokens)
 
 
-class Spy:
-  """An engine wrapper recording (request id, node id, first layer, last layer) for every shard it runs."""
+class Spy(EngineWrapper):
+  """An engine wrapper recording (request id, node id, first layer, last layer) for every step it runs."""
 
   def __init__(self, inner, node_id: str, calls: list):
-    self.inner, self.node_id, self.calls = inner, node_id, calls
+    super().__init__(inner)
+    self.node_id, self.calls = node_id, calls
 
-  async def infer_tensor(self, request_id, shard, input_data, position=0):
-    self.calls.append((request_id, self.node_id, shard.start_layer, shard.end_layer))
-    return await self.inner.infer_tensor(request_id, shard, input_data, position)
+  async def infer_batch(self, shard, steps):
+    self.calls.extend((step.request_id, self.node_id, shard.start_layer, shard.end_layer) for step in steps)
+    return await self.inner.infer_batch(shard, steps)
 
   def __getattr__(self, name):
     return getattr(self.inner, name)

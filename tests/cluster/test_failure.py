@@ -1,5 +1,5 @@
 """A ring node that dies (SIGKILL) or hangs (SIGSTOP) in the middle of a request: the request fails with a clear error naming
-it by its deadline, nothing hangs, and the next request from the same origin runs on the survivors.
+it well before its deadline, nothing hangs, and the next request from the same origin runs on the survivors.
 
 Three paced node processes (--emulate): a and c at 4 GB/s (8.6 ms per layer), b at 400 GB/s (0.09 ms). Upstream's
 memory-weighted split puts every node in the ring, in order of memory (ties to the larger id): c 0-7, b 8-11, a 12-15, about
@@ -7,8 +7,8 @@ memory-weighted split puts every node in the ring, in order of memory (ties to t
 memory, in no ring: in this process where the test drives several requests, or an `exo run` process.
 
 A crash is reported at once by the node that can no longer pass its hidden states on to b. b's own stage is kept short, so the
-kill almost never lands inside it: a kill there (like any hang) leaves nobody to report, and the origin's deadline does, after
-health-checking the ring.
+kill almost never lands inside it: a kill there (like any hang) leaves nobody to report, and the origin notices within seconds
+that no token comes, health-checks the ring and names the node that does not answer.
 """
 
 import asyncio
@@ -108,13 +108,14 @@ def test_killed_node_fails_the_request_naming_it_and_the_next_runs_on_survivors(
 
 
 @pytest.mark.slow
-def test_hung_node_fails_the_request_at_its_deadline_and_the_next_runs_on_survivors(cluster):
+def test_hung_node_fails_the_request_before_its_deadline_and_the_next_runs_on_survivors(cluster):
   start_paced_trio(cluster)
 
   async def scenario(origin):
     error, elapsed = await fail_mid_request(cluster, origin, signal.SIGSTOP)
-    assert "timed out" in str(error) and "'b'" in str(error), str(error)  # nobody reports a hang: the deadline does, naming b
-    assert REQUEST_TIMEOUT_S <= elapsed < REQUEST_TIMEOUT_S + SLACK_S
+    # nobody reports a hang: the origin notices that no token comes, health-checks the ring and names b, before the deadline
+    assert "stalled" in str(error) and "'b' did not answer a health check" in str(error), str(error)
+    assert elapsed < REQUEST_TIMEOUT_S
     await next_request_runs_on_survivors(origin)  # at once: no wait for the next topology refresh to clear a and c
 
   run_origin(cluster, scenario)

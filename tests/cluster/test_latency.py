@@ -72,4 +72,4 @@ def test_measured_rtt_matches_the_injected_delay_and_flops_latency_drops_the_far
   for edge in view["edges"]:
     if (edge["from"], edge["to"]) in SLOW:
       edge["rtt_ms"] = loopback
-  assert "c" in [node_id for node_id, _, _ in ring_of(make_plan(view, MODEL))]
+  assert "c" in [node_id for node_id, _, _ in ring_of(make_plan(view, MODEL))], f"measured RTTs {rtts}"

@@ -5,7 +5,8 @@ import pytest
 
 from exo.inference import paced_inference_engine
 from exo.inference.dummy_inference_engine import HIDDEN_SIZE, DummyInferenceEngine
-from exo.inference.paced_inference_engine import PacedInferenceEngine, pacing_delay, positions_in
+from exo.inference.inference_engine import Step, positions_in
+from exo.inference.paced_inference_engine import PacedInferenceEngine, pacing_delay
 from exo.inference.shard import Shard
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.model_spec import ModelSpec
@@ -17,19 +18,18 @@ SHARD = Shard("m", 2, 5, 10)  # 4 layers
 
 
 @pytest.mark.parametrize(
-  "device, tokens, scale, expected",
+  "device, tokens, expected",
   [
-    (DEVICE, 1, True, 4 * 1e-3),  # decode: max(2e9 / 1e13, 1e8 / 1e11) = 1 ms per layer, bandwidth bound
-    (DEVICE, 3, True, 4 * 1e-3),  # short prefill: 6e9 / 1e13 = 0.6 ms of compute, still bandwidth bound
-    (DEVICE, 50, True, 4 * 1e-2),  # prefill: 1e11 / 1e13 = 10 ms per layer, compute bound
-    (DEVICE, 50, False, 4 * 1e-3),  # prefill paced as one token
-    (DeviceCapabilities(flops=DeviceFlops(fp16=10)), 1, True, 4 * 2e-4),  # bandwidth unknown: compute term only
-    (DeviceCapabilities(memory_bandwidth=100), 50, True, 4 * 1e-3),  # TFLOPS unknown: bandwidth term only
-    (DeviceCapabilities(memory=8192), 50, True, 0.0),  # speed unknown: no pacing
+    (DEVICE, 1, 4 * 1e-3),  # decode: max(2e9 / 1e13, 1e8 / 1e11) = 1 ms per layer, bandwidth bound
+    (DEVICE, 3, 4 * 1e-3),  # short prefill: 6e9 / 1e13 = 0.6 ms of compute, still bandwidth bound
+    (DEVICE, 50, 4 * 1e-2),  # prefill: 1e11 / 1e13 = 10 ms per layer, compute bound
+    (DeviceCapabilities(flops=DeviceFlops(fp16=10)), 1, 4 * 2e-4),  # bandwidth unknown: compute term only
+    (DeviceCapabilities(memory_bandwidth=100), 50, 4 * 1e-3),  # TFLOPS unknown: bandwidth term only
+    (DeviceCapabilities(memory=8192), 50, 0.0),  # speed unknown: no pacing
   ],
 )
-def test_delay_matches_hand_computed(device, tokens, scale, expected):
-  assert pacing_delay(SHARD, MODEL, device, tokens, scale) == pytest.approx(expected, rel=1e-12)
+def test_delay_matches_hand_computed(device, tokens, expected):
+  assert pacing_delay(SHARD, MODEL, device, tokens) == pytest.approx(expected, rel=1e-12)
 
 
 def test_delay_for_a_built_in_model():
@@ -49,8 +49,19 @@ def test_positions_in_inputs():
 
 def test_engine_delay_uses_input_positions():
   engine = PacedInferenceEngine(DummyInferenceEngine(), MODEL, DEVICE)
-  assert engine.delay(SHARD, np.zeros((1, 50, HIDDEN_SIZE), dtype=np.float32)) == pytest.approx(0.04)
-  assert engine.delay(SHARD, np.zeros((1, 1, HIDDEN_SIZE), dtype=np.float32)) == pytest.approx(0.004)
+  assert engine.delay(SHARD, [Step("r", np.zeros((1, 50, HIDDEN_SIZE), dtype=np.float32))]) == pytest.approx(0.04)
+  assert engine.delay(SHARD, [Step("r", np.zeros((1, 1, HIDDEN_SIZE), dtype=np.float32))]) == pytest.approx(0.004)
+  unscaled = PacedInferenceEngine(DummyInferenceEngine(), MODEL, DEVICE, prompt_tokens_scale=False)
+  assert unscaled.delay(SHARD, [Step("r", np.zeros((1, 50, HIDDEN_SIZE), dtype=np.float32))]) == pytest.approx(0.004)  # as one token
+
+
+def test_a_batch_is_paced_as_its_positions_at_once():
+  """t(n) = max(d, n c) for the n positions of a call: 4 layers, d = 1 ms, c = 0.2 ms, so 5 decode steps together cost as
+  much as one (bandwidth bound) and 20 cost 4 layers x 20 x 0.2 ms = 16 ms."""
+  engine = PacedInferenceEngine(DummyInferenceEngine(), MODEL, DEVICE)
+  decode = [Step(f"r{i}", np.zeros((1, 1, HIDDEN_SIZE), dtype=np.float32)) for i in range(20)]
+  assert engine.delay(SHARD, decode[:5]) == pytest.approx(4 * 1e-3)
+  assert engine.delay(SHARD, decode) == pytest.approx(4 * 20 * 2e-4)
 
 
 def test_outputs_are_the_inner_engines():

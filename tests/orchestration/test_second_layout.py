@@ -48,8 +48,8 @@ def make_engine(name: str):
 
 
 class Held:
-  """Engine wrapper: holds the first request it sees before its `hold_at`-th step until `release` is set, and records the most
-  shards its engine held at once."""
+  """Holds the first request node a runs before its `hold_at`-th step until `release` is set (at the node's stage scheduler,
+  outside the engine, which keeps serving other requests meanwhile), and records the most shards a's engine held at once."""
 
   def __init__(self, inner, hold_at: int = 3):
     self.inner, self.hold_at = inner, hold_at
@@ -58,19 +58,21 @@ class Held:
     self.holding, self.release = asyncio.Event(), asyncio.Event()
     self.most_resident = 0
 
-  async def infer_tensor(self, request_id, shard, input_data, position=0):
-    self.first = self.first or request_id
-    if request_id == self.first:
-      self.steps += 1
-      if self.steps == self.hold_at:
-        self.holding.set()
-        await self.release.wait()
-    out = await self.inner.infer_tensor(request_id, shard, input_data, position)
-    self.most_resident = max(self.most_resident, len(self.inner.resident_shards()))
-    return out
+  def attach(self, node: Node) -> None:
+    run = node.scheduler.run
 
-  def __getattr__(self, name):
-    return getattr(self.inner, name)
+    async def held_run(shard, step):
+      self.first = self.first or step.request_id
+      if step.request_id == self.first:
+        self.steps += 1
+        if self.steps == self.hold_at:
+          self.holding.set()
+          await self.release.wait()
+      out = await run(shard, step)
+      self.most_resident = max(self.most_resident, len(self.inner.resident_shards()))
+      return out
+
+    node.scheduler.run = held_run
 
 
 async def alone(engine_name: str, prompts: list[str]) -> list[list[int]]:
@@ -90,11 +92,12 @@ def two_nodes(engine_name: str, tmp_path, objectives: tuple[str, str]) -> tuple[
   (tmp_path / "peers.json").write_text(json.dumps(peers))
   held = Held(make_engine(engine_name))
   nodes = []
-  for (name, objective), engine in zip(zip("ab", objectives), (held, make_engine(engine_name))):
+  for (name, objective), engine in zip(zip("ab", objectives), (held.inner, make_engine(engine_name))):
     discovery = ManualDiscovery(name, tmp_path / "peers.json", GRPCPeerHandle, poll_interval=0.1)
     node = Node(name, engine, discovery, devices[name], MODEL, PlannerConfig(objective=objective), TOKENS, 120, refresh_interval=0.2)
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
+  held.attach(nodes[0])
   return nodes[0], nodes[1], held
 
 

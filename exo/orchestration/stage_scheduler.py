@@ -1,0 +1,145 @@
+"""Which engine call a node runs next: continuous batching of decode steps, and prompts in chunks between them.
+
+Every step a node's stage must run (a request's prompt, or its next token's hidden state) waits here. One loop runs the engine,
+one call at a time:
+- the decode steps (one position each) waiting for the same shard run as ONE call of up to `max_batch` requests, each with its
+  own KV cache and position; steps that arrive while a call runs join the next one;
+- a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
+  goes first (a short request is not stuck behind a long one), and while decode steps wait, a chunk runs only after every
+  `decodes_per_chunk` decode calls: running requests keep producing tokens while a long prompt is read, and the prompt still
+  progresses.
+A cancelled request's waiting steps fail at once; a call already running finishes, and its result is dropped by the caller.
+
+Per call: O(waiting steps) to choose it.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from exo.inference.inference_engine import Step, positions_in
+from exo.inference.shard import Shard
+
+
+class StepCancelled(Exception):
+  """The request was cancelled (finished, abandoned) while its step waited."""
+
+
+@dataclass(eq=False)
+class _Waiting:
+  shard: Shard
+  step: Step
+  remaining: int  # positions of the request's input not yet run, this chunk's included
+  done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+  @property
+  def rows(self) -> int:
+    return positions_in(self.step.input_data)
+
+
+RunCall = Callable[[Shard, list[Step], bool], Awaitable[list]]  # (shard, steps, is a prompt chunk) -> each output or exception
+
+
+class StageScheduler:
+  """`run_call(shard, steps, chunk)` runs one engine call and returns, per step, its output or the exception it raised;
+  `cancelled(request_id)` says whether a request is over (its steps are then not run)."""
+
+  def __init__(
+    self,
+    run_call: RunCall,
+    cancelled: Callable[[str], bool],
+    max_batch: int = 1,
+    chunk_tokens: int = 64,
+    decodes_per_chunk: int = 4,
+  ):
+    if max_batch < 1 or chunk_tokens < 1 or decodes_per_chunk < 1:
+      raise ValueError(f"max_batch, chunk_tokens and decodes_per_chunk must be >= 1, got {max_batch}, {chunk_tokens}, {decodes_per_chunk}")
+    self.run_call, self.cancelled = run_call, cancelled
+    self.max_batch, self.chunk_tokens, self.decodes_per_chunk = max_batch, chunk_tokens, decodes_per_chunk
+    self._waiting: list[_Waiting] = []
+    self._wake: asyncio.Event | None = None
+    self._loop_task: asyncio.Task | None = None
+    self._decodes_since_chunk = 0
+    self.calls = 0  # engine calls run so far
+    self.batch_sizes: list[int] = []  # of the last decode calls, newest last (at most 100)
+
+  async def run(self, shard: Shard, step: Step) -> np.ndarray:
+    """`step`'s output once it has run: for a prompt, its chunks' outputs joined on the positions axis, except on the last shard,
+    where only the last position's logits are kept (all a sampler reads; a long prompt's would take gigabytes). Raises what the
+    engine raised for it, or StepCancelled."""
+    x = np.asarray(step.input_data)
+    token_ids = x.ndim <= 2 and np.issubdtype(x.dtype, np.integer)
+    rows = x.reshape(-1).shape[0] if token_ids else x.shape[-2]
+    outputs = []
+    for lo in range(0, rows, self.chunk_tokens):
+      chunk = x.reshape(-1)[lo : lo + self.chunk_tokens] if token_ids else x[..., lo : lo + self.chunk_tokens, :]
+      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo), rows - lo))
+      outputs.append(out[:, -1:] if shard.is_last_layer() else out)
+    return outputs[-1] if shard.is_last_layer() or len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+  def cancel(self, request_id: str) -> None:
+    """Fail the request's waiting steps with StepCancelled (its later ones are refused: `cancelled` says so from now on)."""
+    for waiting in [w for w in self._waiting if w.step.request_id == request_id]:
+      self._waiting.remove(waiting)
+      if not waiting.done.done():
+        waiting.done.set_exception(StepCancelled(f"request {request_id} was cancelled"))
+
+  def waiting_requests(self) -> int:
+    return len({w.step.request_id for w in self._waiting})
+
+  async def stop(self) -> None:
+    if self._loop_task is not None:
+      self._loop_task.cancel()
+      await asyncio.gather(self._loop_task, return_exceptions=True)
+      self._loop_task = None
+    for waiting in self._waiting:
+      if not waiting.done.done():
+        waiting.done.set_exception(StepCancelled("the node is stopping"))
+    self._waiting.clear()
+
+  async def _enqueue(self, waiting: _Waiting) -> np.ndarray:
+    if self.cancelled(waiting.step.request_id):
+      raise StepCancelled(f"request {waiting.step.request_id} was cancelled")
+    if self._loop_task is None:
+      self._wake = asyncio.Event()
+      self._loop_task = asyncio.create_task(self._run_forever())
+    self._waiting.append(waiting)
+    self._wake.set()
+    return await waiting.done
+
+  def next_call(self) -> tuple[list[_Waiting], bool]:
+    """The steps of the next engine call, and whether it is a prompt chunk (see the module docstring)."""
+    decodes = [w for w in self._waiting if w.rows == 1 and w.remaining == 1]
+    chunks = [w for w in self._waiting if not (w.rows == 1 and w.remaining == 1)]
+    if chunks and (not decodes or self._decodes_since_chunk >= self.decodes_per_chunk):
+      self._decodes_since_chunk = 0
+      return [min(chunks, key=lambda w: w.remaining)], True
+    shard = decodes[0].shard  # the oldest decode step's shard; others of that shard join it
+    self._decodes_since_chunk += 1
+    return [w for w in decodes if w.shard == shard][: self.max_batch], False
+
+  async def _run_forever(self) -> None:
+    while True:
+      if not self._waiting:
+        self._wake.clear()
+        await self._wake.wait()
+        continue
+      call, chunk = self.next_call()
+      for waiting in call:
+        self._waiting.remove(waiting)
+      self.calls += 1
+      if not chunk:
+        self.batch_sizes = [*self.batch_sizes[-99:], len(call)]
+      try:
+        results = await self.run_call(call[0].shard, [w.step for w in call], chunk)
+      except Exception as e:
+        results = [e] * len(call)
+      for waiting, result in zip(call, results):
+        if waiting.done.done():
+          continue
+        if isinstance(result, BaseException):
+          waiting.done.set_exception(result)
+        else:
+          waiting.done.set_result(result)

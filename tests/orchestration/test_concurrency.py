@@ -1,0 +1,217 @@
+"""Many requests at one node (dummy engine, the node alone is the ring): batched steps give each request the tokens it gets
+alone, a cancelled request stops using the engine at once, a short request is not held up by a long prompt, and a failure
+that cannot reach the origin directly reaches it through a peer."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from exo.errors import Busy
+from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.engine_wrapper import EngineWrapper
+from exo.inference.shard import Shard
+from exo.networking.discovery import NoDiscovery
+from exo.networking.request_context import RequestContext, RingPlan
+from exo.orchestration.node import Node, PlannerConfig, RequestFailed, _Pending
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.models import model_spec
+from tests.support.health_only_peer import HealthOnlyPeer
+
+MODEL = model_spec("llama-3.2-1b")
+DEVICE = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
+PROMPTS = [f"prompt number {i}: " + "x" * (3 * i) for i in range(8)]
+
+
+class NoServer:
+  async def start(self):
+    pass
+
+  async def stop(self):
+    pass
+
+
+class Recorder(EngineWrapper):
+  """Records every engine call: the request ids of its steps and their positions."""
+
+  def __init__(self, inner):
+    super().__init__(inner)
+    self.calls: list[list[tuple[str, int]]] = []
+
+  async def infer_batch(self, shard, steps):
+    self.calls.append([(s.request_id, s.position) for s in steps])
+    return await self.inner.infer_batch(shard, steps)
+
+  def steps_of(self, request_id: str) -> int:
+    return sum(r == request_id for call in self.calls for r, _ in call)
+
+
+def lone_node(engine, batch: int = 1, **kwargs) -> Node:
+  node = Node("solo", engine, NoDiscovery(), DEVICE, MODEL, PlannerConfig(batch=batch), request_timeout=60, **kwargs)
+  node.server = NoServer()
+  return node
+
+
+async def alone(prompt: str, max_tokens: int) -> list[int]:
+  node = lone_node(DummyInferenceEngine())
+  await node.start()
+  try:
+    return (await node.generate(prompt, max_tokens=max_tokens)).tokens
+  finally:
+    await node.stop()
+
+
+def test_eight_concurrent_requests_batched_get_exactly_the_tokens_each_gets_alone():
+  async def main():
+    engine = Recorder(DummyInferenceEngine())
+    node = lone_node(engine, batch=8)
+    await node.start()
+    try:
+      together = await asyncio.gather(*(node.generate(p, max_tokens=30) for p in PROMPTS))
+    finally:
+      await node.stop()
+    assert [g.tokens for g in together] == [await alone(p, 30) for p in PROMPTS]
+    assert max(len(call) for call in engine.calls) > 1  # decode steps did run together
+    assert all(len(call) <= 8 for call in engine.calls)
+
+  asyncio.run(main())
+
+
+def test_a_cancelled_request_stops_using_the_engine_at_once_while_the_others_finish():
+  async def main():
+    engine = Recorder(DummyInferenceEngine(eos_after=10**9))
+    node = lone_node(engine, batch=4, max_generate_tokens=10**6)
+    await node.start()
+    try:
+      started = asyncio.Event()
+      endless = asyncio.create_task(node.generate("never ends", on_token=lambda tokens: len(tokens) >= 5 and started.set()))
+      await asyncio.wait_for(started.wait(), 30)
+      [endless_id] = list(node._pending)
+      others = [asyncio.create_task(node.generate(p, max_tokens=40)) for p in PROMPTS[:3]]
+      while not all(engine.steps_of(i) for i in node._pending):  # every other request has run a step
+        await asyncio.sleep(0.01)
+      endless.cancel()
+      with pytest.raises(asyncio.CancelledError):
+        await endless
+      at_cancel = engine.steps_of(endless_id)
+      finished = await asyncio.gather(*others)
+      assert engine.steps_of(endless_id) <= at_cancel + 1  # a step already running, and none after it
+      assert all(len(g.tokens) == 40 for g in finished)
+      assert endless_id not in node._ring_tokens and node.scheduler.waiting_requests() == 0
+    finally:
+      await node.stop()
+    assert engine.inner.active_requests() == set()  # no engine state left behind
+
+  asyncio.run(main())
+
+
+def test_a_short_request_is_answered_while_a_long_prompt_is_still_being_read():
+  async def main():
+    engine = Recorder(DummyInferenceEngine())
+    node = lone_node(engine, batch=4)
+    node.scheduler.chunk_tokens = 16
+    await node.start()
+    try:
+      long_first_token = asyncio.Event()
+      long = asyncio.create_task(node.generate("L" * 4000, max_tokens=5, on_token=lambda _: long_first_token.set()))
+      while not engine.calls:
+        await asyncio.sleep(0.01)
+      short = await node.generate("short question", max_tokens=20)
+      assert len(short.tokens) == 20 and not long_first_token.is_set()  # answered before the long prompt's first token
+      assert (await long).tokens == await alone("L" * 4000, 5)
+    finally:
+      await node.stop()
+
+  asyncio.run(main())
+
+
+def test_a_node_at_its_request_limit_refuses_more_as_busy():
+  async def main():
+    node = lone_node(DummyInferenceEngine(eos_after=10**9), max_requests=2, max_generate_tokens=10**6)
+    await node.start()
+    try:
+      running = [asyncio.create_task(node.generate(p)) for p in PROMPTS[:2]]
+      while len(node._pending) < 2:
+        await asyncio.sleep(0.01)
+      with pytest.raises(Busy, match=r"already runs 2 requests, its limit \(--max-requests\)"):
+        await node.generate("one too many")
+      for task in running:
+        task.cancel()
+      await asyncio.gather(*running, return_exceptions=True)
+      assert len((await node.generate("room again", max_tokens=3)).tokens) == 3
+    finally:
+      await node.stop()
+
+  asyncio.run(main())
+
+
+def test_generation_stops_at_the_models_context():
+  class SmallContext(EngineWrapper):
+    async def context_length(self, shard):
+      return 40
+
+  async def main():
+    node = lone_node(SmallContext(DummyInferenceEngine(eos_after=10**9)), max_generate_tokens=1000)
+    await node.start()
+    try:
+      prompt = "twenty-five bytes long..."
+      assert len((await node.generate(prompt)).tokens) == 40 - len(prompt.encode())
+    finally:
+      await node.stop()
+
+  asyncio.run(main())
+
+
+class Direct(HealthOnlyPeer):
+  """A peer handle that calls another in-process node's methods; `reachable` False: every call fails as a lost link would."""
+
+  def __init__(self, node: Node, reachable: bool = True):
+    self.node, self.reachable = node, reachable
+
+  def id(self):
+    return self.node.id
+
+  def addr(self):
+    return f"{self.node.id}:1"
+
+  def device_capabilities(self):
+    return DEVICE
+
+  async def health_check(self, timeout=2.0):
+    return self.reachable
+
+  async def send_result(self, request_id, tokens, is_finished, error=""):
+    if not self.reachable:
+      raise ConnectionError("unreachable")
+    self.node.process_result(request_id, tokens, is_finished, error)
+
+  async def send_opaque_status(self, request_id, status):
+    if not self.reachable:
+      raise ConnectionError("unreachable")
+    self.node.process_opaque_status(request_id, status)
+
+
+def test_a_failure_the_failing_node_cannot_send_to_the_origin_reaches_it_through_a_peer():
+  async def main():
+    origin, stage, relay = (lone_node(DummyInferenceEngine()) for _ in range(3))
+    origin.id, stage.id, relay.id = "o", "s", "r"
+    stage.peers = {"o": Direct(origin, reachable=False), "r": Direct(relay)}
+    relay.peers = {"o": Direct(origin)}
+    ring = RingPlan.from_node_shards([("s", Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers))])
+    context = RequestContext("req", "o", ring, 10)
+    failed = asyncio.get_running_loop().create_future()
+    origin._pending["req"] = _Pending(failed)
+    wrong = Shard(MODEL.id, 0, 3, MODEL.n_layers)  # layers the plan does not give s: the stage fails
+    await stage._run_stage(wrong, context, tensor=np.array([[5]], dtype=np.int64))
+    with pytest.raises(RequestFailed, match="node 's' was sent layers 0-3"):
+      await asyncio.wait_for(failed, 10)
+
+  asyncio.run(main())
+
+
+def test_statuses_that_are_not_a_failure_to_pass_on_are_ignored():
+  node = lone_node(DummyInferenceEngine())
+  for status in ({"type": "failed"}, {"type": "failed", "origin": 3, "error": "x"}, {"type": "something else"}):
+    node.process_opaque_status("req", json.dumps(status))
+  assert node._tasks == set()

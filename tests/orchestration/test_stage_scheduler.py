@@ -1,0 +1,203 @@
+"""The stage scheduler against a scripted engine: which steps run together, in what order, and what each caller gets back."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from exo.inference.inference_engine import Step
+from exo.inference.shard import Shard
+from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
+
+FIRST = Shard("m", 0, 3, 8)  # token ids in, hidden states out
+LAST = Shard("m", 4, 7, 8)  # hidden states in, logits out
+HIDDEN = 2
+
+
+class Engine:
+  """Records each call as (shard, [(request, position, rows)], chunk). Output row r of a step at position p is [p + r, request
+  number]: a caller can tell which positions and request it got. Calls wait for `gate` while it is clear."""
+
+  def __init__(self):
+    self.calls: list[tuple[Shard, list[tuple[str, int, int]], bool]] = []
+    self.gate = asyncio.Event()
+    self.gate.set()
+    self.fail: set[str] = set()
+
+  async def __call__(self, shard: Shard, steps: list[Step], chunk: bool) -> list:
+    self.calls.append((shard, [(s.request_id, s.position, rows(s)) for s in steps], chunk))
+    await self.gate.wait()
+    return [ValueError(f"{s.request_id} broke") if s.request_id in self.fail else output(s) for s in steps]
+
+
+def rows(step: Step) -> int:
+  return step.input_data.shape[0] if step.input_data.ndim == 1 else step.input_data.shape[-2]
+
+
+def output(step: Step) -> np.ndarray:
+  n = rows(step)
+  return np.stack([np.arange(step.position, step.position + n), np.full(n, int(step.request_id[1:]))], axis=-1)[None].astype(np.float32)
+
+
+def tokens(n: int) -> np.ndarray:
+  return np.arange(n, dtype=np.int64)
+
+
+def hidden(n: int) -> np.ndarray:
+  return np.zeros((1, n, HIDDEN), dtype=np.float32)
+
+
+async def settle() -> None:
+  for _ in range(20):
+    await asyncio.sleep(0)
+
+
+def test_decode_steps_that_wait_together_run_as_one_call_of_at_most_max_batch():
+  async def main():
+    engine = Engine()
+    scheduler = StageScheduler(engine, lambda _: False, max_batch=4)
+    engine.gate.clear()
+    first = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(1), 10)))
+    await settle()  # r0 runs alone: nothing else was waiting
+    rest = [asyncio.create_task(scheduler.run(LAST, Step(f"r{i}", hidden(1), 20 + i))) for i in range(1, 6)]
+    await settle()
+    engine.gate.set()
+    outs = await asyncio.gather(first, *rest)
+    assert [[r for r, _, _ in call] for _, call, _ in engine.calls] == [["r0"], ["r1", "r2", "r3", "r4"], ["r5"]]
+    assert [out.tolist() for out in outs] == [[[[10, 0]]], *[[[[20 + i, i]]] for i in range(1, 6)]]
+    assert scheduler.batch_sizes == [1, 4, 1]
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_decode_steps_of_different_shards_never_share_a_call():
+  async def main():
+    engine = Engine()
+    scheduler = StageScheduler(engine, lambda _: False, max_batch=8)
+    engine.gate.clear()
+    blocker = asyncio.create_task(scheduler.run(LAST, Step("r9", hidden(1), 0)))
+    await settle()
+    steps = [scheduler.run(FIRST, Step("r1", tokens(1), 5)), scheduler.run(LAST, Step("r2", hidden(1), 5))]
+    steps.append(scheduler.run(FIRST, Step("r3", tokens(1), 5)))
+    tasks = [asyncio.create_task(s) for s in steps]
+    await settle()
+    engine.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    assert [(shard, [r for r, _, _ in call]) for shard, call, _ in engine.calls] == [(LAST, ["r9"]), (FIRST, ["r1", "r3"]), (LAST, ["r2"])]
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_a_prompt_runs_in_chunks_at_consecutive_positions_and_the_caller_gets_every_position_back():
+  async def main():
+    engine = Engine()
+    scheduler = StageScheduler(engine, lambda _: False, chunk_tokens=4)
+    out = await scheduler.run(FIRST, Step("r1", tokens(10)[None], 0))
+    assert [call for _, call, _ in engine.calls] == [[("r1", 0, 4)], [("r1", 4, 4)], [("r1", 8, 2)]]
+    assert all(chunk for _, _, chunk in engine.calls)
+    assert out[0, :, 0].tolist() == list(range(10))
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_on_the_last_shard_a_prompt_gives_only_its_last_position():
+  async def main():
+    engine = Engine()
+    scheduler = StageScheduler(engine, lambda _: False, chunk_tokens=4)
+    out = await scheduler.run(LAST, Step("r1", hidden(10), 3))
+    assert [call for _, call, _ in engine.calls] == [[("r1", 3, 4)], [("r1", 7, 4)], [("r1", 11, 2)]]
+    assert out.tolist() == [[[12, 1]]]
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_decodes_keep_running_while_a_long_prompt_is_read_and_the_prompt_still_progresses():
+  async def main():
+    engine = Engine()
+    scheduler = StageScheduler(engine, lambda _: False, max_batch=2, chunk_tokens=2, decodes_per_chunk=2)
+    engine.gate.clear()
+    prompt = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(8), 0)))
+    await settle()
+
+    async def decode(request: str, steps: int):
+      for position in range(steps):
+        await scheduler.run(LAST, Step(request, hidden(1), position))
+
+    decoders = [asyncio.create_task(decode(r, 6)) for r in ("r1", "r2")]
+    await settle()
+    engine.gate.set()
+    await asyncio.gather(prompt, *decoders)
+    kinds = "".join("P" if chunk else "D" for _, _, chunk in engine.calls)
+    assert kinds.count("P") == 4 and kinds.count("D") == 6, kinds  # 4 chunks; the decoders' 6 steps ran in pairs
+    assert kinds.index("D") < kinds.rindex("P"), kinds  # decoding went on while the prompt was read
+    assert "DDD" not in kinds[: kinds.rindex("P")], kinds  # and the prompt was not held back by more than 2 decode calls
+    assert all(len(call) == 2 for _, call, chunk in engine.calls if not chunk)
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_the_prompt_with_fewest_positions_left_goes_first():
+  async def main():
+    engine = Engine()
+    scheduler = StageScheduler(engine, lambda _: False, chunk_tokens=4)
+    engine.gate.clear()
+    long = asyncio.create_task(scheduler.run(FIRST, Step("r1", tokens(40), 0)))
+    await settle()
+    short = asyncio.create_task(scheduler.run(FIRST, Step("r2", tokens(6), 0)))
+    await settle()
+    engine.gate.set()
+    await asyncio.gather(long, short)
+    order = [call[0][0] for _, call, _ in engine.calls]
+    assert order[:4] == ["r1", "r2", "r2", "r1"], order  # the short prompt's two chunks overtake the long one's nine left
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_a_cancelled_request_loses_its_waiting_steps_and_cannot_start_new_ones():
+  async def main():
+    engine = Engine()
+    over: set[str] = set()
+    scheduler = StageScheduler(engine, over.__contains__, chunk_tokens=4)
+    engine.gate.clear()
+    prompt = asyncio.create_task(scheduler.run(FIRST, Step("r1", tokens(40), 0)))
+    await settle()
+    waiting = asyncio.create_task(scheduler.run(FIRST, Step("r2", tokens(1), 7)))
+    await settle()
+    over.update({"r1", "r2"})
+    scheduler.cancel("r2")
+    scheduler.cancel("r1")
+    engine.gate.set()
+    for task in (prompt, waiting):
+      with pytest.raises(StepCancelled):
+        await task
+    assert [call[0][0] for _, call, _ in engine.calls] == ["r1"]  # the chunk already running, and nothing after it
+    with pytest.raises(StepCancelled):
+      await scheduler.run(FIRST, Step("r1", tokens(1), 4))
+    assert scheduler.waiting_requests() == 0
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_a_step_the_engine_fails_fails_alone():
+  async def main():
+    engine = Engine()
+    engine.fail.add("r2")
+    scheduler = StageScheduler(engine, lambda _: False, max_batch=4)
+    engine.gate.clear()
+    blocker = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(1), 0)))
+    await settle()
+    tasks = [asyncio.create_task(scheduler.run(LAST, Step(f"r{i}", hidden(1), 1))) for i in (1, 2, 3)]
+    await settle()
+    engine.gate.set()
+    results = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["ndarray", "ndarray", "ValueError", "ndarray"]
+    await scheduler.stop()
+
+  asyncio.run(main())
