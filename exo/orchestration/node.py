@@ -124,6 +124,8 @@ class Node:
     self._measuring: dict[str, tuple[ModelSpec, LayerTimeEstimate]] = {}  # by model id: the models whose layer times it refines
     self._finished = RecentIds()  # requests over (finished, cancelled, failed): their late messages are dropped
     self.scheduler = StageScheduler(self._engine_call, self._finished.__contains__, max_batch=planner.batch)
+    self._calls_running = 0  # engine calls in flight on this node
+    self._calls_started = 0
     self._delivered: deque[tuple[float, int]] = deque()  # at the origin: (time, tokens) of the last LOAD_WINDOW_S seconds
 
   async def start(self, wait_for_peers: int = 0) -> None:
@@ -165,12 +167,19 @@ class Node:
       self._publish_layer_times(model.id)
 
   async def _engine_call(self, shard: Shard, steps: list[Step], chunk: bool) -> list:
-    """One engine call of the stage scheduler. A call of one step (the scheduler runs one call at a time) refines the layer
-    times of the model, if this node measures it: a decode step, or a prompt chunk. The last stage's step includes the head:
-    eta layers of time. A batch of several decode steps tells neither figure, and is not taken."""
-    started = time.perf_counter()
-    outputs = await self.engine.infer_batch(shard, steps)
-    if shard.model_id in self._measuring and len(steps) == 1 and not isinstance(outputs[0], Exception):
+    """One engine call of the stage scheduler. A call of one step that ran alone (no other call overlapped it: the scheduler
+    runs one per shard) refines the layer times of the model, if this node measures it: a decode step, or a prompt chunk. The
+    last stage's step includes the head: eta layers of time. A batch of several decode steps tells neither figure."""
+    alone = self._calls_running == 0
+    self._calls_running += 1
+    self._calls_started += 1
+    started, mark = time.perf_counter(), self._calls_started
+    try:
+      outputs = await self.engine.infer_batch(shard, steps)
+    finally:
+      self._calls_running -= 1
+    single = len(steps) == 1 and not isinstance(outputs[0], Exception)
+    if shard.model_id in self._measuring and single and alone and mark == self._calls_started:
       model, estimate = self._measuring[shard.model_id]
       eta = head_layers(model) if shard.is_last_layer() else 0.0
       if estimate.add_step(time.perf_counter() - started, positions_in(steps[0].input_data), shard.get_layer_count() + eta):

@@ -1,8 +1,8 @@
 """Which engine call a node runs next: continuous batching of decode steps, and prompts in chunks between them.
 
-Every step a node's stage must run (a request's prompt, or its next token's hidden state) waits here. One loop runs the engine,
-one call at a time:
-- the decode steps (one position each) waiting for the same shard run as ONE call of up to `max_batch` requests, each with its
+Every step a node's stage must run (a request's prompt, or its next token's hidden state) waits here. One loop per shard runs
+the engine, one call at a time:
+- the decode steps (one position each) waiting run as ONE call of up to `max_batch` requests, each with its
   own KV cache and position; steps that arrive while a call runs join the next one;
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
   goes first (a short request is not stuck behind a long one), and while decode steps wait, a chunk runs only after every
@@ -42,9 +42,22 @@ class _Waiting:
 RunCall = Callable[[Shard, list[Step], bool], Awaitable[list]]  # (shard, steps, is a prompt chunk) -> each output or exception
 
 
+@dataclass(eq=False)
+class _ShardQueue:
+  """The steps waiting for one shard, and the loop that runs them."""
+
+  waiting: list[_Waiting] = field(default_factory=list)
+  wake: asyncio.Event = field(default_factory=asyncio.Event)
+  task: asyncio.Task | None = None
+  decodes_since_chunk: int = 0
+
+
 class StageScheduler:
   """`run_call(shard, steps, chunk)` runs one engine call and returns, per step, its output or the exception it raised;
-  `cancelled(request_id)` says whether a request is over (its steps are then not run)."""
+  `cancelled(request_id)` says whether a request is over (its steps are then not run).
+
+  Each shard the node runs has its own queue and loop: a call that waits inside the engine (a second layer range waiting for
+  memory until the requests on the first finish) never holds up the other shard's calls, which those requests need."""
 
   def __init__(
     self,
@@ -58,10 +71,7 @@ class StageScheduler:
       raise ValueError(f"max_batch, chunk_tokens and decodes_per_chunk must be >= 1, got {max_batch}, {chunk_tokens}, {decodes_per_chunk}")
     self.run_call, self.cancelled = run_call, cancelled
     self.max_batch, self.chunk_tokens, self.decodes_per_chunk = max_batch, chunk_tokens, decodes_per_chunk
-    self._waiting: list[_Waiting] = []
-    self._wake: asyncio.Event | None = None
-    self._loop_task: asyncio.Task | None = None
-    self._decodes_since_chunk = 0
+    self._queues: dict[Shard, _ShardQueue] = {}
     self.calls = 0  # engine calls run so far
     self.batch_sizes: list[int] = []  # of the last decode calls, newest last (at most 100)
 
@@ -81,59 +91,60 @@ class StageScheduler:
 
   def cancel(self, request_id: str) -> None:
     """Fail the request's waiting steps with StepCancelled (its later ones are refused: `cancelled` says so from now on)."""
-    for waiting in [w for w in self._waiting if w.step.request_id == request_id]:
-      self._waiting.remove(waiting)
-      if not waiting.done.done():
-        waiting.done.set_exception(StepCancelled(f"request {request_id} was cancelled"))
+    for queue in self._queues.values():
+      for waiting in [w for w in queue.waiting if w.step.request_id == request_id]:
+        queue.waiting.remove(waiting)
+        if not waiting.done.done():
+          waiting.done.set_exception(StepCancelled(f"request {request_id} was cancelled"))
 
   def waiting_requests(self) -> int:
-    return len({w.step.request_id for w in self._waiting})
+    return len({w.step.request_id for queue in self._queues.values() for w in queue.waiting})
 
   async def stop(self) -> None:
-    if self._loop_task is not None:
-      self._loop_task.cancel()
-      await asyncio.gather(self._loop_task, return_exceptions=True)
-      self._loop_task = None
-    for waiting in self._waiting:
+    queues, self._queues = list(self._queues.values()), {}
+    for queue in queues:
+      if queue.task is not None:
+        queue.task.cancel()
+    await asyncio.gather(*(q.task for q in queues if q.task is not None), return_exceptions=True)
+    for waiting in [w for q in queues for w in q.waiting]:
       if not waiting.done.done():
         waiting.done.set_exception(StepCancelled("the node is stopping"))
-    self._waiting.clear()
 
   async def _enqueue(self, waiting: _Waiting) -> np.ndarray:
     if self.cancelled(waiting.step.request_id):
       raise StepCancelled(f"request {waiting.step.request_id} was cancelled")
-    if self._loop_task is None:
-      self._wake = asyncio.Event()
-      self._loop_task = asyncio.create_task(self._run_forever())
-    self._waiting.append(waiting)
-    self._wake.set()
+    queue = self._queues.get(waiting.shard)
+    if queue is None:
+      queue = self._queues[waiting.shard] = _ShardQueue()
+      queue.task = asyncio.create_task(self._run_forever(waiting.shard, queue))
+    queue.waiting.append(waiting)
+    queue.wake.set()
     return await waiting.done
 
-  def next_call(self) -> tuple[list[_Waiting], bool]:
-    """The steps of the next engine call, and whether it is a prompt chunk (see the module docstring)."""
-    decodes = [w for w in self._waiting if w.rows == 1 and w.remaining == 1]
-    chunks = [w for w in self._waiting if not (w.rows == 1 and w.remaining == 1)]
-    if chunks and (not decodes or self._decodes_since_chunk >= self.decodes_per_chunk):
-      self._decodes_since_chunk = 0
+  def next_call(self, queue: _ShardQueue) -> tuple[list[_Waiting], bool]:
+    """The steps of a shard's next engine call, and whether it is a prompt chunk (see the module docstring)."""
+    decodes = [w for w in queue.waiting if w.rows == 1 and w.remaining == 1]
+    chunks = [w for w in queue.waiting if not (w.rows == 1 and w.remaining == 1)]
+    if chunks and (not decodes or queue.decodes_since_chunk >= self.decodes_per_chunk):
+      queue.decodes_since_chunk = 0
       return [min(chunks, key=lambda w: w.remaining)], True
-    shard = decodes[0].shard  # the oldest decode step's shard; others of that shard join it
-    self._decodes_since_chunk += 1
-    return [w for w in decodes if w.shard == shard][: self.max_batch], False
+    queue.decodes_since_chunk += 1
+    return decodes[: self.max_batch], False
 
-  async def _run_forever(self) -> None:
+  async def _run_forever(self, shard: Shard, queue: _ShardQueue) -> None:
     while True:
-      if not self._waiting:
-        self._wake.clear()
-        await self._wake.wait()
+      if not queue.waiting:
+        queue.wake.clear()
+        await queue.wake.wait()
         continue
-      call, chunk = self.next_call()
+      call, chunk = self.next_call(queue)
       for waiting in call:
-        self._waiting.remove(waiting)
+        queue.waiting.remove(waiting)
       self.calls += 1
       if not chunk:
         self.batch_sizes = [*self.batch_sizes[-99:], len(call)]
       try:
-        results = await self.run_call(call[0].shard, [w.step for w in call], chunk)
+        results = await self.run_call(shard, [w.step for w in call], chunk)
       except Exception as e:
         results = [e] * len(call)
       for waiting, result in zip(call, results):

@@ -24,32 +24,44 @@ from exo.topology.models import model_spec
 MODEL = model_spec("smollm2-135m")
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 TOKENS = 12
+WHOLE = Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers)
+QUESTIONS = [
+  "What is the capital of France?",
+  "Name a primary colour.",
+  "How many legs does a spider have?",
+  "Write a haiku about rain.",
+  "What is 12 times 12?",
+  "Who wrote Hamlet?",
+  "Give me a synonym for happy.",
+  "Why is the sky blue? Answer in one sentence.",
+]
 # Uneven devices, speeds 4:2:1: under the throughput objective every node takes layers in proportion to its speed.
 DEVICES = {
   "fast": DeviceCapabilities("Test", "fast", 4096, DeviceFlops(2.0, 4.0, 8.0), 40.0),
   "mid": DeviceCapabilities("Test", "mid", 4096, DeviceFlops(1.0, 2.0, 4.0), 20.0),
   "slow": DeviceCapabilities("Test", "slow", 4096, DeviceFlops(0.5, 1.0, 2.0), 10.0),
 }
+THROUGHPUT = PlannerConfig(objective="throughput")
 ENGINES = {"tinygrad": TinygradInferenceEngine, "mlx": MLXInferenceEngine}
 
 
-async def single_node_tokens(engine_class) -> list[int]:
+async def single_node_tokens(engine_class, messages: list[dict] = MESSAGES) -> list[int]:
   node = Node("solo", engine_class(), NoDiscovery(), DEVICES["fast"], MODEL, max_generate_tokens=TOKENS)
   node.server = GRPCServer(node, "127.0.0.1", free_port())
   await node.start()
   try:
-    prompt = await node.engine.apply_chat_template(Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers), MESSAGES)
+    prompt = await node.engine.apply_chat_template(WHOLE, messages)
     return (await node.generate(prompt)).tokens
   finally:
     await node.stop()
 
 
-async def ring_tokens(engine_class, names: list[str], tmp_path) -> tuple[list[int], list[tuple[str, int]]]:
+async def ring_tokens(engine_class, names: list[str], tmp_path, questions=(MESSAGES,), planner=THROUGHPUT):
+  """Each chat's tokens, all sent at once to the first node of a ring over `names`, and the ring they ran on."""
   ports = {name: free_port() for name in names}
   peers = {"peers": {n: {"address": "127.0.0.1", "port": ports[n], "device_capabilities": DEVICES[n].to_dict()} for n in names}}
   peers_file = tmp_path / "peers.json"
   peers_file.write_text(json.dumps(peers))
-  planner = PlannerConfig(objective="throughput")
   nodes = []
   for name in names:
     node = Node(
@@ -60,9 +72,9 @@ async def ring_tokens(engine_class, names: list[str], tmp_path) -> tuple[list[in
   try:
     await asyncio.gather(*(n.start(wait_for_peers=len(names) - 1) for n in nodes))
     origin = nodes[0]
-    prompt = await origin.engine.apply_chat_template(Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers), MESSAGES)
-    generation = await origin.generate(prompt)
-    return generation.tokens, generation.plan.ring()
+    prompts = [await origin.engine.apply_chat_template(WHOLE, messages) for messages in questions]
+    generations = await asyncio.gather(*(origin.generate(prompt) for prompt in prompts))
+    return [g.tokens for g in generations], generations[0].plan.ring()
   finally:
     for node in nodes:
       await node.stop()
@@ -74,8 +86,20 @@ def test_split_over_two_and_three_nodes_equals_one_node(engine, tmp_path):
   reference = asyncio.run(single_node_tokens(ENGINES[engine]))
   assert len(reference) >= 5
   for names in (["fast", "slow"], ["fast", "mid", "slow"]):
-    tokens, ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path))
+    [tokens], ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path))
     layers = dict(ring)
     assert sorted(layers) == sorted(names), ring
     assert len(set(layers.values())) > 1, ring  # and the split is uneven, as the devices are
     assert tokens == reference, (engine, ring)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_eight_concurrent_requests_batched_get_the_tokens_each_gets_alone(engine, tmp_path):
+  chats = [[{"role": "user", "content": question}] for question in QUESTIONS]
+  alone = [asyncio.run(single_node_tokens(ENGINES[engine], chat)) for chat in chats]
+  for names in (["fast"], ["fast", "slow"]):
+    planner = PlannerConfig(strategy="ring-memory-weighted", batch=8)  # every node in the ring: 15 layers each
+    together, ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path, chats, planner))
+    assert len(ring) == len(names)
+    assert together == alone, (engine, ring)

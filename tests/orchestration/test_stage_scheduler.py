@@ -76,15 +76,38 @@ def test_decode_steps_of_different_shards_never_share_a_call():
     engine = Engine()
     scheduler = StageScheduler(engine, lambda _: False, max_batch=8)
     engine.gate.clear()
-    blocker = asyncio.create_task(scheduler.run(LAST, Step("r9", hidden(1), 0)))
-    await settle()
-    steps = [scheduler.run(FIRST, Step("r1", tokens(1), 5)), scheduler.run(LAST, Step("r2", hidden(1), 5))]
-    steps.append(scheduler.run(FIRST, Step("r3", tokens(1), 5)))
-    tasks = [asyncio.create_task(s) for s in steps]
+    first = [asyncio.create_task(scheduler.run(shard, Step(f"r{i}", x, 0))) for i, (shard, x) in enumerate([(FIRST, tokens(1)), (LAST, hidden(1))])]
+    await settle()  # one call running on each shard
+    steps = [(FIRST, tokens(1)), (LAST, hidden(1)), (FIRST, tokens(1)), (LAST, hidden(1))]
+    rest = [asyncio.create_task(scheduler.run(shard, Step(f"r{i + 2}", x, 0))) for i, (shard, x) in enumerate(steps)]
     await settle()
     engine.gate.set()
-    await asyncio.gather(blocker, *tasks)
-    assert [(shard, [r for r, _, _ in call]) for shard, call, _ in engine.calls] == [(LAST, ["r9"]), (FIRST, ["r1", "r3"]), (LAST, ["r2"])]
+    await asyncio.gather(*first, *rest)
+    calls = sorted((shard.start_layer, [r for r, _, _ in call]) for shard, call, _ in engine.calls)
+    assert calls == [(0, ["r0"]), (0, ["r2", "r4"]), (4, ["r1"]), (4, ["r3", "r5"])]
+    await scheduler.stop()
+
+  asyncio.run(main())
+
+
+def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard():
+  """A second layer range waiting for memory until the requests on the first finish: those requests still run."""
+
+  async def main():
+    memory = asyncio.Event()
+
+    async def run_call(shard, steps, chunk):
+      if shard == LAST:
+        await memory.wait()  # LAST cannot load until the request on FIRST is over
+      return [output(s) for s in steps]
+
+    scheduler = StageScheduler(run_call, lambda _: False)
+    waiting = asyncio.create_task(scheduler.run(LAST, Step("r1", hidden(1), 0)))
+    await settle()
+    for position in range(5):
+      await asyncio.wait_for(scheduler.run(FIRST, Step("r2", tokens(1), position)), 5)
+    memory.set()
+    await asyncio.wait_for(waiting, 5)
     await scheduler.stop()
 
   asyncio.run(main())
