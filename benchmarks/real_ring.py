@@ -26,14 +26,11 @@ engines).
 """
 
 import argparse
-import http.client
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +41,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exo.tools.local_cluster import HOST, Cluster, Device  # noqa: E402
+from clients import http_json, start_in_turn, stream_chat  # noqa: E402
+
+from exo.tools.local_cluster import Cluster, Device  # noqa: E402
 from exo.topology.cost_model import PlannerParams  # noqa: E402
 from exo.topology.model_spec import ModelSpec  # noqa: E402
 from exo.topology.planner import predict_ring  # noqa: E402
@@ -65,79 +64,13 @@ STRATEGIES = {
   "memory-weighted": ["--partitioning-strategy", "ring-memory-weighted"],
 }
 START_TIMEOUT_S = 300.0  # loading, calibrating and compiling tinygrad's kernels take tens of seconds on 2 cores
-REQUEST_TIMEOUT_S = 300.0
-
-
-def http_json(port: int, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
-  conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-  try:
-    conn.request(method, path, json.dumps(body) if body is not None else None, {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    data = response.read()
-    if response.status != 200:
-      raise RuntimeError(f"{method} {path}: HTTP {response.status}: {data[:300]!r}")
-    return json.loads(data)
-  finally:
-    conn.close()
-
-
-@dataclass
-class Stream:
-  ttft_s: float
-  tpot_s: float | None
-  prompt_tokens: int
-  completion_tokens: int
-
-
-def stream_chat(port: int, max_tokens: int) -> Stream:
-  """One streamed chat completion, timed as a client sees it."""
-  body = {
-    "model": MODEL,
-    "messages": [{"role": "user", "content": PROMPT}],
-    "max_tokens": max_tokens,
-    "temperature": 0,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-  }
-  conn = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT_S)
-  started = time.perf_counter()
-  conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-  response = conn.getresponse()
-  if response.status != 200:
-    raise RuntimeError(f"chat completion: HTTP {response.status}: {response.read()[:300]!r}")
-  chunks, usage = [], None
-  for raw in response:
-    line = raw.decode().strip()
-    if not line.startswith("data: ") or line == "data: [DONE]":
-      continue
-    event = json.loads(line[len("data: ") :])
-    if "error" in event:
-      raise RuntimeError(f"chat completion failed: {event['error']}")
-    if event.get("usage"):
-      usage = event["usage"]
-    if any(choice.get("delta", {}).get("content") for choice in event.get("choices", [])):
-      chunks.append(time.perf_counter())
-  conn.close()
-  if not chunks or usage is None:
-    raise RuntimeError("the stream carried no text or no usage")
-  n = usage["completion_tokens"]
-  tpot = (chunks[-1] - chunks[0]) / (n - 1) if n > 1 and len(chunks) > 1 else None
-  return Stream(chunks[0] - started, tpot, usage["prompt_tokens"], n)
 
 
 def start_nodes(cluster: Cluster, memory: dict[str, int], strategy: list[str]) -> None:
-  """Declare the nodes of `memory` and start them one at a time (a node times its engine at start, and must not share the cores
-  with another doing so), each waited for until its API answers, then until every node sees every other."""
+  """Declare the nodes of `memory` and start them one at a time (see start_in_turn)."""
   for name, memory_mb in memory.items():
     cluster.declare(name, Device(memory_mb, TFLOPS, MEMORY_BANDWIDTH), engine=ENGINES[name], api=True)
-  for name in memory:
-    cluster.start(name, "--run-model", MODEL, *strategy)
-
-    def api_up(name=name) -> bool:
-      return name in http_json(cluster.api_ports[name], "GET", "/v1/topology")["nodes"]
-
-    cluster.wait_for(api_up, f"{name}'s API", START_TIMEOUT_S, retry_on=(OSError, RuntimeError, http.client.HTTPException), poll_s=0.5)
-  cluster.wait_for_mesh(timeout=START_TIMEOUT_S)
+  start_in_turn(cluster, list(memory), ["--run-model", MODEL, *strategy], START_TIMEOUT_S)
 
 
 @dataclass
@@ -158,8 +91,8 @@ def measure(workdir: Path, size: int, strategy: str, tokens: int, repeats: int) 
   try:
     start_nodes(cluster, CLUSTERS[size], STRATEGIES[strategy])
     api = cluster.api_ports[next(iter(CLUSTERS[size]))]  # the first node's: every request goes to it
-    stream_chat(api, tokens)  # loads every shard and compiles tinygrad's kernels
-    streams = [stream_chat(api, tokens) for _ in range(repeats)]
+    stream_chat(api, MODEL, PROMPT, tokens)  # loads every shard and compiles tinygrad's kernels
+    streams = [stream_chat(api, MODEL, PROMPT, tokens) for _ in range(repeats)]
     plan = http_json(api, "GET", "/v1/plan")
     topology = http_json(api, "GET", "/v1/topology")
   finally:

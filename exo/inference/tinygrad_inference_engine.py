@@ -25,6 +25,12 @@ captured step holds its intermediates for good, and a chunk's are large (attenti
 the whole vocabulary), so one step per length would hold tens of MB each. Padded rows sit after the real ones, the causal mask
 hides them from real rows, and their cache entries are overwritten before a later position reads them.
 
+Batched decode (continuous batching): the decode steps of B >= 2 requests waiting at a stage run in steps of BATCH_ROWS
+requests (then 2, then 1), each captured once per shard: the B tokens' embeddings, each layer's norms and matrix products over the B rows (weights dequantized once per
+BATCH_ROWS rows instead of once per row), RoPE and attention per request against its own cache at its own position (a bound
+variable each), the head. Each row's sums run in the order of a lone row's, so each request's result is bit-identical to its
+step alone; verified on the CPU through clang without BEAM only, elsewhere each request steps alone (see _batches).
+
 KV cache: allocated per request, once, for the engine's context: the model's, capped at KV_CONTEXT (what the planner reserves).
 On the CPU the allocation stays untouched virtual memory until positions are written, so a request occupies what it uses.
 
@@ -46,7 +52,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Context, Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.device import LRUAllocator
-from tinygrad.helpers import DEV
+from tinygrad.helpers import BEAM, DEV
+from tinygrad.renderer.cstyle import ClangRenderer
 
 from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, load_shard_weights, rope_inv_freq
 from exo.inference.model_file_engine import ModelFileEngine
@@ -58,6 +65,7 @@ from exo.topology.models import KV_CONTEXT
 
 PREFILL_CHUNK = 16  # rows of a prompt chunk; its step holds (chunk, context) attention scores: 9 MB each for SmolLM2
 LANES = 16  # partial sums per output of a matrix product
+BATCH_ROWS = 4  # rows of a batched decode step per product kernel
 # All tinygrad work of the process runs on this one thread, for the life of the process: tinygrad is not thread-safe, and it
 # keeps per-thread state (its kernel cache's SQLite connection) that a thread started later could not use. Idle, it costs
 # nothing; the interpreter joins it at exit.
@@ -129,11 +137,15 @@ def _dequantized(m: _Matrix) -> Tensor:
   return Tensor.stack(*_nibbles(m), dim=-1).reshape(out, n)
 
 
-def _matmul(x: Tensor, m: _Matrix, fused: bool = False) -> Tensor:
+def _matmul(x: Tensor, m: _Matrix, fused: bool = False, paired: bool = False) -> Tensor:
   """x (T, in) @ W.T -> (T, out) float32. O(T * out * in).
   One row (a decode step), or `fused`: W is dequantized inside the product's kernel and the products are summed into LANES
   interleaved partial sums, then across them, so the CPU overlaps independent adds (one running sum would wait on each). A 4-bit
   matrix multiplies x's even and odd columns by its low and high nibbles, as interleaving the nibbles costs a select per element.
+  `paired` (rows of a batch): an 8- or 32-bit matrix likewise adds a lane's products two at a time, the compiler then vectorizes
+  the rows' lanes; tinygrad renders lane + (a + b) as lane + a + b, which C adds in the order of one at a time, so the sums are
+  bit-identical to unpaired ones. Not a 16-bit one: tinygrad takes its conversion's power-of-two scale out of an unpaired sum
+  only, so paired sums would round differently.
   Several rows: W is first dequantized once into a float32 temporary, as each row would dequantize it again."""
   t, (out, n) = x.shape[0], m.shape
   if t > 1 and not fused:
@@ -142,9 +154,30 @@ def _matmul(x: Tensor, m: _Matrix, fused: bool = False) -> Tensor:
     low, high = _nibbles(m)
     columns = x.reshape(t, 1, n // m.group, m.group // 2, 2)
     products, n = columns[..., 0] * low + columns[..., 1] * high, n // 2
+  elif paired and m.bits != 16 and n % (2 * LANES) == 0:
+    columns, w = x.reshape(t, 1, n // (2 * LANES), 2, LANES), _dequantized(m).reshape(out, n // (2 * LANES), 2, LANES)
+    products, n = columns[..., 0, :] * w[..., 0, :] + columns[..., 1, :] * w[..., 1, :], n // 2
   else:
     products = x.reshape(t, 1, n) * _dequantized(m)
   return _lane_sum(products.reshape(t, out, n)).contiguous()  # else a consumer's kernel recomputes it for each of its outputs
+
+
+def _batch_matmul(x: Tensor, m: _Matrix) -> Tensor:
+  """x (B, in) @ W.T -> (B, out) float32 for B requests' decode steps, each row's result bit-identical to _matmul of that row
+  alone. O(B * out * in) operations, W read once per BATCH_ROWS rows.
+  The rows run BATCH_ROWS to a product kernel (the last group padded with zero rows), which dequantizes each weight once for
+  all of them; given more rows, tinygrad's heuristics also unroll outputs and the partial sums spill out of the registers
+  (slower per row than one row alone). A 4-bit matrix reads x from a copy that holds, per quantization group, its even columns
+  and then its odd ones: each lane's inputs are adjacent, so the compiler vectorizes the rows' lanes (interleaved columns leave
+  it scalar, 2-3 times slower). Both change only where values sit, not which products are summed in which order."""
+  b, n = x.shape[0], m.shape[1]
+  rows = -(-b // BATCH_ROWS) * BATCH_ROWS
+  x = x.pad(((0, rows - b), (0, 0)))
+  if m.bits == 4:
+    x = x.reshape(rows, n // m.group, m.group // 2, 2).permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2).reshape(rows, n)
+  else:
+    x = x.contiguous()
+  return Tensor.cat(*[_matmul(x[i : i + BATCH_ROWS], m, fused=True, paired=True) for i in range(0, rows, BATCH_ROWS)])[:b]
 
 
 def _lane_sum(products: Tensor) -> Tensor:
@@ -165,40 +198,58 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
-def _project(x: Tensor, weights: dict, name: str) -> Tensor:
-  y = _matmul(x, weights[f"self_attn.{name}.weight"])
+def _project(x: Tensor, weights: dict, name: str, product: Callable) -> Tensor:
+  y = product(x, weights[f"self_attn.{name}.weight"])
   bias = weights.get(f"self_attn.{name}.bias")
   return y if bias is None else y + bias
 
 
-def _layer(config: LlamaConfig, weights: dict, h: Tensor, cache: Tensor, start, cos: Tensor, sin: Tensor) -> Tensor:
-  """One decoder layer over hidden states h (T, hidden) at positions start..start+T-1 (start: an int or a bound variable).
-  Writes the new keys and values into cache (2, n_kv_heads, capacity, head_dim) and attends over its first start+T positions.
-  cos, sin: (capacity, head_dim/2) RoPE tables. O(T * layer weights + T * (start + T) * hidden)."""
-  t, hd, kv = h.shape[0], config.head_dim, config.n_kv_heads
-  group = config.n_heads // kv
-  x = _rms_norm(h, weights["input_layernorm.weight"], config.rms_norm_eps).contiguous()  # inputs of products: computed once
-  q = _project(x, weights, "q_proj").reshape(t, kv, group, hd).permute(1, 2, 0, 3)  # (kv, group, T, hd): head j = kv head j // group
-  k = _project(x, weights, "k_proj").reshape(t, kv, hd).transpose(0, 1)  # (kv, T, hd)
-  v = _project(x, weights, "v_proj").reshape(t, kv, hd).transpose(0, 1)
-  cos, sin = cos[start : start + t], sin[start : start + t]
-  q, k = _rope(q, cos, sin).contiguous(), _rope(k, cos, sin)
-  cache[:, :, start : start + t].assign(Tensor.stack(k, v))
+def _attention(config: LlamaConfig, q: Tensor, k: Tensor, v: Tensor, cache: Tensor, start, cos: Tensor, sin: Tensor) -> Tensor:
+  """One request's attention at positions start..start+T-1 (start: an int or a bound variable): q (n_kv_heads, group, T,
+  head_dim) rotated (query head j = key/value head j // group), k and v (T, n_kv_heads * head_dim) unrotated. Writes the rotated
+  keys and the values into cache (2, n_kv_heads, capacity, head_dim) and attends over its first start+T positions; returns
+  (T, n_heads * head_dim). cos, sin: (capacity, head_dim/2) RoPE tables. O(T * (start + T) * n_heads * head_dim)."""
+  t, hd, kv = k.shape[0], config.head_dim, config.n_kv_heads
+  k, v = k.reshape(t, kv, hd).transpose(0, 1), v.reshape(t, kv, hd).transpose(0, 1)  # (kv, T, hd)
+  cache[:, :, start : start + t].assign(Tensor.stack(_rope(k, cos[start : start + t], sin[start : start + t]), v))
   keys, values = cache[0, :, 0 : start + t].unsqueeze(1), cache[1, :, 0 : start + t].unsqueeze(1)  # (kv, 1, S, hd)
   scores = _lane_sum(q.unsqueeze(-2) * keys.unsqueeze(-3)) / math.sqrt(hd)  # (kv, group, T, S)
   if t > 1:  # query i sits at start + i and sees keys at or before it
-    scores = scores + Tensor.full((t, start + t), float("-inf"), device=h.device).triu(start + 1)
-  attn = (scores.softmax(-1) @ values).permute(2, 0, 1, 3).reshape(t, config.n_heads * hd)
-  h = h + _matmul(attn, weights["self_attn.o_proj.weight"])
+    scores = scores + Tensor.full((t, start + t), float("-inf"), device=q.device).triu(start + 1)
+  return (scores.softmax(-1) @ values).permute(2, 0, 1, 3).reshape(t, config.n_heads * hd)
+
+
+def _layer(config: LlamaConfig, weights: dict, h: Tensor, caches: list[Tensor], starts: list, cos: Tensor, sin: Tensor) -> Tensor:
+  """One decoder layer over hidden states h (T, hidden). One cache: one request's positions starts[0]..starts[0]+T-1. T caches
+  (a batch of decode steps): row i is request i's step at position starts[i], attending over its own cache; every matrix
+  product runs over the T rows at once (_batch_matmul), and each row's reductions run in the order of a lone row's, so each
+  row's result is bit-identical to that request's step alone.
+  O(T * layer weights + attention over each request's positions)."""
+  batch = len(caches) > 1
+  product = _batch_matmul if batch else _matmul
+  x = _rms_norm(h, weights["input_layernorm.weight"], config.rms_norm_eps).contiguous()  # inputs of products: computed once
+  q, k, v = (_project(x, weights, name, product) for name in ("q_proj", "k_proj", "v_proj"))
+  t, kv, hd = h.shape[0], config.n_kv_heads, config.head_dim
+  if batch:  # every request's queries rotated in one kernel, each at its own position, request i's (kv, group, 1, hd) at [i]
+    rows = [Tensor.cat(*[table[start : start + 1] for start in starts]).reshape(t, 1, 1, 1, hd // 2) for table in (cos, sin)]
+    q = _rope(q.reshape(t, kv, config.n_heads // kv, 1, hd), *rows).contiguous()
+    attn = [_attention(config, q[i], k[i : i + 1], v[i : i + 1], cache, start, cos, sin) for i, (cache, start) in enumerate(zip(caches, starts))]
+    attn = Tensor.cat(*attn).contiguous()
+  else:
+    start = starts[0]
+    q = _rope(q.reshape(t, kv, config.n_heads // kv, hd).permute(1, 2, 0, 3), cos[start : start + t], sin[start : start + t]).contiguous()
+    attn = _attention(config, q, k, v, caches[0], start, cos, sin)
+  h = h + product(attn, weights["self_attn.o_proj.weight"])
   x = _rms_norm(h, weights["post_attention_layernorm.weight"], config.rms_norm_eps).contiguous()
-  gate, up = _matmul(x, weights["mlp.gate_proj.weight"]), _matmul(x, weights["mlp.up_proj.weight"])
-  return h + _matmul((gate.silu() * up).contiguous(), weights["mlp.down_proj.weight"])
+  gate, up = product(x, weights["mlp.gate_proj.weight"]), product(x, weights["mlp.up_proj.weight"])
+  return h + product((gate.silu() * up).contiguous(), weights["mlp.down_proj.weight"])
 
 
 @dataclass(eq=False)
 class _ShardModel:
   """What a resident shard holds: its layers' weights on the device, the embedding (first shard) on the host for lookups, the
-  final norm and head (last shard), RoPE tables, and its captured steps by padded input length."""
+  final norm and head (last shard), RoPE tables, and its captured steps by (input rows, requests): (padded length, 1) for one
+  request, (B, B) for B requests' decode steps."""
 
   config: LlamaConfig
   device: str
@@ -210,7 +261,7 @@ class _ShardModel:
   embedding_is_head: bool = False  # the embedding's arrays are views of the head's device memory (tied, on the CPU)
   norm: Tensor | None = None
   head: _Matrix | None = None
-  steps: dict[int, Callable] = field(default_factory=dict)
+  steps: dict[tuple[int, int], Callable] = field(default_factory=dict)
 
   def device_tensors(self) -> list[Tensor]:
     parts = [w for layer in self.layers for w in layer.values()] + [self.cos, self.sin, self.norm, self.head]
@@ -223,13 +274,17 @@ class _ShardModel:
       host = self.embedding.nbytes
     return sum(t.nbytes() for t in self.device_tensors()) + host
 
-  def step(self, x: Tensor, caches: list[Tensor], start) -> Tensor:
-    """The shard's layers (and the head, on the last shard) over x (T, hidden); each layer's output realized on its own."""
-    for weights, cache in zip(self.layers, caches):
-      x = _layer(self.config, weights, x, cache, start, self.cos, self.sin).realize()
+  def step(self, x: Tensor, caches: list[Tensor], *starts) -> Tensor:
+    """The shard's layers (and the head, on the last shard) over x (T, hidden); each layer's output realized on its own. One
+    start: one request's rows, caches its per-layer caches. B starts (T = B): row i is request i's decode step at starts[i],
+    caches[i * layers + j] its cache of layer j (flat: TinyJit finds input tensors in a flat list only)."""
+    n = len(self.layers)
+    for j, weights in enumerate(self.layers):
+      x = _layer(self.config, weights, x, caches[j::n], list(starts), self.cos, self.sin).realize()
     if self.head is not None:
       # fused at every length: a float32 temporary of the head would be as large as the whole model's quantized weights
-      x = _matmul(_rms_norm(x, self.norm, self.config.rms_norm_eps).contiguous(), self.head, fused=True).realize()
+      x = _rms_norm(x, self.norm, self.config.rms_norm_eps).contiguous()
+      x = (_batch_matmul(x, self.head) if len(starts) > 1 else _matmul(x, self.head, fused=True)).realize()
     return x
 
 
@@ -244,6 +299,15 @@ def _embed(embedding: Weight, tokens: np.ndarray) -> np.ndarray:
   if isinstance(embedding, QuantizedMatrix):
     return embedding.take_rows(tokens).dequantize()
   return np.asarray(embedding[tokens], dtype=np.float32)
+
+
+def _batches(device: str) -> bool:
+  """Whether a batched decode step is bit-identical to each request's step alone on `device`, as verified: kernels compiled
+  through clang (the CPU's default) without BEAM. The identity rests on tinygrad choosing each row's reduction order for B rows
+  as for one, and on its C rendering of paired sums (_matmul): BEAM searches each kernel's order on its own, and on devices with
+  local memory (GPUs) the heuristics split a reduction depending on the output's size (emulated, paired sums came out in another
+  order)."""
+  return isinstance(Device[device].renderer, ClangRenderer) and not BEAM.value
 
 
 _GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dri")
@@ -340,16 +404,43 @@ class TinygradInferenceEngine(ModelFileEngine):
     outputs = [self._run_chunk(model, cache, h[lo : lo + PREFILL_CHUNK], position + lo) for lo in range(0, len(h), PREFILL_CHUNK)]
     return np.concatenate(outputs)[None]
 
+  def _forward_batch(self, model: _ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
+    """B >= 2 requests' decode steps (one row each) as steps of BATCH_ROWS (then 2) requests: every matrix product over their
+    rows at once, attention per request. A step of more rows would take as long as those steps one after another (products run
+    BATCH_ROWS rows to a kernel) while every new B costs a capture of tens of seconds. Each request's result is bit-identical to its own _forward. Other inputs, or where batching is not
+    known to be bit-identical (_batches): one _forward each. O(shard weights + B * (hidden + attention over its positions))."""
+    if len(xs) < 2 or any(len(x) != 1 for x in xs) or not _batches(model.device):
+      return super()._forward_batch(model, caches, shard, xs, positions)
+    outputs, i = [], 0
+    while i < len(xs):  # groups of BATCH_ROWS, then 2, then 1: three captured steps serve every B
+      size = next(g for g in (BATCH_ROWS, 2, 1) if g <= len(xs) - i)
+      group = slice(i, i + size)
+      if size == 1:
+        outputs += super()._forward_batch(model, caches[group], shard, xs[group], positions[group])
+      else:
+        outputs += self._decode_group(model, caches[group], shard, xs[group], positions[group])
+      i += size
+    return outputs
+
+  def _decode_group(self, model: _ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
+    h = _embed(model.embedding, np.concatenate(xs)) if shard.is_first_layer() else np.concatenate(xs)
+    starts = [UOp.variable(f"start_pos_{i}", 0, model.capacity - 1).bind(p) for i, p in enumerate(positions)]
+    out = self._run_step(model, (len(xs), len(xs)), h, [c for cache in caches for c in cache], starts)
+    return [row[None, None] for row in out]
+
   def _run_chunk(self, model: _ShardModel, cache: list[Tensor], h: np.ndarray, start: int) -> np.ndarray:
     """The shard over hidden states h (T, hidden) at positions start..start+T-1, one row or padded to a whole chunk."""
     t = len(h)
     padded = 1 if t == 1 else min(PREFILL_CHUNK, model.capacity - start)
-    if padded not in model.steps:
-      model.steps[padded] = TinyJit(model.step) if self.jit else model.step
-    step = model.steps[padded]
-    x = Tensor(np.pad(h, ((0, padded - t), (0, 0))), device=model.device)
     position = UOp.variable("start_pos", 0, model.capacity - padded).bind(start)
-    out = step(x, cache, position).numpy()[:t]
+    return self._run_step(model, (padded, 1), np.pad(h, ((0, padded - t), (0, 0))), cache, [position])[:t]
+
+  def _run_step(self, model: _ShardModel, key: tuple[int, int], h: np.ndarray, caches: list[Tensor], starts: list[UOp]) -> np.ndarray:
+    """model.step over h, through its step captured for `key` (captured on first use)."""
+    if key not in model.steps:
+      model.steps[key] = TinyJit(model.step) if self.jit else model.step
+    step = model.steps[key]
+    out = step(Tensor(h, device=model.device), caches, *starts).numpy()
     if getattr(step, "cnt", 0) in (1, 2):  # TinyJit's calls so far: it has just run uncaptured, or captured
       _release_freed_memory(model.device)  # those runs' intermediates, which the captured step does not reuse
     return out
