@@ -14,6 +14,7 @@ Per call: O(waiting steps) to choose it.
 """
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class _Waiting:
     return positions_in(self.step.input_data)
 
 
+RECENT_S = 1.0  # a request counts as decoding at a shard this long after its last step there
 RunCall = Callable[[Shard, list[Step], bool], Awaitable[list]]  # (shard, steps, is a prompt chunk) -> each output or exception
 
 
@@ -50,6 +52,14 @@ class _ShardQueue:
   wake: asyncio.Event = field(default_factory=asyncio.Event)
   task: asyncio.Task | None = None
   decodes_since_chunk: int = 0
+  recent: dict[str, float] = field(default_factory=dict)  # request -> when it last sent a decode step here
+  decode_s: float = 0.0  # how long the last decode call took
+
+  def decoding(self, now: float) -> int:
+    """Requests that sent a decode step here within the last RECENT_S seconds: those the next call may gather."""
+    for request_id in [r for r, seen in self.recent.items() if now - seen > RECENT_S]:
+      del self.recent[request_id]
+    return len(self.recent)
 
 
 class StageScheduler:
@@ -92,6 +102,7 @@ class StageScheduler:
   def cancel(self, request_id: str) -> None:
     """Fail the request's waiting steps with StepCancelled (its later ones are refused: `cancelled` says so from now on)."""
     for queue in self._queues.values():
+      queue.recent.pop(request_id, None)
       for waiting in [w for w in queue.waiting if w.step.request_id == request_id]:
         queue.waiting.remove(waiting)
         if not waiting.done.done():
@@ -118,6 +129,8 @@ class StageScheduler:
       queue = self._queues[waiting.shard] = _ShardQueue()
       queue.task = asyncio.create_task(self._run_forever(waiting.shard, queue))
     queue.waiting.append(waiting)
+    if waiting.rows == 1 and waiting.remaining == 1:
+      queue.recent[waiting.step.request_id] = time.monotonic()
     queue.wake.set()
     return await waiting.done
 
@@ -131,22 +144,43 @@ class StageScheduler:
     queue.decodes_since_chunk += 1
     return decodes[: self.max_batch], False
 
+  async def _gather_decodes(self, queue: _ShardQueue) -> None:
+    """Before a decode call that would run fewer steps than it may, wait up to half a decode call for the steps of the other
+    requests decoding here: their tokens are on their way round the ring, and a call of b steps costs little more than one
+    (decode is memory bound), so gathering them is what makes a pipeline of k stages run k micro-batches of b."""
+    deadline = time.monotonic() + queue.decode_s / 2
+    while True:
+      decodes = sum(w.rows == 1 and w.remaining == 1 for w in queue.waiting)
+      chunks = len(queue.waiting) - decodes
+      now = time.monotonic()
+      if not decodes or chunks or decodes >= min(self.max_batch, queue.decoding(now)) or now >= deadline:
+        return
+      queue.wake.clear()
+      try:
+        await asyncio.wait_for(queue.wake.wait(), deadline - now)
+      except asyncio.TimeoutError:
+        return
+
   async def _run_forever(self, shard: Shard, queue: _ShardQueue) -> None:
     while True:
       if not queue.waiting:
         queue.wake.clear()
         await queue.wake.wait()
         continue
+      await self._gather_decodes(queue)
       call, chunk = self.next_call(queue)
       for waiting in call:
         queue.waiting.remove(waiting)
       self.calls += 1
       if not chunk:
         self.batch_sizes = [*self.batch_sizes[-99:], len(call)]
+      started = time.monotonic()
       try:
         results = await self.run_call(shard, [w.step for w in call], chunk)
       except Exception as e:
         results = [e] * len(call)
+      if not chunk:
+        queue.decode_s = time.monotonic() - started
       for waiting, result in zip(call, results):
         if waiting.done.done():
           continue

@@ -224,3 +224,32 @@ def test_a_step_the_engine_fails_fails_alone():
     await scheduler.stop()
 
   asyncio.run(main())
+
+
+def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here():
+  """Two requests decode here; their next steps arrive a moment apart (their tokens travel the ring separately). The first
+  waits up to half a decode call for the second, and both run as one call."""
+
+  async def main():
+    calls = []
+
+    async def run_call(shard, steps, chunk):
+      calls.append(sorted(s.request_id for s in steps))
+      await asyncio.sleep(0.2)  # a decode call: 0.2 s, so a step waits up to 0.1 s for company
+      return [output(s) for s in steps]
+
+    scheduler = StageScheduler(run_call, lambda _: False, max_batch=4)
+    await asyncio.gather(*(scheduler.run(LAST, Step(r, hidden(1), 0)) for r in ("r1", "r2")))  # both decoding here
+
+    async def later(request: str, delay: float):
+      await asyncio.sleep(delay)
+      await scheduler.run(LAST, Step(request, hidden(1), 1))
+
+    await asyncio.gather(later("r1", 0), later("r2", 0.02))
+    assert calls[-1] == ["r1", "r2"], calls
+    scheduler.cancel("r2")  # a request over no longer counts: r1 alone runs at once
+    await scheduler.run(LAST, Step("r1", hidden(1), 2))
+    assert calls[-1] == ["r1"]
+    await scheduler.stop()
+
+  asyncio.run(main())
