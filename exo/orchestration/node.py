@@ -307,13 +307,13 @@ class Node:
       plan = await asyncio.to_thread(self.plan, model)  # the search takes milliseconds to a few seconds
       ring = RingPlan.from_node_shards(plan.node_shards())
       context = RequestContext(request_id, self.id, ring, max_tokens)
-      await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
+      try:
+        await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
+      except RequestFailed:
+        await self._check_ring(ring)  # leave the first stage out of plans while it does not answer
+        raise
       log.info("request %s: prompt sent to %s, ring %s", request_id, ring.stages[0].node_id, " -> ".join(ring.node_ids()))
       tokens = await self._await_tokens(pending, ring, request_id)
-    except RequestFailed:
-      if ring is not None:
-        await self._check_ring(ring)
-      raise
     finally:
       self._pending.pop(request_id, None)
       if ring is not None:
@@ -360,6 +360,9 @@ class Node:
         return await asyncio.wait_for(asyncio.shield(pending.future), min(WATCH_S - quiet, deadline - now))
       except asyncio.TimeoutError:
         pass
+      except RequestFailed:
+        await self._check_ring(ring)  # a node reported the failure: leave out of plans those that no longer answer
+        raise
 
   def process_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str) -> None:
     pending = self._pending.get(request_id)
