@@ -39,6 +39,11 @@ class PeerHandle(ABC):
   async def send_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None:
     pass
 
+  async def send_tensors(self, tensors: list[tuple[Shard, np.ndarray, RequestContext]]) -> None:
+    """Several steps' hidden states at once, in order (the outputs of one batched engine call). By default one send each."""
+    for shard, tensor, context in tensors:
+      await self.send_tensor(shard, tensor, context)
+
   @abstractmethod
   async def send_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str = "") -> None:
     pass

@@ -27,6 +27,7 @@ from exo.inference.inference_engine import InferenceEngine, Step, positions_in
 from exo.inference.layer_time_estimate import LayerTimeEstimate
 from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
+from exo.networking.outbox import Outbox
 from exo.networking.peer_handle import PeerHandle
 from exo.networking.request_context import RequestContext, RingPlan
 from exo.networking.server import Server
@@ -122,6 +123,8 @@ class Node:
     self.last_generation: Generation | None = None
     self.measure_layer_times = measure_layer_times  # calibrate the engine at start, refine from requests, publish
     self._measuring: dict[str, tuple[ModelSpec, LayerTimeEstimate]] = {}  # by model id: the models whose layer times it refines
+    self._eos: dict[str, set[int]] = {}  # by model id: its end-of-sequence tokens
+    self.outbox = Outbox()  # hidden states leave one message per peer and turn of the event loop
     self._finished = RecentIds()  # requests over (finished, cancelled, failed): their late messages are dropped
     self.scheduler = StageScheduler(self._engine_call, self._finished.__contains__, max_batch=planner.batch)
     self._calls_running = 0  # engine calls in flight on this node
@@ -319,7 +322,7 @@ class Node:
       if ring is not None:
         await self._broadcast_finish(ring, request_id)
     last = ring.shard(len(ring.stages) - 1)
-    answer = tokens[:-1] if tokens and tokens[-1] in await asyncio.to_thread(self.engine.eos_token_ids, last) else tokens
+    answer = tokens[:-1] if tokens and tokens[-1] in await self._eos_token_ids(last) else tokens
     text = await self.engine.decode(last, answer)
     self.last_generation = Generation(request_id, tokens, text, plan, time.perf_counter() - started)
     return self.last_generation
@@ -482,7 +485,7 @@ class Node:
       token = await self.engine.sample(out)
       tokens = self._ring_tokens.setdefault(context.request_id, [])
       tokens.append(token)
-      eos = await asyncio.to_thread(self.engine.eos_token_ids, shard)  # the first call builds the tokenizer: not on the event loop
+      eos = await self._eos_token_ids(shard)
       finished = token in eos or len(tokens) >= context.max_tokens
       # The next step goes round first, so the report to the origin is off the ring's critical path (one RPC less per token).
       if not finished and context.request_id not in self._orphans:
@@ -521,13 +524,22 @@ class Node:
       except Exception as e:
         log.info("%s could not take on the failure of request %s: %s", peer_id, context.request_id, e)
 
+  async def _eos_token_ids(self, shard: Shard) -> set[int]:
+    """The model's end-of-sequence tokens; the first call builds its tokenizer, off the event loop."""
+    if shard.model_id not in self._eos:
+      self._eos[shard.model_id] = await asyncio.to_thread(self.engine.eos_token_ids, shard)
+    return self._eos[shard.model_id]
+
   async def _deliver(self, node_id: str, kind: str, shard: Shard, payload, context: RequestContext) -> None:
     if node_id == self.id:
       await (self.process_prompt if kind == "prompt" else self.process_tensor)(shard, payload, context)
       return
     peer = await self._peer(node_id, "the next node on the request's ring")
     try:
-      await (peer.send_prompt if kind == "prompt" else peer.send_tensor)(shard, payload, context)
+      if kind == "prompt":
+        await peer.send_prompt(shard, payload, context)
+      else:
+        await self.outbox.send_tensor(peer, shard, payload, context)
     except Exception as e:
       raise RequestFailed(f"node {self.id!r} could not reach {node_id!r}: {type(e).__name__}") from e
 

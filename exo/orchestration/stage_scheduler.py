@@ -4,10 +4,14 @@ Every step a node's stage must run (a request's prompt, or its next token's hidd
 the engine, one call at a time:
 - the decode steps (one position each) waiting run as ONE call of up to `max_batch` requests, each with its
   own KV cache and position; steps that arrive while a call runs join the next one;
+- at the ring's first stage (the shard that takes token ids) the decoding requests are regrouped each round of the ring:
+  fewer than `max_batch` steps wait (up to a round) while running them now would leave more requests than the round's
+  remaining calls can hold, so D requests go round in ceil(D / max_batch) micro-batches rather than in fragments that each
+  cost a call at every stage. Later stages run the groups as they come, waiting up to half a decode call for stragglers;
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
   goes first (a short request is not stuck behind a long one), and while decode steps wait, a chunk runs only after every
-  `decodes_per_chunk` decode calls: running requests keep producing tokens while a long prompt is read, and the prompt still
-  progresses.
+  `decodes_per_chunk` decode calls or while they wait for company: running requests keep producing tokens while a long
+  prompt is read, and the prompt still progresses.
 A cancelled request's waiting steps fail at once; a call already running finishes, and its result is dropped by the caller.
 
 Per call: O(waiting steps) to choose it.
@@ -34,10 +38,25 @@ class _Waiting:
   step: Step
   remaining: int  # positions of the request's input not yet run, this chunk's included
   done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+  arrived: float = field(default_factory=time.monotonic)
 
   @property
   def rows(self) -> int:
     return positions_in(self.step.input_data)
+
+  @property
+  def decode(self) -> bool:
+    return self.rows == 1 and self.remaining == 1
+
+
+@dataclass
+class _Round:
+  """At the ring's first stage: the decoding requests run since this round of the ring began, in how many calls."""
+
+  served: set[str] = field(default_factory=set)
+  calls: int = 0
+  started: float = 0.0
+  last_s: float = 0.0  # how long the previous round took (0: unknown)
 
 
 RECENT_S = 1.0  # a request counts as decoding at a shard this long after its last step there
@@ -48,12 +67,14 @@ RunCall = Callable[[Shard, list[Step], bool], Awaitable[list]]  # (shard, steps,
 class _ShardQueue:
   """The steps waiting for one shard, and the loop that runs them."""
 
+  regroups: bool  # the ring's first stage
   waiting: list[_Waiting] = field(default_factory=list)
   wake: asyncio.Event = field(default_factory=asyncio.Event)
   task: asyncio.Task | None = None
   decodes_since_chunk: int = 0
   recent: dict[str, float] = field(default_factory=dict)  # request -> when it last sent a decode step here
   decode_s: float = 0.0  # how long the last decode call took
+  round: _Round = field(default_factory=_Round)
 
   def decoding(self, now: float) -> int:
     """Requests that sent a decode step here within the last RECENT_S seconds: those the next call may gather."""
@@ -126,49 +147,74 @@ class StageScheduler:
       raise StepCancelled(f"request {waiting.step.request_id} was cancelled")
     queue = self._queues.get(waiting.shard)
     if queue is None:
-      queue = self._queues[waiting.shard] = _ShardQueue()
+      queue = self._queues[waiting.shard] = _ShardQueue(regroups=waiting.shard.start_layer == 0)
       queue.task = asyncio.create_task(self._run_forever(waiting.shard, queue))
     queue.waiting.append(waiting)
-    if waiting.rows == 1 and waiting.remaining == 1:
-      queue.recent[waiting.step.request_id] = time.monotonic()
+    if waiting.decode:
+      queue.recent[waiting.step.request_id] = waiting.arrived
     queue.wake.set()
     return await waiting.done
 
-  def next_call(self, queue: _ShardQueue) -> tuple[list[_Waiting], bool]:
-    """The steps of a shard's next engine call, and whether it is a prompt chunk (see the module docstring)."""
-    decodes = [w for w in queue.waiting if w.rows == 1 and w.remaining == 1]
-    chunks = [w for w in queue.waiting if not (w.rows == 1 and w.remaining == 1)]
-    if chunks and (not decodes or queue.decodes_since_chunk >= self.decodes_per_chunk):
+  def next_call(self, queue: _ShardQueue, now: float) -> tuple[list[_Waiting], bool] | None:
+    """The steps of a shard's next engine call and whether it is a prompt chunk, or None while the waiting decode steps wait
+    for company and no chunk waits (see the module docstring)."""
+    decodes = [w for w in queue.waiting if w.decode]
+    chunks = [w for w in queue.waiting if not w.decode]
+    due = self.decodes_due_at(queue, decodes, now) <= now
+    if chunks and (not due or queue.decodes_since_chunk >= self.decodes_per_chunk):
       queue.decodes_since_chunk = 0
       return [min(chunks, key=lambda w: w.remaining)], True
+    if not due:
+      return None
     queue.decodes_since_chunk += 1
-    return decodes[: self.max_batch], False
+    call = decodes[: self.max_batch]
+    if queue.regroups:
+      ids = {w.step.request_id for w in call}
+      if ids & queue.round.served:  # a request comes round again: a new round begins
+        queue.round = _Round(started=now, last_s=now - queue.round.started)
+      elif not queue.round.served:
+        queue.round.started = now
+      queue.round.served |= ids
+      queue.round.calls += 1
+    return call, False
 
-  async def _gather_decodes(self, queue: _ShardQueue) -> None:
-    """Before a decode call that would run fewer steps than it may, wait up to half a decode call for the steps of the other
-    requests decoding here: their tokens are on their way round the ring, and a call of b steps costs little more than one
-    (decode is memory bound), so gathering them is what makes a pipeline of k stages run k micro-batches of b."""
-    deadline = time.monotonic() + queue.decode_s / 2
-    while True:
-      decodes = sum(w.rows == 1 and w.remaining == 1 for w in queue.waiting)
-      chunks = len(queue.waiting) - decodes
-      now = time.monotonic()
-      if not decodes or chunks or decodes >= min(self.max_batch, queue.decoding(now)) or now >= deadline:
-        return
-      queue.wake.clear()
-      try:
-        await asyncio.wait_for(queue.wake.wait(), deadline - now)
-      except asyncio.TimeoutError:
-        return
+  def decodes_due_at(self, queue: _ShardQueue, decodes: list[_Waiting], now: float) -> float:
+    """When the waiting decode steps should run (at or before `now`: at once). A call of `max_batch` runs at once. Fewer wait
+    for the steps they need: at a later stage, every request decoding here (its group's stragglers), for up to half a
+    decode call; at the first stage, enough that the round's remaining calls, `max_batch` each, hold its remaining requests,
+    for up to a round. O(waiting steps + requests decoding here)."""
+    if not decodes:
+      return float("inf")
+    if len(decodes) >= self.max_batch:
+      return now
+    decoding = queue.decoding(now)
+    if queue.regroups:
+      ids = {w.step.request_id for w in decodes}
+      this_round = not ids & queue.round.served
+      served = len(queue.round.served & queue.recent.keys()) if this_round else 0
+      calls = queue.round.calls if this_round else 0
+      groups = -(-decoding // self.max_batch)
+      needed = decoding - served - self.max_batch * max(0, groups - calls - 1)
+      patience = min(RECENT_S, max(queue.decode_s / 2, queue.round.last_s))
+    else:
+      needed, patience = decoding, queue.decode_s / 2
+    if len(decodes) >= min(self.max_batch, needed):
+      return now
+    return min(w.arrived for w in decodes) + patience
 
   async def _run_forever(self, shard: Shard, queue: _ShardQueue) -> None:
     while True:
-      if not queue.waiting:
+      now = time.monotonic()
+      choice = self.next_call(queue, now)
+      if choice is None:
         queue.wake.clear()
-        await queue.wake.wait()
+        due = self.decodes_due_at(queue, [w for w in queue.waiting if w.decode], now)
+        try:
+          await asyncio.wait_for(queue.wake.wait(), None if due == float("inf") else max(0.0, due - now))
+        except asyncio.TimeoutError:
+          pass
         continue
-      await self._gather_decodes(queue)
-      call, chunk = self.next_call(queue)
+      call, chunk = choice
       for waiting in call:
         queue.waiting.remove(waiting)
       self.calls += 1

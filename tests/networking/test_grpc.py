@@ -117,6 +117,30 @@ def test_tensor_round_trip_is_exact(array):
   with_server(test)
 
 
+def test_a_batch_of_tensors_arrives_whole_and_in_order():
+  contexts = [RequestContext(f"req-{i}", "studio", PLAN, 64, position=5 + i) for i in range(3)]
+  arrays = [np.full((1, 1, 8), i, dtype=np.float32) for i in range(3)]
+
+  async def test(node, server, peer):
+    await peer.send_tensors([(SHARD, a, c) for a, c in zip(arrays, contexts)])
+    assert [(kind, shard, context) for kind, shard, _, context in node.calls] == [("tensor", SHARD, c) for c in contexts]
+    assert all(np.array_equal(received, a) for (_, _, received, _), a in zip(node.calls, arrays))
+
+  with_server(test)
+
+
+def test_a_batch_with_one_malformed_tensor_is_rejected_whole():
+  async def test(node, server, peer):
+    batch = pb.TensorBatch(tensors=[_tensor_request(), _tensor_request(shape=[2, 4]), _tensor_request()])
+    async with grpc.aio.insecure_channel(peer.addr()) as channel:
+      with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await pb_grpc.NodeServiceStub(channel).SendTensors(batch, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 32" in raised.value.details()
+    assert node.calls == []  # nothing half-done: not even the well-formed first step was handed on
+
+  with_server(test)
+
+
 def test_result_and_opaque_status_round_trip():
   async def test(node, server, peer):
     await peer.send_result("req-1", [1, 2, 128009], True, error="node air ran out of memory")

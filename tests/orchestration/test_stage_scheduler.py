@@ -253,3 +253,41 @@ def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here():
     await scheduler.stop()
 
   asyncio.run(main())
+
+
+@pytest.mark.parametrize("requests, calls_per_round", [(8, 2), (5, 2), (12, 3)])
+def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_round(requests, calls_per_round):
+  """A two-stage ring in one scheduler (first stage, then last, then round again), batch 4, requests joining a few
+  milliseconds apart, so their first steps come in fragments. Once every request decodes, each round of the ring runs them
+  in ceil(requests / 4) calls at the first stage, whatever the fragments were (they merge within a round of joining); each
+  call of either stage costs the same."""
+
+  async def main():
+    first_calls: list[list[str]] = []
+
+    async def run_call(shard, steps, chunk):
+      if shard == FIRST:
+        first_calls.append([s.request_id for s in steps])
+      await asyncio.sleep(0.02)
+      return [output(s) for s in steps]
+
+    scheduler = StageScheduler(run_call, lambda _: False, max_batch=4)
+
+    async def request(i: int):
+      await asyncio.sleep(0.007 * i)
+      for position in range(16):
+        await scheduler.run(FIRST, Step(f"r{i}", tokens(1), position))
+        await scheduler.run(LAST, Step(f"r{i}", hidden(1), position))
+
+    await asyncio.gather(*(request(i) for i in range(requests)))
+    await scheduler.stop()
+    return first_calls
+
+  calls = asyncio.run(main())
+  everyone = {f"r{i}" for i in range(requests)}
+  joined = next(n for n in range(len(calls)) if set().union(*calls[: n + 1]) == everyone)  # the last request's first call
+  leaving = min(n for n in range(len(calls)) if set().union(*calls[n:]) != everyone)  # from here on, some request is done
+  steady = calls[joined + 2 * calls_per_round : leaving]  # after the round in which the fragments merge
+  assert len(steady) >= 3 * calls_per_round, calls
+  for n in range(len(steady) - calls_per_round + 1):  # any calls_per_round calls in a row run every request once
+    assert sorted(r for call in steady[n : n + calls_per_round] for r in call) == sorted(everyone), (n, steady)

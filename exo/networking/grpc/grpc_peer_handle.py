@@ -70,6 +70,12 @@ class GRPCPeerHandle(PeerHandle):
     request = pb.TensorRequest(shard=shard_to_proto(shard), tensor=tensor_to_proto(tensor), context=context_to_proto(context))
     await self._stub().SendTensor(request, timeout=CALL_TIMEOUT_S)
 
+  async def send_tensors(self, tensors: list[tuple[Shard, np.ndarray, RequestContext]]) -> None:
+    batch = pb.TensorBatch(
+      tensors=[pb.TensorRequest(shard=shard_to_proto(s), tensor=tensor_to_proto(t), context=context_to_proto(c)) for s, t, c in tensors]
+    )
+    await self._stub().SendTensors(batch, timeout=CALL_TIMEOUT_S)
+
   async def send_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str = "") -> None:
     request = pb.SendResultRequest(request_id=request_id, tokens=tokens, is_finished=is_finished, error=error)
     await self._stub().SendResult(request, timeout=CALL_TIMEOUT_S)

@@ -85,6 +85,15 @@ class GRPCServer(pb_grpc.NodeServiceServicer, Server):
     return pb.Ack()
 
   @_guarded
+  async def SendTensors(self, request: pb.TensorBatch, context) -> pb.Ack:
+    """Every step is decoded before any is handed on: a malformed one rejects the whole batch, and the node receives the rest
+    in order within one turn of its event loop (so they can share its next engine call)."""
+    steps = [(shard_from_proto(t.shard), tensor_from_proto(t.tensor), context_from_proto(t.context)) for t in request.tensors]
+    for shard, tensor, ctx in steps:
+      await self.node.process_tensor(shard, tensor, ctx)
+    return pb.Ack()
+
+  @_guarded
   async def SendResult(self, request: pb.SendResultRequest, context) -> pb.Ack:
     if not request.request_id:
       raise ValueError("result has an empty request_id")

@@ -46,6 +46,11 @@ class NodeServiceStub:
                 request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.TensorRequest.SerializeToString,
                 response_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SendTensors = channel.unary_unary(
+                '/node_service.NodeService/SendTensors',
+                request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.TensorBatch.SerializeToString,
+                response_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.Ack.FromString,
+                _registered_method=True)
         self.SendResult = channel.unary_unary(
                 '/node_service.NodeService/SendResult',
                 request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.SendResultRequest.SerializeToString,
@@ -80,6 +85,12 @@ class NodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendTensor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendTensors(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +131,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
             'SendTensor': grpc.unary_unary_rpc_method_handler(
                     servicer.SendTensor,
                     request_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.TensorRequest.FromString,
+                    response_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.Ack.SerializeToString,
+            ),
+            'SendTensors': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTensors,
+                    request_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.TensorBatch.FromString,
                     response_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.Ack.SerializeToString,
             ),
             'SendResult': grpc.unary_unary_rpc_method_handler(
@@ -198,6 +214,33 @@ class NodeService:
             target,
             '/node_service.NodeService/SendTensor',
             exo_dot_networking_dot_grpc_dot_node__service__pb2.TensorRequest.SerializeToString,
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/node_service.NodeService/SendTensors',
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.TensorBatch.SerializeToString,
             exo_dot_networking_dot_grpc_dot_node__service__pb2.Ack.FromString,
             options,
             channel_credentials,
