@@ -7,7 +7,7 @@ setup(
   license="GPL-3.0",
   python_requires=">=3.11",
   packages=find_packages(include=["exo", "exo.*"]),
-  package_data={"exo": ["**/*.json"]},
+  package_data={"exo": ["**/*.json", "api/static/*"]},
   install_requires=[
     "numpy>=1.26",
     "rich>=13",
@@ -25,7 +25,7 @@ setup(
     "aiohttp>=3.9",
   ],
   extras_require={
-    "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "grpcio-tools>=1.85.1", "openai>=1.0", "safetensors>=0.4"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "grpcio-tools>=1.85.1", "openai>=1.0", "safetensors>=0.4", "playwright>=1.49"],
   },
   entry_points={"console_scripts": ["exo = exo.main:main"]},
 )

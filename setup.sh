@@ -2,10 +2,12 @@
 # One-step set-up on a fresh Debian machine with Python 3.11: a virtual environment in .venv holding exo and its test tools.
 set -euo pipefail
 cd "$(dirname "$0")"
-# System packages: python3-venv where ensurepip is missing (Debian), clang for tinygrad's CPU backend.
+# System packages: python3-venv where ensurepip is missing (Debian), clang for tinygrad's CPU backend, and Debian's chromium for
+# the chat page's browser test (Playwright drives it; no browser is ever downloaded).
 missing=()
 python3 -c "import ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 command -v clang >/dev/null 2>&1 || missing+=(clang)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,6 +1,6 @@
 """The `exo` console script: wiring and argument handling only.
 
-exo [flags]                         run a node (discovery, gRPC server, planner, engine) until interrupted
+exo [flags]                         run a node (discovery, gRPC server, planner, engine, HTTP API and chat page) until interrupted
 exo run MODEL --prompt TEXT [flags] run a node, wait for peers, generate one answer, print it and exit
 exo plan ...                        plan a topology file (see `exo plan --help`)
 exo topology --address HOST:PORT    print a running node's live topology as topology JSON (input for `exo plan`)
@@ -183,7 +183,8 @@ async def serve(args) -> int:
 
     api = ChatGPTAPI(node, args.chatgpt_api_host, args.chatgpt_api_port)
     await api.start()
-    log.info("ChatGPT API at http://%s:%d/v1/chat/completions", args.chatgpt_api_host, api.port)
+    log.info("ChatGPT API at %sv1/chat/completions", api.page_url)
+    print(f"Chat page: {api.page_url}", flush=True)  # before the terminal view takes over the screen, which repeats it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -192,7 +193,7 @@ async def serve(args) -> int:
     if not args.disable_tui:
       from exo.viz.ring_view import RingView
 
-      view = RingView(node)
+      view = RingView(node, page_url=api.page_url)
       view.start()
     await stop.wait()
     if view:

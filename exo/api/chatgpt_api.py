@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP API in front of a node: chat completions (plain and streamed), the model list, and the node's live
-topology and plan.
+topology and plan; and at `/` the chat page (exo/api/static), which chats through that API and shows the ring as it runs.
 
 Any node can serve it: a request is planned and run by the node that receives it, as one from `exo run`. The ring samples
 greedily, so `temperature` is accepted and ignored. `max_tokens` is capped at the node's --max-generate-tokens.
@@ -11,12 +11,15 @@ import logging
 import os
 import time
 import uuid
+from pathlib import Path
 
 from aiohttp import web
 
 from exo.errors import BadInput, ExoError
+from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.model_figures import served_model_spec
 from exo.inference.model_file_engine import ModelFileEngine
+from exo.inference.model_files import locate_model
 from exo.inference.shard import Shard
 from exo.orchestration.node import Node, RequestFailed
 from exo.topology.model_spec import ModelSpec
@@ -30,6 +33,8 @@ CORS_HEADERS = {
   "Access-Control-Allow-Headers": "*",
   "Access-Control-Expose-Headers": "*",
 }
+STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain files shipped with the package, nothing fetched from elsewhere
+STATIC_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 
 
 class BadRequest(BadInput):
@@ -101,6 +106,8 @@ class ChatGPTAPI:
     self.node, self.host, self.port = node, host, port
     self.app = web.Application(middlewares=[self._preflight])
     self.app.on_response_prepare.append(self._add_cors)
+    self.app.router.add_get("/", self.handle_static)
+    self.app.router.add_get("/static/{name}", self.handle_static)
     self.app.router.add_get("/healthcheck", self.handle_healthcheck)
     self.app.router.add_get("/v1/models", self.handle_models)
     self.app.router.add_get("/v1/models/{model_id}", self.handle_model)
@@ -122,6 +129,12 @@ class ChatGPTAPI:
       raise OSError(f"the ChatGPT API could not listen on {self.host}:{self.port}: {os.strerror(e.errno) if e.errno else e}") from e
     self.runner, self.port = runner, runner.addresses[0][1]
 
+  @property
+  def page_url(self) -> str:
+    """The chat page's address; on a wildcard address, this machine's own name for itself."""
+    host = "localhost" if self.host in ("", "0.0.0.0", "::") else self.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
   async def stop(self) -> None:
     if self.runner is not None:
       await self.runner.cleanup()
@@ -140,6 +153,13 @@ class ChatGPTAPI:
 
   # ---------- small endpoints ----------
 
+  async def handle_static(self, request: web.Request) -> web.Response:
+    name = request.match_info.get("name", "index.html")
+    path = STATIC_DIR / name
+    if path.parent != STATIC_DIR or path.suffix not in STATIC_TYPES or not path.is_file():  # a file of the folder itself, never above it
+      return error_response(404, f"no file {name!r} in the chat page", "not_found_error")
+    return web.Response(body=path.read_bytes(), content_type=STATIC_TYPES[path.suffix], charset="utf-8", headers={"Cache-Control": "no-cache"})
+
   async def handle_healthcheck(self, request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -147,9 +167,22 @@ class ChatGPTAPI:
     """The served model first, then every other built-in one."""
     return [self.node.model.id, *(m for m in MODELS if m != self.node.model.id)]
 
-  @staticmethod
-  def model_object(model_id: str) -> dict:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "exo"}
+  def model_object(self, model_id: str) -> dict:
+    """OpenAI's model object, and `present`: whether this node has what its engine needs to serve the model (a model file engine
+    its files; the request's tokenizer runs here, so a model without them here fails whatever the other nodes hold)."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "exo", "present": self.has_files(model_id)}
+
+  def has_files(self, model_id: str) -> bool:
+    engine = self.node.engine
+    while isinstance(engine, EngineWrapper):
+      engine = engine.inner
+    if not isinstance(engine, ModelFileEngine):
+      return True
+    try:
+      locate_model(model_id)
+    except ExoError:
+      return False
+    return True
 
   async def handle_models(self, request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [self.model_object(m) for m in self.model_ids()]})
@@ -168,7 +201,21 @@ class ChatGPTAPI:
       plan = self.node.current_prediction() or await asyncio.to_thread(self.node.candidate_plan, self.node.model)  # a read adopts nothing
     except ExoError as e:
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
-    return web.json_response({**plan.to_dict(), "load": self.node.load()})
+    return web.json_response({**plan.to_dict(), "load": self.node.load(), "node_id": self.node.id, "last_request": self.last_request()})
+
+  def last_request(self) -> dict | None:
+    """What the last request this node received measured, next to what its plan predicted: the chat page compares them."""
+    last = self.node.last_generation
+    if last is None:
+      return None
+    ring = [node_id for node_id, _ in last.plan.node_shards()]
+    return {
+      "model": last.plan.model.id,
+      "ring": ring,
+      "tokens": len(last.tokens),
+      "elapsed_s": last.elapsed_s,
+      "predicted": last.plan.prediction.to_dict(),
+    }
 
   # ---------- chat completions ----------
 

@@ -1,5 +1,5 @@
-"""The terminal view of a running node: the nodes it sees, the RTT it measures to each, each node's measured milliseconds per
-layer (a decode step, on its own engine) for the model served, the ring of the current plan, tokens/s."""
+"""The terminal view of a running node: the chat page's address, the nodes it sees, the RTT it measures to each, each node's
+measured milliseconds per layer (a decode step, on its own engine) for the model served, the ring of the current plan, tokens/s."""
 
 import asyncio
 
@@ -10,8 +10,8 @@ from rich.text import Text
 
 
 class RingView:
-  def __init__(self, node, refresh_seconds: float = 1.0):
-    self.node = node
+  def __init__(self, node, refresh_seconds: float = 1.0, page_url: str | None = None):
+    self.node, self.page_url = node, page_url
     self.refresh_seconds = refresh_seconds
     self._live: Live | None = None
     self._task: asyncio.Task | None = None
@@ -37,7 +37,8 @@ class RingView:
         "-" if measured is None else f"{measured.decode_ms:.3g}",
         "-" if shard is None else f"{shard.start_layer}-{shard.end_layer}",
       )
-    lines = [table]
+    lines = [Text(f"Chat page: {self.page_url}", style="bold")] if self.page_url else []
+    lines.append(table)
     if plan:
       lines.append(Text(f"ring: {' -> '.join(n for n, _ in plan.node_shards())} ({plan.model.id})"))
     waiting = getattr(node.engine, "waiting", None)

@@ -198,13 +198,15 @@ def test_topology_is_the_nodes_live_view(served):
 def test_plan_is_the_current_plan_with_predictions(served):
   served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=1)
   status, _, plan = get(f"{served.base}/v1/plan")
-  load = plan.pop("load")
+  load, node_id, last = plan.pop("load"), plan.pop("node_id"), plan.pop("last_request")
   assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_plan.to_dict()
   assert load["active_requests"] == 0 and load["waiting_requests"] == 0 and load["max_batch"] == 1
   assert load["mean_batch"] == 1.0 and load["tokens_per_s"] > 0  # the request above: one token, in the last 10 s
   assert plan["model"]["id"] == SERVED and plan["shards"] == [{"node_id": "api-node", "start_layer": 0, "end_layer": 15, "n_layers": 16}]
   assert plan["model"] == served.node.model.to_dict() and plan["model"]["embed_bytes"] > 0  # every figure the plan rests on
   assert plan["predicted"]
+  assert node_id == "api-node" and (last["model"], last["ring"], last["tokens"]) == (SERVED, ["api-node"], 1)  # the request above
+  assert last["elapsed_s"] > 0 and set(last["predicted"]) == set(plan["predicted"])  # measured, next to the plan's prediction
 
 
 @pytest.mark.parametrize("caps, model_id, status", [(CAPS, SERVED, 200), (TINY, "llama-3.1-70b", 503)])
@@ -222,7 +224,8 @@ def test_plan_before_any_request_is_computed_or_503(caps, model_id, status):
   got, _, body = asyncio.run(main())
   assert got == status
   if status == 200:
-    assert set(body) == PLAN_KEYS | {"load"} and body["model"]["id"] == model_id
+    assert set(body) == PLAN_KEYS | {"load", "node_id", "last_request"} and body["model"]["id"] == model_id
+    assert (body["node_id"], body["last_request"]) == ("fresh", None)
     assert node.current_plan is None  # reading the plan adopted nothing
   else:
     assert body["error"]["type"] == "service_unavailable" and "does not fit" in body["error"]["message"]

@@ -31,3 +31,13 @@ def test_the_view_shows_each_nodes_measured_ms_per_layer_for_the_served_model():
   rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in rendered(node).splitlines() if line.startswith("│")]
   column = [cell.strip() for cell in next(line for line in rendered(node).splitlines() if line.startswith("┃")).split("┃")[1:-1]].index("ms/layer")
   assert {row[0]: row[column] for row in rows} == {"peer": "-", "solo (this node)": "2.08"}
+
+
+def test_the_view_shows_the_chat_pages_address_first():
+  node = Node(
+    "solo", DummyInferenceEngine(), NoDiscovery(), DeviceCapabilities("Test", "chip", 4096, DeviceFlops(1, 2, 4), 10), model_spec("smollm2-135m")
+  )
+  console = Console(record=True, width=200)
+  console.print(RingView(node, page_url="http://localhost:52415/").render())
+  assert console.export_text().splitlines()[0] == "Chat page: http://localhost:52415/"
+  assert "Chat page" not in rendered(node)  # a view without the API's address (none given) shows none

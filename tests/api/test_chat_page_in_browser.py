@@ -1,0 +1,142 @@
+"""The chat page in a real browser (Debian's chromium, driven by Playwright; setup.sh installs it, nothing is downloaded): a node
+serving the real SmolLM2 answers a question typed into the page, and the ring panel shows that node, its plan and the request."""
+
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.support.node_process import exo_node
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+]
+NODE_ID = "browser-node"
+QUESTION = "What is the capital of France?"
+ANSWER_TIMEOUT_MS = 120_000  # the first request compiles tinygrad's kernels: about 20 s on a busy 2-core machine
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is not installed at /usr/bin/chromium (./setup.sh installs it)")
+def test_the_page_chats_with_smollm2_and_shows_the_ring(tmp_path):
+  from playwright.sync_api import expect, sync_playwright
+
+  peers = tmp_path / "peers.json"  # no peers, but a discovery module: the node measures its layer times, as one in a cluster
+  peers.write_text(json.dumps({"peers": {}}))
+  args = ["--node-id", NODE_ID, "--run-model", "smollm2-135m", "--disable-tui", "--max-generate-tokens", "32"]
+  args += ["--discovery-module", "manual", "--discovery-config-path", str(peers)]
+  with exo_node(args, tmp_path / "node.log") as (_, url), sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    try:
+      page = browser.new_page(viewport={"width": 1400, "height": 900})
+      elsewhere, errors = [], []
+      origin = urlsplit(url).netloc
+
+      def only_the_node(route):  # offline: the page may load nothing but what the node serves
+        if urlsplit(route.request.url).netloc == origin:
+          route.continue_()
+        else:
+          elsewhere.append(route.request.url)
+          route.abort()
+
+      page.route("**/*", only_the_node)
+      page.on("pageerror", lambda e: errors.append(str(e)))
+      page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+      page.goto(url)
+
+      expect(page.locator("#nodes")).to_contain_text(NODE_ID, timeout=30_000)
+      page.select_option("#model", "smollm2-135m")
+      expect(page.locator("#model")).to_have_value("smollm2-135m")
+      page.fill("#prompt", QUESTION)
+      page.click("#send")
+      expect(page.locator(".msg.user .text")).to_have_text(QUESTION)
+      reply = page.locator(".msg.assistant").last
+      expect(reply.locator(".text")).to_contain_text("Paris", timeout=ANSWER_TIMEOUT_MS)
+      expect(reply).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
+      expect(page.locator("#error")).to_be_hidden()
+
+      expect(page.locator("#plan")).to_contain_text("Last request", timeout=30_000)  # the ring panel polls every 2 s
+      expect(page.locator("#plan")).to_contain_text(f"{NODE_ID} layers 0–29")
+      node = page.locator(".node", has_text=NODE_ID)
+      expect(node).to_contain_text("this node")
+      expect(node).to_contain_text("per layer, measured")
+      screenshot = tmp_path / "chat-page.png"
+      page.screenshot(path=str(screenshot))
+      print(f"screenshot of the chat page: {screenshot}")
+      assert elsewhere == [] and errors == []
+    finally:
+      browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is not installed at /usr/bin/chromium (./setup.sh installs it)")
+def test_the_page_limits_stops_keeps_and_reports_what_fails(tmp_path):
+  """On a node paced to a slow declared device (dummy engine): max tokens, Stop, the conversation kept across a reload, New
+  chat, the API's error for a model the cluster cannot hold, and a node that went down."""
+  from playwright.sync_api import expect, sync_playwright
+
+  args = ["--node-id", "paced-node", "--run-model", "llama-3.2-1b", "--discovery-module", "none", "--disable-tui", "--max-generate-tokens", "400"]
+  args += ["--inference-engine", "dummy", "--emulate", "--memory-mb", "16384", "--tflops", "1", "--memory-bandwidth", "4"]
+  with exo_node(args, tmp_path / "node.log", timeout=60) as (node, url), sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    try:
+      page = browser.new_page(viewport={"width": 1400, "height": 900})
+      page.goto(url)
+      messages, reply, error = page.locator(".msg"), page.locator(".msg.assistant").last, page.locator("#error")
+
+      page.fill("#setting-max_tokens", "3")
+      page.fill("#prompt", "Say three words.")
+      page.press("#prompt", "Enter")
+      expect(reply).to_have_attribute("data-state", "done", timeout=30_000)
+      expect(reply.locator(".meta")).to_contain_text("3 tokens")
+      expect(reply.locator(".meta")).to_contain_text("cut at the token limit")
+
+      page.fill("#setting-max_tokens", "")
+      page.fill("#prompt", "Count to a thousand.")
+      page.click("#send")
+      expect(page.locator("#stop")).to_be_enabled()
+      expect(page.locator("#plan")).to_contain_text("Now: 1 request from this node", timeout=30_000)  # streaming, and the ring panel sees it
+      expect(reply.locator(".text")).not_to_have_text("…", timeout=30_000)
+      page.click("#stop")
+      expect(reply).to_have_attribute("data-state", "stopped")
+      expect(page.locator("#send")).to_be_enabled()
+      expect(page.locator("#plan")).to_contain_text("Now: 0 requests from this node", timeout=30_000)  # the node stopped generating too
+      stopped = reply.locator(".text").inner_text()
+
+      page.reload()
+      expect(messages).to_have_count(4)
+      expect(reply.locator(".text")).to_have_text(stopped)
+      expect(reply).to_have_attribute("data-state", "stopped")
+
+      page.click("#new-chat")
+      expect(messages).to_have_count(0)
+      expect(page.locator("#empty")).to_be_visible()
+
+      page.select_option("#model", "llama-3.1-405b")
+      page.fill("#prompt", "Hello?")
+      page.click("#send")
+      expect(error).to_contain_text("does not fit", timeout=30_000)
+      expect(reply).to_have_attribute("data-state", "failed")
+
+      node.terminate()
+      node.wait(30)
+      expect(page.locator("#node-status")).to_have_text("node unreachable", timeout=30_000)
+      expect(page.locator("#ring-error")).to_contain_text("Cannot reach the node")
+      page.select_option("#model", "llama-3.2-1b")
+      page.fill("#prompt", "Are you there?")
+      page.click("#send")
+      expect(error).to_contain_text("Cannot reach the node", timeout=30_000)
+      expect(messages).to_have_count(4)  # the conversation stays on the page
+      screenshot = tmp_path / "chat-page-errors.png"
+      page.screenshot(path=str(screenshot))
+      print(f"screenshot of the chat page's errors: {screenshot}")
+    finally:
+      browser.close()
