@@ -23,6 +23,7 @@ setup(
     "mlx>=0.25; platform_system == 'Darwin'",
     "mlx-lm>=0.32",
     "aiohttp>=3.9",
+    "huggingface_hub>=2.4",  # downloads (exo/inference/downloads.py); its errors come from httpx2, which it brings
   ],
   extras_require={
     "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "grpcio-tools>=1.85.1", "openai>=1.0", "safetensors>=0.4", "playwright>=1.49"],

@@ -1,6 +1,9 @@
 """Value types of the exo commands' flags: argparse reports a bad value as one usage error naming the flag."""
 
 import argparse
+import math
+
+from exo.inference.sampling import MAX_SEED, MAX_TOP_K
 
 
 def positive_int(text: str) -> int:
@@ -23,3 +26,43 @@ def slowdown_factor(text: str) -> float:
   if not factor >= 1:
     raise argparse.ArgumentTypeError(f"expected a factor >= 1, got {text!r}")
   return factor
+
+
+def _number(text: str, expected: str, valid) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+  if not valid(value):  # NaN fails every comparison, so it is refused too
+    raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+  return value
+
+
+def _whole(text: str, low: int, high: int) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}") from None
+  if not low <= value <= high:
+    raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+  return value
+
+
+def temperature(text: str) -> float:
+  """A finite number >= 0; 0 is greedy."""
+  return _number(text, "a number >= 0 (0: greedy)", lambda v: 0 <= v < math.inf)
+
+
+def top_p(text: str) -> float:
+  """A probability mass above 0 and at most 1."""
+  return _number(text, "a number above 0 and at most 1", lambda v: 0 < v <= 1)
+
+
+def top_k(text: str) -> int:
+  """A whole number >= 0; 0 keeps every token."""
+  return _whole(text, 0, MAX_TOP_K)
+
+
+def seed(text: str) -> int:
+  """A whole number from 0 to 2**63 - 1."""
+  return _whole(text, 0, MAX_SEED)

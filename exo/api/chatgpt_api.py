@@ -1,8 +1,11 @@
 """An OpenAI-compatible HTTP API in front of a node: chat completions (plain and streamed), the model list, and the node's live
 topology and plan; and at `/` the chat page (exo/api/static), which chats through that API and shows the ring as it runs.
 
-Any node can serve it: a request is planned and run by the node that receives it, as one from `exo run`. The ring samples
-greedily, so `temperature` is accepted and ignored. `max_tokens` is capped at the node's --max-generate-tokens.
+Any node can serve it: a request is planned and run by the node that receives it, as one from `exo run`. `max_tokens` is
+capped at the node's --max-generate-tokens. Sampling: `temperature` 0 to 2, absent 0 (greedy: unlike OpenAI's default of 1, a
+request that does not ask for sampling gets the one reproducible answer); `top_p`; `top_k` (not OpenAI's; 0: every token);
+`seed` (0 to 2**63 - 1: the same seed gives the same answer); `stop`, a string or up to 4 (the answer ends before the first
+that occurs, with finish_reason "stop"; a stream holds back text that may be the start of one).
 """
 
 import asyncio
@@ -12,16 +15,20 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from aiohttp import web
 
 from exo.errors import BadInput, ExoError
 from exo.inference.engine_wrapper import EngineWrapper
-from exo.inference.model_figures import served_model_spec
+from exo.inference.model_figures import model_spec_for
 from exo.inference.model_file_engine import ModelFileEngine
-from exo.inference.model_files import locate_model
+from exo.inference.model_files import present
+from exo.inference.model_sources import is_repo_id, local_path, model_sources
+from exo.inference.sampling import MAX_SEED, MAX_TOP_K, Sampling
 from exo.inference.shard import Shard
-from exo.orchestration.node import Node, RequestFailed
+from exo.orchestration.node import Generation, Node, RequestFailed
+from exo.orchestration.stop_strings import MAX_STOP_STRINGS, visible_text
 from exo.topology.model_spec import ModelSpec
 from exo.topology.models import MODELS
 
@@ -101,6 +108,34 @@ def positive_int(data: dict, key: str) -> int | None:
   return value
 
 
+def parse_sampling(data: dict) -> Sampling:
+  """The request's temperature, top_p, top_k and seed; 400 naming the first bad one."""
+
+  def field(key: str, default, valid, expected: str):
+    value = data.get(key)
+    if value is None:
+      return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):  # a NaN fails `valid` too
+      raise BadRequest(f"'{key}' must be {expected}, got {value!r}", key)
+    return value
+
+  temperature = field("temperature", 0.0, lambda v: 0 <= v <= 2, "a number from 0 (greedy) to 2")
+  top_p = field("top_p", 1.0, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
+  top_k = field("top_k", 0, lambda v: isinstance(v, int) and 0 <= v <= MAX_TOP_K, f"an integer from 0 (every token) to {MAX_TOP_K}")
+  seed = field("seed", None, lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED, "an integer from 0 to 2**63 - 1")
+  return Sampling(temperature, top_p, top_k, seed)
+
+
+def parse_stop(data: dict) -> tuple[str, ...]:
+  stop = data.get("stop")
+  if stop is None:
+    return ()
+  stop = [stop] if isinstance(stop, str) else stop
+  if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+    raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, got {data['stop']!r}", "stop")
+  return tuple(stop)
+
+
 class ChatGPTAPI:
   def __init__(self, node: Node, host: str = "0.0.0.0", port: int = DEFAULT_PORT):
     self.node, self.host, self.port = node, host, port
@@ -168,21 +203,21 @@ class ChatGPTAPI:
     return [self.node.model.id, *(m for m in MODELS if m != self.node.model.id)]
 
   def model_object(self, model_id: str) -> dict:
-    """OpenAI's model object, and `present`: whether this node has what its engine needs to serve the model (a model file engine
-    its files; the request's tokenizer runs here, so a model without them here fails whatever the other nodes hold)."""
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "exo", "present": self.has_files(model_id)}
+    """OpenAI's model object, with `present`: whether this node has what its engine needs to serve the model (a model file
+    engine all its files; the request's tokenizer runs here), and `downloadable`: whether a node without them fetches them
+    from the Hugging Face Hub when asked to serve it (exo.inference.model_sources)."""
+    present = self.has_files(model_id)
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "exo", "present": present, "downloadable": bool(model_sources(model_id))}
 
-  def has_files(self, model_id: str) -> bool:
+  def file_engine(self) -> ModelFileEngine | None:
+    """The node's engine if it serves models from files (under any wrappers)."""
     engine = self.node.engine
     while isinstance(engine, EngineWrapper):
       engine = engine.inner
-    if not isinstance(engine, ModelFileEngine):
-      return True
-    try:
-      locate_model(model_id)
-    except ExoError:
-      return False
-    return True
+    return engine if isinstance(engine, ModelFileEngine) else None
+
+  def has_files(self, model_id: str) -> bool:
+    return self.file_engine() is None or present(model_id)
 
   async def handle_models(self, request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [self.model_object(m) for m in self.model_ids()]})
@@ -220,14 +255,20 @@ class ChatGPTAPI:
   # ---------- chat completions ----------
 
   def unknown_model_message(self, model_id) -> str:
-    return f"unknown model {model_id!r}; this node serves {', '.join(self.model_ids())}"
+    return f"unknown model {model_id!r}; this node serves {', '.join(self.model_ids())}, a Hugging Face repo id (owner/name) or a model path"
 
-  def resolve_model(self, model_id) -> ModelSpec:
+  def requested_model(self, model_id) -> str | None:
+    """The request's "model" if it names one a node can serve (the served one, a built-in id, a Hugging Face repo id or a path
+    on this node), else a 400."""
+    if model_id is None or (isinstance(model_id, str) and (model_id in self.model_ids() or is_repo_id(model_id) or local_path(model_id))):
+      return model_id
+    raise BadRequest(self.unknown_model_message(model_id), "model", "model_not_found")
+
+  async def resolve_model(self, model_id: str | None) -> ModelSpec:
+    """The spec of a requested model (model_figures.model_spec_for): a repo that is not on this node is downloaded first."""
     if model_id is None or model_id == self.node.model.id:
       return self.node.model
-    if isinstance(model_id, str) and model_id in MODELS:
-      return served_model_spec(MODELS[model_id]) if isinstance(self.node.engine, ModelFileEngine) else MODELS[model_id]
-    raise BadRequest(self.unknown_model_message(model_id), "model", "model_not_found")
+    return await asyncio.to_thread(model_spec_for, model_id, self.file_engine() is not None)
 
   async def handle_chat_completions(self, request: web.Request) -> web.StreamResponse:
     try:
@@ -237,14 +278,12 @@ class ChatGPTAPI:
         raise BadRequest("the request body must be a JSON object") from None
       if not isinstance(data, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(data).__name__}")
-      model = self.resolve_model(data.get("model"))
+      model_id = self.requested_model(data.get("model"))
       messages = parse_messages(data.get("messages"))
       max_tokens = positive_int(data, "max_completion_tokens") or positive_int(data, "max_tokens")
       if data.get("n", 1) != 1:
         raise BadRequest(f"'n' must be 1 (one choice per request), got {data['n']!r}", "n")
-      temperature = data.get("temperature")
-      if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
-        raise BadRequest(f"'temperature' must be a number, got {temperature!r}", "temperature")
+      sampling, stop = parse_sampling(data), parse_stop(data)
       stream = data.get("stream", False)
       if not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
@@ -253,6 +292,10 @@ class ChatGPTAPI:
         raise BadRequest(f"'stream_options' must be an object, got {stream_options!r}", "stream_options")
     except BadRequest as e:
       return error_response(e.http_status, str(e), "invalid_request_error", e.param, e.code)
+    try:
+      model = await self.resolve_model(model_id)
+    except ExoError as e:  # not found here nor at the hub (404), or the hub cannot be reached (503)
+      return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status], "model", "model_not_found" if e.http_status == 404 else None)
     shard = full_shard(model)
     max_tokens = min(max_tokens or self.node.max_generate_tokens, self.node.max_generate_tokens)
     try:
@@ -264,16 +307,16 @@ class ChatGPTAPI:
       await self.node.admit(prompt, model)  # a prompt too long (400) or a node full (429) is refused before anything streams
     except ExoError as e:
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
-    completion = Completion(self.node, model, shard, prompt, max_tokens)
+    completion = Completion(self.node, model, shard, prompt, max_tokens, sampling, stop)
     if stream:
       return await self.stream(request, completion, bool(stream_options.get("include_usage")))
     try:
-      tokens = (await self.node.generate(prompt, model, max_tokens)).tokens
+      generation = await completion.generate()
     except Exception as e:
       body, status = failure(model, e)
       return web.json_response(body, status=status)
-    body = completion.chunk("chat.completion", {"role": "assistant", "content": await completion.text(tokens)}, completion.finish_reason(tokens))
-    body["usage"] = await completion.usage(tokens)
+    body = completion.chunk("chat.completion", {"role": "assistant", "content": generation.text}, generation.finish_reason)
+    body["usage"] = await completion.usage(generation.tokens)
     return web.json_response(body)
 
   async def stream(self, request: web.Request, completion: "Completion", include_usage: bool) -> web.StreamResponse:
@@ -285,7 +328,7 @@ class ChatGPTAPI:
       await response.write(f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode())
 
     updates: asyncio.Queue = asyncio.Queue()  # token lists so far; None once the generation is over
-    task = asyncio.create_task(self.node.generate(completion.prompt, completion.model, completion.max_tokens, on_token=updates.put_nowait))
+    task = asyncio.create_task(completion.generate(on_token=updates.put_nowait))
     task.add_done_callback(lambda _: updates.put_nowait(None))
     sent = ""
     try:
@@ -296,25 +339,26 @@ class ChatGPTAPI:
         if tokens is None:
           break
         visible = (await completion.text(tokens)).rstrip("\ufffd")  # an unfinished multi-byte character may still change
+        visible = visible_text(visible, completion.stop)[0]  # never text after a stop string, nor what may begin one
         if visible.startswith(sent) and len(visible) > len(sent):
           await send(completion.chunk("chat.completion.chunk", {"content": visible[len(sent) :]}, None))
           sent = visible
       try:
-        tokens = (await task).tokens
+        generation = await task
       except Exception as e:
         await send(failure(completion.model, e)[0])
         await send("[DONE]")
         return response
-      text = await completion.text(tokens)
+      text = generation.text
       rest = text[len(sent) :]
       if not text.startswith(sent):  # a tokenizer revised text already sent: the client's copy cannot be corrected
         log.warning("streamed text of %s was revised after it was sent", completion.model.id)
         rest = text[len(os.path.commonprefix([sent, text])) :]
       if rest:
         await send(completion.chunk("chat.completion.chunk", {"content": rest}, None))
-      await send(completion.chunk("chat.completion.chunk", {}, completion.finish_reason(tokens)))
+      await send(completion.chunk("chat.completion.chunk", {}, generation.finish_reason))
       if include_usage:
-        await send({**completion.chunk("chat.completion.chunk", {}, None), "choices": [], "usage": await completion.usage(tokens)})
+        await send({**completion.chunk("chat.completion.chunk", {}, None), "choices": [], "usage": await completion.usage(generation.tokens)})
       await send("[DONE]")
       await response.write_eof()
     except ConnectionResetError:
@@ -327,15 +371,16 @@ class ChatGPTAPI:
 class Completion:
   """One chat completion request: its prompt, and the OpenAI objects built from the tokens generated so far."""
 
-  def __init__(self, node: Node, model: ModelSpec, shard: Shard, prompt: str, max_tokens: int):
+  def __init__(self, node: Node, model: ModelSpec, shard: Shard, prompt: str, max_tokens: int, sampling: Sampling, stop: tuple[str, ...]):
     self.node, self.model, self.shard, self.prompt, self.max_tokens = node, model, shard, prompt, max_tokens
+    self.sampling, self.stop = sampling, stop
     self.id, self.created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
+
+  async def generate(self, on_token: Callable[[list[int]], None] | None = None) -> Generation:
+    return await self.node.generate(self.prompt, self.model, self.max_tokens, on_token, self.sampling, self.stop)
 
   def ended(self, tokens: list[int]) -> bool:
     return bool(tokens) and tokens[-1] in self.node.engine.eos_token_ids(self.shard)
-
-  def finish_reason(self, tokens: list[int]) -> str:
-    return "stop" if self.ended(tokens) else "length"
 
   async def text(self, tokens: list[int]) -> str:
     """The decoded reply, without the end-of-sequence token's text."""

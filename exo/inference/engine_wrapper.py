@@ -20,8 +20,10 @@ class EngineWrapper(InferenceEngine):
   async def apply_chat_template(self, shard: Shard, messages: list[dict]) -> str:
     return await self.inner.apply_chat_template(shard, messages)
 
-  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    return await self.inner.sample(logits, temperature)
+  async def sample(
+    self, logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, rng: np.random.Generator | None = None
+  ) -> int:
+    return await self.inner.sample(logits, temperature, top_p, top_k, rng)
 
   async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
     return await infer_one(self, request_id, shard, input_data, position)

@@ -40,8 +40,11 @@ class InferenceEngine(ABC):
     """The prompt text for a chat ([{"role": ..., "content": ...}]) in the model's own template, ready for `encode`."""
 
   @abstractmethod
-  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    """The next token from the last position's logits; temperature 0 is greedy."""
+  async def sample(
+    self, logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, rng: np.random.Generator | None = None
+  ) -> int:
+    """The next token from the last position's logits: greedy at temperature 0, else one draw as `sampling.sample_last` makes it,
+    from `rng` (a request's own generator) or, if None, from the engine's."""
 
   @abstractmethod
   async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:

@@ -273,6 +273,13 @@ def safetensors_index(directory: str) -> dict[str, tuple[Path, dict, int]]:
   return index
 
 
+def _checkpoint_tensors(directory: Path):
+  """The checkpoint's tensor names: its index's (model.safetensors.index.json), which also names those of weight files a node
+  did not download (it fetches its layers' files only), or else its safetensors files' own."""
+  index = directory / "model.safetensors.index.json"
+  return json.loads(index.read_text())["weight_map"] if index.is_file() else safetensors_index(str(directory))
+
+
 def _hf_config(directory: Path) -> LlamaConfig:
   c = json.loads((directory / "config.json").read_text())
   arch = c.get("model_type")
@@ -292,7 +299,7 @@ def _hf_config(directory: Path) -> LlamaConfig:
     rope_theta=theta,
     rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
     context_length=c.get("max_position_embeddings", 2048),
-    tie_word_embeddings=bool(c.get("tie_word_embeddings", False)) or LM_HEAD not in safetensors_index(str(directory)),
+    tie_word_embeddings=bool(c.get("tie_word_embeddings", False)) or LM_HEAD not in _checkpoint_tensors(directory),
     rope_freq_factors=rope_scaling_factors(c.get("rope_scaling"), theta, head_dim),
     architecture=arch,
     attention_bias=arch == "qwen2",

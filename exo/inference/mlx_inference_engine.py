@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten
 from exo.inference.llama_weights import EMBED, LM_HEAD, LlamaConfig, load_shard_weights, rope_inv_freq
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
+from exo.inference.model_sources import ENGINE_FORMATS
 from exo.inference.quantized import QuantizedMatrix, Weight
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
@@ -157,6 +158,8 @@ class _ShardModel(nn.Module):
 
 class MLXInferenceEngine(ModelFileEngine):
   """`seed` drives sampling at temperature > 0; `memory_limit_bytes` bounds the shards resident at once (ShardedEngine)."""
+
+  formats = ENGINE_FORMATS["mlx"]  # MLX community exports first
 
   def __init__(self, seed: int = 0, memory_limit_bytes: int | None = None):
     super().__init__(seed, memory_limit_bytes)

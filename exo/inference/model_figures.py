@@ -22,11 +22,12 @@ from exo.inference.llama_weights import (
   load_config,
   safetensors_index,
 )
-from exo.inference.model_files import locate_model
+from exo.inference.model_files import locate_model, missing_files
+from exo.inference.model_sources import is_repo_id, local_path
 from exo.inference.quantized import GGUF_GROUP, KEPT_QUANTIZED
 from exo.inference.shard import Shard
 from exo.topology.model_spec import ModelSpec
-from exo.topology.models import KV_CONTEXT
+from exo.topology.models import KV_CONTEXT, MODELS
 
 ACTIVATION_DTYPE_BYTES = 4  # the engines send hidden states between stages as float32
 KV_DTYPE_BYTES = 4  # and keep their KV caches in float32
@@ -116,9 +117,29 @@ def model_spec_from_file(path: Path | str, model_id: str | None = None) -> Model
 
 def served_model_spec(table_spec: ModelSpec) -> ModelSpec:
   """What a node serving `table_spec.id` from a file on this machine plans with: the file's figures, or the built-in table's
-  when the file is not here (the engine then reports the missing file when asked to load it)."""
+  when the files are not all here (the engine downloads what a shard needs when it loads it, or reports what is missing)."""
   try:
     path = locate_model(table_spec.id)
   except ModelNotFound:
     return table_spec
-  return model_spec_from_file(path, table_spec.id)
+  return table_spec if missing_files(path) else model_spec_from_file(path, table_spec.id)
+
+
+def model_spec_for(ref: str, from_files: bool = True) -> ModelSpec:
+  """The spec a node plans the model `ref` with (exo.inference.model_sources names the kinds): a built-in id's (from its files
+  with `from_files`, as served_model_spec), or the one read from the files of a local path (its id: the absolute path) or of a
+  Hugging Face repo id (downloaded first if not here: the figures come from its files)."""
+  if ref in MODELS:
+    return served_model_spec(MODELS[ref]) if from_files else MODELS[ref]
+  if (path := local_path(ref)) is not None:
+    return model_spec_from_file(locate_model(str(path)), str(path))
+  if is_repo_id(ref):
+    from exo.inference.downloads import ensure_model
+
+    return model_spec_from_file(ensure_model(ref), ref)
+  if "/" in ref or ref.endswith(".gguf"):
+    raise ModelNotFound(f"model file {ref!r} was not found: no such .gguf file or model directory")
+  raise ModelNotFound(
+    f"unknown model {ref!r}; expected a built-in id ({', '.join(sorted(MODELS))}), a Hugging Face repo id (owner/name) "
+    "or the path of a .gguf file or model directory"
+  )

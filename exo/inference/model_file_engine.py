@@ -6,9 +6,11 @@ from abc import abstractmethod
 
 import numpy as np
 
+from exo.inference.downloads import ensure_model
 from exo.inference.llama_weights import load_config
 from exo.inference.model_figures import shard_held_bytes
 from exo.inference.model_files import locate_model
+from exo.inference.model_sources import ENGINE_FORMATS
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ShardedEngine
 from exo.inference.tokenizer import Tokenizer, load_tokenizer
@@ -16,6 +18,8 @@ from exo.topology.models import KV_CONTEXT
 
 
 class ModelFileEngine(ShardedEngine):
+  formats = ENGINE_FORMATS["tinygrad"]  # the formats it would rather download a model in, best first
+
   def __init__(self, seed: int = 0, memory_limit_bytes: int | None = None):
     super().__init__(seed, memory_limit_bytes)
     self._tokenizers: dict[str, Tokenizer] = {}
@@ -26,12 +30,24 @@ class ModelFileEngine(ShardedEngine):
   async def _in_worker(self, fn, *args):
     pass
 
+  async def _fetch(self, model_id: str, shard: Shard | None = None) -> None:
+    """Download what this node lacks of the model (exo.inference.downloads): with a shard, its weight files too; without, the
+    config and tokenizer. A model already here costs a look at its files."""
+    await asyncio.to_thread(ensure_model, model_id, shard, shard is not None, self.formats)
+
+  async def _resident(self, shard: Shard):
+    if shard not in self._models:
+      await self._fetch(shard.model_id, shard)
+    return await super()._resident(shard)
+
   def _tokenizer(self, model_id: str) -> Tokenizer:
     if model_id not in self._tokenizers:
       self._tokenizers[model_id] = load_tokenizer(locate_model(model_id))
     return self._tokenizers[model_id]
 
   async def _tokenizer_async(self, model_id: str) -> Tokenizer:
+    if model_id not in self._tokenizers:
+      await self._fetch(model_id)
     return self._tokenizers.get(model_id) or await self._in_worker(self._tokenizer, model_id)
 
   async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
@@ -46,6 +62,7 @@ class ModelFileEngine(ShardedEngine):
   async def context_length(self, shard: Shard) -> int:
     """The model's context, capped at KV_CONTEXT (what the planner reserves KV cache for), from the file's metadata."""
     if shard.model_id not in self._contexts:
+      await self._fetch(shard.model_id)
       config = await asyncio.to_thread(load_config, locate_model(shard.model_id))
       self._contexts[shard.model_id] = min(config.context_length, KV_CONTEXT)
     return self._contexts[shard.model_id]

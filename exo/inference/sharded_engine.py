@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from exo.inference.inference_engine import InferenceEngine, Step, infer_one
-from exo.inference.sampling import sample_last
+from exo.inference.sampling import Sampling, sample_last
 from exo.inference.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class ModelDims:
 
 
 class ShardedEngine(InferenceEngine):
-  """`memory_limit_bytes`: how many bytes of shards may be resident at once (None: what the machine has available)."""
+  """`memory_limit_bytes`: how many bytes of shards may be resident at once (None: what the machine has available). `seed`: the
+  engine's own generator, for a draw whose caller passes none (a node passes each request's own)."""
 
   def __init__(self, seed: int = 0, memory_limit_bytes: int | None = None):
     self._sampler = np.random.default_rng(seed)
@@ -94,8 +95,10 @@ class ShardedEngine(InferenceEngine):
 
   # the engine interface
 
-  async def sample(self, logits: np.ndarray, temperature: float = 0.0) -> int:
-    return sample_last(logits, temperature, self._sampler)
+  async def sample(
+    self, logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, rng: np.random.Generator | None = None
+  ) -> int:
+    return sample_last(logits, Sampling(temperature, top_p, top_k), self._sampler if rng is None else rng)
 
   async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray, position: int = 0) -> np.ndarray:
     """Token ids ((P,) or (1, P) ints) on the first shard, else hidden states (1, P, hidden_size). Returns hidden states

@@ -38,6 +38,10 @@ class Discovery(ABC):
     """The measured round trip to `peer_id` in ms; None if not measured (a discovery that does not time its health checks)."""
     return None
 
+  def silent_peers(self) -> list[str]:
+    """Peers heard of (announced, or in the peers file) that are not listed now: what a node waiting for peers still lacks."""
+    return []
+
   async def check_now(self, peer_ids: Iterable[str]) -> set[str]:
     """Health-check `peer_ids` now, after a request failed on them; returns those that did not answer healthy (or are not
     peers), which `discover_peers` leaves out until they answer healthy again where the discovery keeps that memory."""
@@ -59,6 +63,9 @@ class CheckedDiscovery(Discovery):
 
   def rtt_ms(self, peer_id: str) -> float | None:
     return self.liveness.rtt_ms(peer_id)
+
+  def silent_peers(self) -> list[str]:
+    return sorted(set(self.liveness.peers) - {p.id() for p in self.liveness.listed()})
 
   async def check_now(self, peer_ids: Iterable[str]) -> set[str]:
     return await self.liveness.suspect_unless_healthy(peer_ids)

@@ -1,7 +1,9 @@
-"""What travels with every message of a request: its id, where results go, the token budget, and the ring plan chosen once."""
+"""What travels with every message of a request: its id, where results go, the token budget, how tokens are sampled, and the ring
+plan chosen once."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from exo.inference.sampling import GREEDY, Sampling
 from exo.inference.shard import Shard
 
 
@@ -61,7 +63,8 @@ class RequestContext:
   plan: RingPlan
   max_tokens: int
   position: int = 0  # position of the message's first token: 0 for the prompt, then prompt length + tokens generated before it
+  sampling: Sampling = GREEDY  # how the last stage chooses each token
 
   def at(self, position: int) -> "RequestContext":
     """The same request's context for a message starting at `position`."""
-    return RequestContext(self.request_id, self.origin_node_id, self.plan, self.max_tokens, position)
+    return replace(self, position=position)

@@ -21,10 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-from exo.errors import BadInput, Busy
+from exo.errors import BadInput, Busy, ClusterCannotServe
 from exo.inference.calibration import calibrate
 from exo.inference.inference_engine import InferenceEngine, Step, positions_in
 from exo.inference.layer_time_estimate import LayerTimeEstimate
+from exo.inference.sampling import GREEDY, Sampling
 from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
 from exo.networking.outbox import Outbox
@@ -34,6 +35,7 @@ from exo.networking.server import Server
 from exo.orchestration.recent_ids import RecentIds
 from exo.orchestration.replan import should_replan
 from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
+from exo.orchestration.stop_strings import visible_text
 from exo.topology.cost_model import PlannerParams, Prediction, head_layers
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.model_spec import ModelSpec
@@ -74,6 +76,7 @@ class Generation:
   text: str
   plan: Plan
   elapsed_s: float
+  finish_reason: str  # "stop": an end-of-sequence token or a stop string ended it (the text ends before it); "length": the budget
 
 
 @dataclass
@@ -82,6 +85,7 @@ class _Pending:
   tokens: list[int] = field(default_factory=list)
   on_token: Callable[[list[int]], None] | None = None
   last_progress: float = field(default_factory=time.monotonic)  # when the last token came (or the request started)
+  arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when tokens come; the stop-string watch clears it
 
 
 class Node:
@@ -117,6 +121,7 @@ class Node:
     self._planned_membership: set[str] = set()
     self._pending: dict[str, _Pending] = {}
     self._ring_tokens: dict[str, list[int]] = {}  # at the last stage: tokens generated so far per request
+    self._generators: dict[str, np.random.Generator] = {}  # at the last stage: each sampled request's own, from its first token
     self._orphans: set[str] = set()  # at the last stage: requests whose origin could not be told a result; not continued
     self._tasks: set[asyncio.Task] = set()
     self._refresher: asyncio.Task | None = None
@@ -131,12 +136,24 @@ class Node:
     self._calls_started = 0
     self._delivered: deque[tuple[float, int]] = deque()  # at the origin: (time, tokens) of the last LOAD_WINDOW_S seconds
 
-  async def start(self, wait_for_peers: int = 0) -> None:
+  async def start(self, wait_for_peers: int = 0, wait_timeout: float | None = None) -> None:
+    """Serve; with `wait_for_peers`, once that many peers are live, or ClusterCannotServe after `wait_timeout` seconds naming
+    those that answered and those heard of that did not."""
     if self.measure_layer_times:
       await self.calibrate(self.model)
     await self.server.start()
     await self.discovery.start()
-    await self._refresh(wait_for_peers)
+    try:
+      await asyncio.wait_for(self.discovery.discover_peers(wait_for_peers), wait_timeout)
+    except asyncio.TimeoutError:
+      live, silent = sorted(p.id() for p in await self.discovery.discover_peers()), self.discovery.silent_peers()
+      raise ClusterCannotServe(
+        f"waited {wait_timeout:g} s for {wait_for_peers} peer(s): {len(live)} answered ({', '.join(live) or 'none'})"
+        + (f", {', '.join(silent)} did not" if silent else "")
+        + "; start the missing nodes, or check that they are on this network with the same --broadcast-port and --listen-port "
+        "(or in the --discovery-config-path file)"
+      ) from None
+    await self._refresh(0)
     self._refresher = asyncio.create_task(self._refresh_forever())
 
   async def stop(self) -> None:
@@ -223,7 +240,8 @@ class Node:
     return view
 
   async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
-    """Own view merged with the views of peers not yet visited, `max_depth` levels deep. Unreachable peers are skipped."""
+    """Own view merged with the views of peers not yet visited, `max_depth` levels deep: their devices and the edges between
+    live nodes. Unreachable peers are skipped, and so are nodes this one does not list as live."""
     topology = self.local_view()
     if max_depth <= 0:
       return topology
@@ -234,9 +252,10 @@ class Node:
       if isinstance(view, Exception):
         log.info("could not collect topology from %s: %s", peer.id(), view)
         continue
-      for node_id, caps in view.nodes.items():
-        if node_id not in topology.nodes or node_id == peer.id():  # a node is the authority on its own device
-          topology.update_node(node_id, caps)
+      # Only this node and its live peers: a node another lists may have left (it lists it until its discovery timeout) and is
+      # left out of plans here anyway (planning_topology). A node is the authority on its own device.
+      if peer.id() in view.nodes:
+        topology.update_node(peer.id(), view.nodes[peer.id()])
       for (a, b), edge in view.edges.items():
         if a != self.id and a in topology.nodes and b in topology.nodes:
           topology.add_edge(a, b, edge.rtt_ms, edge.bandwidth_mbps)
@@ -296,20 +315,31 @@ class Node:
   # ---------- requests at the node that receives them ----------
 
   async def generate(
-    self, prompt: str, model: ModelSpec | None = None, max_tokens: int | None = None, on_token: Callable[[list[int]], None] | None = None
+    self,
+    prompt: str,
+    model: ModelSpec | None = None,
+    max_tokens: int | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+    sampling: Sampling = GREEDY,
+    stop: tuple[str, ...] = (),
   ) -> Generation:
-    """Plan, send the prompt to the first stage, and wait for the last stage's tokens until EOS, the token budget (and the
-    model's context) or the deadline. Refused first as `admit` says."""
+    """Plan, send the prompt to the first stage, and wait for the last stage's tokens (chosen as `sampling` says) until EOS, a
+    stop string in the text (the text ends before it), the token budget (and the model's context) or the deadline. Refused
+    first as `admit` says."""
     started, model = time.perf_counter(), model or self.model
+    if "" in stop:
+      raise BadInput("a stop string must not be empty")
     room = await self.admit(prompt, model)
     max_tokens = min(max_tokens or self.max_generate_tokens, room or self.max_generate_tokens)
     request_id = str(uuid.uuid4())
     pending = self._pending[request_id] = _Pending(asyncio.get_running_loop().create_future(), on_token=on_token)
+    whole = Shard(model.id, 0, model.n_layers - 1, model.n_layers)  # tokenizers are per model: any shard of it decodes
+    watch = asyncio.create_task(self._watch_for_stop(pending, whole, stop)) if stop else None
     ring = None
     try:
       plan = await asyncio.to_thread(self.plan, model)  # the search takes milliseconds to a few seconds
       ring = RingPlan.from_node_shards(plan.node_shards())
-      context = RequestContext(request_id, self.id, ring, max_tokens)
+      context = RequestContext(request_id, self.id, ring, max_tokens, sampling=sampling)
       try:
         await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
       except RequestFailed:
@@ -318,14 +348,31 @@ class Node:
       log.info("request %s: prompt sent to %s, ring %s", request_id, ring.stages[0].node_id, " -> ".join(ring.node_ids()))
       tokens = await self._await_tokens(pending, ring, request_id)
     finally:
+      if watch is not None:
+        watch.cancel()
       self._pending.pop(request_id, None)
       if ring is not None:
         await self._broadcast_finish(ring, request_id)
-    last = ring.shard(len(ring.stages) - 1)
-    answer = tokens[:-1] if tokens and tokens[-1] in await self._eos_token_ids(last) else tokens
-    text = await self.engine.decode(last, answer)
-    self.last_generation = Generation(request_id, tokens, text, plan, time.perf_counter() - started)
+    ended = bool(tokens) and tokens[-1] in await self._eos_token_ids(whole)
+    text, stopped = visible_text(await self.engine.decode(whole, tokens[:-1] if ended else tokens), stop, final=True)
+    finish_reason = "stop" if ended or stopped else "length"
+    self.last_generation = Generation(request_id, tokens, text, plan, time.perf_counter() - started, finish_reason)
     return self.last_generation
+
+  async def _watch_for_stop(self, pending: _Pending, shard: Shard, stop: tuple[str, ...]) -> None:
+    """End the request with the tokens so far once a stop string is in their text (the ring is told as on any finish)."""
+    try:
+      eos = await self._eos_token_ids(shard)
+      while not pending.future.done():
+        await pending.arrived.wait()
+        pending.arrived.clear()
+        tokens = list(pending.tokens)
+        text = await self.engine.decode(shard, tokens[:-1] if tokens and tokens[-1] in eos else tokens)
+        if visible_text(text, stop)[1] and not pending.future.done():
+          pending.future.set_result(tokens)
+    except Exception as e:  # a tokenizer that fails: the request fails with it rather than run past its stop strings
+      if not pending.future.done():
+        pending.future.set_exception(e)
 
   async def admit(self, prompt: str, model: ModelSpec) -> int | None:
     """How many tokens the answer may have in the model's context (None: the engine cannot say), if this node takes the
@@ -380,6 +427,7 @@ class Node:
       pending.last_progress = time.monotonic()
       self._delivered.append((pending.last_progress, len(tokens) - len(pending.tokens)))
     pending.tokens = list(tokens)
+    pending.arrived.set()
     if pending.on_token:
       pending.on_token(pending.tokens)
     if is_finished:
@@ -441,6 +489,7 @@ class Node:
     self._finished.add(request_id)
     self.scheduler.cancel(request_id)
     self._ring_tokens.pop(request_id, None)
+    self._generators.pop(request_id, None)
     self._orphans.discard(request_id)
     self._spawn(self.engine.finish_request(request_id))
 
@@ -482,7 +531,7 @@ class Node:
       if index < len(ring.stages) - 1:
         await self._deliver(ring.stages[index + 1].node_id, "tensor", ring.shard(index + 1), out, context)
         return
-      token = await self.engine.sample(out)
+      token = await self._sample(out, context)
       tokens = self._ring_tokens.setdefault(context.request_id, [])
       tokens.append(token)
       eos = await self._eos_token_ids(shard)
@@ -511,6 +560,17 @@ class Node:
           "could not report the failure of request %s to %s: %s; asking its peers to", context.request_id, context.origin_node_id, report_error
         )
         await self._relay_failure(context, reason)
+
+  async def _sample(self, logits: np.ndarray, context: RequestContext) -> int:
+    """The request's next token. A sampled request draws from its own generator, made at its first token, so the same seed gives
+    the same tokens whatever else runs on the node."""
+    sampling = context.sampling
+    if sampling.greedy:
+      return await self.engine.sample(logits)
+    if context.request_id not in self._generators:
+      self._generators[context.request_id] = sampling.generator()
+    rng = self._generators[context.request_id]
+    return await self.engine.sample(logits, sampling.temperature, sampling.top_p, sampling.top_k, rng=rng)
 
   async def _relay_failure(self, context: RequestContext, reason: str) -> None:
     """Ask the peers, one after another, to tell the origin that the request failed, until one takes it on."""

@@ -127,7 +127,7 @@ def test_streamed_deltas_add_up_to_the_completion(served):
 
 def test_max_tokens_cuts_the_reply_with_finish_reason_length(served):
   _, tokens, text = reference(MESSAGES, max_tokens=5)
-  response = served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=5, temperature=0.7)
+  response = served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=5, temperature=0)
   assert (response.choices[0].message.content, response.choices[0].finish_reason) == (text, "length")
   assert response.usage.completion_tokens == 5 == len(tokens)
   chunks = stream(served, model=SERVED, messages=MESSAGES, max_tokens=5)
@@ -160,11 +160,61 @@ def test_unknown_model_is_a_bad_request_naming_it(served):
     (json.dumps({"model": SERVED, "messages": [{"content": "hi"}]}).encode(), "messages[0]"),
     (json.dumps({"model": SERVED, "messages": MESSAGES, "max_tokens": 0}).encode(), "'max_tokens'"),
     (json.dumps({"model": SERVED, "messages": MESSAGES, "stream": "yes"}).encode(), "'stream'"),
+    *(
+      (json.dumps({"model": SERVED, "messages": MESSAGES, key: value}).encode(), f"'{key}' must be")
+      for key, value in [
+        ("temperature", 2.5),
+        ("temperature", -0.1),
+        ("temperature", "hot"),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("seed", -1),
+        ("seed", 2**63),
+        ("seed", "lucky"),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", ""),
+        ("stop", ["ok", 3]),
+      ]
+    ),
+    (b'{"model": "llama-3.2-1b", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "'temperature' must be"),
   ],
 )
 def test_malformed_requests_are_rejected_with_400(served, body, names):
   status, _, error = get(f"{served.base}/v1/chat/completions", "POST", body)
   assert status == 400 and names in error["error"]["message"] and error["error"]["type"] == "invalid_request_error"
+  if names.startswith("'") and " must be" in names:
+    assert error["error"]["param"] == names.split("'")[1]
+
+
+def test_a_seed_fixes_the_sampled_reply_and_temperature_0_is_the_greedy_one(served):
+  def reply(**sampling) -> str:
+    return served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=30, **sampling).choices[0].message.content
+
+  greedy = reply()
+  assert reply(temperature=0) == greedy == reply(temperature=0, top_p=0.5, seed=3)
+  seeded = reply(temperature=1.0, top_p=0.95, seed=11)
+  assert seeded == reply(temperature=1.0, top_p=0.95, seed=11) != greedy
+  assert reply(temperature=1.0, top_p=0.95, seed=12) != seeded
+  assert reply(temperature=1.5, seed=11, extra_body={"top_k": 1}) == greedy  # top_k 1 keeps the likeliest token alone
+
+
+def test_a_stop_string_cuts_the_reply_streamed_and_not(served):
+  _, tokens, text = reference(MESSAGES)
+  stop = text[10:13]
+  cut = text[: text.index(stop)]
+  response = served.client.chat.completions.create(model=SERVED, messages=MESSAGES, stop=["never there", stop])
+  assert (response.choices[0].message.content, response.choices[0].finish_reason) == (cut, "stop")
+  assert response.usage.completion_tokens < len(tokens)  # the ring stopped there
+  chunks = stream(served, model=SERVED, messages=MESSAGES, stop=stop)
+  deltas = [c.choices[0].delta.content or "" for c in chunks]
+  assert "".join(deltas) == cut and chunks[-1].choices[0].finish_reason == "stop"
+  assert sum(1 for d in deltas if d) > 1  # streamed as it came, up to the stop string
+  # A stop string that the reply's end begins but never completes: the end, held back while it might, is sent once it cannot.
+  pending = text[-2:] + "\x01"
+  chunks = stream(served, model=SERVED, messages=MESSAGES, stop=pending)
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == text and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_a_model_the_cluster_cannot_hold_fails_with_503_or_an_error_chunk(served):

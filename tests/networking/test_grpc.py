@@ -3,12 +3,14 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from exo.inference.sampling import GREEDY, Sampling
 from exo.inference.shard import Shard
 from exo.networking.grpc import conversions as conv
 from exo.networking.grpc import node_service_pb2 as pb
@@ -300,6 +302,8 @@ def test_domain_objects_round_trip():
   assert conv.plan_from_proto(conv.plan_to_proto(PLAN)) == PLAN
   assert conv.context_from_proto(conv.context_to_proto(CONTEXT)) == CONTEXT
   assert conv.context_from_proto(conv.context_to_proto(CONTEXT.at(37))).position == 37
+  sampled = replace(CONTEXT, sampling=Sampling(0.7, 0.9, 40, 2**63 - 1)).at(5)
+  assert conv.context_from_proto(conv.context_to_proto(sampled)) == sampled and sampled.sampling.seed == 2**63 - 1
   assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(CAPS)) == CAPS
   assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(MEASURED)) == MEASURED
   assert conv.topology_from_proto(conv.topology_to_proto(sample_topology())) == sample_topology()
@@ -314,6 +318,19 @@ def test_tensor_round_trip_any_layout_and_byte_order(dtype):
     assert received.dtype.name == dtype and received.flags.writeable and np.array_equal(received, sent)
 
 
+def with_sampling(sampling: pb.Sampling) -> pb.RequestContext:
+  msg = conv.context_to_proto(CONTEXT)
+  msg.sampling.CopyFrom(sampling)
+  return msg
+
+
+def test_a_context_without_sampling_is_greedy_and_unset_fields_are_the_defaults():
+  msg = conv.context_to_proto(CONTEXT)
+  msg.ClearField("sampling")  # as a node that predates sampling sends it
+  assert conv.context_from_proto(msg).sampling == GREEDY
+  assert conv.context_from_proto(with_sampling(pb.Sampling(temperature=0.5))).sampling == Sampling(0.5, 1.0, 0, None)
+
+
 @pytest.mark.parametrize(
   "make, problem",
   [
@@ -324,6 +341,9 @@ def test_tensor_round_trip_any_layout_and_byte_order(dtype):
     (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 32, (RingStage("a", 0, 20),)))), "covers 21 of 32 layers"),
     (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 8, (RingStage("a", 0, 3), RingStage("a", 4, 7))))), "names a node twice"),
     (lambda: conv.context_from_proto(conv.context_to_proto(RequestContext("r", "", PLAN, 1))), "empty origin_node_id"),
+    (lambda: conv.context_from_proto(with_sampling(pb.Sampling(temperature=-1))), "request 'req-1': temperature must be"),
+    (lambda: conv.context_from_proto(with_sampling(pb.Sampling(temperature=1, top_p=0))), "top_p must be"),
+    (lambda: conv.context_from_proto(with_sampling(pb.Sampling(temperature=1, seed=-5))), "seed must be"),
     (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(memory=-1)), "device.memory"),
     (
       lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(layer_times={"m": pb.LayerTimes(token_ms=1)})),

