@@ -13,7 +13,7 @@ from exo.errors import ExoError
 from exo.main import log_level, main
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
-PREDICTED_KEYS = {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible"}
+PREDICTED_KEYS = {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible", "bound_tpot_ms", "bound_throughput_tps"}
 MODEL_KEYS = {
   "id",
   "n_layers",
@@ -164,7 +164,17 @@ def test_json_hand_checked_predictions(tmp_path, capsys):
   assert status == 0 and plan["params"] == {"memory_headroom": 0.2, "default_rtt_ms": 7.0, "batch": 1}
   assert plan["shards"] == [{"node_id": "fast", "start_layer": 0, "end_layer": 3, "n_layers": 4}]
   # all four layers on `fast`: no hops; prefill of 64 tokens is 64 GFLOP per layer at 1 TFLOPS = 64 ms, above the 10 ms stream
-  assert plan["predicted"] == pytest.approx({"tpot_ms": 40.0, "tokens_per_second": 25.0, "throughput_tps": 25.0, "ttft_ms": 256.0, "feasible": True})
+  assert plan["predicted"] == pytest.approx(
+    {
+      "tpot_ms": 40.0,
+      "tokens_per_second": 25.0,
+      "throughput_tps": 25.0,
+      "ttft_ms": 256.0,
+      "feasible": True,
+      "bound_tpot_ms": 40.0,
+      "bound_throughput_tps": None,
+    }
+  )
 
 
 def test_json_unknown_speeds_are_null(tmp_path, capsys):
@@ -172,7 +182,8 @@ def test_json_unknown_speeds_are_null(tmp_path, capsys):
   args = ["--topology", write(tmp_path, "t.json", topology), "--model-spec", write(tmp_path, "m.json", TOY_MODEL)]
   status, out, _ = run(capsys, *args, "--json")
   plan = json.loads(out)
-  assert status == 0 and plan["predicted"] == {"tpot_ms": None, "tokens_per_second": None, "throughput_tps": None, "ttft_ms": None, "feasible": True}
+  unknown = {"tpot_ms": None, "tokens_per_second": None, "throughput_tps": None, "ttft_ms": None, "feasible": True}
+  assert status == 0 and plan["predicted"] == {**unknown, "bound_tpot_ms": None, "bound_throughput_tps": None}
   status, out, _ = run(capsys, *args)
   assert status == 0 and "speed unknown" in out and "unknown" in out
   status, out, _ = run(capsys, *args, "--compare")

@@ -33,6 +33,8 @@ class Prediction:
   throughput_tps: float | None  # tokens/s of the saturated ring at the planner's batch
   ttft_s: float | None
   feasible: bool
+  bound_tpot_s: float | None = None  # latency objective: no plan has a lower TPOT (= tpot_s when the plan is proven optimal)
+  bound_throughput_tps: float | None = None  # throughput objective: no plan has more throughput (= throughput_tps when proven)
 
   def to_dict(self) -> dict:
     def ms(s):
@@ -44,6 +46,8 @@ class Prediction:
       "throughput_tps": self.throughput_tps,
       "ttft_ms": ms(self.ttft_s),
       "feasible": self.feasible,
+      "bound_tpot_ms": ms(self.bound_tpot_s),
+      "bound_throughput_tps": self.bound_throughput_tps,
     }
 
 

@@ -1,18 +1,16 @@
 """Exact plan search for small clusters: the best subset of nodes, ring order, first node and layer split under cost model v2.
 
 A ring's first node f holds the embedding and its last node l (f's predecessor) the head, which also costs eta layers of time;
-the ring's size k sets the KV cache each node reserves under the throughput objective. Both searches visit node subsets by a
-lower bound (middle-of-ring capacities, no embedding or head, the cheapest hops or transfers) and stop once the bound passes
-the best plan found, so only subsets that could win or tie are solved exactly.
+the ring's size k sets the KV cache each node reserves under the throughput objective.
 
-Latency. TPOT(S, f, l, ring, L) = compute(S, f, l) + eta t_l + hops(ring). The split fills the fastest nodes first and depends
-only on (S, f, l); the hops of the cheapest ring from f through S to l come from a Held-Karp table from every start,
-path[S, f, j], O(2^n n^3) time and O(2^n n^2) memory. Ties (equal TPOT) are broken by throughput over the cheapest rings of
-every tied (S, f, l).
+Latency: exo/topology/latency_search.py (branch and bound over subsets, up to 16 nodes).
 
-Throughput. The busiest stage depends on the ring through each node's transfer to its successor. A subset whose transfers do
-not depend on the order is solved in closed form for every (f, l) on its cheapest ring; otherwise every directed ring and
-every first node is tried, rings whose own bound cannot tie the best skipped. Worst case O(2^n n!) splits; the bounds keep
+Throughput, up to THROUGHPUT_LIMIT nodes: subsets are visited by a lower bound (middle-of-ring capacities, no embedding or head,
+the cheapest transfers) until it passes the best plan found, so only subsets that could win or tie are solved exactly. The
+busiest stage depends on the ring through each node's transfer to its successor. A subset whose transfers do not depend on the
+order is solved in closed form for every (f, l) on its cheapest ring (a Held-Karp table from every start, path[S, f, j],
+O(2^n n^3) time and O(2^n n^2) memory); otherwise a binary search on the busiest-stage time, each probe a longest-cycle DP,
+finds the best time, and the rings that reach it are searched depth first. Worst case O(2^n n!) splits; the bounds keep
 typical cases to a few subsets.
 """
 
@@ -21,10 +19,12 @@ from typing import Iterator
 
 import numpy as np
 
+from exo.topology.latency_search import exact_latency
 from exo.topology.layer_split import bottleneck_split, min_time_split
 from exo.topology.ring_search import members
 from exo.topology.search_problem import Candidate, SearchProblem, better, within_tolerance
 
+THROUGHPUT_LIMIT = 10  # usable nodes up to which the throughput search is exhaustive
 TOUR_BUDGET = 200_000  # rings evaluated at most per search when breaking ties or trying orders; beyond, the best found is kept
 _TOL = 1e-9
 
@@ -49,12 +49,13 @@ def paths_from_every_start(hop: np.ndarray) -> np.ndarray:
 
 
 def exact_search(problem: SearchProblem) -> Candidate | None:
+  """The optimal plan (ties broken as search_problem.better orders them); None if no plan fits."""
+  if problem.objective == "latency":
+    return exact_latency(problem)
   paths = paths_from_every_start(problem.hop)
   cycles = paths + problem.hop.T[None, :, :]  # cycles[S, f, l]: the cheapest ring through S that closes with the hop l -> f
   for i in range(problem.size):
     cycles[1 << i, i, i] = 0.0
-  if problem.objective == "latency":
-    return _latency(problem, paths, cycles)
   return _throughput(problem, paths, cycles)
 
 
@@ -112,51 +113,6 @@ def cheapest_rings(mask: int, first: int, last: int, paths: np.ndarray, hop: np.
   yield from extend([first], mask & ~(1 << first), 0.0)
 
 
-def _order_free(problem: SearchProblem, nodes: list[int]) -> bool:
-  """True if every node's transfer time is the same to every neighbour in the subset, so the ring order cannot change a stage."""
-  for i in nodes:
-    seen = {float(problem.transfer[i, j]) for j in nodes if j != i and math.isfinite(problem.hop[i, j])}
-    if len(seen) > 1:
-      return False
-  return True
-
-
-def _latency(problem: SearchProblem, paths: np.ndarray, cycles: np.ndarray) -> Candidate | None:
-  t1, n = problem.t1, problem.n_layers
-  bounds = []
-  for mask, nodes, caps in _subsets(problem, cycles):
-    times = [t1[i] for i in nodes]
-    layers = min_time_split(times, caps, [0.0] * len(nodes), n)
-    hops = float(cycles[mask].min())
-    bounds.append((sum(c * t for c, t in zip(layers, times)) + problem.eta * min(times) + hops, mask, nodes))
-  bounds.sort(key=lambda b: (b[0], b[1]))
-  best_tpot, tied = math.inf, []
-  for bound, mask, nodes in bounds:
-    if not within_tolerance(bound, best_tpot):
-      break
-    times = [t1[i] for i in nodes]
-    for first, last in _ends(nodes, mask, cycles):
-      layers = min_time_split(times, _role_capacities(problem, nodes, first, last), [0.0] * len(nodes), n)
-      if layers is None:
-        continue
-      tpot = sum(c * t for c, t in zip(layers, times)) + problem.eta * t1[last] + float(cycles[mask, first, last])
-      if within_tolerance(tpot, best_tpot):
-        best_tpot = min(best_tpot, tpot)
-        tied.append((tpot, mask, nodes, first, last))
-  best, budget = None, TOUR_BUDGET
-  for tpot, mask, nodes, first, last in tied:
-    if not within_tolerance(tpot, best_tpot):
-      continue
-    free = _order_free(problem, nodes)
-    for ring in cheapest_rings(mask, first, last, paths, problem.hop):
-      candidate = problem.plan_ring(ring)
-      best = candidate if better(candidate, best, "latency") else best
-      budget -= 1
-      if free or budget <= 0:
-        break
-  return best
-
-
 def _throughput(problem: SearchProblem, paths: np.ndarray, cycles: np.ndarray) -> Candidate | None:
   tb, n, b = problem.tb, problem.n_layers, problem.batch
   bounds = []
@@ -170,7 +126,7 @@ def _throughput(problem: SearchProblem, paths: np.ndarray, cycles: np.ndarray) -
   for bound, mask, nodes in bounds:
     if best is not None and not within_tolerance(bound, best.bottleneck):
       break
-    free = _order_free(problem, nodes)
+    free = problem.order_free(nodes)
     fastest = min(nodes, key=lambda i: (tb[i], i))
     for first, last in _ends(nodes, mask, cycles):  # exact when the order does not matter, else upper bounds
       if not free and last != fastest:

@@ -1,11 +1,14 @@
 """The fork's strategy: which nodes take part, in what ring order, with how many layers, optimal under cost model v2."""
 
 import math
+from dataclasses import replace
 
 from exo.errors import BadInput, ClusterCannotServe
-from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, cost_model
-from exo.topology.exact_search import exact_search
+from exo.topology.bounds import least_stage, least_tpot
+from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, Prediction, cost_model
+from exo.topology.exact_search import THROUGHPUT_LIMIT, exact_search
 from exo.topology.heuristic_search import heuristic_search, ring_through
+from exo.topology.latency_search import MAX_NODES
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.model_spec import ModelSpec
 from exo.topology.models import DEFAULT_MODEL, model_spec
@@ -14,8 +17,9 @@ from exo.topology.plan import Plan
 from exo.topology.search_problem import SearchProblem
 from exo.topology.topology import Topology
 
-EXACT_LIMIT = 10  # usable nodes up to which the search is exhaustive (Held-Karp plus subset enumeration)
+EXACT_LIMIT = {"latency": MAX_NODES, "throughput": THROUGHPUT_LIMIT}  # usable nodes up to which the search is exact
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT
+PROVEN_TOL = 1e-9  # a plan within this (relative) of the bound on its objective is proven optimal
 
 
 def check_params(objective: str, params: PlannerParams) -> None:
@@ -56,7 +60,8 @@ def no_ring(costs: CostModel) -> ClusterCannotServe:
 class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
   """Minimise time per output token (`latency`) or maximise pipelined tokens/s at a batch (`throughput`) using each node's
   measured layer times (or TFLOPS and memory bandwidth), memory, and measured link RTT and bandwidth. Exact up to EXACT_LIMIT
-  usable nodes, heuristic beyond."""
+  usable nodes (16 for latency, 10 for throughput); beyond, the plan's prediction carries a bound on what any plan can reach,
+  and a warning when the plan falls short of it."""
 
   name = "flops-latency"
 
@@ -68,15 +73,15 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     default_rtt_ms: float = PlannerParams.default_rtt_ms,
     batch: int = 1,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-    exact_limit: int = EXACT_LIMIT,
+    exact_limit: int | None = None,
   ):
     self.model = model if model is not None else model_spec(DEFAULT_MODEL)  # upstream's partition(topology) names no model
     self.model_given = model is not None
     self.objective = objective
     self.params = PlannerParams(memory_headroom, default_rtt_ms, batch)
     self.prompt_tokens = prompt_tokens
-    self.exact_limit = exact_limit
     check_params(objective, self.params)
+    self.exact_limit = EXACT_LIMIT[objective] if exact_limit is None else exact_limit
 
   def partition(self, topology: Topology) -> list[Partition]:
     return self.plan(topology).partitions
@@ -85,20 +90,46 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     costs = cost_model(topology, self.model, self.params, self.objective, self.prompt_tokens)
     check_fits(costs)
     usable = usable_nodes(costs)
+    warnings = costs.warnings() + ([] if self.model_given else [f"no model was given: planned for {DEFAULT_MODEL}, upstream's default model"])
     if costs.speed_known():
-      ring, layers = self._search(costs, usable)
+      ring, layers, bound = self._search(costs, usable)
+      prediction = self._with_bound(costs.evaluate(ring, layers), bound, warnings)
     else:
       ring, layers = self._memory_weighted(costs, usable)
+      prediction = costs.evaluate(ring, layers)
     named = [(costs.node_ids[i], n) for i, n in zip(ring, layers)]
-    warnings = costs.warnings() + ([] if self.model_given else [f"no model was given: planned for {DEFAULT_MODEL}, upstream's default model"])
-    return Plan.from_ring(self.name, self.objective, self.params, self.model, named, costs.evaluate(ring, layers), warnings)
+    return Plan.from_ring(self.name, self.objective, self.params, self.model, named, prediction, warnings)
 
-  def _search(self, costs: CostModel, usable: list[int]) -> tuple[list[int], list[int]]:
+  def _search(self, costs: CostModel, usable: list[int]) -> tuple[list[int], list[int], float | None]:
+    """The plan's ring and layers, and a bound on the objective (least TPOT or busiest stage in seconds) when the search did not
+    prove the plan optimal (None when it did)."""
     problem = SearchProblem(costs.restrict(usable))
-    best = exact_search(problem) if len(usable) <= self.exact_limit else heuristic_search(problem)
+    exact = len(usable) <= self.exact_limit and (self.objective == "throughput" or len(usable) <= MAX_NODES)
+    if exact:
+      best, bound = exact_search(problem), None
+    elif self.objective == "latency":
+      best, bound = heuristic_search(problem), least_tpot(problem)
+    else:
+      bound, witness = least_stage(problem)
+      best = heuristic_search(problem, witness, bound)
     if best is None:
       raise no_ring(costs)
-    return [usable[i] for i in best.ring], list(best.layers)
+    return [usable[i] for i in best.ring], list(best.layers), bound
+
+  def _with_bound(self, prediction: Prediction, bound: float | None, warnings: list[str]) -> Prediction:
+    """The prediction with the objective's bound: the plan's own value when proven optimal, else the bound, with a warning."""
+    if self.objective == "latency":
+      value = prediction.tpot_s
+      proven = bound is None or bound >= value * (1 - PROVEN_TOL)
+      if not proven:
+        warnings.append(f"plan not proven optimal: TPOT {value * 1000:.3f} ms, and no plan can be faster than {bound * 1000:.3f} ms")
+      return replace(prediction, bound_tpot_s=value if proven else bound)
+    value = prediction.throughput_tps
+    most = value if bound is None else self.params.batch / bound if bound > 0 else math.inf
+    proven = most <= value * (1 + PROVEN_TOL)
+    if not proven:
+      warnings.append(f"plan not proven optimal: {value:.3f} tokens/s, and no plan can exceed {most:.3f} tokens/s ({most / value - 1:.1%} more)")
+    return replace(prediction, bound_throughput_tps=value if proven else most)
 
   def _memory_weighted(self, costs: CostModel, usable: list[int]) -> tuple[list[int], list[int]]:
     """With no speed known anywhere: shares proportional to memory (capped), on the cheapest ring of the largest nodes."""

@@ -1,9 +1,13 @@
-"""Plan search for clusters too large to search exactly.
+"""Plan search for clusters too large to search exactly (latency: over 16 usable nodes; throughput: over 10).
 
-Nodes are ranked by speed. Latency: start from the fewest fastest nodes whose memory holds the model, then improve the subset by
-local moves (add, drop or swap a node) while TPOT falls: a near node can beat a faster far one. Throughput: every prefix of the
-speed ranking is scored by its optimistic bottleneck (cheapest transfer per node), the best few are solved with a real ring,
-and a small enough winner is refined by the same local moves.
+Every search here is compared with the best one- and two-node plans (exo/topology/bounds.py), always checked in closed form.
+Latency: the exact search (exo/topology/latency_search.py) on the SEED_NODES most promising nodes (those of the best small plan,
+then the fastest and the best linked in turn), then local moves (add, drop or swap a node) while TPOT falls. Throughput: a ring
+through the nodes that reach the relaxation bound on the busiest stage (bounds.least_stage), every first node and direction
+tried and the order polished; if it meets the bound it is optimal and the search stops.
+Both then try the speed ranking: latency from the fewest fastest nodes whose memory holds the model, improved by the same
+local moves; throughput scores every prefix by its optimistic bottleneck (cheapest transfer per node), solves the best few
+with a real ring and refines a small enough winner by local moves and a transfer-aware 2-opt polish.
 Rings: exact Held-Karp up to EXACT_RING nodes, else a bounded Hamiltonian-cycle search (ring_search.hamiltonian_cycle: cheap
 impossibility proofs, nearest neighbour + 2-opt on dense graphs, a Warnsdorff depth-first search on sparse ones, RING_EFFORT
 extensions at most). If no plan is found that way, ring_holding searches for any ring whose nodes hold the model (the fastest
@@ -15,28 +19,38 @@ import math
 
 import numpy as np
 
+from exo.topology.bounds import best_small_plan
+from exo.topology.exact_search import exact_search
+from exo.topology.latency_search import MAX_NODES
 from exo.topology.layer_split import bottleneck_split
-from exo.topology.ring_search import hamiltonian_cycle, held_karp, optimal_tours, ring_holding
-from exo.topology.search_problem import Candidate, SearchProblem, better
+from exo.topology.ring_search import hamiltonian_cycle, held_karp, optimal_tours, ring_holding, subset_layout
+from exo.topology.search_problem import Candidate, SearchProblem, better, within_tolerance
 
 EXACT_RING = 10
+SEED_NODES = MAX_NODES  # the exact latency search runs on this many promising nodes
 RING_EFFORT = 20_000  # path extensions per ring search: bounded, since the local search asks for many rings
 FALLBACK_TRIES = 8  # rings of growing capacity asked of ring_holding when its first one cannot take the embedding and head
 LOCAL_MOVES = 60  # improving moves at most; each is one pass over the candidate moves
 MOVE_CANDIDATES = 8  # outside nodes considered per pass: the fastest few and the nearest few
 THROUGHPUT_PREFIXES = 3  # best-bounded prefixes solved with a real ring
 LOCAL_SEARCH_LIMIT = 16  # throughput rings up to this size are refined by local moves; larger ones keep the best prefix
+POLISH_WINDOW = 5  # on large rings, segment reversals of up to this many nodes
+POLISH_PASSES = 3  # on large rings, passes of reversals at most
 END_CHOICES = 3  # last stages tried per ring: its fastest few nodes, in both directions (the next node is first)
 
 
-def ring_through(hop: np.ndarray, nodes: list[int]) -> list[int] | None:
-  """A cheap ring through `nodes` (exact when small), or None if the heuristic finds none along existing edges."""
+def ring_through(hop: np.ndarray, nodes: list[int], layouts: dict | None = None) -> list[int] | None:
+  """A cheap ring through `nodes` (exact when small), or None if the heuristic finds none along existing edges. `layouts`:
+  Held-Karp layouts by node count, reused across calls."""
   nodes = sorted(nodes)
   if len(nodes) == 1:
     return nodes
   if len(nodes) <= EXACT_RING:
     sub = hop[np.ix_(nodes, nodes)]
-    cycle, path = held_karp(sub)
+    layouts = {} if layouts is None else layouts
+    if len(nodes) not in layouts:
+      layouts[len(nodes)] = subset_layout(len(nodes))
+    cycle, path = held_karp(sub, layouts[len(nodes)])
     full = (1 << len(nodes)) - 1
     if not math.isfinite(cycle[full]):
       return None
@@ -71,9 +85,12 @@ def best_orientation(problem: SearchProblem, ring: list[int]) -> Candidate | Non
 
 
 def _plan(problem: SearchProblem, nodes: list[int], objective: str) -> Candidate | None:
-  """The best split of `nodes` for the objective on a cheap ring through them."""
-  ring = ring_through(problem.hop, nodes)
-  return None if ring is None else best_orientation(problem, ring)
+  """The best split of `nodes` for the objective on a cheap ring through them (remembered per subset)."""
+  key = tuple(sorted(nodes))
+  if key not in problem.plans:
+    ring = ring_through(problem.hop, nodes, problem.layouts)
+    problem.plans[key] = None if ring is None else best_orientation(problem, ring)
+  return problem.plans[key]
 
 
 def _smallest_fitting_prefix(problem: SearchProblem, ranking: list[int]) -> int | None:
@@ -94,9 +111,10 @@ def _outside_candidates(problem: SearchProblem, inside: set[int], ranking: list[
   return sorted(set(nearest) | set(fastest))
 
 
-def _improve(problem: SearchProblem, start: list[int], ranking: list[int], objective: str) -> Candidate | None:
-  """Steepest descent over subsets: drop a node, add one of a few promising outsiders, or swap one in for a member."""
-  best = _plan(problem, start, objective)
+def _improve(problem: SearchProblem, start: list[int], ranking: list[int], objective: str, best: Candidate | None = None) -> Candidate | None:
+  """Steepest descent over subsets: drop a node, add one of a few promising outsiders, or swap one in for a member. `best`: the
+  plan on `start` if already known."""
+  best = best or _plan(problem, start, objective)
   current = set(start)
   for _ in range(LOCAL_MOVES):
     moves = [current - {i} for i in sorted(current) if len(current) > 1]
@@ -118,13 +136,15 @@ def _improve(problem: SearchProblem, start: list[int], ranking: list[int], objec
 
 def _polish_order(problem: SearchProblem, best: Candidate) -> Candidate:
   """Throughput depends on the order through each node's transfer to its successor: try every segment reversal (2-opt move)
-  on the full objective until none helps. O(k^2) splits per pass."""
-  improved = True
-  while improved:
-    improved = False
+  on the full objective until none helps, O(k^2) splits per pass; on rings of more than LOCAL_SEARCH_LIMIT nodes only the
+  reversals of up to POLISH_WINDOW nodes, for POLISH_PASSES passes at most, O(k POLISH_WINDOW) splits per pass."""
+  window = len(best.ring) if len(best.ring) <= LOCAL_SEARCH_LIMIT else POLISH_WINDOW
+  improved, passes = True, 0
+  while improved and (window == len(best.ring) or passes < POLISH_PASSES):
+    improved, passes = False, passes + 1
     ring = list(best.ring)
     for i in range(1, len(ring) - 1):
-      for j in range(i + 1, len(ring)):
+      for j in range(i + 1, min(len(ring), i + window)):
         order = ring[:i] + ring[i : j + 1][::-1] + ring[j + 1 :]
         if not problem.ring_ok(order):
           continue
@@ -134,12 +154,111 @@ def _polish_order(problem: SearchProblem, best: Candidate) -> Candidate:
   return best
 
 
-def heuristic_search(problem: SearchProblem) -> Candidate | None:
+def heuristic_search(problem: SearchProblem, witness: list[int] | None = None, least_stage: float = 0.0) -> Candidate | None:
+  """The best of the best one- or two-node plan, a seed (below) and the speed-ranked prefixes, improved by local moves (or
+  any ring that holds the model). Latency's seed: the exact optimum on the SEED_NODES most promising nodes, improved by local
+  moves. Throughput's: a ring through `witness`, the nodes that reach the bound `least_stage` on the busiest stage in its
+  relaxation; failing that bound, the ring of _ring_by_stage; then local moves and the order's polish. A throughput plan that
+  reaches `least_stage` is optimal and returned at once."""
   ranking = _speed_ranking(problem)
   k_min = _smallest_fitting_prefix(problem, ranking)
   if k_min is None:
     return None
-  return _search(problem, ranking, k_min) or _any_ring(problem, ranking)
+  small = best_small_plan(problem)
+  if problem.objective == "latency":
+    seed = _exact_on(problem, promising(problem, SEED_NODES, small))
+    best = _best(problem, small, None if seed is None else _improve(problem, list(seed.ring), ranking, "latency", seed))
+  else:
+    best = _throughput_seed(problem, small, witness, least_stage, ranking)
+    if best is not None and within_tolerance(best.bottleneck, least_stage):
+      return best
+  return _best(problem, best, _search(problem, ranking, k_min) or _any_ring(problem, ranking))
+
+
+def _best(problem: SearchProblem, *candidates: Candidate | None) -> Candidate | None:
+  best = None
+  for candidate in candidates:
+    best = candidate if better(candidate, best, problem.objective) else best
+  return best
+
+
+def _throughput_seed(
+  problem: SearchProblem, small: Candidate | None, witness: list[int] | None, least_stage: float, ranking: list[int]
+) -> Candidate | None:
+  def done(plan: Candidate | None) -> bool:
+    return plan is not None and within_tolerance(plan.bottleneck, least_stage)
+
+  best = _best(problem, small, _every_orientation(problem, witness) if witness else None)
+  if done(best):
+    return best
+  high = math.inf if best is None else best.bottleneck
+  best = _best(problem, best, _ring_by_stage(problem, least_stage, high, max(2, len(witness or []))))
+  if done(best) or best is None or len(best.ring) > LOCAL_SEARCH_LIMIT:
+    return best
+  return _polish_order(problem, _improve(problem, list(best.ring), ranking, "throughput", best))
+
+
+def _every_orientation(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
+  """The best plan on a cheap ring through `nodes` over every choice of first node and direction, its order then polished."""
+  ring = ring_through(problem.hop, nodes, problem.layouts)
+  if ring is None:
+    return None
+  best = None
+  for k in range(len(ring)):
+    for order in (ring[k:] + ring[:k], (ring[k + 1 :] + ring[: k + 1])[::-1]):
+      candidate = problem.plan_ring(order)
+      best = candidate if better(candidate, best, problem.objective) else best
+  return best if best is None or problem.objective == "latency" else _polish_order(problem, best)
+
+
+def _ring_by_stage(problem: SearchProblem, low: float, high: float, ring_size: int) -> Candidate | None:
+  """Throughput, when the bound's nodes have no ring between them or miss it: the least stage time T in [low, high) at which
+  ring_holding finds a ring of nodes that holds the model with every stage within T (each node's layers limited by its
+  capacity in a ring of `ring_size` and by T less its cheapest transfer; a margin of ceil(eta) layers for the head), by binary
+  search over the values a stage can take; that ring in its best orientation and order. O(log(n L)) ring searches."""
+  t, total = np.array(problem.tb), problem.n_layers
+  send = problem.batch * np.where(np.isfinite(problem.hop), problem.transfer, math.inf).min(axis=1)
+  caps = np.array([problem.costs.capacity(i, ring_size=ring_size) for i in range(problem.size)], dtype=float)
+  values = np.unique((np.outer(t, np.arange(1, total + 1)) + send[:, None]).ravel())
+  values = values[(values >= low) & (values < high)]
+
+  def ring_at(stage: float) -> list[int] | None:
+    with np.errstate(invalid="ignore"):
+      held = np.minimum(caps, np.floor((stage - send) / t + 1e-9))
+    held = np.where(np.isfinite(held) & (held >= 1), held, 0.0)
+    order = [i for i in np.argsort(-held, kind="stable").tolist() if held[i] >= 1]
+    return ring_holding(problem.hop, held.tolist(), total + math.ceil(problem.eta), order, RING_EFFORT) if order else None
+
+  lo, hi, found = 0, len(values), None
+  while lo < hi:
+    mid = (lo + hi) // 2
+    ring = ring_at(float(values[mid]))
+    if ring is None:
+      lo = mid + 1
+    else:
+      hi, found = mid, ring
+  return None if found is None else _every_orientation(problem, found)
+
+
+def promising(problem: SearchProblem, count: int, small: Candidate | None) -> list[int]:
+  """`count` nodes likely to hold the best plan: those of the best small plan, then the fastest and the best linked (cheapest
+  two links) in turn."""
+  times = _times(problem)
+  links = np.sort(np.concatenate([problem.hop, np.full((problem.size, 2), math.inf)], axis=1), axis=1)
+  linked = sorted(range(problem.size), key=lambda i: (links[i, 0] + links[i, 1], times[i], i))
+  fastest = sorted(range(problem.size), key=lambda i: (times[i], i))
+  chosen = list(small.ring) if small is not None else []
+  for pair in zip(fastest, linked):
+    for i in pair:
+      if len(chosen) < count and i not in chosen:
+        chosen.append(i)
+  return sorted(chosen)
+
+
+def _exact_on(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
+  """The exact search's plan on a subset of the nodes, as a candidate of the whole problem."""
+  found = exact_search(SearchProblem(problem.costs.restrict(nodes)))
+  return None if found is None else problem.candidate([nodes[i] for i in found.ring], list(found.layers))
 
 
 def _any_ring(problem: SearchProblem, ranking: list[int]) -> Candidate | None:

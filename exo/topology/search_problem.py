@@ -33,6 +33,8 @@ class SearchProblem:
     self.batch = costs.params.batch
     self.hop = costs.hop
     self.transfer = costs.transfer
+    self.layouts: dict = {}  # Held-Karp index layouts by node count, shared by the ring searches of one plan
+    self.plans: dict = {}  # the heuristic's plan for a subset (sorted node tuple), which its local moves revisit
 
   @property
   def size(self) -> int:
@@ -57,6 +59,13 @@ class SearchProblem:
   def plan_ring(self, ring: list[int]) -> Candidate | None:
     layers = self.split(ring)
     return None if layers is None else self.candidate(ring, layers)
+
+  def order_free(self, nodes: list[int]) -> bool:
+    """True if every node's transfer time is the same to every neighbour among `nodes`, so no ring order changes a stage."""
+    for i in nodes:
+      if len({float(self.transfer[i, j]) for j in nodes if j != i and math.isfinite(self.hop[i, j])}) > 1:
+        return False
+    return True
 
   def ring_ok(self, ring: list[int]) -> bool:
     """Consecutive nodes (and the last and first) share an edge."""

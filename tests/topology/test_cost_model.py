@@ -122,6 +122,8 @@ def test_no_known_speed_means_no_timing_prediction():
     "throughput_tps": None,
     "ttft_ms": None,
     "feasible": True,
+    "bound_tpot_ms": None,
+    "bound_throughput_tps": None,
   }
 
 

@@ -1,4 +1,4 @@
-"""Hand-calculated checks of the v2 oracle itself (tests/topology/oracle.py), so a wrong oracle cannot pass the property tests.
+"""Hand-calculated checks of the v2 oracle itself (exo/tools/plan_oracle.py), so a wrong oracle cannot pass the property tests.
 
 Units below: memory in MB (2**20 bytes), times in ms unless said. With headroom h = 0.1 the usable bytes M * 2**20 * 0.9 are
 1500 MB -> 1.4155776e9, 2500 -> 2.359296e9, 5000 -> 4.718592e9, 7000 -> 6.6060288e9, 10000 -> 9.437184e9.
@@ -8,7 +8,7 @@ import copy
 
 import pytest
 
-from tests.topology.oracle import CostModel, check_predicted, compositions, evaluate_plan, oracle
+from exo.tools.plan_oracle import CostModel, check_predicted, compositions, evaluate_plan, oracle
 
 GB = 1e9
 

@@ -1,4 +1,4 @@
-"""make_plan against the brute-force oracle of tests/topology/oracle.py (docs/DESIGN.md section 2, cost model v2), plus plan-shape properties.
+"""make_plan against the brute-force oracle of exo/tools/plan_oracle.py (docs/DESIGN.md section 2, cost model v2), plus plan-shape properties.
 
 Properties: (1) the predicted primary objective is the oracle's optimum and the secondary the best among primary-optimal plans,
 and ExoError exactly when nothing is feasible under the objective (throughput reserves KV for k * b requests, so it can be
@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from exo.errors import ExoError
+from exo.tools.plan_oracle import OBJECTIVES, CostModel, check_predicted, close, oracle
 from exo.topology.planner import make_plan
-from tests.topology.oracle import OBJECTIVES, CostModel, check_predicted, close, oracle
 
 REL = 1e-6
 DEFAULT_HEADROOM, DEFAULT_RTT_MS, DEFAULT_BATCH = 0.1, 5.0, 1
@@ -221,7 +221,12 @@ def check_shape(case: dict, objective: str, plan: dict) -> None:
   assert plan["params"] == oracle_params(case)
   assert isinstance(plan["warnings"], list)
   assert json.loads(json.dumps(plan)) == plan, "the plan must be plain JSON data"
-  assert set(plan["predicted"]) == {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible"}
+  assert set(plan["predicted"]) == {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible", "bound_tpot_ms", "bound_throughput_tps"}
+  p = plan["predicted"]
+  if objective == "latency":  # exact up to 16 nodes: the bound is the plan's own TPOT
+    assert p["bound_tpot_ms"] == p["tpot_ms"] and p["bound_throughput_tps"] is None
+  else:
+    assert p["bound_tpot_ms"] is None and p["bound_throughput_tps"] >= p["throughput_tps"]
 
   shards = plan["shards"]
   assert shards[0]["start_layer"] == 0 and shards[-1]["end_layer"] == n - 1
