@@ -207,25 +207,28 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def emulated_summary(results: dict[str, list[Point]], batch: int, console: Console) -> None:
-  """Each setting's largest C (the throughput plans' saturated run) against the prediction, and the two strategies' throughput
+  """Each setting's largest C against the prediction: the saturated ring is the window in which every request decodes (the
+  aggregate also counts the prompts read first and the ring emptying as requests end), and the two strategies' throughput
   plans against each other."""
   saturated = {}
   for setting, points in results.items():
     p = saturated[setting] = points[-1]
     needed = len(p.ring) * batch
     short = f" (fewer than the {needed} that saturate {len(p.ring)} stages of {batch})" if p.clients < needed else ""
+    within = "" if p.decoding_tps is None or p.predicted_tps is None else f" ({abs(p.decoding_tps / p.predicted_tps - 1):.0%} off)"
     console.print(
-      f"EMULATED {setting}: ring {ring_text(p.ring)}; at C={p.clients}{short}: measured {p.aggregate_tps:.1f} tokens/s aggregate, "
-      f"predicted throughput {num(p.predicted_tps)}, measured/predicted {ratio(p.aggregate_tps, p.predicted_tps)}; "
-      f"single stream predicted {num(p.predicted_single_tps)} tokens/s; mean batch {batch_text(p.mean_batch)}"
+      f"EMULATED {setting}: ring {ring_text(p.ring)}; at C={p.clients}{short}: {num(p.decoding_tps)} tokens/s while all decode "
+      f"against {num(p.predicted_tps)} predicted, measured/predicted {ratio(p.decoding_tps, p.predicted_tps)}{within}; "
+      f"{p.aggregate_tps:.1f} tokens/s aggregate; single stream predicted {num(p.predicted_single_tps)} tokens/s; "
+      f"mean batch {batch_text(p.mean_batch)}"
     )
   flops, weighted = saturated.get("flops-latency/throughput"), saturated.get("ring-memory-weighted/throughput")
-  if flops and weighted:
-    ahead = "ahead of" if flops.aggregate_tps > weighted.aggregate_tps else "NOT ahead of"
+  if flops and weighted and flops.decoding_tps and weighted.decoding_tps:
+    ahead = "ahead of" if flops.decoding_tps > weighted.decoding_tps else "NOT ahead of"
     console.print(
-      f"EMULATED: flops-latency's throughput plan is measured {ahead} ring-memory-weighted's: {flops.aggregate_tps:.1f} vs "
-      f"{weighted.aggregate_tps:.1f} tokens/s ({ratio(flops.aggregate_tps, weighted.aggregate_tps)}x; predicted "
-      f"{ratio(flops.predicted_tps, weighted.predicted_tps)}x)"
+      f"EMULATED: flops-latency's throughput plan is measured {ahead} ring-memory-weighted's: {flops.decoding_tps:.1f} vs "
+      f"{weighted.decoding_tps:.1f} tokens/s while all decode ({ratio(flops.decoding_tps, weighted.decoding_tps)}x; aggregate "
+      f"{ratio(flops.aggregate_tps, weighted.aggregate_tps)}x; predicted {ratio(flops.predicted_tps, weighted.predicted_tps)}x)"
     )
 
 

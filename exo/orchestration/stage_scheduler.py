@@ -9,9 +9,11 @@ the engine, one call at a time:
   remaining calls can hold, so D requests go round in ceil(D / max_batch) micro-batches rather than in fragments that each
   cost a call at every stage. Later stages run the groups as they come, waiting up to half a decode call for stragglers;
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
-  goes first (a short request is not stuck behind a long one), and while decode steps wait, a chunk runs only after every
-  `decodes_per_chunk` decode calls or while they wait for company: running requests keep producing tokens while a long
-  prompt is read, and the prompt still progresses.
+  goes first (a short request is not stuck behind a long one). While requests decode here, prompts get at most
+  `prompt_share` of the stage's time (a chunk that took C seconds is followed by C (1 - share) / share seconds in which no
+  chunk starts, even while the decoders' next steps are still on their way round the ring), and a chunk runs only after
+  every `decodes_per_chunk` decode calls or while the decode steps wait for company: running requests keep producing tokens
+  while a long prompt is read, and the prompt still progresses.
 A cancelled request's waiting steps fail at once; a call already running finishes, and its result is dropped by the caller.
 
 Per call: O(waiting steps) to choose it.
@@ -72,12 +74,14 @@ class _ShardQueue:
   wake: asyncio.Event = field(default_factory=asyncio.Event)
   task: asyncio.Task | None = None
   decodes_since_chunk: int = 0
-  recent: dict[str, float] = field(default_factory=dict)  # request -> when it last sent a decode step here
+  recent: dict[str, float] = field(default_factory=dict)  # request -> when it last sent or ran a decode step here
   decode_s: float = 0.0  # how long the last decode call took
+  prompts_wait_until: float = 0.0  # while requests decode here, no prompt chunk starts before this
   round: _Round = field(default_factory=_Round)
 
   def decoding(self, now: float) -> int:
-    """Requests that sent a decode step here within the last RECENT_S seconds: those the next call may gather."""
+    """Requests that sent or ran a decode step here (or the last chunk of their prompt) within the last RECENT_S seconds:
+    those whose next decode steps are expected."""
     for request_id in [r for r, seen in self.recent.items() if now - seen > RECENT_S]:
       del self.recent[request_id]
     return len(self.recent)
@@ -97,11 +101,16 @@ class StageScheduler:
     max_batch: int = 1,
     chunk_tokens: int = 64,
     decodes_per_chunk: int = 4,
+    prompt_share: float = 0.25,
   ):
-    if max_batch < 1 or chunk_tokens < 1 or decodes_per_chunk < 1:
-      raise ValueError(f"max_batch, chunk_tokens and decodes_per_chunk must be >= 1, got {max_batch}, {chunk_tokens}, {decodes_per_chunk}")
+    if max_batch < 1 or chunk_tokens < 1 or decodes_per_chunk < 1 or not 0 < prompt_share <= 1:
+      raise ValueError(
+        f"max_batch, chunk_tokens and decodes_per_chunk must be >= 1 and prompt_share in (0, 1], got {max_batch}, {chunk_tokens}, "
+        f"{decodes_per_chunk}, {prompt_share}"
+      )
     self.run_call, self.cancelled = run_call, cancelled
     self.max_batch, self.chunk_tokens, self.decodes_per_chunk = max_batch, chunk_tokens, decodes_per_chunk
+    self.prompt_share = prompt_share
     self._queues: dict[Shard, _ShardQueue] = {}
     self.calls = 0  # engine calls run so far
     self.batch_sizes: list[int] = []  # of the last decode calls, newest last (at most 100)
@@ -161,7 +170,7 @@ class StageScheduler:
     decodes = [w for w in queue.waiting if w.decode]
     chunks = [w for w in queue.waiting if not w.decode]
     due = self.decodes_due_at(queue, decodes, now) <= now
-    if chunks and (not due or queue.decodes_since_chunk >= self.decodes_per_chunk):
+    if chunks and self.prompts_due_at(queue, now) <= now and (not due or queue.decodes_since_chunk >= self.decodes_per_chunk):
       queue.decodes_since_chunk = 0
       return [min(chunks, key=lambda w: w.remaining)], True
     if not due:
@@ -177,6 +186,11 @@ class StageScheduler:
       queue.round.served |= ids
       queue.round.calls += 1
     return call, False
+
+  def prompts_due_at(self, queue: _ShardQueue, now: float) -> float:
+    """When a prompt chunk may run: at once while no request decodes here, else once the decode calls have had the rest of the
+    stage's time since the last chunk (a chunk of C seconds is followed by C (1 - prompt_share) / prompt_share of them)."""
+    return now if not queue.decoding(now) else queue.prompts_wait_until
 
   def decodes_due_at(self, queue: _ShardQueue, decodes: list[_Waiting], now: float) -> float:
     """When the waiting decode steps should run (at or before `now`: at once). A call of `max_batch` runs at once. Fewer wait
@@ -209,6 +223,8 @@ class StageScheduler:
       if choice is None:
         queue.wake.clear()
         due = self.decodes_due_at(queue, [w for w in queue.waiting if w.decode], now)
+        if any(not w.decode for w in queue.waiting):
+          due = min(due, self.prompts_due_at(queue, now))
         try:
           await asyncio.wait_for(queue.wake.wait(), None if due == float("inf") else max(0.0, due - now))
         except asyncio.TimeoutError:
@@ -225,8 +241,14 @@ class StageScheduler:
         results = await self.run_call(shard, [w.step for w in call], chunk)
       except Exception as e:
         results = [e] * len(call)
-      if not chunk:
-        queue.decode_s = time.monotonic() - started
+      ended = time.monotonic()
+      for waiting in call:  # decoding here: a request whose step or prompt's last chunk just ran (its decode steps come next)
+        if waiting.remaining == waiting.rows and not self.cancelled(waiting.step.request_id):
+          queue.recent[waiting.step.request_id] = ended
+      if chunk:
+        queue.prompts_wait_until = ended + (ended - started) * (1 - self.prompt_share) / self.prompt_share
+      else:
+        queue.decode_s = ended - started
       for waiting, result in zip(call, results):
         if waiting.done.done():
           continue

@@ -1,6 +1,7 @@
 """The stage scheduler against a scripted engine: which steps run together, in what order, and what each caller gets back."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -138,30 +139,43 @@ def test_on_the_last_shard_a_prompt_gives_only_its_last_position():
   asyncio.run(main())
 
 
-def test_decodes_keep_running_while_a_long_prompt_is_read_and_the_prompt_still_progresses():
+def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_stage():
+  """A long prompt (8 chunks of 30 ms) while a request decodes whose next step comes back at once, as on a one-node ring, so
+  that between its steps no decode waits. With prompt_share 0.25 a chunk starts only once the decode calls have had three
+  times the last chunk's time; decoding goes on between chunks, and the prompt is read in full."""
+
   async def main():
-    engine = Engine()
-    scheduler = StageScheduler(engine, lambda _: False, max_batch=2, chunk_tokens=2, decodes_per_chunk=2)
-    engine.gate.clear()
-    prompt = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(8), 0)))
-    await settle()
+    calls = []  # (start, end, is a chunk)
 
-    async def decode(request: str, steps: int):
-      for position in range(steps):
-        await scheduler.run(LAST, Step(request, hidden(1), position))
+    async def run_call(shard, steps, chunk):
+      start = time.monotonic()
+      await asyncio.sleep(0.03 if chunk else 0.005)
+      calls.append((start, time.monotonic(), chunk))
+      return [output(s) for s in steps]
 
-    decoders = [asyncio.create_task(decode(r, 6)) for r in ("r1", "r2")]
-    await settle()
-    engine.gate.set()
-    await asyncio.gather(prompt, *decoders)
-    kinds = "".join("P" if chunk else "D" for _, _, chunk in engine.calls)
-    assert kinds.count("P") == 4 and kinds.count("D") == 6, kinds  # 4 chunks; the decoders' 6 steps ran in pairs
-    assert kinds.index("D") < kinds.rindex("P"), kinds  # decoding went on while the prompt was read
-    assert "DDD" not in kinds[: kinds.rindex("P")], kinds  # and the prompt was not held back by more than 2 decode calls
-    assert all(len(call) == 2 for _, call, chunk in engine.calls if not chunk)
+    scheduler = StageScheduler(run_call, lambda _: False, max_batch=2, chunk_tokens=2, prompt_share=0.25)
+    prompt_read = asyncio.Event()
+
+    async def decode():
+      position = 0
+      while not prompt_read.is_set():
+        await scheduler.run(LAST, Step("r1", hidden(1), position))
+        position += 1
+
+    decoder = asyncio.create_task(decode())
+    await scheduler.run(LAST, Step("r1", hidden(1), 10**6))  # r1 decodes here before the prompt arrives
+    out = await scheduler.run(LAST, Step("r0", hidden(16), 0))
+    prompt_read.set()
+    await decoder
     await scheduler.stop()
+    return calls, out
 
-  asyncio.run(main())
+  calls, out = asyncio.run(main())
+  chunks = [(start, end) for start, end, chunk in calls if chunk]
+  assert len(chunks) == 8 and out.shape == (1, 1, 2)
+  for (start, end), (next_start, _) in zip(chunks, chunks[1:]):
+    assert next_start >= end + 3 * (end - start), (start, end, next_start)
+    assert any(not chunk and end <= s < next_start for s, _, chunk in calls)
 
 
 def test_the_prompt_with_fewest_positions_left_goes_first():
