@@ -11,9 +11,9 @@ the engine, one call at a time:
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
   goes first (a short request is not stuck behind a long one). While requests decode here, prompts get at most
   `prompt_share` of the stage's time (a chunk that took C seconds is followed by C (1 - share) / share seconds in which no
-  chunk starts, even while the decoders' next steps are still on their way round the ring), and a chunk runs only after
-  every `decodes_per_chunk` decode calls or while the decode steps wait for company: running requests keep producing tokens
-  while a long prompt is read, and the prompt still progresses.
+  chunk starts), unless a chunk would end before the decoders' next steps come back round the ring; and a chunk runs only
+  after every `decodes_per_chunk` decode calls or while the decode steps wait for company: running requests keep producing
+  tokens while a long prompt is read, and the prompt still progresses.
 A cancelled request's waiting steps fail at once; a call already running finishes, and its result is dropped by the caller.
 
 Per call: O(waiting steps) to choose it.
@@ -77,6 +77,9 @@ class _ShardQueue:
   recent: dict[str, float] = field(default_factory=dict)  # request -> when it last sent or ran a decode step here
   decode_s: float = 0.0  # how long the last decode call took
   prompts_wait_until: float = 0.0  # while requests decode here, no prompt chunk starts before this
+  chunk_s: float = 0.0  # how long the last prompt chunk took
+  away_s: float = 0.0  # how long a decoding request's next step took to come back after its last call here
+  decoded_at: float = 0.0  # when the last decode call ended
   round: _Round = field(default_factory=_Round)
 
   def decoding(self, now: float) -> int:
@@ -101,7 +104,7 @@ class StageScheduler:
     max_batch: int = 1,
     chunk_tokens: int = 64,
     decodes_per_chunk: int = 4,
-    prompt_share: float = 0.25,
+    prompt_share: float = 0.5,
   ):
     if max_batch < 1 or chunk_tokens < 1 or decodes_per_chunk < 1 or not 0 < prompt_share <= 1:
       raise ValueError(
@@ -160,6 +163,8 @@ class StageScheduler:
       queue.task = asyncio.create_task(self._run_forever(waiting.shard, queue))
     queue.waiting.append(waiting)
     if waiting.decode:
+      if waiting.step.request_id in queue.recent:
+        queue.away_s = waiting.arrived - queue.recent[waiting.step.request_id]
       queue.recent[waiting.step.request_id] = waiting.arrived
     queue.wake.set()
     return await waiting.done
@@ -188,9 +193,12 @@ class StageScheduler:
     return call, False
 
   def prompts_due_at(self, queue: _ShardQueue, now: float) -> float:
-    """When a prompt chunk may run: at once while no request decodes here, else once the decode calls have had the rest of the
-    stage's time since the last chunk (a chunk of C seconds is followed by C (1 - prompt_share) / prompt_share of them)."""
-    return now if not queue.decoding(now) else queue.prompts_wait_until
+    """When a prompt chunk may run: at once while no request decodes here or while the decoders' next steps are away for longer
+    than a chunk takes (a pipeline stage between rounds), else once the decode calls have had the rest of the stage's time
+    since the last chunk (a chunk of C seconds is followed by C (1 - prompt_share) / prompt_share of them)."""
+    if not queue.decoding(now) or queue.decoded_at + queue.away_s >= now + queue.chunk_s:
+      return now  # no decoder, or a chunk ends before the decoders' next steps come back: it delays nobody
+    return queue.prompts_wait_until
 
   def decodes_due_at(self, queue: _ShardQueue, decodes: list[_Waiting], now: float) -> float:
     """When the waiting decode steps should run (at or before `now`: at once). A call of `max_batch` runs at once. Fewer wait
@@ -246,9 +254,10 @@ class StageScheduler:
         if waiting.remaining == waiting.rows and not self.cancelled(waiting.step.request_id):
           queue.recent[waiting.step.request_id] = ended
       if chunk:
-        queue.prompts_wait_until = ended + (ended - started) * (1 - self.prompt_share) / self.prompt_share
+        queue.chunk_s = ended - started
+        queue.prompts_wait_until = ended + queue.chunk_s * (1 - self.prompt_share) / self.prompt_share
       else:
-        queue.decode_s = ended - started
+        queue.decode_s, queue.decoded_at = ended - started, ended
       for waiting, result in zip(call, results):
         if waiting.done.done():
           continue

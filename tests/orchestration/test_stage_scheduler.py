@@ -178,6 +178,44 @@ def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_sta
     assert any(not chunk and end <= s < next_start for s, _, chunk in calls)
 
 
+def test_a_chunk_runs_while_the_decoders_are_away_round_the_ring():
+  """A decoding request whose next step comes back 0.2 s after each (from the ring's other stages) and a long prompt in chunks
+  of 20 ms, with a time share that alone would hold each chunk back 0.18 s: a chunk that ends before the decoder is back delays
+  nobody, so chunks run back to back in those gaps."""
+
+  async def main():
+    chunks = []  # (start, end)
+
+    async def run_call(shard, steps, chunk):
+      start = time.monotonic()
+      await asyncio.sleep(0.02 if chunk else 0.005)
+      if chunk:
+        chunks.append((start, time.monotonic()))
+      return [output(s) for s in steps]
+
+    scheduler = StageScheduler(run_call, lambda _: False, chunk_tokens=2, prompt_share=0.1)
+    prompt_read = asyncio.Event()
+
+    async def decode():
+      position = 0
+      while not prompt_read.is_set():
+        await scheduler.run(LAST, Step("r1", hidden(1), position))
+        position += 1
+        await asyncio.sleep(0.2)
+
+    decoder = asyncio.create_task(decode())
+    await asyncio.sleep(0.3)  # r1 has gone round once: the stage knows how long it is away
+    await scheduler.run(LAST, Step("r0", hidden(16), 0))
+    prompt_read.set()
+    await decoder
+    await scheduler.stop()
+    return chunks
+
+  chunks = asyncio.run(main())
+  assert len(chunks) == 8
+  assert any(next_start < end + 9 * (end - start) for (start, end), (next_start, _) in zip(chunks, chunks[1:])), chunks
+
+
 def test_the_prompt_with_fewest_positions_left_goes_first():
   async def main():
     engine = Engine()
