@@ -9,8 +9,8 @@ the engine, one call at a time:
   remaining calls can hold, so D requests go round in ceil(D / max_batch) micro-batches rather than in fragments that each
   cost a call at every stage. Later stages run the groups as they come, waiting up to half a decode call for stragglers;
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
-  goes first (a short request is not stuck behind a long one). While requests decode here, prompts get at most
-  `prompt_share` of the stage's time (a chunk that took C seconds is followed by C (1 - share) / share seconds in which no
+  goes first (a short request is not stuck behind a long one). While requests decode here, prompts longer than a chunk get
+  at most `prompt_share` of the stage's time (a chunk that took C seconds is followed by C (1 - share) / share seconds in which no
   chunk starts), unless a chunk would end before the decoders' next steps come back round the ring; and a chunk runs only
   after every `decodes_per_chunk` decode calls or while the decode steps wait for company: running requests keep producing
   tokens while a long prompt is read, and the prompt still progresses.
@@ -39,6 +39,7 @@ class _Waiting:
   shard: Shard
   step: Step
   remaining: int  # positions of the request's input not yet run, this chunk's included
+  total: int  # positions of the request's whole input (its prompt, or 1 for a decode step)
   done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
   arrived: float = field(default_factory=time.monotonic)
 
@@ -128,7 +129,7 @@ class StageScheduler:
     outputs = []
     for lo in range(0, rows, self.chunk_tokens):
       chunk = x.reshape(-1)[lo : lo + self.chunk_tokens] if token_ids else x[..., lo : lo + self.chunk_tokens, :]
-      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo), rows - lo))
+      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo), rows - lo, rows))
       outputs.append(out[:, -1:] if shard.is_last_layer() else out)
     return outputs[-1] if shard.is_last_layer() or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
@@ -175,9 +176,14 @@ class StageScheduler:
     decodes = [w for w in queue.waiting if w.decode]
     chunks = [w for w in queue.waiting if not w.decode]
     due = self.decodes_due_at(queue, decodes, now) <= now
-    if chunks and self.prompts_due_at(queue, now) <= now and (not due or queue.decodes_since_chunk >= self.decodes_per_chunk):
+    shortest = min(chunks, key=lambda w: w.remaining, default=None)
+    if (
+      shortest is not None
+      and (shortest.total <= self.chunk_tokens or self.prompts_due_at(queue, now) <= now)
+      and (not due or queue.decodes_since_chunk >= self.decodes_per_chunk)
+    ):
       queue.decodes_since_chunk = 0
-      return [min(chunks, key=lambda w: w.remaining)], True
+      return [shortest], True
     if not due:
       return None
     queue.decodes_since_chunk += 1
@@ -231,7 +237,7 @@ class StageScheduler:
       if choice is None:
         queue.wake.clear()
         due = self.decodes_due_at(queue, [w for w in queue.waiting if w.decode], now)
-        if any(not w.decode for w in queue.waiting):
+        if any(not w.decode for w in queue.waiting):  # a long prompt held back by the time share
           due = min(due, self.prompts_due_at(queue, now))
         try:
           await asyncio.wait_for(queue.wake.wait(), None if due == float("inf") else max(0.0, due - now))

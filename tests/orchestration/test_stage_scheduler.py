@@ -178,6 +178,46 @@ def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_sta
     assert any(not chunk and end <= s < next_start for s, _, chunk in calls)
 
 
+def test_a_prompt_of_one_chunk_is_not_held_back_by_the_time_share_of_a_long_one():
+  """While a request decodes and a long prompt is read (chunks of 30 ms, each holding the next chunk of a long prompt back at
+  least 0.27 s), a question whose prompt fits in one chunk is read after a few decode calls, well within that time."""
+
+  async def main():
+    chunks = []  # (request, start, end)
+    first_chunk_done = asyncio.Event()
+
+    async def run_call(shard, steps, chunk):
+      start = time.monotonic()
+      await asyncio.sleep(0.03 if chunk else 0.005)
+      if chunk:
+        chunks.append((steps[0].request_id, start, time.monotonic()))
+        first_chunk_done.set()
+      return [output(s) for s in steps]
+
+    scheduler = StageScheduler(run_call, lambda _: False, chunk_tokens=2, prompt_share=0.1)
+    prompt_read = asyncio.Event()
+
+    async def decode():
+      position = 0
+      while not prompt_read.is_set():
+        await scheduler.run(LAST, Step("r1", hidden(1), position))
+        position += 1
+
+    decoder = asyncio.create_task(decode())
+    await scheduler.run(LAST, Step("r1", hidden(1), 10**6))  # r1 decodes here before the prompts arrive
+    long = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(16), 0)))
+    await first_chunk_done.wait()
+    await scheduler.run(LAST, Step("r2", hidden(2), 0))
+    await long
+    prompt_read.set()
+    await decoder
+    await scheduler.stop()
+    return chunks
+
+  (first, _, first_end), (second, second_start, _), *_ = asyncio.run(main())
+  assert (first, second) == ("r0", "r2") and second_start < first_end + 0.27
+
+
 def test_a_chunk_runs_while_the_decoders_are_away_round_the_ring():
   """A decoding request whose next step comes back 0.2 s after each (from the ring's other stages) and a long prompt in chunks
   of 20 ms, with a time share that alone would hold each chunk back 0.18 s: a chunk that ends before the decoder is back delays
