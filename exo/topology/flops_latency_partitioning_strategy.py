@@ -34,8 +34,12 @@ def check_params(objective: str, params: PlannerParams) -> None:
 
 
 def usable_nodes(costs: CostModel) -> list[int]:
-  """Nodes that can hold at least one layer in the middle of a ring."""
-  return [i for i in range(costs.size) if costs.capacity(i) >= 1]
+  """Nodes that can hold at least one layer in the middle of a ring, and either are linked to another such node or hold the
+  whole model alone (a node with no link can only be a ring of its own). O(n^2)."""
+  holds = [i for i in range(costs.size) if costs.capacity(i) >= 1]
+  linked = {i for i in holds for j in holds if i != j and not math.isnan(float(costs.rtt_s[i, j]))}
+  alone = {i for i in holds if costs.capacity(i, first=True, last=True, ring_size=1) >= costs.model.n_layers}
+  return [i for i in holds if i in linked or i in alone] or holds  # none: no plan exists, and the search says why
 
 
 def check_fits(costs: CostModel) -> None:
