@@ -53,6 +53,17 @@ async def settle() -> None:
     await asyncio.sleep(0)
 
 
+async def decode_until(scheduler: StageScheduler, done: asyncio.Event, away_s: float = 0.0) -> None:
+  """Request r1 decoding at the last shard until `done`, its next step coming back `away_s` after each (0: at once, as on a
+  one-node ring)."""
+  position = 0
+  while not done.is_set():
+    await scheduler.run(LAST, Step("r1", hidden(1), position))
+    position += 1
+    if away_s:
+      await asyncio.sleep(away_s)
+
+
 def test_decode_steps_that_wait_together_run_as_one_call_of_at_most_max_batch():
   async def main():
     engine = Engine()
@@ -156,13 +167,7 @@ def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_sta
     scheduler = StageScheduler(run_call, lambda _: False, max_batch=2, chunk_tokens=2, prompt_share=0.25)
     prompt_read = asyncio.Event()
 
-    async def decode():
-      position = 0
-      while not prompt_read.is_set():
-        await scheduler.run(LAST, Step("r1", hidden(1), position))
-        position += 1
-
-    decoder = asyncio.create_task(decode())
+    decoder = asyncio.create_task(decode_until(scheduler, prompt_read))
     await scheduler.run(LAST, Step("r1", hidden(1), 10**6))  # r1 decodes here before the prompt arrives
     out = await scheduler.run(LAST, Step("r0", hidden(16), 0))
     prompt_read.set()
@@ -197,13 +202,7 @@ def test_a_prompt_of_one_chunk_is_not_held_back_by_the_time_share_of_a_long_one(
     scheduler = StageScheduler(run_call, lambda _: False, chunk_tokens=2, prompt_share=0.1)
     prompt_read = asyncio.Event()
 
-    async def decode():
-      position = 0
-      while not prompt_read.is_set():
-        await scheduler.run(LAST, Step("r1", hidden(1), position))
-        position += 1
-
-    decoder = asyncio.create_task(decode())
+    decoder = asyncio.create_task(decode_until(scheduler, prompt_read))
     await scheduler.run(LAST, Step("r1", hidden(1), 10**6))  # r1 decodes here before the prompts arrive
     long = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(16), 0)))
     await first_chunk_done.wait()
@@ -236,14 +235,7 @@ def test_a_chunk_runs_while_the_decoders_are_away_round_the_ring():
     scheduler = StageScheduler(run_call, lambda _: False, chunk_tokens=2, prompt_share=0.1)
     prompt_read = asyncio.Event()
 
-    async def decode():
-      position = 0
-      while not prompt_read.is_set():
-        await scheduler.run(LAST, Step("r1", hidden(1), position))
-        position += 1
-        await asyncio.sleep(0.2)
-
-    decoder = asyncio.create_task(decode())
+    decoder = asyncio.create_task(decode_until(scheduler, prompt_read, away_s=0.2))
     await asyncio.sleep(0.3)  # r1 has gone round once: the stage knows how long it is away
     await scheduler.run(LAST, Step("r0", hidden(16), 0))
     prompt_read.set()
