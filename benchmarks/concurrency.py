@@ -6,11 +6,12 @@ tokens/s (every completion token / first send to last token); all-decoding token
 first token to the first last token: the text chunks in that time / its length; the API sends a chunk per token unless its
 client lags, so chunks count tokens; none when the first request is done before the last one's prompt is read); the median
 per-request tokens/s (1 / TPOT: a request's decode time per token after its first); the median TTFT. Predicted, from the
-origin's /v1/plan after the run (its plan, on its live topology and the nodes' measured layer times): the ring's saturated
-throughput at the nodes' --batch b, and its single-stream tokens/s (1 / TPOT). Also each ring node's load.mean_batch after the
-run (over its last, at most 100, decode calls). Before each C's timed runs, one untimed run of C clients (tinygrad captures a
-step per batch size on first use); then --repeats timed runs, and their medians. Every process is an `exo` node on 127.0.0.1
-(manual discovery, each with its API), restarted for each strategy/objective setting.
+origin's /v1/plan after the last run (its plan, on its live topology and the nodes' measured layer times): the ring's saturated
+throughput at the nodes' --batch b, and its single-stream tokens/s (1 / TPOT). Also each ring node's mean decode batch in a
+run (its decode steps over its decode calls in the run, from the load counters of /v1/plan; the median over C's runs). First one untimed run of each C (tinygrad captures a step per batch size on
+first use); then --repeats rounds of one timed run of each C in turn, so that every C meets the machine's slow and quick spells
+alike, and each C's medians. Every process is an `exo` node on 127.0.0.1 (manual discovery, each with its API), restarted for
+each strategy/objective setting.
 
 (a) EMULATED: the four devices of tests/scenarios/mac_trio_iphone_70b.json (studio, mbp, air, iphone) serve llama-3.1-70b on
 the dummy engine, paced by --emulate to the cost model's time for each device's layers and positions per call, t(n) =
@@ -105,7 +106,7 @@ class Point:
   ring: list[tuple[str, int]]
   predicted_tps: float | None  # the plan's throughput at its batch
   predicted_single_tps: float | None
-  mean_batch: dict[str, float]  # ring node -> its load.mean_batch
+  mean_batch: dict[str, float | None]  # ring node -> its mean decode batch in C's runs (median over the runs)
 
 
 def prompts(tag: str, count: int) -> list[str]:
@@ -140,37 +141,55 @@ def median(values) -> float | None:
 
 
 def measure(workdir: Path, setup: Setup, setting: str, clients: list[int], tokens: int, repeats: int, console: Console) -> list[Point]:
-  """Start the setup's nodes under `setting`, then for each C an untimed run and `repeats` timed ones."""
+  """Start the setup's nodes under `setting`; one untimed run of each C, then `repeats` rounds of one timed run of each C in turn
+  (so that every C's runs share the machine's slow and quick spells: single timings here swing by 30%)."""
   strategy, objective = setting.split("/")
   cluster = Cluster(workdir, declare_devices=setup.part == "emulated")
   for node_id, device in setup.devices.items():
     cluster.declare(node_id, device, engine=setup.engine, api=True)
   args = ["--run-model", setup.model, "--partitioning-strategy", strategy, "--objective", objective, "--batch", str(setup.batch)]
-  points = []
   try:
     start_in_turn(cluster, list(setup.devices), [*args, "--request-timeout", "600"], START_TIMEOUT_S)
     api = cluster.api_ports[next(iter(setup.devices))]
     for c in clients:
       concurrent(api, setup.model, prompts("Warm-up", c), tokens)
-      runs = [concurrent(api, setup.model, prompts(f"Run {r}", c), tokens) for r in range(repeats)]
-      plan = http_json(api, "GET", "/v1/plan")
-      ring = [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
-      batches = {n: http_json(cluster.api_ports[n], "GET", "/v1/plan")["load"]["mean_batch"] for n, _ in ring}
-      aggregate, decoding, request, ttft = (median(f) for f in zip(*(figures(run) for run in runs)))
-      predicted, last = plan["predicted"], runs[-1]
-      point = Point(
-        c, sum(s.completion_tokens for s in last), int(statistics.median(s.prompt_tokens for s in last)), aggregate, decoding, request, ttft,
-        ring, predicted["throughput_tps"], predicted["tokens_per_second"], batches,
-      )  # fmt: skip
-      points.append(point)
-      console.print(
-        f"  {setup.label}, {setting}, C={c}: {aggregate:.1f} tokens/s aggregate ({num(decoding)} all decoding), {num(request)} per request, "
-        f"TTFT {ttft * 1000:.0f} ms; predicted {num(point.predicted_tps)} saturated, {num(point.predicted_single_tps)} single; "
-        f"ring {ring_text(ring)}; mean batch {batch_text(batches)}"
-      )
+    runs: dict[int, list[list[Stream]]] = {c: [] for c in clients}
+    batches: dict[int, list[dict[str, float]]] = {c: [] for c in clients}  # C -> per run: ring node -> its mean decode batch
+    for r in range(repeats):
+      for c in clients:
+        plan = http_json(api, "GET", "/v1/plan")
+        before = decode_counts(cluster, plan)
+        runs[c].append(concurrent(api, setup.model, prompts(f"Run {r}", c), tokens))
+        after = decode_counts(cluster, plan)
+        batches[c].append({n: (after[n][1] - before[n][1]) / (after[n][0] - before[n][0]) for n in after if after[n][0] > before[n][0]})
+    plan = http_json(api, "GET", "/v1/plan")
+    ring = [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
+    points = [point(c, runs[c], ring, plan["predicted"], {n: median(b.get(n) for b in batches[c]) for n, _ in ring}) for c in clients]
   finally:
     cluster.close()
+  for p in points:
+    console.print(
+      f"  {setup.label}, {setting}, C={p.clients}: {p.aggregate_tps:.1f} tokens/s aggregate ({num(p.decoding_tps)} all decoding), "
+      f"{num(p.request_tps)} per request, TTFT {p.ttft_s * 1000:.0f} ms; predicted {num(p.predicted_tps)} saturated, "
+      f"{num(p.predicted_single_tps)} single; ring {ring_text(p.ring)}; mean batch {batch_text(p.mean_batch)}"
+    )
   return points
+
+
+def decode_counts(cluster: Cluster, plan: dict) -> dict[str, tuple[int, int]]:
+  """Each ring node's decode calls and the requests' steps in them so far (its load's counters)."""
+  loads = {s["node_id"]: http_json(cluster.api_ports[s["node_id"]], "GET", "/v1/plan")["load"] for s in plan["shards"]}
+  return {n: (load["decode_calls"], load["decode_steps"]) for n, load in loads.items()}
+
+
+def point(clients: int, runs: list[list[Stream]], ring: list[tuple[str, int]], predicted: dict, batches: dict[str, float]) -> Point:
+  """One C's medians over its timed runs, with the plan's prediction read after the last run."""
+  aggregate, decoding, request, ttft = (median(f) for f in zip(*(figures(run) for run in runs)))
+  last = runs[-1]
+  return Point(
+    clients, sum(s.completion_tokens for s in last), int(statistics.median(s.prompt_tokens for s in last)), aggregate, decoding, request,
+    ttft, ring, predicted["throughput_tps"], predicted["tokens_per_second"], batches,
+  )  # fmt: skip
 
 
 def num(value: float | None) -> str:
@@ -181,8 +200,8 @@ def ring_text(ring: list[tuple[str, int]]) -> str:
   return " > ".join(f"{n}:{k}" for n, k in ring)
 
 
-def batch_text(batches: dict[str, float]) -> str:
-  return " ".join(f"{n} {b:.1f}" for n, b in batches.items())
+def batch_text(batches: dict[str, float | None]) -> str:
+  return " ".join(f"{n} {num(b)}" for n, b in batches.items())
 
 
 def table(title: str, results: dict[str, list[Point]]) -> Table:
@@ -197,7 +216,7 @@ def table(title: str, results: dict[str, list[Point]]) -> Table:
       out.add_row(
         setting, str(p.clients), ring_text(p.ring), str(p.prompt_tokens), str(p.tokens), f"{p.aggregate_tps:.1f}", num(p.decoding_tps),
         num(p.request_tps), f"{p.ttft_s * 1000:.0f}", num(p.predicted_tps), num(p.predicted_single_tps), ratio(p.aggregate_tps, p.predicted_tps),
-        "/".join(f"{b:.1f}" for b in p.mean_batch.values()),
+        "/".join(num(b) for b in p.mean_batch.values()),
       )  # fmt: skip
   return out
 

@@ -435,7 +435,8 @@ class Node:
 
   def load(self) -> dict:
     """What the node is doing: requests it is the origin of, requests with steps waiting at its stage, the mean size of its
-    last decode batches (up to 100), and the tokens per second its requests received over the last LOAD_WINDOW_S seconds."""
+    last decode batches (up to 100), its decode calls and their requests' steps since it started (a client reads the mean batch
+    between two readings from them), and the tokens per second its requests received over the last LOAD_WINDOW_S seconds."""
     now = time.monotonic()
     while self._delivered and self._delivered[0][0] < now - LOAD_WINDOW_S:
       self._delivered.popleft()
@@ -445,6 +446,8 @@ class Node:
       "waiting_requests": self.scheduler.waiting_requests(),
       "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
       "max_batch": self.scheduler.max_batch,
+      "decode_calls": self.scheduler.decode_calls,
+      "decode_steps": self.scheduler.decode_steps,
       "tokens_per_s": sum(n for _, n in self._delivered) / LOAD_WINDOW_S,
     }
 

@@ -118,6 +118,7 @@ class StageScheduler:
     self._queues: dict[Shard, _ShardQueue] = {}
     self.calls = 0  # engine calls run so far
     self.batch_sizes: list[int] = []  # of the last decode calls, newest last (at most 100)
+    self.decode_calls = self.decode_steps = 0  # decode calls run so far, and the requests' steps in them
 
   async def run(self, shard: Shard, step: Step) -> np.ndarray:
     """`step`'s output once it has run: for a prompt, its chunks' outputs joined on the positions axis, except on the last shard,
@@ -250,6 +251,7 @@ class StageScheduler:
       self.calls += 1
       if not chunk:
         self.batch_sizes = [*self.batch_sizes[-99:], len(call)]
+        self.decode_calls, self.decode_steps = self.decode_calls + 1, self.decode_steps + len(call)
       started = time.monotonic()
       try:
         results = await self.run_call(shard, [w.step for w in call], chunk)

@@ -246,16 +246,18 @@ def test_topology_is_the_nodes_live_view(served):
 
 
 def test_plan_is_the_current_plan_with_predictions(served):
-  served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=1)
+  served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=2)  # a prompt and one decode step
   status, _, plan = get(f"{served.base}/v1/plan")
   load, node_id, last = plan.pop("load"), plan.pop("node_id"), plan.pop("last_request")
-  assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_plan.to_dict()
+  assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_prediction().to_dict()  # on today's layer times
+  assert {k: v for k, v in plan.items() if k != "predicted"} == {k: v for k, v in served.node.current_plan.to_dict().items() if k != "predicted"}
   assert load["active_requests"] == 0 and load["waiting_requests"] == 0 and load["max_batch"] == 1
-  assert load["mean_batch"] == 1.0 and load["tokens_per_s"] > 0  # the request above: one token, in the last 10 s
+  assert load["mean_batch"] == 1.0 and load["tokens_per_s"] > 0  # the request above: two tokens, in the last 10 s
+  assert load["decode_steps"] == load["decode_calls"] >= 1  # --batch 1: one request's step per call
   assert plan["model"]["id"] == SERVED and plan["shards"] == [{"node_id": "api-node", "start_layer": 0, "end_layer": 15, "n_layers": 16}]
   assert plan["model"] == served.node.model.to_dict() and plan["model"]["embed_bytes"] > 0  # every figure the plan rests on
   assert plan["predicted"]
-  assert node_id == "api-node" and (last["model"], last["ring"], last["tokens"]) == (SERVED, ["api-node"], 1)  # the request above
+  assert node_id == "api-node" and (last["model"], last["ring"], last["tokens"]) == (SERVED, ["api-node"], 2)  # the request above
   assert last["elapsed_s"] > 0 and set(last["predicted"]) == set(plan["predicted"])  # measured, next to the plan's prediction
 
 

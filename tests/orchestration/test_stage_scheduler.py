@@ -77,7 +77,7 @@ def test_decode_steps_that_wait_together_run_as_one_call_of_at_most_max_batch():
     outs = await asyncio.gather(first, *rest)
     assert [[r for r, _, _ in call] for _, call, _ in engine.calls] == [["r0"], ["r1", "r2", "r3", "r4"], ["r5"]]
     assert [out.tolist() for out in outs] == [[[[10, 0]]], *[[[[20 + i, i]]] for i in range(1, 6)]]
-    assert scheduler.batch_sizes == [1, 4, 1]
+    assert scheduler.batch_sizes == [1, 4, 1] and (scheduler.decode_calls, scheduler.decode_steps) == (3, 6)
     await scheduler.stop()
 
   asyncio.run(main())
