@@ -27,6 +27,8 @@ flops-latency/latency one. The single-request rate (C = 1) is set against the al
 
 A full run on this 2-core machine takes about an hour (estimated from smoke runs): the emulated part about 6 minutes, the real
 part about 25 minutes per node count (prompts are read at about 25 tokens/s, so C = 16 spends half a minute on prompts alone).
+The runs quoted in the README (`--part real --nodes 1,2 --clients 1,8 --tokens 48 --repeats 3`, and `--part emulated --clients
+1,4,16 --tokens 96 --repeats 1`) took 20 and 3 minutes.
 
   python benchmarks/concurrency.py [--part emulated|real|all] [--clients 1,2,4,8,16] [--tokens 32] [--repeats 2] [--nodes 1,2]
                                    [--settings flops-latency/throughput,ring-memory-weighted/throughput,flops-latency/latency]
