@@ -277,19 +277,10 @@ def evaluate_plan(
   }
 
 
-def check_predicted(
-  topology: dict,
-  model: dict,
-  plan: dict,
-  memory_headroom: float = 0.1,
-  default_rtt_ms: float = 5.0,
-  batch: int = 1,
-  objective: str | None = None,
-  prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-  rel: float = 1e-6,
-) -> None:
-  """Assert the plan's `predicted` numbers (TPOT, tokens/s, throughput, TTFT, feasible) agree with the oracle's evaluation."""
-  want = evaluate_plan(topology, model, plan, memory_headroom, default_rtt_ms, batch, objective, prompt_tokens)
+def check_predicted(topology: dict, model: dict, plan: dict, rel: float = 1e-6, **evaluation) -> None:
+  """Assert the plan's `predicted` numbers (TPOT, tokens/s, throughput, TTFT, feasible) agree with the oracle's evaluation;
+  `evaluation`: evaluate_plan's keyword parameters (headroom, default RTT, batch, objective, prompt tokens)."""
+  want = evaluate_plan(topology, model, plan, **evaluation)
   tpot, throughput, ttft = want["tpot_s"], want["throughput_tps"], want["ttft_s"]
   p = plan["predicted"]
   assert close(p["tpot_ms"], tpot * 1000, rel), f"tpot_ms {p['tpot_ms']!r} != {tpot * 1000!r}"
