@@ -162,9 +162,9 @@ def heuristic_search(problem: SearchProblem, witness: list[int] | None = None, l
   reaches `least_stage` is optimal and returned at once."""
   ranking = _speed_ranking(problem)
   k_min = _smallest_fitting_prefix(problem, ranking)
-  if k_min is None:
-    return None
   small = best_small_plan(problem)
+  if k_min is None:  # under throughput a longer prefix keeps KV for more stages: none may hold what a ring elsewhere does
+    return _best(problem, small, _any_ring(problem, ranking))
   if problem.objective == "latency":
     seed = _exact_on(problem, promising(problem, SEED_NODES, small))
     best = _best(problem, small, None if seed is None else _improve(problem, list(seed.ring), ranking, "latency", seed))

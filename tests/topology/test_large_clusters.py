@@ -174,3 +174,20 @@ def test_beyond_sixteen_nodes_the_best_pair_is_found_and_the_plan_states_its_bou
   assert p["bound_tpot_ms"] <= p["tpot_ms"] and p["bound_throughput_tps"] is None
   if p["bound_tpot_ms"] < p["tpot_ms"] * (1 - 1e-9):
     assert any("not proven optimal" in w for w in plan["warnings"])
+
+
+def test_a_star_whose_speed_ranked_prefixes_never_hold_the_model_still_gets_the_two_node_plan():
+  """Found by the test above: 11 nodes linked only through a hub. Under throughput every node keeps KV cache for each stage's
+  requests, so a longer prefix of the speed ranking holds fewer layers per node, and no prefix holds the 8 layers; the hub with
+  one large leaf does (4 + 4 layers in a ring of two)."""
+  sizes = [800e6, 400e6, 400e6, 400e6, 200e6] + [800e6] * 6  # bytes; the small leaves rank first on speed ties
+  node = {"model": "dev", "chip": "chip", "flops": {"fp32": 0.5, "fp16": 1.0, "int8": 2.0}, "memory_bandwidth": 100.0}
+  times = {"m": {"decode_ms": 1.0, "token_ms": 1.0}}
+  nodes = {f"n{i:02d}": {**node, "memory": size / 2**20, "layer_times": times} for i, size in enumerate(sizes)}
+  edges = [{"from": "n00", "to": f"n{i:02d}", "rtt_ms": 1.0} for i in range(1, len(sizes))]
+  model = {"id": "m", "n_layers": 8, "layer_bytes": 1e8, "layer_flops": 1e9, "activation_bytes": 1e3, "kv_bytes_per_layer": 1e7}
+  case = {"topology": {"nodes": nodes, "edges": edges}, "model": {**model, "embed_bytes": 0.0, "head_bytes": 0.0}, "params": {"batch": 4}}
+  plan = plan_or_none(case, "throughput")
+  assert plan is not None, "a plan exists: the hub and one 800 MB leaf"
+  assert [s["end_layer"] - s["start_layer"] + 1 for s in plan["shards"]] == [4, 4] and "n00" in [s["node_id"] for s in plan["shards"]]
+  assert close(plan["predicted"]["throughput_tps"], best_of(case, "throughput"), REL)
