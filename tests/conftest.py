@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from exo.networking import udp_discovery
 
@@ -10,6 +11,19 @@ from exo.networking import udp_discovery
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+# Hypothesis: CI draws the same examples on every run (derandomize: a seed fixed by each test's own code), so a CI verdict
+# never depends on a dice roll; a local run draws new examples each time (and replays the failures it found, from
+# .hypothesis/). No verdict depends on the machine's speed: no deadline, no "too slow" health check. A test's own @settings
+# (max_examples and the like) keeps the profile's other values, since conftest loads the profile before any test module is
+# imported. HYPOTHESIS_PROFILE=ci or =explore picks a profile by name.
+DEFAULT = settings.get_profile("default")  # Hypothesis's own; under a CI variable it loads its "ci" profile at import
+settings.register_profile(
+  "ci", DEFAULT, derandomize=True, database=None, print_blob=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("explore", DEFAULT, derandomize=False, print_blob=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "explore"))
 
 
 @pytest.fixture(autouse=True)
