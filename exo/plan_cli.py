@@ -17,7 +17,7 @@ from rich.table import Table
 from exo.cli_args import positive_int
 from exo.errors import BadInput, ExoError
 from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, cost_model, head_layers
-from exo.topology.model_spec import ModelSpec
+from exo.topology.model_spec import MAX_CONTEXT, ModelSpec
 from exo.topology.models import MODELS, model_spec
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     "--batch", type=positive_int, default=1, metavar="B", help="requests each stage runs at once when saturated (throughput; default: %(default)s)"
   )
   parser.add_argument(
+    "--max-context",
+    type=positive_int,
+    default=None,
+    metavar="TOKENS",
+    help=f"cap the context whose KV cache each request reserves (default: the model's, at most {MAX_CONTEXT}); a cluster that cannot "
+    "hold the cap is planned at the largest multiple of 256 tokens it holds",
+  )
+  parser.add_argument(
     "--prompt-tokens", type=positive_int, default=128, metavar="N", help="prompt length behind the reported TTFT (default: %(default)s)"
   )
   parser.add_argument("--json", action="store_true", help="print the plan as one JSON object and nothing else")
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ModelSpec.load(args.model_spec) if args.model_spec else model_spec(args.model)
     strategies = STRATEGIES if args.compare else (args.partitioning_strategy,)
     params = {"memory_headroom": args.memory_headroom, "default_rtt_ms": args.default_rtt_ms, "batch": args.batch}
-    plans = {s: plan_for(topology, model, s, args.objective, args.prompt_tokens, **params) for s in strategies}
+    plans = {s: plan_for(topology, model, s, args.objective, args.prompt_tokens, args.max_context, **params) for s in strategies}
     costs = plan_costs(next(iter(plans.values())), topology, args.prompt_tokens)
     if args.plot:  # before printing anything, so a plot that cannot be written leaves stdout empty
       write_plot(args.plot, list(plans.values()), costs)
@@ -163,7 +171,7 @@ def speedup(plans: dict[str, Plan]) -> dict:
 
 
 def plan_costs(plan: Plan, topology: Topology, prompt_tokens: int) -> CostModel:
-  return cost_model(topology, plan.model, plan.params, plan.objective, prompt_tokens)
+  return cost_model(topology, plan.model, plan.params, plan.objective, prompt_tokens, plan.context_tokens)
 
 
 def left_out(plan: Plan, costs: CostModel) -> list[str]:
@@ -182,9 +190,13 @@ def mb(n_bytes: float) -> str:
   return f"{n_bytes / 2**20:.1f} MB"
 
 
-def model_line(model: ModelSpec) -> str:
+def model_line(plan: Plan) -> str:
+  model = plan.model
   tied = "tied" if model.tied_embeddings else "untied"
-  return f"Model: embedding {mb(model.embed_bytes)} on the first stage, head {mb(model.head_bytes)} on the last, {tied} embeddings"
+  return (
+    f"Model: embedding {mb(model.embed_bytes)} on the first stage, head {mb(model.head_bytes)} on the last, {tied} embeddings; "
+    f"context {plan.context_tokens} tokens per request (of the model's {model.context_tokens})"
+  )
 
 
 def ms(seconds: float | None) -> float | None:
@@ -242,7 +254,7 @@ def show_plan(console: Console, plan: Plan, topology: Topology, costs: CostModel
     ]
   lines = [
     *predicted,
-    model_line(plan.model),
+    model_line(plan),
     f"Left out of the ring: {escape(', '.join(left_out(plan, costs))) or 'none'}",
     *(f"[yellow]Warning:[/yellow] {escape(warning)}" for warning in plan.warnings),
   ]

@@ -12,7 +12,7 @@ import pytest
 from exo.errors import ExoError
 from exo.main import log_level, main
 
-PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
+PLAN_KEYS = {"strategy", "objective", "params", "model", "context_tokens", "partitions", "shards", "predicted", "warnings"}
 PREDICTED_KEYS = {"tpot_ms", "tokens_per_second", "throughput_tps", "ttft_ms", "feasible", "bound_tpot_ms", "bound_throughput_tps"}
 MODEL_KEYS = {
   "id",
@@ -24,6 +24,7 @@ MODEL_KEYS = {
   "embed_bytes",
   "head_bytes",
   "tied_embeddings",
+  "context_tokens",
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -142,6 +143,7 @@ def test_json_is_one_plan_object(tmp_path, capsys, strategy, objective):
     "embed_bytes": vocab_matrix,
     "head_bytes": 8192 * 4 + vocab_matrix,
     "tied_embeddings": False,
+    "context_tokens": 8192,
   }
   assert plan["params"] == {"memory_headroom": 0.1, "default_rtt_ms": 5.0, "batch": 1}
 
@@ -150,10 +152,14 @@ def test_embedding_and_head_figures_are_shown(tmp_path, capsys):
   model = {**HAND_MODEL, "embed_bytes": 1.5 * 2**20, "head_bytes": 2**21, "tied_embeddings": True}
   args = ["--topology", write(tmp_path, "hand.json", HAND_TOPOLOGY), "--model-spec", write(tmp_path, "m.json", model)]
   status, out, _ = run(capsys, *args, "--json")
-  assert status == 0 and json.loads(out)["model"] == {**model, "kv_bytes_per_layer": 0}
+  assert status == 0 and json.loads(out)["model"] == {**model, "kv_bytes_per_layer": 0, "context_tokens": 8192}
   status, out, _ = run(capsys, *args, "--compare", "--json")
   both = json.loads(out)
-  assert status == 0 and both["flops-latency"]["model"] == both["ring-memory-weighted"]["model"] == {**model, "kv_bytes_per_layer": 0}
+  assert status == 0 and both["flops-latency"]["model"] == both["ring-memory-weighted"]["model"] == {
+    **model,
+    "kv_bytes_per_layer": 0,
+    "context_tokens": 8192,
+  }
   status, out, _ = run(capsys, *args)
   assert status == 0 and "Model: embedding 1.5 MB on the first stage, head 2.0 MB on the last, tied embeddings" in out
 

@@ -27,7 +27,7 @@ from exo.inference.model_sources import is_repo_id, local_path
 from exo.inference.quantized import GGUF_GROUP, KEPT_QUANTIZED
 from exo.inference.shard import Shard
 from exo.topology.model_spec import ModelSpec
-from exo.topology.models import KV_CONTEXT, MODELS
+from exo.topology.models import MODELS
 
 ACTIVATION_DTYPE_BYTES = 4  # the engines send hidden states between stages as float32
 KV_DTYPE_BYTES = 4  # and keep their KV caches in float32
@@ -91,8 +91,8 @@ def shard_held_bytes(path: Path | str, shard: Shard) -> int:
 
 def model_spec_from_file(path: Path | str, model_id: str | None = None) -> ModelSpec:
   """The planner's ModelSpec of a model file (docs/DESIGN.md section 2): mean layer bytes, embedding and head bytes as held,
-  FLOPs per token per layer (2 per matrix weight), float32 hidden states between stages, and float32 KV cache for KV_CONTEXT
-  tokens (or the model's context, if shorter) per request."""
+  FLOPs per token per layer (2 per matrix weight), float32 hidden states between stages, and float32 KV cache for the model's
+  whole context per request (a plan reserves it for the context it plans, docs/DESIGN.md v2.1)."""
   path = Path(path)
   if not path.exists():
     raise ModelNotFound(f"model file {str(path)!r} was not found")
@@ -101,17 +101,17 @@ def model_spec_from_file(path: Path | str, model_id: str | None = None) -> Model
   c = config
   attention = c.hidden_size * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
   matrix_weights = attention + 3 * c.hidden_size * c.intermediate_size
-  context = min(c.context_length, KV_CONTEXT)
   return ModelSpec(
     id=model_id or path.stem,
     n_layers=c.n_layers,
     layer_bytes=sum(sizes[n] for n in layer_names) / c.n_layers,
     layer_flops=2.0 * matrix_weights,
     activation_bytes=float(c.hidden_size * ACTIVATION_DTYPE_BYTES),
-    kv_bytes_per_layer=float(2 * c.n_kv_heads * c.head_dim * context * KV_DTYPE_BYTES),
+    kv_bytes_per_layer=float(2 * c.n_kv_heads * c.head_dim * c.context_length * KV_DTYPE_BYTES),
     embed_bytes=float(sizes[EMBED]),
     head_bytes=float(sizes[NORM] + sizes[EMBED if c.tie_word_embeddings else LM_HEAD]),
     tied_embeddings=c.tie_word_embeddings,
+    context_tokens=c.context_length,
   )
 
 

@@ -14,7 +14,7 @@ from exo.inference.model_sources import ENGINE_FORMATS
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ShardedEngine
 from exo.inference.tokenizer import Tokenizer, load_tokenizer
-from exo.topology.models import KV_CONTEXT
+from exo.topology.model_spec import MAX_CONTEXT
 
 
 class ModelFileEngine(ShardedEngine):
@@ -60,11 +60,11 @@ class ModelFileEngine(ShardedEngine):
     return (await self._tokenizer_async(shard.model_id)).apply_chat_template(messages)
 
   async def context_length(self, shard: Shard) -> int:
-    """The model's context, capped at KV_CONTEXT (what the planner reserves KV cache for), from the file's metadata."""
+    """The model's context, capped at MAX_CONTEXT (what the planner reserves KV cache for), from the file's metadata."""
     if shard.model_id not in self._contexts:
       await self._fetch(shard.model_id)
       config = await asyncio.to_thread(load_config, locate_model(shard.model_id))
-      self._contexts[shard.model_id] = min(config.context_length, KV_CONTEXT)
+      self._contexts[shard.model_id] = min(config.context_length, MAX_CONTEXT)
     return self._contexts[shard.model_id]
 
   def eos_token_ids(self, shard: Shard) -> set[int]:

@@ -31,7 +31,7 @@ BATCH_ROWS rows instead of once per row), RoPE and attention per request against
 variable each), the head. Each row's sums run in the order of a lone row's, so each request's result is bit-identical to its
 step alone; verified on the CPU through clang without BEAM only, elsewhere each request steps alone (see _batches).
 
-KV cache: allocated per request, once, for the engine's context: the model's, capped at KV_CONTEXT (what the planner reserves).
+KV cache: allocated per request, once, for the engine's context: the model's, capped at MAX_CONTEXT (what the planner reserves).
 On the CPU the allocation stays untouched virtual memory until positions are written, so a request occupies what it uses.
 
 The tinygrad work runs off the event loop (which keeps serving) in ONE worker thread per process, shared by every engine in it:
@@ -61,7 +61,7 @@ from exo.inference.model_files import locate_model
 from exo.inference.quantized import QuantizedMatrix, Weight
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
-from exo.topology.models import KV_CONTEXT
+from exo.topology.model_spec import MAX_CONTEXT
 
 PREFILL_CHUNK = 16  # rows of a prompt chunk; its step holds (chunk, context) attention scores: 9 MB each for SmolLM2
 LANES = 16  # partial sums per output of a matrix product
@@ -359,7 +359,7 @@ class TinygradInferenceEngine(ModelFileEngine):
     """The shard's weights moved to the device one by one, each host copy dropped once moved. O(shard weights)."""
     device = Device.canonicalize(self.device)
     config, weights = load_shard_weights(locate_model(shard.model_id), shard)
-    capacity = min(config.context_length, KV_CONTEXT)
+    capacity = min(config.context_length, MAX_CONTEXT)
     angles = np.arange(capacity, dtype=np.float64)[:, None] * rope_inv_freq(config)[None, :]
     cos, sin = (Tensor(f(angles).astype(np.float32), device=device).realize() for f in (np.cos, np.sin))
 

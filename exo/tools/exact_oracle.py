@@ -19,19 +19,22 @@ import math
 
 import numpy as np
 
-from exo.tools.plan_oracle import CostModel
+from exo.tools.plan_oracle import LEAST_CONTEXT, CostModel, planned_context
 
 MAX_NODES = 16
 _EPS = 1e-9  # slack when a time budget turns into a whole number of layers
 
 
 class Cluster:
-  """The usable nodes (they hold a layer in the middle of a ring) of one case, indexed 0..n-1, with their figures."""
+  """The usable nodes (they hold a layer in the middle of a ring at the least context v2.1 plans) of one case, indexed 0..n-1,
+  with their figures; `cm.context` sets the context the capacities are counted at."""
 
   def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1):
     self.cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
     assert self.cm.any_known_speed(), "the exact oracle does not model the memory-weighted fallback"
+    planned, self.cm.context = self.cm.context, min(LEAST_CONTEXT, self.cm.context)  # usable at some context v2.1 may plan
     self.ids = sorted(i for i in self.cm.nodes if self.cm.cap(i, False, False, 1, "latency") >= 1)
+    self.cm.context = planned
     self.n = len(self.ids)
     assert self.n <= MAX_NODES, f"{self.n} usable nodes: the exact oracle stops at {MAX_NODES}"
     self.n_layers, self.eta, self.batch = self.cm.n_layers, self.cm.eta, batch
@@ -150,10 +153,17 @@ class Cluster:
     return False
 
 
-def optimum(topology: dict, model: dict, objective: str, **params) -> float | None:
-  """The optimal objective value: TPOT in seconds (latency) or tokens/s (throughput); None if no plan is feasible."""
+def optimum(topology: dict, model: dict, objective: str, max_context: int | None = None, **params) -> float | None:
+  """The optimal objective value at the planned context (v2.1): TPOT in seconds (latency) or tokens/s (throughput); None if no
+  plan is feasible at any context."""
   cluster = Cluster(topology, model, **params)
-  if objective == "latency":
-    best = cluster.best_tpot()
-    return None if math.isinf(best) else best
-  return cluster.best_throughput()
+
+  def best_at(tokens: int) -> float | None:
+    cluster.cm.context = tokens
+    if objective == "latency":
+      best = cluster.best_tpot()
+      return None if math.isinf(best) else best
+    return cluster.best_throughput()
+
+  context = planned_context(model, lambda tokens: best_at(tokens) is not None, max_context)
+  return None if context is None else best_at(context)

@@ -14,6 +14,9 @@ v2 in one place (DESIGN.md section 2 is authoritative; the names follow it):
 - eta = H / B layers of time on the last stage (0 when H = 0).
 - c = 1 resident request under `latency`, k * b under `throughput`; cap_i = floor((M_i * 2**20 * (1 - h) - E [first]
   - H [last]) / (B + c * K)), subtracting max(E, H) once when the embeddings are tied and one node is first and last.
+- v2.1: K is the model's KV for its context N (`context_tokens`, default 8192); a plan at context C reserves K * C / N. C is
+  min(N, 8192, the user's cap) when some plan is feasible there, else the largest multiple of 256, at least 512, at which one
+  is (none below 512).
 - hop_uv(n) = r_uv / 2000 + n * A * 8 / (w_uv * 1e6) (the transfer term only when a bandwidth is given).
 - TPOT = sum L_i t_i(1) + eta t_last(1) + (k >= 2: every ring hop, last -> first included, with n = 1).
 - throughput = b / max_i (L_i t_i(b) + [i last] eta t_i(b) + (k >= 2: b * A * 8 / (w to the next node * 1e6))).
@@ -25,6 +28,7 @@ import math
 
 REL_TIE = 1e-9  # plans whose primary objective is within this relative distance of the best count as tied
 DEFAULT_PROMPT_TOKENS = 128  # the prompt length behind the plan JSON's `ttft_ms`
+DEFAULT_CONTEXT, CONTEXT_STEP, LEAST_CONTEXT = 8192, 256, 512  # v2.1's context cap, step and floor, in tokens
 OBJECTIVES = ("latency", "throughput")
 
 
@@ -50,13 +54,16 @@ class CostModel:
   A ring is a list [(node id, layer count), ...] in execution order: the first entry embeds, the last runs the head.
   """
 
-  def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1):
+  def __init__(
+    self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1, context_tokens: int | None = None
+  ):
     self.nodes = topology["nodes"]
     self.edges = topology.get("edges", [])
     self.model_id = model["id"]
     self.n_layers = model["n_layers"]
     self.B, self.F, self.A = model["layer_bytes"], model["layer_flops"], model["activation_bytes"]
-    self.K = model.get("kv_bytes_per_layer", 0)
+    self.full_K, self.N = model.get("kv_bytes_per_layer", 0), model.get("context_tokens", DEFAULT_CONTEXT)
+    self.context = min(self.N, DEFAULT_CONTEXT) if context_tokens is None else context_tokens
     self.E, self.H = model.get("embed_bytes", 0), model.get("head_bytes", 0)
     self.tied = model.get("tied_embeddings", False)
     self.eta = self.H / self.B if self.H else 0.0
@@ -68,6 +75,15 @@ class CostModel:
     self.rtt_ms = {pair: self._mean_rtt_ms(edges) for pair, edges in self.pairs.items()}
     self.bandwidth_mbps = {pair: self._mean_bandwidth_mbps(edges) for pair, edges in self.pairs.items()}
     self._t = {}  # (node id, n) -> t_i(n), memoised
+
+  @property
+  def context(self) -> int:
+    return self._context
+
+  @context.setter
+  def context(self, tokens: int) -> None:
+    """Plans reserve KV for `tokens` per request from now on: K becomes the model's K * tokens / N."""
+    self._context, self.K = tokens, self.full_K * tokens / self.N
 
   # ---------- per node ----------
 
@@ -222,20 +238,49 @@ def _best(values: list[tuple[float, float]], objective: str) -> tuple[float, flo
   return best, min(t for t, x in values if close(x, best, REL_TIE))
 
 
-def oracle(topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1) -> dict | None:
-  """Best values over every feasible plan, or None when no plan is feasible under either objective.
+def planned_context(model: dict, feasible_at, max_context: int | None = None) -> int | None:
+  """v2.1's context: the cap min(N, 8192, max_context) if `feasible_at(cap)`, else the largest multiple of 256, at least 512,
+  for which it is (tried from the top down, every one); None if none is."""
+  cap = min(model.get("context_tokens", DEFAULT_CONTEXT), DEFAULT_CONTEXT, max_context or DEFAULT_CONTEXT)
+  if feasible_at(cap):
+    return cap
+  if not model.get("kv_bytes_per_layer", 0):
+    return None
+  for tokens in range((cap - 1) // CONTEXT_STEP * CONTEXT_STEP, LEAST_CONTEXT - 1, -CONTEXT_STEP):
+    if feasible_at(tokens):
+      return tokens
+  return None
 
-  Returns {"best_tpot", "throughput_at_best_tpot", "n_plans"} over the latency-feasible plans (c = 1) and {"best_throughput",
-  "tpot_at_best_throughput", "n_throughput_plans"} over the throughput-feasible plans (c = k * b); the latter two values are
-  None when no plan is feasible under throughput (a throughput-feasible plan is always latency-feasible, not conversely). The
-  secondary values are the best among plans whose primary is within REL_TIE of the best (the objective's tie-break).
+
+def oracle(
+  topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1, max_context: int | None = None
+) -> dict | None:
+  """Best values over every feasible plan at each objective's planned context (v2.1), or None when no plan is feasible under
+  either objective.
+
+  Returns {"best_tpot", "throughput_at_best_tpot", "n_plans", "context_latency"} over the latency-feasible plans (c = 1) and
+  {"best_throughput", "tpot_at_best_throughput", "n_throughput_plans", "context_throughput"} over the throughput-feasible
+  plans (c = k * b); the latter values are None when no plan is feasible under throughput. The secondary values are the best
+  among plans whose primary is within REL_TIE of the best (the objective's tie-break).
   """
   cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
   assert cm.any_known_speed(), "the oracle does not model the memory-weighted fallback"
-  latency = [cm.evaluate(ring) for ring in cm.feasible_plans("latency")]
+
+  def plans_at(objective: str):
+    def feasible_at(tokens: int) -> bool:
+      cm.context = tokens
+      return next(cm.feasible_plans(objective), None) is not None
+
+    context = planned_context(model, feasible_at, max_context)
+    if context is None:
+      return None, []
+    cm.context = context
+    return context, [cm.evaluate(ring) for ring in cm.feasible_plans(objective)]
+
+  context_latency, latency = plans_at("latency")
   if not latency:
     return None
-  throughput = [cm.evaluate(ring) for ring in cm.feasible_plans("throughput")]
+  context_throughput, throughput = plans_at("throughput")
   best_tpot, throughput_at_best_tpot = _best(latency, "latency")
   best_throughput, tpot_at_best_throughput = _best(throughput, "throughput") if throughput else (None, None)
   return {
@@ -245,6 +290,8 @@ def oracle(topology: dict, model: dict, memory_headroom: float = 0.1, default_rt
     "tpot_at_best_throughput": tpot_at_best_throughput,
     "n_plans": len(latency),
     "n_throughput_plans": len(throughput),
+    "context_latency": context_latency,
+    "context_throughput": context_throughput,
   }
 
 
@@ -265,8 +312,8 @@ def evaluate_plan(
 ) -> dict:
   """{"tpot_s", "throughput_tps", "ttft_s", "feasible"} of a plan JSON object's shards, recomputed from the topology.
 
-  Feasibility uses the capacities of `objective` (default: the plan's own objective)."""
-  cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
+  Feasibility uses the capacities of `objective` (default: the plan's own objective) at the plan's context."""
+  cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch, plan.get("context_tokens"))
   ring = plan_ring(plan)
   tpot, throughput = cm.evaluate(ring)
   return {

@@ -90,6 +90,7 @@ class CostModel:
   params: PlannerParams
   objective: str
   prompt_tokens: int
+  context_tokens: int  # C: the context each request's KV is reserved for (v2.1)
   speed: list[tuple[float, float] | None]
   usable_bytes: list[float]  # memory less the headroom
   rtt_s: np.ndarray  # nan where not neighbours
@@ -107,6 +108,11 @@ class CostModel:
   @property
   def size(self) -> int:
     return len(self.node_ids)
+
+  @property
+  def kv_per_layer(self) -> float:
+    """K C / N: the KV bytes one request reserves per layer at the planned context (v2.1)."""
+    return self.model.kv_bytes_per_layer * self.context_tokens / self.model.context_tokens
 
   def index(self, node_id: str) -> int:
     return self.node_ids.index(node_id)
@@ -138,7 +144,7 @@ class CostModel:
         reserved = max(m.embed_bytes, m.head_bytes)
       else:
         reserved = m.embed_bytes * first + m.head_bytes * last
-      per_layer = m.layer_bytes + self.resident_requests(ring_size) * m.kv_bytes_per_layer
+      per_layer = m.layer_bytes + self.resident_requests(ring_size) * self.kv_per_layer
       self._capacity[key] = math.floor((self.usable_bytes[i] - reserved) / per_layer)
     return self._capacity[key]
 
@@ -161,6 +167,7 @@ class CostModel:
       self.params,
       self.objective,
       self.prompt_tokens,
+      self.context_tokens,
       [self.speed[i] for i in indices],
       [self.usable_bytes[i] for i in indices],
       self.rtt_s[ix],
@@ -210,8 +217,11 @@ class CostModel:
     ]
 
 
-def cost_model(topology: Topology, model: ModelSpec, params: PlannerParams, objective: str = "latency", prompt_tokens: int = 128) -> CostModel:
-  """Derive every per-node and per-pair figure the planner needs. O(n^2)."""
+def cost_model(
+  topology: Topology, model: ModelSpec, params: PlannerParams, objective: str = "latency", prompt_tokens: int = 128, context_tokens: int | None = None
+) -> CostModel:
+  """Derive every per-node and per-pair figure the planner needs, with KV reserved for `context_tokens` per request (default:
+  the model's default context, min(N, MAX_CONTEXT)). O(n^2)."""
   ids = sorted(topology.nodes)
   caps = [topology.nodes[i] for i in ids]
   n = len(ids)
@@ -233,6 +243,7 @@ def cost_model(topology: Topology, model: ModelSpec, params: PlannerParams, obje
     params=params,
     objective=objective,
     prompt_tokens=prompt_tokens,
+    context_tokens=model.default_context() if context_tokens is None else context_tokens,
     speed=[layer_speed(model, c.flops.fp16, c.memory_bandwidth, c.layer_times.get(model.id)) for c in caps],
     usable_bytes=[c.memory * 2**20 * (1 - params.memory_headroom) for c in caps],
     rtt_s=rtt_s,

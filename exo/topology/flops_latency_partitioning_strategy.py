@@ -5,21 +5,24 @@ from dataclasses import replace
 
 from exo.errors import BadInput, ClusterCannotServe
 from exo.topology.bounds import least_stage, least_tpot
+from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
 from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, Prediction, cost_model
 from exo.topology.exact_search import THROUGHPUT_LIMIT, exact_search
-from exo.topology.heuristic_search import heuristic_search, ring_through
+from exo.topology.feasibility import EXACT_NODES, feasibility
+from exo.topology.heuristic_search import best_orientation, heuristic_search, ring_through
 from exo.topology.latency_search import MAX_NODES
 from exo.topology.layer_split import bottleneck_split
-from exo.topology.model_spec import ModelSpec
+from exo.topology.model_spec import CONTEXT_LIMIT, ModelSpec
 from exo.topology.models import DEFAULT_MODEL, model_spec
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 from exo.topology.plan import Plan
-from exo.topology.search_problem import SearchProblem
+from exo.topology.search_problem import SearchProblem, better
 from exo.topology.topology import Topology
 
 EXACT_LIMIT = {"latency": MAX_NODES, "throughput": THROUGHPUT_LIMIT}  # usable nodes up to which the search is exact
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT
 PROVEN_TOL = 1e-9  # a plan within this (relative) of the bound on its objective is proven optimal
+CONTEXT_STEP = 256  # a context planned below the cap is a multiple of this many tokens (docs/DESIGN.md v2.1)
 
 
 def check_params(objective: str, params: PlannerParams) -> None:
@@ -31,6 +34,16 @@ def check_params(objective: str, params: PlannerParams) -> None:
     raise BadInput(f"default RTT must be a finite number of milliseconds >= 0, got {params.default_rtt_ms!r}")
   if isinstance(params.batch, bool) or not isinstance(params.batch, int) or params.batch < 1:
     raise BadInput(f"batch must be a whole number of requests >= 1, got {params.batch!r}")
+
+
+def check_max_context(max_context: int | None) -> None:
+  if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= CONTEXT_LIMIT):
+    raise BadInput(f"max context must be a whole number of tokens from 1 to {CONTEXT_LIMIT}, got {max_context!r}")
+
+
+def context_cap(model: ModelSpec, max_context: int | None) -> int:
+  """The context a plan reserves KV for when the cluster can hold it: the model's default, capped by the user's --max-context."""
+  return model.default_context() if max_context is None else min(model.default_context(), max_context)
 
 
 def usable_nodes(costs: CostModel) -> list[int]:
@@ -46,26 +59,21 @@ def check_fits(costs: CostModel) -> None:
   """Refuse a model that exceeds the cluster's usable memory, naming both sizes."""
   model, usable = costs.model, sum(max(0, costs.capacity(i)) for i in range(costs.size))
   if usable < model.n_layers:
-    per_layer_mb = (model.layer_bytes + costs.resident_requests(1) * model.kv_bytes_per_layer) / 2**20
+    per_layer_mb = (model.layer_bytes + costs.resident_requests(1) * costs.kv_per_layer) / 2**20
     raise ClusterCannotServe(
       f"model {model.id!r} does not fit: it needs {model.n_layers} layers of {per_layer_mb:.1f} MB "
-      f"({model.n_layers * per_layer_mb / 1024:.1f} GB) but the cluster's usable memory holds only {usable} layers "
-      f"(memory headroom {costs.params.memory_headroom:g})"
+      f"({model.n_layers * per_layer_mb / 1024:.1f} GB, with KV for a context of {costs.context_tokens} tokens) but the cluster's "
+      f"usable memory holds only {usable} layers (memory headroom {costs.params.memory_headroom:g})"
     )
-
-
-def no_ring(costs: CostModel) -> ClusterCannotServe:
-  return ClusterCannotServe(
-    f"no ring can hold model {costs.model.id!r}: the nodes with enough memory between them (with the embedding on the first "
-    "stage and the head on the last) are not joined by edges (consecutive nodes in a ring, and the last and first, must share an edge)"
-  )
 
 
 class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
   """Minimise time per output token (`latency`) or maximise pipelined tokens/s at a batch (`throughput`) using each node's
   measured layer times (or TFLOPS and memory bandwidth), memory, and measured link RTT and bandwidth. Exact up to EXACT_LIMIT
   usable nodes (16 for latency, 10 for throughput); beyond, the plan's prediction carries a bound on what any plan can reach,
-  and a warning when the plan falls short of it."""
+  and a warning when the plan falls short of it. Complete: whenever a feasible plan exists (decided exactly up to 16 usable
+  nodes), a plan is returned. The context whose KV a plan reserves is the model's (at most 8,192 tokens, or `max_context`);
+  when no plan holds that, the largest multiple of 256 tokens, at least 512, at which one exists (docs/DESIGN.md v2.1)."""
 
   name = "flops-latency"
 
@@ -78,6 +86,7 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     batch: int = 1,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     exact_limit: int | None = None,
+    max_context: int | None = None,
   ):
     self.model = model if model is not None else model_spec(DEFAULT_MODEL)  # upstream's partition(topology) names no model
     self.model_given = model is not None
@@ -85,40 +94,79 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     self.params = PlannerParams(memory_headroom, default_rtt_ms, batch)
     self.prompt_tokens = prompt_tokens
     check_params(objective, self.params)
+    check_max_context(max_context)
     self.exact_limit = EXACT_LIMIT[objective] if exact_limit is None else exact_limit
+    self.context = context_cap(self.model, max_context)
 
   def partition(self, topology: Topology) -> list[Partition]:
     return self.plan(topology).partitions
 
   def plan(self, topology: Topology) -> Plan:
-    costs = cost_model(topology, self.model, self.params, self.objective, self.prompt_tokens)
+    try:
+      return self._plan_at(topology, self.context)
+    except ClusterCannotServe:
+      if self.model.kv_bytes_per_layer <= 0 or self.context <= MIN_CONTEXT:
+        raise
+    lo, hi = MIN_CONTEXT // CONTEXT_STEP, (self.context - 1) // CONTEXT_STEP  # the answer is a multiple of CONTEXT_STEP in [lo, hi]
+    if not self._feasible_at(topology, lo * CONTEXT_STEP):
+      return self._plan_at(topology, MIN_CONTEXT, smallest=True)  # raises: why even the least context cannot be served
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      lo, hi = (mid, hi) if self._feasible_at(topology, mid * CONTEXT_STEP) else (lo, mid - 1)
+    context = lo * CONTEXT_STEP
+    warning = (
+      f"the cluster cannot hold model {self.model.id!r} with a context of {self.context} tokens: planned for {context} tokens, the most it holds"
+    )
+    return self._plan_at(topology, context, warning=warning)
+
+  def _costs(self, topology: Topology, context: int) -> CostModel:
+    return cost_model(topology, self.model, self.params, self.objective, self.prompt_tokens, context)
+
+  def _feasible_at(self, topology: Topology, context: int) -> bool:
+    costs = self._costs(topology, context)
+    try:
+      check_fits(costs)
+    except ClusterCannotServe:
+      return False
+    return feasibility(costs.restrict(usable_nodes(costs))).ring is not None
+
+  def _plan_at(self, topology: Topology, context: int, warning: str | None = None, smallest: bool = False) -> Plan:
+    costs = self._costs(topology, context)
     check_fits(costs)
     usable = usable_nodes(costs)
     warnings = costs.warnings() + ([] if self.model_given else [f"no model was given: planned for {DEFAULT_MODEL}, upstream's default model"])
+    warnings += [warning] if warning else []
     if costs.speed_known():
-      ring, layers, bound = self._search(costs, usable)
+      problem = SearchProblem(costs.restrict(usable))
+      found, bound = self._search(problem)
+      if found is None:
+        raise self._no_plan(problem.costs, context, smallest)
+      ring, layers = [usable[i] for i in found.ring], list(found.layers)
       prediction = self._with_bound(costs.evaluate(ring, layers), bound, warnings)
     else:
-      ring, layers = self._memory_weighted(costs, usable)
+      ring, layers = self._memory_weighted(costs.restrict(usable), context, smallest)
+      ring = [usable[i] for i in ring]
       prediction = costs.evaluate(ring, layers)
     named = [(costs.node_ids[i], n) for i, n in zip(ring, layers)]
-    return Plan.from_ring(self.name, self.objective, self.params, self.model, named, prediction, warnings)
+    return Plan.from_ring(self.name, self.objective, self.params, self.model, named, prediction, warnings, context)
 
-  def _search(self, costs: CostModel, usable: list[int]) -> tuple[list[int], list[int], float | None]:
-    """The plan's ring and layers, and a bound on the objective (least TPOT or busiest stage in seconds) when the search did not
-    prove the plan optimal (None when it did)."""
-    problem = SearchProblem(costs.restrict(usable))
-    exact = len(usable) <= self.exact_limit and (self.objective == "throughput" or len(usable) <= MAX_NODES)
+  def _no_plan(self, costs: CostModel, context: int, smallest: bool) -> ClusterCannotServe:
+    return cannot_serve(costs, feasibility(costs), context, smallest or context <= MIN_CONTEXT)
+
+  def _search(self, problem: SearchProblem):
+    """The plan (a Candidate of `problem`, None if no plan exists), and a bound on the objective (least TPOT or busiest stage in
+    seconds) when the search did not prove the plan optimal (None when it did)."""
+    exact = problem.size <= self.exact_limit and (self.objective == "throughput" or problem.size <= MAX_NODES)
     if exact:
       best, bound = exact_search(problem), None
-    elif self.objective == "latency":
-      best, bound = heuristic_search(problem), least_tpot(problem)
     else:
-      bound, witness = least_stage(problem)
-      best = heuristic_search(problem, witness, bound)
-    if best is None:
-      raise no_ring(costs)
-    return [usable[i] for i in best.ring], list(best.layers), bound
+      seed = _seed(problem) if problem.size <= EXACT_NODES else None
+      if self.objective == "latency":
+        best, bound = heuristic_search(problem, seed=seed), least_tpot(problem)
+      else:
+        bound, witness = least_stage(problem)
+        best = heuristic_search(problem, witness, bound, seed=seed)
+    return (best if best is not None else _seed(problem)), bound
 
   def _with_bound(self, prediction: Prediction, bound: float | None, warnings: list[str]) -> Prediction:
     """The prediction with the objective's bound: the plan's own value when proven optimal, else the bound, with a warning."""
@@ -135,16 +183,25 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
       warnings.append(f"plan not proven optimal: {value:.3f} tokens/s, and no plan can exceed {most:.3f} tokens/s ({most / value - 1:.1%} more)")
     return replace(prediction, bound_throughput_tps=value if proven else most)
 
-  def _memory_weighted(self, costs: CostModel, usable: list[int]) -> tuple[list[int], list[int]]:
-    """With no speed known anywhere: shares proportional to memory (capped), on the cheapest ring of the largest nodes."""
-    by_memory = sorted(usable, key=lambda i: (-costs.capacity(i), i))[: self.model.n_layers]
+  def _memory_weighted(self, costs: CostModel, context: int, smallest: bool) -> tuple[list[int], list[int]]:
+    """With no speed known anywhere: shares proportional to memory (capped), on the cheapest ring of the largest nodes, or on
+    any feasible ring when those have none. Indices of `costs`, the usable nodes."""
+    by_memory = sorted(range(costs.size), key=lambda i: (-costs.capacity(i), i))[: self.model.n_layers]
     found = ring_through(costs.hop[[[i] for i in by_memory], by_memory], list(range(len(by_memory))))
-    ring = None if found is None else [by_memory[i] for i in found]
-    split = (
-      None
-      if ring is None
-      else bottleneck_split([1.0 / costs.capacity(i) for i in ring], costs.ring_capacities(ring), [0.0] * len(ring), self.model.n_layers)
-    )
-    if split is None:
-      raise no_ring(costs)
-    return ring, split[1]
+    rings = [] if found is None else [[by_memory[i] for i in found]]
+    feasible = feasibility(costs).ring
+    rings += [] if feasible is None else [feasible]
+    for ring in rings:
+      split = bottleneck_split([1.0 / costs.capacity(i) for i in ring], costs.ring_capacities(ring), [0.0] * len(ring), self.model.n_layers)
+      if split is not None:
+        return ring, split[1]
+    raise self._no_plan(costs, context, smallest)
+
+
+def _seed(problem: SearchProblem):
+  """The best plan on the feasibility search's ring, over its ends (None if no plan exists)."""
+  ring = feasibility(problem.costs).ring
+  if ring is None:
+    return None
+  on_ring, turned = problem.plan_ring(ring), best_orientation(problem, ring)
+  return turned if better(turned, on_ring, problem.objective) else on_ring

@@ -10,9 +10,9 @@ local moves; throughput scores every prefix by its optimistic bottleneck (cheape
 with a real ring and refines a small enough winner by local moves and a transfer-aware 2-opt polish.
 Rings: exact Held-Karp up to EXACT_RING nodes, else a bounded Hamiltonian-cycle search (ring_search.hamiltonian_cycle: cheap
 impossibility proofs, nearest neighbour + 2-opt on dense graphs, a Warnsdorff depth-first search on sparse ones, RING_EFFORT
-extensions at most). If no plan is found that way, ring_holding searches for any ring whose nodes hold the model (the fastest
-nodes first, within RING_EFFORT work), so a ring that exists among the usable nodes of a sparse, banded, two-site or star
-topology is not missed. O(n^2) per ring, O(n^2 log n) for the prefixes.
+extensions at most). A feasible plan from exo/topology/feasibility.py (exact up to 16 nodes) seeds the search, so a ring that
+exists among the usable nodes of a sparse, banded, two-site or star topology is not missed. O(n^2) per ring, O(n^2 log n) for
+the prefixes.
 """
 
 import math
@@ -29,7 +29,6 @@ from exo.topology.search_problem import Candidate, SearchProblem, better, within
 EXACT_RING = 10
 SEED_NODES = MAX_NODES  # the exact latency search runs on this many promising nodes
 RING_EFFORT = 20_000  # path extensions per ring search: bounded, since the local search asks for many rings
-FALLBACK_TRIES = 8  # rings of growing capacity asked of ring_holding when its first one cannot take the embedding and head
 LOCAL_MOVES = 60  # improving moves at most; each is one pass over the candidate moves
 MOVE_CANDIDATES = 8  # outside nodes considered per pass: the fastest few and the nearest few
 THROUGHPUT_PREFIXES = 3  # best-bounded prefixes solved with a real ring
@@ -154,25 +153,28 @@ def _polish_order(problem: SearchProblem, best: Candidate) -> Candidate:
   return best
 
 
-def heuristic_search(problem: SearchProblem, witness: list[int] | None = None, least_stage: float = 0.0) -> Candidate | None:
-  """The best of the best one- or two-node plan, a seed (below) and the speed-ranked prefixes, improved by local moves (or
-  any ring that holds the model). Latency's seed: the exact optimum on the SEED_NODES most promising nodes, improved by local
-  moves. Throughput's: a ring through `witness`, the nodes that reach the bound `least_stage` on the busiest stage in its
-  relaxation; failing that bound, the ring of _ring_by_stage; then local moves and the order's polish. A throughput plan that
-  reaches `least_stage` is optimal and returned at once."""
+def heuristic_search(
+  problem: SearchProblem, witness: list[int] | None = None, least_stage: float = 0.0, seed: Candidate | None = None
+) -> Candidate | None:
+  """The best of the best one- or two-node plan, `seed` (a feasible plan, or None), a start (below) and the speed-ranked
+  prefixes, improved by local moves. Latency's start: the exact optimum on the SEED_NODES most promising nodes, improved by
+  local moves. Throughput's: a ring through `witness`, the nodes that reach the bound `least_stage` on the busiest stage in
+  its relaxation; failing that bound, the ring of _ring_by_stage; then local moves and the order's polish, from the seed too.
+  A throughput plan that reaches `least_stage` is optimal and returned at once. None when none of these finds a plan (the
+  caller then asks exo/topology/feasibility.py for any)."""
   ranking = _speed_ranking(problem)
   k_min = _smallest_fitting_prefix(problem, ranking)
-  small = best_small_plan(problem)
-  if k_min is None:  # under throughput a longer prefix keeps KV for more stages: none may hold what a ring elsewhere does
-    return _best(problem, small, _any_ring(problem, ranking))
+  small = _best(problem, best_small_plan(problem), seed)
   if problem.objective == "latency":
-    seed = _exact_on(problem, promising(problem, SEED_NODES, small))
-    best = _best(problem, small, None if seed is None else _improve(problem, list(seed.ring), ranking, "latency", seed))
+    start = _exact_on(problem, promising(problem, SEED_NODES, small))
+    best = _best(problem, small, None if start is None else _improve(problem, list(start.ring), ranking, "latency", start))
   else:
     best = _throughput_seed(problem, small, witness, least_stage, ranking)
     if best is not None and within_tolerance(best.bottleneck, least_stage):
       return best
-  return _best(problem, best, _search(problem, ranking, k_min) or _any_ring(problem, ranking))
+  if k_min is None:  # under throughput a longer prefix keeps KV for more stages: none may hold what a ring elsewhere does
+    return best
+  return _best(problem, best, _search(problem, ranking, k_min))
 
 
 def _best(problem: SearchProblem, *candidates: Candidate | None) -> Candidate | None:
@@ -259,26 +261,6 @@ def _exact_on(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
   """The exact search's plan on a subset of the nodes, as a candidate of the whole problem."""
   found = exact_search(SearchProblem(problem.costs.restrict(nodes)))
   return None if found is None else problem.candidate([nodes[i] for i in found.ring], list(found.layers))
-
-
-def _any_ring(problem: SearchProblem, ranking: list[int]) -> Candidate | None:
-  """A plan on any ring that holds the model, for topologies where the subsets the search tried have no ring. When a ring
-  found cannot hold the model after all (its ends take the embedding and head; under throughput each node keeps KV for every
-  stage), the next try counts capacities for a ring of its size or asks for a layer more. FALLBACK_TRIES rings at most."""
-  ring_size, need = 1, problem.n_layers
-  for _ in range(FALLBACK_TRIES):
-    weight = [float(max(0, problem.middle_capacity(i, ring_size))) for i in range(problem.size)]
-    ring = ring_holding(problem.hop, weight, need, ranking, RING_EFFORT)
-    if ring is None:
-      return None
-    best = best_orientation(problem, ring)
-    if best is not None:
-      return best
-    if len(ring) > ring_size:
-      ring_size = len(ring)
-    else:
-      need += 1
-  return None
 
 
 def _search(problem: SearchProblem, ranking: list[int], k_min: int) -> Candidate | None:

@@ -7,6 +7,8 @@ from exo.errors import BadInput
 from exo.topology.device_capabilities import non_negative_number, reject_unknown_keys, unicode_text
 from exo.topology.topology import parse_json, read_text
 
+MAX_CONTEXT = 8192  # tokens of context a plan reserves KV for unless capped lower (--max-context): docs/DESIGN.md v2.1
+CONTEXT_LIMIT = 1 << 24  # the longest context a model spec may declare
 MAX_LAYERS = 10_000  # the largest published models have a few hundred; more is a mistake the planner would take minutes over
 FLOAT32_BYTES = 4  # the engines send hidden states between stages and keep the KV cache in float32; the final norm is counted as float32
 
@@ -14,7 +16,8 @@ FLOAT32_BYTES = 4  # the engines send hidden states between stages and keep the 
 @dataclass(frozen=True)
 class ModelSpec:
   """A transformer's figures (docs/DESIGN.md section 2): per layer, bytes of weights, FLOPs per token, hidden-state bytes sent per token
-  and KV bytes; and the bytes of the token embedding (first stage) and of the final norm and output head (last stage)."""
+  and KV bytes for one request at `context_tokens`; and the bytes of the token embedding (first stage) and of the final norm and
+  output head (last stage)."""
 
   id: str
   n_layers: int
@@ -25,9 +28,14 @@ class ModelSpec:
   embed_bytes: float = 0.0
   head_bytes: float = 0.0
   tied_embeddings: bool = False
+  context_tokens: int = MAX_CONTEXT
 
   def to_dict(self) -> dict:
     return asdict(self)
+
+  def default_context(self) -> int:
+    """The context a plan reserves KV for unless capped: the model's own, at most MAX_CONTEXT tokens."""
+    return min(self.context_tokens, MAX_CONTEXT)
 
   @staticmethod
   def from_dict(data: dict, where: str = "model spec") -> "ModelSpec":
@@ -35,7 +43,7 @@ class ModelSpec:
       raise BadInput(f"{where} must be a JSON object, got {type(data).__name__}")
     required = {"id", "n_layers", "layer_bytes", "layer_flops", "activation_bytes"}
     sizes = ("layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer", "embed_bytes", "head_bytes")
-    reject_unknown_keys(data, {*required, *sizes, "tied_embeddings"}, where)
+    reject_unknown_keys(data, {*required, *sizes, "tied_embeddings", "context_tokens"}, where)
     for key in sorted(required):
       if key not in data:
         raise BadInput(f"{where} is missing {key!r}")
@@ -48,10 +56,14 @@ class ModelSpec:
     tied = data.get("tied_embeddings", False)
     if not isinstance(tied, bool):
       raise BadInput(f"{where}.tied_embeddings must be true or false, got {tied!r}")
+    context = data.get("context_tokens", MAX_CONTEXT)
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= CONTEXT_LIMIT:
+      raise BadInput(f"{where}.context_tokens must be a whole number of tokens from 1 to {CONTEXT_LIMIT}, got {context!r}")
     spec = ModelSpec(
       id=data["id"],
       n_layers=n_layers,
       tied_embeddings=tied,
+      context_tokens=context,
       **{k: non_negative_number(data.get(k, 0), f"{where}.{k}") for k in sizes},
     )
     if spec.layer_bytes + spec.kv_bytes_per_layer <= 0:
@@ -105,4 +117,5 @@ class Architecture:
       embed_bytes=vocab_matrix_bytes,
       head_bytes=self.hidden_size * FLOAT32_BYTES + vocab_matrix_bytes,
       tied_embeddings=self.tied_embeddings,
+      context_tokens=self.context_length,
     )

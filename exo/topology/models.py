@@ -1,10 +1,9 @@
 """Built-in models the fork serves, by upstream's ids: the plain id is the 4-bit build, suffixes name other precisions."""
 
 from exo.errors import ModelNotFound
-from exo.topology.model_spec import Architecture, ModelSpec
+from exo.topology.model_spec import MAX_CONTEXT, Architecture, ModelSpec
 
 BITS = {"4bit": 4.5, "8bit": 8.5, "q4_1": 5.0, "q8_0": 8.5, "bf16": 16.0}  # q4_1: 4-bit weights plus an fp16 scale and minimum per 32
-KV_CONTEXT = 8192  # tokens of KV cache reserved per request when planning; the models support more, a home cluster rarely uses it
 
 _SHAPES = {
   # name: (layers, hidden, intermediate, heads, kv heads, vocab, tied word embeddings) from each model's published config.json
@@ -40,7 +39,7 @@ def architecture(model_id: str) -> Architecture:
   shape, precision = _BUILDS[model_id]
   layers, hidden, intermediate, heads, kv_heads, vocab, tied = _SHAPES[shape]
   embed_bits = BITS[_EMBED_PRECISION[model_id]] if model_id in _EMBED_PRECISION else None
-  return Architecture(layers, hidden, intermediate, heads, kv_heads, BITS[precision], KV_CONTEXT, vocab, tied, embed_bits)
+  return Architecture(layers, hidden, intermediate, heads, kv_heads, BITS[precision], MAX_CONTEXT, vocab, tied, embed_bits)
 
 
 MODELS: dict[str, ModelSpec] = {model_id: architecture(model_id).spec(model_id) for model_id in _BUILDS}

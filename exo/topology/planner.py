@@ -4,7 +4,14 @@ import math
 
 from exo.errors import BadInput
 from exo.topology.cost_model import PlannerParams, Prediction, cost_model
-from exo.topology.flops_latency_partitioning_strategy import DEFAULT_PROMPT_TOKENS, FlopsLatencyPartitioningStrategy, check_fits, check_params
+from exo.topology.flops_latency_partitioning_strategy import (
+  DEFAULT_PROMPT_TOKENS,
+  FlopsLatencyPartitioningStrategy,
+  check_fits,
+  check_max_context,
+  check_params,
+  context_cap,
+)
 from exo.topology.model_spec import ModelSpec
 from exo.topology.models import model_spec
 from exo.topology.plan import Plan
@@ -26,11 +33,13 @@ def as_model(model: ModelSpec | dict | str) -> ModelSpec:
   return ModelSpec.from_dict(model)
 
 
-def memory_weighted_plan(topology: Topology, model: ModelSpec, objective: str, params: PlannerParams, prompt_tokens: int) -> Plan:
-  """Upstream's strategy, evaluated under the same cost model; its plan may overfill a node, which is reported, not hidden."""
-  costs = cost_model(topology, model, params, objective, prompt_tokens)
+def memory_weighted_plan(topology: Topology, model: ModelSpec, objective: str, params: PlannerParams, prompt_tokens: int, context: int) -> Plan:
+  """Upstream's strategy, evaluated under the same cost model at the context cap; its plan may overfill a node, which is
+  reported, not hidden."""
+  costs = cost_model(topology, model, params, objective, prompt_tokens, context)
   check_fits(costs)
-  plan = Plan("ring-memory-weighted", objective, params, model, RingMemoryWeightedPartitioningStrategy().partition(topology), None)
+  partitions = RingMemoryWeightedPartitioningStrategy().partition(topology)
+  plan = Plan("ring-memory-weighted", objective, params, model, partitions, None, context_tokens=context)
   ring = plan.ring()
   idx, layers = [costs.index(node_id) for node_id, _ in ring], [n for _, n in ring]
   plan.prediction = costs.evaluate(idx, layers)
@@ -52,11 +61,13 @@ def predict_ring(
   ring: list[tuple[str, int]],
   objective: str = "latency",
   prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+  context_tokens: int | None = None,
 ) -> Prediction | None:
-  """The cost model's prediction for an existing ring [(node id, layers)] on `topology`; None if a ring node has left it."""
+  """The cost model's prediction for an existing ring [(node id, layers)] on `topology`, with KV for `context_tokens` (default:
+  the model's default context); None if a ring node has left it."""
   if any(node_id not in topology.nodes for node_id, _ in ring):
     return None
-  costs = cost_model(topology, model, params, objective, prompt_tokens)
+  costs = cost_model(topology, model, params, objective, prompt_tokens, context_tokens)
   return costs.evaluate([costs.index(node_id) for node_id, _ in ring], [n for _, n in ring])
 
 
@@ -66,17 +77,20 @@ def plan_for(
   strategy: str = "flops-latency",
   objective: str = "latency",
   prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+  max_context: int | None = None,
   **params,
 ) -> Plan:
+  """The plan of `strategy`; `max_context` caps the context whose KV each request reserves (docs/DESIGN.md v2.1)."""
   unknown = sorted(set(params) - {"memory_headroom", "default_rtt_ms", "batch"})
   if unknown:
     raise BadInput(f"unknown planner parameter {unknown[0]!r}; expected memory_headroom, default_rtt_ms or batch")
   topology, model, planner_params = as_topology(topology), as_model(model), PlannerParams(**params)
   check_params(objective, planner_params)
+  check_max_context(max_context)
   if strategy == "flops-latency":
-    return FlopsLatencyPartitioningStrategy(model, objective, prompt_tokens=prompt_tokens, **params).plan(topology)
+    return FlopsLatencyPartitioningStrategy(model, objective, prompt_tokens=prompt_tokens, max_context=max_context, **params).plan(topology)
   if strategy == "ring-memory-weighted":
-    return memory_weighted_plan(topology, model, objective, planner_params, prompt_tokens)
+    return memory_weighted_plan(topology, model, objective, planner_params, prompt_tokens, context_cap(model, max_context))
   raise BadInput(f"unknown partitioning strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
 
 

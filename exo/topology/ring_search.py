@@ -176,9 +176,10 @@ def _bitmasks(near: np.ndarray) -> list[int]:
   return [int.from_bytes(np.packbits(row, bitorder="little").tobytes(), "little") for row in near]
 
 
-def _blocks_at(x: int, adj: list[int], allowed: int) -> list[int]:
+def _blocks_at(x: int, adj: list[int], allowed: int, every: bool = False) -> list[int]:
   """The blocks (biconnected components, as node masks; a bridge is a block of two) containing x of the graph induced by the
-  `allowed` nodes (adj[u] is u's neighbour mask). Every cycle through x lies in one of them.
+  `allowed` nodes (adj[u] is u's neighbour mask); with `every`, all blocks of x's connected component. Every cycle through x
+  lies in one of the first.
 
   Tarjan's low-points on a depth-first tree rooted at x, with masks for the edges: the next child is the lowest unseen
   neighbour, and a node's back edges reach its shallowest adjacent ancestor, found by bisecting the masks of the path's
@@ -209,9 +210,24 @@ def _blocks_at(x: int, adj: list[int], allowed: int) -> list[int]:
       block = 1 << parent
       while not block >> u & 1:
         block |= 1 << below.pop()
-      if parent == x:
+      if parent == x or every:
         found.append(block)
   return found
+
+
+def linked_blocks(adj: list[int], allowed: int) -> list[int]:
+  """Every block of three or more nodes (as masks) of the graph induced by the `allowed` nodes: every cycle of that graph
+  lies in one of them. O(V log V) mask operations per connected component."""
+  blocks, left = [], allowed
+  while left:
+    x = (left & -left).bit_length() - 1
+    component = _blocks_at(x, adj, allowed, every=True)
+    reached = 1 << x
+    for block in component:
+      reached |= block
+    left &= ~reached
+    blocks.extend(b for b in component if b.bit_count() >= 3)
+  return blocks
 
 
 def _unbalanced_bipartite(masks: list[int]) -> bool:
@@ -346,27 +362,35 @@ def hamiltonian_cycle(nodes: list[int], hop: np.ndarray, budget: int = HAMILTON_
   return _canonical([nodes[i] for i in order])
 
 
-def _heavy_cycle(x: int, block: int, adj: list[int], weight: list[float], need: float, budget: int) -> tuple[list[int] | None, int]:
-  """(a ring through x within the `block` mask of weight >= need, or None; the work spent): depth-first path extension from x.
+def _heavy_cycle(
+  x: int, block: int, adj: list[int], weight: list[float], need: float, budget: int, max_len: int | None = None
+) -> tuple[list[int] | None, int]:
+  """(a ring through x within the `block` mask of weight >= need and at most `max_len` nodes, or None; the work spent):
+  depth-first path extension from x.
 
   adj[u] is u's neighbour mask; weights are >= 0. Each state floods the nodes reachable from the head through unvisited ones
-  (O(V) bit operations) and is pruned unless that region touches x and the path's weight plus the region's reaches `need`;
-  once the path holds `need`, the shortest way back to x through the region closes the ring. Heavier nodes, then earlier
-  ones, are tried first, so rings stay small. Work: one per state plus the region's size; exhaustive (exact) when it
-  finishes within `budget`.
+  (O(V) bit operations) and is pruned unless that region touches x and the path's weight plus the region's (its heaviest
+  nodes that still fit in the length) reaches `need`, and the nearest way back to x fits in the length; once the path holds
+  `need`, the shortest way back to x through the region closes the ring. Heavier nodes, then earlier ones, are tried first,
+  so rings stay small. Work: one per state plus the region's size; exhaustive (exact) when it finishes within `budget`.
   """
   path, held, seen, work = [x], [weight[x]], 1 << x, 0
+  longest = block.bit_count() if max_len is None else max_len
 
-  def flood(mask: int, free: int) -> tuple[int, float]:
-    region, total = 0, 0.0
+  def flood(mask: int, free: int) -> tuple[int, list[float], int]:
+    """(the region reachable from `mask` through `free` nodes, its weights, the fewest of its nodes on a way back to x)."""
+    region, weights, depth, back = 0, [], 0, 0
     while mask:
       region |= mask
+      depth += 1
       grown = 0
       for u in _bits(mask):
-        total += weight[u]
+        weights.append(weight[u])
         grown |= adj[u]
+        if not back and adj[u] >> x & 1:
+          back = depth
       mask = grown & free & ~region
-    return region, total
+    return region, weights, back
 
   def way_back(h: int, free: int) -> list[int]:
     parent, frontier, reached = {}, [h], 1 << h
@@ -386,12 +410,15 @@ def _heavy_cycle(x: int, block: int, adj: list[int], weight: list[float], need: 
   def assess() -> tuple[list[int] | None, list[int]]:
     """(the ring, if this path closes into one; else the moves to try, best last)."""
     nonlocal work
-    h, free = path[-1], block & ~seen
+    h, free, slots = path[-1], block & ~seen, longest - len(path)
     if held[-1] >= need and len(path) >= 2 and adj[h] >> x & 1:
       return path, []
-    region, total = flood(adj[h] & free, free)
+    region, weights, back = flood(adj[h] & free, free)
     work += 1 + region.bit_count()
-    if not region & adj[x] or held[-1] + total < need:
+    if not back or back > slots:
+      return None, []
+    reachable = sum(weights) if slots >= len(weights) else sum(sorted(weights)[-slots:])
+    if held[-1] + reachable < need:
       return None, []
     if held[-1] >= need:
       return path + way_back(h, free), []
@@ -414,6 +441,23 @@ def _heavy_cycle(x: int, block: int, adj: list[int], weight: list[float], need: 
     ring, moves = assess()
     stack.append(moves)
   return ring, work
+
+
+def heavy_cycle(block: int, adj: list[int], weight: list[float], need: float, budget: int, max_len: int) -> tuple[list[int] | None, int, bool]:
+  """(a cycle of at most `max_len` nodes within the `block` mask whose `weight` is at least `need`, or None; the work spent;
+  whether the search was exhaustive): cycles through each node in turn, heaviest first, that node then left out of the
+  later searches. Each node's search may spend half the work left. O(budget) work at most."""
+  left, spent, exhaustive = block, 0, True
+  for x in sorted(_bits(block), key=lambda u: (-weight[u], u)):
+    if (left & adj[x]).bit_count() >= 2:
+      share = max(1, (budget - spent) // 2)
+      ring, work = _heavy_cycle(x, left, adj, weight, need, share, max_len)
+      spent += work
+      if ring is not None:
+        return ring, spent, exhaustive
+      exhaustive &= work < share
+    left &= ~(1 << x)
+  return None, spent, exhaustive
 
 
 RING_BUDGET = 400_000  # work units (search states and flooded nodes, path extensions). Among 8 nodes a search from x meets

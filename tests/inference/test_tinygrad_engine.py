@@ -20,7 +20,7 @@ from exo.inference.quantized import weight_nbytes
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import RequestStateError
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
-from exo.topology.models import KV_CONTEXT
+from exo.topology.model_spec import MAX_CONTEXT
 from tests.inference.numpy_llama import forward
 from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
 
@@ -226,7 +226,7 @@ def test_cache_covers_the_capped_context(models):
   try:
     asyncio.run(engine.load_shard(shard))
     model = engine._models[shard]
-    assert engine._dims(model).context_length == min(TINY.context_length, KV_CONTEXT)
+    assert engine._dims(model).context_length == min(TINY.context_length, MAX_CONTEXT)
     with pytest.raises(ValueError):
       asyncio.run(engine.infer_tensor("r", shard, np.zeros(TINY.context_length + 1, dtype=np.int64), 0))
   finally:
@@ -345,7 +345,7 @@ def test_smollm_shards_hold_packed_layers_in_proportion(smollm_engines):
   quarter, half = Shard(SMOLLM, 1, 7, SMOLLM_LAYERS), Shard(SMOLLM, 1, 14, SMOLLM_LAYERS)
   held = {s: smollm_engines(s).held_array_bytes(s) for s in (quarter, half)}
   tables = held[half] - sum(layer_bytes[i] for i in range(1, 15))  # the RoPE tables, the same in both
-  assert 0 <= tables <= 4 * KV_CONTEXT * 64  # cos and sin, (context, head_dim / 2) float32 each
+  assert 0 <= tables <= 4 * MAX_CONTEXT * 64  # cos and sin, (context, head_dim / 2) float32 each
   assert held[quarter] - tables == sum(layer_bytes[i] for i in range(1, 8))
   assert abs((held[quarter] - tables) / (held[half] - tables) - 0.5) < 0.01
   assert held[half] < 0.2 * 4 * sum(int(np.prod(weights[layer_key(i, p)].shape)) for i in range(1, 15) for p in parts)

@@ -101,6 +101,8 @@ def test_layer_times_embedding_and_head_on_two_nodes():
     "tpot_at_best_throughput": pytest.approx(12e-3),
     "n_plans": 2,
     "n_throughput_plans": 2,
+    "context_latency": 8192,
+    "context_throughput": 8192,
   }
 
 
@@ -189,15 +191,27 @@ def test_batch_with_kv_cache_shrinks_throughput_caps():
     "tpot_at_best_throughput": pytest.approx(8e-3),
     "n_plans": 8,
     "n_throughput_plans": 5,
+    "context_latency": 8192,
+    "context_throughput": 8192,
   }
 
 
-def test_throughput_part_is_none_when_only_latency_fits():
-  # a alone, 5 layers: latency cap 7 fits; throughput at batch 4 caps it at 4 (see above), and b is gone: nothing fits.
+def test_throughput_plans_a_shorter_context_when_only_latency_fits_the_full_one():
+  # a alone (usable 9.437184e9 bytes), 5 layers: latency cap 7 fits at 8192 tokens; throughput at batch 4 caps it at 4 (see
+  # above), so v2.1 shortens the context C: 5 (1e9 + 4 * 0.25e9 * C / 8192) <= 9.437184e9 holds up to C = 7269, so 7168.
   topology = {"nodes": {"a": node(10000, 1000, 10)}, "edges": []}
   best = oracle(topology, spec(5, layer_flops=1e10, kv=0.25 * GB), batch=4)
-  assert best["best_tpot"] == pytest.approx(5e-3) and best["n_plans"] == 1
-  assert (best["best_throughput"], best["tpot_at_best_throughput"], best["n_throughput_plans"]) == (None, None, 0)
+  assert best["best_tpot"] == pytest.approx(5e-3) and best["n_plans"] == 1 and best["context_latency"] == 8192
+  assert best["context_throughput"] == 7168 and best["best_throughput"] == pytest.approx(4 / 0.020)
+
+
+def test_throughput_part_is_none_when_only_latency_fits():
+  # 9 layers, K = 0.5 GB at 8192 tokens: latency (one request) fits 9 (1e9 + 0.5e9 C / 8192) <= 9.437184e9 up to C = 796, so 768;
+  # throughput (4 requests) needs 1e9 + 4 * 0.5e9 * 512 / 8192 = 1.125e9 per layer even at 512 tokens: 8.4 layers, no plan.
+  topology = {"nodes": {"a": node(10000, 1000, 10)}, "edges": []}
+  best = oracle(topology, spec(9, layer_flops=1e10, kv=0.5 * GB), batch=4)
+  assert best["best_tpot"] == pytest.approx(9e-3) and best["n_plans"] == 1 and best["context_latency"] == 768
+  assert (best["best_throughput"], best["tpot_at_best_throughput"], best["n_throughput_plans"], best["context_throughput"]) == (None, None, 0, None)
 
 
 # ---------- unknown speed: the slowest known t_j(n), for each n separately ----------

@@ -185,6 +185,7 @@ def check_optimal(case: dict, objective: str) -> None:
       plan_for(case, objective)
     return
   plan = plan_for(case, objective)
+  assert plan["context_tokens"] == best[f"context_{objective}"], f"context {plan['context_tokens']}, oracle's {best[f'context_{objective}']}"
   p = plan["predicted"]
   tpot, throughput = p["tpot_ms"] / 1000, p["throughput_tps"]
   if objective == "latency":
@@ -201,7 +202,7 @@ def check_optimal(case: dict, objective: str) -> None:
 
 
 def check_feasible(case: dict, objective: str, plan: dict) -> None:
-  cm = cost_model(case)
+  cm = CostModel(case["topology"], case["model"], **oracle_params(case), context_tokens=plan["context_tokens"])
   ids = [s["node_id"] for s in plan["shards"]]
   assert ids, "a plan must hold at least one shard"
   assert len(set(ids)) == len(ids), f"a node appears twice in the ring {ids}"

@@ -35,6 +35,7 @@ REL = 1e-6
 TIE = 1e-9  # objective values closer than this (relative) are ties, decided by the other objective
 PROMPT_TOKENS = 128  # the prompt length behind the reported TTFT
 BRUTE_MAX_NODES = 7
+CONTEXT = 8192  # v2.1: the context planned unless the cluster cannot hold it (the model's, if shorter)
 ENUMERATE_MAX = 5000  # compositions per ring up to which every integer split is enumerated
 
 
@@ -94,7 +95,8 @@ class Cluster:
     self.objective, self.batch, self.prompt_tokens = objective, batch, prompt_tokens
     self.n_layers = model["n_layers"]
     B, F, A = model["layer_bytes"], model["layer_flops"], model["activation_bytes"]
-    self.B, self.K = B, model.get("kv_bytes_per_layer", 0)
+    self.B, self.full_K, self.N = B, model.get("kv_bytes_per_layer", 0), model.get("context_tokens", CONTEXT)
+    self.set_context(min(self.N, CONTEXT))
     self.E, self.H, self.tied = model.get("embed_bytes", 0), model.get("head_bytes", 0), model.get("tied_embeddings", False)
     self.eta = self.H / B if self.H > 0 else 0.0
     self.speed = {}  # node -> (d, c) seconds: t(n) = max(d, n c)
@@ -122,6 +124,10 @@ class Cluster:
       w = sum(bandwidths[pair]) / len(bandwidths[pair]) if bandwidths[pair] else None
       self.transfer[pair] = A * 8 / (w * 1e6) if w else 0.0  # seconds per token's activation
       self.half_rtt[pair] = (sum(measured) / len(measured) if measured else default_rtt_ms) / 2 / 1000
+
+  def set_context(self, tokens: int) -> None:
+    """v2.1: plans reserve KV for `tokens` per request, K C / N."""
+    self.context, self.K = tokens, self.full_K * tokens / self.N
 
   def t(self, i: str, n: int) -> float:
     """t_i(n) = max(d_i, n c_i); a node of unknown speed: the largest t_j(n) over the nodes whose speed is known."""
@@ -290,7 +296,15 @@ class Cluster:
     return math.comb(self.n_layers - 1, len(ring) - 1) <= ENUMERATE_MAX
 
   def optimum(self) -> tuple[tuple[float, float], tuple, list[int]] | None:
-    """The best (score, ring, layers) over every feasible plan; None if none is feasible."""
+    """The best (score, ring, layers) over every feasible plan at v2.1's context (self.context after the call: the cap if any
+    plan is feasible there, else the largest multiple of 256 from 512 at which one is); None if none is feasible."""
+    contexts = range((self.context - 1) // 256 * 256, 511, -256) if self.full_K else []
+    for tokens in [self.context, *contexts]:
+      self.set_context(tokens)
+      if any(self.splittable(ring) for ring in self.rings()):
+        break
+    else:
+      return None
     found = []
     for ring in self.rings():
       best = self.ring_best(ring, self.few_splits(ring))
@@ -414,6 +428,7 @@ def test_planner_matches_brute_force(path: Path, objective: str):
       plan_for(scenario)
     return
   plan = plan_for(scenario)
+  assert plan["context_tokens"] == cluster.context
   assert cluster.plan_problems(plan) == []
   ring, layers = [i for i, _ in ring_of(plan)], [n for _, n in ring_of(plan)]
   tpot, throughput, ttft = cluster.evaluate(ring, layers)
