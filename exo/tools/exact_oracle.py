@@ -29,9 +29,9 @@ class Cluster:
   """The usable nodes (they hold a layer in the middle of a ring at the least context v2.1 plans) of one case, indexed 0..n-1,
   with their figures; `cm.context` sets the context the capacities are counted at."""
 
-  def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1):
+  def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1, need_speed: bool = True):
     self.cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
-    assert self.cm.any_known_speed(), "the exact oracle does not model the memory-weighted fallback"
+    assert self.cm.any_known_speed() or not need_speed, "the exact oracle does not model the memory-weighted fallback"
     planned, self.cm.context = self.cm.context, min(LEAST_CONTEXT, self.cm.context)  # usable at some context v2.1 may plan
     self.ids = sorted(i for i in self.cm.nodes if self.cm.cap(i, False, False, 1, "latency") >= 1)
     self.cm.context = planned
@@ -151,6 +151,35 @@ class Cluster:
       if np.any(keep & (held >= self.n_layers)):
         return True
     return False
+
+
+def feasible(topology: dict, model: dict, objective: str, context: int | None = None, **params) -> bool:
+  """Whether any plan is feasible under `objective` at `context` tokens (default: the model's default context; no speeds
+  needed): some node alone holds the
+  model, or some subset S with a ring whose first node is f and last node h (a cycle through the edge h -> f) gives every node
+  at least one layer in its role at capacities of ring size |S| <= n_layers, and all of them together n_layers."""
+  cluster = Cluster(topology, model, need_speed=False, **params)
+  cluster.cm.context = cluster.cm.context if context is None else context
+  n, total = cluster.n, cluster.n_layers
+  if any(cluster.cap(i, True, True, 1, objective) >= total for i in range(n)):
+    return True
+  caps = {role: np.array([[cluster.cap(i, *role, k, objective) for k in range(n + 1)] for i in range(n)]) for role in ((0, 0), (1, 0), (0, 1))}
+  middle, first, last = caps[0, 0], caps[1, 0], caps[0, 1]
+  for f in range(n):
+    for h in range(n):
+      if f == h:
+        continue
+      masks = cluster.ring_masks(f, h)
+      k = cluster.size[masks]
+      held = first[f, k] - middle[f, k] + last[h, k] - middle[h, k]
+      short = np.zeros(len(masks), dtype=bool)
+      for i in range(n):
+        member = cluster.bits[i][masks] == 1
+        held = held + np.where(member, middle[i, k], 0)
+        short |= member & (middle[i, k] < 1)
+      if np.any((k <= total) & ~short & (first[f, k] >= 1) & (last[h, k] >= 1) & (held >= total)):
+        return True
+  return False
 
 
 def optimum(topology: dict, model: dict, objective: str, max_context: int | None = None, **params) -> float | None:
