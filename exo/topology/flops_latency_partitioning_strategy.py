@@ -9,7 +9,7 @@ from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
 from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, Prediction, cost_model
 from exo.topology.exact_search import THROUGHPUT_LIMIT, exact_search
 from exo.topology.feasibility import EXACT_NODES, feasibility
-from exo.topology.heuristic_search import best_orientation, heuristic_search, ring_through
+from exo.topology.heuristic_search import best_orientation, heuristic_search, promising, ring_through
 from exo.topology.latency_search import MAX_NODES
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.model_spec import CONTEXT_LIMIT, ModelSpec
@@ -22,6 +22,8 @@ from exo.topology.topology import Topology
 EXACT_LIMIT = {"latency": MAX_NODES, "throughput": THROUGHPUT_LIMIT}  # usable nodes up to which the search is exact
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT
 PROVEN_TOL = 1e-9  # a plan within this (relative) of the bound on its objective is proven optimal
+REFINE_GAP = 0.01  # a throughput plan further than this from its bound is refined by an exact search on its most promising nodes
+REFINE_NODES = 12  # nodes that exact search runs on (about a second on two cores; 16 would take ten seconds or more)
 CONTEXT_STEP = 256  # a context planned below the cap is a multiple of this many tokens (docs/DESIGN.md v2.1)
 
 
@@ -166,7 +168,20 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
       else:
         bound, witness = least_stage(problem)
         best = heuristic_search(problem, witness, bound, seed=seed)
+        if best is not None and problem.size <= EXACT_NODES and best.bottleneck > bound * (1 + REFINE_GAP):
+          best, bound = self._refine_throughput(problem, best, bound)
     return (best if best is not None else _seed(problem)), bound
+
+  def _refine_throughput(self, problem: SearchProblem, best, bound: float):
+    """A throughput plan more than REFINE_GAP short of its bound (links with bandwidth make the order matter, where the bound
+    is loose): the exact search on the REFINE_NODES most promising nodes (the plan's own first). Exact, with no bound left to
+    state, when the cluster has no more usable nodes than that."""
+    nodes = promising(problem, REFINE_NODES, best)
+    refined = exact_search(SearchProblem(problem.costs.restrict(nodes)))
+    if refined is not None:
+      candidate = problem.candidate([nodes[i] for i in refined.ring], list(refined.layers))
+      best = candidate if better(candidate, best, "throughput") else best
+    return best, (None if problem.size <= REFINE_NODES else bound)
 
   def _with_bound(self, prediction: Prediction, bound: float | None, warnings: list[str]) -> Prediction:
     """The prediction with the objective's bound: the plan's own value when proven optimal, else the bound, with a warning."""
