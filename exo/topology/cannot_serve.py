@@ -32,13 +32,18 @@ def cannot_serve(costs: CostModel, found: Feasibility, context: int, smallest: b
   """The error for the usable nodes of `costs`, with no plan at `context` tokens (`smallest`: no shorter context is planned);
   `found` is the feasibility search's result."""
   model = costs.model
-  at = f"with KV for a context of {context} tokens per request"
+  if costs.kv_per_layer <= 0:
+    at = ""
+  elif smallest and context == MIN_CONTEXT:
+    at = f" even with KV for the least context a plan reserves ({MIN_CONTEXT} tokens per request)"
+  else:
+    at = f" with KV for a context of {context} tokens per request"
   if found.widest is None:
     reach = "no two nodes that can hold a layer are linked, and no node holds the model alone"
   else:
     reach = f"the most any ring of linked nodes holds is {found.most_layers} of its {model.n_layers} layers ({' > '.join(costs.node_ids[i] for i in found.widest)})"
   if not found.proven:
-    return ClusterCannotServe(f"no plan for model {model.id!r} was found within the search budget ({at}): {reach}; a plan was not proven impossible")
+    return ClusterCannotServe(f"no plan for model {model.id!r} was found{at} within the search budget: {reach}; a plan was not proven impossible")
   advice = []
   if found.widest is not None:
     k = len(found.widest)
@@ -51,6 +56,4 @@ def cannot_serve(costs: CostModel, found: Feasibility, context: int, smallest: b
     advice.append(f"links {pairs} (a ring {' > '.join(costs.node_ids[i] for i in links[0])} would hold it)")
   if costs.kv_per_layer > 0 and not smallest:
     advice.append("a shorter context (--max-context)")
-  elif costs.kv_per_layer > 0:
-    at += f", the least a plan reserves ({MIN_CONTEXT} tokens or less)" if context <= MIN_CONTEXT else ""
-  return ClusterCannotServe(f"no ring can hold model {model.id!r} {at}: {reach}; it would fit with {' or '.join(advice) or 'more memory'}")
+  return ClusterCannotServe(f"no ring can hold model {model.id!r}{at}: {reach}; it would fit with {' or '.join(advice) or 'more memory'}")

@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from exo.errors import ClusterCannotServe, ExoError
 from exo.tools.exact_oracle import feasible
 from exo.tools.plan_oracle import planned_context
+from exo.topology.cannot_serve import cannot_serve
+from exo.topology.cost_model import PlannerParams, cost_model
+from exo.topology.feasibility import feasibility
+from exo.topology.model_spec import ModelSpec
 from exo.topology.planner import make_plan
+from exo.topology.topology import Topology
 from tests.topology.test_large_clusters import log_floats
 from tests.topology.test_planner_optimality import check_feasible
 
@@ -163,3 +168,14 @@ def test_a_cluster_that_cannot_serve_is_told_what_would_make_it_fit():
     assert "about 223 MB more memory among 'a', 'b'" in text, text
     assert "links c-a (a ring a > b > c would hold it)" in text, text
     assert "context" not in text.split(":", 1)[1], "a model without KV cache gains nothing from a shorter context"
+
+
+def test_beyond_sixteen_nodes_a_search_cut_short_says_so_instead_of_claiming_no_plan_exists():
+  case, ring = planted_ring(7, 30, "latency")
+  costs = cost_model(Topology.from_dict(case["topology"]), ModelSpec.from_dict(case["model"]), PlannerParams())
+  found = feasibility(costs)
+  assert found.ring is not None and sorted(costs.node_ids[i] for i in found.ring) == ring
+  starved = feasibility(costs, budget=1)
+  assert starved.ring is None and not starved.proven
+  text = str(cannot_serve(costs, starved, 8192, smallest=False))
+  assert "was found" in text and "within the search budget" in text and "not proven impossible" in text, text
