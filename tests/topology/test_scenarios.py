@@ -5,7 +5,7 @@ Each scenario is a topology file (tests/scenarios/NAME.json, usable as `exo plan
 batch) and `expected`, written by hand from docs/DESIGN.md section 2, cost model v2 (the arithmetic is in the scenario's "why"):
 either {"error": substring} or the ring, layers per node (or a list of splits that tie on both objectives) and predicted
 tpot_ms / throughput_tps (and ttft_ms where given), plus optional property checks (max_ring_nodes, min_layers_per_node,
-max_layer_spread, sites + site_crossings, warnings_contain).
+max_layer_spread, sites + site_crossings, warnings_contain) and the planned context (`context_tokens`, v2.1; default 8192).
 
 The brute force below reads only the topology and model-spec dicts; nothing from exo.topology. It enumerates every node subset,
 every ring order and every rotation (the first node holds the embedding and the last the head, so rotations are different plans,
@@ -386,6 +386,9 @@ def test_scenario_expected(path: Path):
   assert dict(ring) in (layers if isinstance(layers, list) else [layers]), f"layers {dict(ring)}, expected {layers}"
   predicted = plan["predicted"]
   assert predicted["feasible"] is True
+  assert plan["context_tokens"] == expected.get("context_tokens", 8192), (
+    f"context {plan['context_tokens']}, expected {expected.get('context_tokens')}"
+  )
   assert close(predicted["tpot_ms"], expected["tpot_ms"]), f"tpot_ms {predicted['tpot_ms']!r}, expected {expected['tpot_ms']!r}"
   assert close(predicted["throughput_tps"], expected["throughput_tps"]), (
     f"throughput {predicted['throughput_tps']!r}, expected {expected['throughput_tps']!r}"
