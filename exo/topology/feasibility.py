@@ -9,9 +9,10 @@ some path from s through exactly the nodes of S ends at j; a ring through S with
 in ends[S, f] and l -> f is an edge. The capacities depend on S only through its size and its two ends, so each subset's best
 pair of ends is read off in one vectorised pass per first node. O(2^n n^2) time, O(2^n n) memory (8 MB at 16 nodes).
 
-Beyond: for each ring size k from the smallest that could hold the model, a depth-first search for a cycle of at most k nodes
-whose capacities at size k hold the model (ring_search.heavy_cycle with a length bound; capacities only grow on shorter rings,
-so such a cycle is feasible at its own size). Within each block of the graph of nodes holding a layer, exhaustive when it
+Beyond: for each ring size k whose k largest capacities could hold the model, a depth-first search for a cycle of at most k
+nodes whose capacities at size k hold the model (ring_search.heavy_cycle with a length bound; capacities only grow on shorter
+rings, so such a cycle is feasible at its own size); one search, bounded by the longest such k, when capacities do not depend on
+the ring's size. The sizes share the work budget. Within each block of the graph of nodes holding a layer, exhaustive when it
 finishes within its share of the work budget, so a search that never ran out of budget proves that no plan exists.
 """
 
@@ -160,11 +161,13 @@ def _search(costs: CostModel, budget: int) -> Feasibility:
   if most >= total:
     return Feasibility(widest, most, widest)
   adj = _neighbour_masks(costs)
+  weights = {k: [max(0, int(c)) for c in _caps(costs, k)[0]] for k in range(3, min(costs.size, total) + 1)}
+  sizes = [k for k, weight in weights.items() if sum(sorted(weight)[-k:]) >= total]
+  if sizes and all(weights[k] == weights[sizes[-1]] for k in sizes):
+    sizes = sizes[-1:]  # capacities that do not shrink with the ring (latency, or no KV): one search, bounded by the longest ring
   proven = True
-  for k in range(3, min(costs.size, total) + 1):
-    weight = [max(0, int(c)) for c in _caps(costs, k)[0]]
-    if sum(sorted(weight)[-k:]) < total:
-      continue
+  for n, k in enumerate(sizes):
+    weight, share = weights[k], max(1, budget // (len(sizes) - n))  # what is left, shared by the sizes still to try
     allowed = sum(1 << i for i, w in enumerate(weight) if w >= 1)
     need = total
     for _ in range(ROLE_RETRIES):
@@ -172,8 +175,8 @@ def _search(costs: CostModel, budget: int) -> Feasibility:
       for block in linked_blocks(adj, allowed):
         if sum(weight[i] for i in range(costs.size) if block >> i & 1) < need:
           continue
-        found, work, exhaustive = heavy_cycle(block, adj, weight, need, max(1, budget), max_len=k)
-        budget -= work
+        found, work, exhaustive = heavy_cycle(block, adj, weight, need, share, max_len=k)
+        budget, share = budget - work, max(1, share - work)
         proven &= exhaustive
         if found is not None:
           break
@@ -186,7 +189,7 @@ def _search(costs: CostModel, budget: int) -> Feasibility:
         return Feasibility(order, held, order)
       need += 1  # the ends' roles cost layers: ask for a heavier ring
       proven = False  # a heavier ring asked for may skip one that the ends' roles would still let hold the model
-  return Feasibility(None, most, widest, proven and budget > 0)
+  return Feasibility(None, most, widest, proven)
 
 
 def feasibility(costs: CostModel, budget: int = SEARCH_BUDGET) -> Feasibility:
