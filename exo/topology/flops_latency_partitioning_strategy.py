@@ -8,8 +8,8 @@ from exo.topology.bounds import least_stage, least_tpot
 from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
 from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, Prediction, cost_model
 from exo.topology.exact_search import THROUGHPUT_LIMIT, exact_search
-from exo.topology.feasibility import EXACT_NODES, feasibility
-from exo.topology.heuristic_search import best_orientation, heuristic_search, promising, ring_through
+from exo.topology.feasibility import feasibility
+from exo.topology.heuristic_search import best_orientation, heuristic_search, ring_through
 from exo.topology.latency_search import MAX_NODES
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.model_spec import CONTEXT_LIMIT, ModelSpec
@@ -22,8 +22,8 @@ from exo.topology.topology import Topology
 EXACT_LIMIT = {"latency": MAX_NODES, "throughput": THROUGHPUT_LIMIT}  # usable nodes up to which the search is exact
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT
 PROVEN_TOL = 1e-9  # a plan within this (relative) of the bound on its objective is proven optimal
-REFINE_GAP = 0.01  # a throughput plan further than this from its bound is refined by an exact search on its most promising nodes
-REFINE_NODES = 12  # nodes that exact search runs on (about a second on two cores; 16 would take ten seconds or more)
+REFINE_GAP = 0.01  # a throughput plan further than this from its bound is refined by the exact search,
+REFINE_NODES = 12  # on clusters of up to this many usable nodes (under a second on two cores; 16 would take ten or more)
 CONTEXT_STEP = 256  # a context planned below the cap is a multiple of this many tokens (docs/DESIGN.md v2.1)
 
 
@@ -157,31 +157,28 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
 
   def _search(self, problem: SearchProblem):
     """The plan (a Candidate of `problem`, None if no plan exists), and a bound on the objective (least TPOT or busiest stage in
-    seconds) when the search did not prove the plan optimal (None when it did)."""
-    exact = problem.size <= self.exact_limit and (self.objective == "throughput" or problem.size <= MAX_NODES)
-    if exact:
-      best, bound = exact_search(problem), None
+    seconds) when the search did not prove the plan optimal (None when it did). When the heuristic finds no plan, the ring of
+    exo/topology/feasibility.py (exact up to 16 nodes) seeds it again, so a plan is found whenever one exists."""
+    if problem.size <= self.exact_limit and (self.objective == "throughput" or problem.size <= MAX_NODES):
+      best = exact_search(problem)
+      return (best if best is not None else _seed(problem)), None
+    if self.objective == "latency":
+      bound, witness = least_tpot(problem), None
     else:
-      seed = _seed(problem) if problem.size <= EXACT_NODES else None
-      if self.objective == "latency":
-        best, bound = heuristic_search(problem, seed=seed), least_tpot(problem)
-      else:
-        bound, witness = least_stage(problem)
-        best = heuristic_search(problem, witness, bound, seed=seed)
-        if best is not None and problem.size <= EXACT_NODES and best.bottleneck > bound * (1 + REFINE_GAP):
-          best, bound = self._refine_throughput(problem, best, bound)
-    return (best if best is not None else _seed(problem)), bound
+      bound, witness = least_stage(problem)
+    best = heuristic_search(problem, witness, bound if witness is not None else 0.0)
+    if best is None:
+      seed = _seed(problem)
+      best = None if seed is None else heuristic_search(problem, witness, bound if witness is not None else 0.0, seed=seed)
+    elif self.objective == "throughput" and problem.size <= REFINE_NODES and best.bottleneck > bound * (1 + REFINE_GAP):
+      best, bound = self._refine_throughput(problem, best)
+    return best, bound
 
-  def _refine_throughput(self, problem: SearchProblem, best, bound: float):
-    """A throughput plan more than REFINE_GAP short of its bound (links with bandwidth make the order matter, where the bound
-    is loose): the exact search on the REFINE_NODES most promising nodes (the plan's own first). Exact, with no bound left to
-    state, when the cluster has no more usable nodes than that."""
-    nodes = promising(problem, REFINE_NODES, best)
-    refined = exact_search(SearchProblem(problem.costs.restrict(nodes)))
-    if refined is not None:
-      candidate = problem.candidate([nodes[i] for i in refined.ring], list(refined.layers))
-      best = candidate if better(candidate, best, "throughput") else best
-    return best, (None if problem.size <= REFINE_NODES else bound)
+  def _refine_throughput(self, problem: SearchProblem, best):
+    """A throughput plan more than REFINE_GAP short of its bound on at most REFINE_NODES usable nodes (links with bandwidth
+    make the order matter, where the bound is loose): the exact search, so the plan is optimal and no bound is left to state."""
+    exact = exact_search(problem)
+    return (exact if better(exact, best, "throughput") else best), None
 
   def _with_bound(self, prediction: Prediction, bound: float | None, warnings: list[str]) -> Prediction:
     """The prediction with the objective's bound: the plan's own value when proven optimal, else the bound, with a warning."""

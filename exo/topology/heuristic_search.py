@@ -10,9 +10,9 @@ local moves; throughput scores every prefix by its optimistic bottleneck (cheape
 with a real ring and refines a small enough winner by local moves and a transfer-aware 2-opt polish.
 Rings: exact Held-Karp up to EXACT_RING nodes, else a bounded Hamiltonian-cycle search (ring_search.hamiltonian_cycle: cheap
 impossibility proofs, nearest neighbour + 2-opt on dense graphs, a Warnsdorff depth-first search on sparse ones, RING_EFFORT
-extensions at most). A feasible plan from exo/topology/feasibility.py (exact up to 16 nodes) seeds the search, so a ring that
-exists among the usable nodes of a sparse, banded, two-site or star topology is not missed. O(n^2) per ring, O(n^2 log n) for
-the prefixes.
+extensions at most). When none of this finds a plan, the strategy seeds the search with a feasible plan from
+exo/topology/feasibility.py (exact up to 16 nodes), so a ring that exists among the usable nodes of a sparse, banded, two-site
+or star topology is not missed. O(n^2) per ring, O(n^2 log n) for the prefixes.
 """
 
 import math
