@@ -38,6 +38,7 @@ from exo.networking.udp_discovery import UDPDiscovery
 from exo.orchestration.device_probe import detect_device_capabilities
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
 from exo.topology.cost_model import OBJECTIVES, PlannerParams
+from exo.topology.model_spec import MAX_CONTEXT
 from exo.topology.models import DEFAULT_MODEL, MODELS
 from exo.topology.planner import STRATEGIES
 
@@ -142,6 +143,14 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
     "--ignore-layer-times", action="store_true", help="plan from the devices' TFLOPS and bandwidth alone, not the nodes' measured layer times"
   )
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
+  plan.add_argument(
+    "--max-context",
+    type=positive_int,
+    default=None,
+    metavar="TOKENS",
+    help=f"cap the context (prompt and answer) whose KV cache each request reserves on every node (default: the model's, at most "
+    f"{MAX_CONTEXT}); a cluster that cannot hold it is planned at the largest multiple of 256 tokens it holds",
+  )
 
 
 def default_engine() -> str:
@@ -210,7 +219,14 @@ def build_node(args) -> Node:
       broadcast_addresses=args.broadcast_address,
     )
   planner = PlannerConfig(
-    args.partitioning_strategy, args.objective, args.memory_headroom, args.default_rtt_ms, args.replan_threshold, args.batch, args.ignore_layer_times
+    args.partitioning_strategy,
+    args.objective,
+    args.memory_headroom,
+    args.default_rtt_ms,
+    args.replan_threshold,
+    args.batch,
+    args.ignore_layer_times,
+    args.max_context,
   )
   # A node measures its engine when the times stand for a device (a real engine, or one paced to the declared device), and when
   # it has peers to plan with or its plan is shown: the bare dummy engine's microseconds would override the declared devices of

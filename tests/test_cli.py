@@ -9,7 +9,7 @@ import re
 import pytest
 
 from exo import main as exo_main
-from exo.main import COMMANDS, build_parser, default_model, main
+from exo.main import COMMANDS, build_node, build_parser, default_model, main
 from exo.networking.ports import free_port
 
 DEVICE = ["--memory-mb", "16384", "--tflops", "10", "--memory-bandwidth", "100"]  # declared: nothing is measured
@@ -40,6 +40,20 @@ def test_flags_before_and_after_run_both_count():
   args = parser.parse_args(["--inference-engine", "dummy", "run", "smollm2-135m", "--prompt", "hi", "--max-generate-tokens", "3"])
   assert (args.command, args.model_name, args.inference_engine, args.max_generate_tokens) == ("run", "smollm2-135m", "dummy", 3)
   assert parser.parse_args([]).command is None and parser.parse_args([]).model_name is None
+
+
+def test_max_context_caps_the_context_a_node_plans(capsys):
+  args = build_parser().parse_args(["--inference-engine", "dummy", "--discovery-module", "none", "--max-context", "1000", *DEVICE])
+  node = build_node(args)
+  try:
+    assert node.planner.max_context == 1000 and node.candidate_plan(node.model).context_tokens == 1000
+  finally:
+    node.engine.close()
+  assert build_parser().parse_args([]).max_context is None  # the model's context, at most 8192: the planner's default
+  for bad in ("0", "-5", "many"):
+    with pytest.raises(SystemExit):
+      build_parser().parse_args(["--max-context", bad])
+  assert "--max-context" in capsys.readouterr().err
 
 
 def test_a_node_serves_a_model_whose_files_are_here(tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
 """An OpenAI-compatible HTTP API in front of a node: chat completions (plain and streamed), the model list, and the node's live
 topology and plan; and at `/` the chat page (exo/api/static), which chats through that API and shows the ring as it runs.
 
-Any node can serve it: a request is planned and run by the node that receives it, as one from `exo run`. `max_tokens` is
-capped at the node's --max-generate-tokens. Sampling: `temperature` 0 to 2, absent 0 (greedy: unlike OpenAI's default of 1, a
-request that does not ask for sampling gets the one reproducible answer); `top_p`; `top_k` (not OpenAI's; 0: every token);
+Any node can serve it: a request is planned and run by the node that receives it, as one from `exo run`. A request whose
+prompt plus `max_tokens` exceeds the planned context (the plan's `context_tokens`) is refused with 400 naming both; without
+`max_tokens` the answer may fill the context; either way it is capped at the node's --max-generate-tokens. Sampling:
+`temperature` 0 to 2, absent 0 (greedy: unlike OpenAI's default of 1, a request that does not ask for sampling gets the one
+reproducible answer); `top_p`; `top_k` (not OpenAI's; 0: every token);
 `seed` (0 to 2**63 - 1: the same seed gives the same answer); `stop`, a string or up to 4 (the answer ends before the first
 that occurs, with finish_reason "stop"; a stream holds back text that may be the start of one).
 """
@@ -19,7 +21,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from exo.errors import BadInput, ExoError
+from exo.errors import BadInput, Busy, ExoError
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.model_figures import model_spec_for
 from exo.inference.model_file_engine import ModelFileEngine
@@ -27,7 +29,7 @@ from exo.inference.model_files import present
 from exo.inference.model_sources import is_repo_id, local_path, model_sources
 from exo.inference.sampling import MAX_SEED, MAX_TOP_K, Sampling
 from exo.inference.shard import Shard
-from exo.orchestration.node import Generation, Node, RequestFailed
+from exo.orchestration.node import Admission, Generation, Node, RequestFailed
 from exo.orchestration.stop_strings import MAX_STOP_STRINGS, visible_text
 from exo.topology.model_spec import ModelSpec
 from exo.topology.models import MODELS
@@ -297,17 +299,21 @@ class ChatGPTAPI:
     except ExoError as e:  # not found here nor at the hub (404), or the hub cannot be reached (503)
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status], "model", "model_not_found" if e.http_status == 404 else None)
     shard = full_shard(model)
-    max_tokens = min(max_tokens or self.node.max_generate_tokens, self.node.max_generate_tokens)
     try:
       prompt = await self.node.engine.apply_chat_template(shard, messages)
     except Exception as e:
       body, status = failure(model, e)
       return web.json_response(body, status=status)
-    try:
-      await self.node.admit(prompt, model)  # a prompt too long (400) or a node full (429) is refused before anything streams
-    except ExoError as e:
+    try:  # before anything streams: a node full (429), a prompt and max_tokens beyond the planned context (400), no plan (503)
+      admission = await self.node.admit(prompt, model, max_tokens)
+    except BadInput as e:  # as OpenAI's API says it
+      return error_response(e.http_status, str(e), "invalid_request_error", "messages", "context_length_exceeded")
+    except Busy as e:
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
-    completion = Completion(self.node, model, shard, prompt, max_tokens, sampling, stop)
+    except ExoError as e:
+      body, status = failure(model, e)
+      return web.json_response(body, status=status)
+    completion = Completion(self.node, model, shard, prompt, admission, sampling, stop)
     if stream:
       return await self.stream(request, completion, bool(stream_options.get("include_usage")))
     try:
@@ -371,13 +377,15 @@ class ChatGPTAPI:
 class Completion:
   """One chat completion request: its prompt, and the OpenAI objects built from the tokens generated so far."""
 
-  def __init__(self, node: Node, model: ModelSpec, shard: Shard, prompt: str, max_tokens: int, sampling: Sampling, stop: tuple[str, ...]):
-    self.node, self.model, self.shard, self.prompt, self.max_tokens = node, model, shard, prompt, max_tokens
+  def __init__(self, node: Node, model: ModelSpec, shard: Shard, prompt: str, admission: Admission, sampling: Sampling, stop: tuple[str, ...]):
+    self.node, self.model, self.shard, self.prompt, self.admission = node, model, shard, prompt, admission
     self.sampling, self.stop = sampling, stop
     self.id, self.created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
 
   async def generate(self, on_token: Callable[[list[int]], None] | None = None) -> Generation:
-    return await self.node.generate(self.prompt, self.model, self.max_tokens, on_token, self.sampling, self.stop)
+    """On the plan the request was admitted with, for the tokens it was admitted for."""
+    admission = self.admission
+    return await self.node.generate(self.prompt, self.model, admission.max_tokens, on_token, self.sampling, self.stop, admission.plan)
 
   def ended(self, tokens: list[int]) -> bool:
     return bool(tokens) and tokens[-1] in self.node.engine.eos_token_ids(self.shard)

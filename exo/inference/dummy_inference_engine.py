@@ -94,7 +94,7 @@ class DummyInferenceEngine(ShardedEngine):
   def _load_model(self, shard: Shard) -> None:
     return None
 
-  def _new_cache(self, model: None, shard: Shard) -> _Request:
+  def _new_cache(self, model: None, shard: Shard, context: int) -> _Request:
     return _Request()
 
   def _dims(self, model: None) -> ModelDims:

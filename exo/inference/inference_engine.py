@@ -19,11 +19,14 @@ def positions_in(input_data: np.ndarray) -> int:
 
 @dataclass(frozen=True, eq=False)
 class Step:
-  """One request's input to a shard: token ids or hidden states (see `infer_tensor`), at the position of its first row."""
+  """One request's input to a shard: token ids or hidden states (see `infer_tensor`), at the position of its first row. `context`:
+  the positions the request may reach, for which its KV cache is allocated at its first step (the plan's context; 0: the
+  engine's own, the model's capped at MAX_CONTEXT)."""
 
   request_id: str
   input_data: np.ndarray
   position: int = 0
+  context: int = 0
 
 
 class InferenceEngine(ABC):

@@ -212,7 +212,9 @@ class MLXInferenceEngine(ModelFileEngine):
     model.clear()
     mx.clear_cache()
 
-  def _new_cache(self, model: _ShardModel, shard: Shard) -> list[KVCache]:
+  def _new_cache(self, model: _ShardModel, shard: Shard, context: int) -> list[KVCache]:
+    """mlx-lm's KVCache grows with the positions written (in steps of 256), so a request holds what it uses of its `context`
+    (which ShardedEngine enforces)."""
     return [KVCache() for _ in model.layers]
 
   def _forward(self, model: _ShardModel, cache: list[KVCache], shard: Shard, x: np.ndarray, position: int) -> np.ndarray:

@@ -6,6 +6,9 @@ request came from an origin with another view of the cluster). Loading the new r
 both stay resident while memory allows; otherwise the new work waits until the requests holding the old range finish, and
 `waiting` says so. A shard nobody uses is dropped when another is loaded.
 
+A request's state (its KV cache) is made at its first step for the positions the step's `context` names (the plan's context),
+at most the model's (`_dims`), so a node planned for a short context holds less; a step beyond them raises ValueError.
+
 Every call names the position of its first input row. A request is new only at position 0; a call for a request this engine
 does not hold at that shard and position (its state was dropped, it runs here under another shard, or a step was lost or
 repeated) raises RequestStateError, which the node reports to the request's origin.
@@ -39,6 +42,7 @@ class RequestStateError(RuntimeError):
 class _State:
   position: int  # positions this shard has processed for the request
   cache: Any
+  context: int  # positions the request may reach: what its cache was made for
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,8 @@ class ShardedEngine(InferenceEngine):
     """The shard's weights, ready to run."""
 
   @abstractmethod
-  def _new_cache(self, model: Any, shard: Shard) -> Any:
-    """Empty per-request state (a KV cache) for the shard."""
+  def _new_cache(self, model: Any, shard: Shard, context: int) -> Any:
+    """Empty per-request state (a KV cache) for the shard, for `context` positions (at most the model's)."""
 
   @abstractmethod
   def _forward(self, model: Any, cache: Any, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
@@ -125,7 +129,8 @@ class ShardedEngine(InferenceEngine):
     ready: list[tuple[int, Step, _State | None, np.ndarray]] = []
     for i, step, state in placed:
       try:
-        ready.append((i, step, state, self._validated(shard, dims, step.input_data, step.position)))
+        context = state.context if state else request_context(dims, step.context)
+        ready.append((i, step, state, self._validated(shard, dims, step.input_data, step.position, context)))
       except ValueError as e:
         outputs[i] = e
     if not ready:
@@ -133,7 +138,10 @@ class ShardedEngine(InferenceEngine):
     ids = [step.request_id for _, step, _, _ in ready]
     self._running.update(ids)
     try:
-      states = [state or _State(0, await self._in_worker(self._new_cache, model, shard)) for _, _, state, _ in ready]
+      states = []
+      for _, step, state, _ in ready:
+        context = request_context(dims, step.context)
+        states.append(state or _State(0, await self._in_worker(self._new_cache, model, shard, context), context))
       xs, positions = [x for *_, x in ready], [step.position for _, step, _, _ in ready]
       results = await self._in_worker(self._forward_batch, model, [s.cache for s in states], shard, xs, positions)
     except Exception as e:
@@ -249,7 +257,7 @@ class ShardedEngine(InferenceEngine):
       return self._models[shard]
 
   @staticmethod
-  def _validated(shard: Shard, dims: ModelDims, input_data: np.ndarray, position: int) -> np.ndarray:
+  def _validated(shard: Shard, dims: ModelDims, input_data: np.ndarray, position: int, context: int) -> np.ndarray:
     x = np.asarray(input_data)
     if shard.is_first_layer():
       if not np.issubdtype(x.dtype, np.integer) or x.ndim not in (1, 2) or x.size == 0 or (x.ndim == 2 and x.shape[0] != 1):
@@ -261,6 +269,12 @@ class ShardedEngine(InferenceEngine):
       if x.ndim != 3 or x.shape[0] != 1 or x.shape[1] == 0 or x.shape[2] != dims.hidden_size:
         raise ValueError(f"shard {shard} takes hidden states (1, P, {dims.hidden_size}), got {x.shape}")
       x = x[0].astype(np.float32)
-    if position + len(x) > dims.context_length:
-      raise ValueError(f"the request would reach {position + len(x)} positions; expected at most the model's context length {dims.context_length}")
+    if position + len(x) > context:
+      limit = "the model's context length" if context == dims.context_length else "its context (the plan's)"
+      raise ValueError(f"the request would reach {position + len(x)} positions; expected at most {limit}, {context}")
     return x
+
+
+def request_context(dims: ModelDims, context: int) -> int:
+  """The positions a request asking for `context` (0: the model's) gets: at most the model's context length."""
+  return min(context, dims.context_length) if context > 0 else dims.context_length

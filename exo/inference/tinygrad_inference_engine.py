@@ -31,8 +31,10 @@ BATCH_ROWS rows instead of once per row), RoPE and attention per request against
 variable each), the head. Each row's sums run in the order of a lone row's, so each request's result is bit-identical to its
 step alone; verified on the CPU through clang without BEAM only, elsewhere each request steps alone (see _batches).
 
-KV cache: allocated per request, once, for the engine's context: the model's, capped at MAX_CONTEXT (what the planner reserves).
-On the CPU the allocation stays untouched virtual memory until positions are written, so a request occupies what it uses.
+KV cache: allocated per request, once, for the request's context: the plan's (what the planner reserved KV for, the step's
+`context`), at most the engine's, the model's capped at MAX_CONTEXT. On the CPU the allocation stays untouched virtual memory until
+positions are written, so a request occupies what it uses. A step is captured per cache size too (the cache is a JIT input, and
+its size is in the kernels): a ring runs every request at its plan's context, so a shard normally has one size.
 
 The tinygrad work runs off the event loop (which keeps serving) in ONE worker thread per process, shared by every engine in it:
 tinygrad's kernel caches and JIT capture are process-global and not thread-safe, and its compile cache is an SQLite connection
@@ -248,12 +250,12 @@ def _layer(config: LlamaConfig, weights: dict, h: Tensor, caches: list[Tensor], 
 @dataclass(eq=False)
 class _ShardModel:
   """What a resident shard holds: its layers' weights on the device, the embedding (first shard) on the host for lookups, the
-  final norm and head (last shard), RoPE tables, and its captured steps by (input rows, requests): (padded length, 1) for one
-  request, (B, B) for B requests' decode steps."""
+  final norm and head (last shard), RoPE tables, and its captured steps by (input rows, requests, cache positions): (padded
+  length, 1, C) for one request, (B, B, C) for B requests' decode steps, whose caches hold C positions each."""
 
   config: LlamaConfig
   device: str
-  capacity: int  # KV cache positions per request: the engine's context
+  capacity: int  # the most KV cache positions a request may have: the engine's context (and the RoPE tables' length)
   layers: list[dict[str, Tensor | _Matrix]]
   cos: Tensor
   sin: Tensor
@@ -261,7 +263,7 @@ class _ShardModel:
   embedding_is_head: bool = False  # the embedding's arrays are views of the head's device memory (tied, on the CPU)
   norm: Tensor | None = None
   head: _Matrix | None = None
-  steps: dict[tuple[int, int], Callable] = field(default_factory=dict)
+  steps: dict[tuple[int, int, int], Callable] = field(default_factory=dict)
 
   def device_tensors(self) -> list[Tensor]:
     parts = [w for layer in self.layers for w in layer.values()] + [self.cos, self.sin, self.norm, self.head]
@@ -292,6 +294,11 @@ def _host_view(m: _Matrix) -> Weight:
   """A CPU matrix's device memory as numpy arrays, without copying (valid while the tensors live)."""
   arrays = [np.frombuffer(t.uop.buffer.as_memoryview(allow_zero_copy=True), dtype=t.dtype.fmt).reshape(t.shape) for t in m.tensors]
   return QuantizedMatrix(*arrays, m.bits, m.group) if m.bits in (4, 8) else arrays[0]
+
+
+def _positions(cache: list[Tensor]) -> int:
+  """The positions a request's per-layer caches hold (each (2, n_kv_heads, positions, head_dim))."""
+  return cache[0].shape[2]
 
 
 def _embed(embedding: Weight, tokens: np.ndarray) -> np.ndarray:
@@ -388,10 +395,10 @@ class TinygradInferenceEngine(ModelFileEngine):
     model.layers, model.head, model.norm, model.embedding = [], None, None, None
     _release_freed_memory(model.device)
 
-  def _new_cache(self, model: _ShardModel, shard: Shard) -> list[Tensor]:
-    """Per layer, (2, n_kv_heads, capacity, head_dim) float32 rotated keys and values; allocated, not written."""
+  def _new_cache(self, model: _ShardModel, shard: Shard, context: int) -> list[Tensor]:
+    """Per layer, (2, n_kv_heads, context, head_dim) float32 rotated keys and values; allocated, not written."""
     c = model.config
-    caches = [Tensor.empty(2, c.n_kv_heads, model.capacity, c.head_dim, device=model.device) for _ in model.layers]
+    caches = [Tensor.empty(2, c.n_kv_heads, context, c.head_dim, device=model.device) for _ in model.layers]
     for cache in caches:
       cache.uop.buffer.ensure_allocated()  # a real buffer, as JIT inputs must be; Tensor.empty(...).realize() would not allocate it
     return caches
@@ -411,6 +418,15 @@ class TinygradInferenceEngine(ModelFileEngine):
     known to be bit-identical (_batches): one _forward each. O(shard weights + B * (hidden + attention over its positions))."""
     if len(xs) < 2 or any(len(x) != 1 for x in xs) or not _batches(model.device):
       return super()._forward_batch(model, caches, shard, xs, positions)
+    sizes = [_positions(cache) for cache in caches]
+    if len(set(sizes)) > 1:  # requests planned for different contexts: each size's batch on its own (a captured step has one)
+      outputs: list = [None] * len(xs)
+      for size in set(sizes):
+        rows = [i for i, s in enumerate(sizes) if s == size]
+        picked = self._forward_batch(model, [caches[i] for i in rows], shard, [xs[i] for i in rows], [positions[i] for i in rows])
+        for i, out in zip(rows, picked):
+          outputs[i] = out
+      return outputs
     outputs, i = [], 0
     while i < len(xs):  # groups of BATCH_ROWS, then 2, then 1: three captured steps serve every B
       size = next(g for g in (BATCH_ROWS, 2, 1) if g <= len(xs) - i)
@@ -424,18 +440,19 @@ class TinygradInferenceEngine(ModelFileEngine):
 
   def _decode_group(self, model: _ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
     h = _embed(model.embedding, np.concatenate(xs)) if shard.is_first_layer() else np.concatenate(xs)
-    starts = [UOp.variable(f"start_pos_{i}", 0, model.capacity - 1).bind(p) for i, p in enumerate(positions)]
-    out = self._run_step(model, (len(xs), len(xs)), h, [c for cache in caches for c in cache], starts)
+    size = _positions(caches[0])
+    starts = [UOp.variable(f"start_pos_{i}", 0, size - 1).bind(p) for i, p in enumerate(positions)]
+    out = self._run_step(model, (len(xs), len(xs), size), h, [c for cache in caches for c in cache], starts)
     return [row[None, None] for row in out]
 
   def _run_chunk(self, model: _ShardModel, cache: list[Tensor], h: np.ndarray, start: int) -> np.ndarray:
     """The shard over hidden states h (T, hidden) at positions start..start+T-1, one row or padded to a whole chunk."""
-    t = len(h)
-    padded = 1 if t == 1 else min(PREFILL_CHUNK, model.capacity - start)
-    position = UOp.variable("start_pos", 0, model.capacity - padded).bind(start)
-    return self._run_step(model, (padded, 1), np.pad(h, ((0, padded - t), (0, 0))), cache, [position])[:t]
+    t, size = len(h), _positions(cache)
+    padded = 1 if t == 1 else min(PREFILL_CHUNK, size - start)
+    position = UOp.variable("start_pos", 0, size - padded).bind(start)
+    return self._run_step(model, (padded, 1, size), np.pad(h, ((0, padded - t), (0, 0))), cache, [position])[:t]
 
-  def _run_step(self, model: _ShardModel, key: tuple[int, int], h: np.ndarray, caches: list[Tensor], starts: list[UOp]) -> np.ndarray:
+  def _run_step(self, model: _ShardModel, key: tuple[int, int, int], h: np.ndarray, caches: list[Tensor], starts: list[UOp]) -> np.ndarray:
     """model.step over h, through its step captured for `key` (captured on first use)."""
     if key not in model.steps:
       model.steps[key] = TinyJit(model.step) if self.jit else model.step

@@ -1,5 +1,5 @@
 """What travels with every message of a request: its id, where results go, the token budget, how tokens are sampled, and the ring
-plan chosen once."""
+plan chosen once, with the context it was planned for (every stage keeps each request's KV cache for that many positions)."""
 
 from dataclasses import dataclass, replace
 
@@ -16,16 +16,19 @@ class RingStage:
 
 @dataclass(frozen=True)
 class RingPlan:
-  """The ring a request runs on: stages in execution order over a model with n_layers layers."""
+  """The ring a request runs on: stages in execution order over a model with n_layers layers, and the context the plan reserved
+  KV for (positions the request may reach, prompt and answer together; 0: the model's default, as from a sender that predates it)."""
 
   model_id: str
   n_layers: int
   stages: tuple[RingStage, ...]
+  context_tokens: int = 0
 
   @staticmethod
-  def from_node_shards(node_shards: list[tuple[str, Shard]]) -> "RingPlan":
+  def from_node_shards(node_shards: list[tuple[str, Shard]], context_tokens: int = 0) -> "RingPlan":
     first = node_shards[0][1]
-    return RingPlan(first.model_id, first.n_layers, tuple(RingStage(n, s.start_layer, s.end_layer) for n, s in node_shards))
+    stages = tuple(RingStage(n, s.start_layer, s.end_layer) for n, s in node_shards)
+    return RingPlan(first.model_id, first.n_layers, stages, context_tokens)
 
   def node_ids(self) -> list[str]:
     return [s.node_id for s in self.stages]
@@ -54,6 +57,8 @@ class RingPlan:
       raise ValueError(f"ring plan covers {expected} of {self.n_layers} layers")
     if len(set(self.node_ids())) != len(self.stages):
       raise ValueError("ring plan names a node twice")
+    if self.context_tokens < 0:
+      raise ValueError(f"ring plan has a context of {self.context_tokens} tokens; expected 0 (the model's default) or more")
 
 
 @dataclass(frozen=True)

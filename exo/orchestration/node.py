@@ -62,9 +62,34 @@ class PlannerConfig:
   replan_threshold: float = 0.1  # adopt a better plan for unchanged membership only if it is this much faster
   batch: int = 1  # requests each stage runs at once when the ring is saturated (the throughput objective's b)
   ignore_layer_times: bool = False  # plan from the devices' roofline alone, as if no node had measured its engine
+  max_context: int | None = None  # --max-context: cap on the context each request reserves KV for (None: the model's, at most 8192)
 
   def params(self) -> dict:
     return {"memory_headroom": self.memory_headroom, "default_rtt_ms": self.default_rtt_ms, "batch": self.batch}
+
+
+@dataclass(frozen=True)
+class Admission:
+  """A request the node takes: the plan it runs on and how many tokens its answer may have."""
+
+  plan: Plan
+  max_tokens: int
+
+
+def answer_budget(prompt_tokens: int, requested: int | None, context: int, most: int, what: str = "the planned context") -> int:
+  """How many tokens the answer to a prompt of `prompt_tokens` may have in a context of `context` tokens (`what` names it): the
+  client's `requested` max_tokens if the prompt and it fit (BadInput naming both numbers if not), else what the context leaves
+  after the prompt; at most `most` (--max-generate-tokens) either way. BadInput if the prompt leaves no room for one token."""
+  if prompt_tokens >= context:
+    raise BadInput(
+      f"the prompt is {prompt_tokens} tokens, beyond {what} of {context} tokens (the answer included): a prompt may have at most {context - 1}"
+    )
+  if requested is not None and prompt_tokens + requested > context:
+    raise BadInput(
+      f"the prompt is {prompt_tokens} tokens and max_tokens is {requested}: {prompt_tokens + requested} tokens, beyond {what} of "
+      f"{context} tokens; ask for at most {context - prompt_tokens}"
+    )
+  return min(requested or most, most, context - prompt_tokens)
 
 
 @dataclass
@@ -285,9 +310,10 @@ class Node:
     topology = self.planning_topology()  # one view of the topology for the candidate and the kept ring
     candidate, current = self._plan_on(topology, model), self.current_plan
     if current is not None and current.model.id == model.id:
-      membership_changed = set(topology.nodes) != self._planned_membership
+      # another context (the cluster's memory changed) is adopted as a change of membership is
+      changed = set(topology.nodes) != self._planned_membership or candidate.context_tokens != current.context_tokens
       still = self._predict_on(topology, current)
-      if not should_replan(membership_changed, still, candidate.prediction, self.planner.objective, self.planner.replan_threshold):
+      if not should_replan(changed, still, candidate.prediction, self.planner.objective, self.planner.replan_threshold):
         self.current_plan = replace(current, prediction=still)  # the kept ring, predicted with today's figures
         return self.current_plan
     self.current_plan, self._planned_membership = candidate, set(topology.nodes)
@@ -306,11 +332,12 @@ class Node:
     return current if still is None else replace(current, prediction=still)
 
   def _plan_on(self, topology: Topology, model: ModelSpec) -> Plan:
-    return plan_for(topology, model, self.planner.strategy, self.planner.objective, **self.planner.params())
+    return plan_for(topology, model, self.planner.strategy, self.planner.objective, max_context=self.planner.max_context, **self.planner.params())
 
   def _predict_on(self, topology: Topology, plan: Plan) -> Prediction | None:
-    """`plan`'s ring predicted on `topology`; None if a ring node has left it."""
-    return predict_ring(topology, plan.model, PlannerParams(**self.planner.params()), plan.ring(), self.planner.objective)
+    """`plan`'s ring predicted on `topology` at the plan's context; None if a ring node has left it."""
+    params = PlannerParams(**self.planner.params())
+    return predict_ring(topology, plan.model, params, plan.ring(), self.planner.objective, context_tokens=plan.context_tokens)
 
   # ---------- requests at the node that receives them ----------
 
@@ -322,23 +349,23 @@ class Node:
     on_token: Callable[[list[int]], None] | None = None,
     sampling: Sampling = GREEDY,
     stop: tuple[str, ...] = (),
+    plan: Plan | None = None,
   ) -> Generation:
-    """Plan, send the prompt to the first stage, and wait for the last stage's tokens (chosen as `sampling` says) until EOS, a
-    stop string in the text (the text ends before it), the token budget (and the model's context) or the deadline. Refused
-    first as `admit` says."""
+    """Plan (or run on `plan`, the one `admit` chose), send the prompt to the first stage, and wait for the last stage's tokens
+    (chosen as `sampling` says) until EOS, a stop string in the text (the text ends before it), the token budget (`admit`'s) or
+    the deadline. Refused first as `admit` says."""
     started, model = time.perf_counter(), model or self.model
     if "" in stop:
       raise BadInput("a stop string must not be empty")
-    room = await self.admit(prompt, model)
-    max_tokens = min(max_tokens or self.max_generate_tokens, room or self.max_generate_tokens)
+    admission = await self.admit(prompt, model, max_tokens, plan)
+    plan, max_tokens = admission.plan, admission.max_tokens
     request_id = str(uuid.uuid4())
     pending = self._pending[request_id] = _Pending(asyncio.get_running_loop().create_future(), on_token=on_token)
     whole = Shard(model.id, 0, model.n_layers - 1, model.n_layers)  # tokenizers are per model: any shard of it decodes
     watch = asyncio.create_task(self._watch_for_stop(pending, whole, stop)) if stop else None
     ring = None
     try:
-      plan = await asyncio.to_thread(self.plan, model)  # the search takes milliseconds to a few seconds
-      ring = RingPlan.from_node_shards(plan.node_shards())
+      ring = RingPlan.from_node_shards(plan.node_shards(), plan.context_tokens)
       context = RequestContext(request_id, self.id, ring, max_tokens, sampling=sampling)
       try:
         await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
@@ -374,18 +401,21 @@ class Node:
       if not pending.future.done():
         pending.future.set_exception(e)
 
-  async def admit(self, prompt: str, model: ModelSpec) -> int | None:
-    """How many tokens the answer may have in the model's context (None: the engine cannot say), if this node takes the
-    request now: Busy if it already has `max_requests` in flight, BadInput if the prompt leaves no room for one token."""
+  async def admit(self, prompt: str, model: ModelSpec, max_tokens: int | None = None, plan: Plan | None = None) -> Admission:
+    """The plan a request runs on (`plan`, else planned now, which may raise ClusterCannotServe) and how many tokens its answer
+    may have (answer_budget: the client's `max_tokens`, else what the planned context leaves after the prompt, at most
+    --max-generate-tokens), if this node takes it now: Busy if it already has `max_requests` in flight, BadInput if the prompt
+    and `max_tokens` do not fit in the planned context (or the engine's, if shorter)."""
     if len(self._pending) >= self.max_requests:
       raise Busy(f"node {self.id!r} already runs {len(self._pending)} requests, its limit (--max-requests); try again shortly")
     shard = Shard(model.id, 0, model.n_layers - 1, model.n_layers)
-    prompt_tokens, context = len(await self.engine.encode(shard, prompt)), await self.engine.context_length(shard)
-    if context is not None and prompt_tokens >= context:
-      raise BadInput(
-        f"the prompt is {prompt_tokens} tokens, and {model.id} takes at most {context - 1} (its context is {context} tokens, the answer included)"
-      )
-    return None if context is None else context - prompt_tokens
+    prompt_tokens, engine_context = len(await self.engine.encode(shard, prompt)), await self.engine.context_length(shard)
+    if plan is None:
+      plan = await asyncio.to_thread(self.plan, model)  # the search takes milliseconds to a few seconds
+    context, what = plan.context_tokens, "the planned context"
+    if engine_context is not None and engine_context < context:
+      context, what = engine_context, f"{model.id}'s context"
+    return Admission(plan, answer_budget(prompt_tokens, max_tokens, context, self.max_generate_tokens, what))
 
   async def _await_tokens(self, pending: _Pending, ring: RingPlan, request_id: str) -> list[int]:
     """The request's tokens once the last stage reports it finished. When no token has come for WATCH_S seconds, the ring's
@@ -528,7 +558,7 @@ class Node:
       if prompt is not None:
         tensor = (await self.engine.encode(shard, prompt))[None, :]
       rows = positions_in(tensor)
-      out = await self.scheduler.run(shard, Step(context.request_id, tensor, context.position))
+      out = await self.scheduler.run(shard, Step(context.request_id, tensor, context.position, ring.context_tokens))
       if context.request_id in self._finished:
         return  # finished while its step ran
       if index < len(ring.stages) - 1:

@@ -130,7 +130,7 @@ class StageScheduler:
     outputs = []
     for lo in range(0, rows, self.chunk_tokens):
       chunk = x.reshape(-1)[lo : lo + self.chunk_tokens] if token_ids else x[..., lo : lo + self.chunk_tokens, :]
-      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo), rows - lo, rows))
+      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo, step.context), rows - lo, rows))
       outputs.append(out[:, -1:] if shard.is_last_layer() else out)
     return outputs[-1] if shard.is_last_layer() or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 

@@ -1,5 +1,6 @@
 """The terminal view of a running node: the chat page's address, the nodes it sees, the RTT it measures to each, each node's
-measured milliseconds per layer (a decode step, on its own engine) for the model served, the ring of the current plan, tokens/s."""
+measured milliseconds per layer (a decode step, on its own engine) for the model served, the ring of the current plan and the
+context it planned (per request, prompt and answer), tokens/s."""
 
 import asyncio
 
@@ -41,6 +42,13 @@ class RingView:
     lines.append(table)
     if plan:
       lines.append(Text(f"ring: {' -> '.join(n for n, _ in plan.node_shards())} ({plan.model.id})"))
+      full = plan.model.default_context()
+      lines.append(
+        Text(
+          f"context: {plan.context_tokens} tokens per request, prompt and answer"
+          + (f" (of the model's {full})" if plan.context_tokens < full else "")
+        )
+      )
     waiting = getattr(node.engine, "waiting", None)
     if waiting:
       lines.append(Text(f"engine: {waiting}", style="yellow"))

@@ -65,6 +65,7 @@ def test_the_page_chats_with_smollm2_and_shows_the_ring(tmp_path):
 
       expect(page.locator("#plan")).to_contain_text("Last request", timeout=30_000)  # the ring panel polls every 2 s
       expect(page.locator("#plan")).to_contain_text(f"{NODE_ID} layers 0–29")
+      expect(page.locator("#plan .stat", has_text="planned context")).to_contain_text("8192 tokens")  # SmolLM2's whole context
       node = page.locator(".node", has_text=NODE_ID)
       expect(node).to_contain_text("this node")
       expect(node).to_contain_text("per layer, measured")

@@ -17,7 +17,7 @@ from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.shard import Shard
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_server import GRPCServer
-from exo.orchestration.node import Node
+from exo.orchestration.node import Node, PlannerConfig
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.models import MODELS, model_spec
 from tests.support.greedy import greedy_tokens
@@ -27,7 +27,7 @@ CAPS = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20
 TINY = DeviceCapabilities("Tiny Box", "Tiny Chip", 512.0, DeviceFlops(1.0, 2.0, 4.0), 20.0)
 MAX_TOKENS = 100  # the node's --max-generate-tokens: above the dummy's 20..60 tokens before EOS
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."}]
-PLAN_KEYS = {"strategy", "objective", "params", "model", "partitions", "shards", "predicted", "warnings"}
+PLAN_KEYS = {"strategy", "objective", "params", "model", "context_tokens", "partitions", "shards", "predicted", "warnings"}
 
 
 class Served:
@@ -228,6 +228,51 @@ def test_a_model_the_cluster_cannot_hold_fails_with_503_or_an_error_chunk(served
   assert status == 503 and body["error"]["type"] == "service_unavailable"
 
 
+# The planned context.
+
+SHORT_CONTEXT = 300  # --max-context of the `short` node: the context its plan reserves KV for
+
+
+@pytest.fixture(scope="module")
+def short():
+  """A node planned for SHORT_CONTEXT tokens whose dummy engine never ends an answer, with no --max-generate-tokens to speak of."""
+  served = Served(DummyInferenceEngine(eos_after=10**9), planner=PlannerConfig(max_context=SHORT_CONTEXT), max_generate_tokens=10**6)
+  yield served
+  served.close()
+
+
+def dummy_prompt_tokens(messages: list[dict]) -> int:
+  """Tokens of the dummy engine's prompt for `messages`: a byte each, of "role: content" lines and the assistant cue."""
+  return len(("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: ").encode())
+
+
+def test_a_prompt_and_max_tokens_beyond_the_planned_context_get_400_naming_both(short):
+  prompt = dummy_prompt_tokens(MESSAGES)
+  over = SHORT_CONTEXT - prompt + 1
+  expected = (
+    f"the prompt is {prompt} tokens and max_tokens is {over}: {SHORT_CONTEXT + 1} tokens, beyond the planned context of "
+    f"{SHORT_CONTEXT} tokens; ask for at most {SHORT_CONTEXT - prompt}"
+  )
+  for key in ("max_tokens", "max_completion_tokens"):
+    status, _, body = get(f"{short.base}/v1/chat/completions", "POST", json.dumps({"model": SERVED, "messages": MESSAGES, key: over}).encode())
+    assert status == 400 and body["error"]["message"] == expected
+    assert (body["error"]["type"], body["error"]["param"], body["error"]["code"]) == ("invalid_request_error", "messages", "context_length_exceeded")
+  with pytest.raises(openai.BadRequestError, match="beyond the planned context of 300 tokens"):  # refused before anything streams
+    stream(short, model=SERVED, messages=MESSAGES, max_tokens=over)
+  assert short.node.last_generation is None or short.node.last_generation.plan.context_tokens == SHORT_CONTEXT
+
+
+def test_an_answer_fills_at_most_what_the_planned_context_leaves(short):
+  left = SHORT_CONTEXT - dummy_prompt_tokens(MESSAGES)
+  fits = short.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=left)
+  unasked = short.client.chat.completions.create(model=SERVED, messages=MESSAGES)  # no max_tokens: the context's room, no more
+  for response in (fits, unasked):
+    assert (response.usage.completion_tokens, response.choices[0].finish_reason) == (left, "length")
+    assert response.usage.total_tokens == SHORT_CONTEXT
+  status, _, plan = get(f"{short.base}/v1/plan")
+  assert status == 200 and plan["context_tokens"] == SHORT_CONTEXT and short.node.last_generation.plan.context_tokens == SHORT_CONTEXT
+
+
 # Models, topology, plan, health, CORS.
 
 
@@ -256,7 +301,7 @@ def test_plan_is_the_current_plan_with_predictions(served):
   assert load["decode_steps"] == load["decode_calls"] >= 1  # --batch 1: one request's step per call
   assert plan["model"]["id"] == SERVED and plan["shards"] == [{"node_id": "api-node", "start_layer": 0, "end_layer": 15, "n_layers": 16}]
   assert plan["model"] == served.node.model.to_dict() and plan["model"]["embed_bytes"] > 0  # every figure the plan rests on
-  assert plan["predicted"]
+  assert plan["predicted"] and plan["context_tokens"] == 8192  # 16 GB hold the model's whole context (at most 8192 tokens)
   assert node_id == "api-node" and (last["model"], last["ring"], last["tokens"]) == (SERVED, ["api-node"], 2)  # the request above
   assert last["elapsed_s"] > 0 and set(last["predicted"]) == set(plan["predicted"])  # measured, next to the plan's prediction
 
@@ -358,7 +403,10 @@ def test_a_prompt_longer_than_the_context_is_refused_at_once_with_400(endless):
     f"{endless.base}/v1/chat/completions", "POST", json.dumps({"model": SERVED, "messages": [{"role": "user", "content": "x" * 500}]}).encode()
   )
   assert status == 400 and body["error"]["type"] == "invalid_request_error"
-  assert re.search(r"the prompt is \d+ tokens, and llama-3.2-1b takes at most 399 \(its context is 400 tokens", body["error"]["message"])
+  message = body["error"]["message"]
+  assert re.fullmatch(
+    r"the prompt is \d+ tokens, beyond llama-3.2-1b's context of 400 tokens \(the answer included\): a prompt may have at most 399", message
+  )
   assert endless.node.engine.steps == {}  # nothing ran
 
 

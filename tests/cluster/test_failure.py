@@ -180,7 +180,7 @@ def test_ring_stops_when_its_origin_dies(cluster):
       await asyncio.gather(*(node.start(wait_for_peers=2) for node in [origin, *ring]))
       await wait_for_local_mesh([origin, *ring])
       three = asyncio.Event()
-      request = asyncio.create_task(origin.generate(PROMPT, max_tokens=100_000, on_token=lambda tokens: len(tokens) >= 3 and three.set()))
+      request = asyncio.create_task(origin.generate(PROMPT, max_tokens=5_000, on_token=lambda tokens: len(tokens) >= 3 and three.set()))
       await asyncio.wait_for(three.wait(), 30)
       request.cancel()
       await origin.stop()

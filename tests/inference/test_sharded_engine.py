@@ -6,7 +6,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.dummy_inference_engine import CONTEXT_LENGTH, DummyInferenceEngine
+from exo.inference.inference_engine import Step
 from exo.inference.shard import Shard
 from exo.inference.sharded_engine import RequestStateError
 from tests.support.greedy import greedy_tokens
@@ -30,6 +31,23 @@ def test_a_step_at_the_wrong_position_is_refused():
       with pytest.raises(RequestStateError, match=f"at position 4 .* position {position}"):
         await engine.infer_tensor("r", WHOLE, np.array([50]), position)
     await engine.infer_tensor("r", WHOLE, np.array([50]), 4)  # the right step still runs
+
+  asyncio.run(run())
+
+
+def test_a_request_reaches_at_most_the_context_its_first_step_names():
+  """The first step's context (the plan's) bounds the request's positions from then on; 0 means the model's."""
+
+  async def run():
+    engine = DummyInferenceEngine()
+    await engine.infer_batch(WHOLE, [Step("short", PROMPT, 0, 6), Step("whole", PROMPT, 0)])
+    assert [engine._states[(r, WHOLE)].context for r in ("short", "whole")] == [6, CONTEXT_LENGTH]
+    for position in (4, 5):
+      await engine.infer_tensor("short", WHOLE, np.array([50]), position)  # later steps name no context: the first one's holds
+    with pytest.raises(ValueError, match="reach 7 positions; expected at most its context .*, 6"):
+      await engine.infer_tensor("short", WHOLE, np.array([50]), 6)
+    [out] = await engine.infer_batch(WHOLE, [Step("big", PROMPT, 0, CONTEXT_LENGTH + 1)])  # never beyond the model's
+    assert isinstance(out, np.ndarray) and engine._states[("big", WHOLE)].context == CONTEXT_LENGTH
 
   asyncio.run(run())
 

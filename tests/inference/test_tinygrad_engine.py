@@ -124,7 +124,7 @@ def assert_batched_equals_alone(shards: list[Shard], prompts: dict[str, np.ndarr
     alone = asyncio.run(decode(list(zip(engines[: len(shards)], shards)), prompts, steps, 0))
     together = asyncio.run(decode(list(zip(engines[len(shards) :], shards)), prompts, steps, batched))
     for engine, shard in zip(engines[len(shards) :], shards):
-      batched_steps = {key for key in engine._models[shard].steps if key[1] > 1}
+      batched_steps = {key[:2] for key in engine._models[shard].steps if key[1] > 1}  # (rows, requests) of any cache size
       assert batched_steps == BATCHED_STEPS[len(prompts)]  # the batch ran in steps of 4 (then 2) requests, not one at a time
   finally:
     for engine in engines:
@@ -229,6 +229,36 @@ def test_cache_covers_the_capped_context(models):
     assert engine._dims(model).context_length == min(TINY.context_length, MAX_CONTEXT)
     with pytest.raises(ValueError):
       asyncio.run(engine.infer_tensor("r", shard, np.zeros(TINY.context_length + 1, dtype=np.int64), 0))
+  finally:
+    engine.close()
+
+
+def test_a_request_keeps_kv_for_the_context_its_step_names(models):
+  """A step's `context` (the plan's) sizes the request's cache below the model's: its logits are the numpy reference's, decoded
+  in one batch with a request at the model's whole context, and a step beyond its context is refused naming it."""
+  model_id = tiny_model(models, "llama", "hf-f32")
+  shard = whole(model_id, TINY.n_layers)
+  _, weights = load_shard_weights(locate_model(model_id), shard)
+  engine = TinygradInferenceEngine()
+  short = len(PROMPT) + 3  # the prompt and three decode steps
+
+  async def run():
+    caches, inputs, position = {"short": {}, "whole": {}}, {"short": PROMPT, "whole": PROMPT}, 0
+    for _ in range(4):  # the prompt, then three decode steps, each one batch of both requests
+      outs = await engine.infer_batch(shard, [Step(r, x, position, short if r == "short" else 0) for r, x in inputs.items()])
+      for (r, x), out in zip(inputs.items(), outs):
+        expected = forward(weights, TINY, x, 0, TINY.n_layers - 1, caches[r])
+        assert np.abs(out[0] - expected).max() <= LOGITS_RTOL * np.abs(expected).max()
+        inputs[r] = np.array([int(np.argmax(expected[-1]))], dtype=np.int64)
+      position += len(x)
+    assert [c.shape for c in engine._states[("short", shard)].cache] == [(2, TINY.n_kv_heads, short, TINY.head_dim)] * TINY.n_layers
+    assert engine._states[("whole", shard)].cache[0].shape[2] == min(TINY.context_length, MAX_CONTEXT)
+    beyond, whole_step = await engine.infer_batch(shard, [Step(r, x, position, short if r == "short" else 0) for r, x in inputs.items()])
+    assert isinstance(beyond, ValueError) and f"reach {short + 1} positions" in str(beyond) and f", {short}" in str(beyond)
+    assert isinstance(whole_step, np.ndarray)
+
+  try:
+    asyncio.run(run())
   finally:
     engine.close()
 
@@ -430,7 +460,8 @@ def test_smollm_batched_decode_gives_the_greedy_tokens_of_each_request_alone(smo
   assert len({len(p) for p in prompts.values()}) > 1
   alone = {r: asyncio.run(greedy([(engine, shard)], p, 9, f"alone-{r}")) for r, p in prompts.items()}
   together = asyncio.run(decode([(engine, shard)], prompts, 8, 8))
-  assert (4, 4) in engine._models[shard].steps  # 8 requests: two steps of 4
+  model = engine._models[shard]
+  assert (4, 4, model.capacity) in model.steps  # 8 requests, each with the engine's whole context: two steps of 4
   for r in prompts:
     tokens = [int(np.argmax(logits[0, -1])) for logits in together[r]]
     assert tokens == alone[r][0]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTO = "exo/networking/grpc/node_service.proto"
 CAPS = DeviceCapabilities("Mac Studio", "Apple M2 Ultra", 196608.0, DeviceFlops(27.2, 54.4, 108.8), 800.0)
 MEASURED = CAPS.with_layer_times("llama-3.1-8b", LayerTimes(0.21, 0.004)).with_layer_times("smollm2-135m", LayerTimes(0.02, 0.0))
-PLAN = RingPlan("llama-3.1-8b", 32, (RingStage("studio", 0, 19), RingStage("air", 20, 31)))
+PLAN = RingPlan("llama-3.1-8b", 32, (RingStage("studio", 0, 19), RingStage("air", 20, 31)), context_tokens=3072)
 CONTEXT = RequestContext("req-1", "studio", PLAN, 64)
 SHARD = PLAN.shard(1)
 
@@ -330,6 +330,9 @@ def test_a_context_without_sampling_is_greedy_and_unset_fields_are_the_defaults(
   msg.ClearField("sampling")  # as a node that predates sampling sends it
   assert conv.context_from_proto(msg).sampling == GREEDY
   assert conv.context_from_proto(with_sampling(pb.Sampling(temperature=0.5))).sampling == Sampling(0.5, 1.0, 0, None)
+  msg = conv.context_to_proto(CONTEXT)
+  msg.plan.ClearField("context_tokens")  # as a node that predates the planned context sends it: the model's default
+  assert conv.context_from_proto(msg).plan == replace(PLAN, context_tokens=0)
 
 
 @pytest.mark.parametrize(
@@ -341,6 +344,7 @@ def test_a_context_without_sampling_is_greedy_and_unset_fields_are_the_defaults(
     (lambda: conv.shard_from_proto(pb.Shard(start_layer=0, end_layer=3, n_layers=8)), "empty model_id"),
     (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 32, (RingStage("a", 0, 20),)))), "covers 21 of 32 layers"),
     (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 8, (RingStage("a", 0, 3), RingStage("a", 4, 7))))), "names a node twice"),
+    (lambda: conv.plan_from_proto(conv.plan_to_proto(replace(PLAN, context_tokens=-1))), "context of -1 tokens"),
     (lambda: conv.context_from_proto(conv.context_to_proto(RequestContext("r", "", PLAN, 1))), "empty origin_node_id"),
     (lambda: conv.context_from_proto(with_sampling(pb.Sampling(temperature=-1))), "request 'req-1': temperature must be"),
     (lambda: conv.context_from_proto(with_sampling(pb.Sampling(temperature=1, top_p=0))), "top_p must be"),

@@ -15,6 +15,8 @@ def test_plan_from_node_shards_and_back():
   assert plan.shard(1) == Shard("m", 4, 9, 10)
   assert plan.index_of(Shard("m", 4, 9, 10), "b") == 1
   assert plan.index_of(Shard("m", 4, 9, 10), "a") is None  # a node is only ever given the shard the plan gives it
+  assert plan.context_tokens == 0  # no context named: the model's default
+  assert RingPlan.from_node_shards([("a", Shard("m", 0, 9, 10))], 3072).context_tokens == 3072
 
 
 @pytest.mark.parametrize(

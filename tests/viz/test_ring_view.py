@@ -2,7 +2,7 @@ from rich.console import Console
 
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
-from exo.orchestration.node import Node
+from exo.orchestration.node import Node, PlannerConfig
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
 from exo.topology.models import model_spec
 from exo.viz.ring_view import RingView
@@ -41,3 +41,14 @@ def test_the_view_shows_the_chat_pages_address_first():
   console.print(RingView(node, page_url="http://localhost:52415/").render())
   assert console.export_text().splitlines()[0] == "Chat page: http://localhost:52415/"
   assert "Chat page" not in rendered(node)  # a view without the API's address (none given) shows none
+
+
+def test_the_view_shows_the_planned_context_and_the_models_when_it_is_less():
+  caps = DeviceCapabilities("Test", "chip", 4096, DeviceFlops(1, 2, 4), 10)
+  node = Node("solo", DummyInferenceEngine(), NoDiscovery(), caps, model_spec("smollm2-135m"), PlannerConfig(max_context=2000))
+  assert "context:" not in rendered(node)  # no plan yet
+  node.plan(node.model)
+  assert "context: 2000 tokens per request, prompt and answer (of the model's 8192)" in rendered(node)
+  node.planner, node.current_plan = PlannerConfig(), None
+  node.plan(node.model)
+  assert "context: 8192 tokens per request, prompt and answer\n" in rendered(node)

@@ -1,5 +1,6 @@
 // The ring half of the page: every POLL_MS, the node's live topology (/v1/topology) and plan (/v1/plan), drawn as the nodes, the
-// ring the plan runs on with each node's layers, what the planner predicts and what the last request measured.
+// ring the plan runs on with each node's layers, the context it planned, what the planner predicts and what the last request
+// measured.
 "use strict";
 
 (() => {
@@ -85,7 +86,8 @@
       bar, order,
       el("div", { className: "stats" },
         stat("predicted TPOT", ms(p.tpot_ms)), stat("predicted tokens/s", num(p.tokens_per_second)),
-        stat("predicted throughput", `${num(p.throughput_tps)} tok/s`), stat("predicted TTFT", ms(p.ttft_ms))),
+        stat("predicted throughput", `${num(p.throughput_tps)} tok/s`), stat("predicted TTFT", ms(p.ttft_ms)),
+        contextStat(plan)),
       lastRequest(plan.last_request),
       el("p", { className: "muted" }, `Now: ${count(load.active_requests || 0, "request")} from this node, ${load.waiting_requests || 0} waiting at its `
         + `stage, decode batch ${num(load.mean_batch || 0, 2)} of at most ${load.max_batch || 1}, ${num(load.tokens_per_s || 0)} tokens/s over the last seconds.`),
@@ -93,6 +95,13 @@
       p.feasible === false && el("p", { className: "warning" }, "The planner says this ring does not fit its devices' memory."),
     ];
     view.plan.replaceChildren(...parts.filter(Boolean));
+  }
+
+  // The context the plan reserves KV for, per request (prompt and answer); the model's, when the cluster holds less of it.
+  function contextStat(plan) {
+    const full = Math.min(plan.model.context_tokens, 8192);
+    const note = plan.context_tokens < full ? `of the model's ${full}` : "prompt and answer";
+    return stat("planned context", `${plan.context_tokens} tokens`, note);
   }
 
   // The last request: measured from its arrival to its last token, against ttft + (n - 1) * tpot of the plan it ran on.

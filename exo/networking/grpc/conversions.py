@@ -33,7 +33,7 @@ def shard_from_proto(msg: pb.Shard) -> Shard:
 
 def plan_to_proto(plan: RingPlan) -> pb.RingPlan:
   stages = [pb.RingStage(node_id=s.node_id, start_layer=s.start_layer, end_layer=s.end_layer) for s in plan.stages]
-  return pb.RingPlan(model_id=plan.model_id, n_layers=plan.n_layers, stages=stages)
+  return pb.RingPlan(model_id=plan.model_id, n_layers=plan.n_layers, stages=stages, context_tokens=plan.context_tokens)
 
 
 def plan_from_proto(msg: pb.RingPlan) -> RingPlan:
@@ -41,7 +41,8 @@ def plan_from_proto(msg: pb.RingPlan) -> RingPlan:
     raise ValueError("ring plan has an empty model_id")
   if any(not s.node_id for s in msg.stages):
     raise ValueError("ring plan has a stage with an empty node_id")
-  plan = RingPlan(msg.model_id, msg.n_layers, tuple(RingStage(s.node_id, s.start_layer, s.end_layer) for s in msg.stages))
+  stages = tuple(RingStage(s.node_id, s.start_layer, s.end_layer) for s in msg.stages)
+  plan = RingPlan(msg.model_id, msg.n_layers, stages, msg.context_tokens)
   plan.validate()
   return plan
 
