@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from exo.networking.ports import free_port
+from tests.support.patience import HANG_S
 
 QUESTION = "What is the capital of France?"
 
@@ -19,7 +20,7 @@ def test_exo_run_answers_offline(engine):
     [sys.executable, "-m", "exo.main", "run", "smollm2-135m", "--prompt", QUESTION, "--inference-engine", engine],
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=HANG_S,
   )
   assert result.returncode == 0, result.stderr
   assert "Paris" in result.stdout
@@ -32,7 +33,7 @@ def test_exo_run_samples_as_its_flags_say():
 
   def answer(*flags: str) -> str:
     command = [sys.executable, "-m", "exo.main", "run", "smollm2-135m", "--prompt", "Write one sentence about the sea.", "--inference-engine", "mlx"]
-    result = subprocess.run([*command, "--max-generate-tokens", "24", *flags], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*command, "--max-generate-tokens", "24", *flags], capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -53,8 +54,8 @@ def api_node():
     stderr=subprocess.PIPE,
     text=True,
   )
-  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=240)
-  deadline = time.monotonic() + 60
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=HANG_S)
+  deadline = time.monotonic() + HANG_S  # the node is up when it answers: its process may start slowly
   while time.monotonic() < deadline:
     try:
       client.models.list()

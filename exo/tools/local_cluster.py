@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: processes run from
 HOST = "127.0.0.1"
 EXO = [sys.executable, "-m", "exo.main"]
 PROXY = [sys.executable, "-m", "exo.tools.latency_proxy"]
-START_TIMEOUT_S = 30.0  # generous: on a loaded 2-core machine a node is normally up in about half a second
+START_TIMEOUT_S = 300.0  # only a hang: on a loaded 2-core machine a node is normally up in about half a second
+RUN_TIMEOUT_S = 300.0  # an `exo run` on a dummy-engine cluster normally takes about two seconds; only a hang reaches this
 DUMMY_ENGINE = ("--inference-engine", "dummy")
 
 T = TypeVar("T")
@@ -187,7 +188,7 @@ class Cluster:
     node = self.nodes[node_id] = NodeProcess(node_id, self.ports[node_id], self.devices[node_id], proc, log_path, self.api_ports[node_id])
     return node
 
-  def run(self, client_id: str, model: str, prompt: str, *extra: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+  def run(self, client_id: str, model: str, prompt: str, *extra: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`exo run MODEL --prompt PROMPT` from the declared client `client_id`, waiting for every node still running."""
     running = sum(node.proc.poll() is None for node in self.nodes.values())
     args = [*EXO, "run", model, "--prompt", prompt, *self.node_args(client_id, "--wait-for-peers", str(running), *extra)]

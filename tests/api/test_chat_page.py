@@ -19,6 +19,7 @@ from exo.orchestration.node import Node
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.models import MODELS, model_spec
 from tests.support.node_process import exo_node
+from tests.support.patience import STALL_S
 
 CAPS = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
 SHIPPED = sorted(STATIC_DIR.iterdir())
@@ -27,7 +28,7 @@ SHIPPED = sorted(STATIC_DIR.iterdir())
 def fetch(url: str) -> tuple[int, str, bytes]:
   """(status, Content-Type, body) of a GET; error statuses too."""
   try:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=STALL_S) as response:
       return response.status, response.headers["Content-Type"], response.read()
   except urllib.error.HTTPError as e:
     return e.code, e.headers["Content-Type"], e.read()
@@ -110,7 +111,7 @@ def test_the_page_url_names_a_wildcard_address_as_localhost(host, url):
 @pytest.mark.parametrize("tui", [False, True], ids=["disable-tui", "tui"])
 def test_a_node_prints_its_chat_page_when_it_starts(tmp_path, tui):
   args = ["--node-id", "printer", "--discovery-module", "none", "--inference-engine", "dummy", *([] if tui else ["--disable-tui"])]
-  with exo_node(args, tmp_path / "node.log", timeout=60) as (_, url):
+  with exo_node(args, tmp_path / "node.log") as (_, url):
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url)
     status, content_type, _ = fetch(url)
     assert (status, content_type) == (200, "text/html; charset=utf-8")

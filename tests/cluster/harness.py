@@ -11,6 +11,7 @@ from exo.tools.local_cluster import (  # noqa: F401  (the cluster tests import t
   EXO,
   HOST,
   ROOT,
+  RUN_TIMEOUT_S,
   START_TIMEOUT_S,
   Cluster,
   Device,

@@ -16,14 +16,14 @@ below every slow one, and the planner keeps c out.
 import time
 
 from exo.topology.planner import make_plan
-from tests.cluster.harness import CLIENT, Device, edge_rtts, error_lines, plan_line, ring_of
+from tests.cluster.harness import CLIENT, RUN_TIMEOUT_S, Device, edge_rtts, error_lines, plan_line, ring_of
 
 MODEL = "llama-3.2-1b"
 PROMPT = "Far away"
 DEVICES = {"a": Device(1340, 10, 50), "b": Device(540, 10, 50), "c": Device(670, 10, 400)}
 INJECTED_RTT_MS = 40.0
 SLOW = {("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")}
-SETTLE_S = 20.0  # generous: RTT medians (of the last five samples, one a second) settle within seconds of the mesh forming
+SETTLE_S = 120.0  # only a hang: RTT medians (of the last five samples, one a second) settle within seconds of the mesh forming
 
 
 def separated(rtts: dict) -> bool:
@@ -57,10 +57,9 @@ def test_measured_rtt_matches_the_injected_delay_and_flops_latency_drops_the_far
   rtts = edge_rtts(view)
   assert separated(rtts), f"measured RTTs {rtts}, {INJECTED_RTT_MS} ms injected on {sorted(SLOW)}"
 
-  fast = cluster.run("x", MODEL, PROMPT, "--show-plan", "--max-generate-tokens", "8", "--request-timeout", "30")
-  weighted = cluster.run(
-    "y", MODEL, PROMPT, "--show-plan", "--max-generate-tokens", "8", "--request-timeout", "30", "--partitioning-strategy", "ring-memory-weighted"
-  )
+  run = ("--show-plan", "--max-generate-tokens", "8", "--request-timeout", str(RUN_TIMEOUT_S))
+  fast = cluster.run("x", MODEL, PROMPT, *run)
+  weighted = cluster.run("y", MODEL, PROMPT, *run, "--partitioning-strategy", "ring-memory-weighted")
   for result in (fast, weighted):
     assert result.returncode == 0 and error_lines(result.stderr) == [], f"{result.stderr}\n{cluster.logs()}"
   assert ring_of(plan_line(fast.stderr)) == [("a", 0, 15)]

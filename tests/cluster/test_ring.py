@@ -19,7 +19,7 @@ import time
 import pytest
 
 from exo.topology.planner import make_plan
-from tests.cluster.harness import CLIENT, EXO, ROOT, Cluster, Device, edge_rtts, error_lines, free_port, plan_line, ring_of
+from tests.cluster.harness import CLIENT, EXO, ROOT, RUN_TIMEOUT_S, Cluster, Device, edge_rtts, error_lines, free_port, plan_line, ring_of
 
 MODEL = "llama-3.2-1b"
 PROMPT = "Pipeline parallel around a ring"
@@ -27,7 +27,6 @@ TRIO = {"a": Device(800, 10, 100), "b": Device(540, 10, 200), "c": Device(400, 1
 CLIENTS = ("x", "y", "z", "w", "v")
 FLOPS_LATENCY_RING = [("c", 0, 0), ("a", 1, 10), ("b", 11, 15)]
 MEMORY_WEIGHTED_RING = [("a", 0, 6), ("b", 7, 11), ("c", 12, 15)]
-RUN_TIMEOUT_S = 60.0  # generous; a run takes about two seconds
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def trio(tmp_path_factory):
 
 def run_ok(cluster: Cluster, client: str, *extra: str) -> tuple[str, dict]:
   """(generated text, plan) of a successful `exo run --show-plan` from `client`."""
-  result = cluster.run(client, MODEL, PROMPT, "--show-plan", "--request-timeout", "30", *extra, timeout=RUN_TIMEOUT_S)
+  result = cluster.run(client, MODEL, PROMPT, "--show-plan", "--request-timeout", str(RUN_TIMEOUT_S), *extra, timeout=RUN_TIMEOUT_S)
   assert result.returncode == 0, f"exo run from {client} failed: {result.stderr}\n{cluster.logs()}"
   assert error_lines(result.stderr) == []
   return result.stdout, plan_line(result.stderr)

@@ -20,6 +20,7 @@ from exo.inference.shard import Shard
 from exo.inference.sharded_engine import RequestStateError
 from tests.inference.numpy_llama import forward
 from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
+from tests.support.patience import STALL_S
 
 TINY_ID = "tiny"
 FAMILIES = {"llama": TINY, "qwen2": TINY_QWEN2}
@@ -320,7 +321,7 @@ def test_a_shard_that_does_not_fit_waits_for_the_requests_on_the_other(make_tiny
   async def go():
     await engine.infer_tensor("a", first, PROMPT, 0)
     b = asyncio.create_task(engine.infer_tensor("b", second, PROMPT, 0))
-    await asyncio.wait_for(until_waiting(), 10)
+    await asyncio.wait_for(until_waiting(), STALL_S)
     assert "0-2" in engine.waiting and engine.resident_shards() == [first] and not b.done()
     await engine.finish_request("a")
     assert (await b).shape == (1, len(PROMPT), TINY.hidden_size)

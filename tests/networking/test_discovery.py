@@ -18,9 +18,10 @@ from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.udp_discovery import UDPDiscovery, parse_announcement
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops, LayerTimes
 from tests.support.health_only_peer import HealthOnlyPeer
+from tests.support.patience import STALL_S
 
 LOOPBACK_BROADCAST = "127.255.255.255"
-WAIT_S = 10.0  # generous: the conditions below normally hold within a fraction of a second
+WAIT_S = STALL_S  # the conditions below normally hold within a fraction of a second
 STUDIO = DeviceCapabilities("Mac Studio", "Apple M2 Ultra", 196608.0, DeviceFlops(27.2, 54.4, 108.8), 800.0)
 AIR = DeviceCapabilities("MacBook Air", "Apple M2", 16384.0, DeviceFlops(3.6, 7.1, 14.2), 100.0)
 default_broadcast_addresses = udp_discovery.default_broadcast_addresses

@@ -18,6 +18,7 @@ from exo.orchestration.node import Node, PlannerConfig, RequestFailed, _Pending
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.models import model_spec
 from tests.support.health_only_peer import HealthOnlyPeer
+from tests.support.patience import STALL_S
 
 MODEL = model_spec("llama-3.2-1b")
 DEVICE = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
@@ -86,7 +87,7 @@ def test_a_cancelled_request_stops_using_the_engine_at_once_while_the_others_fin
     try:
       started = asyncio.Event()
       endless = asyncio.create_task(node.generate("never ends", on_token=lambda tokens: len(tokens) >= 5 and started.set()))
-      await asyncio.wait_for(started.wait(), 30)
+      await asyncio.wait_for(started.wait(), STALL_S)
       [endless_id] = list(node._pending)
       others = [asyncio.create_task(node.generate(p, max_tokens=40)) for p in PROMPTS[:3]]
       while not all(engine.steps_of(i) for i in node._pending):  # every other request has run a step
@@ -205,7 +206,7 @@ def test_a_failure_the_failing_node_cannot_send_to_the_origin_reaches_it_through
     wrong = Shard(MODEL.id, 0, 3, MODEL.n_layers)  # layers the plan does not give s: the stage fails
     await stage._run_stage(wrong, context, tensor=np.array([[5]], dtype=np.int64))
     with pytest.raises(RequestFailed, match="node 's' was sent layers 0-3"):
-      await asyncio.wait_for(failed, 10)
+      await asyncio.wait_for(failed, STALL_S)
 
   asyncio.run(main())
 

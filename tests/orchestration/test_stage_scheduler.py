@@ -9,6 +9,7 @@ import pytest
 from exo.inference.inference_engine import Step
 from exo.inference.shard import Shard
 from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
+from tests.support.patience import STALL_S
 
 FIRST = Shard("m", 0, 3, 8)  # token ids in, hidden states out
 LAST = Shard("m", 4, 7, 8)  # hidden states in, logits out
@@ -117,9 +118,9 @@ def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard():
     waiting = asyncio.create_task(scheduler.run(LAST, Step("r1", hidden(1), 0)))
     await settle()
     for position in range(5):
-      await asyncio.wait_for(scheduler.run(FIRST, Step("r2", tokens(1), position)), 5)
+      await asyncio.wait_for(scheduler.run(FIRST, Step("r2", tokens(1), position)), STALL_S)
     memory.set()
-    await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(waiting, STALL_S)
     await scheduler.stop()
 
   asyncio.run(main())

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from exo.tools.local_cluster import ROOT, stop_process
+from tests.support.patience import HANG_S
 
 LOOPBACK_NODE = ["--node-host", "127.0.0.1", "--chatgpt-api-host", "127.0.0.1", "--chatgpt-api-port", "0"]  # the OS picks the API port
 
@@ -30,7 +31,7 @@ def printed_page_url(proc: subprocess.Popen, timeout: float) -> str:
 
 
 @contextmanager
-def exo_node(args: list[str], log_path: Path, timeout: float = 120.0):
+def exo_node(args: list[str], log_path: Path, timeout: float = HANG_S):
   """`exo ARGS` (plus loopback addresses) running until the block ends; yields (process, chat page URL)."""
   with open(log_path, "ab") as log:
     proc = subprocess.Popen([sys.executable, "-m", "exo.main", *LOOPBACK_NODE, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, bufsize=0)

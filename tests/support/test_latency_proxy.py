@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from exo.tools.latency_proxy import LatencyProxy
+from tests.support.patience import HANG_S, STALL_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,8 +81,8 @@ def test_stop_closes_open_connections_cleanly():
     writer.write(b"ping")
     await writer.drain()
     assert await reader.readexactly(4) == b"ping"
-    await asyncio.wait_for(proxy.stop(), 5)
-    assert await asyncio.wait_for(reader.read(), 5) == b""  # the proxy closed our connection
+    await asyncio.wait_for(proxy.stop(), STALL_S)
+    assert await asyncio.wait_for(reader.read(), STALL_S) == b""  # the proxy closed our connection
     writer.close()
     with pytest.raises(OSError):
       await asyncio.open_connection("127.0.0.1", proxy.port)
@@ -100,7 +101,7 @@ def test_unreachable_target_closes_the_client():
     await unused.wait_closed()
     async with LatencyProxy("127.0.0.1", port) as proxy:
       reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-      assert await asyncio.wait_for(reader.read(), 5) == b""
+      assert await asyncio.wait_for(reader.read(), STALL_S) == b""
       writer.close()
 
   asyncio.run(scenario())
@@ -125,13 +126,13 @@ def test_runs_as_a_process():
       stderr=subprocess.DEVNULL,
     )
     try:
-      line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+      line = (await asyncio.wait_for(process.stdout.readline(), HANG_S)).decode()
       assert line.startswith("listening on 127.0.0.1:")
       echoed, rtt = await round_trip(int(line.rsplit(":", 1)[1]), b"from another process")
       assert echoed == b"from another process" and rtt >= 0.02
     finally:
       process.terminate()
-      assert await asyncio.wait_for(process.wait(), 10) == 0
+      assert await asyncio.wait_for(process.wait(), HANG_S) == 0
     server.close()
     await server.wait_closed()
 
