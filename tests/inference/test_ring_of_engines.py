@@ -20,6 +20,7 @@ from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.models import model_spec
+from tests.support.patience import HANG_S
 
 MODEL = model_spec("smollm2-135m")
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -35,6 +36,7 @@ QUESTIONS = [
   "Give me a synonym for happy.",
   "Why is the sky blue? Answer in one sentence.",
 ]
+CHATS = [[{"role": "user", "content": question}] for question in QUESTIONS]  # CHATS[0] is MESSAGES
 # Uneven devices, speeds 4:2:1: under the throughput objective every node takes layers in proportion to its speed.
 DEVICES = {
   "fast": DeviceCapabilities("Test", "fast", 4096, DeviceFlops(2.0, 4.0, 8.0), 40.0),
@@ -45,15 +47,33 @@ THROUGHPUT = PlannerConfig(objective="throughput")
 ENGINES = {"tinygrad": TinygradInferenceEngine, "mlx": MLXInferenceEngine}
 
 
-async def single_node_tokens(engine_class, messages: list[dict] = MESSAGES) -> list[int]:
-  node = Node("solo", engine_class(), NoDiscovery(), DEVICES["fast"], MODEL, max_generate_tokens=TOKENS)
+async def single_node_tokens(engine_class, chats: list[list[dict]]) -> list[list[int]]:
+  """Each chat's tokens from one node holding every layer, asked one after another: each request alone on the node."""
+  node = Node("solo", engine_class(), NoDiscovery(), DEVICES["fast"], MODEL, max_generate_tokens=TOKENS, request_timeout=HANG_S)
   node.server = GRPCServer(node, "127.0.0.1", free_port())
   await node.start()
   try:
-    prompt = await node.engine.apply_chat_template(WHOLE, messages)
-    return (await node.generate(prompt)).tokens
+    tokens = []
+    for messages in chats:
+      prompt = await node.engine.apply_chat_template(WHOLE, messages)
+      tokens.append((await node.generate(prompt)).tokens)
+    return tokens
   finally:
     await node.stop()
+
+
+@pytest.fixture(scope="module")
+def alone():
+  """engine -> each of CHATS' tokens alone on one node (the reference of every test here), computed once per engine: one
+  engine loads the model and captures its steps once for all of them."""
+  computed: dict[str, list[list[int]]] = {}
+
+  def tokens(engine: str) -> list[list[int]]:
+    if engine not in computed:
+      computed[engine] = asyncio.run(single_node_tokens(ENGINES[engine], CHATS))
+    return computed[engine]
+
+  return tokens
 
 
 async def ring_tokens(engine_class, names: list[str], tmp_path, questions=(MESSAGES,), planner=THROUGHPUT):
@@ -65,7 +85,7 @@ async def ring_tokens(engine_class, names: list[str], tmp_path, questions=(MESSA
   nodes = []
   for name in names:
     node = Node(
-      name, engine_class(), ManualDiscovery(name, peers_file, GRPCPeerHandle, poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, 120
+      name, engine_class(), ManualDiscovery(name, peers_file, GRPCPeerHandle, poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, HANG_S
     )
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
@@ -82,8 +102,8 @@ async def ring_tokens(engine_class, names: list[str], tmp_path, questions=(MESSA
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_split_over_two_and_three_nodes_equals_one_node(engine, tmp_path):
-  reference = asyncio.run(single_node_tokens(ENGINES[engine]))
+def test_split_over_two_and_three_nodes_equals_one_node(engine, tmp_path, alone):
+  reference = alone(engine)[0]
   assert len(reference) >= 5
   for names in (["fast", "slow"], ["fast", "mid", "slow"]):
     [tokens], ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path))
@@ -95,11 +115,9 @@ def test_split_over_two_and_three_nodes_equals_one_node(engine, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_eight_concurrent_requests_batched_get_the_tokens_each_gets_alone(engine, tmp_path):
-  chats = [[{"role": "user", "content": question}] for question in QUESTIONS]
-  alone = [asyncio.run(single_node_tokens(ENGINES[engine], chat)) for chat in chats]
+def test_eight_concurrent_requests_batched_get_the_tokens_each_gets_alone(engine, tmp_path, alone):
   for names in (["fast"], ["fast", "slow"]):
     planner = PlannerConfig(strategy="ring-memory-weighted", batch=8)  # every node in the ring: 15 layers each
-    together, ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path, chats, planner))
+    together, ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path, CHATS, planner))
     assert len(ring) == len(names)
-    assert together == alone, (engine, ring)
+    assert together == alone(engine), (engine, ring)

@@ -20,6 +20,7 @@ from exo.orchestration.node import Node, PlannerConfig, RequestFailed
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.models import model_spec
 from tests.support.greedy import greedy_tokens
+from tests.support.patience import HANG_S
 
 MODEL = model_spec("smollm2-135m")
 WHOLE = Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers)
@@ -80,6 +81,20 @@ async def alone(engine_name: str, prompts: list[str]) -> list[list[int]]:
   return [await greedy_tokens(engine, WHOLE, await engine.encode(WHOLE, p), TOKENS, f"alone-{i}") for i, p in enumerate(prompts)]
 
 
+@pytest.fixture(scope="module")
+def alone_tokens():
+  """(engine, prompts) -> their tokens alone, computed once: both scenarios compare with the same references."""
+  computed: dict[tuple[str, tuple[str, ...]], list[list[int]]] = {}
+
+  def tokens(engine_name: str, prompts: list[str]) -> list[list[int]]:
+    key = (engine_name, tuple(prompts))
+    if key not in computed:
+      computed[key] = asyncio.run(alone(engine_name, prompts))
+    return computed[key]
+
+  return tokens
+
+
 async def chat_prompts(engine_name: str) -> list[str]:
   engine = make_engine(engine_name)
   return [await engine.apply_chat_template(WHOLE, [{"role": "user", "content": q}]) for q in QUESTIONS]
@@ -94,7 +109,7 @@ def two_nodes(engine_name: str, tmp_path, objectives: tuple[str, str]) -> tuple[
   nodes = []
   for (name, objective), engine in zip(zip("ab", objectives), (held.inner, make_engine(engine_name))):
     discovery = ManualDiscovery(name, tmp_path / "peers.json", GRPCPeerHandle, poll_interval=0.1)
-    node = Node(name, engine, discovery, devices[name], MODEL, PlannerConfig(objective=objective), TOKENS, 120, refresh_interval=0.2)
+    node = Node(name, engine, discovery, devices[name], MODEL, PlannerConfig(objective=objective), TOKENS, HANG_S, refresh_interval=0.2)
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
   held.attach(nodes[0])
@@ -136,12 +151,12 @@ async def other_view_mid_request(engine_name: str, tmp_path):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("scenario", [node_joins_mid_request, other_view_mid_request], ids=["node-joins", "other-view"])
-def test_second_layout_leaves_running_requests_intact(engine, scenario, tmp_path):
+def test_second_layout_leaves_running_requests_intact(engine, scenario, tmp_path, alone_tokens):
   prompts, first, second, held = asyncio.run(scenario(engine, tmp_path))
   assert first.plan.ring() == [("a", MODEL.n_layers)]
   assert len(second.plan.ring()) == 2 and dict(second.plan.ring())["a"] < MODEL.n_layers  # another range on node a
   assert held.most_resident == 2  # both layouts were resident while both requests ran
-  assert [first.tokens, second.tokens] == asyncio.run(alone(engine, prompts))
+  assert [first.tokens, second.tokens] == alone_tokens(engine, prompts)
 
 
 async def state_lost_mid_request(tmp_path) -> str:
