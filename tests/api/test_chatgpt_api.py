@@ -21,6 +21,7 @@ from exo.orchestration.node import Node, PlannerConfig
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.models import MODELS, model_spec
 from tests.support.greedy import greedy_tokens
+from tests.support.patience import STALL_S
 
 SERVED = "llama-3.2-1b"
 CAPS = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
@@ -37,16 +38,16 @@ class Served:
     self.loop = asyncio.new_event_loop()
     self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
     self.thread.start()
-    options = {"max_generate_tokens": MAX_TOKENS, "request_timeout": 10, **node_options}
+    options = {"max_generate_tokens": MAX_TOKENS, "request_timeout": STALL_S, **node_options}
     self.node = Node("api-node", engine or DummyInferenceEngine(), NoDiscovery(), CAPS, model_spec(SERVED), **options)
     self.node.server = GRPCServer(self.node, "127.0.0.1", 0)
     self.api = ChatGPTAPI(self.node, "127.0.0.1", 0)
     self.run(self.node.start())
     self.run(self.api.start())
     self.base = f"http://127.0.0.1:{self.api.port}"
-    self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=10)
+    self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=STALL_S)
 
-  def run(self, coroutine, timeout: float = 10.0):
+  def run(self, coroutine, timeout: float = STALL_S):
     return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
   def close(self):
@@ -85,7 +86,7 @@ def get(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, 
   """(status, headers, JSON body or {}) of one request; error statuses too."""
   request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
   try:
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=STALL_S) as response:
       status, headers, raw = response.status, dict(response.headers), response.read()
   except urllib.error.HTTPError as e:
     status, headers, raw = e.code, dict(e.headers), e.read()
@@ -365,7 +366,7 @@ CONTEXT = 400
 
 @pytest.fixture
 def endless():
-  served = Served(Counted(), max_generate_tokens=10**6, max_requests=2, request_timeout=60)
+  served = Served(Counted(), max_generate_tokens=10**6, max_requests=2, request_timeout=STALL_S)
   yield served
   served.close()
 
@@ -374,7 +375,7 @@ def open_stream(served: Served, content: str = "Go on forever."):
   """A streamed chat completion, opened; the caller reads it and closes it."""
   body = json.dumps({"model": SERVED, "messages": [{"role": "user", "content": content}], "stream": True}).encode()
   request = urllib.request.Request(f"{served.base}/v1/chat/completions", data=body, method="POST", headers={"Content-Type": "application/json"})
-  return urllib.request.urlopen(request, timeout=10)
+  return urllib.request.urlopen(request, timeout=STALL_S)
 
 
 def read_chunks(response, n: int) -> None:
@@ -388,7 +389,7 @@ def test_a_client_that_disconnects_leaves_the_node_idle_within_a_step(endless):
   read_chunks(response, 5)
   [request_id] = list(endless.node._pending)
   response.close()
-  deadline = time.monotonic() + 10
+  deadline = time.monotonic() + STALL_S
   while endless.node._pending:  # the server notices the closed connection and cancels the generation
     assert time.monotonic() < deadline, "the generation went on after its client left"
     time.sleep(0.01)

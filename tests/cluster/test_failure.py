@@ -37,12 +37,13 @@ from tests.cluster.harness import (
   ring_of,
   wait_for_local_mesh,
 )
+from tests.support.patience import HANG_S
 
 MODEL = "llama-3.2-1b"
 PROMPT = "Survive a crash"
 DEVICES = {"a": Device(1000, 1, 4), "b": Device(1000, 1, 400), "c": Device(2000, 1, 4)}
 RING = [("c", 8), ("b", 4), ("a", 4)]
-REQUEST_TIMEOUT_S = 8.0
+REQUEST_TIMEOUT_S = 60.0  # far beyond the 4 s a request takes even on a busy machine: each failure below is named long before
 SLACK_S = 15.0  # generous: after the deadline the origin health-checks the ring (1 s) and tells each node the request is over (2 s each)
 MAX_TOKENS = 40
 WEIGHTED = ("--partitioning-strategy", "ring-memory-weighted")
@@ -64,7 +65,7 @@ async def fail_mid_request(cluster: Cluster, origin, how: signal.Signals) -> tup
   await origin.start(wait_for_peers=len(DEVICES))
   two_tokens = asyncio.Event()
   request = asyncio.create_task(origin.generate(PROMPT, max_tokens=MAX_TOKENS, on_token=lambda tokens: len(tokens) >= 2 and two_tokens.set()))
-  await asyncio.wait({request, asyncio.create_task(two_tokens.wait())}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+  await asyncio.wait({request, asyncio.create_task(two_tokens.wait())}, timeout=HANG_S, return_when=asyncio.FIRST_COMPLETED)
   assert two_tokens.is_set() and not request.done(), "the request should still be running when b is hit"
   assert origin.current_plan.ring() == RING
   cluster.nodes["b"].proc.send_signal(how)
@@ -100,8 +101,8 @@ def test_killed_node_fails_the_request_naming_it_and_the_next_runs_on_survivors(
 
   async def scenario(origin):
     error, elapsed = await fail_mid_request(cluster, origin, signal.SIGKILL)
-    assert "'b'" in str(error), str(error)  # c could not reach it (or, rarely, it did not answer once the deadline passed)
-    assert elapsed < REQUEST_TIMEOUT_S + SLACK_S
+    assert "'b'" in str(error), str(error)  # c could not reach it (or, if the kill landed in b's own stage, b did not answer)
+    assert elapsed < REQUEST_TIMEOUT_S  # reported, not timed out
     await next_request_runs_on_survivors(origin)
 
   run_origin(cluster, scenario)
@@ -126,7 +127,6 @@ def test_exo_run_reports_a_crash_in_one_line(cluster):
   start_paced_trio(cluster, clients=("x", "y"))
   args = [*EXO, "run", MODEL, "--prompt", PROMPT, *cluster.node_args("x", "--wait-for-peers", "3", "--request-timeout", str(REQUEST_TIMEOUT_S))]
   args += [*WEIGHTED, "--max-generate-tokens", str(MAX_TOKENS)]
-  started = time.monotonic()
   run = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "DEBUG": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   stderr_lines: list[str] = []
   sent = threading.Event()  # x logged that its request went to the first stage (DEBUG=1): it runs for about four seconds
@@ -140,9 +140,10 @@ def test_exo_run_reports_a_crash_in_one_line(cluster):
   reader = threading.Thread(target=read_stderr, daemon=True)
   reader.start()
   try:
-    assert sent.wait(30), "".join(stderr_lines)
+    assert sent.wait(HANG_S), "".join(stderr_lines)
     assert run.poll() is None, "the request should still be running when b is killed"
     cluster.nodes["b"].kill()
+    killed = time.monotonic()
     run.wait(REQUEST_TIMEOUT_S + SLACK_S + 30)
   finally:
     if run.poll() is None:
@@ -155,7 +156,7 @@ def test_exo_run_reports_a_crash_in_one_line(cluster):
   assert stdout == ""
   [line] = error_lines(stderr)
   assert "'b'" in line, stderr
-  assert time.monotonic() - started < REQUEST_TIMEOUT_S + SLACK_S + 10  # 10 s: process start and discovery
+  assert time.monotonic() - killed < REQUEST_TIMEOUT_S  # the crash was reported, the request did not time out
 
   # a new origin, which never reached b, plans without it at once, though a and c list b until their discovery timeout (30 s)
   result = cluster.run("y", MODEL, PROMPT, "--request-timeout", str(REQUEST_TIMEOUT_S), "--max-generate-tokens", "5", "--show-plan", *WEIGHTED)
@@ -181,7 +182,7 @@ def test_ring_stops_when_its_origin_dies(cluster):
       await wait_for_local_mesh([origin, *ring])
       three = asyncio.Event()
       request = asyncio.create_task(origin.generate(PROMPT, max_tokens=5_000, on_token=lambda tokens: len(tokens) >= 3 and three.set()))
-      await asyncio.wait_for(three.wait(), 30)
+      await asyncio.wait_for(three.wait(), HANG_S)
       request.cancel()
       await origin.stop()
       deadline = time.monotonic() + 30  # generous: the last stage retries the origin for 5 s before it gives up

@@ -22,6 +22,7 @@ from exo.networking.ports import free_port
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
 from exo.topology.topology import Topology
+from tests.support.patience import STALL_S
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = "exo/networking/grpc/node_service.proto"
@@ -137,7 +138,7 @@ def test_a_batch_with_one_malformed_tensor_is_rejected_whole():
     batch = pb.TensorBatch(tensors=[_tensor_request(), _tensor_request(shape=[2, 4]), _tensor_request()])
     async with grpc.aio.insecure_channel(peer.addr()) as channel:
       with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await pb_grpc.NodeServiceStub(channel).SendTensors(batch, timeout=5)
+        await pb_grpc.NodeServiceStub(channel).SendTensors(batch, timeout=STALL_S)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 32" in raised.value.details()
     assert node.calls == []  # nothing half-done: not even the well-formed first step was handed on
 
@@ -196,12 +197,12 @@ def test_health_check_is_false_quickly_without_a_server_and_recovers_when_it_sta
     port = free_port()
     peer = GRPCPeerHandle("air", f"127.0.0.1:{port}", CAPS)
     started = time.monotonic()
-    assert not await peer.health_check(timeout=2.0)
-    assert time.monotonic() - started < 1.0
+    assert not await peer.health_check(timeout=STALL_S)
+    assert time.monotonic() - started < STALL_S / 2  # refused at once, not at the timeout
     server = GRPCServer(FakeNode(), "127.0.0.1", port)
     await server.start()
     try:
-      deadline = time.monotonic() + 5.0
+      deadline = time.monotonic() + STALL_S
       while not await peer.health_check(timeout=0.5):
         assert time.monotonic() < deadline, "the handle did not reconnect to a server that came up"
         await asyncio.sleep(0.1)
@@ -262,7 +263,7 @@ def test_malformed_request_is_invalid_argument_and_server_survives(rpc, request_
   async def test(node, server, peer):
     async with grpc.aio.insecure_channel(peer.addr()) as channel:
       with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await getattr(pb_grpc.NodeServiceStub(channel), rpc)(request_msg, timeout=5)
+        await getattr(pb_grpc.NodeServiceStub(channel), rpc)(request_msg, timeout=STALL_S)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert problem in raised.value.details()
     assert node.calls == [] and await peer.health_check()
