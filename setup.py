@@ -26,7 +26,17 @@ setup(
     "huggingface_hub>=2.4",  # downloads (exo/inference/downloads.py); its errors come from httpx2, which it brings
   ],
   extras_require={
-    "test": ["pytest>=8", "hypothesis==6.170.27", "ruff==0.17.6", "grpcio-tools==1.85.1", "openai>=1.0", "safetensors>=0.4", "playwright>=1.49"],
+    "test": [
+      "pytest>=8",
+      "hypothesis==6.170.27",
+      "ruff==0.17.6",
+      "grpcio-tools==1.85.1",  # the version that generated the committed stubs
+      "pytest-xdist>=3.6",  # two test processes (pytest.ini)
+      "pytest-timeout>=2.3",  # a hung test fails after 15 minutes (pytest.ini)
+      "openai>=1.0",
+      "safetensors>=0.4",
+      "playwright>=1.49",
+    ],
   },
   entry_points={"console_scripts": ["exo = exo.main:main"]},
 )
