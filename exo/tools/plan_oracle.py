@@ -27,6 +27,7 @@ import itertools
 import math
 
 REL_TIE = 1e-9  # plans whose primary objective is within this relative distance of the best count as tied
+TIE_BAND = (1e-12, 1e-6)  # tie tolerances between which a planner's own 1e-9 may fall, its floats rounded differently
 DEFAULT_PROMPT_TOKENS = 128  # the prompt length behind the plan JSON's `ttft_ms`
 DEFAULT_CONTEXT, CONTEXT_STEP, LEAST_CONTEXT = 8192, 256, 512  # v2.1's context cap, step and floor, in tokens
 OBJECTIVES = ("latency", "throughput")
@@ -229,13 +230,20 @@ class CostModel:
             yield list(zip(order, counts, strict=True))
 
 
-def _best(values: list[tuple[float, float]], objective: str) -> tuple[float, float]:
-  """(primary, secondary) optimum: the best primary, then the best secondary among plans tied on it within REL_TIE."""
+def _best(values: list[tuple[float, float]], objective: str, tie: float = REL_TIE) -> tuple[float, float]:
+  """(primary, secondary) optimum: the best primary, then the best secondary among plans tied on it within `tie`."""
   if objective == "latency":
     best = min(t for t, _ in values)
-    return best, max(x for t, x in values if close(t, best, REL_TIE))
+    return best, max(x for t, x in values if close(t, best, tie))
   best = max(x for _, x in values)
-  return best, min(t for t, x in values if close(x, best, REL_TIE))
+  return best, min(t for t, x in values if close(x, best, tie))
+
+
+def _tie_band(values: list[tuple[float, float]], objective: str) -> tuple[float, float]:
+  """(least, most) the tie-break's secondary value can be for a tie tolerance anywhere in TIE_BAND: plans whose primaries
+  differ by about 1e-9 are tied for one rounding of the floats and not for another."""
+  low, high = sorted(_best(values, objective, tie)[1] for tie in TIE_BAND)
+  return low, high
 
 
 def planned_context(model: dict, feasible_at, max_context: int | None = None) -> int | None:
@@ -261,7 +269,8 @@ def oracle(
   Returns {"best_tpot", "throughput_at_best_tpot", "n_plans", "context_latency"} over the latency-feasible plans (c = 1) and
   {"best_throughput", "tpot_at_best_throughput", "n_throughput_plans", "context_throughput"} over the throughput-feasible
   plans (c = k * b); the latter values are None when no plan is feasible under throughput. The secondary values are the best
-  among plans whose primary is within REL_TIE of the best (the objective's tie-break).
+  among plans whose primary is within REL_TIE of the best (the objective's tie-break); the `_band` entries give the range the
+  secondary can take for any tie tolerance in TIE_BAND, which a planner's tie-break must fall in.
   """
   cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
   assert cm.any_known_speed(), "the oracle does not model the memory-weighted fallback"
@@ -288,6 +297,8 @@ def oracle(
     "throughput_at_best_tpot": throughput_at_best_tpot,
     "best_throughput": best_throughput,
     "tpot_at_best_throughput": tpot_at_best_throughput,
+    "throughput_at_best_tpot_band": _tie_band(latency, "latency"),
+    "tpot_at_best_throughput_band": _tie_band(throughput, "throughput") if throughput else None,
     "n_plans": len(latency),
     "n_throughput_plans": len(throughput),
     "context_latency": context_latency,
