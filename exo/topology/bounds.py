@@ -25,10 +25,8 @@ _EPS = 1e-9
 
 
 def _caps(problem: SearchProblem, ring_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(middle, first, last) capacities of every node in a ring of `ring_size` nodes."""
-  cap = problem.costs.capacity
-  n = problem.size
-  return tuple(np.array([cap(i, first, last, ring_size) for i in range(n)], dtype=float) for first, last in ((0, 0), (1, 0), (0, 1)))
+  """(middle, first, last) capacities of every node in a ring of `ring_size` nodes, as floats."""
+  return tuple(c.astype(float) for c in problem.costs.role_capacities(ring_size))
 
 
 def best_small_plan(problem: SearchProblem) -> Candidate | None:

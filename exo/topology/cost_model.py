@@ -148,6 +148,11 @@ class CostModel:
       self._capacity[key] = math.floor((self.usable_bytes[i] - reserved) / per_layer)
     return self._capacity[key]
 
+  def role_capacities(self, ring_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(middle, first, last) capacities of every node in a ring of `ring_size` nodes, as integer arrays."""
+    roles = ((False, False), (True, False), (False, True))
+    return tuple(np.array([self.capacity(i, first, last, ring_size) for i in range(self.size)], dtype=np.int64) for first, last in roles)
+
   def ring_capacities(self, ring: list[int]) -> list[int]:
     k = len(ring)
     return [self.capacity(i, n == 0, n == k - 1, k) for n, i in enumerate(ring)]

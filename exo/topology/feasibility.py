@@ -42,12 +42,6 @@ class Feasibility:
   proven: bool = True
 
 
-def _caps(costs: CostModel, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(middle, first, last) capacities of every node in a ring of k nodes."""
-  cap = costs.capacity
-  return tuple(np.array([cap(i, first, last, k) for i in range(costs.size)], dtype=np.int64) for first, last in ((0, 0), (1, 0), (0, 1)))
-
-
 def _alone(costs: CostModel) -> tuple[list[int] | None, int]:
   """The node that holds most alone, as a ring, and what it holds."""
   held = [costs.capacity(i, True, True, 1) for i in range(costs.size)]
@@ -102,7 +96,7 @@ def _exact(costs: CostModel) -> Feasibility:
   size = sum(bits)
   best = (most, None)  # (layers, (mask, first, last))
   for k in range(2, min(n, total) + 1):
-    middle, first, last = _caps(costs, k)
+    middle, first, last = costs.role_capacities(k)
     layer = masks[size == k]
     held = np.zeros(len(layer), dtype=np.int64)
     short = np.zeros(len(layer), dtype=bool)
@@ -143,7 +137,7 @@ def _arranged(costs: CostModel, cycle: list[int]) -> tuple[list[int], int]:
 
 def _best_pair(costs: CostModel) -> tuple[list[int] | None, int]:
   """The linked pair, in the order whose role capacities hold most, and what it holds (-1: no pair gives both a layer)."""
-  _, first, last = _caps(costs, 2)
+  _, first, last = costs.role_capacities(2)
   best = (None, -1)
   for f, z in zip(*np.nonzero(np.isfinite(costs.hop))):
     if f != z and first[f] >= 1 and last[z] >= 1 and first[f] + last[z] > best[1]:
@@ -161,7 +155,7 @@ def _search(costs: CostModel, budget: int) -> Feasibility:
   if most >= total:
     return Feasibility(widest, most, widest)
   adj = _neighbour_masks(costs)
-  weights = {k: [max(0, int(c)) for c in _caps(costs, k)[0]] for k in range(3, min(costs.size, total) + 1)}
+  weights = {k: [max(0, int(c)) for c in costs.role_capacities(k)[0]] for k in range(3, min(costs.size, total) + 1)}
   sizes = [k for k, weight in weights.items() if sum(sorted(weight)[-k:]) >= total]
   if sizes and all(weights[k] == weights[sizes[-1]] for k in sizes):
     sizes = sizes[-1:]  # capacities that do not shrink with the ring (latency, or no KV): one search, bounded by the longest ring
