@@ -9,9 +9,9 @@ Throughput, up to THROUGHPUT_LIMIT nodes: subsets are visited by a lower bound (
 the cheapest transfers) until it passes the best plan found, so only subsets that could win or tie are solved exactly. The
 busiest stage depends on the ring through each node's transfer to its successor. A subset whose transfers do not depend on the
 order is solved in closed form for every (f, l) on its cheapest ring (a Held-Karp table from every start, path[S, f, j],
-O(2^n n^3) time and O(2^n n^2) memory); otherwise a binary search on the busiest-stage time, each probe a longest-cycle DP,
-finds the best time, and the rings that reach it are searched depth first. Worst case O(2^n n!) splits; the bounds keep
-typical cases to a few subsets.
+O(2^n n^3) time and O(2^n n^2) memory); otherwise a binary search on the busiest-stage time, each probe a longest-cycle DP
+(_reach, O(2^n n^2)), finds the best time, and the rings that reach it are searched depth first. Worst case O(2^n n!)
+splits; the bounds keep typical cases to a few subsets.
 """
 
 import math
@@ -180,15 +180,19 @@ def _order_dependent(problem: SearchProblem, subsets: list, best: Candidate | No
 
 
 class _SizeLayout:
-  """Masks of n nodes grouped for the DP: by subset size, and per size and node j the masks of that size holding j."""
+  """Masks of n nodes grouped for the DP of _reach: by subset size, each mask's lowest node (where its rings are anchored), and
+  per size and node j the masks of that size holding j above their lowest node (those a path from the anchor can end at j)."""
 
   def __init__(self, n: int):
     masks = np.arange(1 << n)
     size = np.zeros(1 << n, dtype=np.int64)
-    for i in range(n):
+    lowest = np.zeros(1 << n, dtype=np.int64)
+    for i in reversed(range(n)):
       size += (masks >> i) & 1
+      lowest = np.where((masks >> i) & 1 == 1, i, lowest)
+    self.lowest = lowest
     self.by_size = [masks[size == k] for k in range(n + 1)]
-    self.with_node = [[layer[(layer >> j) & 1 == 1] for j in range(n)] for layer in self.by_size]
+    self.ending_at = [[layer[((layer >> j) & 1 == 1) & (lowest[layer] != j)] for j in range(n)] for layer in self.by_size]
 
 
 def _stage_values(problem: SearchProblem) -> np.ndarray:
@@ -222,23 +226,32 @@ def _limits(problem: SearchProblem, stage: float, k: int) -> tuple[np.ndarray, n
 def _reach(problem: SearchProblem, stage: float, k: int, layout: _SizeLayout) -> np.ndarray:
   """For every subset of k nodes, the most layers a ring through exactly it can hold with every stage within `stage`.
 
-  A node's limit depends only on its role and successor, so this is a longest-cycle Held-Karp from every first node:
-  O(2^n n^3) for k = n."""
+  A node's limit depends only on its role (first, middle, last) and its successor, so this is a longest-cycle Held-Karp. Each
+  ring is walked from its subset's lowest node s, with the phase of the walk as state: `before` (the hop last -> first is still
+  ahead; s is a middle node or the last), `first` (the walk just took that hop: the current node is the first), `after` (it
+  took it earlier), and `opened` (s is the first, so the walk ends with that hop). O(2^n n^2) for k = n."""
   n = problem.size
   first, middle, last, alone = _limits(problem, stage, k)
   reach = np.full(1 << n, -math.inf)
   if k == 1:
     reach[1 << np.arange(n)] = alone
     return reach
-  held = np.full((1 << n, n, n), -math.inf)
-  held[1 << np.arange(n), np.arange(n), np.arange(n)] = 0.0
+  walk = np.full((4, 1 << n, n), -math.inf)  # before, first, after, opened: the most held on a walk from the anchor ending at j
+  walk[0, 1 << np.arange(n), np.arange(n)] = 0.0
+  # the hop i -> j adds i's limit in the role the phase gives it: before -> before (middle), before -> first (i is the last),
+  # first -> after (i is the first), after -> after (middle), opened -> opened (middle)
+  source = [0, 0, 1, 2, 3]
+  hop_limits = np.stack([middle, last, first, middle, middle])[:, :, None, :]  # (5, i, 1, j)
   for size in range(2, k + 1):
-    weights = first if size == 2 else middle
     for j in range(n):
-      sel = layout.with_node[size][j]
-      held[sel, :, j] = (held[sel ^ (1 << j)] + weights[:, j][None, None, :]).max(axis=2)
+      sel = layout.ending_at[size][j]
+      held = (walk[:, sel ^ (1 << j)][source] + hop_limits[:, :, :, j].transpose(0, 2, 1)).max(axis=2)
+      opened = first[layout.lowest[sel], j] if size == 2 else held[4]
+      walk[:, sel, j] = np.stack([held[0], held[1], np.maximum(held[2], held[3]), opened])
   masks = layout.by_size[k]
-  reach[masks] = (held[masks] + last.T[None, :, :]).max(axis=(1, 2))
+  home = layout.lowest[masks]
+  closed = np.maximum.reduce([walk[3, masks] + last[:, home].T, walk[1, masks] + first[:, home].T, walk[2, masks] + middle[:, home].T])
+  reach[masks] = closed.max(axis=1)
   return reach
 
 

@@ -48,7 +48,7 @@ def _alone(costs: CostModel) -> tuple[list[int] | None, int]:
   if not held:
     return None, 0
   i = max(range(costs.size), key=lambda i: (held[i], -i))
-  return [i], held[i]
+  return [i], max(held[i], 0)
 
 
 def _neighbour_masks(costs: CostModel) -> list[int]:
@@ -115,7 +115,7 @@ def _exact(costs: CostModel) -> Feasibility:
       closes &= np.array([room[z] and z != f and (adj[z] >> f) & 1 == 1 for z in range(n)])[None, :]
       value = np.where(closes, (held[rows] - middle[f] + first[f])[:, None] - (middle - last)[None, :], -1)
       r, z = np.unravel_index(int(np.argmax(value)), value.shape)  # z: the last node
-      if value[r, z] > best[0]:
+      if closes[r, z] and value[r, z] > best[0]:
         best = (int(value[r, z]), (int(layer[rows[r]]), f, int(z)))
   if best[1] is None:
     return Feasibility(None, most, widest if most >= 1 else None)

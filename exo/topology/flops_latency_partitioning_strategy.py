@@ -23,7 +23,8 @@ EXACT_LIMIT = {"latency": MAX_NODES, "throughput": THROUGHPUT_LIMIT}  # usable n
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT
 PROVEN_TOL = 1e-9  # a plan within this (relative) of the bound on its objective is proven optimal
 REFINE_GAP = 0.01  # a throughput plan further than this from its bound is refined by the exact search,
-REFINE_NODES = 12  # on clusters of up to this many usable nodes (under a second on two cores; 16 would take ten or more)
+REFINE_NODES = 12  # on at most this many nodes: the whole cluster, or beyond, the plan's and the bound's nodes (under a second
+# on two cores; all 16 would take 2 to 20 s)
 CONTEXT_STEP = 256  # a context planned below the cap is a multiple of this many tokens (docs/DESIGN.md v2.1)
 
 
@@ -170,15 +171,25 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     if best is None:
       seed = _seed(problem)
       best = None if seed is None else heuristic_search(problem, witness, bound if witness is not None else 0.0, seed=seed)
-    elif self.objective == "throughput" and problem.size <= REFINE_NODES and best.bottleneck > bound * (1 + REFINE_GAP):
-      best, bound = self._refine_throughput(problem, best)
+    elif self.objective == "throughput" and best.bottleneck > bound * (1 + REFINE_GAP):
+      best, bound = self._refine_throughput(problem, best, witness, bound)
     return best, bound
 
-  def _refine_throughput(self, problem: SearchProblem, best):
-    """A throughput plan more than REFINE_GAP short of its bound on at most REFINE_NODES usable nodes (links with bandwidth
-    make the order matter, where the bound is loose): the exact search, so the plan is optimal and no bound is left to state."""
-    exact = exact_search(problem)
-    return (exact if better(exact, best, "throughput") else best), None
+  def _refine_throughput(self, problem: SearchProblem, best, witness: list[int], bound: float):
+    """A throughput plan more than REFINE_GAP short of its bound (links with bandwidth make the order matter, where the bound
+    is loose). On at most REFINE_NODES usable nodes: the exact search, so the plan is optimal and no bound is left to state.
+    Beyond: the exact search on the plan's own nodes and on the bound's witness nodes (where the optimum's ring mostly lies),
+    each of at most REFINE_NODES; the bound stays."""
+    if problem.size <= REFINE_NODES:
+      exact = exact_search(problem)
+      return (exact if better(exact, best, "throughput") else best), None
+    for nodes in dict.fromkeys([tuple(sorted(best.ring)), tuple(witness)]):
+      if 1 < len(nodes) <= REFINE_NODES:
+        found = exact_search(SearchProblem(problem.costs.restrict(list(nodes))))
+        if found is not None:
+          candidate = problem.plan_ring([nodes[i] for i in found.ring])
+          best = candidate if better(candidate, best, "throughput") else best
+    return best, bound
 
   def _with_bound(self, prediction: Prediction, bound: float | None, warnings: list[str]) -> Prediction:
     """The prediction with the objective's bound: the plan's own value when proven optimal, else the bound, with a warning."""

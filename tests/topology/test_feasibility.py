@@ -179,3 +179,18 @@ def test_beyond_sixteen_nodes_a_search_cut_short_says_so_instead_of_claiming_no_
   assert starved.ring is None and not starved.proven
   text = str(cannot_serve(costs, starved, 8192, smallest=False))
   assert "was found" in text and "within the search budget" in text and "not proven impossible" in text, text
+
+
+def test_nodes_too_small_for_the_embedding_get_no_plan_and_a_clear_message():
+  # 2 layers of 1 MB and a 3 MB head: each node (2 MB, 1.8 MB usable) holds one layer first or in the middle of a ring but none
+  # as the last, and alone "holds" -2 layers. No plan exists; the search must say so, not crash on the negative count.
+  node = {"model": "dev", "chip": "chip", "memory": 2.0, "flops": {"fp32": 1.0, "fp16": 2.0, "int8": 4.0}, "memory_bandwidth": 100.0}
+  topology = {"nodes": {k: dict(node) for k in "abc"}, "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}, {"from": "c", "to": "a"}]}
+  model = {"id": "m", "n_layers": 2, "layer_bytes": MB, "layer_flops": 1e9, "activation_bytes": 1e4, "head_bytes": 3 * MB}
+  costs = cost_model(Topology.from_dict(topology), ModelSpec.from_dict(model), PlannerParams())
+  found = feasibility(costs)
+  assert found.ring is None and found.most_layers == 0
+  for objective in ("latency", "throughput"):
+    assert not feasible(topology, model, objective)
+    error = plan_or_error({"topology": topology, "model": model, "params": {}}, objective)
+    assert isinstance(error, ClusterCannotServe) and "more memory" in str(error), error
