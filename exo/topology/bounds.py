@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from exo.topology.layer_split import layers_within
 from exo.topology.search_problem import Candidate, SearchProblem, better
 
 KEEP = 8  # small plans of the best value planned in full to break ties
@@ -120,7 +121,7 @@ def least_stage(problem: SearchProblem) -> tuple[float, list[int]]:
   def slack(stage: float, ends: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per ring size, the layers the relaxation holds beyond the model (negative: too few), and what each node holds."""
     with np.errstate(invalid="ignore"):
-      fits = np.floor((stage - send) / t + _EPS)
+      fits = layers_within(stage, send, t)
     fits = np.where(np.isfinite(fits), fits, -1.0)[:, None]
     held = np.minimum(middle, fits)
     ranked = -np.sort(-held, axis=0)
@@ -128,7 +129,7 @@ def least_stage(problem: SearchProblem) -> tuple[float, list[int]]:
     most = np.cumsum(ranked, axis=0)[sizes - 1, columns]
     if ends:
       as_first = np.minimum(first, fits)
-      as_last = np.minimum(last, np.floor((stage - send - eta * t) / t + _EPS)[:, None])
+      as_last = np.minimum(last, layers_within(stage, send + eta * t, t)[:, None])
       lose_first = np.where(as_first >= 1, held - as_first, math.inf)
       lose_last = np.where(as_last >= 1, held - as_last, math.inf)
       most = most - _least_pair(lose_first, lose_last)

@@ -183,7 +183,8 @@ class CostModel:
 
   def evaluate(self, ring: list[int], layers: list[int]) -> Prediction:
     """The plan's TPOT, throughput at the planner's batch, TTFT for `prompt_tokens` and feasibility (docs/DESIGN.md section 2)."""
-    feasible = all(1 <= n <= cap for n, cap in zip(layers, self.ring_capacities(ring)))
+    holds = all(1 <= n <= cap for n, cap in zip(layers, self.ring_capacities(ring)))
+    feasible = holds and sum(layers) == self.model.n_layers
     if not self.speed_known():
       return Prediction(None, None, None, feasible)
     b, p = self.params.batch, self.prompt_tokens

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from exo.topology.latency_search import exact_latency
-from exo.topology.layer_split import bottleneck_split, min_time_split
+from exo.topology.layer_split import bottleneck_split, layers_within, min_time_split
 from exo.topology.ring_search import members
 from exo.topology.search_problem import Candidate, SearchProblem, better, within_tolerance
 
@@ -211,14 +211,14 @@ def _limits(problem: SearchProblem, stage: float, k: int) -> tuple[np.ndarray, n
   roles = ((True, False), (False, False), (False, True), (True, True))
   caps = np.array([[problem.costs.capacity(i, first, last, k) for first, last in roles] for i in range(n)], dtype=float)
   x = problem.batch * problem.transfer
-  plain = np.floor((stage - x) / tb[:, None] + _TOL)
-  headed = np.floor((stage - x - eta * tb[:, None]) / tb[:, None] + _TOL)
+  plain = layers_within(stage, x, tb[:, None])
+  headed = layers_within(stage, x + eta * tb[:, None], tb[:, None])
   edge = np.isfinite(problem.hop)
   out = []
   for cap, fits in ((caps[:, 0], plain), (caps[:, 1], plain), (caps[:, 2], headed)):
     g = np.minimum(cap[:, None], fits)
     out.append(np.where(edge & (g >= 1), g, -math.inf))
-  alone = np.minimum(caps[:, 3], np.floor((stage - eta * tb) / tb + _TOL))
+  alone = np.minimum(caps[:, 3], layers_within(stage, eta * tb, tb))
   out.append(np.where(alone >= problem.n_layers, alone, -math.inf))
   return tuple(out)
 

@@ -22,7 +22,7 @@ import numpy as np
 from exo.topology.bounds import best_small_plan
 from exo.topology.exact_search import exact_search
 from exo.topology.latency_search import MAX_NODES
-from exo.topology.layer_split import bottleneck_split
+from exo.topology.layer_split import bottleneck_split, layers_within
 from exo.topology.ring_search import hamiltonian_cycle, held_karp, optimal_tours, ring_holding, subset_layout
 from exo.topology.search_problem import Candidate, SearchProblem, better, within_tolerance
 
@@ -226,7 +226,7 @@ def _ring_by_stage(problem: SearchProblem, low: float, high: float, ring_size: i
 
   def ring_at(stage: float) -> list[int] | None:
     with np.errstate(invalid="ignore"):
-      held = np.minimum(caps, np.floor((stage - send) / t + 1e-9))
+      held = np.minimum(caps, layers_within(stage, send, t))
     held = np.where(np.isfinite(held) & (held >= 1), held, 0.0)
     order = [i for i in np.argsort(-held, kind="stable").tolist() if held[i] >= 1]
     return ring_holding(problem.hop, held.tolist(), total + math.ceil(problem.eta), order, RING_EFFORT) if order else None

@@ -8,7 +8,16 @@ Every node holds 1 <= L_i <= cap_i layers and sum L_i = n. Both splits are exact
 import heapq
 import math
 
+import numpy as np
+
 _REL_EPS = 1e-9  # float slack when turning a time budget back into a whole number of layers
+
+
+def layers_within(stage, constant, per_layer):
+  """Whole layers of `per_layer` seconds that fit in `stage` seconds after `constant` seconds (floats or numpy arrays):
+  floor((stage - constant) / per_layer), with a slack for rounding that grows with stage / per_layer, since stage - constant
+  loses about 1e-16 x stage to cancellation when the constant dwarfs a layer's time."""
+  return np.floor((stage - constant) / per_layer + _REL_EPS * (1 + np.abs(stage) / per_layer))
 
 
 def splittable(caps: list[int], n: int) -> bool:
@@ -100,7 +109,8 @@ def bottleneck_split(
     layers = [1] * k
   _add_greedily(layers, lambda i, m: m * times[i] + transfer[i], caps, n - sum(layers), list(range(k)))
   stage = max(m * t + c for m, t, c in zip(layers, times, transfer))
-  limit = [min(cap, max(1, math.floor((stage - c) / t + _REL_EPS))) for t, cap, c in zip(times, caps, transfer)]
+  # the split found stays allowed: with a stage constant far above a layer's time, (stage - c) / t loses whole units to rounding
+  limit = [min(cap, max(m, int(layers_within(stage, c, t)))) for m, t, cap, c in zip(layers, times, caps, transfer)]
   best, left = [1] * k, n - k
   for i in _speed_order(times if tpot_times is None else tpot_times):
     extra = min(left, limit[i] - 1)

@@ -121,10 +121,12 @@ def test_no_known_speed_means_no_timing_prediction():
     "tokens_per_second": None,
     "throughput_tps": None,
     "ttft_ms": None,
-    "feasible": True,
+    "feasible": False,  # the node holds its 7 layers, but a plan must hold all 10
     "bound_tpot_ms": None,
     "bound_throughput_tps": None,
   }
+  seven = ModelSpec("m", n_layers=7, layer_bytes=1e9, layer_flops=2e9, activation_bytes=8192, kv_bytes_per_layer=0)
+  assert cost_model(t, seven, PlannerParams()).evaluate([0], [7]).feasible  # all 7 layers, within the node's 7
 
 
 def test_unknown_memory_holds_nothing_and_is_warned_about():
