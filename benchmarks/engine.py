@@ -26,7 +26,7 @@ from rich.table import Table
 
 from exo.inference.model_figures import served_model_spec
 from exo.inference.shard import Shard
-from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
@@ -65,7 +65,7 @@ async def run_node(engine: str, name: str, names: list[str], peers_file: Path, s
   node = Node(
     name,
     ENGINES[engine](),
-    ManualDiscovery(name, peers_file, GRPCPeerHandle, poll_interval=0.2),
+    ManualDiscovery(name, peers_file, peer_handles(name), poll_interval=0.2),
     DEVICES[name],
     MODEL,
     PlannerConfig(strategy),

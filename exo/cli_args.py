@@ -48,6 +48,11 @@ def _whole(text: str, low: int, high: int) -> int:
   return value
 
 
+def gigabytes(text: str) -> float:
+  """A finite number of gigabytes above 0."""
+  return _number(text, "a number of gigabytes above 0", lambda v: 0 < v < math.inf)
+
+
 def temperature(text: str) -> float:
   """A finite number >= 0; 0 is greedy."""
   return _number(text, "a number >= 0 (0: greedy)", lambda v: 0 <= v < math.inf)

@@ -38,3 +38,7 @@ class Busy(ExoError):
   http_status = 429
   grpc_code = "RESOURCE_EXHAUSTED"
   exit_status = 1
+
+  def __init__(self, message: str, retry_after_s: int = 1):
+    super().__init__(message)
+    self.retry_after_s = retry_after_s  # whole seconds after which asking again may succeed (HTTP's Retry-After)

@@ -21,7 +21,7 @@ import signal
 import sys
 import uuid
 
-from exo.cli_args import positive_int, seed, slowdown_factor, temperature, top_k, top_p
+from exo.cli_args import gigabytes, positive_int, seed, slowdown_factor, temperature, top_k, top_p
 from exo.errors import BadInput, ExoError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.inference_engine import InferenceEngine
@@ -30,9 +30,10 @@ from exo.inference.sampling import Sampling
 from exo.inference.shard import Shard
 from exo.inference.slowed_engine import SlowedEngine
 from exo.networking.discovery import NoDiscovery
-from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle, peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.membership import SECRET_ENV, cluster_membership, stored_secret_path
 from exo.networking.ports import free_port
 from exo.networking.udp_discovery import UDPDiscovery
 from exo.orchestration.device_probe import detect_device_capabilities
@@ -95,9 +96,24 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
   )
   node.add_argument("--discovery-config-path", default=None, help="peers file for --discovery-module manual")
   node.add_argument("--discovery-timeout", type=float, default=30.0, help="seconds before a silent peer is dropped")
+  add_cluster_flags(node)
   node.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
   node.add_argument("--wait-for-peers-timeout", type=float, default=120.0, metavar="S", help="give up waiting for peers after S seconds")
   node.add_argument("--models-dir", default=None, help="where models are found and downloaded to (default: the Hugging Face cache, HF_HOME)")
+  node.add_argument(
+    "--allow-downloads",
+    choices=["none", "builtin", "any"],
+    default=None,
+    help="models this node may fetch when a request or a peer names one it lacks: builtin (the default) the built-in models only, any "
+    "any Hugging Face repository, none nothing",
+  )
+  node.add_argument(
+    "--models-max-gb",
+    type=gigabytes,
+    default=None,
+    metavar="GB",
+    help="the most the models folder may hold after a download (default: a download must leave 10%% of the disk free)",
+  )
   node.add_argument("--inference-engine", choices=["tinygrad", "mlx", "dummy"], default=None, help=f"default: {default_engine()} on this machine")
   node.add_argument("--emulate", action="store_true", help="pace the engine to the cost model's time for this node's declared device")
   node.add_argument(
@@ -116,11 +132,33 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
   node.add_argument("--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit)")
   node.add_argument("--max-generate-tokens", type=positive_int, default=1024)
   node.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take before it fails")
-  node.add_argument("--max-requests", type=positive_int, default=64, help="requests this node takes at once from its clients; more get HTTP 429")
+  node.add_argument(
+    "--max-requests",
+    type=positive_int,
+    default=64,
+    help="requests this node takes at once from its clients; more, or more than it is predicted to finish within --request-timeout, get "
+    "HTTP 429 with Retry-After",
+  )
   node.add_argument("--show-plan", action="store_true", help="with --prompt: print the plan the request ran on (plan JSON, one line) on stderr")
   node.add_argument("--disable-tui", action="store_true", help="no terminal view of the ring")
   node.add_argument("--chatgpt-api-port", type=int, default=52415, help="port of the OpenAI-compatible HTTP API (0: a free one)")
-  node.add_argument("--chatgpt-api-host", default="0.0.0.0", help="address the HTTP API binds")
+  node.add_argument(
+    "--chatgpt-api-host", default="127.0.0.1", help="address the HTTP API binds (0.0.0.0: every interface, which requires an API key)"
+  )
+  node.add_argument(
+    "--api-key",
+    default=None,
+    metavar="KEY",
+    help="key HTTP API clients send as 'Authorization: Bearer KEY' (default: $EXO_API_KEY; else, bound beyond loopback, a generated one, "
+    "printed with the chat page's URL; on loopback none)",
+  )
+  node.add_argument(
+    "--allowed-origins",
+    action="append",
+    default=None,
+    metavar="ORIGIN[,ORIGIN...]",
+    help="web origins (scheme://host[:port]) whose pages may call the HTTP API besides the node's own chat page (repeatable)",
+  )
   sampling = parser.add_argument_group("sampling (with --prompt; API requests carry their own)")
   sampling.add_argument("--temperature", type=temperature, default=0.0, help="0 (the default): greedy; higher: more varied")
   sampling.add_argument("--top-p", type=top_p, default=1.0, help="draw from the smallest set of likeliest tokens holding this mass")
@@ -151,6 +189,19 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
     help=f"cap the context (prompt and answer) whose KV cache each request reserves on every node (default: the model's, at most "
     f"{MAX_CONTEXT}); a cluster that cannot hold it is planned at the largest multiple of 256 tokens it holds",
   )
+
+
+def add_cluster_flags(group) -> None:
+  """--cluster-secret / --cluster-secret-file: the secret of the cluster a node (or a command that calls one) belongs to."""
+  secret = group.add_mutually_exclusive_group()
+  secret.add_argument(
+    "--cluster-secret",
+    default=None,
+    metavar="SECRET",
+    help=f"the secret this node's cluster shares (default: ${SECRET_ENV}, else the one stored in {stored_secret_path()}, made on first "
+    "start); other users of the machine see command lines: prefer --cluster-secret-file",
+  )
+  secret.add_argument("--cluster-secret-file", default=None, metavar="FILE", help="read the cluster's secret from FILE")
 
 
 def default_engine() -> str:
@@ -200,23 +251,26 @@ def build_node(args) -> Node:
     engine = PacedInferenceEngine(engine, model, capabilities)
   if args.engine_slowdown != 1:
     engine = SlowedEngine(engine, args.engine_slowdown)
+  membership = cluster_membership(args.cluster_secret, args.cluster_secret_file)
+  peer_handle = peer_handles(node_id, membership)
   module = discovery_module(args)
   if module == "none":
     discovery = NoDiscovery()
   elif module == "manual":
     if not args.discovery_config_path:
       raise BadInput("--discovery-module manual needs --discovery-config-path FILE (the peers file)")
-    discovery = ManualDiscovery(node_id, args.discovery_config_path, GRPCPeerHandle, discovery_timeout=args.discovery_timeout)
+    discovery = ManualDiscovery(node_id, args.discovery_config_path, peer_handle, discovery_timeout=args.discovery_timeout)
   else:
     discovery = UDPDiscovery(
       node_id,
       port,
       args.listen_port,
       args.broadcast_port,
-      GRPCPeerHandle,
+      peer_handle,
       capabilities,
       discovery_timeout=args.discovery_timeout,
       broadcast_addresses=args.broadcast_address,
+      membership=membership,
     )
   planner = PlannerConfig(
     args.partitioning_strategy,
@@ -234,13 +288,18 @@ def build_node(args) -> Node:
   measure = (engine_name != "dummy" or args.emulate) and (module != "none" or args.show_plan)
   node = Node(
     node_id, engine, discovery, capabilities, model, planner, args.max_generate_tokens, args.request_timeout,
-    measure_layer_times=measure, max_requests=args.max_requests,
+    measure_layer_times=measure, max_requests=args.max_requests, admit_by_rate=engine_name != "dummy" or args.emulate,
   )  # fmt: skip
-  node.server = GRPCServer(node, args.node_host, port)
+  node.server = GRPCServer(node, args.node_host, port, membership=membership)
   return node
 
 
 async def serve(args) -> int:
+  if args.prompt is None:  # the API's flags, checked before the node starts
+    from exo.api.access import allowed_origin, api_key
+
+    key, generated = api_key(args.api_key if args.api_key is not None else os.environ.get("EXO_API_KEY") or None, args.chatgpt_api_host)
+    origins = tuple(allowed_origin(o) for entry in args.allowed_origins or () for o in entry.split(",") if o.strip())
   node = build_node(args)
   api = None
   try:
@@ -248,6 +307,8 @@ async def serve(args) -> int:
       print(f"waiting up to {args.wait_for_peers_timeout:g} s for {args.wait_for_peers} peer(s) ...", file=sys.stderr, flush=True)
     await node.start(args.wait_for_peers, args.wait_for_peers_timeout)
     log.info("node %s listening; %d peers", node.id, len(node.peers))
+    if args.prompt is None:
+      print(node.server.membership.join_hint(), file=sys.stderr, flush=True)
     if args.prompt is not None:
       result = await answer(node, args.prompt, Sampling(args.temperature, args.top_p, args.top_k, args.seed))
       if args.show_plan:
@@ -255,10 +316,12 @@ async def serve(args) -> int:
       return 0
     from exo.api import ChatGPTAPI  # imported here: `exo run` answers without the HTTP server and its libraries
 
-    api = ChatGPTAPI(node, args.chatgpt_api_host, args.chatgpt_api_port)
+    api = ChatGPTAPI(node, args.chatgpt_api_host, args.chatgpt_api_port, key, origins)
     await api.start()
     log.info("ChatGPT API at %sv1/chat/completions", api.page_url)
-    print(f"Chat page: {api.page_url}", flush=True)  # before the terminal view takes over the screen, which repeats it
+    print(f"Chat page: {api.login_url}", flush=True)  # before the terminal view takes over the screen, which repeats it
+    if generated:
+      print(f"API key: {key} (clients send 'Authorization: Bearer KEY'; choose your own with --api-key or EXO_API_KEY)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -306,8 +369,8 @@ async def answer(node: Node, question: str, sampling: Sampling):
   return result
 
 
-async def dump_topology(address: str) -> int:
-  peer = GRPCPeerHandle("cli", address, None)
+async def dump_topology(address: str, membership) -> int:
+  peer = GRPCPeerHandle("cli", address, None, membership=membership)
   try:
     topology = await peer.collect_topology(set(), max_depth=1)
   finally:
@@ -336,6 +399,16 @@ def use_models_dir(path: str | None) -> None:
     os.environ[MODELS_DIR_ENV] = os.path.abspath(os.path.expanduser(path))
 
 
+def use_download_policy(allow: str | None, max_gb: float | None) -> None:
+  """--allow-downloads and --models-max-gb, from now on (exo.inference.downloads reads them from the environment)."""
+  from exo.inference.downloads import ALLOW_ENV, MAX_GB_ENV
+
+  if allow:
+    os.environ[ALLOW_ENV] = allow
+  if max_gb is not None:
+    os.environ[MAX_GB_ENV] = repr(max_gb)
+
+
 def download(argv: list[str]) -> int:
   """`exo download MODEL`: fetch the model into the models directory (progress on stderr), print where it is."""
   from exo.inference.downloads import ensure_model  # imported here: only this command and a node missing a model need it
@@ -352,15 +425,23 @@ def download(argv: list[str]) -> int:
     "--inference-engine", choices=sorted(ENGINE_FORMATS), default=None, help=f"fetch the format this engine prefers (default: {default_engine()})"
   )
   parser.add_argument("--models-dir", default=None, help="download into this directory (default: the Hugging Face cache, HF_HOME)")
+  parser.add_argument(
+    "--models-max-gb",
+    type=gigabytes,
+    default=None,
+    metavar="GB",
+    help="the most the models folder may hold after the download (default: leave 10%% of the disk free)",
+  )
   args = parser.parse_args(argv)
   use_models_dir(args.models_dir)
+  use_download_policy(None, args.models_max_gb)
   formats = ENGINE_FORMATS[args.inference_engine or default_engine()]
   if args.format:
     if args.model in MODELS and args.format not in {s.format for s in model_sources(args.model)}:
       have = ", ".join(sorted({s.format for s in model_sources(args.model)})) or "none"
       raise BadInput(f"{args.model} has no {args.format} build to download; its formats: {have}")
     formats = (args.format, *(f for f in formats if f != args.format))
-  print(ensure_model(args.model, formats=formats, progress=True))
+  print(ensure_model(args.model, formats=formats, progress=True, allow="any"))  # the operator's own request: any repository
   return 0
 
 
@@ -385,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["topology"]:
       parser = argparse.ArgumentParser(prog="exo topology", description="Print a running node's live topology as topology JSON.")
       parser.add_argument("--address", required=True, help="host:port of any node's gRPC server")
-      return asyncio.run(dump_topology(parser.parse_args(argv[1:]).address))
+      add_cluster_flags(parser)
+      args = parser.parse_args(argv[1:])
+      return asyncio.run(dump_topology(args.address, cluster_membership(args.cluster_secret, args.cluster_secret_file)))
     if argv[:1] == ["model-spec"]:
       return print_model_spec(argv[1:])
     if argv[:1] == ["download"]:
@@ -394,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and args.prompt is None:
       raise BadInput("`exo run MODEL` needs --prompt TEXT")
     use_models_dir(args.models_dir)
+    use_download_policy(args.allow_downloads, args.models_max_gb)
     return asyncio.run(serve(args))
   except ExoError as e:
     print(f"exo: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -301,6 +302,10 @@ def write_plot(path: str, plans: list[Plan], costs: CostModel) -> None:
   """Draw each plan's ring side by side and save it; raises BadInput if the file cannot be written."""
   from matplotlib.figure import Figure  # imported here: matplotlib is slow to load and only --plot needs it
 
+  if Path(path).is_dir() or not Path(path).suffix:  # matplotlib would write DIR.png beside a directory, FILE.png for FILE
+    raise BadInput(f"cannot write plot {path!r}: expected an image file name such as ring.png, not a directory or a name without extension")
+  if Path(path).exists() and not Path(path).is_file():  # a FIFO would block until read, a device would take the image
+    raise BadInput(f"cannot write plot {path!r}: it is not a regular file")
   fig = Figure(dpi=120, layout="constrained")
   axes = fig.subplots(1, len(plans), squeeze=False)[0]
   extents = [draw_ring(ax, plan, costs, with_model=len(plans) == 1) for ax, plan in zip(axes, plans)]

@@ -11,6 +11,9 @@ from exo.networking import udp_discovery
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Every node a test starts, in this process or another, belongs to one cluster (exo.networking.membership), and none writes a
+# secret into the real home: the config folder is a fresh one (cluster_config_home).
+os.environ["EXO_CLUSTER_SECRET"] = "the-test-suite-cluster-secret"
 
 # Hypothesis: CI draws the same examples on every run (derandomize: a seed fixed by each test's own code), so a CI verdict
 # never depends on a dice roll; a local run draws new examples each time (and replays the failures it found, from
@@ -24,6 +27,12 @@ settings.register_profile(
 settings.register_profile("explore", DEFAULT, derandomize=False, print_blob=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "explore"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cluster_config_home(tmp_path_factory):
+  """exo's config folder (XDG_CONFIG_HOME) is a temporary one for the whole run, for this process and the nodes it starts."""
+  os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config-home"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """The layers import downward only: topology <- inference <- networking <- orchestration <- api (and the terminal view) <- main.
 
 Every `import` and `from ... import` in the package (at any depth, also inside functions) is read with `ast`; a module may
-import from its own layer, the layers below it and `exo/errors.py`. The benchmarks may use the package, never the tests.
+import from its own layer, the layers below it, `exo/errors.py` and `exo/files.py`. The benchmarks may use the package, never the tests.
 """
 
 import ast
@@ -18,11 +18,11 @@ LAYER_OF = {
   "cli_args": LAYERS.index("main"),
   "tools": LAYERS.index("main"),
 }
-SHARED = {"exo.errors", "exo"}
+SHARED = {"exo.errors", "exo.files", "exo"}
 
 
 def layer_of(module: str) -> int | None:
-  """The layer index of an `exo` module name; None for `exo.errors`, the package itself and modules outside it."""
+  """The layer index of an `exo` module name; None for `exo.errors`, `exo.files`, the package itself and modules outside it."""
   parts = module.split(".")
   if parts[0] != "exo" or module in SHARED or parts[1] == "__init__":
     return None

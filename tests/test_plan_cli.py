@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -327,6 +328,41 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, capsys, case):
   assert out == ""
   assert err.startswith("exo plan: error: ") and err.endswith("\n") and err.count("\n") == 1, err
   assert expected in err
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "oversized"])
+@pytest.mark.parametrize("flag", ["--topology", "--model-spec"])
+def test_files_that_are_not_regular_or_too_large_are_refused(tmp_path, capsys, flag, kind):
+  """/dev/zero would be read until memory runs out, a FIFO would block for a writer: each is refused by its type, before any
+  read; a regular file over 16 MB by its size."""
+  if kind == "fifo":
+    os.mkfifo(tmp_path / "pipe")
+  elif kind == "oversized":
+    (tmp_path / "big.json").write_bytes(b" " * (16 * 2**20 + 1))
+  path = {"device": "/dev/zero", "fifo": str(tmp_path / "pipe"), "directory": str(tmp_path), "oversized": str(tmp_path / "big.json")}[kind]
+  files = {"--topology": write(tmp_path, "t.json", HAND_TOPOLOGY), "--model-spec": write(tmp_path, "m.json", HAND_MODEL), flag: path}
+  status, out, err = run(capsys, *(a for pair in files.items() for a in pair))
+  assert status == 2 and out == "" and err.count("\n") == 1, err
+  assert path in err and ("is 16.8 MB; at most 16.8 MB is read" if kind == "oversized" else "is not a regular file") in err
+
+
+def test_a_model_spec_with_no_layer_bytes_is_refused(tmp_path, capsys):
+  spec = write(tmp_path, "m.json", {**HAND_MODEL, "layer_bytes": 0, "kv_bytes_per_layer": 1000, "head_bytes": 4096})
+  status, out, err = run(capsys, "--topology", write(tmp_path, "t.json", HAND_TOPOLOGY), "--model-spec", spec)
+  assert status == 2 and out == "" and err.count("\n") == 1 and "layer_bytes must be > 0, got 0" in err, err
+
+
+@pytest.mark.parametrize("target", ["directory", "no extension", "fifo"])
+def test_a_plot_path_that_is_not_an_image_file_is_refused(tmp_path, capsys, target):
+  """A directory would make matplotlib write DIR.png beside it, a name without extension NAME.png, a FIFO would block."""
+  (tmp_path / "plots").mkdir()
+  if target == "fifo":
+    os.mkfifo(tmp_path / "pipe.png")
+  path = {"directory": tmp_path / "plots", "no extension": tmp_path / "ring", "fifo": tmp_path / "pipe.png"}[target]
+  args = ["--topology", write(tmp_path, "t.json", HAND_TOPOLOGY), "--model-spec", write(tmp_path, "m.json", HAND_MODEL)]
+  status, out, err = run(capsys, *args, "--plot", str(path))
+  assert status == 2 and out == "" and err.count("\n") == 1 and f"cannot write plot {str(path)!r}" in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plots", "t.json", "m.json", *(["pipe.png"] if target == "fifo" else [])])
 
 
 def test_a_model_of_too_many_layers_is_refused(tmp_path, capsys):

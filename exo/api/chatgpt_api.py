@@ -8,6 +8,11 @@ prompt plus `max_tokens` exceeds the planned context (the plan's `context_tokens
 reproducible answer); `top_p`; `top_k` (not OpenAI's; 0: every token);
 `seed` (0 to 2**63 - 1: the same seed gives the same answer); `stop`, a string or up to 4 (the answer ends before the first
 that occurs, with finish_reason "stop"; a stream holds back text that may be the start of one).
+
+Before any work, every request passes exo.api.access (its Host, its Origin, the key), and a POST must carry a JSON body
+(`Content-Type: application/json`, at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep): a web page the user visits
+cannot drive the node. A request the node could not finish in time next to those it runs gets 429 with `Retry-After`
+(Node.admit).
 """
 
 import asyncio
@@ -21,6 +26,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from exo.api.access import Access
 from exo.errors import BadInput, Busy, ExoError
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.model_figures import model_spec_for
@@ -36,12 +42,16 @@ from exo.topology.models import MODELS
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # upstream's --chatgpt-api-port
-CORS_HEADERS = {
-  "Access-Control-Allow-Origin": "*",
+PREFLIGHT_HEADERS = {  # for an origin listed with --allowed-origins
   "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-  "Access-Control-Allow-Headers": "*",
-  "Access-Control-Expose-Headers": "*",
+  "Access-Control-Allow-Headers": "Authorization, Content-Type",
+  "Access-Control-Max-Age": "600",
 }
+MAX_BODY_BYTES = 2**20  # a request body; a prompt this long is far beyond any planned context already
+MAX_JSON_DEPTH = 32  # nesting of a request body: a chat request needs 5
+MAX_MODEL_ID = 1024  # characters of a model id or path
+ROLES = ("system", "user", "assistant")
+COOKIE_MAX_AGE_S = 30 * 24 * 3600
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain files shipped with the package, nothing fetched from elsewhere
 STATIC_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 
@@ -54,15 +64,66 @@ class BadRequest(BadInput):
     self.param, self.code = param, code
 
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
+ERROR_TYPES = {
+  400: "invalid_request_error",
+  401: "authentication_error",
+  403: "permission_error",
+  404: "not_found_error",
+  413: "invalid_request_error",
+  415: "invalid_request_error",
+  429: "rate_limit_error",
+  500: "internal_error",
+  503: "service_unavailable",
+}
+
+
+def shown(value, most: int = 80) -> str:
+  """`value`'s repr for an error message, cut to `most` characters: a message names a bad value, it does not echo a body."""
+  text = repr(value)
+  return text if len(text) <= most else f"{text[: most - 3]}..."
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
   return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> web.Response:
-  return web.json_response(error_body(message, kind, param, code), status=status)
+def error_response(
+  status: int, message: str, kind: str | None = None, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> web.Response:
+  return web.json_response(error_body(message, kind or ERROR_TYPES[status], param, code), status=status, headers=headers)
+
+
+def busy_response(e: Busy) -> web.Response:
+  return error_response(429, str(e), headers={"Retry-After": str(e.retry_after_s)})
+
+
+def too_deep(value, most: int) -> bool:
+  """Whether JSON `value` nests lists and objects more than `most` deep (walked without recursion)."""
+  stack = [(value, 1)]
+  while stack:
+    item, depth = stack.pop()
+    if isinstance(item, (dict, list)):
+      if depth > most:
+        return True
+      stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+  return False
+
+
+async def json_body(request: web.Request) -> dict:
+  """The request's JSON object; BadRequest if it is not one, is nested beyond MAX_JSON_DEPTH or is not UTF-8; web's 413 if it
+  is larger than MAX_BODY_BYTES (the application's client_max_size)."""
+  raw, deep = await request.read(), BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels; a chat request needs 5")
+  try:
+    data = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    raise BadRequest("the request body must be a JSON object") from None
+  except RecursionError:
+    raise deep from None
+  if too_deep(data, MAX_JSON_DEPTH):
+    raise deep
+  if not isinstance(data, dict):
+    raise BadRequest(f"the request body must be a JSON object, got {type(data).__name__}")
+  return data
 
 
 def failure(model: ModelSpec, e: Exception) -> tuple[dict, int]:
@@ -89,16 +150,18 @@ def message_text(content, index: int) -> str:
     if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
       raise BadRequest(f"messages[{index}].content may only hold text parts; this node serves text models", f"messages[{index}].content")
     return "".join(p["text"] for p in content)
-  raise BadRequest(f"messages[{index}].content must be a string or a list of text parts, got {content!r}", f"messages[{index}].content")
+  raise BadRequest(f"messages[{index}].content must be a string or a list of text parts, got {shown(content)}", f"messages[{index}].content")
 
 
 def parse_messages(messages) -> list[dict]:
   if not isinstance(messages, list) or not messages:
-    raise BadRequest(f"'messages' must be a non-empty list of {{role, content}} objects, got {messages!r}", "messages")
+    raise BadRequest(f"'messages' must be a non-empty list of {{role, content}} objects, got {shown(messages)}", "messages")
   parsed = []
   for index, message in enumerate(messages):
     if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
-      raise BadRequest(f"messages[{index}] must be an object with a string 'role' and a 'content', got {message!r}", f"messages[{index}]")
+      raise BadRequest(f"messages[{index}] must be an object with a string 'role' and a 'content', got {shown(message)}", f"messages[{index}]")
+    if message["role"] not in ROLES:
+      raise BadRequest(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {shown(message['role'])}", f"messages[{index}].role")
     parsed.append({"role": message["role"], "content": message_text(message["content"], index)})
   return parsed
 
@@ -106,7 +169,7 @@ def parse_messages(messages) -> list[dict]:
 def positive_int(data: dict, key: str) -> int | None:
   value = data.get(key)
   if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-    raise BadRequest(f"'{key}' must be an integer >= 1, got {value!r}", key)
+    raise BadRequest(f"'{key}' must be an integer >= 1, got {shown(value)}", key)
   return value
 
 
@@ -118,7 +181,7 @@ def parse_sampling(data: dict) -> Sampling:
     if value is None:
       return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):  # a NaN fails `valid` too
-      raise BadRequest(f"'{key}' must be {expected}, got {value!r}", key)
+      raise BadRequest(f"'{key}' must be {expected}, got {shown(value)}", key)
     return value
 
   temperature = field("temperature", 0.0, lambda v: 0 <= v <= 2, "a number from 0 (greedy) to 2")
@@ -134,14 +197,17 @@ def parse_stop(data: dict) -> tuple[str, ...]:
     return ()
   stop = [stop] if isinstance(stop, str) else stop
   if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-    raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, got {data['stop']!r}", "stop")
+    raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, got {shown(data['stop'])}", "stop")
   return tuple(stop)
 
 
 class ChatGPTAPI:
-  def __init__(self, node: Node, host: str = "0.0.0.0", port: int = DEFAULT_PORT):
+  """`key` (exo.api.access.api_key) None: served without one; `origins`: the cross origins allowed (--allowed-origins)."""
+
+  def __init__(self, node: Node, host: str = "127.0.0.1", port: int = DEFAULT_PORT, key: str | None = None, origins: tuple[str, ...] = ()):
     self.node, self.host, self.port = node, host, port
-    self.app = web.Application(middlewares=[self._preflight])
+    self.access = Access(host, key, origins)
+    self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
     self.app.on_response_prepare.append(self._add_cors)
     self.app.router.add_get("/", self.handle_static)
     self.app.router.add_get("/static/{name}", self.handle_static)
@@ -165,6 +231,7 @@ class ChatGPTAPI:
       await runner.cleanup()
       raise OSError(f"the ChatGPT API could not listen on {self.host}:{self.port}: {os.strerror(e.errno) if e.errno else e}") from e
     self.runner, self.port = runner, runner.addresses[0][1]
+    self.access.set_port(self.port)
 
   @property
   def page_url(self) -> str:
@@ -172,21 +239,53 @@ class ChatGPTAPI:
     host = "localhost" if self.host in ("", "0.0.0.0", "::") else self.host
     return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
 
+  @property
+  def login_url(self) -> str:
+    """The URL to open the chat page with: with a key, it carries it (opened once, it sets the key's cookie)."""
+    return self.access.login_url(self.page_url, self.host, self.port)
+
   async def stop(self) -> None:
     if self.runner is not None:
       await self.runner.cleanup()
       self.runner = None
 
-  # ---------- CORS: allow every origin, as upstream ----------
+  # ---------- access: before any work (exo.api.access) ----------
 
   @web.middleware
-  async def _preflight(self, request: web.Request, handler):
+  async def _guard(self, request: web.Request, handler):
+    """Host, then Origin, then (for all but the page's files and /healthcheck) the key, then a JSON body for a POST."""
+    access, host, origin = self.access, request.headers.get("Host"), request.headers.get("Origin")
+    if not access.host_allowed(host):
+      message = f"host {shown(host)} is not allowed: this node answers to its own names and addresses (others: --allowed-origins)"
+      return error_response(403, message, code="host_not_allowed")
+    if access.origin_refused(origin, host):
+      return error_response(403, f"origin {shown(origin)} may not use this node's API (allow it with --allowed-origins)", code="origin_not_allowed")
     if request.method == "OPTIONS":
-      return web.Response(status=204)
+      return web.Response(status=204, headers=PREFLIGHT_HEADERS if access.cross_origin(origin) else None)
+    if access.key is not None and request.path == "/" and "token" in request.query:
+      return self.log_in(request.query["token"])
+    public = request.path in ("/", "/healthcheck") or request.path.startswith("/static/")
+    if not public and not access.authorized(request.headers.get("Authorization"), request.cookies.get(access.cookie)):
+      message = "this node's API needs its key: send 'Authorization: Bearer KEY', or open the chat page at the URL with ?token=KEY the node printed"
+      return error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if request.method == "POST" and request.content_type != "application/json":
+      return error_response(415, f"a POST body must be JSON, sent with 'Content-Type: application/json', got {shown(request.content_type)}")
     return await handler(request)
 
+  def log_in(self, token: str) -> web.Response:
+    """`/?token=KEY`: set the key's cookie (HttpOnly: no script reads it; SameSite=Strict: no other site's page sends it) and
+    send the browser to the page without the key in its address."""
+    if not self.access.matches(token):
+      return error_response(401, "the token in this URL is not this node's key", code="invalid_api_key")
+    response = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+    response.set_cookie(self.access.cookie, self.access.key, max_age=COOKIE_MAX_AGE_S, path="/", httponly=True, samesite="Strict")
+    return response
+
   async def _add_cors(self, request: web.Request, response: web.StreamResponse) -> None:
-    response.headers.update(CORS_HEADERS)
+    """An origin listed with --allowed-origins may read the answers (no credentials: a cross-origin client sends the key)."""
+    origin = request.headers.get("Origin")
+    if self.access.cross_origin(origin):
+      response.headers.update({"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "Retry-After", "Vary": "Origin"})
 
   # ---------- small endpoints ----------
 
@@ -262,24 +361,31 @@ class ChatGPTAPI:
   def requested_model(self, model_id) -> str | None:
     """The request's "model" if it names one a node can serve (the served one, a built-in id, a Hugging Face repo id or a path
     on this node), else a 400."""
-    if model_id is None or (isinstance(model_id, str) and (model_id in self.model_ids() or is_repo_id(model_id) or local_path(model_id))):
+    if model_id is not None and not isinstance(model_id, str):
+      raise BadRequest(f"'model' must be a string, got {shown(model_id)}", "model")
+    if model_id is not None and (len(model_id) > MAX_MODEL_ID or not model_id.isprintable()):
+      raise BadRequest(f"'model' must be a model id or path of at most {MAX_MODEL_ID} printable characters, got {shown(model_id)}", "model")
+    if model_id is None or model_id in self.model_ids() or is_repo_id(model_id) or local_path(model_id):
       return model_id
     raise BadRequest(self.unknown_model_message(model_id), "model", "model_not_found")
 
   async def resolve_model(self, model_id: str | None) -> ModelSpec:
-    """The spec of a requested model (model_figures.model_spec_for): a repo that is not on this node is downloaded first."""
+    """The spec of a requested model (model_figures.model_spec_for): a repo that is not on this node is downloaded first. A path
+    that is not a model gets the 400 of a path that is not there, whatever is at it: the API tells a client nothing of the
+    node's files (the operator's log says why)."""
     if model_id is None or model_id == self.node.model.id:
       return self.node.model
-    return await asyncio.to_thread(model_spec_for, model_id, self.file_engine() is not None)
+    try:
+      return await asyncio.to_thread(model_spec_for, model_id, self.file_engine() is not None)
+    except Exception as e:
+      if model_id in self.model_ids() or is_repo_id(model_id):
+        raise
+      log.info("model path %r requested through the API is not a model: %s: %s", model_id, type(e).__name__, e)
+      raise BadRequest(self.unknown_model_message(model_id), "model", "model_not_found") from None
 
   async def handle_chat_completions(self, request: web.Request) -> web.StreamResponse:
     try:
-      try:
-        data = await request.json()
-      except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the request body must be a JSON object") from None
-      if not isinstance(data, dict):
-        raise BadRequest(f"the request body must be a JSON object, got {type(data).__name__}")
+      data = await json_body(request)
       model_id = self.requested_model(data.get("model"))
       messages = parse_messages(data.get("messages"))
       max_tokens = positive_int(data, "max_completion_tokens") or positive_int(data, "max_tokens")
@@ -294,8 +400,12 @@ class ChatGPTAPI:
         raise BadRequest(f"'stream_options' must be an object, got {stream_options!r}", "stream_options")
     except BadRequest as e:
       return error_response(e.http_status, str(e), "invalid_request_error", e.param, e.code)
+    except web.HTTPRequestEntityTooLarge:
+      return error_response(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
     try:
       model = await self.resolve_model(model_id)
+    except BadRequest as e:
+      return error_response(e.http_status, str(e), "invalid_request_error", e.param, e.code)
     except ExoError as e:  # not found here nor at the hub (404), or the hub cannot be reached (503)
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status], "model", "model_not_found" if e.http_status == 404 else None)
     shard = full_shard(model)
@@ -308,22 +418,25 @@ class ChatGPTAPI:
       admission = await self.node.admit(prompt, model, max_tokens)
     except BadInput as e:  # as OpenAI's API says it
       return error_response(e.http_status, str(e), "invalid_request_error", "messages", "context_length_exceeded")
-    except Busy as e:
-      return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
+    except Busy as e:  # at once, before any work: the node could not finish it in time next to those it runs
+      return busy_response(e)
     except ExoError as e:
       body, status = failure(model, e)
       return web.json_response(body, status=status)
-    completion = Completion(self.node, model, shard, prompt, admission, sampling, stop)
-    if stream:
-      return await self.stream(request, completion, bool(stream_options.get("include_usage")))
-    try:
-      generation = await completion.generate()
-    except Exception as e:
-      body, status = failure(model, e)
-      return web.json_response(body, status=status)
-    body = completion.chunk("chat.completion", {"role": "assistant", "content": generation.text}, generation.finish_reason)
-    body["usage"] = await completion.usage(generation.tokens)
-    return web.json_response(body)
+    try:  # admitted, the request holds its place until it has run, or until the client is gone before it runs
+      completion = Completion(self.node, model, shard, prompt, admission, sampling, stop)
+      if stream:
+        return await self.stream(request, completion, bool(stream_options.get("include_usage")))
+      try:
+        generation = await completion.generate()
+      except Exception as e:
+        body, status = failure(model, e)
+        return web.json_response(body, status=status)
+      body = completion.chunk("chat.completion", {"role": "assistant", "content": generation.text}, generation.finish_reason)
+      body["usage"] = await completion.usage(generation.tokens)
+      return web.json_response(body)
+    finally:
+      self.node.release(admission)
 
   async def stream(self, request: web.Request, completion: "Completion", include_usage: bool) -> web.StreamResponse:
     """Server-sent events: one chunk per new piece of text, a chunk with the finish reason, optionally usage, then [DONE]."""
@@ -385,7 +498,7 @@ class Completion:
   async def generate(self, on_token: Callable[[list[int]], None] | None = None) -> Generation:
     """On the plan the request was admitted with, for the tokens it was admitted for."""
     admission = self.admission
-    return await self.node.generate(self.prompt, self.model, admission.max_tokens, on_token, self.sampling, self.stop, admission.plan)
+    return await self.node.generate(self.prompt, self.model, admission.max_tokens, on_token, self.sampling, self.stop, admission)
 
   def ended(self, tokens: list[int]) -> bool:
     return bool(tokens) and tokens[-1] in self.node.engine.eos_token_ids(self.shard)

@@ -4,34 +4,56 @@
 What is fetched: a GGUF model's one file; a safetensors checkpoint's config and tokenizer files, and the weight files that hold
 the layers asked for (model.safetensors.index.json's weight_map names them) or all of them. huggingface_hub writes each file to
 a `.incomplete` blob and links it into the snapshot only once whole, so nothing half-written looks complete; a transfer that
-broke off resumes where it stopped with an HTTP Range request, in the same call (huggingface_hub retries a dropped connection)
-or the next one.
+broke off resumes where it stopped with an HTTP Range request, within the same call (huggingface_hub retries a dropped
+connection).
+
+What a node may fetch when a request, a peer or --run-model names a model it lacks (`exo download` fetches any repository):
+EXO_ALLOW_DOWNLOADS (--allow-downloads): "builtin" (the default) the built-in models' repositories only (model_sources.BUILT_IN:
+the repository, and for a GGUF build its one file), "any" any repository, "none" nothing. Anything else is refused before a
+request reaches the hub.
+
+The disk budget, checked before any file is fetched, against the sizes the hub lists for the files this download needs (a file
+whose size it does not list is refused): with EXO_MODELS_MAX_GB (--models-max-gb) G, what the models folder holds (every file
+under it) plus those sizes must be at most G * 10^9 bytes; without it, the disk holding the models folder must keep at least
+10% of its size free after the download. In both cases the download must fit the disk's free space. Downloads run one at a
+time within a node, each checked against what the one before left. A fetched file whose size is not the listed one fails the
+download, so a download grows the models folder by the listed sizes at most.
+
+A download that fails or is refused keeps nothing: the files, links, partial blobs and folders it created in the models folder
+are removed, so the next attempt starts afresh.
 
 Read when a download starts: HF_ENDPOINT (a mirror; default https://huggingface.co), HF_HUB_OFFLINE (nothing is requested: a
-model not on this machine is an error), the cache directory (--models-dir, HF_HOME: model_files.hub_cache_dir), and HF_TOKEN
-for gated repositories (huggingface_hub reads it).
+model not on this machine is an error), the cache directory (--models-dir, HF_HOME: model_files.hub_cache_dir), the two
+settings above, and HF_TOKEN for gated repositories (huggingface_hub reads it).
 
-Errors: a repository or file the hub does not have is ModelNotFound; no network, a transfer that keeps breaking off or a full
-disk is ClusterCannotServe (this node cannot get the model now); a repository holding no model exo reads is BadInput.
+Errors: a repository or file the hub does not have is ModelNotFound; no network or a transfer that keeps breaking off is
+ClusterCannotServe (this node cannot get the model now); a download not allowed or beyond the disk budget, and a repository
+holding no model exo reads, are BadInput.
 """
 
 import contextlib
 import errno
 import logging
+import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from exo.errors import BadInput, ClusterCannotServe, ModelNotFound
 from exo.inference.llama_weights import safetensors_index
 from exo.inference.model_files import downloaded, hub_cache_dir, locate_model, missing_files, snapshot_dir, weight_files, weight_map
-from exo.inference.model_sources import ENGINE_FORMATS, Source, model_sources, ordered
+from exo.inference.model_sources import BUILT_IN, ENGINE_FORMATS, Source, model_sources, ordered
 from exo.inference.shard import Shard
 
-__all__ = ["DEFAULT_ENDPOINT", "download", "ensure_model", "hub_endpoint", "offline"]
+__all__ = ["ALLOW_CHOICES", "ALLOW_ENV", "DEFAULT_ENDPOINT", "MAX_GB_ENV", "allowed_downloads", "download", "ensure_model", "hub_endpoint", "offline"]
 
 log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://huggingface.co"
+ALLOW_ENV, MAX_GB_ENV = "EXO_ALLOW_DOWNLOADS", "EXO_MODELS_MAX_GB"
+ALLOW_CHOICES = ("none", "builtin", "any")
+FREE_FRACTION = 0.1  # of the disk that a download must leave free when no --models-max-gb is given
+_ONE_AT_A_TIME = threading.Lock()
 METADATA_FILES = (
   "config.json",
   "generation_config.json",
@@ -52,13 +74,46 @@ def offline() -> bool:
   return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "true", "yes")
 
 
+def allowed_downloads() -> str:
+  """What this node may fetch: EXO_ALLOW_DOWNLOADS (--allow-downloads), "builtin" unless set."""
+  value = os.environ.get(ALLOW_ENV) or "builtin"
+  if value not in ALLOW_CHOICES:
+    raise BadInput(f"{ALLOW_ENV} must be one of {', '.join(ALLOW_CHOICES)}, got {value[:40]!r}")
+  return value
+
+
+def models_max_bytes() -> int | None:
+  """EXO_MODELS_MAX_GB (--models-max-gb) in bytes, or None when not set."""
+  text = os.environ.get(MAX_GB_ENV)
+  if not text:
+    return None
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not 0 < value < math.inf:
+    raise BadInput(f"{MAX_GB_ENV} must be a number of gigabytes above 0, got {text[:40]!r}")
+  return int(value * 1e9)
+
+
+def _may_fetch(source: Source, allow: str) -> bool:
+  if allow != "builtin":
+    return allow == "any"
+  return any(b.repo == source.repo and b.filename in (None, source.filename) for sources in BUILT_IN.values() for b in sources)
+
+
 def ensure_model(
-  model_id: str, shard: Shard | None = None, weights: bool = True, formats: tuple[str, ...] = ENGINE_FORMATS["tinygrad"], progress: bool | None = None
+  model_id: str,
+  shard: Shard | None = None,
+  weights: bool = True,
+  formats: tuple[str, ...] = ENGINE_FORMATS["tinygrad"],
+  progress: bool | None = None,
+  allow: str | None = None,
 ) -> Path:
   """The model's GGUF file or directory on this machine, holding what `shard` needs (None: the whole model; weights=False: its
   config and tokenizer only), once what is missing has been downloaded (from the first of the model's sources in `formats`
-  order; `progress` as for `download`). A model that has no source (a path, an unknown id) or that lives in a directory of the
-  user's own is used as it is."""
+  order; `progress` as for `download`) if `allow` (default: the node's allowed_downloads()) lets it. A model that has no source
+  (a path, an unknown id) or that lives in a directory of the user's own is used as it is."""
   try:
     path, not_found = locate_model(model_id), None
   except ModelNotFound as e:
@@ -79,6 +134,12 @@ def ensure_model(
       f"model {model_id!r} is not on this machine and HF_HUB_OFFLINE is set, so it is not downloaded from {source}; "
       f"unset HF_HUB_OFFLINE, or fetch it first with `exo download {model_id}`"
     )
+  allow = allow or allowed_downloads()
+  if not _may_fetch(source, allow):
+    only = "downloads are turned off (--allow-downloads none)" if allow == "none" else "only the built-in models' are (--allow-downloads builtin)"
+    raise BadInput(
+      f"downloads of {model_id[:200]!r} are not allowed: {only}; start the node with --allow-downloads any, or fetch it first with `exo download`"
+    )
   return download(source, shard, weights, progress)
 
 
@@ -93,11 +154,14 @@ def download(source: Source, shard: Shard | None = None, weights: bool = True, p
   bar = _bar_class(progress)
 
   def fetch(filename: str) -> Path:
-    return Path(hf_hub_download(source.repo, filename, cache_dir=cache, endpoint=endpoint, tqdm_class=bar))
+    path = Path(hf_hub_download(source.repo, filename, cache_dir=cache, endpoint=endpoint, tqdm_class=bar))
+    if (got := path.stat().st_size) != sizes[filename]:
+      raise ClusterCannotServe(f"{filename} of {source} came as {got} bytes where {endpoint} listed {sizes[filename]}; nothing of {source} was kept")
+    return path
 
-  with _hub_errors(source, endpoint, cache):
+  with _ONE_AT_A_TIME, _kept_only_if_whole(cache, source.repo), _hub_errors(source, endpoint, cache):
     info = HfApi(endpoint=endpoint).model_info(source.repo, files_metadata=True)
-    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    sizes = {s.rfilename: s.size for s in info.siblings or []}
     snapshot = snapshot_dir(source.repo)
     current = snapshot if snapshot is not None and snapshot.name == info.sha else None  # a repo updated since: fetch it afresh
 
@@ -109,14 +173,16 @@ def download(source: Source, shard: Shard | None = None, weights: bool = True, p
       files, path = [gguf], None
     else:
       metadata = [f for f in METADATA_FILES if f in sizes and not have(f)]
-      _check_space(source, metadata, sizes, cache)
+      # without an index, the weight files are all the .safetensors files: checked with the metadata, before anything is fetched
+      unindexed = weights and "model.safetensors.index.json" not in sizes
+      _check_space(source, metadata + [f for f in _safetensors_files(sizes) if unindexed and not have(f)], sizes, cache)
       for filename in metadata:
         fetch(filename)
       path = snapshot_dir(source.repo)  # config.json is there: _gguf_file checked the repository has one
       files = []
       if weights:
         index = weight_map(path)
-        files = sorted(f for f in sizes if f.endswith(".safetensors") and "/" not in f) if index is None else sorted(weight_files(index, path, shard))
+        files = _safetensors_files(sizes) if index is None else sorted(weight_files(index, path, shard))
     todo = [f for f in files if not have(f)]
     _check_space(source, todo, sizes, cache)
     if todo:
@@ -146,16 +212,78 @@ def _gguf_file(source: Source, sizes: dict[str, int]) -> str | None:
   raise BadInput(f"repository {source.repo!r} holds no model exo reads: expected one .gguf file, or config.json and *.safetensors")
 
 
-def _check_space(source: Source, files: list[str], sizes: dict[str, int], cache: Path) -> None:
-  need = sum(sizes.get(f, 0) for f in files)
-  if need and need > (free := _free_bytes(cache)):
-    raise ClusterCannotServe(f"not enough disk space for {source}: it needs {_size(need)} and {cache} has {_size(free)} free")
+def _safetensors_files(sizes: dict[str, int | None]) -> list[str]:
+  return sorted(f for f in sizes if f.endswith(".safetensors") and "/" not in f)
 
 
-def _free_bytes(path: Path) -> int:
+def _check_space(source: Source, files: list[str], sizes: dict[str, int | None], cache: Path) -> None:
+  """The disk budget (module docstring), before `files` are fetched: a BadInput if they do not fit it."""
+  if unsized := [f for f in files if not isinstance(sizes.get(f), int)]:
+    raise BadInput(f"the hub does not list the size of {unsized[0]} of {source}, so its download is refused")
+  need = sum(sizes[f] for f in files)
+  if not need:
+    return
+  disk = _disk_usage(cache)
+  if need > disk.free:
+    raise BadInput(f"not enough disk space for {source}: it needs {_size(need)} and {cache} has {_size(disk.free)} free")
+  cap = models_max_bytes()
+  if cap is None and disk.free - need < FREE_FRACTION * disk.total:
+    raise BadInput(
+      f"not enough disk space for {source}: it needs {_size(need)} and {cache} has {_size(disk.free)} free, of which "
+      f"{FREE_FRACTION:.0%} of the disk ({_size(int(FREE_FRACTION * disk.total))}) stays free; free space, or set --models-max-gb"
+    )
+  if cap is not None and (held := _folder_bytes(cache)) + need > cap:
+    raise BadInput(
+      f"not enough room for {source} within --models-max-gb {cap / 1e9:g}: it needs {_size(need)} and the models folder {cache} holds {_size(held)}"
+    )
+
+
+def _disk_usage(path: Path):
   while not path.exists() and path != path.parent:
     path = path.parent
-  return shutil.disk_usage(path).free
+  return shutil.disk_usage(path)
+
+
+def _folder_bytes(folder: Path) -> int:
+  """Bytes of the files under `folder` (links not followed: a snapshot's links point at blobs counted once)."""
+  total = 0
+  for root, _, files in os.walk(folder):
+    for name in files:
+      with contextlib.suppress(OSError):
+        total += os.lstat(os.path.join(root, name)).st_size
+  return total
+
+
+def _tree(folder: Path) -> set[Path]:
+  """`folder` and every path under it (links not followed); empty if it does not exist."""
+  if not folder.exists():
+    return set()
+  found = {folder}
+  for root, dirs, files in os.walk(folder):
+    found.update(Path(root) / name for name in (*dirs, *files))
+  return found
+
+
+@contextlib.contextmanager
+def _kept_only_if_whole(cache: Path, repo: str):
+  """On any failure of the download of `repo`, remove what it created in the models folder: new files, links and partial
+  (.incomplete) blobs under the repository's folder and its lock folder, files it put in the models folder itself (the cache's
+  CACHEDIR.TAG), and the folders it made."""
+  folder = f"models--{repo.replace('/', '--')}"
+
+  def present() -> set[Path]:  # the folders above the repository's, what is directly in the models folder, the repository's trees
+    above = {path for path in (cache, cache / ".locks") if path.exists()}
+    return above | (set(cache.iterdir()) if cache.is_dir() else set()) | _tree(cache / folder) | _tree(cache / ".locks" / folder)
+
+  before = present()
+  try:
+    yield
+  except BaseException:
+    created = present() - before
+    for path in sorted(created, key=lambda p: len(p.parts), reverse=True):  # what is inside a folder before the folder
+      with contextlib.suppress(OSError):
+        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+    raise
 
 
 def _size(n: int) -> str:

@@ -4,8 +4,11 @@ gguf-py's GGUFReader maps the whole file and builds numpy views for every part o
 is over 160 MB and two seconds, more than the 4-bit model it describes. This reads the header once with struct (O(header size)
 time, the header's size in memory), keeps the values, and leaves each tensor's data to be mapped only while it is loaded.
 Values follow GGUFReader's `ReaderField.contents()`: scalars as Python values, arrays as lists. Little-endian files only.
+Every count, length, dimension and offset is checked against the file (and the header against MAX_HEADER_BYTES) before it is
+used, so a malformed file is a BadInput naming what is wrong, never a large allocation.
 """
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ import gguf
 import numpy as np
 
 from exo.errors import BadInput
+from exo.files import open_regular
 
 V = gguf.GGUFValueType
 _SCALARS = {
@@ -30,6 +34,10 @@ _NATIVE = {  # tensor types whose data is an array of one numpy type; every othe
   gguf.GGMLQuantizationType.I64: np.int64,
 }
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_HEADER_BYTES = 64 << 20  # metadata and tensor directory: a 256k-token vocabulary's header is under 16 MB
+_MIN_FIELD_BYTES = 13  # a key's length, its type and a one-byte value
+_MIN_TENSOR_BYTES = 28  # a name's length, the number of dimensions, one dimension, the type and the offset
 
 
 @dataclass(frozen=True)
@@ -59,72 +67,105 @@ class GGUFHeader:
 
 
 class _Cursor:
-  def __init__(self, buffer):
-    self.buffer, self.at = buffer, 0
+  """Reads the header front to back; every count and length is checked against the bytes left before anything is read."""
+
+  def __init__(self, buffer, end: int):
+    self.buffer, self.at, self.end = buffer, 0, end
+
+  def need(self, n: int, what: str) -> None:
+    if n > self.end - self.at:
+      raise ValueError(f"{what} ({n} bytes at offset {self.at}) runs past the end of its header")
 
   def take(self, fmt: str):
+    self.need(struct.calcsize(fmt), "a value")
     (value,) = struct.unpack_from(fmt, self.buffer, self.at)
     self.at += struct.calcsize(fmt)
     return value
 
   def string(self) -> str:
     n = self.take("<Q")
+    self.need(n, "a string")
     self.at += n
     return bytes(self.buffer[self.at - n : self.at]).decode("utf-8", errors="replace")
 
   def value(self, kind: int):
-    kind = V(kind)
+    kind = _value_type(kind)
     if kind == V.STRING:
       return self.string()
     if kind != V.ARRAY:
       return self.take(_SCALARS[kind])
-    item, count = V(self.take("<I")), self.take("<Q")
+    item, count = _value_type(self.take("<I")), self.take("<Q")
+    if item == V.ARRAY:
+      raise ValueError("it holds an array of arrays, which GGUF readers do not support")
+    self.need(count * (8 if item == V.STRING else struct.calcsize(_SCALARS[item])), f"an array of {count} values")
     if item in _SCALARS:  # a numeric array at once (a vocabulary's token types: 49k values)
       dtype = np.dtype(_SCALARS[item])
       values = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.at)
       self.at += count * dtype.itemsize
       return values.tolist()
-    return [self.value(item) for _ in range(count)]
+    return [self.string() for _ in range(count)]
+
+
+def _value_type(kind: int) -> gguf.GGUFValueType:
+  if kind not in V._value2member_map_:
+    raise ValueError(f"it holds a value of unknown type {kind}")
+  return V(kind)
 
 
 def read_header(path: str) -> GGUFHeader:
   """The header of the GGUF file at `path`, or a BadInput naming the file if it is not one this can read."""
-  try:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-      return _parse(path, buffer)
-  except (OSError, ValueError, struct.error) as e:
-    raise BadInput(f"{path} is not a readable GGUF file: {e}") from None
+  with open_regular(path, "GGUF file") as f:
+    try:
+      with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        return _parse(path, buffer)
+    except (OSError, ValueError, struct.error) as e:
+      raise BadInput(f"{path} is not a readable GGUF file: {e}") from None
 
 
 def _parse(path: str, buffer) -> GGUFHeader:
-  cursor = _Cursor(buffer)
+  """The header, checked against the file before anything is allocated for it: each count and length against the bytes left
+  (of the file, and of MAX_HEADER_BYTES), each tensor's dimensions, type, alignment and data against the file's size."""
+  cursor = _Cursor(buffer, min(len(buffer), MAX_HEADER_BYTES))
   if bytes(buffer[:4]) != b"GGUF":
     raise ValueError("it does not start with the GGUF magic")
   cursor.at = 4
   version, n_tensors, n_fields = cursor.take("<I"), cursor.take("<Q"), cursor.take("<Q")
   if version not in (2, 3):
     raise ValueError(f"GGUF version {version} is not supported; expected 2 or 3 (little-endian)")
+  cursor.need(n_fields * _MIN_FIELD_BYTES + n_tensors * _MIN_TENSOR_BYTES, f"a header of {n_fields} fields and {n_tensors} tensors")
   fields = {}
   for _ in range(n_fields):
     key = cursor.string()
     fields[key] = cursor.value(cursor.take("<I"))
+  alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+  if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+    raise ValueError(f"general.alignment must be a power of two, got {alignment!r}")
   directory = []
   for _ in range(n_tensors):
-    name = cursor.string()
-    dims = tuple(cursor.take("<Q") for _ in range(cursor.take("<I")))
-    directory.append((name, dims, gguf.GGMLQuantizationType(cursor.take("<I")), cursor.take("<Q")))
-  alignment = int(fields.get("general.alignment", DEFAULT_ALIGNMENT))
+    name, n_dims = cursor.string(), cursor.take("<I")
+    if not 1 <= n_dims <= MAX_DIMS:
+      raise ValueError(f"tensor {name!r} has {n_dims} dimensions; expected 1 to {MAX_DIMS}")
+    dims = tuple(cursor.take("<Q") for _ in range(n_dims))
+    kind, offset = cursor.take("<I"), cursor.take("<Q")
+    if kind not in gguf.GGMLQuantizationType._value2member_map_ or gguf.GGMLQuantizationType(kind) not in gguf.GGML_QUANT_SIZES:
+      raise ValueError(f"tensor {name!r} has unknown type {kind}")
+    directory.append((name, dims, gguf.GGMLQuantizationType(kind), offset))
   data_start = -(-cursor.at // alignment) * alignment
   tensors = {}
   for name, dims, kind, offset in directory:
-    n = int(np.prod(dims)) if dims else 1
     block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    if min(dims) < 1 or dims[0] % block:
+      raise ValueError(f"tensor {name!r} has shape {list(dims)}; expected sizes >= 1 and rows of whole {kind.name} blocks of {block}")
+    n = math.prod(dims)
+    n_bytes = n // block * block_bytes
+    if offset % alignment or data_start + offset + n_bytes > len(buffer):
+      raise ValueError(
+        f"tensor {name!r} ({n_bytes} bytes at data offset {offset}) is misaligned or runs past the end of the file (a truncated download?)"
+      )
     rows_first = tuple(reversed(dims))
     if kind in _NATIVE:
       dtype, shape = np.dtype(_NATIVE[kind]), rows_first
     else:
       dtype, shape = np.dtype(np.uint8), (*rows_first[:-1], rows_first[-1] // block * block_bytes)
-    tensors[name] = GGUFTensor(path, name, kind, dims, n, n // block * block_bytes, data_start + offset, dtype, shape)
-  if tensors and max(t.offset + t.n_bytes for t in tensors.values()) > len(buffer):
-    raise ValueError("its tensor data runs past the end of the file (a truncated download?)")
+    tensors[name] = GGUFTensor(path, name, kind, dims, n, n_bytes, data_start + offset, dtype, shape)
   return GGUFHeader(fields, tensors)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gguf
 
-from exo.errors import ModelNotFound
+from exo.errors import BadInput, ModelNotFound
 from exo.inference.llama_weights import (
   EMBED,
   GGUF_GLOBALS,
@@ -96,7 +96,10 @@ def model_spec_from_file(path: Path | str, model_id: str | None = None) -> Model
   path = Path(path)
   if not path.exists():
     raise ModelNotFound(f"model file {str(path)!r} was not found")
-  config, sizes = load_config(path), held_tensor_bytes(path)
+  config = load_config(path)
+  if missing := missing_files(path):
+    raise BadInput(f"model {str(path)!r} lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}; expected every file of the model")
+  sizes = held_tensor_bytes(path)
   layer_names = [layer_key(i, part) for i in range(config.n_layers) for part in layer_parts(config)]
   c = config
   attention = c.hidden_size * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)

@@ -9,12 +9,11 @@ the layers it runs only: `missing_files` says which a shard still needs). Nothin
 """
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 from exo.errors import BadInput, ModelNotFound
-from exo.inference.llama_weights import EMBED, LM_HEAD, load_config, shard_tensor_names
+from exo.inference.llama_weights import EMBED, LM_HEAD, load_config, read_weight_map, shard_tensor_names
 from exo.inference.model_sources import Source, is_repo_id, local_path, model_sources
 from exo.inference.shard import Shard
 
@@ -79,8 +78,7 @@ def weight_files(weight_map: dict[str, str], directory: Path, shard: Shard | Non
 
 def weight_map(directory: Path) -> dict[str, str] | None:
   """model.safetensors.index.json's tensor -> file map, or None for a checkpoint without one (a single file)."""
-  index = directory / "model.safetensors.index.json"
-  return json.loads(index.read_text())["weight_map"] if index.is_file() else None
+  return read_weight_map(directory)
 
 
 def missing_files(path: Path, shard: Shard | None = None, weights: bool = True) -> list[str]:

@@ -14,9 +14,11 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from exo.errors import BadInput
+from exo.files import read_bytes
 from exo.inference.gguf_header import read_header
-from exo.inference.llama_weights import gguf_field
+from exo.inference.llama_weights import MAX_JSON_BYTES, gguf_field, read_json
 
+MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json: the largest vocabularies' (256k tokens) are about 35 MB
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")  # llama.cpp's EOG texts
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp splits each digit, then applies GPT-2's regex
@@ -98,10 +100,14 @@ class Tokenizer:
   @classmethod
   def from_hf_dir(cls, directory: Path | str) -> "Tokenizer":
     directory = Path(directory)
-    tokenizer = _HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    text = read_bytes(directory / "tokenizer.json", "tokenizer file", MAX_TOKENIZER_BYTES).decode("utf-8", errors="replace")
+    try:
+      tokenizer = _HFTokenizer.from_str(text)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
+      raise BadInput(f"{directory / 'tokenizer.json'} is not a tokenizer the tokenizers library reads: {str(e)[:200]}") from None
 
     def read(name: str) -> dict:
-      return json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
+      return read_json(directory / name, name) if (directory / name).is_file() else {}
 
     def token_id(token: str | dict | None) -> int | None:
       return tokenizer.token_to_id(token["content"] if isinstance(token, dict) else token) if token else None
@@ -126,7 +132,7 @@ class Tokenizer:
     if isinstance(template, list):  # named templates: use the default one
       template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if (directory / "chat_template.jinja").is_file():  # newer exports keep the template in its own file
-      template = (directory / "chat_template.jinja").read_text()
+      template = read_bytes(directory / "chat_template.jinja", "chat template", MAX_JSON_BYTES).decode("utf-8", errors="replace")
     return cls(tokenizer, bos, eos_id, eos, add_bos, template)
 
 

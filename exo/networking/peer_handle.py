@@ -10,6 +10,10 @@ from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.topology import Topology
 
 
+class Refused(Exception):
+  """The peer answered that it does not take a ring message (malformed, not allowed, or beyond its limits); the message says why."""
+
+
 class PeerHandle(ABC):
   @abstractmethod
   def id(self) -> str:
@@ -33,7 +37,7 @@ class PeerHandle(ABC):
 
   @abstractmethod
   async def send_prompt(self, shard: Shard, prompt: str, context: RequestContext) -> None:
-    pass
+    """Raises Refused if the peer does not take it (as send_tensor and send_tensors do)."""
 
   @abstractmethod
   async def send_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None:

@@ -4,7 +4,10 @@ Every `broadcast_interval` a node sends to each broadcast address, on `broadcast
 
   {"type": "discovery", "node_id": ..., "grpc_port": ..., "device_capabilities": {..., "memory_bandwidth": ...}, "priority": 1}
 
-(plus "advertised_host" when the node is reachable at an address other than the one it sends from, e.g. behind NAT).
+(plus "advertised_host" when the node is reachable at an address other than the one it sends from, e.g. behind NAT), sealed
+with the cluster's secret: a "timestamp" and an "hmac" over the rest (exo.networking.membership). A node ignores an announcement
+that its cluster's secret did not seal (logging it, once a minute at most per sender's address), one stamped more than
+ANNOUNCEMENT_MAX_AGE_S away from its own clock, and one not newer than the last it took from the same node (a replayed copy).
 Each announcement carries the capabilities the node last gave `announce`: its measured layer times change as it refines them,
 and a peer re-announcing at its address with only new layer times keeps its handle and connection (the handle keeps the
 capabilities first announced: nodes take each peer's current ones from the peer itself, when they collect the topology).
@@ -23,6 +26,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -31,6 +35,7 @@ import psutil
 
 from exo.networking.discovery import CheckedDiscovery, CreatePeerHandle, host_port
 from exo.networking.liveness import Liveness, disconnect
+from exo.networking.membership import ANNOUNCEMENT_MAX_AGE_S, Membership, NotAMember, RateLimitedLog, cluster_membership
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 
 log = logging.getLogger(__name__)
@@ -47,12 +52,15 @@ class Announcement:
   advertised_host: str | None = None
 
 
-def parse_announcement(data: bytes) -> Announcement:
-  """The announcement in one datagram; ValueError (BadInput for bad capabilities) if it is not one."""
-  try:
-    msg = json.loads(data)
-  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: a packet of 5000 '['
-    raise ValueError(f"not JSON: {e}") from None
+def parse_announcement(data: bytes | dict) -> Announcement:
+  """The announcement in one datagram (or its parsed JSON); ValueError (BadInput for bad capabilities) if it is not one."""
+  if isinstance(data, dict):
+    msg = data
+  else:
+    try:
+      msg = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: a packet of 5000 '['
+      raise ValueError(f"not JSON: {e}") from None
   if not isinstance(msg, dict) or msg.get("type") != "discovery":
     raise ValueError(f'expected a JSON object with "type": "discovery", got {str(msg)[:80]!r}')
   node_id, port, prio, host = msg.get("node_id"), msg.get("grpc_port"), msg.get("priority", PRIORITY), msg.get("advertised_host")
@@ -140,7 +148,9 @@ class UDPDiscovery(CheckedDiscovery):
     advertised_host: str | None = None,
     listen_host: str = "0.0.0.0",
     health_check_timeout: float = 2.0,
+    membership: Membership | None = None,
   ):
+    """`membership`: the cluster whose announcements it seals and takes (default: this machine's, `cluster_membership()`)."""
     self.node_id, self.node_port, self.listen_port, self.broadcast_port = node_id, node_port, listen_port, broadcast_port
     self.create_peer_handle, self.device_capabilities = create_peer_handle, device_capabilities
     self.broadcast_interval, self.discovery_timeout, self.poll_s = broadcast_interval, discovery_timeout, min(0.1, broadcast_interval)
@@ -151,6 +161,9 @@ class UDPDiscovery(CheckedDiscovery):
     self._transport: asyncio.DatagramTransport | None = None
     self._sender: socket.socket | None = None
     self._send_errors: set[str] = set()  # logged once each
+    self.membership = membership or cluster_membership()
+    self._stamps: dict[str, float] = {}  # by peer id: the timestamp of the last announcement taken from it
+    self._refused = RateLimitedLog(log)
     self._tasks: set[asyncio.Task] = set()
 
   def announcement(self) -> dict:
@@ -207,7 +220,7 @@ class UDPDiscovery(CheckedDiscovery):
 
   async def _broadcast_forever(self) -> None:
     while True:
-      data = json.dumps(self.announcement()).encode()
+      data = self.membership.seal(self.announcement())
       for address in self.broadcast_addresses:
         try:
           self._sender.sendto(data, (address, self.broadcast_port))
@@ -219,16 +232,43 @@ class UDPDiscovery(CheckedDiscovery):
 
   def _on_datagram(self, data: bytes, addr) -> None:
     try:
-      ann = parse_announcement(data)
+      message = self.membership.open(data)
+      ann = parse_announcement(message)
+    except NotAMember as e:
+      self._refused.warning(
+        addr[0], "ignoring discovery announcements from %s: %s (a node of another cluster, or one started without this cluster's secret)", addr[0], e
+      )
+      return
     except ValueError as e:
       log.debug("ignoring a malformed discovery packet from %s: %s", addr[0], e)
       return
-    if ann.node_id == self.node_id:
+    if ann.node_id == self.node_id or not self._fresh(ann.node_id, message["timestamp"], addr[0]):
       return
     try:
       self._seen(ann.node_id, host_port(ann.advertised_host or addr[0], ann.grpc_port), ann.device_capabilities, ann.priority)
     except Exception:  # a bug, e.g. in create_peer_handle: log it and keep listening
       log.exception("handling the announcement of %s failed", ann.node_id)
+
+  def _fresh(self, peer_id: str, stamp: float, source: str) -> bool:
+    """Whether an announcement of `peer_id` stamped `stamp` is one to take: within ANNOUNCEMENT_MAX_AGE_S of this node's clock,
+    and newer than the last taken from that node (a copy of one replayed later is not)."""
+    skew = time.time() - stamp
+    if abs(skew) > ANNOUNCEMENT_MAX_AGE_S:
+      self._refused.warning(
+        source,
+        "ignoring an announcement of node %r from %s stamped %.0f s %s this node's clock: a replayed copy, or the two clocks differ by more than %g s",
+        peer_id,
+        source,
+        abs(skew),
+        "behind" if skew > 0 else "ahead of",
+        ANNOUNCEMENT_MAX_AGE_S,
+      )
+      return False
+    if stamp <= self._stamps.get(peer_id, -math.inf):
+      log.debug("ignoring an announcement of node %r from %s: not newer than the last one taken", peer_id, source)
+      return False
+    self._stamps[peer_id] = stamp
+    return True
 
   def _seen(self, peer_id: str, addr: str, caps: DeviceCapabilities, priority: int) -> None:
     now = time.monotonic()
@@ -267,3 +307,5 @@ class UDPDiscovery(CheckedDiscovery):
         await disconnect(self.liveness.forget(peer_id, "no longer announced"))
     for peer_id in set(self._announced) - set(self.liveness.peers):
       del self._announced[peer_id]
+    oldest = time.time() - ANNOUNCEMENT_MAX_AGE_S  # an announcement stamped before this is refused anyway
+    self._stamps = {peer_id: stamp for peer_id, stamp in self._stamps.items() if stamp >= oldest}

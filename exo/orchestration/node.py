@@ -13,6 +13,7 @@ requests, so re-planning between requests follows the engine's real speed.
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -28,17 +29,21 @@ from exo.inference.layer_time_estimate import LayerTimeEstimate
 from exo.inference.sampling import GREEDY, Sampling
 from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
+from exo.networking.membership import NotAllowed
 from exo.networking.outbox import Outbox
-from exo.networking.peer_handle import PeerHandle
+from exo.networking.peer_handle import PeerHandle, Refused
 from exo.networking.request_context import RequestContext, RingPlan
 from exo.networking.server import Server
 from exo.orchestration.recent_ids import RecentIds
 from exo.orchestration.replan import should_replan
+from exo.orchestration.served import ServedRequests
 from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
 from exo.orchestration.stop_strings import visible_text
 from exo.topology.cost_model import PlannerParams, Prediction, head_layers
 from exo.topology.device_capabilities import DeviceCapabilities
-from exo.topology.model_spec import ModelSpec
+from exo.topology.flops_latency_partitioning_strategy import DEFAULT_PROMPT_TOKENS
+from exo.topology.model_spec import MAX_CONTEXT, ModelSpec
+from exo.topology.models import MODELS
 from exo.topology.plan import Plan
 from exo.topology.planner import plan_for, predict_ring
 from exo.topology.topology import Topology
@@ -47,6 +52,24 @@ log = logging.getLogger(__name__)
 PEER_WAIT_S = 5.0  # how long a message waits for its ring neighbour to be discovered (nodes that just started)
 WATCH_S = 2.0  # the origin health-checks a request's ring when no token has come for this long
 LOAD_WINDOW_S = 10.0  # the aggregate tokens/s a node reports is over this many seconds
+ADMIT_SHARE = 0.8  # admitted work must be predicted to end within this share of the time to the earliest deadline: the margin for error
+
+
+def _rows(shard: Shard, tensor: np.ndarray, request_id: str) -> int:
+  """The positions in a stage's input from the wire; BadInput unless it is shaped as the stage takes it: token ids (P,) or (1, P)
+  on the first, hidden states (1, P, width) on the others, with P >= 1."""
+  ids = np.issubdtype(tensor.dtype, np.integer)
+  if shard.is_first_layer():
+    fits = ids and (tensor.ndim == 1 or (tensor.ndim == 2 and tensor.shape[0] == 1))
+  else:
+    fits = not ids and tensor.ndim == 3 and tensor.shape[0] == 1 and tensor.shape[2] > 0
+  rows = positions_in(tensor) if fits else 0
+  if rows < 1:
+    want = "token ids (P,) or (1, P)" if shard.is_first_layer() else "hidden states (1, P, width)"
+    raise BadInput(
+      f"request {request_id}: layers {shard.start_layer}-{shard.end_layer} take {want} with P >= 1, got {tensor.dtype} {list(tensor.shape)}"
+    )
+  return rows
 
 
 class RequestFailed(Exception):
@@ -70,10 +93,35 @@ class PlannerConfig:
 
 @dataclass(frozen=True)
 class Admission:
-  """A request the node takes: the plan it runs on and how many tokens its answer may have."""
+  """A request the node takes: the plan it runs on, how many tokens its answer may have, and its id, under which it holds its
+  place among the node's requests from admission on (`generate` runs it; `release` frees the place of one never run)."""
 
   plan: Plan
   max_tokens: int
+  request_id: str
+
+
+def drain_s(owed: list[tuple[float, int]], tpot_s: float, throughput_tps: float) -> float:
+  """Predicted seconds until requests that still owe (prefill seconds, tokens) each are all answered, on a ring of `tpot_s`
+  seconds per token for one request and `throughput_tps` tokens/s when saturated:
+
+    sum(prefill) + max(sum(tokens) / throughput, max(tokens) x tpot)
+
+  the prefills one after another (they take whole stages), then every token at the saturated rate but no sooner than the
+  longest answer alone takes (one request's tokens come one after another). Every request is answered by then whatever order
+  the stages serve them in: this bounds the last of them."""
+  if not owed:
+    return 0.0
+  tokens = [n for _, n in owed]
+  return sum(p for p, _ in owed) + max(sum(tokens) / throughput_tps, max(tokens) * tpot_s)
+
+
+def predicted_speed(plan: Plan | None) -> tuple[float, float] | None:
+  """(TPOT seconds, saturated tokens/s) the plan predicts, or None if it predicts no speed."""
+  prediction = plan.prediction if plan is not None else None
+  if prediction is None or prediction.tpot_s is None or not prediction.throughput_tps:
+    return None
+  return prediction.tpot_s, prediction.throughput_tps
 
 
 def answer_budget(prompt_tokens: int, requested: int | None, context: int, most: int, what: str = "the planned context") -> int:
@@ -111,6 +159,11 @@ class _Pending:
   on_token: Callable[[list[int]], None] | None = None
   last_progress: float = field(default_factory=time.monotonic)  # when the last token came (or the request started)
   arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when tokens come; the stop-string watch clears it
+  budget: int = 0  # the tokens it was admitted for
+  prefill_s: float = 0.0  # its prompt's predicted prefill, owed until its first token
+  deadline: float = math.inf  # time.monotonic() at which it times out
+  running: bool = False  # `generate` runs it, and releases it when over
+  senders: frozenset[str] = frozenset()  # the nodes of its ring: the others' results are ignored
 
 
 class Node:
@@ -127,6 +180,7 @@ class Node:
     refresh_interval: float = 1.0,
     measure_layer_times: bool = False,
     max_requests: int = 64,
+    admit_by_rate: bool = False,
   ):
     self.id = node_id
     self.engine = engine
@@ -136,7 +190,8 @@ class Node:
     self.planner = planner
     self.max_generate_tokens = max_generate_tokens
     self.request_timeout = request_timeout
-    self.max_requests = max_requests  # requests this node may have in flight as their origin; more are refused (Busy)
+    self.max_requests = max_requests  # requests this node may run at once, as their origin or a stage; more are refused (Busy)
+    self.admit_by_rate = admit_by_rate  # also refuse what the plan's predicted rate cannot finish in time (admit); for engines it predicts
     self.refresh_interval = refresh_interval
     self.server: Server | None = None
     self.peers: dict[str, PeerHandle] = {}
@@ -160,6 +215,7 @@ class Node:
     self._calls_running = 0  # engine calls in flight on this node
     self._calls_started = 0
     self._delivered: deque[tuple[float, int]] = deque()  # at the origin: (time, tokens) of the last LOAD_WINDOW_S seconds
+    self._served = ServedRequests(request_timeout)  # requests whose stage runs here, and who may change each
 
   async def start(self, wait_for_peers: int = 0, wait_timeout: float | None = None) -> None:
     """Serve; with `wait_for_peers`, once that many peers are live, or ClusterCannotServe after `wait_timeout` seconds naming
@@ -349,23 +405,27 @@ class Node:
     on_token: Callable[[list[int]], None] | None = None,
     sampling: Sampling = GREEDY,
     stop: tuple[str, ...] = (),
-    plan: Plan | None = None,
+    admission: Admission | None = None,
   ) -> Generation:
-    """Plan (or run on `plan`, the one `admit` chose), send the prompt to the first stage, and wait for the last stage's tokens
-    (chosen as `sampling` says) until EOS, a stop string in the text (the text ends before it), the token budget (`admit`'s) or
-    the deadline. Refused first as `admit` says."""
+    """Admit the request (or run `admission`, what `admit` gave for this prompt and model), send the prompt to the first stage,
+    and wait for the last stage's tokens (chosen as `sampling` says) until EOS, a stop string in the text (the text ends before
+    it), the token budget (`admit`'s) or the deadline. Refused first as `admit` says."""
     started, model = time.perf_counter(), model or self.model
     if "" in stop:
+      self.release(admission)
       raise BadInput("a stop string must not be empty")
-    admission = await self.admit(prompt, model, max_tokens, plan)
-    plan, max_tokens = admission.plan, admission.max_tokens
-    request_id = str(uuid.uuid4())
-    pending = self._pending[request_id] = _Pending(asyncio.get_running_loop().create_future(), on_token=on_token)
+    admission = admission or await self.admit(prompt, model, max_tokens)
+    plan, max_tokens, request_id = admission.plan, admission.max_tokens, admission.request_id
+    pending = self._pending.get(request_id)
+    if pending is None:
+      raise RequestFailed(f"request {request_id} was released before it ran")
+    pending.on_token, pending.running = on_token, True
     whole = Shard(model.id, 0, model.n_layers - 1, model.n_layers)  # tokenizers are per model: any shard of it decodes
     watch = asyncio.create_task(self._watch_for_stop(pending, whole, stop)) if stop else None
     ring = None
     try:
       ring = RingPlan.from_node_shards(plan.node_shards(), plan.context_tokens)
+      pending.senders = frozenset(ring.node_ids())
       context = RequestContext(request_id, self.id, ring, max_tokens, sampling=sampling)
       try:
         await self._deliver(ring.stages[0].node_id, "prompt", ring.shard(0), prompt, context)
@@ -401,26 +461,83 @@ class Node:
       if not pending.future.done():
         pending.future.set_exception(e)
 
-  async def admit(self, prompt: str, model: ModelSpec, max_tokens: int | None = None, plan: Plan | None = None) -> Admission:
-    """The plan a request runs on (`plan`, else planned now, which may raise ClusterCannotServe) and how many tokens its answer
-    may have (answer_budget: the client's `max_tokens`, else what the planned context leaves after the prompt, at most
-    --max-generate-tokens), if this node takes it now: Busy if it already has `max_requests` in flight, BadInput if the prompt
-    and `max_tokens` do not fit in the planned context (or the engine's, if shorter)."""
-    if len(self._pending) >= self.max_requests:
-      raise Busy(f"node {self.id!r} already runs {len(self._pending)} requests, its limit (--max-requests); try again shortly")
+  async def admit(self, prompt: str, model: ModelSpec, max_tokens: int | None = None) -> Admission:
+    """The plan a request runs on (planned now, which may raise ClusterCannotServe) and how many tokens its answer may have
+    (answer_budget: the client's `max_tokens`, else what the planned context leaves after the prompt, at most
+    --max-generate-tokens), if this node takes it now; it holds its place among the node's requests from now on (`generate`
+    runs it, `release` frees it). BadInput if the prompt and `max_tokens` do not fit in the planned context (or the engine's,
+    if shorter); Busy as `_make_room` says."""
+    if len(self.active_request_ids()) >= self.max_requests:  # a full node refuses before any work
+      raise self._full(self.current_plan)
     shard = Shard(model.id, 0, model.n_layers - 1, model.n_layers)
     prompt_tokens, engine_context = len(await self.engine.encode(shard, prompt)), await self.engine.context_length(shard)
-    if plan is None:
-      plan = await asyncio.to_thread(self.plan, model)  # the search takes milliseconds to a few seconds
+    plan = await asyncio.to_thread(self.plan, model)  # the search takes milliseconds to a few seconds
     context, what = plan.context_tokens, "the planned context"
     if engine_context is not None and engine_context < context:
       context, what = engine_context, f"{model.id}'s context"
-    return Admission(plan, answer_budget(prompt_tokens, max_tokens, context, self.max_generate_tokens, what))
+    budget = answer_budget(prompt_tokens, max_tokens, context, self.max_generate_tokens, what)
+    prefill_s = self._make_room(plan, prompt_tokens, budget)  # no await from this check to the place taken: none can pass between
+    request_id = str(uuid.uuid4())
+    future = asyncio.get_running_loop().create_future()
+    self._pending[request_id] = _Pending(future, budget=budget, prefill_s=prefill_s, deadline=time.monotonic() + self.request_timeout)
+    return Admission(plan, budget, request_id)
+
+  def release(self, admission: Admission | None) -> None:
+    """Free the place of an admitted request that `generate` never ran (a no-op for None, or one it runs or ran)."""
+    if admission is not None and admission.request_id in self._pending and not self._pending[admission.request_id].running:
+      del self._pending[admission.request_id]
+
+  def _make_room(self, plan: Plan, prompt_tokens: int, budget: int) -> float:
+    """Whether the node takes one more request, of `budget` tokens after a prompt of `prompt_tokens` on `plan`, else Busy with
+    the seconds after which to ask again. Returns the request's predicted prefill seconds (0 if the plan predicts no speed).
+
+    Always: at most `max_requests` at once. With `admit_by_rate`, when others run and the plan predicts a speed, also only if
+    everything admitted, this request included, is predicted to be answered (drain_s of what each still owes: a prefill until
+    its first token, its budget less the tokens it has) within ADMIT_SHARE of the time to the earliest deadline among them
+    (this one's: now + the request timeout). So a request admitted later never makes an earlier one time out, as long as the
+    ring runs at its predicted rate (measured layer times make it the engine's). The prefill is the plan's TTFT, scaled up
+    linearly from the prompt length it was predicted for. A node with nothing running always takes one request."""
+    speed = predicted_speed(plan)
+    if len(self.active_request_ids()) >= self.max_requests:
+      raise self._full(plan)
+    if speed is None:
+      return 0.0
+    prefill_s = (plan.prediction.ttft_s or 0.0) * max(1.0, prompt_tokens / DEFAULT_PROMPT_TOKENS)
+    if not self.admit_by_rate or not self._pending:
+      return prefill_s
+    now = time.monotonic()
+    earliest = min([p.deadline for p in self._pending.values()] + [now + self.request_timeout])
+    needed = self._owed_s(speed, (prefill_s, budget))
+    if needed > ADMIT_SHARE * (earliest - now):
+      raise Busy(
+        f"node {self.id!r} cannot take a request of up to {budget} tokens now: with the {len(self._pending)} it runs it would take "
+        f"{needed:.1f} s at the predicted rate, beyond {ADMIT_SHARE:g} of the {earliest - now:.1f} s before the earliest deadline",
+        self._retry_after_s(speed),
+      )
+    return prefill_s
+
+  def _full(self, plan: Plan | None) -> Busy:
+    return Busy(
+      f"node {self.id!r} already runs {len(self.active_request_ids())} requests, its limit (--max-requests); try again shortly",
+      self._retry_after_s(predicted_speed(plan)),
+    )
+
+  def _owed_s(self, speed: tuple[float, float] | None, *more: tuple[float, int]) -> float:
+    """drain_s of the requests in flight (and `more`) at `speed` (TPOT, throughput); 0 when no speed is predicted."""
+    if speed is None:
+      return 0.0
+    owed = [(0.0 if p.tokens else p.prefill_s, max(0, p.budget - len(p.tokens))) for p in self._pending.values()]
+    return drain_s(owed + list(more), *speed)
+
+  def _retry_after_s(self, speed: tuple[float, float] | None) -> int:
+    """Whole seconds until the requests in flight are predicted to be answered: at least 1, at most the request timeout."""
+    return max(1, min(math.ceil(self._owed_s(speed)), math.ceil(self.request_timeout)))
 
   async def _await_tokens(self, pending: _Pending, ring: RingPlan, request_id: str) -> list[int]:
     """The request's tokens once the last stage reports it finished. When no token has come for WATCH_S seconds, the ring's
-    nodes are health-checked: one that does not answer fails the request at once, naming it, rather than at the deadline."""
-    deadline = time.monotonic() + self.request_timeout
+    nodes are health-checked: one that does not answer fails the request at once, naming it, rather than at the deadline (the
+    one set at its admission)."""
+    deadline = pending.deadline
     while True:
       now = time.monotonic()
       if now >= deadline:
@@ -444,9 +561,14 @@ class Node:
         await self._check_ring(ring)  # a node reported the failure: leave out of plans those that no longer answer
         raise
 
-  def process_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str) -> None:
+  def process_result(self, request_id: str, tokens: list[int], is_finished: bool, error: str, sender: str | None = None) -> None:
+    """Tokens (or a failure) of a request this node is the origin of, from `sender` (None: this node); ignored from a node that
+    is not on the request's ring."""
     pending = self._pending.get(request_id)
     if pending is None or pending.future.done():
+      return
+    if sender is not None and sender not in pending.senders:
+      log.warning("ignoring a result for request %s from %r, which is not on its ring", request_id, sender)
       return
     if error:
       pending.future.set_exception(RequestFailed(error))
@@ -472,7 +594,7 @@ class Node:
       self._delivered.popleft()
     sizes = self.scheduler.batch_sizes
     return {
-      "active_requests": len(self._pending),
+      "active_requests": len(self.active_request_ids()),
       "waiting_requests": self.scheduler.waiting_requests(),
       "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
       "max_batch": self.scheduler.max_batch,
@@ -480,6 +602,10 @@ class Node:
       "decode_steps": self.scheduler.decode_steps,
       "tokens_per_s": sum(n for _, n in self._delivered) / LOAD_WINDOW_S,
     }
+
+  def active_request_ids(self) -> set[str]:
+    """The requests running on this node: those it is the origin of and those whose stage runs here."""
+    return set(self._pending) | self._served.ids()
 
   async def _check_ring(self, ring: RingPlan) -> list[str]:
     """Have discovery health-check the ring's other nodes now; those that fail (or are no longer peers) are left out of the
@@ -503,7 +629,10 @@ class Node:
 
     await asyncio.gather(*(tell(node_id) for node_id in ring.node_ids()))
 
-  def process_opaque_status(self, request_id: str, status: str) -> None:
+  def process_opaque_status(self, request_id: str, status: str, sender: str | None = None) -> None:
+    """A status of a request from `sender` (None: this node): "finish" ends it here, unless `sender` is neither its origin nor
+    on its ring; "failed" asks this node to tell the request's origin that it failed (`reporter`: the ring node that asked), or
+    tells this node, if it is the origin."""
     try:
       message = json.loads(status)
     except json.JSONDecodeError:
@@ -513,9 +642,16 @@ class Node:
       log.warning("ignoring a status that is not a JSON object for request %s", request_id)
       return
     if message.get("type") == "finish":
+      senders = self._pending[request_id].senders | {self.id} if request_id in self._pending else self._served.senders(request_id)
+      if sender is not None and senders is not None and sender not in senders:
+        log.warning("ignoring a cancellation of request %s from %r, which is neither its origin nor on its ring", request_id, sender)
+        return
       self.finish(request_id)
     elif message.get("type") == "failed" and isinstance(message.get("origin"), str) and isinstance(message.get("error"), str):
-      self._spawn(self._pass_on_failure(request_id, message["origin"], message["error"]))
+      if message["origin"] != self.id:
+        self._spawn(self._pass_on_failure(request_id, message["origin"], message["error"], sender))
+      elif sender is None or isinstance(message.get("reporter"), str):
+        self.process_result(request_id, [], True, message["error"], sender if sender is None else message["reporter"])
 
   def finish(self, request_id: str) -> None:
     """The request is over: its waiting steps are dropped, its later messages ignored, and its state released."""
@@ -524,24 +660,116 @@ class Node:
     self._ring_tokens.pop(request_id, None)
     self._generators.pop(request_id, None)
     self._orphans.discard(request_id)
+    self._served.forget(request_id)
     self._spawn(self.engine.finish_request(request_id))
 
-  async def _pass_on_failure(self, request_id: str, origin: str, error: str) -> None:
-    """A ring node that could not reach `origin` asked this one to tell it that the request failed."""
+  async def _pass_on_failure(self, request_id: str, origin: str, error: str, reporter: str | None) -> None:
+    """A ring node, `reporter`, that could not reach `origin` asked this one to tell it that the request failed: the origin takes
+    the failure as the reporter's (it takes results only from the request's ring)."""
+    status = json.dumps({"type": "failed", "origin": origin, "error": error, "reporter": reporter or self.id})
     try:
-      await self._report_to(origin, request_id, [], True, error)
+      await (await self._peer(origin, f"which asked for request {request_id}")).send_opaque_status(request_id, status)
     except Exception as e:
       log.warning("could not pass on the failure of request %s to %s: %s", request_id, origin, e)
 
   # ---------- the ring ----------
 
-  async def process_prompt(self, shard: Shard, prompt: str, context: RequestContext) -> None:
-    if context.request_id not in self._finished:  # a message of a request already over is dropped
+  async def process_prompt(self, shard: Shard, prompt: str, context: RequestContext, sender: str | None = None) -> None:
+    """The prompt of a request, for this node's first stage, from `sender` (None: this node, its origin, which admitted it).
+    From another node it is checked first (`_take_prompt`): refused with nothing run unless it came from its origin and fits."""
+    if context.request_id in self._finished:  # a message of a request already over is dropped
+      return
+    if sender is None:
+      self._served.track(context)
       self._spawn(self._run_stage(shard, context, prompt=prompt))
+      return
+    tokens = await self._take_prompt(shard, prompt, context, sender)
+    self._spawn(self._run_stage(shard, context, tensor=tokens[None, :]))
 
-  async def process_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext) -> None:
-    if context.request_id not in self._finished:
-      self._spawn(self._run_stage(shard, context, tensor=tensor))
+  async def process_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext, sender: str | None = None) -> None:
+    """Token ids or hidden states of a request for this node's stage, from `sender` (None: this node); from another node they
+    are checked first (`_take_tensor`)."""
+    if context.request_id in self._finished:
+      return
+    if sender is None:
+      self._served.track(context)
+    elif not await self._take_tensor(shard, tensor, context, sender):
+      return
+    self._spawn(self._run_stage(shard, context, tensor=tensor))
+
+  async def _take_prompt(self, shard: Shard, prompt: str, context: RequestContext, sender: str) -> np.ndarray:
+    """The prompt's tokens, if this node takes it from `sender` (and counts the request as running here): only from the request's
+    origin, never one naming this node as origin (its own prompts never come over the wire: such a request skipped its
+    admission), only for the ring's first stage, with the model's layer count, and only if the prompt and max_tokens fit in the
+    planned context (and the engine's). NotAllowed, BadInput or Busy (--max-requests) otherwise, before any engine call."""
+    request_id, origin = context.request_id, context.origin_node_id
+    if origin == self.id:
+      raise NotAllowed(f"request {request_id} names node {self.id!r} as its origin but did not come through its admission: refused")
+    if sender != origin:
+      raise NotAllowed(f"request {request_id}'s prompt came from {sender!r}, not from its origin {origin!r}: refused")
+    if context.plan.index_of(shard, self.id) != 0 or context.position != 0:
+      raise BadInput(
+        f"request {request_id}: a prompt goes to the first stage of its ring at position 0, not to layers {shard.start_layer}-{shard.end_layer} of {self.id!r} at {context.position}"
+      )
+    self._check_layers(shard)
+    tokens = await self.engine.encode(shard, prompt)
+    context_tokens, what = await self._context_limit(shard, context.plan.context_tokens)
+    answer_budget(len(tokens), context.max_tokens, context_tokens, context.max_tokens, what)
+    self._take_place(context)
+    return tokens
+
+  async def _take_tensor(self, shard: Shard, tensor: np.ndarray, context: RequestContext, sender: str) -> bool:
+    """Whether this node runs `tensor` from `sender` (counting the request as running here): only from the stage before this one
+    on the request's ring, with the model's layer count, shaped as this stage takes it and within the planned context (and the
+    engine's); NotAllowed or BadInput otherwise. A request that would start here beyond --max-requests is failed (its origin is
+    told) rather than refused, so that the other requests of the same message run."""
+    request_id, ring = context.request_id, context.plan
+    index = ring.index_of(shard, self.id)
+    if index is None:
+      raise BadInput(f"request {request_id}: node {self.id!r} was sent layers {shard.start_layer}-{shard.end_layer}, which its plan does not give it")
+    previous = ring.stages[index - 1].node_id  # the first stage takes each new token from the last
+    if sender != previous:
+      raise NotAllowed(f"request {request_id}'s input to {self.id!r} came from {sender!r}; only {previous!r}, the stage before, sends it")
+    if context.origin_node_id == self.id and request_id not in self._pending:
+      raise NotAllowed(f"request {request_id} names node {self.id!r} as its origin but did not come through its admission: refused")
+    if index == 0 and context.position == 0:
+      raise NotAllowed(f"request {request_id}: a request starts with its prompt, from its origin, not with token ids")
+    self._check_layers(shard)
+    rows = _rows(shard, tensor, request_id)
+    context_tokens, what = await self._context_limit(shard, ring.context_tokens)
+    if context.position + rows > context_tokens:
+      raise BadInput(f"request {request_id} would reach position {context.position + rows}, beyond {what} of {context_tokens} tokens")
+    if request_id not in self._served and context.position == 0:
+      try:
+        self._take_place(context)
+      except Busy as e:
+        self._spawn(self._fail(context, str(e)))
+        return False
+    self._served.track(context)
+    return True
+
+  def _take_place(self, context: RequestContext) -> None:
+    """Count a request that starts at this node's stage among those running here; Busy if that makes more than --max-requests."""
+    running = self.active_request_ids()
+    if context.request_id not in running and len(running) >= self.max_requests:
+      raise Busy(f"node {self.id!r} already runs {len(running)} requests, its limit (--max-requests); try again shortly")
+    self._served.track(context)
+
+  def _check_layers(self, shard: Shard) -> None:
+    """BadInput if the shard's model is one this node knows and has another number of layers (the wire bounds any model's)."""
+    known = self.model if shard.model_id == self.model.id else MODELS.get(shard.model_id)
+    if known is not None and shard.n_layers != known.n_layers:
+      raise BadInput(f"{shard.model_id} has {known.n_layers} layers; the request's plan says {shard.n_layers}")
+
+  async def _context_limit(self, shard: Shard, planned: int) -> tuple[int, str]:
+    """The positions a request planned for `planned` tokens of context (0: the model's) may reach on this node's engine, and
+    what to call that limit."""
+    engine = await self.engine.context_length(shard)
+    if planned > 0 and (engine is None or planned <= engine):
+      return planned, "the planned context"
+    if engine is not None:
+      return engine, f"{shard.model_id}'s context"
+    return MAX_CONTEXT, "the default context"
 
   def _spawn(self, coroutine) -> None:
     task = asyncio.create_task(coroutine)
@@ -583,16 +811,19 @@ class Node:
     except asyncio.CancelledError:
       raise
     except Exception as e:
-      reason = str(e) if isinstance(e, RequestFailed) else f"node {self.id!r} failed: {type(e).__name__}: {e}"
-      log.warning("request %s failed at %s: %s", context.request_id, self.id, reason)
-      self.finish(context.request_id)
-      try:
-        await self._report(context, [], True, reason)
-      except Exception as report_error:
-        log.warning(
-          "could not report the failure of request %s to %s: %s; asking its peers to", context.request_id, context.origin_node_id, report_error
-        )
-        await self._relay_failure(context, reason)
+      await self._fail(context, str(e) if isinstance(e, RequestFailed) else f"node {self.id!r} failed: {type(e).__name__}: {e}")
+
+  async def _fail(self, context: RequestContext, reason: str) -> None:
+    """The request failed at this node: it is over here, and its origin is told why (through a peer if it cannot be reached)."""
+    log.warning("request %s failed at %s: %s", context.request_id, self.id, reason)
+    self.finish(context.request_id)
+    try:
+      await self._report(context, [], True, reason)
+    except Exception as report_error:
+      log.warning(
+        "could not report the failure of request %s to %s: %s; asking its peers to", context.request_id, context.origin_node_id, report_error
+      )
+      await self._relay_failure(context, reason)
 
   async def _sample(self, logits: np.ndarray, context: RequestContext) -> int:
     """The request's next token. A sampled request draws from its own generator, made at its first token, so the same seed gives
@@ -634,6 +865,8 @@ class Node:
       else:
         await self.outbox.send_tensor(peer, shard, payload, context)
     except Exception as e:
+      if isinstance(e, Refused):
+        raise RequestFailed(f"node {node_id!r} refused request {context.request_id}: {e}") from e
       raise RequestFailed(f"node {self.id!r} could not reach {node_id!r}: {type(e).__name__}") from e
 
   async def _report(self, context: RequestContext, tokens: list[int], finished: bool, error: str = "") -> None:

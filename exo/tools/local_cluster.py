@@ -172,7 +172,7 @@ class Cluster:
       "--discovery-config-path",
       str(self.peers_file(node_id)),
       *self.engines[node_id],
-      "--chatgpt-api-host",  # a node serves the HTTP API on 0.0.0.0:52415 by default: loopback, and a free port each
+      "--chatgpt-api-host",  # loopback, as by default, and a free port each (the default is 52415)
       HOST,
       "--chatgpt-api-port",
       str(self.api_ports[node_id]),

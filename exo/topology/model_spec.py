@@ -66,7 +66,7 @@ class ModelSpec:
       context_tokens=context,
       **{k: non_negative_number(data.get(k, 0), f"{where}.{k}") for k in sizes},
     )
-    if spec.layer_bytes + spec.kv_bytes_per_layer <= 0:
+    if spec.layer_bytes <= 0:  # every layer holds weights; the head's share of a stage is measured in layers of them
       raise BadInput(f"{where}.layer_bytes must be > 0, got {spec.layer_bytes!r}")
     return spec
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 from exo.errors import BadInput
+from exo.files import read_bytes
 from exo.topology.device_capabilities import DeviceCapabilities, non_negative_number, reject_unknown_keys, unicode_text
 
 
@@ -153,10 +154,12 @@ def parse_json(text: str, source: str):
     raise BadInput(f"{source} nests arrays or objects too deeply to be a topology or model spec") from None
 
 
+MAX_FILE_BYTES = 16 << 20  # a topology or model spec file: a 1,000-node topology is about 1 MB
+
+
 def read_text(path: str | Path, what: str) -> str:
+  """A topology or model spec file's text: a regular file (never a FIFO, a device or a directory) of at most MAX_FILE_BYTES."""
   try:
-    return Path(path).read_text(encoding="utf-8")
-  except OSError as e:
-    raise BadInput(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+    return read_bytes(path, what, MAX_FILE_BYTES).decode("utf-8")
   except UnicodeDecodeError:
     raise BadInput(f"{what} {str(path)!r} is not UTF-8 text") from None

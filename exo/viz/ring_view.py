@@ -55,7 +55,7 @@ class RingView:
     load = node.load()
     lines.append(
       Text(
-        f"requests: {load['active_requests']} from this node, {load['waiting_requests']} waiting at its stage; "
+        f"requests: {load['active_requests']} running on this node, {load['waiting_requests']} waiting at its stage; "
         f"decode batch {load['mean_batch']:.1f} of at most {load['max_batch']}; {load['tokens_per_s']:.1f} tokens/s"
       )
     )

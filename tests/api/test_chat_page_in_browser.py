@@ -106,12 +106,12 @@ def test_the_page_limits_stops_keeps_and_reports_what_fails(tmp_path):
       page.fill("#prompt", "Count to a thousand.")
       page.click("#send")
       expect(page.locator("#stop")).to_be_enabled()
-      expect(page.locator("#plan")).to_contain_text("Now: 1 request from this node", timeout=WAIT_MS)  # streaming, and the ring panel sees it
+      expect(page.locator("#plan")).to_contain_text("Now: 1 request running on this node", timeout=WAIT_MS)  # streaming, and the ring panel sees it
       expect(reply.locator(".text")).not_to_have_text("…", timeout=WAIT_MS)
       page.click("#stop")
       expect(reply).to_have_attribute("data-state", "stopped")
       expect(page.locator("#send")).to_be_enabled()
-      expect(page.locator("#plan")).to_contain_text("Now: 0 requests from this node", timeout=WAIT_MS)  # the node stopped generating too
+      expect(page.locator("#plan")).to_contain_text("Now: 0 requests running on this node", timeout=WAIT_MS)  # the node stopped generating too
       stopped = reply.locator(".text").inner_text()
 
       page.reload()
@@ -141,5 +141,36 @@ def test_the_page_limits_stops_keeps_and_reports_what_fails(tmp_path):
       screenshot = tmp_path / "chat-page-errors.png"
       page.screenshot(path=str(screenshot))
       print(f"screenshot of the chat page's errors: {screenshot}")
+    finally:
+      browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is not installed at /usr/bin/chromium (./setup.sh installs it)")
+def test_with_a_key_the_page_says_so_until_opened_at_the_key_url_which_sets_its_cookie(tmp_path):
+  from playwright.sync_api import expect, sync_playwright
+
+  key = "browser-test-key-0123456789"
+  args = ["--node-id", "keyed-node", "--discovery-module", "none", "--inference-engine", "dummy", "--disable-tui", "--api-key", key]
+  with exo_node(args, tmp_path / "node.log") as (_, url), sync_playwright() as playwright:
+    page_url = url.removesuffix(f"?token={key}")
+    assert page_url != url  # the node printed the URL carrying its key
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    try:
+      context = browser.new_context(viewport={"width": 1400, "height": 900})
+      page = context.new_page()
+      page.goto(page_url)  # the page's files are served without the key, its API calls are not
+      expect(page.locator("#error")).to_contain_text("needs its key", timeout=WAIT_MS)
+      page.goto(url)
+      assert page.url == page_url  # sent on without the key in its address
+      [cookie] = context.cookies()
+      assert (cookie["value"], cookie["httpOnly"], cookie["sameSite"]) == (key, True, "Strict")
+      expect(page.locator("#model")).to_have_value("llama-3.2-1b", timeout=WAIT_MS)
+      page.fill("#prompt", "Hello?")
+      page.click("#send")
+      reply = page.locator(".msg.assistant").last
+      expect(reply).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+      expect(page.locator("#error")).to_be_hidden()
+      assert page.evaluate("document.cookie") == ""  # HttpOnly: no script on the page reads the key
     finally:
       browser.close()

@@ -32,20 +32,21 @@ PLAN_KEYS = {"strategy", "objective", "params", "model", "context_tokens", "part
 
 
 class Served:
-  """A node and its API on loopback, run by an event loop in a background thread."""
+  """A node and its API on loopback (`api_options`: ChatGPTAPI's key and origins), run by an event loop in a background thread."""
 
-  def __init__(self, engine=None, **node_options):
+  def __init__(self, engine=None, api_options: dict | None = None, caps: DeviceCapabilities = CAPS, **node_options):
     self.loop = asyncio.new_event_loop()
     self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
     self.thread.start()
     options = {"max_generate_tokens": MAX_TOKENS, "request_timeout": STALL_S, **node_options}
-    self.node = Node("api-node", engine or DummyInferenceEngine(), NoDiscovery(), CAPS, model_spec(SERVED), **options)
+    self.node = Node("api-node", engine or DummyInferenceEngine(), NoDiscovery(), caps, model_spec(SERVED), **options)
     self.node.server = GRPCServer(self.node, "127.0.0.1", 0)
-    self.api = ChatGPTAPI(self.node, "127.0.0.1", 0)
+    self.api = ChatGPTAPI(self.node, "127.0.0.1", 0, **(api_options or {}))
     self.run(self.node.start())
     self.run(self.api.start())
     self.base = f"http://127.0.0.1:{self.api.port}"
-    self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=STALL_S)
+    key = self.api.access.key or "unused"
+    self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0, timeout=STALL_S)
 
   def run(self, coroutine, timeout: float = STALL_S):
     return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -329,11 +330,11 @@ def test_plan_before_any_request_is_computed_or_503(caps, model_id, status):
     assert body["error"]["type"] == "service_unavailable" and "does not fit" in body["error"]["message"]
 
 
-def test_healthcheck_and_cors(served):
+def test_healthcheck_and_no_cors_without_listed_origins(served):
   status, headers, body = get(f"{served.base}/healthcheck")
-  assert (status, body, headers["Access-Control-Allow-Origin"]) == (200, {"status": "ok"}, "*")
+  assert (status, body) == (200, {"status": "ok"}) and "Access-Control-Allow-Origin" not in headers
   status, headers, _ = get(f"{served.base}/v1/chat/completions", "OPTIONS")
-  assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "POST" in headers["Access-Control-Allow-Methods"]
+  assert status == 204 and not any(h.startswith("Access-Control-") for h in headers)  # no page of another origin may call it
 
 
 def test_a_port_in_use_is_an_oserror_naming_it(served):

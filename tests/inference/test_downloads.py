@@ -4,6 +4,7 @@ and a node that serves a model it does not have. Never the internet: HF_ENDPOINT
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import aiohttp
@@ -37,6 +38,8 @@ def hub(tmp_path, monkeypatch):
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, at import, under the tests' offline default
   monkeypatch.setenv("EXO_MODELS_DIR", str(tmp_path / "models"))
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("EXO_ALLOW_DOWNLOADS", "any")  # these tests fetch repositories of their own; the policy's own tests narrow it
+  monkeypatch.setenv("EXO_MODELS_MAX_GB", "1")  # a budget of its own, whatever the disk running the tests holds
   yield server
   server.stop()
 
@@ -118,8 +121,8 @@ def test_no_network_is_a_clear_error(hub, monkeypatch, capsys):
 
 
 def test_a_full_disk_is_refused_before_anything_is_fetched(hub, monkeypatch, capsys):
-  monkeypatch.setattr(downloads, "_free_bytes", lambda path: 1000)
-  assert main(["download", TINY_ID]) == 1
+  monkeypatch.setattr(downloads, "_disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+  assert main(["download", TINY_ID]) == 2
   assert "not enough disk space for org/tiny" in one_error_line(capsys)
   assert not [path for method, path, _ in hub.requests if "/resolve/" in path]
 

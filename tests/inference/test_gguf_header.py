@@ -41,7 +41,12 @@ def test_smollm2_file_with_its_vocabulary_and_template():
 
 @pytest.mark.parametrize(
   "content, problem",
-  [(b"", "empty"), (b"GGML" + bytes(20), "GGUF magic"), (b"GGUF\x09\x00\x00\x00" + bytes(16), "version 9"), (b"GGUF\x03\x00\x00\x00", "unpack")],
+  [
+    (b"", "empty"),
+    (b"GGML" + bytes(20), "GGUF magic"),
+    (b"GGUF\x09\x00\x00\x00" + bytes(16), "version 9"),
+    (b"GGUF\x03\x00\x00\x00", "runs past the end"),
+  ],
 )
 def test_bad_files_are_one_clear_error(tmp_path, content, problem):
   (tmp_path / "bad.gguf").write_bytes(content)

@@ -13,7 +13,7 @@ from exo.inference.mlx_inference_engine import MLXInferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
 from exo.networking.discovery import NoDiscovery
-from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
@@ -85,7 +85,7 @@ async def ring_tokens(engine_class, names: list[str], tmp_path, questions=(MESSA
   nodes = []
   for name in names:
     node = Node(
-      name, engine_class(), ManualDiscovery(name, peers_file, GRPCPeerHandle, poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, HANG_S
+      name, engine_class(), ManualDiscovery(name, peers_file, peer_handles(name), poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, HANG_S
     )
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)

@@ -72,9 +72,18 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, weights: dict[str, np.ndarray], config: LlamaConfig, qtype: Q = Q.F32, embed_qtype: Q | None = None, rope_factors=None):
+def write_gguf(
+  path: Path,
+  weights: dict[str, np.ndarray],
+  config: LlamaConfig,
+  qtype: Q = Q.F32,
+  embed_qtype: Q | None = None,
+  rope_factors=None,
+  fields: dict[str, int] | None = None,
+):
   """As convert_hf_to_gguf.py writes the model: llama.cpp names, a Llama's Q and K rows permuted (a Qwen2's not), matrices in
-  `qtype` (the embedding in `embed_qtype`, default `qtype`), vectors float32."""
+  `qtype` (the embedding in `embed_qtype`, default `qtype`), vectors float32; `fields`: uint32 metadata written over the
+  config's (for malformed files)."""
   arch = config.architecture
   writer = gguf.GGUFWriter(str(path), arch)
   writer.add_block_count(config.n_layers)
@@ -86,6 +95,8 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], config: LlamaConfig, 
   writer.add_rope_freq_base(config.rope_theta)
   writer.add_layer_norm_rms_eps(config.rms_norm_eps)
   writer.add_vocab_size(config.vocab_size)
+  for key, value in (fields or {}).items():
+    writer.add_uint32(key, value)
   for name, w in weights.items():
     if name in _GGUF_NAMES:
       target = _GGUF_NAMES[name]

@@ -15,6 +15,7 @@ import pytest
 from exo.errors import ExoError
 from exo.networking import udp_discovery
 from exo.networking.manual_discovery import ManualDiscovery
+from exo.networking.membership import ANNOUNCEMENT_MAX_AGE_S, Membership, cluster_membership
 from exo.networking.udp_discovery import UDPDiscovery, parse_announcement
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops, LayerTimes
 from tests.support.health_only_peer import HealthOnlyPeer
@@ -271,6 +272,11 @@ def udp(node_id: str, grpc_port: int, port: int, net: FakeNet, caps: DeviceCapab
   return UDPDiscovery(node_id, grpc_port, port, port, net, caps, broadcast_interval=0.05, discovery_timeout=discovery_timeout, **kwargs)
 
 
+def sealed(message: dict, now: float | None = None) -> bytes:
+  """An announcement as a node of the suite's cluster sends it (stamped `now`, default the current time)."""
+  return cluster_membership().seal(message, now)
+
+
 def send(port: int, *packets: bytes) -> None:
   with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -307,12 +313,12 @@ def test_udp_ignores_malformed_packets(caplog):
     b"{truncated",
     b"[1, 2]",
     b"[" * 5000,
-    json.dumps({**good, "type": "other"}).encode(),
-    json.dumps({**good, "node_id": ""}).encode(),
-    json.dumps({**good, "grpc_port": "50052"}).encode(),
-    json.dumps({**good, "grpc_port": 0}).encode(),
-    json.dumps({**good, "device_capabilities": {"memory": "lots"}}).encode(),
-    json.dumps({**good, "device_capabilities": [1]}).encode(),
+    sealed({**good, "type": "other"}),
+    sealed({**good, "node_id": ""}),
+    sealed({**good, "grpc_port": "50052"}),
+    sealed({**good, "grpc_port": 0}),
+    sealed({**good, "device_capabilities": {"memory": "lots"}}),
+    sealed({**good, "device_capabilities": [1]}),
   ]
 
   async def main():
@@ -366,22 +372,79 @@ def test_udp_uses_the_advertised_host_and_keeps_a_working_address():
     a = udp("a", 50061, port, net, STUDIO, discovery_timeout=WAIT_S)
     await a.start()
     try:
-      send(port, json.dumps({**announce, "advertised_host": "10.0.0.2"}).encode())
+      send(port, sealed({**announce, "advertised_host": "10.0.0.2"}))
       [handle] = await asyncio.wait_for(a.discover_peers(1), WAIT_S)
       assert handle.addr() == "10.0.0.2:50062"
       # the same node reached on another interface, at the same priority: keep the address that works
       # then a marker node's announcement, from the same socket: once the marker is seen, the two before it were handled
       marker = {**announce, "node_id": "m", "advertised_host": "10.0.0.9"}
-      send(port, json.dumps({**announce, "advertised_host": "10.0.0.3"}).encode(), json.dumps(announce).encode(), json.dumps(marker).encode())
+      send(port, sealed({**announce, "advertised_host": "10.0.0.3"}), sealed(announce), sealed(marker))
       await wait_until(lambda: has_addr(a, "10.0.0.9:50062"), "the marker announcement is handled")
       assert [p.addr() for p in await a.discover_peers() if p.id() == "b"] == ["10.0.0.2:50062"]
       # once that address fails its health check, the next announcement's address replaces it
       net.healthy["10.0.0.2:50062"] = False
       checks = handle.checks
       await wait_until(lambda: handle.checks >= checks + 2, "a failed check, applied")  # the 2nd starts after the 1st's result
-      send(port, json.dumps({**announce, "advertised_host": "10.0.0.3"}).encode())
+      send(port, sealed({**announce, "advertised_host": "10.0.0.3"}))
       await wait_until(lambda: addrs_are(a, ["10.0.0.3:50062", "10.0.0.9:50062"]), "b moves to 10.0.0.3 (m stays)")
       assert handle.disconnects == 1
+    finally:
+      await a.stop()
+
+  asyncio.run(main())
+
+
+def test_udp_ignores_announcements_not_sealed_with_the_clusters_secret_and_logs_them_once(caplog):
+  port, net = free_udp_port(), FakeNet()
+  announce = {"type": "discovery", "device_capabilities": AIR.to_dict(), "priority": 1, "grpc_port": 50062}
+  tampered = json.loads(sealed({**announce, "node_id": "tampered"}))
+  tampered["grpc_port"] = 50099  # changed after sealing: the hmac no longer matches
+  stranger = Membership("a-secret-of-another-cluster", "test")
+  refused = [
+    json.dumps({**announce, "node_id": "unsigned"}).encode(),
+    json.dumps({**announce, "node_id": "unsigned", "timestamp": time.time(), "hmac": "0" * 64}).encode(),
+    stranger.seal({**announce, "node_id": "stranger"}),
+    json.dumps(tampered).encode(),
+  ]
+
+  async def main():
+    a = udp("a", 50061, port, net, STUDIO, discovery_timeout=WAIT_S)
+    await a.start()
+    try:
+      with caplog.at_level(logging.DEBUG, logger="exo.networking.udp_discovery"):
+        send(port, *refused, sealed({**announce, "node_id": "marker"}))  # from one socket, in order: the marker comes last
+        await wait_until(lambda: has_addr(a, "127.0.0.1:50062"), "the marker announcement is handled")
+    finally:
+      await a.stop()
+    assert [h.id() for h in net.handles] == ["marker"]  # no handle made, no health check sent, for the others
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "ignoring discovery announcements from 127.0.0.1" in warnings[0], warnings  # one a minute per sender
+
+  asyncio.run(main())
+
+
+def test_udp_ignores_a_replayed_or_stale_announcement():
+  port, net = free_udp_port(), FakeNet()
+  announce = {"type": "discovery", "node_id": "b", "grpc_port": 50062, "device_capabilities": AIR.to_dict(), "priority": 1}
+  now = time.time()
+
+  async def main():
+    a = udp("a", 50061, port, net, STUDIO, discovery_timeout=WAIT_S)
+    await a.start()
+    try:
+      send(port, sealed({**announce, "advertised_host": "10.0.0.2"}, now))
+      [handle] = await asyncio.wait_for(a.discover_peers(1), WAIT_S)
+      net.healthy["10.0.0.2:50062"] = False  # now a newer announcement's address would replace it (see the test above)
+      checks = handle.checks
+      await wait_until(lambda: handle.checks >= checks + 2, "a failed check, applied")
+      # an older announcement of b (a copy replayed from elsewhere), one stamped beyond the allowed age, then a marker
+      old = sealed({**announce, "advertised_host": "10.0.0.3"}, now - 1)
+      stale = sealed({**announce, "advertised_host": "10.0.0.4"}, time.time() + 2 * ANNOUNCEMENT_MAX_AGE_S)
+      send(port, old, stale, sealed({**announce, "node_id": "m", "advertised_host": "10.0.0.9"}))
+      await wait_until(lambda: has_addr(a, "10.0.0.9:50062"), "the marker announcement is handled")
+      assert [h.addr() for h in net.made("b")] == ["10.0.0.2:50062"]
+      send(port, sealed({**announce, "advertised_host": "10.0.0.3"}, now + 1))  # a newer one does move it
+      await wait_until(lambda: [h.addr() for h in net.made("b")] == ["10.0.0.2:50062", "10.0.0.3:50062"], "b moves to 10.0.0.3")
     finally:
       await a.stop()
 

@@ -18,6 +18,8 @@ from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
+from exo.networking.membership import TOKEN_METADATA, Membership, cluster_membership
+from exo.networking.peer_handle import Refused
 from exo.networking.ports import free_port
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
@@ -31,6 +33,7 @@ MEASURED = CAPS.with_layer_times("llama-3.1-8b", LayerTimes(0.21, 0.004)).with_l
 PLAN = RingPlan("llama-3.1-8b", 32, (RingStage("studio", 0, 19), RingStage("air", 20, 31)), context_tokens=3072)
 CONTEXT = RequestContext("req-1", "studio", PLAN, 64)
 SHARD = PLAN.shard(1)
+MEMBER = ((TOKEN_METADATA, cluster_membership().token()),)  # the metadata of a call from a member (the suite's cluster)
 
 
 def sample_topology() -> Topology:
@@ -48,23 +51,31 @@ class FakeNode:
 
   def __init__(self, node_id: str = "air"):
     self.id, self.calls, self.healthy, self.fail_with = node_id, [], True, None
+    self.senders = []  # the sender the server named with each ring message, result and status
+
+  def _from(self, sender):
+    self.senders.append(sender)
 
   def _record(self, *call):
     if self.fail_with is not None:
       raise self.fail_with
     self.calls.append(call)
 
-  async def process_prompt(self, shard, prompt, context):
+  async def process_prompt(self, shard, prompt, context, sender=None):
     self._record("prompt", shard, prompt, context)
+    self._from(sender)
 
-  async def process_tensor(self, shard, tensor, context):
+  async def process_tensor(self, shard, tensor, context, sender=None):
     self._record("tensor", shard, tensor, context)
+    self._from(sender)
 
-  def process_result(self, request_id, tokens, is_finished, error):
+  def process_result(self, request_id, tokens, is_finished, error, sender=None):
     self._record("result", request_id, tokens, is_finished, error)
+    self._from(sender)
 
-  def process_opaque_status(self, request_id, status):
+  def process_opaque_status(self, request_id, status, sender=None):
     self._record("status", request_id, status)
+    self._from(sender)
 
   async def collect_topology(self, visited, max_depth):
     self._record("topology", visited, max_depth)
@@ -138,7 +149,7 @@ def test_a_batch_with_one_malformed_tensor_is_rejected_whole():
     batch = pb.TensorBatch(tensors=[_tensor_request(), _tensor_request(shape=[2, 4]), _tensor_request()])
     async with grpc.aio.insecure_channel(peer.addr()) as channel:
       with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await pb_grpc.NodeServiceStub(channel).SendTensors(batch, timeout=STALL_S)
+        await pb_grpc.NodeServiceStub(channel).SendTensors(batch, timeout=STALL_S, metadata=MEMBER)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 32" in raised.value.details()
     assert node.calls == []  # nothing half-done: not even the well-formed first step was handed on
 
@@ -213,6 +224,25 @@ def test_health_check_is_false_quickly_without_a_server_and_recovers_when_it_sta
   asyncio.run(main())
 
 
+# Membership: only calls with the cluster's token reach the node, which learns who sent each.
+
+
+def test_every_call_names_its_sender_to_the_node():
+  async def test(node, server, peer):
+    member = GRPCPeerHandle(node.id, peer.addr(), CAPS, sender_id="studio-ü")  # any UTF-8 id
+    try:
+      await member.send_prompt(SHARD, "hi", CONTEXT)
+      await member.send_tensors([(SHARD, np.ones((1, 1, 8), dtype=np.float32), CONTEXT)] * 2)
+      await member.send_result("req-1", [1], False)
+      await member.send_opaque_status("req-1", "{}")
+      await peer.send_opaque_status("req-1", "{}")  # a handle that names no sender (a tool)
+    finally:
+      await member.disconnect()
+    assert node.senders == ["studio-ü"] * 5 + [""]
+
+  with_server(test)
+
+
 # Failures: the caller gets a gRPC status, the server stays up.
 
 
@@ -220,9 +250,9 @@ def test_health_check_is_false_quickly_without_a_server_and_recovers_when_it_sta
 def test_oversized_tensor_is_resource_exhausted_and_server_survives(client_mb):
   async def test(node, server, peer):
     too_big = np.zeros(2**21 // 4, dtype=np.float32)  # 2 MiB
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
+    with pytest.raises(Refused) as raised:
       await peer.send_tensor(SHARD, too_big, CONTEXT)
-    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert raised.value.__cause__.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(raised.value).startswith("RESOURCE_EXHAUSTED: ")
     assert node.calls == []
     assert await peer.health_check()
     await peer.send_tensor(SHARD, too_big[:1000], CONTEXT)
@@ -263,7 +293,7 @@ def test_malformed_request_is_invalid_argument_and_server_survives(rpc, request_
   async def test(node, server, peer):
     async with grpc.aio.insecure_channel(peer.addr()) as channel:
       with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await getattr(pb_grpc.NodeServiceStub(channel), rpc)(request_msg, timeout=STALL_S)
+        await getattr(pb_grpc.NodeServiceStub(channel), rpc)(request_msg, timeout=STALL_S, metadata=MEMBER)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert problem in raised.value.details()
     assert node.calls == [] and await peer.health_check()
@@ -271,6 +301,48 @@ def test_malformed_request_is_invalid_argument_and_server_survives(rpc, request_
   with caplog.at_level(logging.WARNING, logger="exo.networking.grpc.grpc_server"):
     with_server(test)
   assert any(r.levelno == logging.WARNING and problem in r.getMessage() for r in caplog.records)
+
+
+def every_rpc() -> list[tuple[str, object]]:
+  return [
+    ("SendPrompt", _prompt_request()),
+    ("SendTensor", _tensor_request()),
+    ("SendTensors", pb.TensorBatch(tensors=[_tensor_request()])),
+    ("SendResult", pb.SendResultRequest(request_id="req-1", tokens=[1], is_finished=True)),
+    ("SendOpaqueStatus", pb.SendOpaqueStatusRequest(request_id="req-1", status='{"type": "finish"}')),
+    ("CollectTopology", pb.CollectTopologyRequest(max_depth=1)),
+    ("HealthCheck", pb.HealthCheckRequest()),
+  ]
+
+
+def test_a_call_without_the_clusters_token_is_unauthenticated_reaches_nothing_and_is_logged_once(caplog):
+  another_cluster = Membership("the-secret-of-another-cluster", "test")
+  metadata = [(), ((TOKEN_METADATA, another_cluster.token()),), ((TOKEN_METADATA, "not a token"),)]
+
+  async def test(node, server, peer):
+    async with grpc.aio.insecure_channel(peer.addr()) as channel:
+      stub = pb_grpc.NodeServiceStub(channel)
+      for rpc, request_msg in every_rpc():
+        for m in metadata:
+          with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await getattr(stub, rpc)(request_msg, timeout=STALL_S, metadata=m)
+          assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, (rpc, m)
+          assert "members of its cluster" in raised.value.details()
+    assert node.calls == []  # nothing reached the node
+    outsider = GRPCPeerHandle(node.id, peer.addr(), CAPS, membership=another_cluster)
+    try:
+      assert not await outsider.health_check()
+      with pytest.raises(Refused, match="UNAUTHENTICATED"):
+        await outsider.send_prompt(SHARD, "hi", CONTEXT)
+    finally:
+      await outsider.disconnect()
+    assert node.calls == [] and await peer.health_check()  # a member still gets in
+
+  with caplog.at_level(logging.WARNING):
+    with_server(test)
+  refusals = [r.getMessage() for r in caplog.records if r.name == "exo.networking.grpc.grpc_server"]
+  assert len(refusals) == 1 and "refused SendPrompt from ipv4:127.0.0.1:" in refusals[0], refusals  # at most one a minute per caller
+  assert any("started with different cluster secrets" in r.getMessage() for r in caplog.records if r.name.endswith("grpc_peer_handle"))
 
 
 def test_node_failure_is_internal_and_server_survives(caplog):
@@ -346,6 +418,9 @@ def test_a_context_without_sampling_is_greedy_and_unset_fields_are_the_defaults(
     (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 32, (RingStage("a", 0, 20),)))), "covers 21 of 32 layers"),
     (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 8, (RingStage("a", 0, 3), RingStage("a", 4, 7))))), "names a node twice"),
     (lambda: conv.plan_from_proto(conv.plan_to_proto(replace(PLAN, context_tokens=-1))), "context of -1 tokens"),
+    (lambda: conv.shard_from_proto(pb.Shard(model_id="m", start_layer=0, end_layer=2**31 - 2, n_layers=2**31 - 1)), "beyond 10000"),
+    (lambda: conv.plan_from_proto(conv.plan_to_proto(RingPlan("m", 2**31 - 1, (RingStage("a", 0, 2**31 - 2),)))), "a model has at most 10000"),
+    (lambda: conv.tensor_from_proto(pb.Tensor(tensor_data=b"", shape=[1, 1, 1, 1, 0], dtype="float32")), "5 dimensions; at most 4"),
     (lambda: conv.context_from_proto(conv.context_to_proto(RequestContext("r", "", PLAN, 1))), "empty origin_node_id"),
     (lambda: conv.context_from_proto(with_sampling(pb.Sampling(temperature=-1))), "request 'req-1': temperature must be"),
     (lambda: conv.context_from_proto(with_sampling(pb.Sampling(temperature=1, top_p=0))), "top_p must be"),

@@ -165,10 +165,11 @@ def test_generation_stops_at_the_models_context():
 
 
 class Direct(HealthOnlyPeer):
-  """A peer handle that calls another in-process node's methods; `reachable` False: every call fails as a lost link would."""
+  """A peer handle of node `sender` that calls another in-process node's methods as a server would (naming the sender);
+  `reachable` False: every call fails as a lost link would."""
 
-  def __init__(self, node: Node, reachable: bool = True):
-    self.node, self.reachable = node, reachable
+  def __init__(self, node: Node, sender: str, reachable: bool = True):
+    self.node, self.sender, self.reachable = node, sender, reachable
 
   def id(self):
     return self.node.id
@@ -185,24 +186,24 @@ class Direct(HealthOnlyPeer):
   async def send_result(self, request_id, tokens, is_finished, error=""):
     if not self.reachable:
       raise ConnectionError("unreachable")
-    self.node.process_result(request_id, tokens, is_finished, error)
+    self.node.process_result(request_id, tokens, is_finished, error, sender=self.sender)
 
   async def send_opaque_status(self, request_id, status):
     if not self.reachable:
       raise ConnectionError("unreachable")
-    self.node.process_opaque_status(request_id, status)
+    self.node.process_opaque_status(request_id, status, sender=self.sender)
 
 
 def test_a_failure_the_failing_node_cannot_send_to_the_origin_reaches_it_through_a_peer():
   async def main():
     origin, stage, relay = (lone_node(DummyInferenceEngine()) for _ in range(3))
     origin.id, stage.id, relay.id = "o", "s", "r"
-    stage.peers = {"o": Direct(origin, reachable=False), "r": Direct(relay)}
-    relay.peers = {"o": Direct(origin)}
+    stage.peers = {"o": Direct(origin, "s", reachable=False), "r": Direct(relay, "s")}
+    relay.peers = {"o": Direct(origin, "r")}
     ring = RingPlan.from_node_shards([("s", Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers))])
     context = RequestContext("req", "o", ring, 10)
     failed = asyncio.get_running_loop().create_future()
-    origin._pending["req"] = _Pending(failed)
+    origin._pending["req"] = _Pending(failed, senders=frozenset({"s"}))  # the ring: s alone (r passes on what s asked it to)
     wrong = Shard(MODEL.id, 0, 3, MODEL.n_layers)  # layers the plan does not give s: the stage fails
     await stage._run_stage(wrong, context, tensor=np.array([[5]], dtype=np.int64))
     with pytest.raises(RequestFailed, match="node 's' was sent layers 0-3"):

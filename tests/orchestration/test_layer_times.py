@@ -13,7 +13,7 @@ from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.paced_inference_engine import PacedInferenceEngine
 from exo.inference.slowed_engine import SlowedEngine
 from exo.networking.discovery import NoDiscovery
-from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
@@ -89,7 +89,7 @@ def two_nodes(tmp_path) -> list[Node]:
   nodes = []
   for name, factor in (("a", 2.0), ("b", 1.0)):
     engine = SlowedEngine(PacedInferenceEngine(DummyInferenceEngine(eos_after=8), MODEL, DEVICE), factor)
-    discovery = ManualDiscovery(name, tmp_path / "peers.json", GRPCPeerHandle, poll_interval=0.1)
+    discovery = ManualDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
     node = Node(name, engine, discovery, DEVICE, MODEL, PlannerConfig("flops-latency", "latency"), refresh_interval=0.1, measure_layer_times=True)
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)

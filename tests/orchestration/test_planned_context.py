@@ -11,7 +11,7 @@ from exo.errors import BadInput
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.networking.discovery import NoDiscovery
-from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
@@ -102,7 +102,7 @@ def test_every_stage_keeps_kv_for_the_context_the_origin_planned(tmp_path):
   seen: list = []
   nodes = []
   for name in SMALL:
-    discovery = ManualDiscovery(name, tmp_path / "peers.json", GRPCPeerHandle, poll_interval=0.1)
+    discovery = ManualDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
     engine = ContextSpy(DummyInferenceEngine(eos_after=10**9), name, seen)
     node = Node(name, engine, discovery, DEVICES[name], MODEL, max_generate_tokens=4, request_timeout=60)
     node.server = GRPCServer(node, "127.0.0.1", ports[name])

@@ -12,7 +12,7 @@ import pytest
 
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.shard import Shard
-from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
@@ -108,7 +108,7 @@ def two_nodes(engine_name: str, tmp_path, objectives: tuple[str, str]) -> tuple[
   held = Held(make_engine(engine_name))
   nodes = []
   for (name, objective), engine in zip(zip("ab", objectives), (held.inner, make_engine(engine_name))):
-    discovery = ManualDiscovery(name, tmp_path / "peers.json", GRPCPeerHandle, poll_interval=0.1)
+    discovery = ManualDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
     node = Node(name, engine, discovery, devices[name], MODEL, PlannerConfig(objective=objective), TOKENS, HANG_S, refresh_interval=0.2)
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)

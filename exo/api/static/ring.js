@@ -89,7 +89,7 @@
         stat("predicted throughput", `${num(p.throughput_tps)} tok/s`), stat("predicted TTFT", ms(p.ttft_ms)),
         contextStat(plan)),
       lastRequest(plan.last_request),
-      el("p", { className: "muted" }, `Now: ${count(load.active_requests || 0, "request")} from this node, ${load.waiting_requests || 0} waiting at its `
+      el("p", { className: "muted" }, `Now: ${count(load.active_requests || 0, "request")} running on this node, ${load.waiting_requests || 0} waiting at its `
         + `stage, decode batch ${num(load.mean_batch || 0, 2)} of at most ${load.max_batch || 1}, ${num(load.tokens_per_s || 0)} tokens/s over the last seconds.`),
       ...(plan.warnings || []).map((w) => el("p", { className: "warning" }, w)),
       p.feasible === false && el("p", { className: "warning" }, "The planner says this ring does not fit its devices' memory."),

@@ -9,10 +9,12 @@ from exo.inference.shard import Shard
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes, non_negative_number
+from exo.topology.model_spec import MAX_LAYERS
 from exo.topology.topology import Topology
 
 # Hidden states and token ids. bfloat16 has no numpy dtype; an engine casts it before sending.
 TENSOR_DTYPES = ("float16", "float32", "float64", "int32", "int64")
+MAX_TENSOR_DIMS = 4  # token ids are (P,) or (1, P), hidden states and logits (1, P, width)
 
 
 def shard_to_proto(shard: Shard) -> pb.Shard:
@@ -28,6 +30,8 @@ def shard_from_proto(msg: pb.Shard) -> Shard:
     raise ValueError(f"shard end_layer {msg.end_layer} is before start_layer {msg.start_layer}")
   if msg.end_layer >= msg.n_layers:
     raise ValueError(f"shard end_layer {msg.end_layer} must be below n_layers {msg.n_layers}")
+  if msg.n_layers > MAX_LAYERS:
+    raise ValueError(f"shard n_layers {msg.n_layers} is beyond {MAX_LAYERS}, more than any model has")
   return Shard(msg.model_id, msg.start_layer, msg.end_layer, msg.n_layers)
 
 
@@ -41,6 +45,8 @@ def plan_from_proto(msg: pb.RingPlan) -> RingPlan:
     raise ValueError("ring plan has an empty model_id")
   if any(not s.node_id for s in msg.stages):
     raise ValueError("ring plan has a stage with an empty node_id")
+  if msg.n_layers > MAX_LAYERS or len(msg.stages) > MAX_LAYERS:
+    raise ValueError(f"ring plan has {msg.n_layers} layers in {len(msg.stages)} stages; a model has at most {MAX_LAYERS} layers")
   stages = tuple(RingStage(s.node_id, s.start_layer, s.end_layer) for s in msg.stages)
   plan = RingPlan(msg.model_id, msg.n_layers, stages, msg.context_tokens)
   plan.validate()
@@ -99,6 +105,8 @@ def tensor_from_proto(msg: pb.Tensor) -> np.ndarray:
   if msg.dtype not in TENSOR_DTYPES:
     raise ValueError(f"tensor dtype {msg.dtype!r} is not one of {', '.join(TENSOR_DTYPES)}")
   shape = tuple(msg.shape)
+  if len(shape) > MAX_TENSOR_DIMS:
+    raise ValueError(f"tensor shape {list(shape)[:8]} has {len(shape)} dimensions; at most {MAX_TENSOR_DIMS}")
   if any(d < 0 for d in shape):
     raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
   wire = np.dtype(msg.dtype).newbyteorder("<")

@@ -1,4 +1,5 @@
-"""The NodeService gRPC server: decodes and validates each request, then hands it to the node."""
+"""The NodeService gRPC server: refuses calls without the cluster's token, decodes and validates each request, then hands it to
+the node with the id of the node that sent it."""
 
 import functools
 import logging
@@ -9,6 +10,7 @@ from exo.errors import ExoError
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.conversions import context_from_proto, shard_from_proto, tensor_from_proto, topology_to_proto
+from exo.networking.membership import SENDER_METADATA, TOKEN_METADATA, Membership, RateLimitedLog, cluster_membership
 from exo.networking.server import RingNode, Server
 
 logger = logging.getLogger(__name__)
@@ -45,9 +47,45 @@ def _guarded(rpc):
   return handler
 
 
+def sender(context: grpc.aio.ServicerContext) -> str:
+  """The id the caller gives as its own ("" if none)."""
+  value = next((value for key, value in context.invocation_metadata() or () if key == SENDER_METADATA), b"")
+  return value.decode("utf-8", errors="replace")
+
+
+class MembersOnly(grpc.aio.ServerInterceptor):
+  """Refuses a call without the cluster's token (UNAUTHENTICATED) before its message is decoded, and logs it, once a minute at most
+  for each caller's address."""
+
+  def __init__(self, membership: Membership):
+    self.membership, self.refusals = membership, RateLimitedLog(logger)
+
+  async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+    token = next((value for key, value in details.invocation_metadata or () if key == TOKEN_METADATA), None)
+    if self.membership.accepts_token(token):
+      return await continuation(details)
+
+    async def refuse(requests, context: grpc.aio.ServicerContext):
+      address = context.peer()
+      self.refusals.warning(
+        address.rsplit(":", 1)[0],
+        "refused %s from %s: %s (a node of another cluster, or one started without this cluster's secret)",
+        details.method.rsplit("/", 1)[-1],
+        address,
+        "no cluster token" if token is None else "a wrong cluster token",
+      )
+      await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED, "this node takes calls only from members of its cluster: give the caller the cluster's secret"
+      )
+
+    return grpc.stream_unary_rpc_method_handler(refuse)  # a stream, never read: the message is refused unread
+
+
 class GRPCServer(pb_grpc.NodeServiceServicer, Server):
-  def __init__(self, node: RingNode, host: str, port: int, max_message_mb: int = MAX_MESSAGE_MB):
+  def __init__(self, node: RingNode, host: str, port: int, max_message_mb: int = MAX_MESSAGE_MB, membership: Membership | None = None):
+    """`membership`: the cluster whose members it serves (default: this machine's, `cluster_membership()`)."""
     self.node, self.host, self.port, self.max_message_mb = node, host, port, max_message_mb
+    self.membership = membership or cluster_membership()
     self.server: grpc.aio.Server | None = None
 
   async def start(self) -> None:
@@ -55,7 +93,8 @@ class GRPCServer(pb_grpc.NodeServiceServicer, Server):
     if self.server is not None:
       return
     # so_reuseport off: a second node on the same port must fail here, not silently share (and steal) its traffic.
-    server = grpc.aio.server(options=[*message_size_options(self.max_message_mb), ("grpc.so_reuseport", 0)])
+    options = [*message_size_options(self.max_message_mb), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options, interceptors=[MembersOnly(self.membership)])
     pb_grpc.add_NodeServiceServicer_to_server(self, server)
     address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
     try:
@@ -75,13 +114,13 @@ class GRPCServer(pb_grpc.NodeServiceServicer, Server):
 
   @_guarded
   async def SendPrompt(self, request: pb.PromptRequest, context) -> pb.Ack:
-    await self.node.process_prompt(shard_from_proto(request.shard), request.prompt, context_from_proto(request.context))
+    await self.node.process_prompt(shard_from_proto(request.shard), request.prompt, context_from_proto(request.context), sender=sender(context))
     return pb.Ack()
 
   @_guarded
   async def SendTensor(self, request: pb.TensorRequest, context) -> pb.Ack:
     shard, tensor, ctx = shard_from_proto(request.shard), tensor_from_proto(request.tensor), context_from_proto(request.context)
-    await self.node.process_tensor(shard, tensor, ctx)
+    await self.node.process_tensor(shard, tensor, ctx, sender=sender(context))
     return pb.Ack()
 
   @_guarded
@@ -90,20 +129,20 @@ class GRPCServer(pb_grpc.NodeServiceServicer, Server):
     in order within one turn of its event loop (so they can share its next engine call)."""
     steps = [(shard_from_proto(t.shard), tensor_from_proto(t.tensor), context_from_proto(t.context)) for t in request.tensors]
     for shard, tensor, ctx in steps:
-      await self.node.process_tensor(shard, tensor, ctx)
+      await self.node.process_tensor(shard, tensor, ctx, sender=sender(context))
     return pb.Ack()
 
   @_guarded
   async def SendResult(self, request: pb.SendResultRequest, context) -> pb.Ack:
     if not request.request_id:
       raise ValueError("result has an empty request_id")
-    self.node.process_result(request.request_id, list(request.tokens), request.is_finished, request.error)
+    self.node.process_result(request.request_id, list(request.tokens), request.is_finished, request.error, sender=sender(context))
     return pb.Ack()
 
   @_guarded
   async def SendOpaqueStatus(self, request: pb.SendOpaqueStatusRequest, context) -> pb.Ack:
     # No request_id check: node-wide statuses (download progress, node status) are broadcast with an empty one.
-    self.node.process_opaque_status(request.request_id, request.status)
+    self.node.process_opaque_status(request.request_id, request.status, sender=sender(context))
     return pb.Ack()
 
   @_guarded
