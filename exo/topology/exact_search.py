@@ -238,16 +238,18 @@ def _reach(problem: SearchProblem, stage: float, k: int, layout: _SizeLayout) ->
     return reach
   walk = np.full((4, 1 << n, n), -math.inf)  # before, first, after, opened: the most held on a walk from the anchor ending at j
   walk[0, 1 << np.arange(n), np.arange(n)] = 0.0
-  # the hop i -> j adds i's limit in the role the phase gives it: before -> before (middle), before -> first (i is the last),
-  # first -> after (i is the first), after -> after (middle), opened -> opened (middle)
-  source = [0, 0, 1, 2, 3]
-  hop_limits = np.stack([middle, last, first, middle, middle])[:, :, None, :]  # (5, i, 1, j)
+  # the hop i -> j adds i's limit in the role the phase gives it, row by row: before -> before (middle), before -> first (i is
+  # the last), after -> after (middle), opened -> opened (middle), first -> after (i is the first)
+  source = np.array([0, 0, 2, 3, 1])[:, None]
+  into = [np.stack([middle[:, j], last[:, j], middle[:, j], middle[:, j], first[:, j]])[:, None, :] for j in range(n)]
   for size in range(2, k + 1):
     for j in range(n):
       sel = layout.ending_at[size][j]
-      held = (walk[:, sel ^ (1 << j)][source] + hop_limits[:, :, :, j].transpose(0, 2, 1)).max(axis=2)
-      opened = first[layout.lowest[sel], j] if size == 2 else held[4]
-      walk[:, sel, j] = np.stack([held[0], held[1], np.maximum(held[2], held[3]), opened])
+      held = (walk[source, (sel ^ (1 << j))[None, :]] + into[j]).max(axis=2)
+      np.maximum(held[2], held[4], out=held[2])
+      if size == 2:
+        held[3] = first[layout.lowest[sel], j]
+      walk[:, sel, j] = held[:4]
   masks = layout.by_size[k]
   home = layout.lowest[masks]
   closed = np.maximum.reduce([walk[3, masks] + last[:, home].T, walk[1, masks] + first[:, home].T, walk[2, masks] + middle[:, home].T])

@@ -17,7 +17,8 @@ def layers_within(stage, constant, per_layer):
   """Whole layers of `per_layer` seconds that fit in `stage` seconds after `constant` seconds (floats or numpy arrays):
   floor((stage - constant) / per_layer), with a slack for rounding that grows with stage / per_layer, since stage - constant
   loses about 1e-16 x stage to cancellation when the constant dwarfs a layer's time."""
-  return np.floor((stage - constant) / per_layer + _REL_EPS * (1 + np.abs(stage) / per_layer))
+  fits = (stage - constant) / per_layer + _REL_EPS * (1 + abs(stage) / per_layer)
+  return np.floor(fits) if isinstance(fits, np.ndarray) or not math.isfinite(fits) else math.floor(fits)
 
 
 def splittable(caps: list[int], n: int) -> bool:
@@ -110,7 +111,7 @@ def bottleneck_split(
   _add_greedily(layers, lambda i, m: m * times[i] + transfer[i], caps, n - sum(layers), list(range(k)))
   stage = max(m * t + c for m, t, c in zip(layers, times, transfer))
   # the split found stays allowed: with a stage constant far above a layer's time, (stage - c) / t loses whole units to rounding
-  limit = [min(cap, max(m, int(layers_within(stage, c, t)))) for m, t, cap, c in zip(layers, times, caps, transfer)]
+  limit = [min(cap, max(m, layers_within(stage, c, t))) for m, t, cap, c in zip(layers, times, caps, transfer)]
   best, left = [1] * k, n - k
   for i in _speed_order(times if tpot_times is None else tpot_times):
     extra = min(left, limit[i] - 1)
