@@ -2,11 +2,9 @@
 Hugging Face Hub on 127.0.0.1: a request naming a repository outside the allowed set asks nothing of the hub and keeps nothing;
 a download beyond the budget is refused before any file is fetched; a download that fails keeps nothing."""
 
-import asyncio
 import json
 import shutil
 
-import aiohttp
 import huggingface_hub
 import pytest
 
@@ -14,6 +12,7 @@ from exo.errors import BadInput, ModelNotFound
 from exo.inference import downloads
 from exo.inference.downloads import ensure_model
 from exo.main import build_node, build_parser, main
+from tests.support.chat_once import chat_replies
 from tests.support.local_hub import LocalHub
 
 MB = 1_000_000
@@ -60,28 +59,7 @@ def test_requests_through_the_api_for_repositories_outside_the_built_in_models_d
   """The issue's case: fill/a1..a3 named by requests were downloaded and kept. By default, nothing is asked of the hub."""
   node = build_node(build_parser().parse_args(["--inference-engine", "dummy", "--discovery-module", "none", "--node-host", "127.0.0.1", *DEVICE]))
 
-  async def ask(model: str) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-      request = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-      async with session.post(f"http://127.0.0.1:{api.port}/v1/chat/completions", json=request) as response:
-        return response.status, json.loads(await response.text())
-
-  async def run() -> list[tuple[int, dict]]:
-    nonlocal api
-    from exo.api import ChatGPTAPI
-
-    await node.start()
-    api = ChatGPTAPI(node, "127.0.0.1", 0)
-    await api.start()
-    try:
-      return [await ask(f"fill/a{i}") for i in (1, 2, 3)]
-    finally:
-      await api.stop()
-      await node.stop()
-      node.engine.close()
-
-  api = None
-  answers = asyncio.run(run())
+  answers = chat_replies(node, [f"fill/a{i}" for i in (1, 2, 3)])
   for i, (status, body) in enumerate(answers, 1):
     assert status == 400, body
     assert body["error"]["message"].startswith(f"downloads of 'fill/a{i}' are not allowed: only the built-in models' are"), body

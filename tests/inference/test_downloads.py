@@ -3,11 +3,9 @@ files of one shard only, a transfer that breaks off and resumes, offline mode, a
 and a node that serves a model it does not have. Never the internet: HF_ENDPOINT points at the local hub."""
 
 import asyncio
-import json
 import shutil
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
 
@@ -20,6 +18,7 @@ from exo.inference.shard import Shard
 from exo.main import build_node, build_parser, main
 from exo.networking.ports import free_port
 from tests.inference.tiny_models import TINY, tiny_weights
+from tests.support.chat_once import chat_replies
 from tests.support.local_hub import LocalHub, tiny_checkpoint, tiny_gguf
 
 TINY_ID = "org/tiny"
@@ -159,23 +158,7 @@ def test_a_node_downloads_the_model_it_serves_and_answers(hub):
   node = build_node(build_parser().parse_args([*args, "--max-generate-tokens", "4"]))
   assert node.model.id == TINY_ID and node.model.n_layers == TINY.n_layers and present(TINY_ID)
 
-  async def chat() -> tuple[int, dict]:
-    from exo.api import ChatGPTAPI
-
-    await node.start()
-    api = ChatGPTAPI(node, "127.0.0.1", 0)
-    await api.start()
-    try:
-      async with aiohttp.ClientSession() as session:
-        request = {"model": TINY_ID, "messages": [{"role": "user", "content": "hi"}]}
-        async with session.post(f"http://127.0.0.1:{api.port}/v1/chat/completions", json=request) as response:
-          return response.status, json.loads(await response.text())
-    finally:
-      await api.stop()
-      await node.stop()
-      node.engine.close()
-
-  status, body = asyncio.run(chat())
+  [(status, body)] = chat_replies(node, [TINY_ID])
   assert status == 200, body
   assert body["model"] == TINY_ID and body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
 

@@ -1,12 +1,10 @@
 """Model files whose counts and sizes are out of bounds: each is one BadInput naming the field (a 400 through the API), found
 before anything is allocated for it, so the process's memory grows by less than 50 MB however large the value."""
 
-import asyncio
 import dataclasses
 import json
 import struct
 
-import aiohttp
 import psutil
 import pytest
 
@@ -16,6 +14,7 @@ from exo.inference.llama_weights import EMBED, load_config, safetensors_index
 from exo.inference.model_figures import model_spec_from_file
 from exo.main import build_node, build_parser
 from tests.inference.tiny_models import TINY, tiny_weights, write_gguf, write_hf_dir
+from tests.support.chat_once import chat_replies
 
 DEVICE = ["--memory-mb", "16384", "--tflops", "10", "--memory-bandwidth", "100"]
 
@@ -178,23 +177,7 @@ def test_the_api_answers_400_for_a_malformed_model(hf_dir):
   directory = hf_dir(num_hidden_layers=10**9)
   node = build_node(build_parser().parse_args(["--inference-engine", "dummy", "--discovery-module", "none", "--node-host", "127.0.0.1", *DEVICE]))
 
-  async def ask() -> tuple[int, dict]:
-    from exo.api import ChatGPTAPI
-
-    await node.start()
-    api = ChatGPTAPI(node, "127.0.0.1", 0)
-    await api.start()
-    try:
-      async with aiohttp.ClientSession() as session:
-        request = {"model": str(directory), "messages": [{"role": "user", "content": "hi"}]}
-        async with session.post(f"http://127.0.0.1:{api.port}/v1/chat/completions", json=request) as response:
-          return response.status, json.loads(await response.text())
-    finally:
-      await api.stop()
-      await node.stop()
-      node.engine.close()
-
-  status, body = asyncio.run(ask())
+  [(status, body)] = chat_replies(node, [str(directory)])
   assert status == 400 and body["error"]["type"] == "invalid_request_error", body
 
 
