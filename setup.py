@@ -18,6 +18,7 @@ setup(
     "gguf>=0.10",
     "tokenizers>=0.20",
     "jinja2>=3.1",
+    "ggml-python==0.0.45",  # setup.sh builds it first, for the CPU features in its CMAKE_ARGS
     "tinygrad>=0.10",
     "mlx[cpu]>=0.25; platform_system == 'Linux'",
     "mlx>=0.25; platform_system == 'Darwin'",

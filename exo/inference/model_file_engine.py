@@ -7,6 +7,7 @@ from abc import abstractmethod
 import numpy as np
 
 from exo.inference.downloads import ensure_model
+from exo.inference.heap import trim_heap
 from exo.inference.llama_weights import load_config
 from exo.inference.model_figures import shard_held_bytes
 from exo.inference.model_files import locate_model
@@ -43,6 +44,7 @@ class ModelFileEngine(ShardedEngine):
   def _tokenizer(self, model_id: str) -> Tokenizer:
     if model_id not in self._tokenizers:
       self._tokenizers[model_id] = load_tokenizer(locate_model(model_id))
+      trim_heap()  # the vocabulary's Python values, parsed from the file and dropped
     return self._tokenizers[model_id]
 
   async def _tokenizer_async(self, model_id: str) -> Tokenizer:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["BUILT_IN", "ENGINE_FORMATS", "Source", "is_repo_id", "local_path", "model_sources", "ordered"]
 
-ENGINE_FORMATS = {"tinygrad": ("gguf", "safetensors", "mlx"), "mlx": ("mlx", "safetensors", "gguf")}
+ENGINE_FORMATS = {"tinygrad": ("gguf", "safetensors", "mlx"), "mlx": ("mlx", "safetensors", "gguf"), "ggml": ("gguf",)}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[\w]")
 _REPO_FILE = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]*[\w])/([\w.-]+\.gguf)")
 

@@ -43,7 +43,6 @@ one CPU anyway.
 """
 
 import asyncio
-import ctypes
 import math
 import os
 import platform
@@ -57,6 +56,8 @@ from tinygrad.device import LRUAllocator
 from tinygrad.helpers import BEAM, DEV
 from tinygrad.renderer.cstyle import ClangRenderer
 
+from exo.inference.gpu_presence import has_gpu
+from exo.inference.heap import trim_heap
 from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, load_shard_weights, rope_inv_freq
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
@@ -73,7 +74,6 @@ BATCH_ROWS = 4  # rows of a batched decode step per product kernel
 # nothing; the interpreter joins it at exit.
 _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygrad")
 _F32 = dtypes.float32
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; elsewhere None
 
 
 def _release_freed_memory(device: str) -> None:
@@ -82,8 +82,7 @@ def _release_freed_memory(device: str) -> None:
   allocator = Device[device].allocator
   if isinstance(allocator, LRUAllocator):
     allocator.free_cache()
-  if _MALLOC_TRIM is not None:
-    _MALLOC_TRIM(0)
+  trim_heap()
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,13 +316,10 @@ def _batches(device: str) -> bool:
   return isinstance(Device[device].renderer, ClangRenderer) and not BEAM.value
 
 
-_GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dri")
-
-
 def default_device() -> str | None:
   """The device an engine runs on when none is named: the CPU on a Linux host with no GPU device node, where letting tinygrad
   choose would import every backend to probe it (~40 MB); else None, tinygrad's own choice (or DEV= from the environment)."""
-  if os.environ.get("DEV") or platform.system() != "Linux" or any(os.path.exists(p) for p in _GPU_DEVICE_NODES):
+  if os.environ.get("DEV") or platform.system() != "Linux" or has_gpu():
     return None
   return "CPU"
 

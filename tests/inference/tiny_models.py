@@ -72,6 +72,20 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+GGML_QUANTIZED = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # gguf-py reads these but cannot write them: ggml quantizes them
+
+
+def ggml_quantize(w: np.ndarray, kind: Q) -> np.ndarray:
+  """The (rows, bytes per row) blocks of `kind` that ggml's own quantizer makes of float32 rows."""
+  import ggml  # noqa: PLC0415 (only the files of these types need it)
+
+  w = np.ascontiguousarray(w, dtype=np.float32)
+  rows, n = w.shape
+  out = np.empty((rows, ggml.ggml_row_size(int(kind), n)), dtype=np.uint8)
+  ggml.ggml_quantize_chunk(int(kind), w.ctypes.data_as(ggml.ctypes.POINTER(ggml.ctypes.c_float)), out.ctypes.data, 0, rows, n, None)
+  return out
+
+
 def write_gguf(
   path: Path,
   weights: dict[str, np.ndarray],
@@ -110,6 +124,8 @@ def write_gguf(
       writer.add_tensor(target, w.astype(np.float32))
     elif kind == Q.F16:
       writer.add_tensor(target, w.astype(np.float16))
+    elif kind in GGML_QUANTIZED:
+      writer.add_tensor(target, ggml_quantize(w, kind), raw_dtype=kind)
     else:
       writer.add_tensor(target, gguf.quants.quantize(w, kind), raw_dtype=kind)
   if rope_factors is not None:
