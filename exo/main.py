@@ -116,7 +116,9 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
     metavar="GB",
     help="the most the models folder may hold after a download (default: a download must leave 10%% of the disk free)",
   )
-  node.add_argument("--inference-engine", choices=["ggml", "tinygrad", "mlx", "dummy"], default=None, help=f"default: {default_engine()} on this machine")
+  node.add_argument(
+    "--inference-engine", choices=["ggml", "tinygrad", "mlx", "dummy"], default=None, help=f"default: {default_engine()} on this machine"
+  )
   node.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the ggml engine (default: the machine's physical cores)")
   node.add_argument("--emulate", action="store_true", help="pace the engine to the cost model's time for this node's declared device")
   node.add_argument(

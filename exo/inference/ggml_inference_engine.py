@@ -44,7 +44,7 @@ from exo.errors import BadInput
 from exo.files import open_regular
 from exo.inference.ggml_library import TYPE_NAMES, Backend, default_threads, get_output, metadata_context, set_input
 from exo.inference.heap import trim_heap
-from exo.inference.llama_weights import GGUF_GLOBALS, GGUF_PARTS, EMBED, LM_HEAD, NORM, LlamaConfig, gguf_metadata, layer_parts, load_config
+from exo.inference.llama_weights import EMBED, GGUF_GLOBALS, GGUF_PARTS, LM_HEAD, NORM, LlamaConfig, gguf_metadata, layer_parts, load_config
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
 from exo.inference.model_sources import ENGINE_FORMATS
@@ -345,7 +345,9 @@ class GGMLInferenceEngine(ModelFileEngine):
       for i, out in zip(group, self._call(model, [caches[i] for i in group], [xs[i] for i in group], [positions[i] for i in group])):
         outputs[i] = out
     for i in [i for i, x in enumerate(xs) if len(x) > 1]:
-      chunks = [self._call(model, [caches[i]], [xs[i][lo : lo + PREFILL_CHUNK]], [positions[i] + lo])[0] for lo in range(0, len(xs[i]), PREFILL_CHUNK)]
+      chunks = [
+        self._call(model, [caches[i]], [xs[i][lo : lo + PREFILL_CHUNK]], [positions[i] + lo])[0] for lo in range(0, len(xs[i]), PREFILL_CHUNK)
+      ]
       outputs[i] = np.concatenate(chunks, axis=1)
     return outputs
 

@@ -153,7 +153,11 @@ def test_batched_rows_equal_each_request_alone(models):
       positions, outputs = {r: len(p) for r, p in prompts.items()}, {r: [] for r in prompts}
       for _ in range(4):
         steps = [Step(r, np.array([int(np.argmax(last[r][0, -1]))]), positions[r]) for r in prompts]
-        outs = await engine.infer_batch(shard, steps) if batched else [await engine.infer_tensor(s.request_id, shard, s.input_data, s.position) for s in steps]
+        outs = (
+          await engine.infer_batch(shard, steps)
+          if batched
+          else [await engine.infer_tensor(s.request_id, shard, s.input_data, s.position) for s in steps]
+        )
         for step, out in zip(steps, outs):
           last[step.request_id] = out
           outputs[step.request_id].append(out)

@@ -87,7 +87,14 @@ async def ring_tokens(engine_class, names: list[str], tmp_path, questions=(MESSA
   nodes = []
   for name in names:
     node = Node(
-      name, (engine_class[name] if isinstance(engine_class, dict) else engine_class)(), ManualDiscovery(name, peers_file, peer_handles(name), poll_interval=0.2), DEVICES[name], MODEL, planner, TOKENS, HANG_S
+      name,
+      (engine_class[name] if isinstance(engine_class, dict) else engine_class)(),
+      ManualDiscovery(name, peers_file, peer_handles(name), poll_interval=0.2),
+      DEVICES[name],
+      MODEL,
+      planner,
+      TOKENS,
+      HANG_S,
     )
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
