@@ -4,8 +4,9 @@ threads, one engine per process (so each has its own peak memory and its own fir
 Per engine: time from the engine's creation to the first token of its first request (a chat prompt: loading, compiling,
 prefill), decode tokens/s of one request (the median step of --tokens greedy steps), aggregate decode tokens/s of 8 requests
 stepped together (one infer_batch per step; llama.cpp: not measured, llama-cpp-python runs one sequence), prompt tokens/s of a
-512-token prompt, and the process's peak resident memory. llama.cpp is llama-cpp-python, installed on demand into this
-environment (pip, built for AVX2/FMA/F16C as setup.sh builds ggml), with the same threads and a 512-token batch.
+512-token prompt, and the process's peak resident memory. Prompts ask for their last position's logits only, as a node's last
+stage does (Step.last_only; tinygrad and MLX compute every position's and keep the last). llama.cpp is llama-cpp-python,
+installed on demand into this environment (pip, built for AVX2/FMA/F16C as setup.sh builds ggml), with the same threads and a 512-token batch.
 
   python benchmarks/engine.py [--engines ggml,tinygrad,mlx,llama.cpp] [--threads 2] [--tokens 64] [--rounds 2]
 
@@ -51,7 +52,7 @@ async def measure_exo(name: str, threads: int, tokens: int) -> dict:
   engine = exo_engine(name, threads)
   shard = Shard("smollm2-135m", 0, 29, 30)
   prompt = await engine.encode(shard, await engine.apply_chat_template(shard, [{"role": "user", "content": "What is the capital of France?"}]))
-  out = await engine.infer_tensor("first", shard, prompt, 0)
+  [out] = await engine.infer_batch(shard, [Step("first", prompt, 0, last_only=True)])  # as a node's last stage asks
   token = int(np.argmax(out[0, -1]))
   first = time.perf_counter() - started
   steps, position = [], len(prompt)
@@ -62,7 +63,7 @@ async def measure_exo(name: str, threads: int, tokens: int) -> dict:
     token, position = int(np.argmax(out[0, -1])), position + 1
   ids = [f"batch-{i}" for i in range(BATCH)]
   for i, request in enumerate(ids):
-    await engine.infer_tensor(request, shard, prompt[: len(prompt) - i], 0)
+    await engine.infer_batch(shard, [Step(request, prompt[: len(prompt) - i], 0, last_only=True)])
   batch_steps = []
   for step in range(tokens // 2):
     t0 = time.perf_counter()
@@ -70,7 +71,7 @@ async def measure_exo(name: str, threads: int, tokens: int) -> dict:
     batch_steps.append(time.perf_counter() - t0)
   long = np.random.default_rng(0).integers(100, 40000, PROMPT_TOKENS)
   t0 = time.perf_counter()
-  await engine.infer_tensor("long", shard, long, 0)
+  await engine.infer_batch(shard, [Step("long", long, 0, last_only=True)])
   prompt_s = time.perf_counter() - t0
   engine.close()
   return {"first_s": first, "decode": 1 / np.median(steps), "batch": BATCH / np.median(batch_steps), "prompt": PROMPT_TOKENS / prompt_s}

@@ -52,7 +52,7 @@ from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
 from exo.topology.model_spec import MAX_CONTEXT
 
-WINDOW = 256  # cache cells a request's attention window grows by
+WINDOW = 64  # cache cells a request's attention window grows by (each growth builds its graphs again: a few ms)
 PREFILL_CHUNK = 256  # rows of a prompt per graph: bounds the intermediate tensors (a chunk's logits are chunk x vocabulary)
 BATCH = 16  # one-row steps per graph
 GRAPHS = 16  # graphs kept for reuse, the least recently used dropped first
@@ -333,57 +333,66 @@ class GGMLInferenceEngine(ModelFileEngine):
     return ModelDims(model.config.vocab_size, model.config.hidden_size, model.capacity)
 
   def _forward(self, model: _ShardModel, cache: _Cache, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
-    return self._forward_batch(model, [cache], shard, [x], [position])[0]
+    return self._forward_steps(model, [cache], shard, [x], [position], [False])[0]
 
   def _forward_batch(self, model: _ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
-    """The one-row steps together, BATCH requests to a graph; every longer input alone, in chunks of PREFILL_CHUNK rows.
+    return self._forward_steps(model, caches, shard, xs, positions, [False] * len(xs))
+
+  def _forward_steps(
+    self, model: _ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int], last_only: list[bool]
+  ) -> list[np.ndarray]:
+    """The one-row steps together, BATCH requests to a graph; every longer input alone, in chunks of PREFILL_CHUNK rows (where
+    only its last row's output is wanted, the head runs on that row of the last chunk only).
     O(shard weights x graphs + each request's attention over its window)."""
     outputs: list = [None] * len(xs)
     decoding = [i for i, x in enumerate(xs) if len(x) == 1]
     for lo in range(0, len(decoding), BATCH):
       group = decoding[lo : lo + BATCH]
-      for i, out in zip(group, self._call(model, [caches[i] for i in group], [xs[i] for i in group], [positions[i] for i in group])):
+      outs = self._call(model, [caches[i] for i in group], [xs[i] for i in group], [positions[i] for i in group], [False] * len(group))
+      for i, out in zip(group, outs):
         outputs[i] = out
     for i in [i for i, x in enumerate(xs) if len(x) > 1]:
-      chunks = [
-        self._call(model, [caches[i]], [xs[i][lo : lo + PREFILL_CHUNK]], [positions[i] + lo])[0] for lo in range(0, len(xs[i]), PREFILL_CHUNK)
-      ]
-      outputs[i] = np.concatenate(chunks, axis=1)
+      starts = range(0, len(xs[i]), PREFILL_CHUNK)
+      chunks = [self._call(model, [caches[i]], [xs[i][lo : lo + PREFILL_CHUNK]], [positions[i] + lo], [last_only[i]])[0] for lo in starts]
+      outputs[i] = chunks[-1] if last_only[i] else np.concatenate(chunks, axis=1)
     return outputs
 
-  def _call(self, model: _ShardModel, caches: list[_Cache], xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
-    """One graph run over the requests' rows; each request's (1, rows, hidden) states or (1, rows, vocab) logits."""
+  def _call(self, model: _ShardModel, caches: list[_Cache], xs: list[np.ndarray], positions: list[int], last_only: list[bool]) -> list[np.ndarray]:
+    """One graph run over the requests' rows; each request's (1, rows, hidden) states, or its (1, rows, vocab) logits (one row
+    where last_only)."""
     rows = [len(x) for x in xs]
     windows = [min(cache.context, -(-(p + r) // WINDOW) * WINDOW) for cache, p, r in zip(caches, positions, rows)]
     for cache, window in zip(caches, windows):
       if window > cache.zeroed:
         cache.zero_to(window)
-    graph = self._graph(model, caches, rows, windows)
+    bounds = np.cumsum([0] + rows)
+    last = model.shard.is_last_layer()
+    kept = [np.arange(hi - 1 if only and last else lo, hi) for lo, hi, only in zip(bounds[:-1], bounds[1:], last_only)]
+    graph = self._graph(model, caches, rows, windows, sum(len(k) for k in kept))
     self._backend.allocate(graph.graph)
     spans = [np.arange(p, p + r) for p, r in zip(positions, rows)]
-    if model.shard.is_first_layer():
-      set_input(graph.inputs, np.concatenate(xs).astype(np.int32))
-    else:
-      set_input(graph.inputs, np.concatenate(xs).astype(np.float32))
+    set_input(graph.inputs, np.concatenate(xs).astype(np.int32 if model.shard.is_first_layer() else np.float32))
     set_input(graph.positions, np.concatenate(spans).astype(np.int32))
     for tensor, mask, span, p, r, window in zip(graph.cache_rows, graph.masks, spans, positions, rows, windows):
       set_input(tensor, span.astype(np.int64))
       set_input(mask, _mask(p, r, window))
-    n = sum(rows)
     if graph.head_rows is not None:
-      set_input(graph.head_rows, np.arange(n, dtype=np.int32))
+      set_input(graph.head_rows, np.concatenate(kept).astype(np.int32))
     self._backend.run(graph.graph)
-    width = model.config.vocab_size if model.shard.is_last_layer() else model.config.hidden_size
-    out = get_output(graph.output, (n, width))
-    bounds = np.cumsum([0] + rows)
-    return [out[lo:hi][None] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if not last:
+      out = get_output(graph.output, (bounds[-1], model.config.hidden_size))
+      return [out[lo:hi][None] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    out = get_output(graph.output, (sum(len(k) for k in kept), model.config.vocab_size))
+    ends = np.cumsum([0] + [len(k) for k in kept])
+    return [out[lo:hi][None] for lo, hi in zip(ends[:-1], ends[1:])]
 
-  def _graph(self, model: _ShardModel, caches: list[_Cache], rows: list[int], windows: list[int]) -> _Graph:
-    """The call's graph: a kept one for the same caches, rows and windows, else built (dropping the least recently used)."""
-    key = (tuple(cache.serial for cache in caches), tuple(rows), tuple(windows))
+  def _graph(self, model: _ShardModel, caches: list[_Cache], rows: list[int], windows: list[int], head_rows: int) -> _Graph:
+    """The call's graph: a kept one for the same caches, rows, windows and head rows, else built (dropping the least recently
+    used)."""
+    key = (tuple(cache.serial for cache in caches), tuple(rows), tuple(windows), head_rows)
     graph = model.graphs.get(key)
     if graph is None:
-      graph = model.graphs[key] = _build(model, caches, rows, windows, sum(rows))
+      graph = model.graphs[key] = _build(model, caches, rows, windows, head_rows)
       while len(model.graphs) > GRAPHS:
         model.graphs.popitem(last=False)
     model.graphs.move_to_end(key)

@@ -21,12 +21,14 @@ def positions_in(input_data: np.ndarray) -> int:
 class Step:
   """One request's input to a shard: token ids or hidden states (see `infer_tensor`), at the position of its first row. `context`:
   the positions the request may reach, for which its KV cache is allocated at its first step (the plan's context; 0: the
-  engine's own, the model's capped at MAX_CONTEXT)."""
+  engine's own, the model's capped at MAX_CONTEXT). `last_only`: only the last position's output is wanted (what a sampler reads
+  of the last shard's logits), so the engine returns (1, 1, width) and may skip computing the others'."""
 
   request_id: str
   input_data: np.ndarray
   position: int = 0
   context: int = 0
+  last_only: bool = False
 
 
 class InferenceEngine(ABC):
@@ -61,7 +63,8 @@ class InferenceEngine(ABC):
     outputs: list[np.ndarray | Exception] = []
     for step in steps:
       try:
-        outputs.append(await self.infer_tensor(step.request_id, shard, step.input_data, step.position))
+        out = await self.infer_tensor(step.request_id, shard, step.input_data, step.position)
+        outputs.append(out[:, -1:] if step.last_only else out)
       except Exception as e:
         outputs.append(e)
     return outputs

@@ -143,7 +143,8 @@ class ShardedEngine(InferenceEngine):
         context = request_context(dims, step.context)
         states.append(state or _State(0, await self._in_worker(self._new_cache, model, shard, context), context))
       xs, positions = [x for *_, x in ready], [step.position for _, step, _, _ in ready]
-      results = await self._in_worker(self._forward_batch, model, [s.cache for s in states], shard, xs, positions)
+      last_only = [step.last_only for _, step, _, _ in ready]
+      results = await self._in_worker(self._forward_steps, model, [s.cache for s in states], shard, xs, positions, last_only)
     except Exception as e:
       states, results = [None] * len(ready), [e] * len(ready)
     finally:
@@ -177,6 +178,14 @@ class ShardedEngine(InferenceEngine):
     elif state.position != position:
       raise RequestStateError(f"request {request_id!r} is at position {state.position} on this node, but a step for position {position} arrived")
     return state
+
+  def _forward_steps(
+    self, model: Any, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int], last_only: list[bool]
+  ) -> list[np.ndarray]:
+    """_forward_batch, each output cut to its last row where last_only says so (Step.last_only). An engine that can skip the
+    other rows' work overrides this."""
+    outputs = self._forward_batch(model, caches, shard, xs, positions)
+    return [out[:, -1:] if last else out for out, last in zip(outputs, last_only)]
 
   def _forward_batch(self, model: Any, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
     """Several requests' steps over the shard in one call: xs[i] is (P_i,) int64 token ids on the first shard, else (P_i, hidden)

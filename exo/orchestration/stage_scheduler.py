@@ -130,8 +130,9 @@ class StageScheduler:
     outputs = []
     for lo in range(0, rows, self.chunk_tokens):
       chunk = x.reshape(-1)[lo : lo + self.chunk_tokens] if token_ids else x[..., lo : lo + self.chunk_tokens, :]
-      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo, step.context), rows - lo, rows))
-      outputs.append(out[:, -1:] if shard.is_last_layer() else out)
+      last = shard.is_last_layer()
+      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo, step.context, last), rows - lo, rows))
+      outputs.append(out[:, -1:] if last else out)
     return outputs[-1] if shard.is_last_layer() or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
   def cancel(self, request_id: str) -> None:

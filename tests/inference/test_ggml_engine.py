@@ -213,3 +213,18 @@ def test_a_model_not_in_gguf_is_refused_with_one_message(models):
       asyncio.run(engine.infer_tensor("r", whole(model_id, TINY), PROMPT, 0))
   finally:
     engine.close()
+
+
+def test_a_step_wanting_its_last_row_only_gets_that_rows_logits(models):
+  """Step.last_only: the head runs on the prompt's last row alone, and its logits are those of the full prompt's last row."""
+  model_id = write_model(models, "llama", "Q8_0")
+  shard = whole(model_id, LLAMA)
+  engine = GGMLInferenceEngine(threads=2)
+  try:
+    full = asyncio.run(engine.infer_tensor("all", shard, PROMPT, 0))
+    [last] = asyncio.run(engine.infer_batch(shard, [Step("last", PROMPT, 0, last_only=True)]))
+    assert any(key[3] == 1 and key[1] == (len(PROMPT),) for key in engine._models[shard].graphs)  # a head over one row ran
+  finally:
+    engine.close()
+  assert full.shape == (1, len(PROMPT), LLAMA.vocab_size) and last.shape == (1, 1, LLAMA.vocab_size)
+  assert np.array_equal(last[0, 0], full[0, -1])
