@@ -1,6 +1,6 @@
 """Exact optima for clusters of up to 16 usable nodes, by Held-Karp over every subset: a reference for the planner beyond the
 reach of exo/tools/plan_oracle.py's enumeration of every plan. It reads the topology and model-spec dicts through oracle.py's
-CostModel (docs/DESIGN.md section 2 written out again) and shares no code with exo/topology.
+OracleCostModel (docs/DESIGN.md section 2 written out again) and shares no code with exo/topology.
 
 Latency: a plan's TPOT is the compute of its layer split, which depends only on the subset S, its first node f and its last
 node l (capacities by role, the head on l), plus the hops of its ring, a cycle through S that contains the edge l -> f. So the
@@ -19,18 +19,18 @@ import math
 
 import numpy as np
 
-from exo.tools.plan_oracle import LEAST_CONTEXT, CostModel, planned_context
+from exo.tools.plan_oracle import LEAST_CONTEXT, OracleCostModel, planned_context
 
 MAX_NODES = 16
 _EPS = 1e-9  # slack when a time budget turns into a whole number of layers
 
 
-class Cluster:
+class OracleCluster:
   """The usable nodes (they hold a layer in the middle of a ring at the least context v2.1 plans) of one case, indexed 0..n-1,
   with their figures; `cm.context` sets the context the capacities are counted at."""
 
   def __init__(self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1, need_speed: bool = True):
-    self.cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
+    self.cm = OracleCostModel(topology, model, memory_headroom, default_rtt_ms, batch)
     assert self.cm.any_known_speed() or not need_speed, "the exact oracle does not model the memory-weighted fallback"
     planned, self.cm.context = self.cm.context, min(LEAST_CONTEXT, self.cm.context)  # usable at some context v2.1 may plan
     self.ids = sorted(i for i in self.cm.nodes if self.cm.cap(i, False, False, 1, "latency") >= 1)
@@ -158,7 +158,7 @@ def feasible(topology: dict, model: dict, objective: str, context: int | None = 
   needed): some node alone holds the
   model, or some subset S with a ring whose first node is f and last node h (a cycle through the edge h -> f) gives every node
   at least one layer in its role at capacities of ring size |S| <= n_layers, and all of them together n_layers."""
-  cluster = Cluster(topology, model, need_speed=False, **params)
+  cluster = OracleCluster(topology, model, need_speed=False, **params)
   cluster.cm.context = cluster.cm.context if context is None else context
   n, total = cluster.n, cluster.n_layers
   if any(cluster.cap(i, True, True, 1, objective) >= total for i in range(n)):
@@ -185,7 +185,7 @@ def feasible(topology: dict, model: dict, objective: str, context: int | None = 
 def optimum(topology: dict, model: dict, objective: str, max_context: int | None = None, **params) -> float | None:
   """The optimal objective value at the planned context (v2.1): TPOT in seconds (latency) or tokens/s (throughput); None if no
   plan is feasible at any context."""
-  cluster = Cluster(topology, model, **params)
+  cluster = OracleCluster(topology, model, **params)
 
   def best_at(tokens: int) -> float | None:
     cluster.cm.context = tokens

@@ -49,7 +49,7 @@ def compositions(total: int, caps: list[int]):
       yield (x, *tail)
 
 
-class CostModel:
+class OracleCostModel:
   """Derived quantities of docs/DESIGN.md section 2 (v2) for one (topology, model, headroom, default RTT, batch).
 
   A ring is a list [(node id, layer count), ...] in execution order: the first entry embeds, the last runs the head.
@@ -272,7 +272,7 @@ def oracle(
   among plans whose primary is within REL_TIE of the best (the objective's tie-break); the `_band` entries give the range the
   secondary can take for any tie tolerance in TIE_BAND, which a planner's tie-break must fall in.
   """
-  cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch)
+  cm = OracleCostModel(topology, model, memory_headroom, default_rtt_ms, batch)
   assert cm.any_known_speed(), "the oracle does not model the memory-weighted fallback"
 
   def plans_at(objective: str):
@@ -324,7 +324,7 @@ def evaluate_plan(
   """{"tpot_s", "throughput_tps", "ttft_s", "feasible"} of a plan JSON object's shards, recomputed from the topology.
 
   Feasibility uses the capacities of `objective` (default: the plan's own objective) at the plan's context."""
-  cm = CostModel(topology, model, memory_headroom, default_rtt_ms, batch, plan.get("context_tokens"))
+  cm = OracleCostModel(topology, model, memory_headroom, default_rtt_ms, batch, plan.get("context_tokens"))
   ring = plan_ring(plan)
   tpot, throughput = cm.evaluate(ring)
   return {

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 
-from exo.tools.plan_oracle import CostModel, check_predicted, compositions, evaluate_plan, oracle
+from exo.tools.plan_oracle import OracleCostModel, check_predicted, compositions, evaluate_plan, oracle
 
 GB = 1e9
 
@@ -76,7 +76,7 @@ TWO_MODEL = spec(4, embed=0.5 * GB, head=GB)
 
 
 def test_layer_times_embedding_and_head_on_two_nodes():
-  cm = CostModel(TWO, TWO_MODEL)
+  cm = OracleCostModel(TWO, TWO_MODEL)
   assert cm.t("p", 1) == pytest.approx(1e-3) and cm.t("p", 128) == pytest.approx(12.8e-3)
   assert cm.t("q", 1) == pytest.approx(2e-3) and cm.t("q", 128) == pytest.approx(64e-3)
   assert cm.eta == 1.0
@@ -140,13 +140,13 @@ def test_check_predicted_accepts_the_right_numbers_and_rejects_wrong_ones():
 def test_tied_embeddings_held_once_by_a_single_node():
   topology = {"nodes": {"s": node(5000, 500)}, "edges": []}
   tied, untied = spec(3, embed=GB, head=1.2 * GB, tied=True), spec(3, embed=GB, head=1.2 * GB, tied=False)
-  cm = CostModel(topology, tied)
+  cm = OracleCostModel(topology, tied)
   assert cm.cap("s", True, True, 1, "latency") == 3
-  assert CostModel(topology, untied).cap("s", True, True, 1, "latency") == 2
+  assert OracleCostModel(topology, untied).cap("s", True, True, 1, "latency") == 2
   assert [cm.cap("s", f, la, 2, "latency") for f, la in [(True, False), (False, True), (False, False)]] == [3, 3, 4]
   assert cm.evaluate([("s", 3)]) == (pytest.approx(8.4e-3), pytest.approx(1000 / 8.4))
   assert cm.ttft([("s", 3)]) == pytest.approx(8.4e-3)
-  assert CostModel(topology, tied, batch=4).throughput([("s", 3)]) == pytest.approx(4000 / 8.4)
+  assert OracleCostModel(topology, tied, batch=4).throughput([("s", 3)]) == pytest.approx(4000 / 8.4)
   best = oracle(topology, tied, batch=4)
   assert best["best_tpot"] == pytest.approx(8.4e-3) and best["best_throughput"] == pytest.approx(4000 / 8.4)
   assert (best["n_plans"], best["n_throughput_plans"]) == (1, 1)
@@ -171,7 +171,7 @@ def test_tied_embeddings_held_once_by_a_single_node():
 def test_batch_with_kv_cache_shrinks_throughput_caps():
   topology = {"nodes": {"a": node(10000, 1000, 10), "b": node(7000, 500, 20)}, "edges": [{"from": "b", "to": "a"}]}
   model = spec(4, layer_flops=1e10, kv=0.25 * GB)
-  cm = CostModel(topology, model, default_rtt_ms=2.0, batch=4)
+  cm = OracleCostModel(topology, model, default_rtt_ms=2.0, batch=4)
   assert (cm.t("a", 1), cm.t("a", 4), cm.t("b", 1), cm.t("b", 4)) == (
     pytest.approx(1e-3),
     pytest.approx(4e-3),
@@ -235,7 +235,7 @@ def test_unknown_speed_takes_the_slowest_known_time_per_token_count():
     },
     "edges": [],
   }
-  cm = CostModel(topology, spec(2), batch=30)
+  cm = OracleCostModel(topology, spec(2), batch=30)
   assert [cm.known_speed(n) for n in "xyz"] == [True, True, False]
   assert (cm.t("z", 1), cm.t("z", 128), cm.t("z", 30)) == (pytest.approx(2e-3), pytest.approx(12.8e-3), pytest.approx(3e-3))
   assert cm.evaluate([("z", 2)]) == (pytest.approx(4e-3), pytest.approx(5000.0))
@@ -265,7 +265,7 @@ def test_v1_slow_link_case():
   assert oracle(topology, spec(9)) is None  # caps 2 + 2 + 4 = 8 < 9
   # v1's TTFT at P tokens: per layer max(P F / f, B / b) = max(P * 0.1, 1) ms on a, b; so for P = 128 on a2 + c2:
   # a 2 * 12.8, c 2 * max(12.8, 3) = 2 * 12.8, hops 2 * 1 ms (no bandwidth): 53.2 ms.
-  assert CostModel(topology, model).ttft([("a", 2), ("c", 2)]) == pytest.approx(53.2e-3)
+  assert OracleCostModel(topology, model).ttft([("a", 2), ("c", 2)]) == pytest.approx(53.2e-3)
 
 
 def test_v1_unknown_speed_and_averaged_edges():

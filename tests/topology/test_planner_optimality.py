@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from exo.errors import ExoError
-from exo.tools.plan_oracle import OBJECTIVES, CostModel, check_predicted, close, oracle
+from exo.tools.plan_oracle import OBJECTIVES, OracleCostModel, check_predicted, close, oracle
 from exo.topology.planner import make_plan
 
 REL = 1e-6
@@ -160,8 +160,8 @@ def plan_for(case: dict, objective: str) -> dict:
   return make_plan(copy.deepcopy(case["topology"]), copy.deepcopy(case["model"]), objective=objective, **case["params"])
 
 
-def cost_model(case: dict) -> CostModel:
-  return CostModel(case["topology"], case["model"], **oracle_params(case))
+def cost_model(case: dict) -> OracleCostModel:
+  return OracleCostModel(case["topology"], case["model"], **oracle_params(case))
 
 
 def oracle_for(case: dict) -> dict | None:
@@ -200,7 +200,7 @@ def check_optimal(case: dict, objective: str) -> None:
 
 
 def check_feasible(case: dict, objective: str, plan: dict) -> None:
-  cm = CostModel(case["topology"], case["model"], **oracle_params(case), context_tokens=plan["context_tokens"])
+  cm = OracleCostModel(case["topology"], case["model"], **oracle_params(case), context_tokens=plan["context_tokens"])
   ids = [s["node_id"] for s in plan["shards"]]
   assert ids, "a plan must hold at least one shard"
   assert len(set(ids)) == len(ids), f"a node appears twice in the ring {ids}"
