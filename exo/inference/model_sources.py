@@ -6,7 +6,8 @@
   a local path            a .gguf file or a model directory (config.json, *.safetensors, tokenizer.json)
 
 Formats: "gguf" (one llama.cpp file: Q4_0, Q4_1 and Q8_0 stay quantized), "mlx" (an MLX community export: quantized
-safetensors), "safetensors" (a plain Hugging Face checkpoint). Both engines read all three; each prefers its own.
+safetensors), "safetensors" (a plain Hugging Face checkpoint). tinygrad and MLX read all three, each preferring its own; ggml reads
+GGUF only.
 Nothing here touches the network or the disk, except `local_path`, which asks whether a path exists.
 """
 
