@@ -603,6 +603,10 @@ class Node:
       "tokens_per_s": sum(n for _, n in self._delivered) / LOAD_WINDOW_S,
     }
 
+  def originated_request_ids(self) -> list[str]:
+    """The requests this node is the origin of that are still generating, oldest first."""
+    return list(self._pending)
+
   def active_request_ids(self) -> set[str]:
     """The requests running on this node: those it is the origin of and those whose stage runs here."""
     return set(self._pending) | self._served.ids()

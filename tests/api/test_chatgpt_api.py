@@ -388,10 +388,10 @@ def read_chunks(response, n: int) -> None:
 def test_a_client_that_disconnects_leaves_the_node_idle_within_a_step(endless):
   response = open_stream(endless)
   read_chunks(response, 5)
-  [request_id] = list(endless.node._pending)
+  [request_id] = endless.node.originated_request_ids()
   response.close()
   deadline = time.monotonic() + STALL_S
-  while endless.node._pending:  # the server notices the closed connection and cancels the generation
+  while endless.node.originated_request_ids():  # the server notices the closed connection and cancels the generation
     assert time.monotonic() < deadline, "the generation went on after its client left"
     time.sleep(0.01)
   at_end = endless.node.engine.steps[request_id]

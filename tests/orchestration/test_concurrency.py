@@ -88,9 +88,9 @@ def test_a_cancelled_request_stops_using_the_engine_at_once_while_the_others_fin
       started = asyncio.Event()
       endless = asyncio.create_task(node.generate("never ends", on_token=lambda tokens: len(tokens) >= 5 and started.set()))
       await asyncio.wait_for(started.wait(), STALL_S)
-      [endless_id] = list(node._pending)
+      [endless_id] = node.originated_request_ids()
       others = [asyncio.create_task(node.generate(p, max_tokens=40)) for p in PROMPTS[:3]]
-      while not all(engine.steps_of(i) for i in node._pending):  # every other request has run a step
+      while not all(engine.steps_of(i) for i in node.originated_request_ids()):  # every other request has run a step
         await asyncio.sleep(0.01)
       endless.cancel()
       with pytest.raises(asyncio.CancelledError):
@@ -133,7 +133,7 @@ def test_a_node_at_its_request_limit_refuses_more_as_busy():
     await node.start()
     try:
       running = [asyncio.create_task(node.generate(p)) for p in PROMPTS[:2]]
-      while len(node._pending) < 2:
+      while len(node.originated_request_ids()) < 2:
         await asyncio.sleep(0.01)
       with pytest.raises(Busy, match=r"already runs 2 requests, its limit \(--max-requests\)"):
         await node.generate("one too many")

@@ -172,7 +172,7 @@ def test_a_cancel_or_a_result_from_a_stranger_is_ignored_and_the_request_complet
   async def test(node, engine, member):
     task = asyncio.create_task(node.generate("hello ring", max_tokens=8))
     await asyncio.wait_for(engine.entered.wait(), STALL_S)
-    [request_id] = node._pending
+    [request_id] = node.originated_request_ids()
     stranger = member("stranger")
     with caplog.at_level(logging.WARNING, logger="exo.orchestration.node"):
       await stranger.send_opaque_status(request_id, FINISH)
