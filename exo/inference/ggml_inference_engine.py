@@ -31,6 +31,7 @@ The engine's work runs off the event loop in one thread of its own (ggml's CPU b
 import asyncio
 import ctypes
 import itertools
+import logging
 import mmap
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -52,11 +53,11 @@ from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
 from exo.topology.model_spec import MAX_CONTEXT
 
+log = logging.getLogger(__name__)
 WINDOW = 64  # cache cells a request's attention window grows by (each growth builds its graphs again: a few ms)
 PREFILL_CHUNK = 256  # rows of a prompt per graph: bounds the intermediate tensors (a chunk's logits are chunk x vocabulary)
 BATCH = 16  # one-row steps per graph
 GRAPHS = 16  # graphs kept for reuse, the least recently used dropped first
-_NODES = 16384  # the most nodes of one graph: ~30 per layer and request-attention, so 8 requests x 50 layers fit
 _SERIAL = itertools.count()
 
 
@@ -207,8 +208,9 @@ def _build(model: _ShardModel, caches: list[_Cache], rows: list[int], windows: l
   O(layers x requests) ggml calls."""
   c, shard, t = model.config, model.shard, model.tensors
   hd, heads, kv_heads, n = c.head_dim, c.n_heads, c.n_kv_heads, sum(rows)
-  ctx = metadata_context(_NODES, _NODES)
-  graph = ggml.ggml_new_graph_custom(ctx, _NODES, False)
+  nodes = 64 + shard.get_layer_count() * (32 + 16 * len(caches))  # a layer makes about 22 nodes, and 13 more per request
+  ctx = metadata_context(nodes, nodes)
+  graph = ggml.ggml_new_graph_custom(ctx, nodes, False)
 
   def new_input(kind: int, *shape: int):
     tensor = {1: ggml.ggml_new_tensor_1d, 2: ggml.ggml_new_tensor_2d}[len(shape)](ctx, kind, *shape)
@@ -312,6 +314,7 @@ class GGMLInferenceEngine(ModelFileEngine):
   def _load_model(self, shard: Shard) -> _ShardModel:
     if self._backend is None:
       self._backend = Backend(self.threads)
+      log.info("ggml computes on %s (%d threads on a CPU)", self._backend.name, self.threads)
     model = load_shard(Path(locate_model(shard.model_id)), shard, self._backend)
     trim_heap()  # the header's values, read to check the file
     return model

@@ -80,17 +80,6 @@ def reference_weights(path: Path, config: LlamaConfig) -> dict[str, np.ndarray]:
   return weights
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-  return tmp_path_factory.mktemp("ggml-models")
-
-
-@pytest.fixture
-def models(models_dir, monkeypatch) -> Path:
-  monkeypatch.setenv("EXO_MODELS_DIR", str(models_dir))
-  return models_dir
-
-
 def whole(model_id: str, config: LlamaConfig) -> Shard:
   return Shard(model_id, 0, config.n_layers - 1, config.n_layers)
 

@@ -55,17 +55,6 @@ def tiny_model(root: Path, family: str, fmt: str, config=None) -> str:
   return model_id
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-  return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture
-def models(models_dir, monkeypatch) -> Path:
-  monkeypatch.setenv("EXO_MODELS_DIR", str(models_dir))
-  return models_dir
-
-
 def whole(model_id: str, n_layers: int) -> Shard:
   return Shard(model_id, 0, n_layers - 1, n_layers)
 
