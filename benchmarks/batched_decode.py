@@ -22,8 +22,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from exo.base.shard import Shard
 from exo.inference.inference_engine import Step
-from exo.inference.shard import Shard
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
 
 WHOLE = Shard("smollm2-135m", 0, 29, 30)

@@ -55,8 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from clients import Stream, http_json, start_in_turn, stream_chat  # noqa: E402
 
+from exo.base.topology import Topology  # noqa: E402
 from exo.tools.local_cluster import Cluster, Device  # noqa: E402
-from exo.topology.topology import Topology  # noqa: E402
 
 SCENARIO = ROOT / "tests" / "scenarios" / "mac_trio_iphone_70b.json"
 SETTINGS = ("flops-latency/throughput", "ring-memory-weighted/throughput", "flops-latency/latency")  # strategy/objective

@@ -45,8 +45,8 @@ def exo_engine(name: str, threads: int):
 
 
 async def measure_exo(name: str, threads: int, tokens: int) -> dict:
+  from exo.base.shard import Shard
   from exo.inference.inference_engine import Step
-  from exo.inference.shard import Shard
 
   started = time.perf_counter()
   engine = exo_engine(name, threads)

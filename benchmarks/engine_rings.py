@@ -24,15 +24,15 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.models import model_spec
+from exo.base.shard import Shard
 from exo.inference.model_figures import served_model_spec
-from exo.inference.shard import Shard
 from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
 
 MODEL = served_model_spec(model_spec("smollm2-135m"))  # the file's figures, as a node serving it plans with
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

@@ -27,9 +27,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exo.errors import ExoError  # noqa: E402
+from exo.base.chips import CHIPS, chip_spec  # noqa: E402
+from exo.base.errors import ExoError  # noqa: E402
 from exo.tools.exact_oracle import optimum  # noqa: E402
-from exo.topology.chips import CHIPS, chip_spec  # noqa: E402
 from exo.topology.flops_latency_partitioning_strategy import EXACT_LIMIT, FlopsLatencyPartitioningStrategy  # noqa: E402
 from exo.topology.planner import as_model, as_topology, make_plan  # noqa: E402
 
@@ -250,7 +250,7 @@ def planner_time(console: Console, rng: random.Random, quick: bool) -> list[tupl
   show(console, table)
   show(
     console,
-    "Each repeat is a fresh cluster: chips drawn uniformly from exo/topology/chips.py, memory from each chip's shipped sizes, RTT "
+    "Each repeat is a fresh cluster: chips drawn uniformly from exo/base/chips.py, memory from each chip's shipped sizes, RTT "
     f"uniform {RTT_MS[0]}-{RTT_MS[1]} ms, bandwidth (when known) from {'/'.join(map(str, BANDWIDTHS_MBPS))} Mbps, redrawn until the model "
     "fits the cluster but no single node. Timed: plan() on a parsed Topology (cost tables, search, bound, prediction); JSON validation is "
     f"not timed. search: exact up to {EXACT_LIMIT['latency']} usable nodes for latency, {EXACT_LIMIT['throughput']} for throughput. "

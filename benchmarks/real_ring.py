@@ -43,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 from clients import http_json, start_in_turn, stream_chat  # noqa: E402
 
+from exo.base.model_spec import ModelSpec  # noqa: E402
+from exo.base.topology import Topology  # noqa: E402
 from exo.tools.local_cluster import Cluster, Device  # noqa: E402
 from exo.topology.cost_model import PlannerParams  # noqa: E402
-from exo.topology.model_spec import ModelSpec  # noqa: E402
 from exo.topology.planner import predict_ring  # noqa: E402
-from exo.topology.topology import Topology  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."

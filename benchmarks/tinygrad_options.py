@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Context
 
+from exo.base.shard import Shard
 from exo.inference import tinygrad_inference_engine as engine_module
 from exo.inference.quantized import as_float32
-from exo.inference.shard import Shard
 
 WHOLE = Shard("smollm2-135m", 0, 29, 30)
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

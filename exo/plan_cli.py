@@ -15,14 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from exo.base.errors import BadInput, ExoError
+from exo.base.model_spec import ModelSpec
+from exo.base.models import MODELS, model_spec
+from exo.base.topology import Topology
 from exo.cli_args import add_planner_flags, positive_int
-from exo.errors import BadInput, ExoError
 from exo.topology.cost_model import CostModel, cost_model, head_layers
-from exo.topology.model_spec import ModelSpec
-from exo.topology.models import MODELS, model_spec
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
-from exo.topology.topology import Topology
 
 PROG = "exo plan"
 BASELINE = "ring-memory-weighted"

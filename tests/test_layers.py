@@ -1,7 +1,8 @@
-"""The layers import downward only: topology <- inference <- networking <- orchestration <- api (and the terminal view) <- main.
+"""The layers import downward only: base <- topology <- inference <- networking <- orchestration <- api (and the terminal view)
+<- main. `exo/base` (shared types and errors) imports nothing of exo outside itself, and the engines do not import the planner.
 
 Every `import` and `from ... import` in the package (at any depth, also inside functions) is read with `ast`; a module may
-import from its own layer, the layers below it, `exo/errors.py` and `exo/files.py`. The benchmarks may use the package, never the tests.
+import from its own layer and the layers below it. The benchmarks may use the package, never the tests.
 """
 
 import ast
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["topology", "inference", "networking", "orchestration", "api", "main"]
+LAYERS = ["base", "topology", "inference", "networking", "orchestration", "api", "main"]
 LAYER_OF = {
   **{name: i for i, name in enumerate(LAYERS)},
   "viz": LAYERS.index("api"),
@@ -18,11 +19,11 @@ LAYER_OF = {
   "cli_args": LAYERS.index("main"),
   "tools": LAYERS.index("main"),
 }
-SHARED = {"exo.errors", "exo.files", "exo"}
+SHARED = {"exo.base.errors", "exo.base.files", "exo"}
 
 
 def layer_of(module: str) -> int | None:
-  """The layer index of an `exo` module name; None for `exo.errors`, `exo.files`, the package itself and modules outside it."""
+  """The layer index of an `exo` module name; None for `exo.base.errors`, `exo.base.files`, the package itself and modules outside it."""
   parts = module.split(".")
   if parts[0] != "exo" or module in SHARED or parts[1] == "__init__":
     return None
@@ -54,10 +55,24 @@ def test_package_modules_import_downward_only(path):
   assert upward == [], f"{path.relative_to(ROOT)} (layer {LAYERS[own]}) imports a higher layer: {upward}"
 
 
-def test_topology_imports_nothing_of_exo_but_itself_and_errors():
-  for path in sorted((ROOT / "exo" / "topology").rglob("*.py")):
-    outside = [m for _, m in imports(path) if m.startswith("exo") and not m.startswith("exo.topology") and m not in SHARED]
-    assert outside == [], f"{path.relative_to(ROOT)} imports {outside}"
+def exo_imports(package: str) -> dict[str, list[str]]:
+  """The `exo` modules each module of `exo/<package>` imports."""
+  return {str(p.relative_to(ROOT)): [m for _, m in imports(p) if m.startswith("exo.")] for p in sorted((ROOT / "exo" / package).rglob("*.py"))}
+
+
+def test_base_imports_nothing_of_exo_but_itself():
+  outside = {path: [m for m in found if not m.startswith("exo.base")] for path, found in exo_imports("base").items()}
+  assert {path: found for path, found in outside.items() if found} == {}
+
+
+def test_topology_imports_nothing_of_exo_but_itself_and_base():
+  outside = {path: [m for m in found if m.split(".")[1] not in ("base", "topology")] for path, found in exo_imports("topology").items()}
+  assert {path: found for path, found in outside.items() if found} == {}
+
+
+def test_engines_do_not_import_the_planner():
+  planner = {path: [m for m in found if m.startswith("exo.topology")] for path, found in exo_imports("inference").items()}
+  assert {path: found for path, found in planner.items() if found} == {}
 
 
 def test_benchmarks_do_not_import_the_tests():
@@ -70,6 +85,7 @@ def test_the_rule_catches_the_imports_it_forbids(tmp_path):
   cases = {
     "exo.networking.peer_handle": "from exo.orchestration.request_context import RequestContext",
     "exo.topology.plan": "from exo.inference.shard import Shard",
+    "exo.base.shard": "from exo.topology.plan import Plan",
     "exo.inference.engine": "import exo.networking.server",
   }
   for module, line in cases.items():

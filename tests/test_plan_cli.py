@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
 from exo.main import log_level, main
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "context_tokens", "partitions", "shards", "predicted", "warnings"}

@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 
 import psutil
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 
 __all__ = ["Access", "allowed_origin", "api_key", "is_loopback", "request_host"]
 

@@ -27,18 +27,18 @@ from typing import Callable
 from aiohttp import web
 
 from exo.api.access import Access
-from exo.errors import BadInput, Busy, ExoError
+from exo.base.errors import BadInput, Busy, ExoError
+from exo.base.model_spec import ModelSpec
+from exo.base.models import MODELS
+from exo.base.shard import Shard
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.model_figures import model_spec_for
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import present
 from exo.inference.model_sources import is_repo_id, local_path, model_sources
 from exo.inference.sampling import MAX_SEED, MAX_TOP_K, Sampling
-from exo.inference.shard import Shard
 from exo.orchestration.node import Admission, Generation, Node, RequestFailed
 from exo.orchestration.stop_strings import MAX_STOP_STRINGS, visible_text
-from exo.topology.model_spec import ModelSpec
-from exo.topology.models import MODELS
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # upstream's --chatgpt-api-port

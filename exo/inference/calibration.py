@@ -23,10 +23,10 @@ from statistics import median
 
 import numpy as np
 
+from exo.base.device_capabilities import LayerTimes
+from exo.base.model_spec import ModelSpec
+from exo.base.shard import Shard
 from exo.inference.inference_engine import InferenceEngine
-from exo.inference.shard import Shard
-from exo.topology.device_capabilities import LayerTimes
-from exo.topology.model_spec import ModelSpec
 
 PREFILL_TOKENS = 32
 SHORT, LONG = 1, 4  # layers of the two shards timed

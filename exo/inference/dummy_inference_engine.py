@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from exo.inference.shard import Shard
+from exo.base.shard import Shard
 from exo.inference.sharded_engine import ModelDims, ShardedEngine
 
 EOS_TOKEN = 2

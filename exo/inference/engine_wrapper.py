@@ -3,8 +3,8 @@
 
 import numpy as np
 
+from exo.base.shard import Shard
 from exo.inference.inference_engine import InferenceEngine, Step, infer_one
-from exo.inference.shard import Shard
 
 
 class EngineWrapper(InferenceEngine):

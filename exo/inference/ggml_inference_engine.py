@@ -41,17 +41,17 @@ from pathlib import Path
 import ggml
 import numpy as np
 
-from exo.errors import BadInput
-from exo.files import open_regular
+from exo.base.errors import BadInput
+from exo.base.files import open_regular
+from exo.base.model_spec import MAX_CONTEXT
+from exo.base.shard import Shard
 from exo.inference.ggml_library import TYPE_NAMES, Backend, default_threads, get_output, metadata_context, set_input
 from exo.inference.heap import trim_heap
 from exo.inference.llama_weights import EMBED, GGUF_GLOBALS, GGUF_PARTS, LM_HEAD, NORM, LlamaConfig, gguf_metadata, layer_parts, load_config
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
 from exo.inference.model_sources import ENGINE_FORMATS
-from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
-from exo.topology.model_spec import MAX_CONTEXT
 
 log = logging.getLogger(__name__)
 WINDOW = 64  # cache cells a request's attention window grows by (each growth builds its graphs again: a few ms)

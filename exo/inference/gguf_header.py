@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from exo.errors import BadInput
-from exo.files import open_regular
+from exo.base.errors import BadInput
+from exo.base.files import open_regular
 
 V = gguf.GGUFValueType
 _SCALARS = {

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exo.inference.shard import Shard
+from exo.base.shard import Shard
 
 
 def positions_in(input_data: np.ndarray) -> int:

@@ -11,7 +11,7 @@ window.
 from collections import deque
 from statistics import median
 
-from exo.topology.device_capabilities import LayerTimes
+from exo.base.device_capabilities import LayerTimes
 
 PREFILL_MIN_TOKENS = 8
 DECODE_WINDOW, DECODE_MIN_SAMPLES = 24, 5  # one decode sample per token a stage runs

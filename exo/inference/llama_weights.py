@@ -39,12 +39,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from exo.errors import BadInput
-from exo.files import open_regular, read_bytes
+from exo.base.errors import BadInput
+from exo.base.files import open_regular, read_bytes
+from exo.base.model_spec import CONTEXT_LIMIT, MAX_LAYERS
+from exo.base.shard import Shard
 from exo.inference.gguf_header import GGUFHeader, read_header
 from exo.inference.quantized import KEPT_QUANTIZED, QuantizedMatrix, Weight, from_gguf_blocks, from_mlx, half
-from exo.inference.shard import Shard
-from exo.topology.model_spec import CONTEXT_LIMIT, MAX_LAYERS
 
 EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 GGUF_PARTS = {  # Hugging Face layer part: llama.cpp's name for it

@@ -27,12 +27,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from exo.base.shard import Shard
 from exo.inference.llama_weights import EMBED, LM_HEAD, LlamaConfig, load_shard_weights, rope_inv_freq
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
 from exo.inference.model_sources import ENGINE_FORMATS
 from exo.inference.quantized import QuantizedMatrix, Weight
-from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
 
 

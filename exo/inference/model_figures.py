@@ -9,7 +9,10 @@ from pathlib import Path
 
 import gguf
 
-from exo.errors import BadInput, ModelNotFound
+from exo.base.errors import BadInput, ModelNotFound
+from exo.base.model_spec import ModelSpec
+from exo.base.models import MODELS
+from exo.base.shard import Shard
 from exo.inference.llama_weights import (
   EMBED,
   GGUF_GLOBALS,
@@ -25,9 +28,6 @@ from exo.inference.llama_weights import (
 from exo.inference.model_files import locate_model, missing_files
 from exo.inference.model_sources import is_repo_id, local_path
 from exo.inference.quantized import GGUF_GROUP, KEPT_QUANTIZED
-from exo.inference.shard import Shard
-from exo.topology.model_spec import ModelSpec
-from exo.topology.models import MODELS
 
 ACTIVATION_DTYPE_BYTES = 4  # the engines send hidden states between stages as float32
 KV_DTYPE_BYTES = 4  # and keep their KV caches in float32

@@ -6,16 +6,16 @@ from abc import abstractmethod
 
 import numpy as np
 
+from exo.base.model_spec import MAX_CONTEXT
+from exo.base.shard import Shard
 from exo.inference.downloads import ensure_model
 from exo.inference.heap import trim_heap
 from exo.inference.llama_weights import load_config
 from exo.inference.model_figures import shard_held_bytes
 from exo.inference.model_files import locate_model
 from exo.inference.model_sources import ENGINE_FORMATS
-from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ShardedEngine
 from exo.inference.tokenizer import Tokenizer, load_tokenizer
-from exo.topology.model_spec import MAX_CONTEXT
 
 
 class ModelFileEngine(ShardedEngine):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 
 GGUF_GROUP = 32
 _F16_MAX = float(np.finfo(np.float16).max)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 
 __all__ = ["GREEDY", "MAX_SEED", "MAX_TOP_K", "Sampling", "sample_last"]
 

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import psutil
 
+from exo.base.shard import Shard
 from exo.inference.inference_engine import InferenceEngine, Step, infer_one
 from exo.inference.sampling import Sampling, sample_last
-from exo.inference.shard import Shard
 
 log = logging.getLogger(__name__)
 

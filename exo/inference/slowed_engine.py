@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 
+from exo.base.shard import Shard
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.inference_engine import InferenceEngine, Step
-from exo.inference.shard import Shard
 
 
 class SlowedEngine(EngineWrapper):

@@ -56,15 +56,15 @@ from tinygrad.device import LRUAllocator
 from tinygrad.helpers import BEAM, DEV
 from tinygrad.renderer.cstyle import ClangRenderer
 
+from exo.base.model_spec import MAX_CONTEXT
+from exo.base.shard import Shard
 from exo.inference.gpu_presence import has_gpu
 from exo.inference.heap import trim_heap
 from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, load_shard_weights, rope_inv_freq
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
 from exo.inference.quantized import QuantizedMatrix, Weight
-from exo.inference.shard import Shard
 from exo.inference.sharded_engine import ModelDims
-from exo.topology.model_spec import MAX_CONTEXT
 
 PREFILL_CHUNK = 16  # rows of a prompt chunk; its step holds (chunk, context) attention scores: 9 MB each for SmolLM2
 LANES = 16  # partial sums per output of a matrix product

@@ -13,8 +13,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from exo.errors import BadInput
-from exo.files import read_bytes
+from exo.base.errors import BadInput
+from exo.base.files import read_bytes
 from exo.inference.gguf_header import read_header
 from exo.inference.llama_weights import MAX_JSON_BYTES, gguf_field, read_json
 

@@ -4,9 +4,9 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 
+from exo.base.device_capabilities import DeviceCapabilities
 from exo.networking.liveness import Liveness, health_check_ms
 from exo.networking.peer_handle import PeerHandle
-from exo.topology.device_capabilities import DeviceCapabilities
 
 CreatePeerHandle = Callable[[str, str, DeviceCapabilities], PeerHandle]  # (peer id, address, capabilities) -> handle
 

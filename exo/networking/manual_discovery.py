@@ -15,10 +15,10 @@ import contextlib
 import json
 import logging
 
-from exo.errors import BadInput
+from exo.base.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, reject_unknown_keys
+from exo.base.errors import BadInput
 from exo.networking.discovery import CheckedDiscovery, CreatePeerHandle, host_port
 from exo.networking.liveness import Liveness, disconnect
-from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, reject_unknown_keys
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exo.errors import BadInput, ExoError
+from exo.base.errors import BadInput, ExoError
 
 SECRET_ENV = "EXO_CLUSTER_SECRET"
 SECRET_FILE_NAME = "cluster-secret"

@@ -9,7 +9,7 @@ import asyncio
 
 import numpy as np
 
-from exo.inference.shard import Shard
+from exo.base.shard import Shard
 from exo.networking.peer_handle import PeerHandle
 from exo.networking.request_context import RequestContext
 

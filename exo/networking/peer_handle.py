@@ -4,10 +4,10 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from exo.inference.shard import Shard
+from exo.base.device_capabilities import DeviceCapabilities
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 from exo.networking.request_context import RequestContext
-from exo.topology.device_capabilities import DeviceCapabilities
-from exo.topology.topology import Topology
 
 
 class Refused(Exception):

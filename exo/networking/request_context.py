@@ -3,8 +3,8 @@ plan chosen once, with the context it was planned for (every stage keeps each re
 
 from dataclasses import dataclass, replace
 
+from exo.base.shard import Shard
 from exo.inference.sampling import GREEDY, Sampling
-from exo.inference.shard import Shard
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from typing import Protocol
 
 import numpy as np
 
-from exo.inference.shard import Shard
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 from exo.networking.request_context import RequestContext
-from exo.topology.topology import Topology
 
 
 class Server(ABC):

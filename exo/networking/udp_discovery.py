@@ -33,10 +33,10 @@ from dataclasses import dataclass, replace
 
 import psutil
 
+from exo.base.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 from exo.networking.discovery import CheckedDiscovery, CreatePeerHandle, host_port
 from exo.networking.liveness import Liveness, disconnect
 from exo.networking.membership import ANNOUNCEMENT_MAX_AGE_S, Membership, NotAMember, RateLimitedLog, cluster_membership
-from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from time import perf_counter
 import numpy as np
 import psutil
 
-from exo.topology.chips import capabilities_for_chip, chip_spec
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.chips import capabilities_for_chip, chip_spec
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
 
 log = logging.getLogger(__name__)
 

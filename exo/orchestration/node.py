@@ -22,12 +22,16 @@ from typing import Callable
 
 import numpy as np
 
-from exo.errors import BadInput, Busy, ClusterCannotServe
+from exo.base.device_capabilities import DeviceCapabilities
+from exo.base.errors import BadInput, Busy, ClusterCannotServe
+from exo.base.model_spec import MAX_CONTEXT, ModelSpec
+from exo.base.models import MODELS
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 from exo.inference.calibration import calibrate
 from exo.inference.inference_engine import InferenceEngine, Step, positions_in
 from exo.inference.layer_time_estimate import LayerTimeEstimate
 from exo.inference.sampling import GREEDY, Sampling
-from exo.inference.shard import Shard
 from exo.networking.discovery import Discovery
 from exo.networking.membership import NotAllowed
 from exo.networking.outbox import Outbox
@@ -40,13 +44,9 @@ from exo.orchestration.served import ServedRequests
 from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
 from exo.orchestration.stop_strings import visible_text
 from exo.topology.cost_model import PlannerParams, Prediction, head_layers
-from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.flops_latency_partitioning_strategy import DEFAULT_PROMPT_TOKENS
-from exo.topology.model_spec import MAX_CONTEXT, ModelSpec
-from exo.topology.models import MODELS
 from exo.topology.plan import Plan
 from exo.topology.planner import plan_for, predict_ring
-from exo.topology.topology import Topology
 
 log = logging.getLogger(__name__)
 PEER_WAIT_S = 5.0  # how long a message waits for its ring neighbour to be discovered (nodes that just started)

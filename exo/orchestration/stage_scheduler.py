@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from exo.base.shard import Shard
 from exo.inference.inference_engine import Step, positions_in
-from exo.inference.shard import Shard
 
 
 class StepCancelled(Exception):

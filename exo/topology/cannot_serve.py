@@ -3,7 +3,7 @@ and what would make the model fit (more memory on which nodes, links between whi
 
 import math
 
-from exo.errors import ClusterCannotServe
+from exo.base.errors import ClusterCannotServe
 from exo.topology.cost_model import CostModel
 from exo.topology.feasibility import Feasibility
 

@@ -7,11 +7,14 @@ Everything here is pure arithmetic on the topology and model spec.
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from exo.topology.model_spec import ModelSpec
-from exo.topology.topology import Topology
+from exo.base.device_capabilities import DeviceCapabilities
+from exo.base.model_spec import ModelSpec
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 
 MIN_LAYER_TIME = 1e-12  # seconds; keeps a model with no weights and no FLOPs from dividing by zero in the split
 OBJECTIVES = ("latency", "throughput")
@@ -73,6 +76,21 @@ def layer_time(speed: tuple[float, float], tokens: int) -> float:
 def head_layers(model: ModelSpec) -> float:
   """eta = H / B: the final norm and output head cost this many layers of time on the last stage."""
   return model.head_bytes / model.layer_bytes if model.head_bytes > 0 else 0.0
+
+
+def pacing_delay(shard: Shard, model: ModelSpec, device: DeviceCapabilities, tokens: int = 1) -> float:
+  """Seconds `device` needs to run `shard` over `tokens` positions at once: (layers + eta on the last shard) x t(tokens); 0 if
+  its speed is unknown."""
+  speed = layer_speed(model, device.flops.fp16, device.memory_bandwidth)
+  if speed is None:
+    return 0.0
+  layers = shard.get_layer_count() + (head_layers(model) if shard.is_last_layer() else 0.0)
+  return layers * layer_time(speed, tokens)
+
+
+def device_pacing(model: ModelSpec, device: DeviceCapabilities) -> Callable[[Shard, int], float]:
+  """`pacing_delay` of `model` on `device` as a function of (shard, tokens): what a paced engine stretches its calls to."""
+  return lambda shard, tokens: pacing_delay(shard, model, device, tokens)
 
 
 @dataclass

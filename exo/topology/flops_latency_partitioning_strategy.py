@@ -3,7 +3,10 @@
 import math
 from dataclasses import replace
 
-from exo.errors import BadInput, ClusterCannotServe
+from exo.base.errors import BadInput, ClusterCannotServe
+from exo.base.model_spec import CONTEXT_LIMIT, ModelSpec
+from exo.base.models import DEFAULT_MODEL, model_spec
+from exo.base.topology import Topology
 from exo.topology.bounds import least_stage, least_tpot
 from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
 from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, Prediction, cost_model
@@ -12,12 +15,9 @@ from exo.topology.feasibility import feasibility
 from exo.topology.heuristic_search import best_orientation, heuristic_search, ring_through
 from exo.topology.latency_search import MAX_NODES
 from exo.topology.layer_split import bottleneck_split
-from exo.topology.model_spec import CONTEXT_LIMIT, ModelSpec
-from exo.topology.models import DEFAULT_MODEL, model_spec
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 from exo.topology.plan import Plan
 from exo.topology.search_problem import SearchProblem, better
-from exo.topology.topology import Topology
 
 EXACT_LIMIT = {"latency": MAX_NODES, "throughput": THROUGHPUT_LIMIT}  # usable nodes up to which the search is exact
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT

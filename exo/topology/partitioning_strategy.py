@@ -4,8 +4,8 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from exo.topology.shard import Shard
-from exo.topology.topology import Topology
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 
 _BOUNDARY_EPS = 1e-9  # a boundary like 0.3 * 10 computes as 2.9999999999999996 and must still mean layer 3
 

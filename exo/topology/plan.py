@@ -2,10 +2,10 @@
 
 from dataclasses import dataclass, field
 
+from exo.base.model_spec import ModelSpec
+from exo.base.shard import Shard
 from exo.topology.cost_model import PlannerParams, Prediction
-from exo.topology.model_spec import ModelSpec
 from exo.topology.partitioning_strategy import Partition, map_partitions_to_node_shards, partitions_from_layer_counts
-from exo.topology.shard import Shard
 
 
 @dataclass

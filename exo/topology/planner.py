@@ -2,7 +2,10 @@
 
 import math
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
+from exo.base.model_spec import ModelSpec
+from exo.base.models import model_spec
+from exo.base.topology import Topology
 from exo.topology.cost_model import PlannerParams, Prediction, cost_model
 from exo.topology.flops_latency_partitioning_strategy import (
   DEFAULT_PROMPT_TOKENS,
@@ -12,11 +15,8 @@ from exo.topology.flops_latency_partitioning_strategy import (
   check_params,
   context_cap,
 )
-from exo.topology.model_spec import ModelSpec
-from exo.topology.models import model_spec
 from exo.topology.plan import Plan
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
-from exo.topology.topology import Topology
 
 STRATEGIES = ("flops-latency", "ring-memory-weighted")
 

@@ -1,5 +1,5 @@
+from exo.base.topology import Topology
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
-from exo.topology.topology import Topology
 
 
 class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):

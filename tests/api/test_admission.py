@@ -7,11 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.models import model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
 from exo.orchestration.node import drain_s
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
+from exo.topology.cost_model import device_pacing
 from tests.api.test_api_access import call
 from tests.api.test_chatgpt_api import SERVED, Served
 
@@ -30,7 +31,7 @@ def test_drain_time_is_the_prefills_then_the_tokens_at_the_saturated_rate_or_the
 
 @pytest.fixture
 def paced():
-  engine = PacedInferenceEngine(DummyInferenceEngine(eos_after=10**9), model_spec(SERVED), SLOW)
+  engine = PacedInferenceEngine(DummyInferenceEngine(eos_after=10**9), device_pacing(model_spec(SERVED), SLOW))
   served = Served(engine, caps=SLOW, admit_by_rate=True, request_timeout=TIMEOUT_S, max_generate_tokens=100)
   yield served
   served.close()

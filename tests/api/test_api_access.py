@@ -11,7 +11,7 @@ from http.cookies import SimpleCookie
 import pytest
 
 from exo.api.access import Access, allowed_origin, api_key
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 from exo.main import main
 from tests.api.test_chatgpt_api import MESSAGES, SERVED, Served
 from tests.support.local_hub import LocalHub, tiny_checkpoint

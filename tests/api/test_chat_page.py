@@ -12,12 +12,12 @@ import pytest
 
 from exo.api import ChatGPTAPI
 from exo.api.chatgpt_api import STATIC_DIR, STATIC_TYPES
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.models import MODELS, model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.slowed_engine import SlowedEngine
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import MODELS, model_spec
 from tests.support.node_process import exo_node
 from tests.support.patience import STALL_S
 

@@ -12,14 +12,14 @@ import openai
 import pytest
 
 from exo.api import ChatGPTAPI
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.models import MODELS, model_spec
+from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
-from exo.inference.shard import Shard
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.orchestration.node import Node, PlannerConfig
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import MODELS, model_spec
 from tests.support.greedy import greedy_tokens
 from tests.support.patience import STALL_S
 

@@ -42,8 +42,8 @@ def ring_of(plan: dict) -> list[tuple[str, int, int]]:
 
 async def reference_tokens(model, prompt: str, max_tokens: int) -> list[int]:
   """The dummy engine's tokens for `prompt` with the whole model as one shard on one engine: what every ring must reproduce."""
+  from exo.base.shard import Shard
   from exo.inference.dummy_inference_engine import DummyInferenceEngine
-  from exo.inference.shard import Shard
   from tests.support.greedy import greedy_tokens
 
   engine, shard = DummyInferenceEngine(), Shard(model.id, 0, model.n_layers - 1, model.n_layers)

@@ -23,6 +23,7 @@ import pytest
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
 from exo.orchestration.node import RequestFailed
+from exo.topology.cost_model import device_pacing
 from tests.cluster.harness import (
   CLIENT,
   EXO,
@@ -176,7 +177,7 @@ def test_ring_stops_when_its_origin_dies(cluster):
     origin = cluster.local_node("o")
     ring = [cluster.local_node(node_id) for node_id in ("a", "b")]
     for node in ring:  # never EOS: only the origin's death can end this request early
-      node.engine = Spy(PacedInferenceEngine(DummyInferenceEngine(eos_after=10**9), node.model, node.capabilities), node.id, calls)
+      node.engine = Spy(PacedInferenceEngine(DummyInferenceEngine(eos_after=10**9), device_pacing(node.model, node.capabilities)), node.id, calls)
     try:
       await asyncio.gather(*(node.start(wait_for_peers=2) for node in [origin, *ring]))
       await wait_for_local_mesh([origin, *ring])

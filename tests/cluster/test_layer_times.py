@@ -4,9 +4,9 @@ whose microseconds stand for no device, measures nothing (it plans with its decl
 
 import pytest
 
+from exo.base.models import DEFAULT_MODEL
 from exo.inference.slowed_engine import SlowedEngine
 from exo.main import build_node, build_parser
-from exo.topology.models import DEFAULT_MODEL
 from tests.cluster.harness import Device
 
 DEVICE = Device(2000, 1, 20)

@@ -9,12 +9,12 @@ from statistics import median
 import numpy as np
 import pytest
 
+from exo.base.model_spec import ModelSpec
+from exo.base.shard import Shard
 from exo.inference.calibration import LONG, PREFILL_TOKENS, SHORT, calibrate, calibration_shards, per_layer
 from exo.inference.dummy_inference_engine import HIDDEN_SIZE, DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
-from exo.inference.shard import Shard
 from exo.topology.cost_model import head_layers
-from exo.topology.model_spec import ModelSpec
 
 MODEL = ModelSpec("m", n_layers=30, layer_bytes=1e6, layer_flops=2e6, activation_bytes=4 * HIDDEN_SIZE)
 RATIO = 1.5  # calibration against the engine's own decode steps, either way
@@ -119,8 +119,8 @@ async def decode_steps_of_the_whole_model(engine, model: ModelSpec, steps: int =
 def test_calibrated_layer_times_match_the_engines_own_time_per_token_on_smollm2(engine_class):
   """Other processes on a shared machine can slow one of the two timings and not the other: a pair far apart is timed again,
   up to ATTEMPTS times."""
+  from exo.base.models import model_spec
   from exo.inference.model_figures import served_model_spec
-  from exo.topology.models import model_spec
 
   model = served_model_spec(model_spec("smollm2-135m"))
   engine, ratios = engine_class(), []

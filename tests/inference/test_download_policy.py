@@ -8,7 +8,7 @@ import shutil
 import huggingface_hub
 import pytest
 
-from exo.errors import BadInput, ModelNotFound
+from exo.base.errors import BadInput, ModelNotFound
 from exo.inference import downloads
 from exo.inference.downloads import ensure_model
 from exo.main import build_node, build_parser, main

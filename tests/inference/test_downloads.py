@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exo.errors import ModelNotFound
+from exo.base.errors import ModelNotFound
+from exo.base.shard import Shard
 from exo.inference import downloads, model_sources
 from exo.inference.downloads import ensure_model
 from exo.inference.llama_weights import load_shard_weights
 from exo.inference.model_files import locate_model, missing_files, present
-from exo.inference.shard import Shard
 from exo.main import build_node, build_parser, main
 from exo.networking.ports import free_port
 from tests.inference.tiny_models import TINY, tiny_weights

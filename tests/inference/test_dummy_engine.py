@@ -3,8 +3,8 @@ import asyncio
 import numpy as np
 import pytest
 
+from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import EOS_TOKEN, HIDDEN_SIZE, VOCAB_SIZE, DummyInferenceEngine
-from exo.inference.shard import Shard
 from tests.support.greedy import greedy_tokens
 
 N_LAYERS = 8

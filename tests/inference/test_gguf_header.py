@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
 from exo.inference.gguf_header import read_header
 from exo.inference.model_files import locate_model
 from tests.inference.tiny_models import TINY, TINY_QWEN2, tiny_weights, write_gguf

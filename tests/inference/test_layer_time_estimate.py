@@ -3,6 +3,7 @@ over, and the conversion of a stage's step time into a layer's time."""
 
 import pytest
 
+from exo.base.device_capabilities import LayerTimes
 from exo.inference.layer_time_estimate import (
   DECODE_MIN_SAMPLES,
   DECODE_WINDOW,
@@ -11,7 +12,6 @@ from exo.inference.layer_time_estimate import (
   LayerTimeEstimate,
   MovingMedian,
 )
-from exo.topology.device_capabilities import LayerTimes
 
 CALIBRATED = LayerTimes(decode_ms=2.0, token_ms=0.5)
 

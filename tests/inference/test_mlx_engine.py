@@ -11,12 +11,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from exo.base.shard import Shard
 from exo.inference.llama_weights import EMBED, LM_HEAD, layer_key, load_shard_weights, rope_scaling_factors
 from exo.inference.mlx_inference_engine import MLXInferenceEngine
 from exo.inference.model_figures import held_tensor_bytes, shard_held_bytes
 from exo.inference.model_files import locate_model
 from exo.inference.quantized import QuantizedMatrix
-from exo.inference.shard import Shard
 from exo.inference.sharded_engine import RequestStateError
 from tests.inference.numpy_llama import forward
 from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir

@@ -4,11 +4,11 @@ import gguf
 import numpy as np
 import pytest
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
+from exo.base.shard import Shard
 from exo.inference.llama_weights import load_shard_weights
 from exo.inference.model_figures import held_tensor_bytes, model_spec_from_file, shard_held_bytes
 from exo.inference.model_files import locate_model
-from exo.inference.shard import Shard
 from tests.inference.tiny_models import TINY, TINY_QWEN2, tiny_weights, write_gguf, write_hf_dir
 
 Q = gguf.GGMLQuantizationType

@@ -6,12 +6,12 @@ import gguf
 import numpy as np
 import pytest
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
+from exo.base.shard import Shard
 from exo.inference import llama_weights, model_files
 from exo.inference.llama_weights import EMBED, LAYER_PARTS, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, load_config, load_shard_weights
 from exo.inference.model_files import locate_model
 from exo.inference.quantized import QuantizedMatrix, from_gguf_blocks, from_mlx
-from exo.inference.shard import Shard
 from exo.inference.tokenizer import _pre_tokenizer, load_tokenizer
 from tests.inference.numpy_llama import apply_rope, forward, generate
 from tests.inference.tiny_models import TINY, TINY_QWEN2, llama_cpp_permute, mlx_quantize, tiny_weights, write_gguf, write_hf_dir, write_safetensors

@@ -8,7 +8,7 @@ import struct
 import psutil
 import pytest
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 from exo.inference.gguf_header import read_header
 from exo.inference.llama_weights import EMBED, load_config, safetensors_index
 from exo.inference.model_figures import model_spec_from_file

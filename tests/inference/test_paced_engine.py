@@ -3,14 +3,15 @@ import asyncio
 import numpy as np
 import pytest
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.model_spec import ModelSpec
+from exo.base.models import model_spec
+from exo.base.shard import Shard
 from exo.inference import paced_inference_engine
 from exo.inference.dummy_inference_engine import HIDDEN_SIZE, DummyInferenceEngine
 from exo.inference.inference_engine import Step, positions_in
-from exo.inference.paced_inference_engine import PacedInferenceEngine, pacing_delay
-from exo.inference.shard import Shard
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.model_spec import ModelSpec
-from exo.topology.models import model_spec
+from exo.inference.paced_inference_engine import PacedInferenceEngine
+from exo.topology.cost_model import device_pacing, pacing_delay
 
 MODEL = ModelSpec("m", n_layers=10, layer_bytes=1e8, layer_flops=2e9, activation_bytes=4096)
 DEVICE = DeviceCapabilities(memory=8192, flops=DeviceFlops(5, 10, 20), memory_bandwidth=100)  # fp16 10 TFLOPS, 100 GB/s
@@ -48,17 +49,17 @@ def test_positions_in_inputs():
 
 
 def test_engine_delay_uses_input_positions():
-  engine = PacedInferenceEngine(DummyInferenceEngine(), MODEL, DEVICE)
+  engine = PacedInferenceEngine(DummyInferenceEngine(), device_pacing(MODEL, DEVICE))
   assert engine.delay(SHARD, [Step("r", np.zeros((1, 50, HIDDEN_SIZE), dtype=np.float32))]) == pytest.approx(0.04)
   assert engine.delay(SHARD, [Step("r", np.zeros((1, 1, HIDDEN_SIZE), dtype=np.float32))]) == pytest.approx(0.004)
-  unscaled = PacedInferenceEngine(DummyInferenceEngine(), MODEL, DEVICE, prompt_tokens_scale=False)
+  unscaled = PacedInferenceEngine(DummyInferenceEngine(), device_pacing(MODEL, DEVICE), prompt_tokens_scale=False)
   assert unscaled.delay(SHARD, [Step("r", np.zeros((1, 50, HIDDEN_SIZE), dtype=np.float32))]) == pytest.approx(0.004)  # as one token
 
 
 def test_a_batch_is_paced_as_its_positions_at_once():
   """t(n) = max(d, n c) for the n positions of a call: 4 layers, d = 1 ms, c = 0.2 ms, so 5 decode steps together cost as
   much as one (bandwidth bound) and 20 cost 4 layers x 20 x 0.2 ms = 16 ms."""
-  engine = PacedInferenceEngine(DummyInferenceEngine(), MODEL, DEVICE)
+  engine = PacedInferenceEngine(DummyInferenceEngine(), device_pacing(MODEL, DEVICE))
   decode = [Step(f"r{i}", np.zeros((1, 1, HIDDEN_SIZE), dtype=np.float32)) for i in range(20)]
   assert engine.delay(SHARD, decode[:5]) == pytest.approx(4 * 1e-3)
   assert engine.delay(SHARD, decode) == pytest.approx(4 * 20 * 2e-4)
@@ -83,14 +84,14 @@ def test_outputs_are_the_inner_engines():
 
   fast = DeviceCapabilities(flops=DeviceFlops(1e6, 1e6, 1e6), memory_bandwidth=1e9)  # microsecond delays
   plain_outputs, plain_tokens = asyncio.run(run(DummyInferenceEngine))
-  paced_outputs, paced_tokens = asyncio.run(run(lambda: PacedInferenceEngine(DummyInferenceEngine(), MODEL, fast)))
+  paced_outputs, paced_tokens = asyncio.run(run(lambda: PacedInferenceEngine(DummyInferenceEngine(), device_pacing(MODEL, fast))))
   assert paced_tokens == plain_tokens
   assert all(np.array_equal(a, b) for a, b in zip(paced_outputs, plain_outputs))
 
 
 def test_delegates_everything_else():
   inner = DummyInferenceEngine(eos_after=3)
-  engine = PacedInferenceEngine(inner, MODEL, DEVICE)
+  engine = PacedInferenceEngine(inner, device_pacing(MODEL, DEVICE))
   tokens = asyncio.run(engine.encode(SHARD, "héllo"))
   assert np.array_equal(tokens, asyncio.run(inner.encode(SHARD, "héllo")))
   assert asyncio.run(engine.decode(SHARD, tokens.tolist())) == "héllo"
@@ -109,10 +110,10 @@ def test_sleeps_for_the_delay_less_the_inner_time(monkeypatch):
 
   monkeypatch.setattr(paced_inference_engine.asyncio, "sleep", fake_sleep)
   slow = DeviceCapabilities(memory_bandwidth=1e-3)  # 1e8 B / 1e6 B/s = 100 s per layer
-  engine = PacedInferenceEngine(DummyInferenceEngine(), MODEL, slow)
+  engine = PacedInferenceEngine(DummyInferenceEngine(), device_pacing(MODEL, slow))
   asyncio.run(engine.infer_tensor("r", Shard("m", 0, 1, 10), np.array([5, 6, 7])))
   assert len(slept) == 1 and 199 < slept[0] <= 200
 
-  unknown = PacedInferenceEngine(DummyInferenceEngine(), MODEL, DeviceCapabilities())
+  unknown = PacedInferenceEngine(DummyInferenceEngine(), device_pacing(MODEL, DeviceCapabilities()))
   asyncio.run(unknown.infer_tensor("r", Shard("m", 0, 1, 10), np.array([5, 6, 7])))
   assert len(slept) == 1

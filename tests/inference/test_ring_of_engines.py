@@ -9,9 +9,11 @@ import json
 
 import pytest
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.models import model_spec
+from exo.base.shard import Shard
 from exo.inference.ggml_inference_engine import GGMLInferenceEngine
 from exo.inference.mlx_inference_engine import MLXInferenceEngine
-from exo.inference.shard import Shard
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import peer_handles
@@ -19,8 +21,6 @@ from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
 from tests.support.patience import HANG_S
 
 MODEL = model_spec("smollm2-135m")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 from exo.inference.sampling import GREEDY, Sampling, _candidates, sample_last
 
 # softmax(LOGITS / 0.7), by token:   0: .0398  1: .4519  2: .0062  3: .1249  4: .0260  5: .2552  6: .0147  7: .0814

@@ -6,9 +6,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import CONTEXT_LENGTH, DummyInferenceEngine
 from exo.inference.inference_engine import Step
-from exo.inference.shard import Shard
 from exo.inference.sharded_engine import RequestStateError
 from tests.support.greedy import greedy_tokens
 

@@ -5,9 +5,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from exo.base.shard import Shard
 from exo.inference import slowed_engine
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
-from exo.inference.shard import Shard
 from exo.inference.slowed_engine import SlowedEngine
 
 WHOLE = Shard("m", 0, 9, 10)

@@ -12,15 +12,15 @@ import gguf
 import numpy as np
 import pytest
 
+from exo.base.model_spec import MAX_CONTEXT
+from exo.base.shard import Shard
 from exo.inference import tinygrad_inference_engine
 from exo.inference.inference_engine import Step
 from exo.inference.llama_weights import LM_HEAD, layer_key, layer_parts, load_shard_weights
 from exo.inference.model_files import locate_model
 from exo.inference.quantized import weight_nbytes
-from exo.inference.shard import Shard
 from exo.inference.sharded_engine import RequestStateError
 from exo.inference.tinygrad_inference_engine import TinygradInferenceEngine
-from exo.topology.model_spec import MAX_CONTEXT
 from tests.inference.numpy_llama import forward
 from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
 

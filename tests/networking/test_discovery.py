@@ -12,12 +12,12 @@ from collections import namedtuple
 
 import pytest
 
-from exo.errors import ExoError
+from exo.base.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops, LayerTimes
+from exo.base.errors import ExoError
 from exo.networking import udp_discovery
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.membership import ANNOUNCEMENT_MAX_AGE_S, Membership, cluster_membership
 from exo.networking.udp_discovery import UDPDiscovery, parse_announcement
-from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops, LayerTimes
 from tests.support.health_only_peer import HealthOnlyPeer
 from tests.support.patience import STALL_S
 

@@ -11,8 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 from exo.inference.sampling import GREEDY, Sampling
-from exo.inference.shard import Shard
 from exo.networking.grpc import conversions as conv
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
@@ -22,8 +24,6 @@ from exo.networking.membership import TOKEN_METADATA, Membership, cluster_member
 from exo.networking.peer_handle import Refused
 from exo.networking.ports import free_port
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
-from exo.topology.topology import Topology
 from tests.support.patience import STALL_S
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,13 +3,13 @@
 import asyncio
 from types import SimpleNamespace
 
+from exo.base.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
+from exo.base.models import model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
 from exo.networking.liveness import Liveness
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.orchestration.node import Node
-from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
-from exo.topology.models import model_spec
 from tests.support.health_only_peer import HealthOnlyPeer
 
 

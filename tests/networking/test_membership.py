@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 from exo.main import build_parser
 from exo.networking.membership import SECRET_ENV, Membership, NotAMember, cluster_membership, stored_secret, stored_secret_path
 

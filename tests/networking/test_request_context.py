@@ -1,6 +1,6 @@
 import pytest
 
-from exo.inference.shard import Shard
+from exo.base.shard import Shard
 from exo.networking.request_context import RingPlan, RingStage
 
 

@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from exo.errors import Busy
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.errors import Busy
+from exo.base.models import model_spec
+from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
-from exo.inference.shard import Shard
 from exo.networking.discovery import NoDiscovery
 from exo.networking.request_context import RequestContext, RingPlan
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed, _Pending
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
 from tests.support.health_only_peer import HealthOnlyPeer
 from tests.support.patience import STALL_S
 

@@ -3,9 +3,9 @@ import tracemalloc
 
 import pytest
 
+from exo.base.chips import CHIPS
+from exo.base.device_capabilities import DeviceFlops
 from exo.orchestration import device_probe
-from exo.topology.chips import CHIPS
-from exo.topology.device_capabilities import DeviceFlops
 
 
 def fake_device(monkeypatch, chip: str, memory_mb: float = 16384.0, tflops: float = 0.5, bandwidth: float = 20.0) -> list[str]:

@@ -8,6 +8,8 @@ import logging
 
 import pytest
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.model_spec import ModelSpec
 from exo.inference.dummy_inference_engine import HIDDEN_SIZE, DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.paced_inference_engine import PacedInferenceEngine
@@ -18,8 +20,7 @@ from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.model_spec import ModelSpec
+from exo.topology.cost_model import device_pacing
 from tests.cluster.harness import wait_for_local_mesh
 
 MODEL = ModelSpec("paced", n_layers=12, layer_bytes=1e6, layer_flops=2e6, activation_bytes=4 * HIDDEN_SIZE)
@@ -88,7 +89,7 @@ def two_nodes(tmp_path) -> list[Node]:
   (tmp_path / "peers.json").write_text(json.dumps(peers))
   nodes = []
   for name, factor in (("a", 2.0), ("b", 1.0)):
-    engine = SlowedEngine(PacedInferenceEngine(DummyInferenceEngine(eos_after=8), MODEL, DEVICE), factor)
+    engine = SlowedEngine(PacedInferenceEngine(DummyInferenceEngine(eos_after=8), device_pacing(MODEL, DEVICE)), factor)
     discovery = ManualDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
     node = Node(name, engine, discovery, DEVICE, MODEL, PlannerConfig("flops-latency", "latency"), refresh_interval=0.1, measure_layer_times=True)
     node.server = GRPCServer(node, "127.0.0.1", ports[name])

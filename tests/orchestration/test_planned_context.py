@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from exo.errors import BadInput
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.errors import BadInput
+from exo.base.models import model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.networking.discovery import NoDiscovery
@@ -16,8 +18,6 @@ from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig, answer_budget
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
 from tests.support.planned_context import largest_context
 
 MODEL = model_spec("smollm2-135m")

@@ -10,18 +10,18 @@ import numpy as np
 import psutil
 import pytest
 
-from exo.errors import Busy
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.errors import Busy
+from exo.base.models import model_spec
+from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
-from exo.inference.shard import Shard
 from exo.networking.discovery import NoDiscovery
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.peer_handle import Refused
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
 from exo.orchestration.node import Node
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
 from tests.support.greedy import greedy_tokens
 from tests.support.patience import STALL_S
 

@@ -6,15 +6,15 @@ import asyncio
 
 import pytest
 
-from exo.errors import BadInput
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.errors import BadInput
+from exo.base.models import model_spec
+from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.sampling import Sampling
-from exo.inference.shard import Shard
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node, PlannerConfig
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
 from tests.support.greedy import greedy_tokens
 
 MODEL = model_spec("llama-3.2-1b")

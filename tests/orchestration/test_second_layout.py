@@ -10,15 +10,15 @@ import json
 
 import pytest
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.models import model_spec
+from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
-from exo.inference.shard import Shard
 from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
 from exo.orchestration.node import Node, PlannerConfig, RequestFailed
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
 from tests.support.greedy import greedy_tokens
 from tests.support.patience import HANG_S
 

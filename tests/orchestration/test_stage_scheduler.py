@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
+from exo.base.shard import Shard
 from exo.inference.inference_engine import Step
-from exo.inference.shard import Shard
 from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
 from tests.support.patience import STALL_S
 

@@ -3,12 +3,12 @@ is dropped even while another peer still lists it (until its own discovery timeo
 
 import asyncio
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.models import model_spec
+from exo.base.topology import Topology
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.models import model_spec
-from exo.topology.topology import Topology
 
 DEVICE = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
 PEER_DEVICE = DeviceCapabilities("Peer Box", "Peer Chip", 8192.0, DeviceFlops(5.0, 10.0, 20.0), 100.0)

@@ -3,7 +3,7 @@ the oracle the tests of a planned context check `context_tokens` against, indepe
 
 import math
 
-from exo.topology.model_spec import ModelSpec
+from exo.base.model_spec import ModelSpec
 
 STEP, LEAST, MOST = 256, 512, 8192  # a context below the cap is a multiple of STEP, at least LEAST; the cap is at most MOST
 

@@ -1,7 +1,7 @@
 import pytest
 
-from exo.topology.chips import CHIPS, ChipSpec, capabilities_for_chip, chip_spec
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.chips import CHIPS, ChipSpec, capabilities_for_chip, chip_spec
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
 
 APPLE_M = [f"Apple M{gen}{tier}" for gen in (1, 2, 3, 4) for tier in ("", " Pro", " Max")] + [f"Apple M{gen} Ultra" for gen in (1, 2, 3)]
 APPLE_A = ["Apple A15 Bionic", "Apple A16 Bionic", "Apple A17 Pro", "Apple A18", "Apple A18 Pro"]

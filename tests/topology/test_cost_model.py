@@ -2,10 +2,10 @@
 
 import pytest
 
+from exo.base.device_capabilities import LayerTimes
+from exo.base.model_spec import ModelSpec
+from exo.base.topology import Topology
 from exo.topology.cost_model import PlannerParams, cost_model, layer_speed, layer_time
-from exo.topology.device_capabilities import LayerTimes
-from exo.topology.model_spec import ModelSpec
-from exo.topology.topology import Topology
 
 MODEL = ModelSpec("m", n_layers=10, layer_bytes=1e9, layer_flops=2e9, activation_bytes=8192, kv_bytes_per_layer=0)
 EMBED_HEAD = ModelSpec("m", 10, 1e9, 2e9, 8192, kv_bytes_per_layer=1e8, embed_bytes=1.5e9, head_bytes=2e9)

@@ -9,15 +9,15 @@ import random
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from exo.errors import ClusterCannotServe, ExoError
+from exo.base.errors import ClusterCannotServe, ExoError
+from exo.base.model_spec import ModelSpec
+from exo.base.topology import Topology
 from exo.tools.exact_oracle import feasible
 from exo.tools.plan_oracle import planned_context
 from exo.topology.cannot_serve import cannot_serve
 from exo.topology.cost_model import PlannerParams, cost_model
 from exo.topology.feasibility import feasibility
-from exo.topology.model_spec import ModelSpec
 from exo.topology.planner import make_plan
-from exo.topology.topology import Topology
 from tests.topology.test_large_clusters import log_floats
 from tests.topology.test_planner_optimality import check_feasible
 

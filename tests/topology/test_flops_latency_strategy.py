@@ -3,12 +3,12 @@ import random
 
 import pytest
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
+from exo.base.model_spec import ModelSpec
+from exo.base.topology import Topology
 from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
-from exo.topology.model_spec import ModelSpec
 from exo.topology.partitioning_strategy import Partition
 from exo.topology.planner import make_plan, plan_for
-from exo.topology.topology import Topology
 
 MODEL = {"id": "m", "n_layers": 10, "layer_bytes": 1e9, "layer_flops": 2e9, "activation_bytes": 8192}
 

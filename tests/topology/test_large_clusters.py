@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
+from exo.base.model_spec import ModelSpec
+from exo.base.topology import Topology
 from exo.tools.exact_oracle import optimum
 from exo.tools.plan_oracle import check_predicted, close, oracle
 from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
-from exo.topology.model_spec import ModelSpec
 from exo.topology.planner import make_plan
-from exo.topology.topology import Topology
 from tests.topology.test_planner_optimality import cases, check_feasible, oracle_params
 
 REL = 1e-9

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from exo.errors import ExoError
-from exo.topology.model_spec import ModelSpec
-from exo.topology.models import MODELS, model_spec
+from exo.base.errors import ExoError
+from exo.base.model_spec import ModelSpec
+from exo.base.models import MODELS, model_spec
 
 
 def test_llama_8b_figures_follow_from_its_architecture():

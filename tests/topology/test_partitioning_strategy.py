@@ -1,5 +1,6 @@
-from exo.inference.shard import Shard
-from exo.topology.device_capabilities import DeviceCapabilities
+from exo.base.device_capabilities import DeviceCapabilities
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 from exo.topology.partitioning_strategy import (
   Partition,
   map_partitions_to_node_shards,
@@ -7,7 +8,6 @@ from exo.topology.partitioning_strategy import (
   partitions_from_layer_counts,
 )
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
-from exo.topology.topology import Topology
 
 
 def test_shards_from_upstream_style_partitions():

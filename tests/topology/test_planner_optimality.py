@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
 from exo.tools.plan_oracle import OBJECTIVES, OracleCostModel, check_predicted, close, oracle
 from exo.topology.planner import make_plan
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from exo.errors import ExoError
-from exo.topology.models import MODELS
+from exo.base.errors import ExoError
+from exo.base.models import MODELS
 from exo.topology.planner import make_plan
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"

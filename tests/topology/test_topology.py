@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from exo.errors import ExoError
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
-from exo.topology.topology import Topology
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.errors import ExoError
+from exo.base.topology import Topology
 
 STUDIO = {
   "model": "Mac Studio",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
 from exo.topology.planner import make_plan
 
 CASES = json.loads((Path(__file__).parent / "v1_plans.json").read_text())

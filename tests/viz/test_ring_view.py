@@ -1,10 +1,10 @@
 from rich.console import Console
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
+from exo.base.models import model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node, PlannerConfig
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
-from exo.topology.models import model_spec
 from exo.viz.ring_view import RingView
 
 

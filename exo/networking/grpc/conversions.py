@@ -4,13 +4,13 @@ import math
 
 import numpy as np
 
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes, non_negative_number
+from exo.base.model_spec import MAX_LAYERS
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 from exo.inference.sampling import GREEDY, Sampling
-from exo.inference.shard import Shard
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes, non_negative_number
-from exo.topology.model_spec import MAX_LAYERS
-from exo.topology.topology import Topology
 
 # Hidden states and token ids. bfloat16 has no numpy dtype; an engine casts it before sending.
 TENSOR_DTYPES = ("float16", "float32", "float64", "int32", "int64")

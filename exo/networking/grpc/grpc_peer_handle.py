@@ -6,7 +6,9 @@ import logging
 import grpc
 import numpy as np
 
-from exo.inference.shard import Shard
+from exo.base.device_capabilities import DeviceCapabilities
+from exo.base.shard import Shard
+from exo.base.topology import Topology
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.conversions import context_to_proto, shard_to_proto, tensor_to_proto, topology_from_proto
@@ -14,8 +16,6 @@ from exo.networking.grpc.grpc_server import MAX_MESSAGE_MB, message_size_options
 from exo.networking.membership import SENDER_METADATA, TOKEN_METADATA, Membership, RateLimitedLog, cluster_membership
 from exo.networking.peer_handle import PeerHandle, Refused
 from exo.networking.request_context import RequestContext
-from exo.topology.device_capabilities import DeviceCapabilities
-from exo.topology.topology import Topology
 
 logger = logging.getLogger(__name__)
 refused = RateLimitedLog(logger)

@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from exo.errors import ExoError
+from exo.base.errors import ExoError
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
 from exo.networking.grpc.conversions import context_from_proto, shard_from_proto, tensor_from_proto, topology_to_proto

@@ -3,7 +3,7 @@
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 
 
 @dataclass(frozen=True)

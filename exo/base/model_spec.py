@@ -3,9 +3,9 @@
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exo.errors import BadInput
-from exo.topology.device_capabilities import non_negative_number, reject_unknown_keys, unicode_text
-from exo.topology.topology import parse_json, read_text
+from exo.base.device_capabilities import non_negative_number, reject_unknown_keys, unicode_text
+from exo.base.errors import BadInput
+from exo.base.topology import parse_json, read_text
 
 MAX_CONTEXT = 8192  # tokens of context a plan reserves KV for unless capped lower (--max-context): docs/DESIGN.md v2.1
 CONTEXT_LIMIT = 1 << 24  # the longest context a model spec may declare

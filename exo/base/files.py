@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from exo.errors import BadInput
+from exo.base.errors import BadInput
 
 __all__ = ["open_regular", "read_bytes"]
 

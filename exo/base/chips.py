@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
 
 
 @dataclass(frozen=True)

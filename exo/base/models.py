@@ -1,7 +1,7 @@
 """Built-in models the fork serves, by upstream's ids: the plain id is the 4-bit build, suffixes name other precisions."""
 
-from exo.errors import ModelNotFound
-from exo.topology.model_spec import MAX_CONTEXT, Architecture, ModelSpec
+from exo.base.errors import ModelNotFound
+from exo.base.model_spec import MAX_CONTEXT, Architecture, ModelSpec
 
 BITS = {"4bit": 4.5, "8bit": 8.5, "q4_1": 5.0, "q8_0": 8.5, "bf16": 16.0}  # q4_1: 4-bit weights plus an fp16 scale and minimum per 32
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from exo.errors import BadInput
-from exo.files import read_bytes
-from exo.topology.device_capabilities import DeviceCapabilities, non_negative_number, reject_unknown_keys, unicode_text
+from exo.base.device_capabilities import DeviceCapabilities, non_negative_number, reject_unknown_keys, unicode_text
+from exo.base.errors import BadInput
+from exo.base.files import read_bytes
 
 
 @dataclass(frozen=True)
