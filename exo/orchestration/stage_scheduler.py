@@ -40,8 +40,8 @@ class _Waiting:
   step: Step
   remaining: int  # positions of the request's input not yet run, this chunk's included
   total: int  # positions of the request's whole input (its prompt, or 1 for a decode step)
+  arrived: float  # when the step was enqueued, on the scheduler's clock
   done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-  arrived: float = field(default_factory=time.monotonic)
 
   @property
   def rows(self) -> int:
@@ -64,6 +64,8 @@ class _Round:
 
 RECENT_S = 1.0  # a request counts as decoding at a shard this long after its last step there
 RunCall = Callable[[Shard, list[Step], bool], Awaitable[list]]  # (shard, steps, is a prompt chunk) -> each output or exception
+Clock = Callable[[], float]  # seconds, never going back
+Sleep = Callable[[float], Awaitable[None]]  # waits that many seconds of the clock
 
 
 @dataclass(eq=False)
@@ -93,7 +95,8 @@ class _ShardQueue:
 
 class StageScheduler:
   """`run_call(shard, steps, chunk)` runs one engine call and returns, per step, its output or the exception it raised;
-  `cancelled(request_id)` says whether a request is over (its steps are then not run).
+  `cancelled(request_id)` says whether a request is over (its steps are then not run). Its decisions read the time from `clock`
+  and wait with `sleep` (the monotonic clock and asyncio.sleep; a test passes a clock it moves itself).
 
   Each shard the node runs has its own queue and loop: a call that waits inside the engine (a second layer range waiting for
   memory until the requests on the first finish) never holds up the other shard's calls, which those requests need."""
@@ -106,6 +109,9 @@ class StageScheduler:
     chunk_tokens: int = 64,
     decodes_per_chunk: int = 4,
     prompt_share: float = 0.5,
+    *,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
   ):
     if max_batch < 1 or chunk_tokens < 1 or decodes_per_chunk < 1 or not 0 < prompt_share <= 1:
       raise ValueError(
@@ -115,6 +121,7 @@ class StageScheduler:
     self.run_call, self.cancelled = run_call, cancelled
     self.max_batch, self.chunk_tokens, self.decodes_per_chunk = max_batch, chunk_tokens, decodes_per_chunk
     self.prompt_share = prompt_share
+    self.clock, self.sleep = clock, sleep
     self._queues: dict[Shard, _ShardQueue] = {}
     self.calls = 0  # engine calls run so far
     self.batch_sizes: list[int] = []  # of the last decode calls, newest last (at most 100)
@@ -131,7 +138,8 @@ class StageScheduler:
     for lo in range(0, rows, self.chunk_tokens):
       chunk = x.reshape(-1)[lo : lo + self.chunk_tokens] if token_ids else x[..., lo : lo + self.chunk_tokens, :]
       last = shard.is_last_layer()
-      out = await self._enqueue(_Waiting(shard, Step(step.request_id, chunk, step.position + lo, step.context, last), rows - lo, rows))
+      piece = Step(step.request_id, chunk, step.position + lo, step.context, last)
+      out = await self._enqueue(_Waiting(shard, piece, rows - lo, rows, self.clock()))
       outputs.append(out[:, -1:] if last else out)
     return outputs[-1] if shard.is_last_layer() or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
@@ -234,17 +242,14 @@ class StageScheduler:
 
   async def _run_forever(self, shard: Shard, queue: _ShardQueue) -> None:
     while True:
-      now = time.monotonic()
+      now = self.clock()
       choice = self.next_call(queue, now)
       if choice is None:
         queue.wake.clear()
         due = self.decodes_due_at(queue, [w for w in queue.waiting if w.decode], now)
         if any(not w.decode for w in queue.waiting):  # a long prompt held back by the time share
           due = min(due, self.prompts_due_at(queue, now))
-        try:
-          await asyncio.wait_for(queue.wake.wait(), None if due == float("inf") else max(0.0, due - now))
-        except asyncio.TimeoutError:
-          pass
+        await self._wait(queue.wake, None if due == float("inf") else max(0.0, due - now))
         continue
       call, chunk = choice
       for waiting in call:
@@ -253,12 +258,12 @@ class StageScheduler:
       if not chunk:
         self.batch_sizes = [*self.batch_sizes[-99:], len(call)]
         self.decode_calls, self.decode_steps = self.decode_calls + 1, self.decode_steps + len(call)
-      started = time.monotonic()
+      started = self.clock()
       try:
         results = await self.run_call(shard, [w.step for w in call], chunk)
       except Exception as e:
         results = [e] * len(call)
-      ended = time.monotonic()
+      ended = self.clock()
       for waiting in call:  # decoding here: a request whose step or prompt's last chunk just ran (its decode steps come next)
         if waiting.remaining == waiting.rows and not self.cancelled(waiting.step.request_id):
           queue.recent[waiting.step.request_id] = ended
@@ -274,3 +279,15 @@ class StageScheduler:
           waiting.done.set_exception(result)
         else:
           waiting.done.set_result(result)
+
+  async def _wait(self, wake: asyncio.Event, timeout: float | None) -> None:
+    """Until `wake` is set or, unless `timeout` is None, `timeout` seconds of the clock have passed."""
+    if timeout is None:
+      await wake.wait()
+      return
+    waits = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(self.sleep(timeout))]
+    try:
+      await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      for wait in waits:
+        wait.cancel()

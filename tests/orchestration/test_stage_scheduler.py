@@ -1,7 +1,7 @@
-"""The stage scheduler against a scripted engine: which steps run together, in what order, and what each caller gets back."""
+"""The stage scheduler against a scripted engine: which steps run together, in what order, and what each caller gets back.
+Every scheduler here reads a FakeClock: an engine call of 30 ms takes 30 ms of that clock, however busy the machine is."""
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ import pytest
 from exo.base.shard import Shard
 from exo.inference.inference_engine import Step
 from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
+from tests.support.clock import FakeClock
 from tests.support.patience import STALL_S
 
 FIRST = Shard("m", 0, 3, 8)  # token ids in, hidden states out
@@ -54,21 +55,34 @@ async def settle() -> None:
     await asyncio.sleep(0)
 
 
-async def decode_until(scheduler: StageScheduler, done: asyncio.Event, away_s: float = 0.0) -> None:
+@pytest.fixture
+def clock() -> FakeClock:
+  return FakeClock()
+
+
+def scheduler_on(clock: FakeClock, run_call, cancelled=lambda _: False, **options) -> StageScheduler:
+  return StageScheduler(run_call, cancelled, clock=clock, sleep=clock.sleep, **options)
+
+
+async def decode_until(
+  scheduler: StageScheduler, done: asyncio.Event, clock: FakeClock, away_s: float = 0.0, came_back: asyncio.Event | None = None
+) -> None:
   """Request r1 decoding at the last shard until `done`, its next step coming back `away_s` after each (0: at once, as on a
-  one-node ring)."""
+  one-node ring); `came_back` is set once its second step has run (the stage has seen how long it was away)."""
   position = 0
   while not done.is_set():
     await scheduler.run(LAST, Step("r1", hidden(1), position))
     position += 1
+    if position == 2 and came_back is not None:
+      came_back.set()
     if away_s:
-      await asyncio.sleep(away_s)
+      await clock.sleep(away_s)
 
 
-def test_decode_steps_that_wait_together_run_as_one_call_of_at_most_max_batch():
+def test_decode_steps_that_wait_together_run_as_one_call_of_at_most_max_batch(clock):
   async def main():
     engine = Engine()
-    scheduler = StageScheduler(engine, lambda _: False, max_batch=4)
+    scheduler = scheduler_on(clock, engine, max_batch=4)
     engine.gate.clear()
     first = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(1), 10)))
     await settle()  # r0 runs alone: nothing else was waiting
@@ -81,13 +95,13 @@ def test_decode_steps_that_wait_together_run_as_one_call_of_at_most_max_batch():
     assert scheduler.batch_sizes == [1, 4, 1] and (scheduler.decode_calls, scheduler.decode_steps) == (3, 6)
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_decode_steps_of_different_shards_never_share_a_call():
+def test_decode_steps_of_different_shards_never_share_a_call(clock):
   async def main():
     engine = Engine()
-    scheduler = StageScheduler(engine, lambda _: False, max_batch=8)
+    scheduler = scheduler_on(clock, engine, max_batch=8)
     engine.gate.clear()
     first = [asyncio.create_task(scheduler.run(shard, Step(f"r{i}", x, 0))) for i, (shard, x) in enumerate([(FIRST, tokens(1)), (LAST, hidden(1))])]
     await settle()  # one call running on each shard
@@ -100,10 +114,10 @@ def test_decode_steps_of_different_shards_never_share_a_call():
     assert calls == [(0, ["r0"]), (0, ["r2", "r4"]), (4, ["r1"]), (4, ["r3", "r5"])]
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard():
+def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard(clock):
   """A second layer range waiting for memory until the requests on the first finish: those requests still run."""
 
   async def main():
@@ -114,7 +128,7 @@ def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard():
         await memory.wait()  # LAST cannot load until the request on FIRST is over
       return [output(s) for s in steps]
 
-    scheduler = StageScheduler(run_call, lambda _: False)
+    scheduler = scheduler_on(clock, run_call)
     waiting = asyncio.create_task(scheduler.run(LAST, Step("r1", hidden(1), 0)))
     await settle()
     for position in range(5):
@@ -123,35 +137,35 @@ def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard():
     await asyncio.wait_for(waiting, STALL_S)
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_a_prompt_runs_in_chunks_at_consecutive_positions_and_the_caller_gets_every_position_back():
+def test_a_prompt_runs_in_chunks_at_consecutive_positions_and_the_caller_gets_every_position_back(clock):
   async def main():
     engine = Engine()
-    scheduler = StageScheduler(engine, lambda _: False, chunk_tokens=4)
+    scheduler = scheduler_on(clock, engine, chunk_tokens=4)
     out = await scheduler.run(FIRST, Step("r1", tokens(10)[None], 0))
     assert [call for _, call, _ in engine.calls] == [[("r1", 0, 4)], [("r1", 4, 4)], [("r1", 8, 2)]]
     assert all(chunk for _, _, chunk in engine.calls)
     assert out[0, :, 0].tolist() == list(range(10))
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_on_the_last_shard_a_prompt_gives_only_its_last_position():
+def test_on_the_last_shard_a_prompt_gives_only_its_last_position(clock):
   async def main():
     engine = Engine()
-    scheduler = StageScheduler(engine, lambda _: False, chunk_tokens=4)
+    scheduler = scheduler_on(clock, engine, chunk_tokens=4)
     out = await scheduler.run(LAST, Step("r1", hidden(10), 3))
     assert [call for _, call, _ in engine.calls] == [[("r1", 3, 4)], [("r1", 7, 4)], [("r1", 11, 2)]]
     assert out.tolist() == [[[12, 1]]]
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_stage():
+def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_stage(clock):
   """A long prompt (8 chunks of 30 ms) while a request decodes whose next step comes back at once, as on a one-node ring, so
   that between its steps no decode waits. With prompt_share 0.25 a chunk starts only once the decode calls have had three
   times the last chunk's time; decoding goes on between chunks, and the prompt is read in full."""
@@ -160,15 +174,15 @@ def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_sta
     calls = []  # (start, end, is a chunk)
 
     async def run_call(shard, steps, chunk):
-      start = time.monotonic()
-      await asyncio.sleep(0.03 if chunk else 0.005)
-      calls.append((start, time.monotonic(), chunk))
+      start = clock()
+      await clock.sleep(0.03 if chunk else 0.005)
+      calls.append((start, clock(), chunk))
       return [output(s) for s in steps]
 
-    scheduler = StageScheduler(run_call, lambda _: False, max_batch=2, chunk_tokens=2, prompt_share=0.25)
+    scheduler = scheduler_on(clock, run_call, max_batch=2, chunk_tokens=2, prompt_share=0.25)
     prompt_read = asyncio.Event()
 
-    decoder = asyncio.create_task(decode_until(scheduler, prompt_read))
+    decoder = asyncio.create_task(decode_until(scheduler, prompt_read, clock))
     await scheduler.run(LAST, Step("r1", hidden(1), 10**6))  # r1 decodes here before the prompt arrives
     out = await scheduler.run(LAST, Step("r0", hidden(16), 0))
     prompt_read.set()
@@ -176,7 +190,7 @@ def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_sta
     await scheduler.stop()
     return calls, out
 
-  calls, out = asyncio.run(main())
+  calls, out = asyncio.run(clock.run(main()))
   chunks = [(start, end) for start, end, chunk in calls if chunk]
   assert len(chunks) == 8 and out.shape == (1, 1, 2)
   for (start, end), (next_start, _) in zip(chunks, chunks[1:]):
@@ -184,7 +198,7 @@ def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_sta
     assert any(not chunk and end <= s < next_start for s, _, chunk in calls)
 
 
-def test_a_prompt_of_one_chunk_is_not_held_back_by_the_time_share_of_a_long_one():
+def test_a_prompt_of_one_chunk_is_not_held_back_by_the_time_share_of_a_long_one(clock):
   """While a request decodes and a long prompt is read (chunks of 30 ms, each holding the next chunk of a long prompt back at
   least 0.27 s), a question whose prompt fits in one chunk is read after a few decode calls, well within that time."""
 
@@ -193,17 +207,17 @@ def test_a_prompt_of_one_chunk_is_not_held_back_by_the_time_share_of_a_long_one(
     first_chunk_done = asyncio.Event()
 
     async def run_call(shard, steps, chunk):
-      start = time.monotonic()
-      await asyncio.sleep(0.03 if chunk else 0.005)
+      start = clock()
+      await clock.sleep(0.03 if chunk else 0.005)
       if chunk:
-        chunks.append((steps[0].request_id, start, time.monotonic()))
+        chunks.append((steps[0].request_id, start, clock()))
         first_chunk_done.set()
       return [output(s) for s in steps]
 
-    scheduler = StageScheduler(run_call, lambda _: False, chunk_tokens=2, prompt_share=0.1)
+    scheduler = scheduler_on(clock, run_call, chunk_tokens=2, prompt_share=0.1)
     prompt_read = asyncio.Event()
 
-    decoder = asyncio.create_task(decode_until(scheduler, prompt_read))
+    decoder = asyncio.create_task(decode_until(scheduler, prompt_read, clock))
     await scheduler.run(LAST, Step("r1", hidden(1), 10**6))  # r1 decodes here before the prompts arrive
     long = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(16), 0)))
     await first_chunk_done.wait()
@@ -214,11 +228,11 @@ def test_a_prompt_of_one_chunk_is_not_held_back_by_the_time_share_of_a_long_one(
     await scheduler.stop()
     return chunks
 
-  (first, _, first_end), (second, second_start, _), *_ = asyncio.run(main())
+  (first, _, first_end), (second, second_start, _), *_ = asyncio.run(clock.run(main()))
   assert (first, second) == ("r0", "r2") and second_start < first_end + 0.27
 
 
-def test_a_chunk_runs_while_the_decoders_are_away_round_the_ring():
+def test_a_chunk_runs_while_the_decoders_are_away_round_the_ring(clock):
   """A decoding request whose next step comes back 0.2 s after each (from the ring's other stages) and a long prompt in chunks
   of 20 ms, with a time share that alone would hold each chunk back 0.18 s: a chunk that ends before the decoder is back delays
   nobody, so chunks run back to back in those gaps."""
@@ -227,32 +241,32 @@ def test_a_chunk_runs_while_the_decoders_are_away_round_the_ring():
     chunks = []  # (start, end)
 
     async def run_call(shard, steps, chunk):
-      start = time.monotonic()
-      await asyncio.sleep(0.02 if chunk else 0.005)
+      start = clock()
+      await clock.sleep(0.02 if chunk else 0.005)
       if chunk:
-        chunks.append((start, time.monotonic()))
+        chunks.append((start, clock()))
       return [output(s) for s in steps]
 
-    scheduler = StageScheduler(run_call, lambda _: False, chunk_tokens=2, prompt_share=0.1)
-    prompt_read = asyncio.Event()
+    scheduler = scheduler_on(clock, run_call, chunk_tokens=2, prompt_share=0.1)
+    prompt_read, came_back = asyncio.Event(), asyncio.Event()
 
-    decoder = asyncio.create_task(decode_until(scheduler, prompt_read, away_s=0.2))
-    await asyncio.sleep(0.3)  # r1 has gone round once: the stage knows how long it is away
+    decoder = asyncio.create_task(decode_until(scheduler, prompt_read, clock, away_s=0.2, came_back=came_back))
+    await came_back.wait()  # r1 has gone round once: the stage knows how long it is away
     await scheduler.run(LAST, Step("r0", hidden(16), 0))
     prompt_read.set()
     await decoder
     await scheduler.stop()
     return chunks
 
-  chunks = asyncio.run(main())
+  chunks = asyncio.run(clock.run(main()))
   assert len(chunks) == 8
   assert any(next_start < end + 9 * (end - start) for (start, end), (next_start, _) in zip(chunks, chunks[1:])), chunks
 
 
-def test_the_prompt_with_fewest_positions_left_goes_first():
+def test_the_prompt_with_fewest_positions_left_goes_first(clock):
   async def main():
     engine = Engine()
-    scheduler = StageScheduler(engine, lambda _: False, chunk_tokens=4)
+    scheduler = scheduler_on(clock, engine, chunk_tokens=4)
     engine.gate.clear()
     long = asyncio.create_task(scheduler.run(FIRST, Step("r1", tokens(40), 0)))
     await settle()
@@ -264,14 +278,14 @@ def test_the_prompt_with_fewest_positions_left_goes_first():
     assert order[:4] == ["r1", "r2", "r2", "r1"], order  # the short prompt's two chunks overtake the long one's nine left
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_a_cancelled_request_loses_its_waiting_steps_and_cannot_start_new_ones():
+def test_a_cancelled_request_loses_its_waiting_steps_and_cannot_start_new_ones(clock):
   async def main():
     engine = Engine()
     over: set[str] = set()
-    scheduler = StageScheduler(engine, over.__contains__, chunk_tokens=4)
+    scheduler = scheduler_on(clock, engine, over.__contains__, chunk_tokens=4)
     engine.gate.clear()
     prompt = asyncio.create_task(scheduler.run(FIRST, Step("r1", tokens(40), 0)))
     await settle()
@@ -290,14 +304,14 @@ def test_a_cancelled_request_loses_its_waiting_steps_and_cannot_start_new_ones()
     assert scheduler.waiting_requests() == 0
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_a_step_the_engine_fails_fails_alone():
+def test_a_step_the_engine_fails_fails_alone(clock):
   async def main():
     engine = Engine()
     engine.fail.add("r2")
-    scheduler = StageScheduler(engine, lambda _: False, max_batch=4)
+    scheduler = scheduler_on(clock, engine, max_batch=4)
     engine.gate.clear()
     blocker = asyncio.create_task(scheduler.run(LAST, Step("r0", hidden(1), 0)))
     await settle()
@@ -308,10 +322,10 @@ def test_a_step_the_engine_fails_fails_alone():
     assert [type(r).__name__ for r in results] == ["ndarray", "ndarray", "ValueError", "ndarray"]
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
-def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here():
+def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here(clock):
   """Two requests decode here; their next steps arrive a moment apart (their tokens travel the ring separately). The first
   waits up to half a decode call for the second, and both run as one call."""
 
@@ -320,14 +334,14 @@ def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here():
 
     async def run_call(shard, steps, chunk):
       calls.append(sorted(s.request_id for s in steps))
-      await asyncio.sleep(0.2)  # a decode call: 0.2 s, so a step waits up to 0.1 s for company
+      await clock.sleep(0.2)  # a decode call: 0.2 s, so a step waits up to 0.1 s for company
       return [output(s) for s in steps]
 
-    scheduler = StageScheduler(run_call, lambda _: False, max_batch=4)
+    scheduler = scheduler_on(clock, run_call, max_batch=4)
     await asyncio.gather(*(scheduler.run(LAST, Step(r, hidden(1), 0)) for r in ("r1", "r2")))  # both decoding here
 
     async def later(request: str, delay: float):
-      await asyncio.sleep(delay)
+      await clock.sleep(delay)
       await scheduler.run(LAST, Step(request, hidden(1), 1))
 
     await asyncio.gather(later("r1", 0), later("r2", 0.02))
@@ -337,11 +351,11 @@ def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here():
     assert calls[-1] == ["r1"]
     await scheduler.stop()
 
-  asyncio.run(main())
+  asyncio.run(clock.run(main()))
 
 
 @pytest.mark.parametrize("requests, calls_per_round", [(8, 2), (5, 2), (12, 3)])
-def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_round(requests, calls_per_round):
+def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_round(requests, calls_per_round, clock):
   """A two-stage ring in one scheduler (first stage, then last, then round again), batch 4, requests joining a few
   milliseconds apart, so their first steps come in fragments. Once every request decodes, each round of the ring runs them
   in ceil(requests / 4) calls at the first stage, whatever the fragments were (they merge within a round of joining); each
@@ -353,13 +367,13 @@ def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_ro
     async def run_call(shard, steps, chunk):
       if shard == FIRST:
         first_calls.append([s.request_id for s in steps])
-      await asyncio.sleep(0.02)
+      await clock.sleep(0.02)
       return [output(s) for s in steps]
 
-    scheduler = StageScheduler(run_call, lambda _: False, max_batch=4)
+    scheduler = scheduler_on(clock, run_call, max_batch=4)
 
     async def request(i: int):
-      await asyncio.sleep(0.007 * i)
+      await clock.sleep(0.007 * i)
       for position in range(16):
         await scheduler.run(FIRST, Step(f"r{i}", tokens(1), position))
         await scheduler.run(LAST, Step(f"r{i}", hidden(1), position))
@@ -368,7 +382,7 @@ def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_ro
     await scheduler.stop()
     return first_calls
 
-  calls = asyncio.run(main())
+  calls = asyncio.run(clock.run(main()))
   everyone = {f"r{i}" for i in range(requests)}
   joined = next(n for n in range(len(calls)) if set().union(*calls[: n + 1]) == everyone)  # the last request's first call
   leaving = min(n for n in range(len(calls)) if set().union(*calls[n:]) != everyone)  # from here on, some request is done
