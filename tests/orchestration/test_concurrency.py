@@ -4,6 +4,7 @@ that cannot reach the origin directly reaches it through a peer."""
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.networking.discovery import NoDiscovery
 from exo.networking.request_context import RequestContext, RingPlan
-from exo.orchestration.node import Node, PlannerConfig, RequestFailed, _Pending
+from exo.orchestration.node import Node
+from exo.orchestration.planner_driver import PlannerConfig
+from exo.orchestration.requests import RequestFailed
 from tests.support.health_only_peer import HealthOnlyPeer
 from tests.support.patience import STALL_S
 
@@ -39,17 +42,32 @@ class Recorder(EngineWrapper):
   def __init__(self, inner):
     super().__init__(inner)
     self.calls: list[list[tuple[str, int]]] = []
+    self.watches: list[tuple[Callable[[], bool], asyncio.Future]] = []
 
   async def infer_batch(self, shard, steps):
     self.calls.append([(s.request_id, s.position) for s in steps])
+    self.check_watches()
     return await self.inner.infer_batch(shard, steps)
+
+  def reached(self, condition: Callable[[], bool]) -> asyncio.Future:
+    """Done once `condition()` holds: checked now, and at each engine call as it starts."""
+    future = asyncio.get_running_loop().create_future()
+    self.watches.append((condition, future))
+    self.check_watches()
+    return future
+
+  def check_watches(self) -> None:
+    for condition, future in list(self.watches):
+      if not future.done() and condition():
+        future.set_result(None)
+    self.watches = [(c, f) for c, f in self.watches if not f.done()]
 
   def steps_of(self, request_id: str) -> int:
     return sum(r == request_id for call in self.calls for r, _ in call)
 
 
-def lone_node(engine, batch: int = 1, **kwargs) -> Node:
-  node = Node("solo", engine, NoDiscovery(), DEVICE, MODEL, PlannerConfig(batch=batch), request_timeout=60, **kwargs)
+def lone_node(engine, batch: int = 1, node_id: str = "solo", **kwargs) -> Node:
+  node = Node(node_id, engine, NoDiscovery(), DEVICE, MODEL, PlannerConfig(batch=batch), request_timeout=60, **kwargs)
   node.server = NoServer()
   return node
 
@@ -90,8 +108,12 @@ def test_a_cancelled_request_stops_using_the_engine_at_once_while_the_others_fin
       await asyncio.wait_for(started.wait(), STALL_S)
       [endless_id] = node.originated_request_ids()
       others = [asyncio.create_task(node.generate(p, max_tokens=40)) for p in PROMPTS[:3]]
-      while not all(engine.steps_of(i) for i in node.originated_request_ids()):  # every other request has run a step
-        await asyncio.sleep(0.01)
+
+      def others_ran() -> bool:  # every other request has run a step
+        running = node.originated_request_ids()
+        return len(running) == 1 + len(others) and all(engine.steps_of(i) for i in running)
+
+      await asyncio.wait_for(engine.reached(others_ran), STALL_S)
       endless.cancel()
       with pytest.raises(asyncio.CancelledError):
         await endless
@@ -99,7 +121,7 @@ def test_a_cancelled_request_stops_using_the_engine_at_once_while_the_others_fin
       finished = await asyncio.gather(*others)
       assert engine.steps_of(endless_id) <= at_cancel + 1  # a step already running, and none after it
       assert all(len(g.tokens) == 40 for g in finished)
-      assert endless_id not in node._ring_tokens and node.scheduler.waiting_requests() == 0
+      assert endless_id not in node.stages.sampling_ids() and node.scheduler.waiting_requests() == 0
     finally:
       await node.stop()
     assert engine.inner.active_requests() == set()  # no engine state left behind
@@ -116,8 +138,7 @@ def test_a_short_request_is_answered_while_a_long_prompt_is_still_being_read():
     try:
       long_first_token = asyncio.Event()
       long = asyncio.create_task(node.generate("L" * 4000, max_tokens=5, on_token=lambda _: long_first_token.set()))
-      while not engine.calls:
-        await asyncio.sleep(0.01)
+      await asyncio.wait_for(engine.reached(lambda: bool(engine.calls)), STALL_S)
       short = await node.generate("short question", max_tokens=20)
       assert len(short.tokens) == 20 and not long_first_token.is_set()  # answered before the long prompt's first token
       assert (await long).tokens == await alone("L" * 4000, 5)
@@ -132,9 +153,9 @@ def test_a_node_at_its_request_limit_refuses_more_as_busy():
     node = lone_node(DummyInferenceEngine(eos_after=10**9), max_requests=2, max_generate_tokens=10**6)
     await node.start()
     try:
-      running = [asyncio.create_task(node.generate(p)) for p in PROMPTS[:2]]
-      while len(node.originated_request_ids()) < 2:
-        await asyncio.sleep(0.01)
+      first_tokens = [asyncio.Event() for _ in PROMPTS[:2]]
+      running = [asyncio.create_task(node.generate(p, on_token=lambda _, e=e: e.set())) for p, e in zip(PROMPTS, first_tokens)]
+      await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_tokens)), STALL_S)  # both run
       with pytest.raises(Busy, match=r"already runs 2 requests, its limit \(--max-requests\)"):
         await node.generate("one too many")
       for task in running:
@@ -196,16 +217,14 @@ class Direct(HealthOnlyPeer):
 
 def test_a_failure_the_failing_node_cannot_send_to_the_origin_reaches_it_through_a_peer():
   async def main():
-    origin, stage, relay = (lone_node(DummyInferenceEngine()) for _ in range(3))
-    origin.id, stage.id, relay.id = "o", "s", "r"
+    origin, stage, relay = (lone_node(DummyInferenceEngine(), node_id=node_id) for node_id in "osr")
     stage.peers = {"o": Direct(origin, "s", reachable=False), "r": Direct(relay, "s")}
     relay.peers = {"o": Direct(origin, "r")}
     ring = RingPlan.from_node_shards([("s", Shard(MODEL.id, 0, MODEL.n_layers - 1, MODEL.n_layers))])
     context = RequestContext("req", "o", ring, 10)
-    failed = asyncio.get_running_loop().create_future()
-    origin._pending["req"] = _Pending(failed, senders=frozenset({"s"}))  # the ring: s alone (r passes on what s asked it to)
+    failed = origin.origin.open("req", senders=frozenset({"s"})).future  # the ring: s alone (r passes on what s asked it to)
     wrong = Shard(MODEL.id, 0, 3, MODEL.n_layers)  # layers the plan does not give s: the stage fails
-    await stage._run_stage(wrong, context, tensor=np.array([[5]], dtype=np.int64))
+    await stage.stages.run(wrong, context, tensor=np.array([[5]], dtype=np.int64))
     with pytest.raises(RequestFailed, match="node 's' was sent layers 0-3"):
       await asyncio.wait_for(failed, STALL_S)
 
@@ -216,4 +235,4 @@ def test_statuses_that_are_not_a_failure_to_pass_on_are_ignored():
   node = lone_node(DummyInferenceEngine())
   for status in ({"type": "failed"}, {"type": "failed", "origin": 3, "error": "x"}, {"type": "something else"}):
     node.process_opaque_status("req", json.dumps(status))
-  assert node._tasks == set()
+  assert node.tasks_running() == 0
