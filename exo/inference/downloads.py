@@ -42,9 +42,9 @@ from pathlib import Path
 
 from exo.base.errors import BadInput, ClusterCannotServe, ModelNotFound
 from exo.base.shard import Shard
-from exo.inference.llama_weights import safetensors_index
 from exo.inference.model_files import downloaded, hub_cache_dir, locate_model, missing_files, snapshot_dir, weight_files, weight_map
 from exo.inference.model_sources import BUILT_IN, ENGINE_FORMATS, Source, model_sources, ordered
+from exo.inference.safetensors_model import safetensors_index
 
 __all__ = ["ALLOW_CHOICES", "ALLOW_ENV", "DEFAULT_ENDPOINT", "MAX_GB_ENV", "allowed_downloads", "download", "ensure_model", "hub_endpoint", "offline"]
 

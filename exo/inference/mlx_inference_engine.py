@@ -28,7 +28,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from exo.base.shard import Shard
-from exo.inference.llama_weights import EMBED, LM_HEAD, LlamaConfig, load_shard_weights, rope_inv_freq
+from exo.inference.llama_config import LlamaConfig, rope_inv_freq
+from exo.inference.llama_layout import EMBED, LM_HEAD
+from exo.inference.llama_weights import load_shard_weights
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
 from exo.inference.model_sources import ENGINE_FORMATS

@@ -13,21 +13,13 @@ from exo.base.errors import BadInput, ModelNotFound
 from exo.base.model_spec import ModelSpec
 from exo.base.models import MODELS
 from exo.base.shard import Shard
-from exo.inference.llama_weights import (
-  EMBED,
-  GGUF_GLOBALS,
-  GGUF_PARTS,
-  LM_HEAD,
-  NORM,
-  gguf_metadata,
-  layer_key,
-  layer_parts,
-  load_config,
-  safetensors_index,
-)
+from exo.inference.gguf_model import gguf_metadata
+from exo.inference.llama_layout import EMBED, GGUF_GLOBALS, GGUF_PARTS, LM_HEAD, NORM, layer_key, layer_parts
+from exo.inference.llama_weights import load_config
 from exo.inference.model_files import locate_model, missing_files
 from exo.inference.model_sources import is_repo_id, local_path
 from exo.inference.quantized import GGUF_GROUP, KEPT_QUANTIZED
+from exo.inference.safetensors_model import safetensors_index
 
 ACTIVATION_DTYPE_BYTES = 4  # the engines send hidden states between stages as float32
 KV_DTYPE_BYTES = 4  # and keep their KV caches in float32

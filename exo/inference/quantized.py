@@ -118,3 +118,10 @@ def half(w: np.ndarray) -> np.ndarray:
     return np.array(w)  # a copy: never a view of a mapped file
   w32 = w.astype(np.float32)
   return w32.astype(np.float16) if np.all(np.abs(w32) <= _F16_MAX) else w32
+
+
+def held(w: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+  """A dense tensor at the precision it is held: vectors float32, 16-bit matrices float16 where they fit, float32 ones as they are."""
+  if w.ndim == 1:
+    return np.asarray(w, dtype=np.float32)
+  return half(w) if sixteen_bit else np.array(w, dtype=np.float32)

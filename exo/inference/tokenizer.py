@@ -16,7 +16,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 from exo.base.errors import BadInput
 from exo.base.files import read_bytes
 from exo.inference.gguf_header import read_header
-from exo.inference.llama_weights import MAX_JSON_BYTES, gguf_field, read_json
+from exo.inference.gguf_model import gguf_field
+from exo.inference.model_file_checks import MAX_JSON_BYTES, read_json
 
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json: the largest vocabularies' (256k tokens) are about 35 MB
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")  # llama.cpp's EOG texts

@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, rope_inv_freq
+from exo.inference.llama_config import LlamaConfig, rope_inv_freq
+from exo.inference.llama_layout import EMBED, LM_HEAD, NORM, layer_key
 from exo.inference.quantized import QuantizedMatrix
 
 

@@ -18,8 +18,10 @@ import pytest
 from exo.base.errors import BadInput
 from exo.base.shard import Shard
 from exo.inference.ggml_inference_engine import WINDOW, GGMLInferenceEngine
+from exo.inference.gguf_model import unpermute_rope_rows
 from exo.inference.inference_engine import Step
-from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts, unpermute_rope_rows
+from exo.inference.llama_config import LlamaConfig
+from exo.inference.llama_layout import EMBED, LM_HEAD, NORM, layer_key, layer_parts
 from tests.inference.numpy_llama import forward
 from tests.inference.tiny_models import TINY, Q, tiny_weights, write_gguf, write_hf_dir
 

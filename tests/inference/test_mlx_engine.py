@@ -1,6 +1,5 @@
-"""MLXInferenceEngine: tiny random models of both families in every file format against the numpy reference, weights held at the
-file's precision, request state through the engine, and the real SmolLM2-135M Q4_1 GGUF (split rings, bytes held, the answer).
-MLX here runs on CPU: a 37-token SmolLM2 prompt takes seconds, so those tests are slow."""
+"""MLXInferenceEngine on tiny random models of both families in every file format: logits against the numpy reference, weights
+held at the file's precision, and request state through the engine. The real SmolLM2-135M is test_mlx_smollm's."""
 
 import asyncio
 import dataclasses
@@ -12,18 +11,19 @@ import numpy as np
 import pytest
 
 from exo.base.shard import Shard
-from exo.inference.llama_weights import EMBED, LM_HEAD, layer_key, load_shard_weights, rope_scaling_factors
-from exo.inference.mlx_inference_engine import MLXInferenceEngine
-from exo.inference.model_figures import held_tensor_bytes, shard_held_bytes
+from exo.inference.llama_config import rope_scaling_factors
+from exo.inference.llama_layout import EMBED, LM_HEAD
+from exo.inference.llama_weights import load_shard_weights
+from exo.inference.model_figures import shard_held_bytes
 from exo.inference.model_files import locate_model
 from exo.inference.quantized import QuantizedMatrix
 from exo.inference.sharded_engine import RequestStateError
+from tests.inference.engine_steps import assert_close, greedy, through
 from tests.inference.numpy_llama import forward
-from tests.inference.tiny_models import TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
+from tests.inference.tiny_models import FAMILIES, TINY, TINY_QWEN2, Q, tiny_weights, write_gguf, write_hf_dir
 from tests.support.patience import STALL_S
 
 TINY_ID = "tiny"
-FAMILIES = {"llama": TINY, "qwen2": TINY_QWEN2}
 FORMATS = {  # how the tiny model is written: a GGUF's matrix (and embedding) type, or a Hugging Face directory's dtype / MLX bits
   "gguf-q4_0": {"qtype": Q.Q4_0},
   "gguf-q4_1": {"qtype": Q.Q4_1, "embed_qtype": Q.Q8_0},  # as SmolLM2's GGUF
@@ -36,21 +36,11 @@ FORMATS = {  # how the tiny model is written: a GGUF's matrix (and embedding) ty
 }
 PROMPT = np.array([3, 17, 5, 28, 11, 2, 39], dtype=np.int64)
 TINY_RTOL = 2e-5  # of the largest expected magnitude; observed at most 1.6e-6: the same weights, float32 sums in another order
-SMOL, SMOL_LAYERS = "smollm2-135m", 30
-SMOL_WHOLE = Shard(SMOL, 0, SMOL_LAYERS - 1, SMOL_LAYERS)
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-ANSWER_TOKENS = 24
-SMOL_RTOL = 2e-5  # of the largest logit (~40); observed ~4e-6
 SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def tiny_shard(start: int, end: int, config=TINY) -> Shard:
   return Shard(TINY_ID, start, end, config.n_layers)
-
-
-def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = TINY_RTOL):
-  assert actual.shape == expected.shape and actual.dtype == np.float32
-  assert np.abs(actual - expected).max() <= rtol * np.abs(expected).max()
 
 
 @pytest.fixture
@@ -71,57 +61,24 @@ def make_tiny(tmp_path, monkeypatch):
   return make
 
 
-@pytest.fixture
-def engines():
-  """engines(n, **options): n fresh engines, closed after the test."""
-  made: list[MLXInferenceEngine] = []
-
-  def make(n: int, **options) -> list[MLXInferenceEngine]:
-    made.extend(MLXInferenceEngine(**options) for _ in range(n))
-    return made[-n:]
-
-  yield make
-  for engine in made:
-    engine.close()
-
-
-async def through(ring: list[tuple[MLXInferenceEngine, Shard]], request_id: str, x: np.ndarray, position: int) -> np.ndarray:
-  for engine, shard in ring:
-    x = await engine.infer_tensor(request_id, shard, x, position)
-  return x
-
-
-async def greedy(ring, request_id: str, prompt: np.ndarray, steps: int) -> list[int]:
-  """`steps` greedy tokens through the ring (EOS or not), then the request is finished everywhere."""
-  x, position, tokens = prompt, 0, []
-  while len(tokens) < steps:
-    logits = await through(ring, request_id, x, position)
-    position += len(x)
-    tokens.append(await ring[-1][0].sample(logits))
-    x = np.array([tokens[-1]], dtype=np.int64)
-  for engine, _ in ring:
-    await engine.finish_request(request_id)
-  return tokens
-
-
 # the numpy reference, every family and format
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_numpy_reference(make_tiny, engines, family, fmt):
+def test_logits_match_numpy_reference(make_tiny, mlx_engines, family, fmt):
   """The prompt, then three decode steps at their positions, each against the reference on the same (dequantized) weights."""
   config = FAMILIES[family]
   path, shard = make_tiny(config, fmt), tiny_shard(0, config.n_layers - 1, config)
   loaded_config, weights = load_shard_weights(path, shard)
-  (engine,) = engines(1)
+  (engine,) = mlx_engines(1)
 
   async def go():
     cache, x, position = {}, PROMPT, 0
     for _ in range(4):
       logits = await engine.infer_tensor("r", shard, x, position)
       expected = forward(weights, loaded_config, x, 0, config.n_layers - 1, cache)
-      assert_close(logits[0], expected)
+      assert_close(logits[0], expected, TINY_RTOL)
       position += len(x)
       x = np.array([int(np.argmax(expected[-1]))])
 
@@ -130,12 +87,12 @@ def test_logits_match_numpy_reference(make_tiny, engines, family, fmt):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_split_over_three_engines_equals_one_and_the_reference(make_tiny, engines, family):
+def test_split_over_three_engines_equals_one_and_the_reference(make_tiny, mlx_engines, family):
   config = FAMILIES[family]
   path = make_tiny(config, "gguf-q4_1")
   _, weights = load_shard_weights(path, tiny_shard(0, 2, config))
   whole, parts = tiny_shard(0, 2, config), [tiny_shard(i, i, config) for i in range(3)]
-  one, three = engines(1), engines(3)
+  one, three = mlx_engines(1), mlx_engines(3)
 
   async def go():
     caches, x, position = [{}, {}, {}], PROMPT, 0
@@ -144,7 +101,7 @@ def test_split_over_three_engines_equals_one_and_the_reference(make_tiny, engine
       hidden = x
       for i, (engine, shard) in enumerate(zip(three, parts)):
         out = await engine.infer_tensor("r", shard, hidden, position)
-        assert_close(out[0], forward(weights, config, hidden if i == 0 else hidden[0], i, i, caches[i]))
+        assert_close(out[0], forward(weights, config, hidden if i == 0 else hidden[0], i, i, caches[i]), TINY_RTOL)
         hidden = out
       np.testing.assert_array_equal(hidden, alone)  # one graph per shard: the same arithmetic wherever the model is cut
       position += len(x)
@@ -154,16 +111,16 @@ def test_split_over_three_engines_equals_one_and_the_reference(make_tiny, engine
 
 
 @pytest.mark.parametrize("fmt", ["hf-f32", "gguf-q8_0"])
-def test_llama3_rope_scaling_matches_the_reference(make_tiny, engines, fmt):
+def test_llama3_rope_scaling_matches_the_reference(make_tiny, mlx_engines, fmt):
   """Llama 3.1 scaling, from config.json's rope_scaling or a GGUF's rope_freqs tensor, at positions where it changes the logits."""
   factors = rope_scaling_factors(SCALING, TINY.rope_theta, TINY.head_dim)
   path, shard = make_tiny(TINY, fmt, rope_scaling=SCALING, rope_factors=factors), tiny_shard(0, 2)
   config, weights = load_shard_weights(path, shard)
   assert config.rope_freq_factors == pytest.approx(factors) and max(factors) == SCALING["factor"]
   prompt = np.resize(PROMPT, 100)
-  (engine,) = engines(1)
+  (engine,) = mlx_engines(1)
   logits = asyncio.run(engine.infer_tensor("r", shard, prompt, 0))[0]
-  assert_close(logits, forward(weights, config, prompt, 0, 2))
+  assert_close(logits, forward(weights, config, prompt, 0, 2), TINY_RTOL)
   unscaled = forward(weights, dataclasses.replace(config, rope_freq_factors=None), prompt, 0, 2)
   assert np.abs(unscaled - logits).max() > 100 * TINY_RTOL * np.abs(logits).max()
 
@@ -184,10 +141,10 @@ def expected_arrays(weights: dict, shard: Shard) -> set[str]:
 
 
 @pytest.mark.parametrize("family,fmt", [("llama", "gguf-q4_1"), ("qwen2", "mlx-4bit"), ("llama", "gguf-f16"), ("qwen2", "hf-bf16")])
-def test_each_shard_holds_only_its_weights_at_file_precision(make_tiny, engines, family, fmt):
+def test_each_shard_holds_only_its_weights_at_file_precision(make_tiny, mlx_engines, family, fmt):
   config = FAMILIES[family]
   path = make_tiny(config, fmt)
-  (engine,) = engines(1)
+  (engine,) = mlx_engines(1)
   for start, end in ((0, 2), (0, 0), (1, 1), (2, 2)):
     shard = tiny_shard(start, end, config)
     asyncio.run(engine.load_shard(shard))
@@ -204,26 +161,13 @@ def test_each_shard_holds_only_its_weights_at_file_precision(make_tiny, engines,
     assert engine.held_array_bytes(shard) == shard_held_bytes(path, shard)
 
 
-def test_half_the_layers_hold_half_the_layer_bytes():
-  """SmolLM2's layers 5-19 (15 of 30, no embedding or head) as held: half the file's layer bytes, still 4-bit."""
-  path, shard = locate_model(SMOL), Shard(SMOL, 5, 19, SMOL_LAYERS)
-  layer_bytes = sum(n for name, n in held_tensor_bytes(path).items() if name.startswith("model.layers."))
-  engine = MLXInferenceEngine()
-  asyncio.run(engine.load_shard(shard))
-  held = engine.held_arrays(shard)
-  assert {name.split(".")[2] for name in held} == {str(i) for i in range(5, 20)}
-  assert engine.held_array_bytes(shard) == pytest.approx(layer_bytes / 2, rel=0.01)
-  assert held[layer_key(5, "mlp.up_proj.weight")].dtype == mx.uint32
-  engine.close()
-
-
 # request state
 
 
-def test_steps_out_of_place_raise_and_leave_the_request_intact(make_tiny, engines):
+def test_steps_out_of_place_raise_and_leave_the_request_intact(make_tiny, mlx_engines):
   make_tiny(TINY, "gguf-q4_1")
   whole, n = tiny_shard(0, 2), len(PROMPT)
-  engine, other = engines(2)
+  engine, other = mlx_engines(2)
 
   async def go():
     await engine.infer_tensor("a", whole, PROMPT, 0)
@@ -236,7 +180,7 @@ def test_steps_out_of_place_raise_and_leave_the_request_intact(make_tiny, engine
       await engine.infer_tensor("a", tiny_shard(0, 1), np.array([4]), n)
     step = await engine.infer_tensor("a", whole, np.array([4]), n)
     at_once = await other.infer_tensor("b", whole, np.append(PROMPT, 4), 0)
-    assert_close(step[0, -1], at_once[0, -1])
+    assert_close(step[0, -1], at_once[0, -1], TINY_RTOL)
     assert engine.active_requests() == {"a"}
     await engine.finish_request("a")
     assert engine.active_requests() == set()
@@ -244,11 +188,11 @@ def test_steps_out_of_place_raise_and_leave_the_request_intact(make_tiny, engine
   asyncio.run(go())
 
 
-def test_a_failed_step_leaves_the_request_where_it_was(make_tiny, engines, monkeypatch):
+def test_a_failed_step_leaves_the_request_where_it_was(make_tiny, mlx_engines, monkeypatch):
   """A step that fails after the KV caches took its token (here: evaluation) is undone, so the step can be retried."""
   make_tiny(TINY, "gguf-q4_1")
   whole, n = tiny_shard(0, 2), len(PROMPT)
-  (engine,) = engines(1)
+  (engine,) = mlx_engines(1)
   evaluate = mx.eval
 
   def fail(*args):
@@ -267,11 +211,11 @@ def test_a_failed_step_leaves_the_request_where_it_was(make_tiny, engines, monke
   asyncio.run(go())
 
 
-def test_prompt_in_chunks_equals_prompt_at_once(make_tiny, engines):
+def test_prompt_in_chunks_equals_prompt_at_once(make_tiny, mlx_engines):
   """New positions attend to the whole cache and causally to each other, however the prompt arrives."""
   make_tiny(TINY_QWEN2, "mlx-8bit")
   shard = tiny_shard(1, 2, TINY_QWEN2)
-  (engine,) = engines(1)
+  (engine,) = mlx_engines(1)
   hidden = np.random.default_rng(0).standard_normal((1, len(PROMPT), TINY_QWEN2.hidden_size)).astype(np.float32)
 
   async def go():
@@ -280,20 +224,20 @@ def test_prompt_in_chunks_equals_prompt_at_once(make_tiny, engines):
     return whole, np.concatenate(parts, axis=1)
 
   whole, parts = asyncio.run(go())
-  assert_close(parts[0], whole[0])
+  assert_close(parts[0], whole[0], TINY_RTOL)
 
 
-def test_two_resident_shards_serve_interleaved_requests(make_tiny, engines):
+def test_two_resident_shards_serve_interleaved_requests(make_tiny, mlx_engines):
   """One engine holds the whole model for one request and layers 0-1 for another (finished by a second engine); stepped in
   turns, each request gets exactly the tokens it gets alone."""
   make_tiny(TINY, "gguf-q4_0")
   whole, head, tail = tiny_shard(0, 2), tiny_shard(0, 1), tiny_shard(2, 2)
-  engine, next_engine = engines(2)
+  engine, next_engine = mlx_engines(2)
   rings = {"a": [(engine, whole)], "b": [(engine, head), (next_engine, tail)]}
   prompts = {"a": PROMPT, "b": PROMPT[::-1].copy()}
 
   async def go():
-    alone = {r: await greedy(rings[r], f"alone-{r}", prompts[r], 6) for r in rings}
+    alone = {r: (await greedy(rings[r], prompts[r], 6, f"alone-{r}"))[0] for r in rings}
     x, position, tokens = dict(prompts), dict.fromkeys(rings, 0), {r: [] for r in rings}
     for _ in range(6):
       for r in rings:
@@ -309,10 +253,10 @@ def test_two_resident_shards_serve_interleaved_requests(make_tiny, engines):
   assert tokens == alone
 
 
-def test_a_shard_that_does_not_fit_waits_for_the_requests_on_the_other(make_tiny, engines):
+def test_a_shard_that_does_not_fit_waits_for_the_requests_on_the_other(make_tiny, mlx_engines):
   path = make_tiny(TINY, "gguf-q4_1")
   first, second = tiny_shard(0, 2), tiny_shard(0, 1)
-  (engine,) = engines(1, memory_limit_bytes=shard_held_bytes(path, first) + shard_held_bytes(path, second) - 1)
+  (engine,) = mlx_engines(1, memory_limit_bytes=shard_held_bytes(path, first) + shard_held_bytes(path, second) - 1)
 
   async def until_waiting():
     while engine.waiting is None:
@@ -330,9 +274,9 @@ def test_a_shard_that_does_not_fit_waits_for_the_requests_on_the_other(make_tiny
   asyncio.run(go())
 
 
-def test_bad_input_is_refused_and_leaves_no_state(make_tiny, engines):
+def test_bad_input_is_refused_and_leaves_no_state(make_tiny, mlx_engines):
   make_tiny(TINY, "gguf-q8_0")
-  (engine,) = engines(1)
+  (engine,) = mlx_engines(1)
 
   async def go():
     with pytest.raises(ValueError, match="token ids"):
@@ -342,69 +286,6 @@ def test_bad_input_is_refused_and_leaves_no_state(make_tiny, engines):
     assert engine.active_requests() == set()
 
   asyncio.run(go())
-
-
-# the real SmolLM2
-
-
-@pytest.fixture(scope="module")
-def smol():
-  engine = MLXInferenceEngine()
-  yield engine
-  engine.close()
-
-
-@pytest.fixture(scope="module")
-def smol_prompt(smol) -> np.ndarray:
-  async def go():
-    return await smol.encode(SMOL_WHOLE, await smol.apply_chat_template(SMOL_WHOLE, QUESTION))
-
-  return asyncio.run(go())
-
-
-@pytest.fixture(scope="module")
-def smol_tokens(smol, smol_prompt) -> list[int]:
-  return asyncio.run(greedy([(smol, SMOL_WHOLE)], "single", smol_prompt, ANSWER_TOKENS))
-
-
-@pytest.mark.slow
-def test_smollm2_logits_match_numpy_reference(smol, smol_prompt):
-  """The prompt and two decode steps; the 4-bit layers and 8-bit tied embedding dequantized by the reference."""
-  config, weights = load_shard_weights(locate_model(SMOL), SMOL_WHOLE)
-
-  async def go():
-    cache, x, position = {}, smol_prompt, 0
-    for _ in range(3):
-      logits = await smol.infer_tensor("reference", SMOL_WHOLE, x, position)
-      expected = forward(weights, config, x, 0, SMOL_LAYERS - 1, cache)
-      assert_close(logits[0], expected, SMOL_RTOL)
-      position += len(x)
-      x = np.array([int(np.argmax(expected[-1]))])
-    await smol.finish_request("reference")
-
-  asyncio.run(go())
-
-
-@pytest.mark.slow
-def test_smollm2_answers_paris(smol, smol_tokens):
-  eos = smol.eos_token_ids(SMOL_WHOLE)
-  answer = smol_tokens[: next((i for i, t in enumerate(smol_tokens) if t in eos), len(smol_tokens))]
-  assert len(answer) >= 3 and "Paris" in asyncio.run(smol.decode(SMOL_WHOLE, answer))
-
-
-@pytest.mark.slow
-def test_smollm2_is_held_at_its_file_size(smol, smol_tokens):
-  path = locate_model(SMOL)
-  assert smol.held_array_bytes(SMOL_WHOLE) == shard_held_bytes(path, SMOL_WHOLE)
-  assert smol.held_array_bytes(SMOL_WHOLE) == pytest.approx(path.stat().st_size, rel=0.01)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("ranges", [((0, 20), (21, 29)), ((0, 4), (5, 22), (23, 29))], ids=["2-engines", "3-engines"])
-def test_smollm2_split_gives_one_engines_tokens(ranges, smol_prompt, smol_tokens, engines):
-  ring = list(zip(engines(len(ranges)), (Shard(SMOL, a, b, SMOL_LAYERS) for a, b in ranges)))
-  assert asyncio.run(greedy(ring, "split", smol_prompt, 12)) == smol_tokens[:12]
-  assert all(engine.active_requests() == set() for engine, _ in ring)
 
 
 def test_the_engine_loads_mlx_lm_models_without_transformers_and_leaves_mlx_lm_whole():

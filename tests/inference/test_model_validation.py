@@ -10,9 +10,12 @@ import pytest
 
 from exo.base.errors import BadInput
 from exo.inference.gguf_header import read_header
-from exo.inference.llama_weights import EMBED, load_config, safetensors_index
+from exo.inference.llama_layout import EMBED
+from exo.inference.llama_weights import load_config
 from exo.inference.model_figures import model_spec_from_file
-from exo.main import build_node, build_parser
+from exo.inference.safetensors_model import safetensors_index
+from exo.node_flags import build_parser
+from exo.node_setup import build_node
 from tests.inference.tiny_models import TINY, tiny_weights, write_gguf, write_hf_dir
 from tests.support.chat_once import chat_replies
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from exo.inference.llama_weights import EMBED, LM_HEAD, NORM, LlamaConfig, layer_key, layer_parts
+from exo.inference.llama_config import LlamaConfig
+from exo.inference.llama_layout import EMBED, gguf_name, tensor_shapes
 from exo.inference.quantized import pack_quants
 
 Q = gguf.GGMLQuantizationType
@@ -18,53 +19,18 @@ TINY = LlamaConfig(
   rms_norm_eps=1e-5, context_length=1024, tie_word_embeddings=False,
 )  # fmt: skip
 TINY_QWEN2 = dataclasses.replace(TINY, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, architecture="qwen2", attention_bias=True)
-_GGUF_NAMES = {EMBED: "token_embd.weight", NORM: "output_norm.weight", LM_HEAD: "output.weight"}
-_GGUF_PARTS = {
-  "input_layernorm.weight": "attn_norm.weight",
-  "self_attn.q_proj.weight": "attn_q.weight",
-  "self_attn.k_proj.weight": "attn_k.weight",
-  "self_attn.v_proj.weight": "attn_v.weight",
-  "self_attn.o_proj.weight": "attn_output.weight",
-  "post_attention_layernorm.weight": "ffn_norm.weight",
-  "mlp.gate_proj.weight": "ffn_gate.weight",
-  "mlp.up_proj.weight": "ffn_up.weight",
-  "mlp.down_proj.weight": "ffn_down.weight",
-  "self_attn.q_proj.bias": "attn_q.bias",
-  "self_attn.k_proj.bias": "attn_k.bias",
-  "self_attn.v_proj.bias": "attn_v.bias",
-}
 
 
 def tiny_weights(config: LlamaConfig = TINY, seed: int = 0) -> dict[str, np.ndarray]:
   """float32 weights, Hugging Face names and layout; no lm head when the embedding is tied."""
   rng = np.random.default_rng(seed)
-  c, attn, kv = config, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-  shapes = {EMBED: (c.vocab_size, c.hidden_size), NORM: (c.hidden_size,)}
-  if not c.tie_word_embeddings:
-    shapes[LM_HEAD] = (c.vocab_size, c.hidden_size)
-  part_shapes = {
-    "input_layernorm.weight": (c.hidden_size,),
-    "self_attn.q_proj.weight": (attn, c.hidden_size),
-    "self_attn.k_proj.weight": (kv, c.hidden_size),
-    "self_attn.v_proj.weight": (kv, c.hidden_size),
-    "self_attn.o_proj.weight": (c.hidden_size, attn),
-    "post_attention_layernorm.weight": (c.hidden_size,),
-    "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-    "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-    "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-    "self_attn.q_proj.bias": (attn,),
-    "self_attn.k_proj.bias": (kv,),
-    "self_attn.v_proj.bias": (kv,),
-  }
-  for i in range(c.n_layers):
-    shapes.update({layer_key(i, part): part_shapes[part] for part in layer_parts(c)})
 
   def draw(name: str, shape: tuple) -> np.ndarray:
     if name.endswith(".bias"):
       return 0.3 * rng.standard_normal(shape)
     return 1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape) / np.sqrt(shape[-1])
 
-  return {name: draw(name, shape).astype(np.float32) for name, shape in shapes.items()}
+  return {name: draw(name, shape).astype(np.float32) for name, shape in tensor_shapes(config).items()}
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -112,13 +78,9 @@ def write_gguf(
   for key, value in (fields or {}).items():
     writer.add_uint32(key, value)
   for name, w in weights.items():
-    if name in _GGUF_NAMES:
-      target = _GGUF_NAMES[name]
-    else:
-      layer, part = name.removeprefix("model.layers.").split(".", 1)
-      target = f"blk.{layer}.{_GGUF_PARTS[part]}"
-      if arch == "llama" and part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-        w = llama_cpp_permute(w, config.n_heads if "q_proj" in part else config.n_kv_heads)
+    target = gguf_name(name)
+    if arch == "llama" and name.endswith((".self_attn.q_proj.weight", ".self_attn.k_proj.weight")):
+      w = llama_cpp_permute(w, config.n_heads if "q_proj" in name else config.n_kv_heads)
     kind = (embed_qtype or qtype) if name == EMBED else qtype
     if w.ndim == 1 or kind == Q.F32:
       writer.add_tensor(target, w.astype(np.float32))
@@ -208,3 +170,29 @@ def write_hf_dir(
   names = list(tensors)
   write_safetensors(directory / "model-00001-of-00002.safetensors", {n: tensors[n] for n in names[::2]}, dtypes)
   write_safetensors(directory / "model-00002-of-00002.safetensors", {n: tensors[n] for n in names[1::2]}, dtypes)
+
+
+FAMILIES = {"llama": TINY, "qwen2": TINY_QWEN2}
+FILE_FORMATS = {  # name: how the model directory is written
+  "gguf-q4_0": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.Q4_0),
+  "gguf-q4_1": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.Q4_1),
+  "gguf-q8_0": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.Q8_0),
+  "gguf-f16": lambda d, w, c: write_gguf(d / "model.gguf", w, c, qtype=Q.F16),
+  "hf-f32": lambda d, w, c: write_hf_dir(d, w, c, dtype="F32"),
+  "hf-bf16": lambda d, w, c: write_hf_dir(d, w, c, dtype="BF16"),
+  "mlx-4bit": lambda d, w, c: write_hf_dir(d, w, c, mlx_bits=4, group_size=32),
+  "mlx-8bit-g64": lambda d, w, c: write_hf_dir(d, w, c, mlx_bits=8, group_size=64),
+}
+
+
+def tiny_model(root: Path, family: str, fmt: str, config=None) -> str:
+  """Write (once) the tiny `family` model in format `fmt` (a FILE_FORMATS name) under root; returns its model id."""
+  config = config or FAMILIES[family]
+  model_id = f"tiny-{family}-{fmt}-{config.n_layers}-layers-{config.context_length}-positions"
+  directory = root / model_id
+  if not directory.exists():
+    if fmt.startswith("gguf"):
+      directory.mkdir()
+    FILE_FORMATS[fmt](directory, tiny_weights(config, seed=1), config)
+    (directory / "tokenizer.json").write_text("{}")  # only the weights are used
+  return model_id
