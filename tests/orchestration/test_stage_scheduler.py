@@ -9,7 +9,7 @@ import pytest
 from exo.base.shard import Shard
 from exo.inference.inference_engine import Step
 from exo.orchestration.stage_scheduler import StageScheduler, StepCancelled
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, settle
 from tests.support.patience import STALL_S
 
 FIRST = Shard("m", 0, 3, 8)  # token ids in, hidden states out
@@ -48,11 +48,6 @@ def tokens(n: int) -> np.ndarray:
 
 def hidden(n: int) -> np.ndarray:
   return np.zeros((1, n, HIDDEN), dtype=np.float32)
-
-
-async def settle() -> None:
-  for _ in range(20):
-    await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -95,7 +90,7 @@ def test_decode_steps_that_wait_together_run_as_one_call_of_at_most_max_batch(cl
     assert scheduler.batch_sizes == [1, 4, 1] and (scheduler.decode_calls, scheduler.decode_steps) == (3, 6)
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_decode_steps_of_different_shards_never_share_a_call(clock):
@@ -114,7 +109,7 @@ def test_decode_steps_of_different_shards_never_share_a_call(clock):
     assert calls == [(0, ["r0"]), (0, ["r2", "r4"]), (4, ["r1"]), (4, ["r3", "r5"])]
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard(clock):
@@ -137,7 +132,7 @@ def test_a_call_waiting_inside_the_engine_does_not_hold_up_another_shard(clock):
     await asyncio.wait_for(waiting, STALL_S)
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_a_prompt_runs_in_chunks_at_consecutive_positions_and_the_caller_gets_every_position_back(clock):
@@ -150,7 +145,7 @@ def test_a_prompt_runs_in_chunks_at_consecutive_positions_and_the_caller_gets_ev
     assert out[0, :, 0].tolist() == list(range(10))
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_on_the_last_shard_a_prompt_gives_only_its_last_position(clock):
@@ -162,7 +157,7 @@ def test_on_the_last_shard_a_prompt_gives_only_its_last_position(clock):
     assert out.tolist() == [[[12, 1]]]
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_stage(clock):
@@ -190,7 +185,7 @@ def test_while_a_request_decodes_a_long_prompt_gets_at_most_its_share_of_the_sta
     await scheduler.stop()
     return calls, out
 
-  calls, out = asyncio.run(clock.run(main()))
+  calls, out = clock.run(main())
   chunks = [(start, end) for start, end, chunk in calls if chunk]
   assert len(chunks) == 8 and out.shape == (1, 1, 2)
   for (start, end), (next_start, _) in zip(chunks, chunks[1:]):
@@ -228,7 +223,7 @@ def test_a_prompt_of_one_chunk_is_not_held_back_by_the_time_share_of_a_long_one(
     await scheduler.stop()
     return chunks
 
-  (first, _, first_end), (second, second_start, _), *_ = asyncio.run(clock.run(main()))
+  (first, _, first_end), (second, second_start, _), *_ = clock.run(main())
   assert (first, second) == ("r0", "r2") and second_start < first_end + 0.27
 
 
@@ -258,7 +253,7 @@ def test_a_chunk_runs_while_the_decoders_are_away_round_the_ring(clock):
     await scheduler.stop()
     return chunks
 
-  chunks = asyncio.run(clock.run(main()))
+  chunks = clock.run(main())
   assert len(chunks) == 8
   assert any(next_start < end + 9 * (end - start) for (start, end), (next_start, _) in zip(chunks, chunks[1:])), chunks
 
@@ -278,7 +273,7 @@ def test_the_prompt_with_fewest_positions_left_goes_first(clock):
     assert order[:4] == ["r1", "r2", "r2", "r1"], order  # the short prompt's two chunks overtake the long one's nine left
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_a_cancelled_request_loses_its_waiting_steps_and_cannot_start_new_ones(clock):
@@ -304,7 +299,7 @@ def test_a_cancelled_request_loses_its_waiting_steps_and_cannot_start_new_ones(c
     assert scheduler.waiting_requests() == 0
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_a_step_the_engine_fails_fails_alone(clock):
@@ -322,7 +317,7 @@ def test_a_step_the_engine_fails_fails_alone(clock):
     assert [type(r).__name__ for r in results] == ["ndarray", "ndarray", "ValueError", "ndarray"]
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here(clock):
@@ -351,7 +346,7 @@ def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here(clock)
     assert calls[-1] == ["r1"]
     await scheduler.stop()
 
-  asyncio.run(clock.run(main()))
+  clock.run(main())
 
 
 @pytest.mark.parametrize("requests, calls_per_round", [(8, 2), (5, 2), (12, 3)])
@@ -382,7 +377,7 @@ def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_ro
     await scheduler.stop()
     return first_calls
 
-  calls = asyncio.run(clock.run(main()))
+  calls = clock.run(main())
   everyone = {f"r{i}" for i in range(requests)}
   joined = next(n for n in range(len(calls)) if set().union(*calls[: n + 1]) == everyone)  # the last request's first call
   leaving = min(n for n in range(len(calls)) if set().union(*calls[n:]) != everyone)  # from here on, some request is done
