@@ -1,263 +1,24 @@
-"""Manual and UDP discovery against fake peer handles. UDP traffic stays on loopback: nodes bind 127.255.255.255 and
-broadcast there (on Linux a socket bound to 127.0.0.1 hears no broadcasts), and the LAN defaults are never used."""
+"""UDP discovery against fake peer handles. UDP traffic stays on loopback: nodes bind 127.255.255.255 and broadcast there (on
+Linux a socket bound to 127.0.0.1 hears no broadcasts), and the LAN defaults are never used."""
 
 import asyncio
-import inspect
 import json
 import logging
-import re
 import socket
 import time
 from collections import namedtuple
 
 import pytest
 
-from exo.base.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops, LayerTimes
+from exo.base.device_capabilities import DeviceCapabilities, LayerTimes
 from exo.base.errors import ExoError
 from exo.networking import udp_discovery
-from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.membership import ANNOUNCEMENT_MAX_AGE_S, Membership, cluster_membership
 from exo.networking.udp_discovery import UDPDiscovery, parse_announcement
-from tests.support.health_only_peer import HealthOnlyPeer
-from tests.support.patience import STALL_S
+from tests.support.fake_net import AIR, STUDIO, WAIT_S, FakeNet, addrs_are, has_addr, ids, ids_are
 
 LOOPBACK_BROADCAST = "127.255.255.255"
-WAIT_S = STALL_S  # the conditions below normally hold within a fraction of a second
-STUDIO = DeviceCapabilities("Mac Studio", "Apple M2 Ultra", 196608.0, DeviceFlops(27.2, 54.4, 108.8), 800.0)
-AIR = DeviceCapabilities("MacBook Air", "Apple M2", 16384.0, DeviceFlops(3.6, 7.1, 14.2), 100.0)
 default_broadcast_addresses = udp_discovery.default_broadcast_addresses
-
-
-class FakePeer(HealthOnlyPeer):
-  def __init__(self, net: "FakeNet", peer_id: str, address: str, caps: DeviceCapabilities):
-    self.net, self._id, self.address, self.caps = net, peer_id, address, caps
-    self.checks = self.disconnects = 0
-
-  def id(self):
-    return self._id
-
-  def addr(self):
-    return self.address
-
-  def device_capabilities(self):
-    return self.caps
-
-  async def disconnect(self):
-    self.disconnects += 1
-
-  async def health_check(self, timeout=2.0):
-    self.checks += 1
-    return self.net.healthy.get(self.address, self.net.healthy.get(self._id, True))
-
-
-class FakeNet:
-  """The create_peer_handle factory; `healthy[peer id or address]` (default True) is what health checks answer."""
-
-  def __init__(self):
-    self.healthy: dict[str, bool] = {}
-    self.handles: list[FakePeer] = []
-
-  def __call__(self, peer_id: str, address: str, caps: DeviceCapabilities) -> FakePeer:
-    handle = FakePeer(self, peer_id, address, caps)
-    self.handles.append(handle)
-    return handle
-
-  def made(self, peer_id: str) -> list[FakePeer]:
-    return [h for h in self.handles if h.id() == peer_id]
-
-
-async def wait_until(condition, what: str):
-  """Poll `condition` (returning a bool, or an awaitable of one) until it holds; fail after WAIT_S."""
-  deadline = time.monotonic() + WAIT_S
-  while not (await result if inspect.isawaitable(result := condition()) else result):
-    if time.monotonic() > deadline:
-      raise AssertionError(f"timed out waiting until {what}")
-    await asyncio.sleep(0.02)
-
-
-async def ids(discovery) -> list[str]:
-  return [p.id() for p in await discovery.discover_peers()]
-
-
-# ---------- manual discovery ----------
-
-
-def peer_entry(port: int, caps: DeviceCapabilities | None = None) -> dict:
-  entry = {"address": "127.0.0.1", "port": port}
-  if caps is not None:
-    entry["device_capabilities"] = caps.to_dict()
-  return entry
-
-
-def write_peers(path, peers: dict) -> None:
-  path.write_text(json.dumps({"peers": peers}))
-
-
-def manual(path, net: FakeNet, node_id: str = "node1", discovery_timeout: float = 0.3) -> ManualDiscovery:
-  return ManualDiscovery(node_id, str(path), net, discovery_timeout=discovery_timeout, poll_interval=0.05, health_check_timeout=0.1)
-
-
-def test_manual_finds_the_peers_in_the_file_and_skips_itself(tmp_path):
-  path, net = tmp_path / "peers.json", FakeNet()
-  write_peers(path, {"node1": peer_entry(50051, STUDIO), "node2": peer_entry(50052, STUDIO), "node3": peer_entry(50053)})
-
-  async def main():
-    d = manual(path, net)
-    await d.start()
-    try:
-      peers = await asyncio.wait_for(d.discover_peers(2), WAIT_S)
-    finally:
-      await d.stop()
-    assert [(p.id(), p.addr(), p.device_capabilities()) for p in peers] == [
-      ("node2", "127.0.0.1:50052", STUDIO),
-      ("node3", "127.0.0.1:50053", UNKNOWN_DEVICE_CAPABILITIES),
-    ]
-    assert peers[0].device_capabilities().memory_bandwidth == 800.0
-    assert net.made("node1") == []
-
-  asyncio.run(main())
-
-
-def test_manual_lists_a_peer_only_after_a_healthy_answer_and_waits_for_it(tmp_path):
-  path, net = tmp_path / "peers.json", FakeNet()
-  net.healthy["node2"] = False
-  write_peers(path, {"node2": peer_entry(50052)})
-
-  async def main():
-    d = manual(path, net)
-    await d.start()
-    try:
-      waiting = asyncio.create_task(d.discover_peers(1))
-      await wait_until(lambda: sum(h.checks for h in net.made("node2")) >= 3, "node2 was checked 3 times")
-      assert not waiting.done()
-      assert await ids(d) == []
-      net.healthy["node2"] = True
-      assert [p.id() for p in await asyncio.wait_for(waiting, WAIT_S)] == ["node2"]
-      assert len(net.made("node2")) == 1  # one handle, reused across polls
-    finally:
-      await d.stop()
-
-  asyncio.run(main())
-
-
-def test_manual_keeps_a_peer_through_failed_checks_shorter_than_the_timeout(tmp_path):
-  path, net = tmp_path / "peers.json", FakeNet()
-  write_peers(path, {"node2": peer_entry(50052)})
-
-  async def main():
-    d = manual(path, net, discovery_timeout=WAIT_S)
-    await d.start()
-    try:
-      [handle] = await asyncio.wait_for(d.discover_peers(1), WAIT_S)
-      net.healthy["node2"], checks = False, handle.checks
-      await wait_until(lambda: handle.checks >= checks + 3, "3 more failed checks")
-      assert await ids(d) == ["node2"]
-      assert handle.disconnects == 0
-    finally:
-      await d.stop()
-
-  asyncio.run(main())
-
-
-def test_manual_evicts_a_peer_that_stops_answering(tmp_path):
-  path, net = tmp_path / "peers.json", FakeNet()
-  write_peers(path, {"node2": peer_entry(50052), "node3": peer_entry(50053)})
-
-  async def main():
-    d = manual(path, net)
-    await d.start()
-    try:
-      peers = await asyncio.wait_for(d.discover_peers(2), WAIT_S)
-      net.healthy["node2"] = False
-      await wait_until(lambda: ids_are(d, ["node3"]), "node2 is evicted")
-      assert peers[0].disconnects == 1
-      net.healthy["node2"] = True  # back, with a fresh handle
-      await wait_until(lambda: ids_are(d, ["node2", "node3"]), "node2 is back")
-      assert len(net.made("node2")) == 2
-    finally:
-      await d.stop()
-
-  asyncio.run(main())
-
-
-def test_manual_follows_edits_to_the_file(tmp_path):
-  path, net = tmp_path / "peers.json", FakeNet()
-  write_peers(path, {"node2": peer_entry(50052)})
-
-  async def main():
-    d = manual(path, net)
-    await d.start()
-    try:
-      [node2] = await asyncio.wait_for(d.discover_peers(1), WAIT_S)
-      write_peers(path, {"node2": peer_entry(50052), "node3": peer_entry(50053, AIR)})
-      await wait_until(lambda: ids_are(d, ["node2", "node3"]), "node3 is added")
-      write_peers(path, {"node3": peer_entry(50053, AIR)})
-      await wait_until(lambda: ids_are(d, ["node3"]), "node2 is dropped")
-      assert node2.disconnects == 1
-      write_peers(path, {"node3": peer_entry(60000, AIR)})
-      await wait_until(lambda: addrs_are(d, ["127.0.0.1:60000"]), "node3 moves")
-      assert [h.addr() for h in net.made("node3")] == ["127.0.0.1:50053", "127.0.0.1:60000"]
-      assert net.made("node3")[0].disconnects == 1
-    finally:
-      await d.stop()
-
-  asyncio.run(main())
-
-
-def test_manual_keeps_the_last_good_file_and_warns_once(tmp_path, caplog):
-  path, net = tmp_path / "peers.json", FakeNet()
-  write_peers(path, {"node2": peer_entry(50052)})
-
-  async def main():
-    d = manual(path, net, discovery_timeout=WAIT_S)
-    await d.start()
-    try:
-      [node2] = await asyncio.wait_for(d.discover_peers(1), WAIT_S)
-      with caplog.at_level(logging.WARNING, logger="exo.networking.manual_discovery"):
-        path.write_text("{not json")
-        checks = node2.checks
-        await wait_until(lambda: node2.checks >= checks + 5, "5 polls of the bad file")
-        assert await ids(d) == ["node2"]
-        path.unlink()
-        checks = node2.checks
-        await wait_until(lambda: node2.checks >= checks + 5, "5 polls of the missing file")
-        assert await ids(d) == ["node2"]
-      warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-      assert len(warnings) == 2, warnings  # one per problem, not one per poll
-      assert "not valid JSON" in warnings[0] and str(path) in warnings[0]
-      assert "cannot read" in warnings[1] and str(path) in warnings[1]
-      write_peers(path, {"node3": peer_entry(50053)})
-      await wait_until(lambda: ids_are(d, ["node3"]), "the fixed file is read")
-    finally:
-      await d.stop()
-
-  asyncio.run(main())
-
-
-@pytest.mark.parametrize(
-  "content, problem",
-  [
-    (None, "cannot read peers file"),
-    ("{", "not valid JSON"),
-    ('["node2"]', "expected a JSON object"),
-    ('{"nodes": {}}', "unknown key 'nodes'"),
-    ('{"peers": {"node2": {"address": "127.0.0.1"}}}', "peers.node2.port must be an integer"),
-    ('{"peers": {"node2": {"address": "127.0.0.1", "port": 70000}}}', "peers.node2.port must be an integer from 1 to 65535, got 70000"),
-    ('{"peers": {"node2": {"address": "", "port": 1}}}', "peers.node2.address must be"),
-    ('{"peers": {"node2": {"address": "h", "port": 1, "device_capabilities": {"memory": -1}}}}', "peers.node2.device_capabilities.memory"),
-  ],
-)
-def test_manual_bad_file_at_start_is_a_one_line_error_naming_the_file(tmp_path, content, problem):
-  path, net = tmp_path / "peers.json", FakeNet()
-  if content is not None:
-    path.write_text(content)
-  with pytest.raises(ExoError, match=re.escape(problem)) as e:
-    asyncio.run(manual(path, net).start())
-  assert str(path) in str(e.value) and "\n" not in str(e.value)
-  assert net.handles == []
-
-
-# ---------- UDP discovery ----------
 
 
 def free_udp_port() -> int:
@@ -325,9 +86,9 @@ def test_udp_ignores_malformed_packets(caplog):
     a = udp("a", 50061, port, net, STUDIO)
     await a.start()
     try:
-      with caplog.at_level(logging.DEBUG, logger="exo.networking.udp_discovery"):
+      with caplog.at_level(logging.DEBUG, logger="exo.networking.udp_discovery"), net.hearing("exo.networking.udp_discovery"):
         send(port, *bad)
-        await wait_until(lambda: sum("malformed" in r.getMessage() for r in caplog.records) >= len(bad), "every bad packet is logged")
+        await net.until(lambda: sum("malformed" in r.getMessage() for r in caplog.records) >= len(bad), "every bad packet is logged")
       b = udp("b", 50062, port, net, AIR)
       await b.start()
       try:
@@ -352,10 +113,10 @@ def test_udp_keeps_a_silent_healthy_peer_and_evicts_it_once_unhealthy():
       [handle] = await asyncio.wait_for(a.discover_peers(1), WAIT_S)
       await b.stop()  # no more announcements, but its server still answers
       checks = handle.checks
-      await wait_until(lambda: handle.checks >= checks + 10, "10 more health checks")  # over 0.5 s > discovery_timeout
+      await net.until(lambda: handle.checks >= checks + 10, "10 more health checks")  # over 0.5 s > discovery_timeout
       assert await ids(a) == ["b"]
       net.healthy["b"] = False
-      await wait_until(lambda: ids_are(a, []), "b is evicted")
+      await net.until(lambda: ids_are(a, []), "b is evicted")
       assert handle.disconnects == 1
     finally:
       await a.stop()
@@ -379,14 +140,14 @@ def test_udp_uses_the_advertised_host_and_keeps_a_working_address():
       # then a marker node's announcement, from the same socket: once the marker is seen, the two before it were handled
       marker = {**announce, "node_id": "m", "advertised_host": "10.0.0.9"}
       send(port, sealed({**announce, "advertised_host": "10.0.0.3"}), sealed(announce), sealed(marker))
-      await wait_until(lambda: has_addr(a, "10.0.0.9:50062"), "the marker announcement is handled")
+      await net.until(lambda: has_addr(a, "10.0.0.9:50062"), "the marker announcement is handled")
       assert [p.addr() for p in await a.discover_peers() if p.id() == "b"] == ["10.0.0.2:50062"]
       # once that address fails its health check, the next announcement's address replaces it
       net.healthy["10.0.0.2:50062"] = False
       checks = handle.checks
-      await wait_until(lambda: handle.checks >= checks + 2, "a failed check, applied")  # the 2nd starts after the 1st's result
+      await net.until(lambda: handle.checks >= checks + 2, "a failed check, applied")  # the 2nd starts after the 1st's result
       send(port, sealed({**announce, "advertised_host": "10.0.0.3"}))
-      await wait_until(lambda: addrs_are(a, ["10.0.0.3:50062", "10.0.0.9:50062"]), "b moves to 10.0.0.3 (m stays)")
+      await net.until(lambda: addrs_are(a, ["10.0.0.3:50062", "10.0.0.9:50062"]), "b moves to 10.0.0.3 (m stays)")
       assert handle.disconnects == 1
     finally:
       await a.stop()
@@ -413,7 +174,7 @@ def test_udp_ignores_announcements_not_sealed_with_the_clusters_secret_and_logs_
     try:
       with caplog.at_level(logging.DEBUG, logger="exo.networking.udp_discovery"):
         send(port, *refused, sealed({**announce, "node_id": "marker"}))  # from one socket, in order: the marker comes last
-        await wait_until(lambda: has_addr(a, "127.0.0.1:50062"), "the marker announcement is handled")
+        await net.until(lambda: has_addr(a, "127.0.0.1:50062"), "the marker announcement is handled")
     finally:
       await a.stop()
     assert [h.id() for h in net.handles] == ["marker"]  # no handle made, no health check sent, for the others
@@ -436,15 +197,15 @@ def test_udp_ignores_a_replayed_or_stale_announcement():
       [handle] = await asyncio.wait_for(a.discover_peers(1), WAIT_S)
       net.healthy["10.0.0.2:50062"] = False  # now a newer announcement's address would replace it (see the test above)
       checks = handle.checks
-      await wait_until(lambda: handle.checks >= checks + 2, "a failed check, applied")
+      await net.until(lambda: handle.checks >= checks + 2, "a failed check, applied")
       # an older announcement of b (a copy replayed from elsewhere), one stamped beyond the allowed age, then a marker
       old = sealed({**announce, "advertised_host": "10.0.0.3"}, now - 1)
       stale = sealed({**announce, "advertised_host": "10.0.0.4"}, time.time() + 2 * ANNOUNCEMENT_MAX_AGE_S)
       send(port, old, stale, sealed({**announce, "node_id": "m", "advertised_host": "10.0.0.9"}))
-      await wait_until(lambda: has_addr(a, "10.0.0.9:50062"), "the marker announcement is handled")
+      await net.until(lambda: has_addr(a, "10.0.0.9:50062"), "the marker announcement is handled")
       assert [h.addr() for h in net.made("b")] == ["10.0.0.2:50062"]
       send(port, sealed({**announce, "advertised_host": "10.0.0.3"}, now + 1))  # a newer one does move it
-      await wait_until(lambda: [h.addr() for h in net.made("b")] == ["10.0.0.2:50062", "10.0.0.3:50062"], "b moves to 10.0.0.3")
+      await net.until(lambda: [h.addr() for h in net.made("b")] == ["10.0.0.2:50062", "10.0.0.3:50062"], "b moves to 10.0.0.3")
     finally:
       await a.stop()
 
@@ -490,7 +251,7 @@ def test_udp_peer_with_new_layer_times_keeps_its_handle_and_connection():
       for decode_ms in (1.0, 2.0):
         measured = AIR.with_layer_times("smollm2-135m", LayerTimes(decode_ms, 0.5))
         b.announce(measured)
-        await wait_until(lambda m=measured: a._announced["b"].caps == m, f"a hears b's layer times of {decode_ms} ms")
+        await net.until(lambda m=measured: a._announced["b"].caps == m, f"a hears b's layer times of {decode_ms} ms")
       assert await a.discover_peers() == [handle] and handle.disconnects == 0 and net.made("b") == [handle]
     finally:
       await a.stop()
@@ -511,15 +272,3 @@ def test_default_broadcast_addresses_reads_the_interfaces(monkeypatch):
   }
   monkeypatch.setattr(udp_discovery.psutil, "net_if_addrs", lambda: fake)
   assert default_broadcast_addresses() == ["10.1.255.255", "192.168.1.255"]
-
-
-async def ids_are(discovery, expected: list[str]) -> bool:
-  return [p.id() for p in await discovery.discover_peers()] == expected
-
-
-async def has_addr(discovery, addr: str) -> bool:
-  return addr in [p.addr() for p in await discovery.discover_peers()]
-
-
-async def addrs_are(discovery, expected: list[str]) -> bool:
-  return [p.addr() for p in await discovery.discover_peers()] == expected
