@@ -33,7 +33,7 @@ from exo.base.models import model_spec  # noqa: E402
 from exo.base.shard import Shard  # noqa: E402
 from exo.base.topology import Topology  # noqa: E402
 from exo.inference.dummy_inference_engine import DummyInferenceEngine  # noqa: E402
-from exo.orchestration.node import PlannerConfig  # noqa: E402
+from exo.orchestration.planner_driver import PlannerConfig  # noqa: E402
 from exo.tools.local_cluster import CLIENT, Cluster, Device, edge_rtts  # noqa: E402
 
 DEFAULT_SCENARIO = ROOT / "tests" / "scenarios" / "mac_trio_iphone_70b.json"

@@ -32,7 +32,8 @@ from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
-from exo.orchestration.node import Node, PlannerConfig
+from exo.orchestration.node import Node
+from exo.orchestration.planner_driver import PlannerConfig
 
 MODEL = served_model_spec(model_spec("smollm2-135m"))  # the file's figures, as a node serving it plans with
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

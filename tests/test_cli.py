@@ -9,8 +9,10 @@ import re
 import pytest
 
 from exo import main as exo_main
-from exo.main import COMMANDS, build_node, build_parser, default_model, main
+from exo.main import main
 from exo.networking.ports import free_port
+from exo.node_flags import COMMANDS, build_parser
+from exo.node_setup import build_node, default_model
 
 DEVICE = ["--memory-mb", "16384", "--tflops", "10", "--memory-bandwidth", "100"]  # declared: nothing is measured
 
@@ -46,7 +48,7 @@ def test_max_context_caps_the_context_a_node_plans(capsys):
   args = build_parser().parse_args(["--inference-engine", "dummy", "--discovery-module", "none", "--max-context", "1000", *DEVICE])
   node = build_node(args)
   try:
-    assert node.planner.max_context == 1000 and node.candidate_plan(node.model).context_tokens == 1000
+    assert node.planner_config.max_context == 1000 and node.candidate_plan(node.model).context_tokens == 1000
   finally:
     node.engine.close()
   assert build_parser().parse_args([]).max_context is None  # the model's context, at most 8192: the planner's default

@@ -17,6 +17,8 @@ LAYER_OF = {
   "viz": LAYERS.index("api"),
   "plan_cli": LAYERS.index("main"),
   "cli_args": LAYERS.index("main"),
+  "node_flags": LAYERS.index("main"),
+  "node_setup": LAYERS.index("main"),
   "tools": LAYERS.index("main"),
 }
 SHARED = {"exo.base.errors", "exo.base.files", "exo"}
@@ -93,3 +95,24 @@ def test_the_rule_catches_the_imports_it_forbids(tmp_path):
     path.write_text(line + "\n")
     ((_, imported),) = imports(path)
     assert layer_of(imported) > layer_of(module)
+
+
+def test_topology_modules_import_their_own_tier_or_lower():
+  """Inside the planner the tiers, lowest first, are: the cost model, layer splits and upstream's strategy seam; the search
+  problem and the plan; ring orders and bounds; the searches (exact latency, exact throughput, the heuristic, feasibility);
+  the one dispatcher that picks a search; the strategies; the planner. A module of exo/topology imports modules of its own
+  tier or lower only, and every module has a tier."""
+  tiers = [
+    ["cost_model", "layer_split", "partitioning_strategy"],
+    ["search_problem", "plan"],
+    ["rings", "cycles", "path_tables", "bounds"],
+    ["exact_latency", "exact_throughput", "heuristic", "feasibility", "cannot_serve"],
+    ["search"],
+    ["flops_latency_partitioning_strategy", "ring_memory_weighted_partitioning_strategy"],
+    ["planner"],
+  ]
+  tier_of = {f"exo.topology.{name}": tier for tier, names in enumerate(tiers) for name in names}
+  found = {module_name(ROOT / path): imported for path, imported in exo_imports("topology").items() if not path.endswith("__init__.py")}
+  assert sorted(found) == sorted(tier_of), "every module of exo/topology has exactly one tier"
+  upward = {module: [m for m in imported if tier_of.get(m, -1) > tier_of[module]] for module, imported in found.items()}
+  assert {module: above for module, above in upward.items() if above} == {}

@@ -12,33 +12,29 @@ that occurs, with finish_reason "stop"; a stream holds back text that may be the
 Before any work, every request passes exo.api.access (its Host, its Origin, the key), and a POST must carry a JSON body
 (`Content-Type: application/json`, at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep): a web page the user visits
 cannot drive the node. A request the node could not finish in time next to those it runs gets 429 with `Retry-After`
-(Node.admit).
+(NodeService.admit).
 """
 
 import asyncio
 import json
 import logging
 import os
-import time
-import uuid
 from pathlib import Path
-from typing import Callable
 
 from aiohttp import web
 
 from exo.api.access import Access
+from exo.api.api_errors import ERROR_TYPES, BadRequest, busy_response, error_response, failure, shown
+from exo.api.chat_request import MAX_BODY_BYTES, json_body, parse_messages, parse_sampling, parse_stop, positive_int
+from exo.api.completion import Completion
 from exo.base.errors import BadInput, Busy, ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.models import MODELS
-from exo.base.shard import Shard
-from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.model_figures import model_spec_for
-from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import present
 from exo.inference.model_sources import is_repo_id, local_path, model_sources
-from exo.inference.sampling import MAX_SEED, MAX_TOP_K, Sampling
-from exo.orchestration.node import Admission, Generation, Node, RequestFailed
-from exo.orchestration.stop_strings import MAX_STOP_STRINGS, visible_text
+from exo.orchestration.service import NodeService
+from exo.orchestration.stop_strings import visible_text
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # upstream's --chatgpt-api-port
@@ -47,164 +43,16 @@ PREFLIGHT_HEADERS = {  # for an origin listed with --allowed-origins
   "Access-Control-Allow-Headers": "Authorization, Content-Type",
   "Access-Control-Max-Age": "600",
 }
-MAX_BODY_BYTES = 2**20  # a request body; a prompt this long is far beyond any planned context already
-MAX_JSON_DEPTH = 32  # nesting of a request body: a chat request needs 5
 MAX_MODEL_ID = 1024  # characters of a model id or path
-ROLES = ("system", "user", "assistant")
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain files shipped with the package, nothing fetched from elsewhere
 STATIC_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 
 
-class BadRequest(BadInput):
-  """A request the API rejects with 400; `param` names the offending field, `code` is OpenAI's error code."""
-
-  def __init__(self, message: str, param: str | None = None, code: str | None = None):
-    super().__init__(message)
-    self.param, self.code = param, code
-
-
-ERROR_TYPES = {
-  400: "invalid_request_error",
-  401: "authentication_error",
-  403: "permission_error",
-  404: "not_found_error",
-  413: "invalid_request_error",
-  415: "invalid_request_error",
-  429: "rate_limit_error",
-  500: "internal_error",
-  503: "service_unavailable",
-}
-
-
-def shown(value, most: int = 80) -> str:
-  """`value`'s repr for an error message, cut to `most` characters: a message names a bad value, it does not echo a body."""
-  text = repr(value)
-  return text if len(text) <= most else f"{text[: most - 3]}..."
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(
-  status: int, message: str, kind: str | None = None, param: str | None = None, code: str | None = None, headers: dict | None = None
-) -> web.Response:
-  return web.json_response(error_body(message, kind or ERROR_TYPES[status], param, code), status=status, headers=headers)
-
-
-def busy_response(e: Busy) -> web.Response:
-  return error_response(429, str(e), headers={"Retry-After": str(e.retry_after_s)})
-
-
-def too_deep(value, most: int) -> bool:
-  """Whether JSON `value` nests lists and objects more than `most` deep (walked without recursion)."""
-  stack = [(value, 1)]
-  while stack:
-    item, depth = stack.pop()
-    if isinstance(item, (dict, list)):
-      if depth > most:
-        return True
-      stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-  return False
-
-
-async def json_body(request: web.Request) -> dict:
-  """The request's JSON object; BadRequest if it is not one, is nested beyond MAX_JSON_DEPTH or is not UTF-8; web's 413 if it
-  is larger than MAX_BODY_BYTES (the application's client_max_size)."""
-  raw, deep = await request.read(), BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels; a chat request needs 5")
-  try:
-    data = json.loads(raw)
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    raise BadRequest("the request body must be a JSON object") from None
-  except RecursionError:
-    raise deep from None
-  if too_deep(data, MAX_JSON_DEPTH):
-    raise deep
-  if not isinstance(data, dict):
-    raise BadRequest(f"the request body must be a JSON object, got {type(data).__name__}")
-  return data
-
-
-def failure(model: ModelSpec, e: Exception) -> tuple[dict, int]:
-  """The error body and status for a request that failed after it was accepted: the status an ExoError carries (a missing model
-  404, a cluster that cannot serve it 503), 503 for a failed ring, 500 for a bug."""
-  if isinstance(e, ExoError):
-    return error_body(f"the cluster could not serve {model.id}: {e}", ERROR_TYPES[e.http_status]), e.http_status
-  if isinstance(e, RequestFailed):
-    return error_body(f"the cluster could not serve {model.id}: {e}", "service_unavailable"), 503
-  log.error("a chat completion for %s failed", model.id, exc_info=e)
-  return error_body(f"the chat completion for {model.id} failed: {type(e).__name__}: {e}", "internal_error"), 500
-
-
-def full_shard(model: ModelSpec) -> Shard:
-  """Every layer of `model`: tokenizers and templates are per model, so any full-range shard serves to encode and decode."""
-  return Shard(model.id, 0, model.n_layers - 1, model.n_layers)
-
-
-def message_text(content, index: int) -> str:
-  """A message's content as text: a string, or the text parts of a list of content parts."""
-  if isinstance(content, str):
-    return content
-  if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-    if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-      raise BadRequest(f"messages[{index}].content may only hold text parts; this node serves text models", f"messages[{index}].content")
-    return "".join(p["text"] for p in content)
-  raise BadRequest(f"messages[{index}].content must be a string or a list of text parts, got {shown(content)}", f"messages[{index}].content")
-
-
-def parse_messages(messages) -> list[dict]:
-  if not isinstance(messages, list) or not messages:
-    raise BadRequest(f"'messages' must be a non-empty list of {{role, content}} objects, got {shown(messages)}", "messages")
-  parsed = []
-  for index, message in enumerate(messages):
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
-      raise BadRequest(f"messages[{index}] must be an object with a string 'role' and a 'content', got {shown(message)}", f"messages[{index}]")
-    if message["role"] not in ROLES:
-      raise BadRequest(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {shown(message['role'])}", f"messages[{index}].role")
-    parsed.append({"role": message["role"], "content": message_text(message["content"], index)})
-  return parsed
-
-
-def positive_int(data: dict, key: str) -> int | None:
-  value = data.get(key)
-  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-    raise BadRequest(f"'{key}' must be an integer >= 1, got {shown(value)}", key)
-  return value
-
-
-def parse_sampling(data: dict) -> Sampling:
-  """The request's temperature, top_p, top_k and seed; 400 naming the first bad one."""
-
-  def field(key: str, default, valid, expected: str):
-    value = data.get(key)
-    if value is None:
-      return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):  # a NaN fails `valid` too
-      raise BadRequest(f"'{key}' must be {expected}, got {shown(value)}", key)
-    return value
-
-  temperature = field("temperature", 0.0, lambda v: 0 <= v <= 2, "a number from 0 (greedy) to 2")
-  top_p = field("top_p", 1.0, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
-  top_k = field("top_k", 0, lambda v: isinstance(v, int) and 0 <= v <= MAX_TOP_K, f"an integer from 0 (every token) to {MAX_TOP_K}")
-  seed = field("seed", None, lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED, "an integer from 0 to 2**63 - 1")
-  return Sampling(temperature, top_p, top_k, seed)
-
-
-def parse_stop(data: dict) -> tuple[str, ...]:
-  stop = data.get("stop")
-  if stop is None:
-    return ()
-  stop = [stop] if isinstance(stop, str) else stop
-  if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-    raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, got {shown(data['stop'])}", "stop")
-  return tuple(stop)
-
-
 class ChatGPTAPI:
   """`key` (exo.api.access.api_key) None: served without one; `origins`: the cross origins allowed (--allowed-origins)."""
 
-  def __init__(self, node: Node, host: str = "127.0.0.1", port: int = DEFAULT_PORT, key: str | None = None, origins: tuple[str, ...] = ()):
+  def __init__(self, node: NodeService, host: str = "127.0.0.1", port: int = DEFAULT_PORT, key: str | None = None, origins: tuple[str, ...] = ()):
     self.node, self.host, self.port = node, host, port
     self.access = Access(host, key, origins)
     self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
@@ -310,15 +158,8 @@ class ChatGPTAPI:
     present = self.has_files(model_id)
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "exo", "present": present, "downloadable": bool(model_sources(model_id))}
 
-  def file_engine(self) -> ModelFileEngine | None:
-    """The node's engine if it serves models from files (under any wrappers)."""
-    engine = self.node.engine
-    while isinstance(engine, EngineWrapper):
-      engine = engine.inner
-    return engine if isinstance(engine, ModelFileEngine) else None
-
   def has_files(self, model_id: str) -> bool:
-    return self.file_engine() is None or present(model_id)
+    return not self.node.reads_model_files() or present(model_id)
 
   async def handle_models(self, request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [self.model_object(m) for m in self.model_ids()]})
@@ -376,7 +217,7 @@ class ChatGPTAPI:
     if model_id is None or model_id == self.node.model.id:
       return self.node.model
     try:
-      return await asyncio.to_thread(model_spec_for, model_id, self.file_engine() is not None)
+      return await asyncio.to_thread(model_spec_for, model_id, self.node.reads_model_files())
     except Exception as e:
       if model_id in self.model_ids() or is_repo_id(model_id):
         raise
@@ -408,9 +249,8 @@ class ChatGPTAPI:
       return error_response(e.http_status, str(e), "invalid_request_error", e.param, e.code)
     except ExoError as e:  # not found here nor at the hub (404), or the hub cannot be reached (503)
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status], "model", "model_not_found" if e.http_status == 404 else None)
-    shard = full_shard(model)
     try:
-      prompt = await self.node.engine.apply_chat_template(shard, messages)
+      prompt = await self.node.text.apply_chat_template(model, messages)
     except Exception as e:
       body, status = failure(model, e)
       return web.json_response(body, status=status)
@@ -424,7 +264,7 @@ class ChatGPTAPI:
       body, status = failure(model, e)
       return web.json_response(body, status=status)
     try:  # admitted, the request holds its place until it has run, or until the client is gone before it runs
-      completion = Completion(self.node, model, shard, prompt, admission, sampling, stop)
+      completion = Completion(self.node, model, prompt, admission, sampling, stop)
       if stream:
         return await self.stream(request, completion, bool(stream_options.get("include_usage")))
       try:
@@ -485,33 +325,3 @@ class ChatGPTAPI:
     finally:
       task.cancel()  # a client that went away leaves no generation running (a no-op once it is over)
     return response
-
-
-class Completion:
-  """One chat completion request: its prompt, and the OpenAI objects built from the tokens generated so far."""
-
-  def __init__(self, node: Node, model: ModelSpec, shard: Shard, prompt: str, admission: Admission, sampling: Sampling, stop: tuple[str, ...]):
-    self.node, self.model, self.shard, self.prompt, self.admission = node, model, shard, prompt, admission
-    self.sampling, self.stop = sampling, stop
-    self.id, self.created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
-
-  async def generate(self, on_token: Callable[[list[int]], None] | None = None) -> Generation:
-    """On the plan the request was admitted with, for the tokens it was admitted for."""
-    admission = self.admission
-    return await self.node.generate(self.prompt, self.model, admission.max_tokens, on_token, self.sampling, self.stop, admission)
-
-  def ended(self, tokens: list[int]) -> bool:
-    return bool(tokens) and tokens[-1] in self.node.engine.eos_token_ids(self.shard)
-
-  async def text(self, tokens: list[int]) -> str:
-    """The decoded reply, without the end-of-sequence token's text."""
-    return await self.node.engine.decode(self.shard, tokens[:-1] if self.ended(tokens) else tokens)
-
-  async def usage(self, tokens: list[int]) -> dict:
-    prompt_tokens = len(await self.node.engine.encode(self.shard, self.prompt))
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)}
-
-  def chunk(self, kind: str, message: dict, finish_reason: str | None) -> dict:
-    key = "delta" if kind == "chat.completion.chunk" else "message"
-    choice = {"index": 0, key: message, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": self.id, "object": kind, "created": self.created, "model": self.model.id, "choices": [choice]}

@@ -259,7 +259,8 @@ class Cluster:
   def local_node(self, node_id: str, *extra: str):
     """A declared node built in this process exactly as `exo` builds one (not started): for an origin whose requests a test
     drives, or a node whose engine a test watches."""
-    from exo.main import build_node, build_parser
+    from exo.node_flags import build_parser
+    from exo.node_setup import build_node
 
     return build_node(build_parser().parse_args(self.node_args(node_id, *extra)))
 

@@ -9,9 +9,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from exo.orchestration.service import NodeService
+
 
 class RingView:
-  def __init__(self, node, refresh_seconds: float = 1.0, page_url: str | None = None):
+  def __init__(self, node: NodeService, refresh_seconds: float = 1.0, page_url: str | None = None):
     self.node, self.page_url = node, page_url
     self.refresh_seconds = refresh_seconds
     self._live: Live | None = None
@@ -21,11 +23,13 @@ class RingView:
     node, plan = self.node, self.node.current_plan
     stages = {node_id: shard for node_id, shard in plan.node_shards()} if plan else {}
     model_id = plan.model.id if plan else node.model.id
-    table = Table(title=f"exo node {node.id}: {len(node.topology.nodes)} nodes, strategy {node.planner.strategy} ({node.planner.objective})")
+    table = Table(
+      title=f"exo node {node.id}: {len(node.topology.nodes)} nodes, strategy {node.planner_config.strategy} ({node.planner_config.objective})"
+    )
     for column in ("node", "device", "memory MB", "fp16 TFLOPS", "bandwidth GB/s", "RTT ms", "ms/layer", "layers"):
       table.add_column(column)
     for node_id, caps in sorted(node.topology.nodes.items()):
-      rtt = node.discovery.rtt_ms(node_id)
+      rtt = node.rtt_ms(node_id)
       shard = stages.get(node_id)
       measured = caps.layer_times.get(model_id)
       table.add_row(
@@ -49,7 +53,7 @@ class RingView:
           + (f" (of the model's {full})" if plan.context_tokens < full else "")
         )
       )
-    waiting = getattr(node.engine, "waiting", None)
+    waiting = node.text.engine_waiting()
     if waiting:
       lines.append(Text(f"engine: {waiting}", style="yellow"))
     load = node.load()

@@ -11,7 +11,7 @@ from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.base.models import model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
-from exo.orchestration.node import drain_s
+from exo.orchestration.admission import drain_s
 from exo.topology.cost_model import device_pacing
 from tests.api.test_api_access import call
 from tests.api.test_chatgpt_api import SERVED, Served

@@ -45,7 +45,7 @@ def test_ring_nodes_follow_the_plan_carried_by_the_request(cluster: Cluster):
       assert stages(a.plan(a.model)) == stages(b.plan(b.model)) == CARRIED
       assert stages(c.plan(c.model)) == C_WOULD_PLAN
 
-      expected = await reference_tokens(a.model, PROMPT, a.max_generate_tokens)
+      expected = await reference_tokens(a.model, PROMPT, a.origin.max_generate_tokens)
       from_a = await a.generate(PROMPT)
       ran = [call[1:] for call in calls if call[0] == from_a.request_id]
       assert stages(from_a.plan) == CARRIED

@@ -12,6 +12,7 @@ that no token comes, health-checks the ring and names the node that does not ans
 """
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.paced_inference_engine import PacedInferenceEngine
-from exo.orchestration.node import RequestFailed
+from exo.orchestration.requests import RequestFailed
 from exo.topology.cost_model import device_pacing
 from tests.cluster.harness import (
   CLIENT,
@@ -172,25 +173,36 @@ def test_ring_stops_when_its_origin_dies(cluster):
     cluster.declare(node_id, Device(800, 1, 20))  # 8 layers each at an end of the ring: both needed; 1.7 ms per layer
   cluster.declare("o", CLIENT)
   calls: list = []
+  finished: list = []  # (request id, ring node): the request is over at that node, which runs no step of it from then on
 
   async def scenario():
     origin = cluster.local_node("o")
     ring = [cluster.local_node(node_id) for node_id in ("a", "b")]
+    changed = asyncio.Event()  # a ring node ran a step, or dropped a request
     for node in ring:  # never EOS: only the origin's death can end this request early
-      node.engine = Spy(PacedInferenceEngine(DummyInferenceEngine(eos_after=10**9), device_pacing(node.model, node.capabilities)), node.id, calls)
+      paced = PacedInferenceEngine(DummyInferenceEngine(eos_after=10**9), device_pacing(node.model, node.capabilities))
+      node.engine = Spy(paced, node.id, calls, finished, changed.set)
     try:
       await asyncio.gather(*(node.start(wait_for_peers=2) for node in [origin, *ring]))
       await wait_for_local_mesh([origin, *ring])
       three = asyncio.Event()
       request = asyncio.create_task(origin.generate(PROMPT, max_tokens=5_000, on_token=lambda tokens: len(tokens) >= 3 and three.set()))
       await asyncio.wait_for(three.wait(), HANG_S)
+      [request_id] = origin.originated_request_ids()
       request.cancel()
       await origin.stop()
       deadline = time.monotonic() + 30  # generous: the last stage retries the origin for 5 s before it gives up
-      while True:
-        seen = len(calls)
-        await asyncio.sleep(1.5)
-        if len(calls) == seen:
+      while not any(r == request_id for r, _ in finished):  # until a ring node drops the request: told it is over, or unable to tell
+        changed.clear()
+        left = deadline - time.monotonic()
+        assert left > 0, f"the ring kept going round for its dead origin: {len(calls)} stages run"
+        with contextlib.suppress(asyncio.TimeoutError):
+          await asyncio.wait_for(changed.wait(), left)
+      while True:  # then the steps already under way end: silence is what the ring stopped looks like
+        changed.clear()
+        try:
+          await asyncio.wait_for(changed.wait(), 1.5)
+        except asyncio.TimeoutError:
           break
         assert time.monotonic() < deadline, f"the ring kept going round for its dead origin: {len(calls)} stages run"
     finally:

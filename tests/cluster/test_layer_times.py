@@ -6,7 +6,8 @@ import pytest
 
 from exo.base.models import DEFAULT_MODEL
 from exo.inference.slowed_engine import SlowedEngine
-from exo.main import build_node, build_parser
+from exo.node_flags import build_parser
+from exo.node_setup import build_node
 from tests.cluster.harness import Device
 
 DEVICE = Device(2000, 1, 20)

@@ -11,7 +11,9 @@ import pytest
 from exo.base.errors import BadInput, ModelNotFound
 from exo.inference import downloads
 from exo.inference.downloads import ensure_model
-from exo.main import build_node, build_parser, main
+from exo.main import main
+from exo.node_flags import build_parser
+from exo.node_setup import build_node
 from tests.support.chat_once import chat_replies
 from tests.support.local_hub import LocalHub
 

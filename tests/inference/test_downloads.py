@@ -15,8 +15,10 @@ from exo.inference import downloads, model_sources
 from exo.inference.downloads import ensure_model
 from exo.inference.llama_weights import load_shard_weights
 from exo.inference.model_files import locate_model, missing_files, present
-from exo.main import build_node, build_parser, main
+from exo.main import main
 from exo.networking.ports import free_port
+from exo.node_flags import build_parser
+from exo.node_setup import build_node
 from tests.inference.tiny_models import TINY, tiny_weights
 from tests.support.chat_once import chat_replies
 from tests.support.local_hub import LocalHub, tiny_checkpoint, tiny_gguf

@@ -1,7 +1,6 @@
 """Liveness: the one place peers are health-checked. Fake handles answer checks as told; rounds are driven by hand."""
 
 import asyncio
-from types import SimpleNamespace
 
 from exo.base.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
 from exo.base.models import model_spec
@@ -123,14 +122,14 @@ def test_a_node_takes_rtt_from_discovery_and_does_not_check_its_peers_again(tmp_
     node = Node("a", DummyInferenceEngine(), discovery, UNKNOWN_DEVICE_CAPABILITIES, model_spec("llama-3.2-1b"))
     await discovery.start()
     try:
-      await node._refresh(wait_for_peers=2)
+      await node.cluster.refresh(wait_for_peers=2)
       checks = {i: p.checks for i, p in peers.items()}
       for _ in range(3):
-        await node._refresh(0)
+        await node.cluster.refresh(0)
       assert {i: p.checks for i, p in peers.items()} == checks == {"b": 1, "c": 1}
       assert node.topology.edges[("a", "b")].rtt_ms == discovery.rtt_ms("b") >= 10.0
       peers["b"].healthy = False
-      assert await node._check_ring(SimpleNamespace(node_ids=lambda: ["a", "b", "c"])) == ["b"]
+      assert await node.cluster.check(["a", "b", "c"]) == ["b"]
       assert sorted(node.peers) == ["c"] and "b" not in node.planning_topology().nodes
     finally:
       await discovery.stop()

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from exo.base.errors import BadInput
-from exo.main import build_parser
 from exo.networking.membership import SECRET_ENV, Membership, NotAMember, cluster_membership, stored_secret, stored_secret_path
+from exo.node_flags import build_parser
 
 SECRET = "a-cluster-secret-long-enough"
 

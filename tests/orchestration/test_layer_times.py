@@ -19,7 +19,8 @@ from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
-from exo.orchestration.node import Node, PlannerConfig
+from exo.orchestration.node import Node
+from exo.orchestration.planner_driver import PlannerConfig
 from exo.topology.cost_model import device_pacing
 from tests.cluster.harness import wait_for_local_mesh
 
@@ -72,7 +73,7 @@ def test_a_node_whose_calibration_fails_starts_and_publishes_nothing(caplog):
       raise RuntimeError("no such device")
 
   node, discovery = lone_node(Broken(DummyInferenceEngine()))
-  with caplog.at_level(logging.WARNING, logger="exo.orchestration.node"):
+  with caplog.at_level(logging.WARNING, logger="exo.orchestration"):
     asyncio.run(node.start())
   try:
     assert node.capabilities.layer_times == {} and discovery.announced == []
@@ -125,12 +126,11 @@ def test_a_node_told_to_ignore_layer_times_plans_from_the_roofline_and_still_mea
   asyncio.run(node.start())
   try:
     measured = node.capabilities.layer_times[MODEL.id]
-    node.topology.update_node("solo", DEVICE.with_layer_times(MODEL.id, measured))
-    node.capabilities = node.topology.nodes["solo"]
+    node.cluster.publish(DEVICE.with_layer_times(MODEL.id, measured))
     small = ModelSpec("paced", n_layers=4, layer_bytes=1e6, layer_flops=2e6, activation_bytes=4 * HIDDEN_SIZE)  # fits alone
     # roofline of the declared device: 1e6 bytes at 1 GB/s = 1 ms a layer, 4 ms a token; measured: 4 x decode_ms
     assert node.plan(small).prediction.tpot_s == pytest.approx(measured.decode_ms * 4 / 1000)
-    node.planner, node.current_plan = PlannerConfig(ignore_layer_times=True), None
+    node.planner.config, node.planner.current_plan = PlannerConfig(ignore_layer_times=True), None
     assert node.plan(small).prediction.tpot_s == pytest.approx(4e-3)
     assert node.planning_topology().nodes["solo"].layer_times == {} and node.capabilities.layer_times == {MODEL.id: measured}
   finally:

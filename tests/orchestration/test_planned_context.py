@@ -17,7 +17,9 @@ from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
-from exo.orchestration.node import Node, PlannerConfig, answer_budget
+from exo.orchestration.admission import answer_budget
+from exo.orchestration.node import Node
+from exo.orchestration.planner_driver import PlannerConfig
 from tests.support.planned_context import largest_context
 
 MODEL = model_spec("smollm2-135m")

@@ -14,7 +14,8 @@ from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.inference.sampling import Sampling
 from exo.networking.discovery import NoDiscovery
-from exo.orchestration.node import Node, PlannerConfig
+from exo.orchestration.node import Node
+from exo.orchestration.planner_driver import PlannerConfig
 from tests.support.greedy import greedy_tokens
 
 MODEL = model_spec("llama-3.2-1b")
@@ -90,14 +91,14 @@ def test_concurrent_seeded_requests_each_get_what_they_get_alone():
     node = await started_node(Batches(DummyInferenceEngine(eos_after=10**9)), batch=4)
     try:
       together = await asyncio.gather(*(node.generate(PROMPT, max_tokens=TOKENS, sampling=Sampling(0.9, top_p=0.9, seed=s)) for s in seeds))
-      return [g.tokens for g in together], dict(node._generators), max(node.engine.sizes)
+      return [g.tokens for g in together], node.stages.sampling_ids(), max(node.engine.sizes)
     finally:
       await node.stop()
 
   together, generators_left, largest_batch = asyncio.run(main())
   assert largest_batch > 1  # their steps did run together
   assert together == alone and together[0] == together[3] and together[0] != together[1]
-  assert generators_left == {}  # each request's generator went with it
+  assert generators_left == set()  # each request's generator went with it
 
 
 def test_a_stop_string_ends_the_request_and_cuts_its_text():
@@ -109,13 +110,13 @@ def test_a_stop_string_ends_the_request_and_cuts_its_text():
     node = await started_node()
     try:
       generation = await node.generate(PROMPT, max_tokens=TOKENS, stop=("never there", stop))
-      return generation, generation.request_id in node._finished, node._ring_tokens
+      return generation, generation.request_id in node.finished, node.stages.sampling_ids()
     finally:
       await node.stop()
 
   generation, finished, ring_tokens = asyncio.run(main())
   assert (generation.text, generation.finish_reason) == (cut, "stop")
-  assert len(generation.tokens) < TOKENS and finished and ring_tokens == {}  # the ring was told, and stopped before the budget
+  assert len(generation.tokens) < TOKENS and finished and ring_tokens == set()  # the ring was told, and stopped before the budget
   unmatched = generate(stop=("never there",))
   assert (unmatched.text, unmatched.finish_reason) == (text, "length")
 

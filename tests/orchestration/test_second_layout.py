@@ -18,7 +18,9 @@ from exo.networking.grpc.grpc_peer_handle import peer_handles
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
-from exo.orchestration.node import Node, PlannerConfig, RequestFailed
+from exo.orchestration.node import Node
+from exo.orchestration.planner_driver import PlannerConfig
+from exo.orchestration.requests import RequestFailed
 from tests.support.greedy import greedy_tokens
 from tests.support.patience import HANG_S
 
@@ -100,32 +102,54 @@ async def chat_prompts(engine_name: str) -> list[str]:
   return [await engine.apply_chat_template(WHOLE, [{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
-def two_nodes(engine_name: str, tmp_path, objectives: tuple[str, str]) -> tuple[Node, Node, Held]:
+class AskedDiscovery(ManualDiscovery):
+  """Manual discovery that tells each time its node asks for the live peers (each of the node's topology refreshes does)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.asked = asyncio.Event()
+
+  async def discover_peers(self, wait_for_peers: int = 0):
+    self.asked.set()
+    return await super().discover_peers(wait_for_peers)
+
+
+async def until_planned_with(node: Node, discovery: AskedDiscovery, peer_id: str) -> None:
+  """Until `peer_id` is in the topology `node` plans on, checked again at each of its refreshes (bounded: only a hang fails it)."""
+  while True:
+    discovery.asked.clear()
+    if peer_id in node.planning_topology().nodes:
+      return
+    await asyncio.wait_for(discovery.asked.wait(), HANG_S)
+
+
+def two_nodes(engine_name: str, tmp_path, objectives: tuple[str, str]) -> tuple[Node, Node, Held, AskedDiscovery]:
+  """Nodes a and b (a's engine held by the Held returned), and a's discovery."""
   ports = {"a": free_port(), "b": free_port()}
   devices = {"a": FAST, "b": SLOW}
   peers = {"peers": {n: {"address": "127.0.0.1", "port": ports[n], "device_capabilities": devices[n].to_dict()} for n in ports}}
   (tmp_path / "peers.json").write_text(json.dumps(peers))
   held = Held(make_engine(engine_name))
-  nodes = []
+  nodes, discoveries = [], []
   for (name, objective), engine in zip(zip("ab", objectives), (held.inner, make_engine(engine_name))):
-    discovery = ManualDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
+    discovery = AskedDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
+    discoveries.append(discovery)
     node = Node(name, engine, discovery, devices[name], MODEL, PlannerConfig(objective=objective), TOKENS, HANG_S, refresh_interval=0.2)
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
   held.attach(nodes[0])
-  return nodes[0], nodes[1], held
+  return nodes[0], nodes[1], held, discoveries[0]
 
 
 async def node_joins_mid_request(engine_name: str, tmp_path):
-  a, b, held = two_nodes(engine_name, tmp_path, ("throughput", "throughput"))
+  a, b, held, a_discovery = two_nodes(engine_name, tmp_path, ("throughput", "throughput"))
   prompts = await chat_prompts(engine_name)
   await a.start()
   try:
     first = asyncio.create_task(a.generate(prompts[0]))
     await held.holding.wait()
     await b.start(wait_for_peers=1)
-    while "b" not in a.planning_topology().nodes:  # a's next refresh sees b
-      await asyncio.sleep(0.05)
+    await until_planned_with(a, a_discovery, "b")  # a's next refresh sees b
     second = await a.generate(prompts[1])
     held.release.set()
     return prompts, await first, second, held
@@ -135,7 +159,7 @@ async def node_joins_mid_request(engine_name: str, tmp_path):
 
 
 async def other_view_mid_request(engine_name: str, tmp_path):
-  a, b, held = two_nodes(engine_name, tmp_path, ("latency", "throughput"))  # a keeps every layer; b splits over both
+  a, b, held, _ = two_nodes(engine_name, tmp_path, ("latency", "throughput"))  # a keeps every layer; b splits over both
   prompts = await chat_prompts(engine_name)
   await asyncio.gather(a.start(wait_for_peers=1), b.start(wait_for_peers=1))
   try:
@@ -160,7 +184,7 @@ def test_second_layout_leaves_running_requests_intact(engine, scenario, tmp_path
 
 
 async def state_lost_mid_request(tmp_path) -> str:
-  a, b, held = two_nodes("dummy", tmp_path, ("latency", "throughput"))  # b's requests run on a ring through a
+  a, b, held, _ = two_nodes("dummy", tmp_path, ("latency", "throughput"))  # b's requests run on a ring through a
   await asyncio.gather(a.start(wait_for_peers=1), b.start(wait_for_peers=1))
   try:
     asked = asyncio.create_task(b.generate(QUESTIONS[0]))

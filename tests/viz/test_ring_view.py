@@ -4,7 +4,8 @@ from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, LayerT
 from exo.base.models import model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
-from exo.orchestration.node import Node, PlannerConfig
+from exo.orchestration.node import Node
+from exo.orchestration.planner_driver import PlannerConfig
 from exo.viz.ring_view import RingView
 
 
@@ -49,6 +50,6 @@ def test_the_view_shows_the_planned_context_and_the_models_when_it_is_less():
   assert "context:" not in rendered(node)  # no plan yet
   node.plan(node.model)
   assert "context: 2000 tokens per request, prompt and answer (of the model's 8192)" in rendered(node)
-  node.planner, node.current_plan = PlannerConfig(), None
+  node.planner.config, node.planner.current_plan = PlannerConfig(), None
   node.plan(node.model)
   assert "context: 8192 tokens per request, prompt and answer\n" in rendered(node)
