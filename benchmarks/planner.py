@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/planner.py [--quick] [--seed N] [--exact-bandwidth]
 
-1. Planner time on random heterogeneous clusters (real chip figures, full-mesh edges) of 4 to 256 nodes.
+1. Planner time on random heterogeneous clusters (benchmarks/planner_clusters.py: real chip figures, full-mesh edges) of 4 to 256 nodes.
 2. Plan quality against an exact optimum (exo/tools/exact_oracle.py) on sparse clusters of 11 to 16 nodes.
 3. Every scenario in tests/scenarios: flops-latency against ring-memory-weighted under the v1 cost model.
 
@@ -27,17 +27,14 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exo.base.chips import CHIPS, chip_spec  # noqa: E402
+from benchmarks.planner_clusters import BANDWIDTHS_MBPS, RTT_MS, RTT_REGIMES, layer_capacity, random_cluster, sparse_cluster, time_model  # noqa: E402
 from exo.base.errors import ExoError  # noqa: E402
 from exo.tools.exact_oracle import optimum  # noqa: E402
-from exo.topology.flops_latency_partitioning_strategy import EXACT_LIMIT, FlopsLatencyPartitioningStrategy  # noqa: E402
+from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy  # noqa: E402
 from exo.topology.planner import as_model, as_topology, make_plan  # noqa: E402
+from exo.topology.search import EXACT_LIMIT  # noqa: E402
 
 OBJECTIVES = ("latency", "throughput")
-HEADROOM = 0.1  # the strategy's default memory headroom, used to check that a drawn cluster can hold the model
-RTT_MS = (0.5, 20.0)
-RTT_REGIMES = {"lan": (0.1, 0.6), "wifi": (1.5, 6.0), "slow wifi": (8.0, 30.0)}  # ms of delay each end adds to a link's RTT
-BANDWIDTHS_MBPS = (100, 1000, 10000)
 TIME_SIZES = (4, 8, 16, 64, 256)
 TARGET_MS = {8: 20, 16: 100, 64: 300, 256: 3000}
 QUALITY_SIZES = (11, 12, 13, 14, 15, 16)
@@ -45,137 +42,9 @@ QUALITY_MODEL = "llama-3.1-70b"
 REGIMES = ("lan", "wifi", "mixed")
 OPTIMAL_TOL = 1e-9
 
-# Memory sizes [GB] each chip ships with: Apple unified memory configurations, GPU VRAM. Chips missing here are not drawn.
-MEMORY_GB = {
-  "Apple M1": (8, 16),
-  "Apple M1 Pro": (16, 32),
-  "Apple M1 Max": (32, 64),
-  "Apple M1 Ultra": (64, 128),
-  "Apple M2": (8, 16, 24),
-  "Apple M2 Pro": (16, 32),
-  "Apple M2 Max": (32, 64, 96),
-  "Apple M2 Ultra": (64, 128, 192),
-  "Apple M3": (8, 16, 24),
-  "Apple M3 Pro": (18, 36),
-  "Apple M3 Max": (36, 48, 64, 96, 128),
-  "Apple M3 Ultra": (96, 256),
-  "Apple M4": (16, 24, 32),
-  "Apple M4 Pro": (24, 48, 64),
-  "Apple M4 Max": (36, 48, 64, 128),
-  "Apple A15 Bionic": (6,),
-  "Apple A16 Bionic": (6,),
-  "Apple A17 Pro": (8,),
-  "Apple A18": (8,),
-  "Apple A18 Pro": (8,),
-  "NVIDIA GeForce RTX 4090": (24,),
-  "NVIDIA GeForce RTX 4080 SUPER": (16,),
-  "NVIDIA GeForce RTX 4080": (16,),
-  "NVIDIA GeForce RTX 4070 Ti SUPER": (16,),
-  "NVIDIA GeForce RTX 4070 Ti": (12,),
-  "NVIDIA GeForce RTX 4070 SUPER": (12,),
-  "NVIDIA GeForce RTX 4070": (12,),
-  "NVIDIA GeForce RTX 4060 Ti": (8, 16),
-  "NVIDIA GeForce RTX 4060": (8,),
-  "NVIDIA GeForce RTX 3090 Ti": (24,),
-  "NVIDIA GeForce RTX 3090": (24,),
-  "NVIDIA GeForce RTX 3080 Ti": (12,),
-  "NVIDIA GeForce RTX 3080": (10,),
-  "NVIDIA GeForce RTX 3070": (8,),
-  "NVIDIA GeForce RTX 3060 Ti": (8,),
-  "NVIDIA GeForce RTX 3060": (12,),
-  "NVIDIA A100-PCIE-40GB": (40,),
-  "NVIDIA A100-SXM4-40GB": (40,),
-  "NVIDIA A100 80GB PCIe": (80,),
-  "NVIDIA A100-SXM4-80GB": (80,),
-  "NVIDIA H100 PCIe": (80,),
-  "NVIDIA H100 80GB HBM3": (80,),
-  "NVIDIA H200": (141,),
-  "NVIDIA L40S": (48,),
-  "NVIDIA A10": (24,),
-  "NVIDIA L4": (24,),
-  "Tesla T4": (16,),
-  "NVIDIA T4": (16,),
-  "NVIDIA Jetson AGX Orin": (32, 64),
-  "AMD Radeon RX 7900 XTX": (24,),
-  "AMD Radeon RX 7900 XT": (20,),
-  "AMD Radeon RX 7800 XT": (16,),
-  "AMD Radeon RX 6900 XT": (16,),
-  "AMD Radeon RX 6800 XT": (16,),
-  "AMD Radeon RX 6800": (16,),
-  "AMD Instinct MI325X": (256,),
-  "AMD Instinct MI300X": (192,),
-  "AMD Instinct MI250X": (128,),
-  "AMD Instinct MI250": (128,),
-  "AMD Instinct MI210": (64,),
-}
-DRAWN_CHIPS = sorted(chip for chip in CHIPS if chip in MEMORY_GB)
 
-
-def time_model(n: int) -> str:
-  """A model that needs several nodes of an n-node cluster: 70B 4-bit (~41 GB) for small n, 405B beyond, bf16 (~807 GB) for hundreds."""
-  return "llama-3.1-70b" if n <= 8 else "llama-3.1-405b" if n <= 16 else "llama-3.1-405b-bf16"
-
-
-def layer_capacity(memory_mb: float, model, requests: int = 1) -> int:
-  """Layers a node holds with KV for `requests` requests (the throughput objective keeps one per ring stage in flight)."""
-  return math.floor(memory_mb * 2**20 * (1 - HEADROOM) / (model.layer_bytes + requests * model.kv_bytes_per_layer))
-
-
-def random_cluster(rng: random.Random, n: int, model, with_bandwidth: bool) -> dict:
-  """A topology dict of n random devices on a full mesh, redrawn until the model fits in the cluster but in no single node."""
-  while True:
-    chips = [rng.choice(DRAWN_CHIPS) for _ in range(n)]
-    memory = [rng.choice(MEMORY_GB[chip]) * 1024 for chip in chips]
-    caps = [layer_capacity(m, model, n) for m in memory]  # enough for the throughput objective's KV on a ring of every node
-    per_layer = model.layer_bytes + n * model.kv_bytes_per_layer
-    ends = math.ceil(model.embed_bytes / per_layer) + math.ceil(model.head_bytes / per_layer)  # the first and last stage hold these
-    if sum(caps) >= model.n_layers + ends and max(layer_capacity(m, model) for m in memory) < model.n_layers:
-      break
-  nodes = {}
-  for i, (chip, mem) in enumerate(zip(chips, memory)):
-    spec = chip_spec(chip)
-    flops = {"fp32": spec.flops.fp32, "fp16": spec.flops.fp16, "int8": spec.flops.int8}
-    nodes[f"n{i:03d}"] = {"model": "bench", "chip": chip, "memory": mem, "flops": flops, "memory_bandwidth": spec.memory_bandwidth}
-  ids = list(nodes)
-  edges = []
-  for a in range(n):
-    for b in range(a + 1, n):
-      edge = {"from": ids[a], "to": ids[b], "rtt_ms": round(rng.uniform(*RTT_MS), 3)}
-      if with_bandwidth:
-        edge["bandwidth_mbps"] = rng.choice(BANDWIDTHS_MBPS)
-      edges.append(edge)
-  return {"nodes": nodes, "edges": edges}
-
-
-def sparse_cluster(rng: random.Random, n: int, model, regime: str, with_bandwidth: bool = False) -> dict:
-  """n uneven devices, each with 15% to 120% of the model's bytes, on a network missing some links (each pair joined with one
-  probability per cluster, 0.5 to 0.9); a link's RTT is the sum of its two ends' access delays, drawn per node by `regime`,
-  times a little jitter. Redrawn until the model fits the cluster."""
-  model_mb = (model.n_layers * model.layer_bytes + model.embed_bytes + model.head_bytes) / 2**20
-  while True:
-    chips = [rng.choice(DRAWN_CHIPS) for _ in range(n)]
-    memory = [round(model_mb * rng.uniform(0.15, 1.2)) for _ in range(n)]
-    if sum(layer_capacity(m, model) for m in memory) >= model.n_layers + 2:
-      break
-  access = [rng.uniform(*RTT_REGIMES[regime if regime != "mixed" else rng.choice(("lan", "wifi", "slow wifi"))]) for _ in range(n)]
-  nodes = {}
-  for i, (chip, mem) in enumerate(zip(chips, memory)):
-    spec = chip_spec(chip)
-    flops = {"fp32": spec.flops.fp32, "fp16": spec.flops.fp16, "int8": spec.flops.int8}
-    nodes[f"n{i:03d}"] = {"model": "bench", "chip": chip, "memory": mem, "flops": flops, "memory_bandwidth": spec.memory_bandwidth}
-  ids, density, edges = list(nodes), rng.uniform(0.5, 0.9), []
-  for a in range(n):
-    for b in range(a + 1, n):
-      if rng.random() < density:
-        edge = {"from": ids[a], "to": ids[b], "rtt_ms": round((access[a] + access[b]) * rng.uniform(0.9, 1.2), 3)}
-        if with_bandwidth:
-          edge["bandwidth_mbps"] = rng.choice(BANDWIDTHS_MBPS)
-        edges.append(edge)
-  return {"nodes": nodes, "edges": edges}
-
-
-def timed_plan(topology, model, objective: str, exact_limit: int | None = None):
-  strategy = FlopsLatencyPartitioningStrategy(model, objective, exact_limit=exact_limit)
+def timed_plan(topology, model, objective: str, method: str = "auto"):
+  strategy = FlopsLatencyPartitioningStrategy(model, objective, method=method)
   start = time.perf_counter()
   plan = strategy.plan(topology)
   return plan, time.perf_counter() - start
@@ -261,6 +130,45 @@ def planner_time(console: Console, rng: random.Random, quick: bool) -> list[tupl
   return results
 
 
+def rate(clusters: list[dict], model, objective: str, reference: str, exact_bandwidth: bool, summary: dict) -> tuple[list, list, list]:
+  """(each plan's ratio to the reference, to its own bound, its planning ms) on `clusters`; a bound that is not one counts in
+  summary["dishonest"]."""
+  ratios, bounds, times = [], [], []
+  for topology in clusters:
+    try:
+      plan, seconds = timed_plan(as_topology(topology), model, objective)
+    except ExoError:
+      plan, seconds = None, 0.0
+    best = optimum(topology, model.to_dict(), objective) if reference == "exact" else None
+    if plan is None:
+      assert best is None, f"no plan, but the exact optimum is {best}"
+      continue
+    if reference == "bound" and exact_bandwidth:
+      best = timed_plan(as_topology(topology), model, objective, method="exact")[0].prediction.throughput_tps
+    times.append(seconds * 1000)
+    bounds.append(proven_ratio(plan, objective))
+    if best is not None:
+      ratios.append(best / plan.prediction.tpot_s if objective == "latency" else plan.prediction.throughput_tps / best)
+      bound = plan.prediction.bound_tpot_s if objective == "latency" else plan.prediction.bound_throughput_tps
+      summary["dishonest"] += bound > best * (1 + OPTIMAL_TOL) if objective == "latency" else bound < best * (1 - OPTIMAL_TOL)
+  return ratios, bounds, times
+
+
+def quality_row(n: int, objective: str, reference: str, ratios: list, bounds: list, times: list, summary: dict) -> list[str]:
+  """A row of section 2's table; the ratios are added up in `summary`."""
+  cells = ["-"] * 4
+  if ratios:
+    optimal, within = sum(x >= 1 - OPTIMAL_TOL for x in ratios), sum(x >= 0.99 for x in ratios)
+    cells = [f"{optimal}/{len(ratios)}", f"{within}/{len(ratios)}", f"{statistics.fmean(ratios):.3f}", f"{min(ratios):.3f}"]
+    summary["cases"] += len(ratios)
+    summary["optimal"] += optimal
+    summary["within"] += within
+    summary["worst"] = min(summary["worst"], *ratios)
+    summary["beat_exact"] += sum(x > 1 + OPTIMAL_TOL for x in ratios)
+  proven = f"{sum(r >= 1 - OPTIMAL_TOL for r in bounds)}/{len(bounds)}"
+  return [str(n), objective, reference, str(len(bounds)), *cells, proven, f"{min(bounds):.3f}", fmt(statistics.median(times)), fmt(max(times))]
+
+
 def quality(console: Console, rng: random.Random, quick: bool, exact_bandwidth: bool) -> dict:
   """Plans against the exact optimum of exo/tools/exact_oracle.py (Held-Karp over every subset, no planner code) on sparse
   clusters of 11 to 16 nodes; throughput with link bandwidth against the plan's own bound (no independent exact reference
@@ -280,37 +188,8 @@ def quality(console: Console, rng: random.Random, quick: bool, exact_bandwidth: 
       ("throughput", "exact", drawn),
       ("throughput", "bound", with_bandwidth),
     ):
-      ratios, bounds, times = [], [], []
-      for topology in clusters:
-        try:
-          plan, seconds = timed_plan(as_topology(topology), model, objective)
-        except ExoError:
-          plan, seconds = None, 0.0
-        best = optimum(topology, model.to_dict(), objective) if reference == "exact" else None
-        if plan is None:
-          assert best is None, f"no plan, but the exact optimum is {best}"
-          continue
-        if reference == "bound" and exact_bandwidth:
-          best = timed_plan(as_topology(topology), model, objective, exact_limit=max(QUALITY_SIZES))[0].prediction.throughput_tps
-        times.append(seconds * 1000)
-        bounds.append(proven_ratio(plan, objective))
-        if best is not None:
-          ratios.append(best / plan.prediction.tpot_s if objective == "latency" else plan.prediction.throughput_tps / best)
-          bound = plan.prediction.bound_tpot_s if objective == "latency" else plan.prediction.bound_throughput_tps
-          summary["dishonest"] += bound > best * (1 + OPTIMAL_TOL) if objective == "latency" else bound < best * (1 - OPTIMAL_TOL)
-      cells = ["-"] * 4
-      if ratios:
-        optimal, within = sum(x >= 1 - OPTIMAL_TOL for x in ratios), sum(x >= 0.99 for x in ratios)
-        cells = [f"{optimal}/{len(ratios)}", f"{within}/{len(ratios)}", f"{statistics.fmean(ratios):.3f}", f"{min(ratios):.3f}"]
-        summary["cases"] += len(ratios)
-        summary["optimal"] += optimal
-        summary["within"] += within
-        summary["worst"] = min(summary["worst"], *ratios)
-        summary["beat_exact"] += sum(x > 1 + OPTIMAL_TOL for x in ratios)
-      proven = f"{sum(r >= 1 - OPTIMAL_TOL for r in bounds)}/{len(bounds)}"
-      table.add_row(
-        str(n), objective, reference, str(len(bounds)), *cells, proven, f"{min(bounds):.3f}", fmt(statistics.median(times)), fmt(max(times))
-      )
+      ratios, bounds, times = rate(clusters, model, objective, reference, exact_bandwidth, summary)
+      table.add_row(*quality_row(n, objective, reference, ratios, bounds, times, summary))
   show(console, table)
   show(
     console,

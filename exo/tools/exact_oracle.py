@@ -1,6 +1,6 @@
 """Exact optima for clusters of up to 16 usable nodes, by Held-Karp over every subset: a reference for the planner beyond the
-reach of exo/tools/plan_oracle.py's enumeration of every plan. It reads the topology and model-spec dicts through oracle.py's
-OracleCostModel (docs/DESIGN.md section 2 written out again) and shares no code with exo/topology.
+reach of exo/tools/plan_oracle.py's enumeration of every plan. It reads the topology and model-spec dicts through
+exo/tools/oracle_cost_model.py (docs/DESIGN.md section 2 written out again) and shares no code with exo/topology.
 
 Latency: a plan's TPOT is the compute of its layer split, which depends only on the subset S, its first node f and its last
 node l (capacities by role, the head on l), plus the hops of its ring, a cycle through S that contains the edge l -> f. So the
@@ -19,7 +19,9 @@ import math
 
 import numpy as np
 
-from exo.tools.plan_oracle import LEAST_CONTEXT, OracleCostModel, planned_context
+from exo.tools.oracle_cost_model import LEAST_CONTEXT, OracleCostModel, planned_context
+
+__all__ = ["MAX_NODES", "OracleCluster", "feasible", "optimum"]
 
 MAX_NODES = 16
 _EPS = 1e-9  # slack when a time budget turns into a whole number of layers

@@ -1,40 +1,28 @@
-"""Brute-force oracle for the docs/DESIGN.md section 2 cost model (v2), written from the design alone.
+"""The brute force behind the planner's tests and benchmarks: every plan of cost model v2 (exo/tools/oracle_cost_model.py,
+written from docs/DESIGN.md alone; nothing here imports `exo.topology`), and the best one by each objective and its tie-break.
 
-It reads the topology and model-spec JSON dicts directly and imports nothing from `exo.topology`, so a bug shared with the
-planner's cost model cannot hide here. It enumerates every non-empty subset of nodes, every ring order of it (every
-permutation: rotations and reflections included, so every choice of first and last node) and every integer layer assignment
-within the capacities, so it is only for tiny cases. With N nodes and L layers it visits at most
-O(sum_{k <= min(N, L)} C(N, k) * k! * C(L - 1, k - 1)) plans per objective, each evaluated in O(k) after O(N^2 + N * E)
-set-up (E edges); the layer assignments are generated within the caps, so small caps prune the count.
+BruteForce enumerates every non-empty subset of nodes, every ring order of it (every permutation: rotations and reflections
+included, so every choice of first and last node) and, per ring, every integer layer split within the capacities of the
+nodes' roles, or, where those are too many (more than ENUMERATE_MAX), the ring's optimal split computed directly: latency
+fills the fastest nodes (by t(1)) first within their capacities, breaking ties among TPOT-optimal splits by the least
+bottleneck; throughput takes the smallest candidate bottleneck L_i t_i(b) + x_i that admits L layers, then the least TPOT
+among the splits within it. With N nodes and L layers that is O(sum_{k <= min(N, L)} N! / (N - k)! * C(L - 1, k - 1)) plans
+per objective (the splits generated within the caps, so small caps prune the count), each evaluated in O(k).
 
-v2 in one place (DESIGN.md section 2 is authoritative; the names follow it):
-- t_i(n) = max(d_i, n * c_i): from the node's `layer_times` for the served model id if present (decode_ms, token_ms in ms),
-  else the roofline d_i = max(F / f_i, B / b_i), c_i = F / f_i over the known terms (c_i = 0 when f_i is unknown); a node
-  with neither takes, for each n separately, the largest t_j(n) over the nodes j of known speed.
-- eta = H / B layers of time on the last stage (0 when H = 0).
-- c = 1 resident request under `latency`, k * b under `throughput`; cap_i = floor((M_i * 2**20 * (1 - h) - E [first]
-  - H [last]) / (B + c * K)), subtracting max(E, H) once when the embeddings are tied and one node is first and last.
-- v2.1: K is the model's KV for its context N (`context_tokens`, default 8192); a plan at context C reserves K * C / N. C is
-  min(N, 8192, the user's cap) when some plan is feasible there, else the largest multiple of 256, at least 512, at which one
-  is (none below 512).
-- hop_uv(n) = r_uv / 2000 + n * A * 8 / (w_uv * 1e6) (the transfer term only when a bandwidth is given).
-- TPOT = sum L_i t_i(1) + eta t_last(1) + (k >= 2: every ring hop, last -> first included, with n = 1).
-- throughput = b / max_i (L_i t_i(b) + [i last] eta t_i(b) + (k >= 2: b * A * 8 / (w to the next node * 1e6))).
-- TTFT(P) = sum L_i t_i(P) + eta t_last(P) + (k >= 2: every ring hop with n = P).
+`oracle` sums every plan up: the best value of each objective and the tie-break's range, for the property tests' tiny cases.
 """
 
+import copy
 import itertools
 import math
 
+from exo.tools.oracle_cost_model import DEFAULT_PROMPT_TOKENS, OracleCostModel, close, plan_ring, planned_context
+
+__all__ = ["ENUMERATE_MAX", "REL_TIE", "TIE_BAND", "BruteForce", "best_of", "compositions", "oracle"]
+
 REL_TIE = 1e-9  # plans whose primary objective is within this relative distance of the best count as tied
 TIE_BAND = (1e-12, 1e-6)  # tie tolerances between which a planner's own 1e-9 may fall, its floats rounded differently
-DEFAULT_PROMPT_TOKENS = 128  # the prompt length behind the plan JSON's `ttft_ms`
-DEFAULT_CONTEXT, CONTEXT_STEP, LEAST_CONTEXT = 8192, 256, 512  # v2.1's context cap, step and floor, in tokens
-OBJECTIVES = ("latency", "throughput")
-
-
-def close(a: float, b: float, rel: float) -> bool:
-  return a == b or abs(a - b) <= rel * max(abs(a), abs(b))
+ENUMERATE_MAX = 5000  # splits per ring up to which every integer split is enumerated
 
 
 def compositions(total: int, caps: list[int]):
@@ -49,185 +37,226 @@ def compositions(total: int, caps: list[int]):
       yield (x, *tail)
 
 
-class OracleCostModel:
-  """Derived quantities of docs/DESIGN.md section 2 (v2) for one (topology, model, headroom, default RTT, batch).
+def best_of(scored: list) -> tuple | None:
+  """The best (score, plan) of a list, scores (objective, tie-break) to be minimised: the least objective, then among those
+  within REL_TIE of it the least tie-break."""
+  if not scored:
+    return None
+  top = min(s[0] for s, _ in scored)
+  return min((entry for entry in scored if close(entry[0][0], top, REL_TIE)), key=lambda entry: entry[0][1])
 
-  A ring is a list [(node id, layer count), ...] in execution order: the first entry embeds, the last runs the head.
-  """
+
+class BruteForce:
+  """Every plan of one topology, model, objective and parameters. Nodes are ids; a ring is a tuple of ids in execution order
+  (the first embeds, the last runs the head); capacities depend on a node's role (first, last) and, under throughput, on the
+  ring's size. `cm.context` is the context the capacities are counted at (`optimum` sets v2.1's)."""
 
   def __init__(
-    self, topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1, context_tokens: int | None = None
+    self,
+    topology: dict,
+    model: dict,
+    objective: str = "latency",
+    memory_headroom: float = 0.1,
+    default_rtt_ms: float = 5.0,
+    batch: int = 1,
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
   ):
-    self.nodes = topology["nodes"]
-    self.edges = topology.get("edges", [])
-    self.model_id = model["id"]
-    self.n_layers = model["n_layers"]
-    self.B, self.F, self.A = model["layer_bytes"], model["layer_flops"], model["activation_bytes"]
-    self.full_K, self.N = model.get("kv_bytes_per_layer", 0), model.get("context_tokens", DEFAULT_CONTEXT)
-    self.context = min(self.N, DEFAULT_CONTEXT) if context_tokens is None else context_tokens
-    self.E, self.H = model.get("embed_bytes", 0), model.get("head_bytes", 0)
-    self.tied = model.get("tied_embeddings", False)
-    self.eta = self.H / self.B if self.H else 0.0
-    self.h, self.default_rtt_ms, self.batch = memory_headroom, default_rtt_ms, batch
-    # (d_i, c_i) in seconds for every node of known speed
-    self.speed = {n: s for n in self.nodes if (s := self._own_speed(n)) is not None}
-    # edges of each unordered pair, looked up once: the enumeration asks for the same pairs many times
-    self.pairs = {(u, v): [e for e in self.edges if (e["from"], e["to"]) in ((u, v), (v, u))] for u in self.nodes for v in self.nodes if u != v}
-    self.rtt_ms = {pair: self._mean_rtt_ms(edges) for pair, edges in self.pairs.items()}
-    self.bandwidth_mbps = {pair: self._mean_bandwidth_mbps(edges) for pair, edges in self.pairs.items()}
-    self._t = {}  # (node id, n) -> t_i(n), memoised
+    self.cm = OracleCostModel(topology, model, memory_headroom, default_rtt_ms, batch)
+    assert self.cm.any_known_speed(), "the brute force does not model the memory-weighted fallback"
+    self.model, self.objective, self.batch, self.prompt_tokens = model, objective, batch, prompt_tokens
+    self.ids = sorted(self.cm.nodes)
+    self.n_layers = self.cm.n_layers
+    self.max_cap = None  # shrunk copies clip every capacity to this
 
   @property
   def context(self) -> int:
-    return self._context
+    return self.cm.context
 
-  @context.setter
-  def context(self, tokens: int) -> None:
-    """Plans reserve KV for `tokens` per request from now on: K becomes the model's K * tokens / N."""
-    self._context, self.K = tokens, self.full_K * tokens / self.N
+  def shrunk(self, n_layers: int, max_cap: int) -> "BruteForce":
+    """The same nodes and links with fewer layers and every capacity clipped to max_cap, so that caps bind and every split can
+    be enumerated."""
+    small = copy.copy(self)
+    small.n_layers, small.max_cap = n_layers, max_cap
+    return small
 
-  # ---------- per node ----------
+  def cap(self, i: str, first: bool, last: bool, k: int) -> int:
+    cap = self.cm.cap(i, first, last, k, self.objective)
+    return cap if self.max_cap is None else min(cap, self.max_cap)
 
-  def _own_speed(self, node_id: str) -> tuple[float, float] | None:
-    """(d_i, c_i) from the node's measured layer_times for the served model, else its roofline; None if neither is known."""
-    node = self.nodes[node_id]
-    measured = node.get("layer_times", {}).get(self.model_id)
-    if measured is not None:
-      return measured["decode_ms"] / 1000, measured["token_ms"] / 1000
-    f, b = node.get("flops", {}).get("fp16", 0), node.get("memory_bandwidth", 0)
-    compute = [self.F / (f * 1e12)] if f else []
-    streaming = [self.B / (b * 1e9)] if b else []
-    if not compute and not streaming:
-      return None
-    return max(compute + streaming), (compute[0] if compute else 0.0)
+  def ring_caps(self, ring) -> list[int]:
+    k = len(ring)
+    return [self.cap(i, j == 0, j == k - 1, k) for j, i in enumerate(ring)]
 
-  def known_speed(self, node_id: str) -> bool:
-    return node_id in self.speed
+  def links(self, ring) -> list[tuple[str, str]]:
+    """Each stage's link to the next node (the last one's back to the first); none for a ring of one."""
+    return [] if len(ring) < 2 else list(zip(ring, ring[1:] + ring[:1]))
 
-  def any_known_speed(self) -> bool:
-    return bool(self.speed)
+  def rings(self):
+    """Every ring of at most n_layers nodes with neighbours adjacent: every subset, every order, every rotation (the first node
+    embeds and the last runs the head, so rotations differ), both directions."""
+    for k in range(1, min(len(self.ids), self.n_layers) + 1):
+      for ring in itertools.permutations(self.ids, k):
+        if all(self.cm.adjacent(u, v) for u, v in self.links(ring)):
+          yield ring
 
-  def t(self, node_id: str, n: int) -> float:
-    """Seconds for one layer on `node_id` with n tokens at once; unknown speed: the slowest known node's t_j(n), for this n."""
-    key = (node_id, n)
-    if key not in self._t:
-      if node_id in self.speed:
-        d, c = self.speed[node_id]
-        self._t[key] = max(d, n * c)
+  def splittable(self, ring) -> bool:
+    caps = self.ring_caps(ring)
+    return len(ring) <= self.n_layers and min(caps) >= 1 and sum(caps) >= self.n_layers
+
+  def feasible_at(self, tokens: int) -> bool:
+    """Whether some plan is feasible with KV reserved for a context of `tokens` (the context stays set)."""
+    self.cm.context = tokens
+    return any(self.splittable(ring) for ring in self.rings())
+
+  def splits(self, ring):
+    """Every integer split of the layers over the ring, each node 1..its cap in its role, in lexicographic order."""
+    return compositions(self.n_layers, self.ring_caps(ring))
+
+  def plans(self):
+    """Every feasible plan, as [(node id, layer count), ...] in ring order: every ring, every split."""
+    for ring in self.rings():
+      for layers in self.splits(ring):
+        yield list(zip(ring, layers))
+
+  def stage_constants(self, ring) -> list[float]:
+    """Per stage, the part of its batch time that does not depend on its layer count: the batch's transfer to the next node
+    (b A 8 / w), and on the last stage the head (eta t_last(b))."""
+    out = [self.cm.transfer(u, v, self.batch) for u, v in self.links(ring)] or [0.0]
+    out[-1] += self.cm.eta * self.cm.t(ring[-1], self.batch)
+    return out
+
+  def bottleneck(self, ring, layers) -> float:
+    return max(m * self.cm.t(i, self.batch) + x for i, m, x in zip(ring, layers, self.stage_constants(ring)))
+
+  def evaluate(self, ring, layers) -> tuple[float, float, float]:
+    """(TPOT s, throughput tokens/s at batch b, TTFT s for prompt_tokens) of a ring with the given layer counts."""
+    plan = list(zip(ring, layers))
+    return self.cm.tpot(plan), self.cm.throughput(plan), self.cm.ttft(plan, self.prompt_tokens)
+
+  def score(self, ring, layers) -> tuple[float, float]:
+    """(objective, tie-break), both to be minimised: (TPOT, -throughput) under latency, (-throughput, TPOT) under throughput."""
+    return self.scorer(ring)(layers)
+
+  def scorer(self, ring):
+    """score() for one ring, its per-node figures worked out once (enumerating splits calls it thousands of times)."""
+    t1, tb, x = [self.cm.t(i, 1) for i in ring], [self.cm.t(i, self.batch) for i in ring], self.stage_constants(ring)
+    fixed = self.cm.eta * self.cm.t(ring[-1], 1) + self.cm.hops(ring, 1)  # TPOT's part that no split changes
+    latency = self.objective == "latency"
+
+    def score(layers):
+      tpot = sum(n * t for n, t in zip(layers, t1)) + fixed
+      throughput = self.batch / max(n * t + c for n, t, c in zip(layers, tb, x))
+      return (tpot, -throughput) if latency else (-throughput, tpot)
+
+    return score
+
+  def min_bottleneck_split(self, ring, lo: list[int], hi: list[int]) -> list[int]:
+    """Least max_i (L_i t_i(b) + x_i) over splits with lo_i <= L_i <= hi_i summing to n_layers: binary search over the candidate
+    stage times for the smallest that admits n_layers layers, then drop the surplus anywhere down to lo (no stage grows)."""
+    tb, x = [self.cm.t(i, self.batch) for i in ring], self.stage_constants(ring)
+
+    def most(T):  # per node, the most layers in lo..hi whose stage time stays within T (lo - 1 if even lo does not)
+      return [max([n for n in range(lo[j], hi[j] + 1) if n * tb[j] + x[j] <= T], default=lo[j] - 1) for j in range(len(ring))]
+
+    def fits(T):
+      counts = most(T)
+      return all(m >= low for m, low in zip(counts, lo)) and sum(counts) >= self.n_layers
+
+    candidates = sorted({n * tb[j] + x[j] for j in range(len(ring)) for n in range(lo[j], hi[j] + 1)})
+    first, last = 0, len(candidates) - 1  # fits(candidates[-1]): every node may take hi
+    while first < last:
+      mid = (first + last) // 2
+      if fits(candidates[mid]):
+        last = mid
       else:
-        self._t[key] = max(self.t(j, n) for j in self.speed)
-    return self._t[key]
+        first = mid + 1
+    counts = most(candidates[first])
+    over = sum(counts) - self.n_layers
+    for j in range(len(ring)):
+      drop = min(over, counts[j] - lo[j])
+      counts[j] -= drop
+      over -= drop
+    return counts
 
-  def resident_requests(self, objective: str, k: int) -> int:
-    """c: requests whose KV cache every stage holds; 1 under latency, k micro-batches of b under throughput."""
-    assert objective in OBJECTIVES, objective
-    return 1 if objective == "latency" else k * self.batch
+  def best_latency_split(self, ring) -> list[int] | None:
+    """Least sum L_i t_i(1) (the head and hops are fixed by the ring): one layer each, then the rest to the fastest nodes (by t(1))
+    first, up to their caps. Only nodes tied in t(1) where the layers run out leave a choice: among those splits, the least
+    bottleneck (the throughput tie-break)."""
+    if not self.splittable(ring):
+      return None
+    caps, t1 = self.ring_caps(ring), [self.cm.t(i, 1) for i in ring]
+    lo, hi = [1] * len(ring), [1] * len(ring)
+    left = self.n_layers - len(ring)
+    order = sorted(range(len(ring)), key=lambda j: t1[j])
+    g = 0
+    while g < len(order) and left > 0:
+      group = [j for j in order[g:] if math.isclose(t1[j], t1[order[g]], rel_tol=1e-12)]
+      room = sum(caps[j] - 1 for j in group)
+      for j in group:
+        if room <= left:
+          lo[j] = hi[j] = caps[j]
+        else:
+          hi[j] = caps[j]  # lo stays 1: the group shares what is left
+      left -= min(room, left)
+      g += len(group)
+    return self.min_bottleneck_split(ring, lo, hi)
 
-  def reserved_bytes(self, first: bool, last: bool) -> float:
-    """Embedding bytes on the first stage, head bytes on the last; a tied matrix is held once by a node that is both."""
-    if first and last and self.tied:
-      return max(self.E, self.H)
-    return (self.E if first else 0) + (self.H if last else 0)
+  def best_throughput_split(self, ring) -> list[int] | None:
+    """Least bottleneck T over 1..cap splits; then, among splits within T, the least TPOT: one layer each, then the fastest nodes
+    by t(1) first, each up to the most layers that keep its stage within T."""
+    if not self.splittable(ring):
+      return None
+    caps, t1 = self.ring_caps(ring), [self.cm.t(i, 1) for i in ring]
+    T = self.bottleneck(ring, self.min_bottleneck_split(ring, [1] * len(ring), caps)) * (1 + REL_TIE)
+    tb, x = [self.cm.t(i, self.batch) for i in ring], self.stage_constants(ring)
+    limit = [max(n for n in range(1, caps[j] + 1) if n * tb[j] + x[j] <= T) for j in range(len(ring))]
+    layers, left = [1] * len(ring), self.n_layers - len(ring)
+    for j in sorted(range(len(ring)), key=lambda j: t1[j]):
+      take = min(left, limit[j] - 1)
+      layers[j] += take
+      left -= take
+    assert left == 0
+    return layers
 
-  def cap_quotient(self, node_id: str, first: bool, last: bool, k: int, objective: str) -> float:
-    """The capacity before the floor: layers' worth of usable memory for this role, ring length and objective."""
-    usable = self.nodes[node_id].get("memory", 0) * 2**20 * (1 - self.h) - self.reserved_bytes(first, last)
-    return usable / (self.B + self.resident_requests(objective, k) * self.K)
+  def few_splits(self, ring) -> bool:
+    return math.comb(self.n_layers - 1, len(ring) - 1) <= ENUMERATE_MAX
 
-  def cap(self, node_id: str, first: bool, last: bool, k: int, objective: str) -> int:
-    """Layers `node_id` can hold as a stage of a k-node ring (first: it embeds; last: it holds the head) under `objective`."""
-    return math.floor(self.cap_quotient(node_id, first, last, k, objective))
+  def ring_best(self, ring, enumerate_splits: bool) -> tuple[tuple[float, float], list[int]] | None:
+    """The ring's best (score, layers) under the objective and its tie-break; None if no split fits."""
+    if enumerate_splits:
+      score = self.scorer(ring)
+      return best_of([(score(layers), list(layers)) for layers in self.splits(ring)])
+    layers = self.best_latency_split(ring) if self.objective == "latency" else self.best_throughput_split(ring)
+    return None if layers is None else (self.score(ring, layers), layers)
 
-  def ring_caps(self, ids: list[str] | tuple[str, ...], objective: str) -> list[int]:
-    k = len(ids)
-    return [self.cap(n, p == 0, p == k - 1, k, objective) for p, n in enumerate(ids)]
+  def optimum(self) -> tuple[tuple[float, float], tuple, list[int]] | None:
+    """The best (score, ring, layers) over every feasible plan at v2.1's context (self.context after the call: the cap if any
+    plan is feasible there, else the largest multiple of 256 from 512 at which one is); None if none is feasible."""
+    context = planned_context(self.model, self.feasible_at)
+    if context is None:
+      return None
+    self.cm.context = context
+    found = []
+    for ring in self.rings():
+      best = self.ring_best(ring, self.few_splits(ring))
+      if best is not None:
+        found.append((best[0], (ring, best[1])))
+    top = best_of(found)
+    return None if top is None else (top[0], *top[1])
 
-  # ---------- per pair ----------
-
-  def _pair(self, u: str, v: str) -> list[dict]:
-    return self.pairs[(u, v)]
-
-  def adjacent(self, u: str, v: str) -> bool:
-    return bool(self._pair(u, v))
-
-  def _mean_rtt_ms(self, edges: list[dict]) -> float:
-    """r_uv: the mean RTT of the edges u->v and v->u that measured one, default_rtt_ms if none did."""
-    rtts = [e["rtt_ms"] for e in edges if e.get("rtt_ms") is not None]
-    return sum(rtts) / len(rtts) if rtts else self.default_rtt_ms
-
-  def _mean_bandwidth_mbps(self, edges: list[dict]) -> float | None:
-    """w_uv: the mean of the bandwidths given (> 0) on the edges u->v and v->u; None if none is."""
-    given = [e["bandwidth_mbps"] for e in edges if e.get("bandwidth_mbps") is not None and e["bandwidth_mbps"] > 0]
-    return sum(given) / len(given) if given else None
-
-  def pair_rtt_ms(self, u: str, v: str) -> float:
-    return self.rtt_ms[(u, v)]
-
-  def pair_bandwidth_mbps(self, u: str, v: str) -> float | None:
-    return self.bandwidth_mbps[(u, v)]
-
-  def transfer(self, u: str, v: str, n: int) -> float:
-    """Seconds to push n tokens' hidden states from u to v; 0 when the link's bandwidth is unknown."""
-    w = self.pair_bandwidth_mbps(u, v)
-    return n * self.A * 8 / (w * 1e6) if w is not None else 0.0
-
-  def hop(self, u: str, v: str, n: int) -> float:
-    assert self.adjacent(u, v), f"{u} and {v} are not neighbours"
-    return self.pair_rtt_ms(u, v) / 2 / 1000 + self.transfer(u, v, n)
-
-  # ---------- per ring ----------
-
-  def _hops(self, ids: list[str], n: int) -> float:
-    if len(ids) < 2:
-      return 0.0
-    return sum(self.hop(u, v, n) for u, v in zip(ids, ids[1:] + ids[:1], strict=True))
-
-  def _time_through(self, ring: list[tuple[str, int]], n: int) -> float:
-    """sum L_i t_i(n) + eta t_last(n) + (k >= 2: every hop with n tokens): TPOT for n = 1, TTFT for n = P."""
-    ids = [node_id for node_id, _ in ring]
-    layers = sum(count * self.t(node_id, n) for node_id, count in ring)
-    return layers + self.eta * self.t(ids[-1], n) + self._hops(ids, n)
-
-  def tpot(self, ring: list[tuple[str, int]]) -> float:
-    return self._time_through(ring, 1)
-
-  def ttft(self, ring: list[tuple[str, int]], prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> float:
-    return self._time_through(ring, prompt_tokens)
-
-  def throughput(self, ring: list[tuple[str, int]]) -> float:
-    """Tokens/s of the saturated pipeline: b tokens per cycle of the busiest stage (its layers, the head if last, its send)."""
-    b, k = self.batch, len(ring)
-    ids = [node_id for node_id, _ in ring]
-    stages = []
-    for p, (node_id, count) in enumerate(ring):
-      stage = count * self.t(node_id, b)
-      if p == k - 1:
-        stage += self.eta * self.t(node_id, b)
-      if k >= 2:
-        stage += self.transfer(node_id, ids[(p + 1) % k], b)
-      stages.append(stage)
-    slowest = max(stages)
-    return b / slowest if slowest > 0 else math.inf
-
-  def evaluate(self, ring: list[tuple[str, int]]) -> tuple[float, float]:
-    """(TPOT seconds, throughput tokens/s at batch b) of a ring."""
-    return self.tpot(ring), self.throughput(ring)
-
-  def feasible(self, ring: list[tuple[str, int]], objective: str) -> bool:
-    """Every stage holds at least one layer and no more than its capacity (adjacency is not part of this)."""
-    caps = self.ring_caps([node_id for node_id, _ in ring], objective)
-    return all(1 <= count <= cap for (_, count), cap in zip(ring, caps, strict=True))
-
-  def feasible_plans(self, objective: str):
-    """Every feasible ring under `objective`, as [(node id, layer count), ...]: any subset, any order, any layer counts."""
-    ids, n = list(self.nodes), self.n_layers
-    for k in range(1, min(len(ids), n) + 1):
-      for subset in itertools.combinations(ids, k):
-        for order in itertools.permutations(subset):
-          if k >= 2 and not all(self.adjacent(order[p], order[(p + 1) % k]) for p in range(k)):
-            continue
-          for counts in compositions(n, self.ring_caps(order, objective)):
-            yield list(zip(order, counts, strict=True))
+  def plan_problems(self, plan: dict) -> list[str]:
+    """Why a plan is not a valid one: shards must tile the layers in order, each node hold 1..its cap in its role (first, last,
+    ring size), ring neighbours share an edge."""
+    shards, problems = plan["shards"], []
+    if shards[0]["start_layer"] != 0 or shards[-1]["end_layer"] != self.n_layers - 1:
+      problems.append(f"shards do not cover layers 0..{self.n_layers - 1}")
+    problems += [f"shards {a} and {b} do not tile" for a, b in zip(shards, shards[1:]) if b["start_layer"] != a["end_layer"] + 1]
+    ring = [i for i, _ in plan_ring(plan)]
+    if len(set(ring)) != len(ring):
+      problems.append(f"a node appears twice in {ring}")
+    problems += [f"{i} holds {n} layers, cap {c}" for (i, n), c in zip(plan_ring(plan), self.ring_caps(ring)) if not 1 <= n <= c]
+    problems += [f"{sorted((u, v))} share no edge" for u, v in self.links(ring) if not self.cm.adjacent(u, v)]
+    return problems
 
 
 def _best(values: list[tuple[float, float]], objective: str, tie: float = REL_TIE) -> tuple[float, float]:
@@ -246,25 +275,11 @@ def _tie_band(values: list[tuple[float, float]], objective: str) -> tuple[float,
   return low, high
 
 
-def planned_context(model: dict, feasible_at, max_context: int | None = None) -> int | None:
-  """v2.1's context: the cap min(N, 8192, max_context) if `feasible_at(cap)`, else the largest multiple of 256, at least 512,
-  for which it is (tried from the top down, every one); None if none is."""
-  cap = min(model.get("context_tokens", DEFAULT_CONTEXT), DEFAULT_CONTEXT, max_context or DEFAULT_CONTEXT)
-  if feasible_at(cap):
-    return cap
-  if not model.get("kv_bytes_per_layer", 0):
-    return None
-  for tokens in range((cap - 1) // CONTEXT_STEP * CONTEXT_STEP, LEAST_CONTEXT - 1, -CONTEXT_STEP):
-    if feasible_at(tokens):
-      return tokens
-  return None
-
-
 def oracle(
   topology: dict, model: dict, memory_headroom: float = 0.1, default_rtt_ms: float = 5.0, batch: int = 1, max_context: int | None = None
 ) -> dict | None:
-  """Best values over every feasible plan at each objective's planned context (v2.1), or None when no plan is feasible under
-  either objective.
+  """Best values over every feasible plan (every ring and every split) at each objective's planned context (v2.1), or None
+  when no plan is feasible under either objective.
 
   Returns {"best_tpot", "throughput_at_best_tpot", "n_plans", "context_latency"} over the latency-feasible plans (c = 1) and
   {"best_throughput", "tpot_at_best_throughput", "n_throughput_plans", "context_throughput"} over the throughput-feasible
@@ -272,19 +287,14 @@ def oracle(
   among plans whose primary is within REL_TIE of the best (the objective's tie-break); the `_band` entries give the range the
   secondary can take for any tie tolerance in TIE_BAND, which a planner's tie-break must fall in.
   """
-  cm = OracleCostModel(topology, model, memory_headroom, default_rtt_ms, batch)
-  assert cm.any_known_speed(), "the oracle does not model the memory-weighted fallback"
 
   def plans_at(objective: str):
-    def feasible_at(tokens: int) -> bool:
-      cm.context = tokens
-      return next(cm.feasible_plans(objective), None) is not None
-
-    context = planned_context(model, feasible_at, max_context)
+    every = BruteForce(topology, model, objective, memory_headroom, default_rtt_ms, batch)
+    context = planned_context(model, every.feasible_at, max_context)
     if context is None:
       return None, []
-    cm.context = context
-    return context, [cm.evaluate(ring) for ring in cm.feasible_plans(objective)]
+    every.cm.context = context
+    return context, [every.cm.evaluate(plan) for plan in every.plans()]
 
   context_latency, latency = plans_at("latency")
   if not latency:
@@ -304,45 +314,3 @@ def oracle(
     "context_latency": context_latency,
     "context_throughput": context_throughput,
   }
-
-
-def plan_ring(plan: dict) -> list[tuple[str, int]]:
-  """[(node id, layer count), ...] of a plan JSON object's shards, in ring order."""
-  return [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
-
-
-def evaluate_plan(
-  topology: dict,
-  model: dict,
-  plan: dict,
-  memory_headroom: float = 0.1,
-  default_rtt_ms: float = 5.0,
-  batch: int = 1,
-  objective: str | None = None,
-  prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-) -> dict:
-  """{"tpot_s", "throughput_tps", "ttft_s", "feasible"} of a plan JSON object's shards, recomputed from the topology.
-
-  Feasibility uses the capacities of `objective` (default: the plan's own objective) at the plan's context."""
-  cm = OracleCostModel(topology, model, memory_headroom, default_rtt_ms, batch, plan.get("context_tokens"))
-  ring = plan_ring(plan)
-  tpot, throughput = cm.evaluate(ring)
-  return {
-    "tpot_s": tpot,
-    "throughput_tps": throughput,
-    "ttft_s": cm.ttft(ring, prompt_tokens),
-    "feasible": cm.feasible(ring, objective or plan["objective"]),
-  }
-
-
-def check_predicted(topology: dict, model: dict, plan: dict, rel: float = 1e-6, **evaluation) -> None:
-  """Assert the plan's `predicted` numbers (TPOT, tokens/s, throughput, TTFT, feasible) agree with the oracle's evaluation;
-  `evaluation`: evaluate_plan's keyword parameters (headroom, default RTT, batch, objective, prompt tokens)."""
-  want = evaluate_plan(topology, model, plan, **evaluation)
-  tpot, throughput, ttft = want["tpot_s"], want["throughput_tps"], want["ttft_s"]
-  p = plan["predicted"]
-  assert close(p["tpot_ms"], tpot * 1000, rel), f"tpot_ms {p['tpot_ms']!r} != {tpot * 1000!r}"
-  assert close(p["tokens_per_second"], 1 / tpot, rel), f"tokens_per_second {p['tokens_per_second']!r} != {1 / tpot!r}"
-  assert close(p["throughput_tps"], throughput, rel), f"throughput_tps {p['throughput_tps']!r} != {throughput!r}"
-  assert close(p["ttft_ms"], ttft * 1000, rel), f"ttft_ms {p['ttft_ms']!r} != {ttft * 1000!r}"
-  assert p["feasible"] is want["feasible"], f"feasible {p['feasible']!r} != {want['feasible']!r}"

@@ -20,6 +20,8 @@ import numpy as np
 from exo.topology.layer_split import layers_within
 from exo.topology.search_problem import Candidate, SearchProblem, better
 
+__all__ = ["KEEP", "SCAN", "best_small_plan", "least_stage", "least_tpot"]
+
 KEEP = 8  # small plans of the best value planned in full to break ties
 SCAN = 64  # stage values tried upwards from the ends-free bound with the ends' losses
 _EPS = 1e-9

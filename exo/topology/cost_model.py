@@ -16,6 +16,20 @@ from exo.base.model_spec import ModelSpec
 from exo.base.shard import Shard
 from exo.base.topology import Topology
 
+__all__ = [
+  "MIN_LAYER_TIME",
+  "OBJECTIVES",
+  "CostModel",
+  "PlannerParams",
+  "Prediction",
+  "cost_model",
+  "device_pacing",
+  "head_layers",
+  "layer_speed",
+  "layer_time",
+  "pacing_delay",
+]
+
 MIN_LAYER_TIME = 1e-12  # seconds; keeps a model with no weights and no FLOPs from dividing by zero in the split
 OBJECTIVES = ("latency", "throughput")
 

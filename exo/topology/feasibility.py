@@ -10,7 +10,7 @@ in ends[S, f] and l -> f is an edge. The capacities depend on S only through its
 pair of ends is read off in one vectorised pass per first node. O(2^n n^2) time, O(2^n n) memory (8 MB at 16 nodes).
 
 Beyond: for each ring size k whose k largest capacities could hold the model, a depth-first search for a cycle of at most k
-nodes whose capacities at size k hold the model (ring_search.heavy_cycle with a length bound; capacities only grow on shorter
+nodes whose capacities at size k hold the model (cycles.heavy_cycle with a length bound; capacities only grow on shorter
 rings, so such a cycle is feasible at its own size); one search, bounded by the longest such k, when capacities do not depend on
 the ring's size. The sizes share the work budget. Within each block of the graph of nodes holding a layer, exhaustive when it
 finishes within its share of the work budget, so a search that never ran out of budget proves that no plan exists.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exo.topology.cost_model import CostModel
-from exo.topology.ring_search import heavy_cycle, linked_blocks
+from exo.topology.cycles import heavy_cycle, linked_blocks
 
 __all__ = ["EXACT_NODES", "SEARCH_BUDGET", "Feasibility", "feasibility"]
 

@@ -7,24 +7,30 @@ from exo.base.errors import BadInput, ClusterCannotServe
 from exo.base.model_spec import CONTEXT_LIMIT, ModelSpec
 from exo.base.models import DEFAULT_MODEL, model_spec
 from exo.base.topology import Topology
-from exo.topology.bounds import least_stage, least_tpot
 from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
 from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, Prediction, cost_model
-from exo.topology.exact_search import THROUGHPUT_LIMIT, exact_search
 from exo.topology.feasibility import feasibility
-from exo.topology.heuristic_search import best_orientation, heuristic_search, ring_through
-from exo.topology.latency_search import MAX_NODES
+from exo.topology.heuristic import ring_through
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 from exo.topology.plan import Plan
-from exo.topology.search_problem import SearchProblem, better
+from exo.topology.search import check_method, search
+from exo.topology.search_problem import SearchProblem
 
-EXACT_LIMIT = {"latency": MAX_NODES, "throughput": THROUGHPUT_LIMIT}  # usable nodes up to which the search is exact
+__all__ = [
+  "CONTEXT_STEP",
+  "DEFAULT_PROMPT_TOKENS",
+  "PROVEN_TOL",
+  "FlopsLatencyPartitioningStrategy",
+  "check_fits",
+  "check_max_context",
+  "check_params",
+  "context_cap",
+  "usable_nodes",
+]
+
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT
 PROVEN_TOL = 1e-9  # a plan within this (relative) of the bound on its objective is proven optimal
-REFINE_GAP = 0.01  # a throughput plan further than this from its bound is refined by the exact search,
-REFINE_NODES = 12  # on at most this many nodes: the whole cluster, or beyond, the plan's and the bound's nodes (under a second
-# on two cores; all 16 would take 2 to 20 s)
 CONTEXT_STEP = 256  # a context planned below the cap is a multiple of this many tokens (docs/DESIGN.md v2.1)
 
 
@@ -72,11 +78,12 @@ def check_fits(costs: CostModel) -> None:
 
 class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
   """Minimise time per output token (`latency`) or maximise pipelined tokens/s at a batch (`throughput`) using each node's
-  measured layer times (or TFLOPS and memory bandwidth), memory, and measured link RTT and bandwidth. Exact up to EXACT_LIMIT
-  usable nodes (16 for latency, 10 for throughput); beyond, the plan's prediction carries a bound on what any plan can reach,
-  and a warning when the plan falls short of it. Complete: whenever a feasible plan exists (decided exactly up to 16 usable
-  nodes), a plan is returned. The context whose KV a plan reserves is the model's (at most 8,192 tokens, or `max_context`);
-  when no plan holds that, the largest multiple of 256 tokens, at least 512, at which one exists (docs/DESIGN.md v2.1)."""
+  measured layer times (or TFLOPS and memory bandwidth), memory, and measured link RTT and bandwidth. `method` picks the search
+  (exo/topology/search.py): "auto" is exact up to EXACT_LIMIT usable nodes (16 for latency, 10 for throughput), "exact" and
+  "heuristic" force one; a plan not proven optimal carries in its prediction a bound on what any plan can reach, and a warning
+  when it falls short of it. Complete: whenever a feasible plan exists (decided exactly up to 16 usable nodes), a plan is
+  returned. The context whose KV a plan reserves is the model's (at most 8,192 tokens, or `max_context`); when no plan holds
+  that, the largest multiple of 256 tokens, at least 512, at which one exists (docs/DESIGN.md v2.1)."""
 
   name = "flops-latency"
 
@@ -88,7 +95,7 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     default_rtt_ms: float = PlannerParams.default_rtt_ms,
     batch: int = 1,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-    exact_limit: int | None = None,
+    method: str = "auto",
     max_context: int | None = None,
   ):
     self.model = model if model is not None else model_spec(DEFAULT_MODEL)  # upstream's partition(topology) names no model
@@ -98,7 +105,8 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     self.prompt_tokens = prompt_tokens
     check_params(objective, self.params)
     check_max_context(max_context)
-    self.exact_limit = EXACT_LIMIT[objective] if exact_limit is None else exact_limit
+    check_method(method)
+    self.method = method
     self.context = context_cap(self.model, max_context)
 
   def partition(self, topology: Topology) -> list[Partition]:
@@ -141,7 +149,7 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
     warnings += [warning] if warning else []
     if costs.speed_known():
       problem = SearchProblem(costs.restrict(usable))
-      found, bound = self._search(problem)
+      found, bound = search(problem, self.method)
       if found is None:
         raise self._no_plan(problem.costs, context, smallest)
       ring, layers = [usable[i] for i in found.ring], list(found.layers)
@@ -155,41 +163,6 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
 
   def _no_plan(self, costs: CostModel, context: int, smallest: bool) -> ClusterCannotServe:
     return cannot_serve(costs, feasibility(costs), context, smallest or context <= MIN_CONTEXT)
-
-  def _search(self, problem: SearchProblem):
-    """The plan (a Candidate of `problem`, None if no plan exists), and a bound on the objective (least TPOT or busiest stage in
-    seconds) when the search did not prove the plan optimal (None when it did). When the heuristic finds no plan, the ring of
-    exo/topology/feasibility.py (exact up to 16 nodes) seeds it again, so a plan is found whenever one exists."""
-    if problem.size <= self.exact_limit and (self.objective == "throughput" or problem.size <= MAX_NODES):
-      best = exact_search(problem)
-      return (best if best is not None else _seed(problem)), None
-    if self.objective == "latency":
-      bound, witness = least_tpot(problem), None
-    else:
-      bound, witness = least_stage(problem)
-    best = heuristic_search(problem, witness, bound if witness is not None else 0.0)
-    if best is None:
-      seed = _seed(problem)
-      best = None if seed is None else heuristic_search(problem, witness, bound if witness is not None else 0.0, seed=seed)
-    elif self.objective == "throughput" and best.bottleneck > bound * (1 + REFINE_GAP):
-      best, bound = self._refine_throughput(problem, best, witness, bound)
-    return best, bound
-
-  def _refine_throughput(self, problem: SearchProblem, best, witness: list[int], bound: float):
-    """A throughput plan more than REFINE_GAP short of its bound (links with bandwidth make the order matter, where the bound
-    is loose). On at most REFINE_NODES usable nodes: the exact search, so the plan is optimal and no bound is left to state.
-    Beyond: the exact search on the plan's own nodes and on the bound's witness nodes (where the optimum's ring mostly lies),
-    each of at most REFINE_NODES; the bound stays."""
-    if problem.size <= REFINE_NODES:
-      exact = exact_search(problem)
-      return (exact if better(exact, best, "throughput") else best), None
-    for nodes in dict.fromkeys([tuple(sorted(best.ring)), tuple(witness)]):
-      if 1 < len(nodes) <= REFINE_NODES:
-        found = exact_search(SearchProblem(problem.costs.restrict(list(nodes))))
-        if found is not None:
-          candidate = problem.plan_ring([nodes[i] for i in found.ring])
-          best = candidate if better(candidate, best, "throughput") else best
-    return best, bound
 
   def _with_bound(self, prediction: Prediction, bound: float | None, warnings: list[str]) -> Prediction:
     """The prediction with the objective's bound: the plan's own value when proven optimal, else the bound, with a warning."""
@@ -219,12 +192,3 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
       if split is not None:
         return ring, split[1]
     raise self._no_plan(costs, context, smallest)
-
-
-def _seed(problem: SearchProblem):
-  """The best plan on the feasibility search's ring, over its ends (None if no plan exists)."""
-  ring = feasibility(problem.costs).ring
-  if ring is None:
-    return None
-  on_ring, turned = problem.plan_ring(ring), best_orientation(problem, ring)
-  return turned if better(turned, on_ring, problem.objective) else on_ring

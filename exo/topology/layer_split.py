@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+__all__ = ["bottleneck_split", "layers_within", "min_time_split", "splittable"]
+
 _REL_EPS = 1e-9  # float slack when turning a time budget back into a whole number of layers
 
 

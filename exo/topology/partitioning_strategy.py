@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from exo.base.shard import Shard
 from exo.base.topology import Topology
 
+__all__ = [
+  "Partition",
+  "PartitioningStrategy",
+  "layer_boundary",
+  "map_partitions_to_node_shards",
+  "map_partitions_to_shards",
+  "partitions_from_layer_counts",
+]
+
 _BOUNDARY_EPS = 1e-9  # a boundary like 0.3 * 10 computes as 2.9999999999999996 and must still mean layer 3
 
 

@@ -7,6 +7,8 @@ from exo.base.shard import Shard
 from exo.topology.cost_model import PlannerParams, Prediction
 from exo.topology.partitioning_strategy import Partition, map_partitions_to_node_shards, partitions_from_layer_counts
 
+__all__ = ["Plan"]
+
 
 @dataclass
 class Plan:

@@ -18,6 +18,8 @@ from exo.topology.flops_latency_partitioning_strategy import (
 from exo.topology.plan import Plan
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
 
+__all__ = ["STRATEGIES", "as_model", "as_topology", "make_plan", "memory_weighted_plan", "plan_for", "predict_ring"]
+
 STRATEGIES = ("flops-latency", "ring-memory-weighted")
 
 

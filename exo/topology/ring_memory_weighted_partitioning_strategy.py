@@ -1,6 +1,8 @@
 from exo.base.topology import Topology
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 
+__all__ = ["RingMemoryWeightedPartitioningStrategy"]
+
 
 class RingMemoryWeightedPartitioningStrategy(PartitioningStrategy):
   """Upstream's baseline, kept exactly: ring sorted by (memory, node id) descending, each share proportional to memory, rounded to 5 places."""

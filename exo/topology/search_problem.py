@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from exo.topology.cost_model import CostModel, head_layers
 from exo.topology.layer_split import bottleneck_split, min_time_split
 
+__all__ = ["Candidate", "SearchProblem", "better", "within_tolerance"]
+
 _REL_TOL = 1e-9  # plans whose objective values differ by less than this are ties
 
 

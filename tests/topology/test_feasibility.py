@@ -13,13 +13,12 @@ from exo.base.errors import ClusterCannotServe, ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.topology import Topology
 from exo.tools.exact_oracle import feasible
-from exo.tools.plan_oracle import planned_context
+from exo.tools.oracle_cost_model import planned_context
 from exo.topology.cannot_serve import cannot_serve
 from exo.topology.cost_model import PlannerParams, cost_model
 from exo.topology.feasibility import feasibility
 from exo.topology.planner import make_plan
-from tests.topology.test_large_clusters import log_floats
-from tests.topology.test_planner_optimality import check_feasible
+from tests.topology.planner_cases import check_feasible, log_floats
 
 MB = 2**20
 HEAVY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -52,12 +51,12 @@ _SPARSE_ELEVEN = {
 def heavy_sparse_clusters(draw) -> dict:
   """11 to 16 nodes holding 10% to 50% of the model each, KV cache up to half a layer per request, few links, batch 1 to 4."""
   n_layers = draw(st.integers(6, 30))
-  B = draw(log_floats(1e7, 1e9))
+  B = draw(log_floats(1e7, 1e9, 6))
   model = {
     "id": "m",
     "n_layers": n_layers,
     "layer_bytes": B,
-    "layer_flops": draw(log_floats(1e8, 1e10)),
+    "layer_flops": draw(log_floats(1e8, 1e10, 6)),
     "activation_bytes": 1e4,
     "kv_bytes_per_layer": B * draw(st.sampled_from([0.02, 0.1, 0.3, 0.5])),
     "embed_bytes": draw(st.sampled_from([0.0, 0.5 * B])),
@@ -70,8 +69,8 @@ def heavy_sparse_clusters(draw) -> dict:
       "model": "dev",
       "chip": "chip",
       "memory": total_mb * draw(st.floats(0.1, 0.5)),
-      "flops": {"fp32": 1.0, "fp16": draw(log_floats(1, 100)), "int8": 1.0},
-      "memory_bandwidth": draw(log_floats(50, 1000)),
+      "flops": {"fp32": 1.0, "fp16": draw(log_floats(1, 100, 6)), "int8": 1.0},
+      "memory_bandwidth": draw(log_floats(50, 1000, 6)),
     }
     for node_id in ids
   }

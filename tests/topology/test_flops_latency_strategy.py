@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from exo.base.errors import ExoError
+from exo.base.errors import BadInput, ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.topology import Topology
 from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
@@ -107,6 +107,17 @@ def test_bad_parameters_are_refused():
     make_plan(mesh({"a": node(16, 100)}), MODEL, strategy="random")
 
 
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_the_search_method_is_checked_and_exact_refuses_a_cluster_beyond_its_limit(objective):
+  # 17 nodes of 16 GiB on a full mesh: each holds the 10 layers of 1 GB, all 17 are usable, one more than the exact searches take
+  model, topology = ModelSpec.from_dict(MODEL), Topology.from_dict(mesh({f"n{i:02d}": node(16, 100 + i) for i in range(17)}))
+  with pytest.raises(BadInput, match="search method must be one of auto, exact, heuristic, got 'fast'"):
+    FlopsLatencyPartitioningStrategy(model, objective, method="fast")
+  with pytest.raises(BadInput, match=f"the exact {objective} search takes at most 16 usable nodes and this cluster has 17"):
+    FlopsLatencyPartitioningStrategy(model, objective, method="exact").plan(topology)
+  assert FlopsLatencyPartitioningStrategy(model, objective, method="heuristic").plan(topology).prediction.feasible
+
+
 def random_cluster(n, seed):
   rng = random.Random(seed)
   nodes = {f"n{i:02d}": node(rng.choice([2, 4, 8]), rng.choice([50, 100, 200, 400]), rng.choice([0, 5, 20])) for i in range(n)}
@@ -124,7 +135,7 @@ def test_heuristic_plans_are_valid_and_never_beat_the_exact_optimum(objective, s
   model = ModelSpec.from_dict(dict(MODEL, n_layers=24, layer_bytes=3e8))
   topology = Topology.from_dict(random_cluster(9, seed))
   exact = FlopsLatencyPartitioningStrategy(model, objective).plan(topology)
-  heuristic = FlopsLatencyPartitioningStrategy(model, objective, exact_limit=0).plan(topology)
+  heuristic = FlopsLatencyPartitioningStrategy(model, objective, method="heuristic").plan(topology)
   for plan in (exact, heuristic):
     ring = plan.ring()
     assert sum(n for _, n in ring) == 24 and plan.prediction.feasible
@@ -207,9 +218,9 @@ def test_heuristic_finds_a_ring_whenever_the_exact_search_does(shape, objective)
   for n in range(2, 11):
     topology = Topology.from_dict(shape(n))
     outcomes = []
-    for limit in (10, 0):
+    for method in ("exact", "heuristic"):
       try:
-        outcomes.append(FlopsLatencyPartitioningStrategy(ModelSpec.from_dict(BIG), objective, exact_limit=limit).plan(topology))
+        outcomes.append(FlopsLatencyPartitioningStrategy(ModelSpec.from_dict(BIG), objective, method=method).plan(topology))
       except ExoError:
         outcomes.append(None)
     assert (outcomes[0] is None) == (outcomes[1] is None), f"{shape.__name__}({n}): exact {outcomes[0]}, heuristic {outcomes[1]}"

@@ -7,7 +7,6 @@ bounds are checked against exo/tools/plan_oracle.py's enumeration of every plan,
 """
 
 import copy
-import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,17 +16,14 @@ from exo.base.errors import ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.topology import Topology
 from exo.tools.exact_oracle import optimum
-from exo.tools.plan_oracle import check_predicted, close, oracle
+from exo.tools.oracle_cost_model import check_predicted, close
+from exo.tools.plan_oracle import oracle
 from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
 from exo.topology.planner import make_plan
-from tests.topology.test_planner_optimality import cases, check_feasible, oracle_params
+from tests.topology.planner_cases import cases, check_feasible, log_floats, oracle_params
 
 REL = 1e-9
 MODEL_ID = "m"
-
-
-def log_floats(lo: float, hi: float):
-  return st.floats(math.log10(lo), math.log10(hi)).map(lambda e: float(f"{10**e:.6g}"))
 
 
 @st.composite
@@ -35,13 +31,13 @@ def sparse_clusters(draw, min_nodes: int = 11, max_nodes: int = 16, bandwidth: b
   """{"topology", "model", "params"}: uneven nodes holding 15% to 120% of the model each, links missing at random, RTTs from
   each end's access delay (LAN to slow Wi-Fi); link bandwidth on some clusters (`bandwidth`: always or never)."""
   n_layers = draw(st.integers(4, 48))
-  B = draw(log_floats(1e8, 2e9))
+  B = draw(log_floats(1e8, 2e9, 6))
   model = {
     "id": MODEL_ID,
     "n_layers": n_layers,
     "layer_bytes": B,
-    "layer_flops": draw(log_floats(1e8, 1e11)),
-    "activation_bytes": draw(log_floats(1e3, 1e6)),
+    "layer_flops": draw(log_floats(1e8, 1e11, 6)),
+    "activation_bytes": draw(log_floats(1e3, 1e6, 6)),
     "kv_bytes_per_layer": draw(st.sampled_from([0.0, 0.01 * B, 0.1 * B])),
     "embed_bytes": draw(st.sampled_from([0.0, 0.3 * B, 2.5 * B])),
     "head_bytes": draw(st.sampled_from([0.0, 0.5 * B, 3.0 * B])),
@@ -53,16 +49,16 @@ def sparse_clusters(draw, min_nodes: int = 11, max_nodes: int = 16, bandwidth: b
   ids = [f"n{i:02d}" for i in range(n)]
   nodes, delay = {}, {}
   for node_id in ids:
-    fp16 = draw(log_floats(1, 300))
+    fp16 = draw(log_floats(1, 300, 6))
     nodes[node_id] = {
       "model": "dev",
       "chip": "chip",
       "memory": total_mb * draw(st.floats(0.15, 1.2)),
       "flops": {"fp32": fp16 / 2, "fp16": fp16, "int8": fp16 * 2},
-      "memory_bandwidth": draw(log_floats(50, 3000)),
+      "memory_bandwidth": draw(log_floats(50, 3000, 6)),
     }
     if draw(st.integers(0, 4)) == 0:
-      nodes[node_id]["layer_times"] = {MODEL_ID: {"decode_ms": draw(log_floats(0.05, 20)), "token_ms": draw(log_floats(0.001, 2))}}
+      nodes[node_id]["layer_times"] = {MODEL_ID: {"decode_ms": draw(log_floats(0.05, 20, 6)), "token_ms": draw(log_floats(0.001, 2, 6))}}
     delay[node_id] = draw(st.sampled_from([(0.1, 0.6), (1.5, 6.0), (8.0, 30.0)]).flatmap(lambda r: st.floats(*r)))
   with_bandwidth = draw(st.booleans()) if bandwidth is None else bandwidth
   density = draw(st.floats(0.35, 1.0))
@@ -133,7 +129,7 @@ def test_latency_is_exact_on_many_large_clusters(case):
 def heuristic_plan(case: dict, objective: str):
   """The plan with the exact searches switched off, so that its prediction carries a computed bound."""
   model = ModelSpec.from_dict(case["model"])
-  strategy = FlopsLatencyPartitioningStrategy(model, objective, exact_limit=0, **case["params"])
+  strategy = FlopsLatencyPartitioningStrategy(model, objective, method="heuristic", **case["params"])
   try:
     return strategy.plan(Topology.from_dict(copy.deepcopy(case["topology"])))
   except ExoError:

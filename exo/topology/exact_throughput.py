@@ -1,17 +1,15 @@
-"""Exact plan search for small clusters: the best subset of nodes, ring order, first node and layer split under cost model v2.
+"""Exact throughput search: the subset of nodes, ring order, first node and layer split of the least busy busiest stage under
+cost model v2 (ties: least TPOT, then node ids), up to MAX_NODES nodes.
 
 A ring's first node f holds the embedding and its last node l (f's predecessor) the head, which also costs eta layers of time;
-the ring's size k sets the KV cache each node reserves under the throughput objective.
+the ring's size k sets the KV cache each node reserves (k micro-batches of b requests).
 
-Latency: exo/topology/latency_search.py (branch and bound over subsets, up to 16 nodes).
-
-Throughput, up to THROUGHPUT_LIMIT nodes: subsets are visited by a lower bound (middle-of-ring capacities, no embedding or head,
-the cheapest transfers) until it passes the best plan found, so only subsets that could win or tie are solved exactly. The
-busiest stage depends on the ring through each node's transfer to its successor. A subset whose transfers do not depend on the
-order is solved in closed form for every (f, l) on its cheapest ring (a Held-Karp table from every start, path[S, f, j],
-O(2^n n^3) time and O(2^n n^2) memory); otherwise a binary search on the busiest-stage time, each probe a longest-cycle DP
-(_reach, O(2^n n^2)), finds the best time, and the rings that reach it are searched depth first. Worst case O(2^n n!)
-splits; the bounds keep typical cases to a few subsets.
+Subsets are visited by a lower bound (middle-of-ring capacities, no embedding or head, the cheapest transfers) until it passes
+the best plan found, so only subsets that could win or tie are solved exactly. The busiest stage depends on the ring through
+each node's transfer to its successor. A subset whose transfers do not depend on the order is solved in closed form for every
+(f, l) on its cheapest ring (rings.paths_from_every_start, path[S, f, j], O(2^n n^3) time and O(2^n n^2) memory); otherwise a
+binary search on the busiest-stage time, each probe a longest-cycle DP (_reach, O(2^n n^2)), finds the best time, and the
+rings that reach it are searched depth first. Worst case O(2^n n!) splits; the bounds keep typical cases to a few subsets.
 """
 
 import math
@@ -19,39 +17,21 @@ from typing import Iterator
 
 import numpy as np
 
-from exo.topology.latency_search import exact_latency
 from exo.topology.layer_split import bottleneck_split, layers_within, min_time_split
-from exo.topology.ring_search import members
+from exo.topology.rings import cheapest_rings, members, paths_from_every_start
 from exo.topology.search_problem import Candidate, SearchProblem, better, within_tolerance
 
-THROUGHPUT_LIMIT = 10  # usable nodes up to which the throughput search is exhaustive
+__all__ = ["MAX_NODES", "exact_throughput"]
+
+MAX_NODES = 16  # the most nodes the search takes: its tables hold 2 x 2^n n^2 floats, 270 MB at 16 nodes
 TOUR_BUDGET = 200_000  # rings evaluated at most per search when breaking ties or trying orders; beyond, the best found is kept
 _TOL = 1e-9
 
 
-def paths_from_every_start(hop: np.ndarray) -> np.ndarray:
-  """path[S, f, j]: the cheapest path from f through every node of subset S ending at j (inf if none; 0 for S = {f}, j = f).
-
-  Held-Karp with the start as an extra axis, by growing subset size. O(2^n n^3) time, vectorised over subsets and starts."""
-  n = len(hop)
-  masks = np.arange(1 << n)
-  size = np.zeros(1 << n, dtype=np.int64)
-  for i in range(n):
-    size += (masks >> i) & 1
-  path = np.full((1 << n, n, n), math.inf)
-  path[1 << np.arange(n), np.arange(n), np.arange(n)] = 0.0
-  for k in range(2, n + 1):
-    layer = masks[size == k]
-    for j in range(n):
-      sel = layer[(layer >> j) & 1 == 1]
-      path[sel, :, j] = (path[sel ^ (1 << j)] + hop[:, j][None, None, :]).min(axis=2)
-  return path
-
-
-def exact_search(problem: SearchProblem) -> Candidate | None:
-  """The optimal plan (ties broken as search_problem.better orders them); None if no plan fits."""
-  if problem.objective == "latency":
-    return exact_latency(problem)
+def exact_throughput(problem: SearchProblem) -> Candidate | None:
+  """The plan of most throughput (ties broken as search_problem.better orders them) of a throughput problem of at most
+  MAX_NODES nodes; None if no plan fits."""
+  assert problem.size <= MAX_NODES, f"exact throughput search is for at most {MAX_NODES} nodes, got {problem.size}"
   paths = paths_from_every_start(problem.hop)
   cycles = paths + problem.hop.T[None, :, :]  # cycles[S, f, l]: the cheapest ring through S that closes with the hop l -> f
   for i in range(problem.size):
@@ -83,29 +63,11 @@ def _ends(nodes: list[int], mask: int, cycles: np.ndarray) -> Iterator[tuple[int
         yield f, last
 
 
-def cheapest_rings(mask: int, first: int, last: int, paths: np.ndarray, hop: np.ndarray) -> Iterator[list[int]]:
-  """Every cheapest ring through subset `mask` from `first` to `last` (within a relative 1e-9), in lexicographic order.
-
-  A branch continues only while its hops plus the exact cheapest completion (read off the table) reach the optimum, so each
-  ring comes in O(k^2)."""
-  if first == last:
-    yield [first]
-    return
+def _cheapest_rings(mask: int, first: int, last: int, paths: np.ndarray, hop: np.ndarray) -> Iterator[list[int]]:
+  """Every cheapest ring through subset `mask` from `first` to `last` (within a relative 1e-9), in lexicographic order:
+  rings.cheapest_rings completed by paths[S, y, last], each ring in O(k^2)."""
   target = paths[mask, first, last] * (1 + _TOL) + 1e-15
-
-  def extend(ring: list[int], left: int, spent: float) -> Iterator[list[int]]:
-    x = ring[-1]
-    if left == 1 << last:
-      yield ring + [last]
-      return
-    for y in members(left & ~(1 << last)):
-      cost = spent + hop[x, y]
-      if cost + paths[left, y, last] <= target:
-        ring.append(y)
-        yield from extend(ring, left & ~(1 << y), cost)
-        ring.pop()
-
-  yield from extend([first], mask & ~(1 << first), 0.0)
+  return cheapest_rings(first, mask, hop, lambda spent, left, y: spent + paths[left, y, last] <= target, last)
 
 
 def _throughput(problem: SearchProblem, paths: np.ndarray, cycles: np.ndarray) -> Candidate | None:
@@ -131,7 +93,7 @@ def _throughput(problem: SearchProblem, paths: np.ndarray, cycles: np.ndarray) -
         layers = problem.split(order)
         if layers is None or not within_tolerance(problem.costs.busiest_stage(order, layers), best.bottleneck):
           continue
-      candidate = problem.plan_ring(next(cheapest_rings(mask, first, last, paths, problem.hop)))
+      candidate = problem.plan_ring(next(_cheapest_rings(mask, first, last, paths, problem.hop)))
       best = candidate if better(candidate, best, "throughput") else best
     if not free:
       dependent.append((bound, mask, nodes))

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo.topology.ring_search import hamiltonian_cycle, held_karp, members, optimal_tours, ring_holding, tour_cost, two_opt_tour
+from exo.topology.cycles import hamiltonian_cycle, ring_holding
+from exo.topology.rings import held_karp, members, optimal_tours, two_opt_tour
 
 
 @st.composite
@@ -18,6 +19,13 @@ def hop_matrices(draw, max_nodes=6):
       if draw(st.booleans()) or draw(st.booleans()):
         hop[i, j] = hop[j, i] = draw(st.sampled_from([1.0, 2.0, 0.5, 3.25]))
   return hop
+
+
+def tour_cost(tour, hop) -> float:
+  """The hops of a closed tour, last -> first included; none for one node."""
+  if len(tour) < 2:
+    return 0.0
+  return float(sum(hop[tour[k], tour[(k + 1) % len(tour)]] for k in range(len(tour))))
 
 
 def brute_force_tours(mask, hop):

@@ -1,167 +1,19 @@
-"""Ring orders: the cheapest closed tour through a set of nodes under symmetric hop times (a travelling-salesman problem).
-
-Exact: Held-Karp over every subset at once, O(2^n n^2) time and O(2^n n) memory, practical to ~12 nodes; each subset's tour
-starts at its lowest index, so one table answers every subset. Heuristic: nearest neighbour then 2-opt, O(n^2) per pass.
-Sparse graphs, where those miss rings that exist: hamiltonian_cycle (a ring through given nodes) and ring_holding (a ring
-of enough weight among ranked nodes), both bounded searches.
-Hop matrices hold math.inf where two nodes are not neighbours.
+"""Rings along the existing links of sparse graphs, where nearest neighbour and 2-opt (exo/topology/rings.py) miss rings that
+exist: hamiltonian_cycle (a ring through given nodes), heavy_cycle (a short cycle of enough weight in a block) and
+ring_holding (a ring of enough weight among ranked nodes), all bounded searches, and the blocks (biconnected components) that
+prove most impossibilities at once. Graphs are neighbour bitmasks (bit j of adj[u]: u ~ j) or hop matrices with math.inf
+where two nodes are not neighbours.
 """
 
 import bisect
 import math
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-_TOL = 1e-9
+from exo.topology.rings import canonical, is_ring, two_opt, two_opt_tour
 
-
-def members(mask: int) -> list[int]:
-  return [i for i in range(mask.bit_length()) if mask >> i & 1]
-
-
-@dataclass(frozen=True)
-class SubsetLayout:
-  """Index arrays for Held-Karp over n nodes, built once and reused when the same search runs the DP many times."""
-
-  size: np.ndarray  # popcount of every subset mask
-  lowest: np.ndarray  # lowest member of every subset mask
-  steps: list[tuple[int, np.ndarray]]  # (j, masks whose path ends at j), by growing subset size
-  many: np.ndarray  # masks with two or more members
-
-
-def subset_layout(n: int) -> SubsetLayout:
-  masks = np.arange(1 << n)
-  size = np.zeros(1 << n, dtype=np.int64)
-  for i in range(n):
-    size += (masks >> i) & 1
-  lowest = np.zeros(1 << n, dtype=np.int64)
-  for i in reversed(range(n)):
-    lowest[(masks >> i) & 1 == 1] = i
-  steps = []
-  for k in range(2, n + 1):
-    layer = masks[size == k]
-    for j in range(n):
-      sel = layer[((layer >> j) & 1 == 1) & (lowest[layer] != j)]
-      if sel.size:
-        steps.append((j, sel))
-  return SubsetLayout(size, lowest, steps, masks[size >= 2])
-
-
-def held_karp(hop: np.ndarray, layout: SubsetLayout | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(cycle[S], path[S, j]) for every subset S: path is the cheapest path from min(S) through all of S ending at j, cycle closes it.
-
-  Edges are directed (hop[i, j] is i -> j). cycle is 0 for one node, the out-and-back for two (a two-node ring crosses its
-  link twice per token), inf if no ring exists.
-  """
-  n = len(hop)
-  layout = layout or subset_layout(n)
-  path = np.full((1 << n, n), math.inf)
-  path[1 << np.arange(n), np.arange(n)] = 0.0
-  for j, sel in layout.steps:
-    path[sel, j] = (path[sel ^ (1 << j)] + hop[:, j]).min(axis=1)
-  cycle = np.full(1 << n, math.inf)
-  cycle[layout.size == 1] = 0.0
-  many = layout.many
-  cycle[many] = (path[many] + hop[:, layout.lowest[many]].T).min(axis=1)
-  return cycle, path
-
-
-def optimal_tours(mask: int, cycle: np.ndarray, path: np.ndarray, hop: np.ndarray) -> Iterator[list[int]]:
-  """Every cheapest tour of subset `mask` (within a relative 1e-9), in lexicographic order, starting at its lowest node.
-
-  A branch continues only if its cost plus the exact cheapest completion (read off the Held-Karp table, hops being symmetric)
-  still reaches the optimum, so the first tour comes in O(k^2) and each next one in O(k^2) more.
-  """
-  nodes = members(mask)
-  start = nodes[0]
-  if len(nodes) == 1:
-    yield [start]
-    return
-  if not math.isfinite(cycle[mask]):
-    return
-  target = cycle[mask] * (1 + _TOL) + 1e-15
-
-  def extend(tour: list[int], left: int, cost: float):
-    x = tour[-1]
-    if not left:
-      if cost + hop[x, start] <= target:
-        yield list(tour)
-      return
-    for y in members(left):
-      spent = cost + hop[x, y]
-      if spent + path[left | (1 << start), y] <= target:
-        tour.append(y)
-        yield from extend(tour, left & ~(1 << y), spent)
-        tour.pop()
-
-  yield from extend([start], mask & ~(1 << start), 0.0)
-
-
-def tour_cost(tour: list[int], hop: np.ndarray) -> float:
-  if len(tour) < 2:
-    return 0.0
-  return float(sum(hop[tour[k], tour[(k + 1) % len(tour)]] for k in range(len(tour))))
-
-
-def is_ring(ring: list[int], hop: np.ndarray) -> bool:
-  """Whether consecutive nodes of `ring`, last -> first included, are joined by finite hops (one node needs none)."""
-  return len(ring) == 1 or all(math.isfinite(hop[ring[k], ring[(k + 1) % len(ring)]]) for k in range(len(ring)))
-
-
-def _canonical(tour: list[int]) -> list[int]:
-  """The tour rotated to start at its lowest node, turned so that its second node is at most its last."""
-  first = tour.index(min(tour))
-  tour = tour[first:] + tour[:first]
-  return tour if len(tour) < 3 or tour[1] <= tour[-1] else [tour[0]] + tour[1:][::-1]
-
-
-def _two_opt(order: np.ndarray, d: np.ndarray) -> None:
-  """Reverses segments of the tour `order` (positions into `d`, in place) until no reversal shortens it: O(k^2) per pass,
-  the first improving reversal per position. A move adding an edge of cost math.inf never gains, so a tour along edges stays so."""
-  k = len(order)
-  improved = True
-  while improved:
-    improved = False
-    following = np.roll(order, -1)
-    for i in range(k - 2):
-      a, b = order[i], order[i + 1]
-      c, e = order[i + 2 :], following[i + 2 :]
-      if i == 0:
-        c, e = c[:-1], e[:-1]
-      if not len(c):
-        continue
-      gain = d[a, b] + d[c, e] - d[a, c] - d[b, e]
-      j = int(np.argmax(gain))
-      if gain[j] > 1e-12:
-        j += i + 2
-        order[i + 1 : j + 1] = order[i + 1 : j + 1][::-1].copy()
-        following = np.roll(order, -1)
-        improved = True
-
-
-def two_opt_tour(nodes: list[int], hop: np.ndarray, missing_edge_cost: float) -> list[int]:
-  """A good (not always cheapest) tour: nearest neighbour from the lowest node, then 2-opt until no reversal helps.
-
-  Missing edges cost `missing_edge_cost`, so the result avoids them whenever the heuristic can; callers check the result.
-  """
-  if len(nodes) <= 3:
-    return sorted(nodes)
-  d = hop[np.ix_(nodes, nodes)].copy()
-  d[~np.isfinite(d)] = missing_edge_cost
-  np.fill_diagonal(d, 0.0)
-  k = len(nodes)
-  tour, seen = [0], np.zeros(k, dtype=bool)
-  seen[0] = True
-  for _ in range(k - 1):
-    row = np.where(seen, np.inf, d[tour[-1]])
-    nxt = int(np.argmin(row))
-    tour.append(nxt)
-    seen[nxt] = True
-  order = np.array(tour)
-  _two_opt(order, d)
-  return _canonical([nodes[i] for i in order])
+__all__ = ["HAMILTON_BUDGET", "RING_BUDGET", "hamiltonian_cycle", "heavy_cycle", "linked_blocks", "ring_holding"]
 
 
 def _bits(mask: int) -> Iterator[int]:
@@ -246,11 +98,10 @@ def _unbalanced_bipartite(masks: list[int]) -> bool:
   return sides[0].bit_count() != sides[1].bit_count()
 
 
-def _path_search(adj: list[list[int]], masks: list[int], d: np.ndarray, start: int, budget: int) -> list[int] | None:
-  """A Hamiltonian cycle of the graph (3+ nodes; adjacency lists and masks, hops d), or None if none within `budget` path
-  extensions: a depth-first search that grows a path from `start` at either end, whichever has fewer unvisited neighbours
-  (fail first: from a band's end both ends have one move each, so its cycle comes without backtracking, where growing one end
-  only must back out of dead-end chains).
+class _PathSearch:
+  """A Hamiltonian cycle of the graph (3+ nodes; adjacency lists and masks, hops d): a depth-first search that grows a path
+  from `start` at either end, whichever has fewer unvisited neighbours (fail first: from a band's end both ends have one move
+  each, so its cycle comes without backtracking, where growing one end only must back out of dead-end chains).
 
   Moves, best first: the unvisited neighbour with the fewest unvisited neighbours (Warnsdorff), then the cheaper hop, then the
   lower index; ties between the ends go to the end just grown, so on a complete graph the first path is nearest neighbour's.
@@ -258,67 +109,71 @@ def _path_search(adj: list[list[int]], masks: list[int], d: np.ndarray, start: i
   the two ends (not both ends while others remain), and an end's neighbour left with just that end and one more must come
   next there (two such: dead end). O(degree) updates and checks per extension.
   """
-  k = len(adj)
-  hops = [dict(zip(a, d[u, a].tolist())) for u, a in enumerate(adj)]
-  free = [len(a) for a in adj]  # unvisited neighbours of each node
-  seen = [False] * k
-  unvisited = (1 << k) - 1
-  grown: tuple[list[int], list[int]] = ([], [])  # nodes added at each end of the path, which starts as `start`
 
-  def end(side: int) -> int:
-    return grown[side][-1] if grown[side] else start
+  def __init__(self, adj: list[list[int]], masks: list[int], d: np.ndarray, start: int):
+    self.adj, self.masks, self.start, self.k = adj, masks, start, len(adj)
+    self.hops = [dict(zip(a, d[u, a].tolist())) for u, a in enumerate(adj)]
+    self.free = [len(a) for a in adj]  # unvisited neighbours of each node
+    self.seen = [False] * self.k
+    self.unvisited = (1 << self.k) - 1
+    self.grown: tuple[list[int], list[int]] = ([], [])  # nodes added at each end of the path, which starts as `start`
 
-  def enter(v: int) -> bool:
+  def end(self, side: int) -> int:
+    return self.grown[side][-1] if self.grown[side] else self.start
+
+  def enter(self, v: int) -> bool:
     """Marks v visited; True if that leaves one of its unvisited neighbours without unvisited neighbours."""
-    nonlocal unvisited
-    seen[v], unvisited = True, unvisited ^ 1 << v
+    self.seen[v], self.unvisited = True, self.unvisited ^ 1 << v
     stranded = False
-    for u in adj[v]:
-      free[u] -= 1
-      stranded |= free[u] == 0 and not seen[u]
+    for u in self.adj[v]:
+      self.free[u] -= 1
+      stranded |= self.free[u] == 0 and not self.seen[u]
     return stranded
 
-  def leave(v: int):
-    nonlocal unvisited
-    seen[v], unvisited = False, unvisited | 1 << v
-    for u in adj[v]:
-      free[u] += 1
+  def leave(self, v: int) -> None:
+    self.seen[v], self.unvisited = False, self.unvisited | 1 << v
+    for u in self.adj[v]:
+      self.free[u] += 1
 
-  def options(side: int, old: int, stranded: bool) -> tuple[int, list[int]]:
+  def options(self, side: int, old: int, stranded: bool) -> tuple[int, list[int]]:
     """(the end to grow next, its moves) once end `side` has moved on from `old`; no moves if the state is a dead end."""
-    v, f = end(side), end(1 - side)
-    if stranded or old != f and any(free[u] + (masks[u] >> f & 1) < 2 for u in _bits(masks[old] & unvisited & ~masks[v])):
+    free, masks = self.free, self.masks
+    v, f = self.end(side), self.end(1 - side)
+    if stranded or old != f and any(free[u] + (masks[u] >> f & 1) < 2 for u in _bits(masks[old] & self.unvisited & ~masks[v])):
       return side, []
     if free[f] < free[v]:
       side, v, f = 1 - side, f, v
     forced, rest = [], []
-    for u in adj[v]:
-      if not seen[u]:
+    for u in self.adj[v]:
+      if not self.seen[u]:
         (forced if free[u] + (masks[u] >> f & 1) == 1 else rest).append(u)
     return side, (forced if len(forced) == 1 else []) if forced else rest
 
-  enter(start)
-  stack = [(1, list(adj[start]), -1)]
-  while stack:
-    side, todo, came = stack[-1]
-    if not todo:
-      stack.pop()
-      if came >= 0:
-        leave(grown[came].pop())
-      continue
-    if budget <= 0:
-      return None
-    budget -= 1
-    old = end(side)
-    v = min(todo, key=lambda u: (free[u], hops[old][u], u))
-    todo.remove(v)
-    stranded = enter(v)
-    grown[side].append(v)
-    left = k - 1 - len(grown[0]) - len(grown[1])
-    if left == 0 and masks[v] >> end(1 - side) & 1:
-      return grown[0][::-1] + [start] + grown[1]
-    stack.append((*options(side, old, stranded and left > 1), side) if left else (side, [], side))
-  return None
+  def run(self, budget: int) -> list[int] | None:
+    """The cycle, from `start` round, or None if none is found within `budget` path extensions."""
+    grown, start = self.grown, self.start
+    self.enter(start)
+    stack = [(1, list(self.adj[start]), -1)]
+    while stack:
+      side, todo, came = stack[-1]
+      if not todo:
+        stack.pop()
+        if came >= 0:
+          self.leave(grown[came].pop())
+        continue
+      if budget <= 0:
+        return None
+      budget -= 1
+      old = self.end(side)
+      v = min(todo, key=lambda u: (self.free[u], self.hops[old][u], u))
+      todo.remove(v)
+      stranded = self.enter(v)
+      grown[side].append(v)
+      left = self.k - 1 - len(grown[0]) - len(grown[1])
+      if left == 0 and self.masks[v] >> self.end(1 - side) & 1:
+        return grown[0][::-1] + [start] + grown[1]
+      stack.append((*self.options(side, old, stranded and left > 1), side) if left else (side, [], side))
+    return None
 
 
 HAMILTON_BUDGET = 100_000  # path extensions. The search meets each sequence of distinct nodes containing its start at most
@@ -333,7 +188,7 @@ def hamiltonian_cycle(nodes: list[int], hop: np.ndarray, budget: int = HAMILTON_
   ..., 1). Here: necessary conditions first, O(V + E): every node has two neighbours and, unless Dirac's degree >= k/2
   already guarantees a cycle, the graph is one block (no articulation point: stars, sites joined by one link and disconnected
   sets fail at once) and not bipartite with unequal sides. On a graph that dense, two_opt_tour's ring when it uses only
-  existing edges (vectorised, O(k^2) per pass). Otherwise the depth-first search of _path_search from a node of least degree,
+  existing edges (vectorised, O(k^2) per pass). Otherwise the depth-first search of _PathSearch from a node of least degree,
   O(budget * degree) at worst, then 2-opt moves along existing edges only, O(k^2) per pass.
   """
   k = len(nodes)
@@ -354,30 +209,30 @@ def hamiltonian_cycle(nodes: list[int], hop: np.ndarray, budget: int = HAMILTON_
   masks = _bitmasks(near)
   if 2 * degree < k and (_blocks_at(0, masks, everyone) != [everyone] or _unbalanced_bipartite(masks)):
     return None
-  tour = _path_search(adj, masks, d, start, budget)
+  tour = _PathSearch(adj, masks, d, start).run(budget)
   if tour is None:
     return None
   order = np.array(tour)
-  _two_opt(order, d)
-  return _canonical([nodes[i] for i in order])
+  two_opt(order, d)
+  return canonical([nodes[i] for i in order])
 
 
-def _heavy_cycle(
-  x: int, block: int, adj: list[int], weight: list[float], need: float, budget: int, max_len: int | None = None
-) -> tuple[list[int] | None, int]:
-  """(a ring through x within the `block` mask of weight >= need and at most `max_len` nodes, or None; the work spent):
-  depth-first path extension from x.
+class _HeavyCycle:
+  """A ring through x within the `block` mask of weight >= need and at most `max_len` nodes: depth-first path extension from x.
 
   adj[u] is u's neighbour mask; weights are >= 0. Each state floods the nodes reachable from the head through unvisited ones
   (O(V) bit operations) and is pruned unless that region touches x and the path's weight plus the region's (its heaviest
   nodes that still fit in the length) reaches `need`, and the nearest way back to x fits in the length; once the path holds
   `need`, the shortest way back to x through the region closes the ring. Heavier nodes, then earlier ones, are tried first,
-  so rings stay small. Work: one per state plus the region's size; exhaustive (exact) when it finishes within `budget`.
+  so rings stay small. Work: one per state plus the region's size; exhaustive (exact) when it finishes within its budget.
   """
-  path, held, seen, work = [x], [weight[x]], 1 << x, 0
-  longest = block.bit_count() if max_len is None else max_len
 
-  def flood(mask: int, free: int) -> tuple[int, list[float], int]:
+  def __init__(self, x: int, block: int, adj: list[int], weight: list[float], need: float, max_len: int | None = None):
+    self.x, self.block, self.adj, self.weight, self.need = x, block, adj, weight, need
+    self.path, self.held, self.seen, self.work = [x], [weight[x]], 1 << x, 0
+    self.longest = block.bit_count() if max_len is None else max_len
+
+  def flood(self, mask: int, free: int) -> tuple[int, list[float], int]:
     """(the region reachable from `mask` through `free` nodes, its weights, the fewest of its nodes on a way back to x)."""
     region, weights, depth, back = 0, [], 0, 0
     while mask:
@@ -385,14 +240,16 @@ def _heavy_cycle(
       depth += 1
       grown = 0
       for u in _bits(mask):
-        weights.append(weight[u])
-        grown |= adj[u]
-        if not back and adj[u] >> x & 1:
+        weights.append(self.weight[u])
+        grown |= self.adj[u]
+        if not back and self.adj[u] >> self.x & 1:
           back = depth
       mask = grown & free & ~region
     return region, weights, back
 
-  def way_back(h: int, free: int) -> list[int]:
+  def way_back(self, h: int, free: int) -> list[int]:
+    """The fewest `free` nodes on a way from h back to x, in path order (breadth first)."""
+    adj, x = self.adj, self.x
     parent, frontier, reached = {}, [h], 1 << h
     while True:
       nxt = []
@@ -407,40 +264,43 @@ def _heavy_cycle(
           nxt.append(v)
       frontier = nxt
 
-  def assess() -> tuple[list[int] | None, list[int]]:
+  def assess(self) -> tuple[list[int] | None, list[int]]:
     """(the ring, if this path closes into one; else the moves to try, best last)."""
-    nonlocal work
-    h, free, slots = path[-1], block & ~seen, longest - len(path)
-    if held[-1] >= need and len(path) >= 2 and adj[h] >> x & 1:
+    path, held, adj = self.path, self.held, self.adj
+    h, free, slots = path[-1], self.block & ~self.seen, self.longest - len(path)
+    if held[-1] >= self.need and len(path) >= 2 and adj[h] >> self.x & 1:
       return path, []
-    region, weights, back = flood(adj[h] & free, free)
-    work += 1 + region.bit_count()
+    region, weights, back = self.flood(adj[h] & free, free)
+    self.work += 1 + region.bit_count()
     if not back or back > slots:
       return None, []
     reachable = sum(weights) if slots >= len(weights) else sum(sorted(weights)[-slots:])
-    if held[-1] + reachable < need:
+    if held[-1] + reachable < self.need:
       return None, []
-    if held[-1] >= need:
-      return path + way_back(h, free), []
-    return None, sorted(_bits(adj[h] & free), key=lambda u: (weight[u], -u))
+    if held[-1] >= self.need:
+      return path + self.way_back(h, free), []
+    return None, sorted(_bits(adj[h] & free), key=lambda u: (self.weight[u], -u))
 
-  ring, moves = assess()
-  stack = [moves]
-  while stack and ring is None:
-    if not stack[-1]:
-      stack.pop()
-      seen ^= 1 << path.pop()
-      held.pop()
-      continue
-    if work >= budget:
-      break
-    v = stack[-1].pop()
-    path.append(v)
-    held.append(held[-1] + weight[v])
-    seen |= 1 << v
-    ring, moves = assess()
-    stack.append(moves)
-  return ring, work
+  def run(self, budget: int) -> tuple[list[int] | None, int]:
+    """(the ring, or None; the work spent), stopping once the work reaches `budget`."""
+    path, held = self.path, self.held
+    ring, moves = self.assess()
+    stack = [moves]
+    while stack and ring is None:
+      if not stack[-1]:
+        stack.pop()
+        self.seen ^= 1 << path.pop()
+        held.pop()
+        continue
+      if self.work >= budget:
+        break
+      v = stack[-1].pop()
+      path.append(v)
+      held.append(held[-1] + self.weight[v])
+      self.seen |= 1 << v
+      ring, moves = self.assess()
+      stack.append(moves)
+    return ring, self.work
 
 
 def heavy_cycle(block: int, adj: list[int], weight: list[float], need: float, budget: int, max_len: int) -> tuple[list[int] | None, int, bool]:
@@ -451,7 +311,7 @@ def heavy_cycle(block: int, adj: list[int], weight: list[float], need: float, bu
   for x in sorted(_bits(block), key=lambda u: (-weight[u], u)):
     if (left & adj[x]).bit_count() >= 2:
       share = max(1, (budget - spent) // 2)
-      ring, work = _heavy_cycle(x, left, adj, weight, need, share, max_len)
+      ring, work = _HeavyCycle(x, left, adj, weight, need, max_len).run(share)
       spent += work
       if ring is not None:
         return ring, spent, exhaustive
@@ -472,7 +332,7 @@ def ring_holding(hop: np.ndarray, weight: list[float], need: float, order: list[
   the shortest prefix of `order` holding a ring (the ring's latest node as early as possible), then small rings. For each
   node x of `order` in turn, once the prefix up to x weighs `need`: x alone; else x and its earliest neighbour in the prefix
   if the two weigh enough; else, in each block of the prefix's graph containing x (_blocks_at) that weighs enough, from the
-  smallest: a depth-first search for a ring through x (_heavy_cycle, exact when it finishes), and if it is cut off, a
+  smallest: a depth-first search for a ring through x (_HeavyCycle, exact when it finishes), and if it is cut off, a
   Hamiltonian cycle of the block (hamiltonian_cycle). Each search may spend half the work left, so one hard prefix cannot
   starve the later ones, and all together stay within `budget`; the default makes them exhaustive up to 8 nodes. Besides,
   O(n^2) set-up and O(n log n) mask operations per node of `order` (n of them) for its blocks.
@@ -500,12 +360,12 @@ def ring_holding(hop: np.ndarray, weight: list[float], need: float, order: list[
       if len(members) < 3 or sum(w[i] for i in members) < need:
         continue
       share = budget // 2
-      ring, work = _heavy_cycle(x, block, adj, w, need, share)
+      ring, work = _HeavyCycle(x, block, adj, w, need).run(share)
       budget -= work
       if ring is None and work >= share:
         share = budget // 2
         ring = hamiltonian_cycle(members, sub, share)
         budget -= share
       if ring is not None:
-        return _canonical([order[i] for i in ring])
+        return canonical([order[i] for i in ring])
   return None

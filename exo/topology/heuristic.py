@@ -1,16 +1,16 @@
-"""Plan search for clusters too large to search exactly (latency: over 16 usable nodes; throughput: over 10).
+"""Plan search for clusters too large to search exactly (exo/topology/search.py decides which).
 
 Every search here is compared with the best one- and two-node plans (exo/topology/bounds.py), always checked in closed form.
-Latency: the exact search (exo/topology/latency_search.py) on the SEED_NODES most promising nodes (those of the best small plan,
-then the fastest and the best linked in turn), then local moves (add, drop or swap a node) while TPOT falls. Throughput: a ring
-through the nodes that reach the relaxation bound on the busiest stage (bounds.least_stage), every first node and direction
-tried and the order polished; if it meets the bound it is optimal and the search stops.
+Latency: the exact latency search (exo/topology/exact_latency.py) on the SEED_NODES most promising nodes (those of the best
+small plan, then the fastest and the best linked in turn), then local moves (add, drop or swap a node) while TPOT falls.
+Throughput: a ring through the nodes that reach the relaxation bound on the busiest stage (bounds.least_stage), every first
+node and direction tried and the order polished; if it meets the bound it is optimal and the search stops.
 Both then try the speed ranking: latency from the fewest fastest nodes whose memory holds the model, improved by the same
 local moves; throughput scores every prefix by its optimistic bottleneck (cheapest transfer per node), solves the best few
 with a real ring and refines a small enough winner by local moves and a transfer-aware 2-opt polish.
-Rings: exact Held-Karp up to EXACT_RING nodes, else a bounded Hamiltonian-cycle search (ring_search.hamiltonian_cycle: cheap
+Rings: exact Held-Karp up to EXACT_RING nodes, else a bounded Hamiltonian-cycle search (cycles.hamiltonian_cycle: cheap
 impossibility proofs, nearest neighbour + 2-opt on dense graphs, a Warnsdorff depth-first search on sparse ones, RING_EFFORT
-extensions at most). When none of this finds a plan, the strategy seeds the search with a feasible plan from
+extensions at most). When none of this finds a plan, the dispatcher seeds the search with a feasible plan from
 exo/topology/feasibility.py (exact up to 16 nodes), so a ring that exists among the usable nodes of a sparse, banded, two-site
 or star topology is not missed. O(n^2) per ring, O(n^2 log n) for the prefixes.
 """
@@ -20,13 +20,15 @@ import math
 import numpy as np
 
 from exo.topology.bounds import best_small_plan
-from exo.topology.exact_search import exact_search
-from exo.topology.latency_search import MAX_NODES
+from exo.topology.cycles import hamiltonian_cycle, ring_holding
+from exo.topology.exact_latency import MAX_NODES, exact_latency
 from exo.topology.layer_split import bottleneck_split, layers_within
-from exo.topology.ring_search import hamiltonian_cycle, held_karp, optimal_tours, ring_holding, subset_layout
+from exo.topology.rings import held_karp, optimal_tours, subset_layout
 from exo.topology.search_problem import Candidate, SearchProblem, better, within_tolerance
 
-EXACT_RING = 10
+__all__ = ["best_orientation", "heuristic_search", "ring_through"]
+
+EXACT_RING = 10  # rings through at most this many nodes are cheapest (Held-Karp); beyond, hamiltonian_cycle's
 SEED_NODES = MAX_NODES  # the exact latency search runs on this many promising nodes
 RING_EFFORT = 20_000  # path extensions per ring search: bounded, since the local search asks for many rings
 LOCAL_MOVES = 60  # improving moves at most; each is one pass over the candidate moves
@@ -166,7 +168,7 @@ def heuristic_search(
   k_min = _smallest_fitting_prefix(problem, ranking)
   small = _best(problem, best_small_plan(problem), seed)
   if problem.objective == "latency":
-    start = _exact_on(problem, promising(problem, SEED_NODES, small))
+    start = _exact_on(problem, _promising(problem, SEED_NODES, small))
     best = _best(problem, small, None if start is None else _improve(problem, list(start.ring), ranking, "latency", start))
   else:
     best = _throughput_seed(problem, small, witness, least_stage, ranking)
@@ -242,7 +244,7 @@ def _ring_by_stage(problem: SearchProblem, low: float, high: float, ring_size: i
   return None if found is None else _every_orientation(problem, found)
 
 
-def promising(problem: SearchProblem, count: int, small: Candidate | None) -> list[int]:
+def _promising(problem: SearchProblem, count: int, small: Candidate | None) -> list[int]:
   """`count` nodes likely to hold the best plan: those of the best small plan, then the fastest and the best linked (cheapest
   two links) in turn."""
   times = _times(problem)
@@ -258,8 +260,8 @@ def promising(problem: SearchProblem, count: int, small: Candidate | None) -> li
 
 
 def _exact_on(problem: SearchProblem, nodes: list[int]) -> Candidate | None:
-  """The exact search's plan on a subset of the nodes, as a candidate of the whole problem."""
-  found = exact_search(SearchProblem(problem.costs.restrict(nodes)))
+  """The exact latency search's plan on a subset of the nodes, as a candidate of the whole problem."""
+  found = exact_latency(SearchProblem(problem.costs.restrict(nodes)))
   return None if found is None else problem.candidate([nodes[i] for i in found.ring], list(found.layers))
 
 
