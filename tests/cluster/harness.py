@@ -4,6 +4,7 @@ engine, waiting for in-process nodes."""
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from exo.inference.engine_wrapper import EngineWrapper
 from exo.tools.local_cluster import (  # noqa: F401  (the cluster tests import these from here with the helpers below)
@@ -51,15 +52,24 @@ async def reference_tokens(model, prompt: str, max_tokens: int) -> list[int]:
 
 
 class Spy(EngineWrapper):
-  """An engine wrapper recording (request id, node id, first layer, last layer) for every step it runs."""
+  """An engine wrapper recording (request id, node id, first layer, last layer) for every step it runs, and (request id, node
+  id) for every request its node tells it is over, in `finished`; `changed()`, if given, is called after each record."""
 
-  def __init__(self, inner, node_id: str, calls: list):
+  def __init__(self, inner, node_id: str, calls: list, finished: list | None = None, changed: Callable[[], None] | None = None):
     super().__init__(inner)
-    self.node_id, self.calls = node_id, calls
+    self.node_id, self.calls, self.finished, self.changed = node_id, calls, finished if finished is not None else [], changed
 
   async def infer_batch(self, shard, steps):
     self.calls.extend((step.request_id, self.node_id, shard.start_layer, shard.end_layer) for step in steps)
+    if self.changed is not None:
+      self.changed()
     return await self.inner.infer_batch(shard, steps)
+
+  async def finish_request(self, request_id):
+    self.finished.append((request_id, self.node_id))
+    if self.changed is not None:
+      self.changed()
+    await self.inner.finish_request(request_id)
 
   def __getattr__(self, name):
     return getattr(self.inner, name)
