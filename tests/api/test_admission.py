@@ -14,7 +14,7 @@ from exo.inference.paced_inference_engine import PacedInferenceEngine
 from exo.orchestration.admission import drain_s
 from exo.topology.cost_model import device_pacing
 from tests.api.test_api_access import call
-from tests.api.test_chatgpt_api import SERVED, Served
+from tests.support.served_api import SERVED, Served
 
 SLOW = DeviceCapabilities("Slow Box", "Slow Chip", 16384.0, DeviceFlops(1.0, 2.0, 4.0), 7.0)  # ~0.1 s per token of the served model
 TIMEOUT_S = 10.0

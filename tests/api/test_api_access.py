@@ -13,10 +13,10 @@ import pytest
 from exo.api.access import Access, allowed_origin, api_key
 from exo.base.errors import BadInput
 from exo.main import main
-from tests.api.test_chatgpt_api import MESSAGES, SERVED, Served
 from tests.support.local_hub import LocalHub, tiny_checkpoint
 from tests.support.node_process import exo_node
 from tests.support.patience import STALL_S
+from tests.support.served_api import MESSAGES, SERVED, Served
 
 KEY = "k3y-for-tests-only_0123456789"
 LISTED = "http://localhost:3000"

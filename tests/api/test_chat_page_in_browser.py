@@ -81,6 +81,66 @@ def test_the_page_chats_with_smollm2_and_shows_the_ring(tmp_path):
       browser.close()
 
 
+def limit_and_stop(page, expect) -> str:
+  """Max tokens cuts a reply; Stop ends the next one, on the page and on the node. Returns the stopped reply's text."""
+  reply = page.locator(".msg.assistant").last
+  page.fill("#setting-max_tokens", "3")
+  page.fill("#prompt", "Say three words.")
+  page.press("#prompt", "Enter")
+  expect(reply).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+  expect(reply.locator(".meta")).to_contain_text("3 tokens")
+  expect(reply.locator(".meta")).to_contain_text("cut at the token limit")
+
+  page.fill("#setting-max_tokens", "")
+  page.fill("#prompt", "Count to a thousand.")
+  page.click("#send")
+  expect(page.locator("#stop")).to_be_enabled()
+  expect(page.locator("#plan")).to_contain_text("Now: 1 request running on this node", timeout=WAIT_MS)  # streaming, and the ring panel sees it
+  expect(reply.locator(".text")).not_to_have_text("…", timeout=WAIT_MS)
+  page.click("#stop")
+  expect(reply).to_have_attribute("data-state", "stopped")
+  expect(page.locator("#send")).to_be_enabled()
+  expect(page.locator("#plan")).to_contain_text("Now: 0 requests running on this node", timeout=WAIT_MS)  # the node stopped generating too
+  stopped = reply.locator(".text").inner_text()
+  return stopped
+
+
+def kept_across_reload(page, expect, stopped: str) -> None:
+  """The conversation comes back after a reload; New chat empties it."""
+  messages, reply = page.locator(".msg"), page.locator(".msg.assistant").last
+  page.reload()
+  expect(messages).to_have_count(4)
+  expect(reply.locator(".text")).to_have_text(stopped)
+  expect(reply).to_have_attribute("data-state", "stopped")
+
+  page.click("#new-chat")
+  expect(messages).to_have_count(0)
+  expect(page.locator("#empty")).to_be_visible()
+
+
+def reports_what_fails(page, expect, node, tmp_path) -> None:
+  """The API's error for a model the cluster cannot hold, then a node that went down; the conversation stays."""
+  messages, reply, error = page.locator(".msg"), page.locator(".msg.assistant").last, page.locator("#error")
+  page.select_option("#model", "llama-3.1-405b")
+  page.fill("#prompt", "Hello?")
+  page.click("#send")
+  expect(error).to_contain_text("does not fit", timeout=WAIT_MS)
+  expect(reply).to_have_attribute("data-state", "failed")
+
+  node.terminate()
+  node.wait(30)
+  expect(page.locator("#node-status")).to_have_text("node unreachable", timeout=WAIT_MS)
+  expect(page.locator("#ring-error")).to_contain_text("Cannot reach the node")
+  page.select_option("#model", "llama-3.2-1b")
+  page.fill("#prompt", "Are you there?")
+  page.click("#send")
+  expect(error).to_contain_text("Cannot reach the node", timeout=WAIT_MS)
+  expect(messages).to_have_count(4)  # the conversation stays on the page
+  screenshot = tmp_path / "chat-page-errors.png"
+  page.screenshot(path=str(screenshot))
+  print(f"screenshot of the chat page's errors: {screenshot}")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is not installed at /usr/bin/chromium (./setup.sh installs it)")
 def test_the_page_limits_stops_keeps_and_reports_what_fails(tmp_path):
@@ -95,54 +155,9 @@ def test_the_page_limits_stops_keeps_and_reports_what_fails(tmp_path):
     try:
       page = browser.new_page(viewport={"width": 1400, "height": 900})
       page.goto(url)
-      messages, reply, error = page.locator(".msg"), page.locator(".msg.assistant").last, page.locator("#error")
-
-      page.fill("#setting-max_tokens", "3")
-      page.fill("#prompt", "Say three words.")
-      page.press("#prompt", "Enter")
-      expect(reply).to_have_attribute("data-state", "done", timeout=WAIT_MS)
-      expect(reply.locator(".meta")).to_contain_text("3 tokens")
-      expect(reply.locator(".meta")).to_contain_text("cut at the token limit")
-
-      page.fill("#setting-max_tokens", "")
-      page.fill("#prompt", "Count to a thousand.")
-      page.click("#send")
-      expect(page.locator("#stop")).to_be_enabled()
-      expect(page.locator("#plan")).to_contain_text("Now: 1 request running on this node", timeout=WAIT_MS)  # streaming, and the ring panel sees it
-      expect(reply.locator(".text")).not_to_have_text("…", timeout=WAIT_MS)
-      page.click("#stop")
-      expect(reply).to_have_attribute("data-state", "stopped")
-      expect(page.locator("#send")).to_be_enabled()
-      expect(page.locator("#plan")).to_contain_text("Now: 0 requests running on this node", timeout=WAIT_MS)  # the node stopped generating too
-      stopped = reply.locator(".text").inner_text()
-
-      page.reload()
-      expect(messages).to_have_count(4)
-      expect(reply.locator(".text")).to_have_text(stopped)
-      expect(reply).to_have_attribute("data-state", "stopped")
-
-      page.click("#new-chat")
-      expect(messages).to_have_count(0)
-      expect(page.locator("#empty")).to_be_visible()
-
-      page.select_option("#model", "llama-3.1-405b")
-      page.fill("#prompt", "Hello?")
-      page.click("#send")
-      expect(error).to_contain_text("does not fit", timeout=WAIT_MS)
-      expect(reply).to_have_attribute("data-state", "failed")
-
-      node.terminate()
-      node.wait(30)
-      expect(page.locator("#node-status")).to_have_text("node unreachable", timeout=WAIT_MS)
-      expect(page.locator("#ring-error")).to_contain_text("Cannot reach the node")
-      page.select_option("#model", "llama-3.2-1b")
-      page.fill("#prompt", "Are you there?")
-      page.click("#send")
-      expect(error).to_contain_text("Cannot reach the node", timeout=WAIT_MS)
-      expect(messages).to_have_count(4)  # the conversation stays on the page
-      screenshot = tmp_path / "chat-page-errors.png"
-      page.screenshot(path=str(screenshot))
-      print(f"screenshot of the chat page's errors: {screenshot}")
+      stopped = limit_and_stop(page, expect)
+      kept_across_reload(page, expect, stopped)
+      reports_what_fails(page, expect, node, tmp_path)
     finally:
       browser.close()
 

@@ -2,64 +2,17 @@
 
 import asyncio
 import json
-import re
-import threading
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
 
 from exo.api import ChatGPTAPI
-from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.base.models import MODELS, model_spec
-from exo.base.shard import Shard
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
-from exo.inference.engine_wrapper import EngineWrapper
 from exo.networking.discovery import NoDiscovery
-from exo.networking.grpc.grpc_server import GRPCServer
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
-from tests.support.greedy import greedy_tokens
-from tests.support.patience import STALL_S
-
-SERVED = "llama-3.2-1b"
-CAPS = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
-TINY = DeviceCapabilities("Tiny Box", "Tiny Chip", 512.0, DeviceFlops(1.0, 2.0, 4.0), 20.0)
-MAX_TOKENS = 100  # the node's --max-generate-tokens: above the dummy's 20..60 tokens before EOS
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."}]
-PLAN_KEYS = {"strategy", "objective", "params", "model", "context_tokens", "partitions", "shards", "predicted", "warnings"}
-
-
-class Served:
-  """A node and its API on loopback (`api_options`: ChatGPTAPI's key and origins), run by an event loop in a background thread."""
-
-  def __init__(self, engine=None, api_options: dict | None = None, caps: DeviceCapabilities = CAPS, **node_options):
-    self.loop = asyncio.new_event_loop()
-    self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-    self.thread.start()
-    options = {"max_generate_tokens": MAX_TOKENS, "request_timeout": STALL_S, **node_options}
-    self.node = Node("api-node", engine or DummyInferenceEngine(), NoDiscovery(), caps, model_spec(SERVED), **options)
-    self.node.server = GRPCServer(self.node, "127.0.0.1", 0)
-    self.api = ChatGPTAPI(self.node, "127.0.0.1", 0, **(api_options or {}))
-    self.run(self.node.start())
-    self.run(self.api.start())
-    self.base = f"http://127.0.0.1:{self.api.port}"
-    key = self.api.access.key or "unused"
-    self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0, timeout=STALL_S)
-
-  def run(self, coroutine, timeout: float = STALL_S):
-    return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-  def close(self):
-    self.client.close()
-    try:
-      self.run(self.api.stop())
-      self.run(self.node.stop())
-    finally:
-      self.loop.call_soon_threadsafe(self.loop.stop)
-      self.thread.join(5)
-      self.loop.close()
+from tests.support.served_api import CAPS, MESSAGES, PLAN_KEYS, SERVED, TINY, Served, get, reference, stream
 
 
 @pytest.fixture(scope="module")
@@ -67,35 +20,6 @@ def served():
   served = Served()
   yield served
   served.close()
-
-
-def reference(messages: list[dict], model_id: str = SERVED, max_tokens: int = MAX_TOKENS) -> tuple[str, list[int], str]:
-  """(prompt, tokens, reply text) computed on a fresh engine holding every layer, greedy until EOS or max_tokens."""
-
-  async def generate():
-    engine, model = DummyInferenceEngine(), model_spec(model_id)
-    shard = Shard(model.id, 0, model.n_layers - 1, model.n_layers)
-    prompt = await engine.apply_chat_template(shard, messages)
-    tokens = await greedy_tokens(engine, shard, await engine.encode(shard, prompt), max_tokens)
-    text = await engine.decode(shard, [t for t in tokens if t not in engine.eos_token_ids(shard)])
-    return prompt, tokens, text
-
-  return asyncio.run(generate())
-
-
-def get(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict, dict]:
-  """(status, headers, JSON body or {}) of one request; error statuses too."""
-  request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
-  try:
-    with urllib.request.urlopen(request, timeout=STALL_S) as response:
-      status, headers, raw = response.status, dict(response.headers), response.read()
-  except urllib.error.HTTPError as e:
-    status, headers, raw = e.code, dict(e.headers), e.read()
-  return status, headers, json.loads(raw) if raw else {}
-
-
-def stream(served: Served, **kwargs) -> list:
-  return list(served.client.chat.completions.create(stream=True, **kwargs))
 
 
 # Chat completions.
@@ -341,93 +265,3 @@ def test_a_port_in_use_is_an_oserror_naming_it(served):
   api = ChatGPTAPI(served.node, "127.0.0.1", served.api.port)
   with pytest.raises(OSError, match=f"127.0.0.1:{served.api.port}"):
     served.run(api.start())
-
-
-# Many clients at once.
-
-
-class Counted(EngineWrapper):
-  """Counts the steps run per request; never ends a generation (no EOS); a context of CONTEXT positions. Notes the requests its
-  node tells it are over (`finished`), notifying `finishing` (for a test's thread) at each."""
-
-  def __init__(self):
-    super().__init__(DummyInferenceEngine(eos_after=10**9))
-    self.steps: dict[str, int] = {}
-    self.finished: set[str] = set()
-    self.finishing = threading.Condition()
-
-  async def infer_batch(self, shard, steps):
-    for step in steps:
-      self.steps[step.request_id] = self.steps.get(step.request_id, 0) + 1
-    return await self.inner.infer_batch(shard, steps)
-
-  async def finish_request(self, request_id):
-    await self.inner.finish_request(request_id)
-    with self.finishing:
-      self.finished.add(request_id)
-      self.finishing.notify_all()
-
-  async def context_length(self, shard):
-    return CONTEXT
-
-
-CONTEXT = 400
-
-
-@pytest.fixture
-def endless():
-  served = Served(Counted(), max_generate_tokens=10**6, max_requests=2, request_timeout=STALL_S)
-  yield served
-  served.close()
-
-
-def open_stream(served: Served, content: str = "Go on forever."):
-  """A streamed chat completion, opened; the caller reads it and closes it."""
-  body = json.dumps({"model": SERVED, "messages": [{"role": "user", "content": content}], "stream": True}).encode()
-  request = urllib.request.Request(f"{served.base}/v1/chat/completions", data=body, method="POST", headers={"Content-Type": "application/json"})
-  return urllib.request.urlopen(request, timeout=STALL_S)
-
-
-def read_chunks(response, n: int) -> None:
-  while n > 0:
-    if response.readline().startswith(b"data: "):
-      n -= 1
-
-
-def test_a_client_that_disconnects_leaves_the_node_idle_within_a_step(endless):
-  response = open_stream(endless)
-  read_chunks(response, 5)
-  [request_id] = endless.node.originated_request_ids()
-  response.close()
-  engine = endless.node.engine
-  with engine.finishing:  # the server notices the closed connection and cancels the generation, which the node ends
-    ended = engine.finishing.wait_for(lambda: request_id in engine.finished and not endless.node.originated_request_ids(), STALL_S)
-  assert ended, "the generation went on after its client left"
-  at_end = endless.node.engine.steps[request_id]
-  assert len(endless.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=10).choices[0].message.content) > 0
-  assert endless.node.engine.steps[request_id] <= at_end + 1  # 10 steps of another request later: at most the one running
-  assert endless.node.scheduler.waiting_requests() == 0 and endless.node.engine.inner.active_requests() == set()
-
-
-def test_a_prompt_longer_than_the_context_is_refused_at_once_with_400(endless):
-  status, _, body = get(
-    f"{endless.base}/v1/chat/completions", "POST", json.dumps({"model": SERVED, "messages": [{"role": "user", "content": "x" * 500}]}).encode()
-  )
-  assert status == 400 and body["error"]["type"] == "invalid_request_error"
-  message = body["error"]["message"]
-  assert re.fullmatch(
-    r"the prompt is \d+ tokens, beyond llama-3.2-1b's context of 400 tokens \(the answer included\): a prompt may have at most 399", message
-  )
-  assert endless.node.engine.steps == {}  # nothing ran
-
-
-def test_beyond_its_request_limit_a_node_answers_429(endless):
-  streams = [open_stream(endless, f"client {i}") for i in range(2)]
-  try:
-    for response in streams:
-      read_chunks(response, 2)
-    with pytest.raises(openai.RateLimitError, match=r"already runs 2 requests, its limit \(--max-requests\)"):
-      endless.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=3)
-  finally:
-    for response in streams:
-      response.close()
