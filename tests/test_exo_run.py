@@ -2,12 +2,11 @@
 
 import subprocess
 import sys
-import time
 
 import openai
 import pytest
 
-from exo.networking.ports import free_port
+from tests.support.node_process import exo_node
 from tests.support.patience import HANG_S
 
 QUESTION = "What is the capital of France?"
@@ -50,28 +49,13 @@ def test_exo_run_samples_as_its_flags_say():
 
 
 @pytest.fixture
-def api_node():
-  port = free_port()
-  node = subprocess.Popen(
-    [sys.executable, "-m", "exo.main", "--node-id", "api", "--node-host", "127.0.0.1", "--discovery-module", "none", "--disable-tui"]
-    + ["--run-model", "smollm2-135m", "--chatgpt-api-host", "127.0.0.1", "--chatgpt-api-port", str(port), "--max-generate-tokens", "40"],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=HANG_S)
-  deadline = time.monotonic() + HANG_S  # the node is up when it answers: its process may start slowly
-  while time.monotonic() < deadline:
-    try:
-      client.models.list()
-      break
-    except openai.APIConnectionError:
-      assert node.poll() is None, node.stderr.read()
-      time.sleep(0.5)
-  yield client
-  client.close()
-  node.terminate()
-  node.wait(20)
+def api_node(tmp_path):
+  """A node serving the API; yielded once it prints its chat page's address, which it does once the API is up."""
+  args = ["--node-id", "api", "--discovery-module", "none", "--disable-tui", "--run-model", "smollm2-135m", "--max-generate-tokens", "40"]
+  with exo_node(args, tmp_path / "node.log") as (_, url):
+    client = openai.OpenAI(base_url=f"{url}v1", api_key="unused", max_retries=0, timeout=HANG_S)
+    yield client
+    client.close()
 
 
 @pytest.mark.slow
