@@ -1,8 +1,9 @@
 """Ring orders: the cheapest closed tour through a set of nodes under symmetric hop times (a travelling-salesman problem).
 
 Exact: Held-Karp tables, O(2^n n^2) time and O(2^n n) memory, practical to ~12 nodes: held_karp starts each subset's paths at
-its lowest index, so one table answers every subset; paths_from_every_start keeps the start as an axis, O(2^n n^3). Every
-cheapest ring is read back from such a table by cheapest_rings, the one enumeration of cheapest rings the searches share.
+its lowest index, so one table answers every subset; paths_from_every_start keeps the start as an axis, O(2^n n^3) time and
+O(2^n n^2) memory. Every cheapest ring is read back from such a table by cheapest_rings, the one enumeration of cheapest rings
+the searches share.
 Heuristic: nearest neighbour then 2-opt, O(n^2) per pass (sparse graphs: exo/topology/cycles.py).
 Hop matrices hold math.inf where two nodes are not neighbours.
 """
