@@ -35,6 +35,7 @@ from exo.base.topology import Topology  # noqa: E402
 from exo.inference.dummy_inference_engine import DummyInferenceEngine  # noqa: E402
 from exo.orchestration.planner_driver import PlannerConfig  # noqa: E402
 from exo.tools.local_cluster import CLIENT, Cluster, Device, edge_rtts  # noqa: E402
+from exo.topology.plan_request import PlanRequest  # noqa: E402
 
 DEFAULT_SCENARIO = ROOT / "tests" / "scenarios" / "mac_trio_iphone_70b.json"
 DEFAULT_MODEL = "llama-3.1-70b"
@@ -98,8 +99,8 @@ async def measure(cluster: Cluster, model_id: str, objective: str, tokens: int, 
     await origin.start(wait_for_peers=len(cluster.nodes))
     await asyncio.sleep(SETTLE_S)
     for strategy in strategies:
-      origin.planner = PlannerConfig(strategy, objective)
-      origin.current_plan = None  # plan afresh: hysteresis would keep the other strategy's ring
+      origin.planner.config = PlannerConfig(PlanRequest.of(strategy, objective))
+      origin.planner.current_plan = None  # plan afresh: hysteresis would keep the other strategy's ring
       await origin.generate("warm-up", max_tokens=WARMUP_TOKENS)  # channels, the dummy layers' weights, pacing locks
       out, decode_s, decode_n, plan = await generate_timed(origin, prompts, tokens)
       if ORIGIN in [n for n, _ in plan.ring()]:

@@ -34,6 +34,7 @@ from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
+from exo.topology.plan_request import PlanRequest
 
 MODEL = served_model_spec(model_spec("smollm2-135m"))  # the file's figures, as a node serving it plans with
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -75,7 +76,7 @@ async def run_node(engine: str, name: str, names: list[str], peers_file: Path, s
     ManualDiscovery(name, peers_file, peer_handles(name), poll_interval=0.2),
     DEVICES[name],
     MODEL,
-    PlannerConfig(strategy),
+    PlannerConfig(PlanRequest.of(strategy)),
     tokens,
     300,
   )

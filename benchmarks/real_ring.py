@@ -46,7 +46,7 @@ from clients import http_json, start_in_turn, stream_chat  # noqa: E402
 from exo.base.model_spec import ModelSpec  # noqa: E402
 from exo.base.topology import Topology  # noqa: E402
 from exo.tools.local_cluster import Cluster, Device  # noqa: E402
-from exo.topology.cost_model import PlannerParams  # noqa: E402
+from exo.topology.plan_request import PlanRequest  # noqa: E402
 from exo.topology.planner import predict_ring  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -101,7 +101,11 @@ def measure(workdir: Path, size: int, strategy: str, tokens: int, repeats: int) 
   ring = [(s["node_id"], s["end_layer"] - s["start_layer"] + 1) for s in plan["shards"]]
   prompt_tokens = streams[0].prompt_tokens
   prediction = predict_ring(
-    Topology.from_dict(topology), ModelSpec.from_dict(plan["model"]), PlannerParams(**plan["params"]), ring, plan["objective"], prompt_tokens
+    Topology.from_dict(topology),
+    ModelSpec.from_dict(plan["model"]),
+    PlanRequest.of(plan["strategy"], plan["objective"], **plan["params"]),
+    ring,
+    prompt_tokens,
   )
   return Run(
     size,

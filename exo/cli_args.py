@@ -6,7 +6,7 @@ import math
 from exo.base.model_spec import MAX_CONTEXT
 from exo.inference.sampling import MAX_SEED, MAX_TOP_K
 from exo.topology.cost_model import OBJECTIVES, PlannerParams
-from exo.topology.planner import STRATEGIES
+from exo.topology.plan_request import STRATEGIES, PlanRequest
 
 
 def positive_int(text: str) -> int:
@@ -109,3 +109,9 @@ def add_planner_flags(group) -> None:
     help=f"cap the context (prompt and answer) whose KV cache each request reserves on every node (default: the model's, at most "
     f"{MAX_CONTEXT}); a cluster that cannot hold it is planned at the largest multiple of 256 tokens it holds",
   )
+
+
+def plan_request(args: argparse.Namespace) -> PlanRequest:
+  """The PlanRequest the flags of add_planner_flags ask for; BadInput naming a value the planner cannot take."""
+  params = PlannerParams(args.memory_headroom, args.default_rtt_ms, args.batch)
+  return PlanRequest(args.partitioning_strategy, args.objective, params, args.max_context)

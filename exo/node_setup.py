@@ -7,6 +7,7 @@ import uuid
 
 from exo.base.errors import BadInput
 from exo.base.models import DEFAULT_MODEL
+from exo.cli_args import plan_request
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.gpu_presence import has_gpu
 from exo.inference.inference_engine import InferenceEngine
@@ -104,16 +105,7 @@ def build_node(args) -> Node:
       broadcast_addresses=args.broadcast_address,
       membership=membership,
     )
-  planner = PlannerConfig(
-    args.partitioning_strategy,
-    args.objective,
-    args.memory_headroom,
-    args.default_rtt_ms,
-    args.replan_threshold,
-    args.batch,
-    args.ignore_layer_times,
-    args.max_context,
-  )
+  planner = PlannerConfig(plan_request(args), args.replan_threshold, args.ignore_layer_times)
   # A node measures its engine when the times stand for a device (a real engine, or one paced to the declared device), and when
   # it has peers to plan with or its plan is shown: the bare dummy engine's microseconds would override the declared devices of
   # a test cluster, and a lone `exo run` needs no plan but one.

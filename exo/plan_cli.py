@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -19,8 +20,8 @@ from exo.base.errors import BadInput, ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.models import MODELS, model_spec
 from exo.base.topology import Topology
-from exo.cli_args import add_planner_flags, positive_int
-from exo.topology.cost_model import CostModel, cost_model, head_layers
+from exo.cli_args import add_planner_flags, plan_request, positive_int
+from exo.topology.cost_model import CostModel, head_layers
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
 
@@ -68,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     topology = Topology.load(args.topology)
     model = ModelSpec.load(args.model_spec) if args.model_spec else model_spec(args.model)
     strategies = STRATEGIES if args.compare else (args.partitioning_strategy,)
-    params = {"memory_headroom": args.memory_headroom, "default_rtt_ms": args.default_rtt_ms, "batch": args.batch}
-    plans = {s: plan_for(topology, model, s, args.objective, args.prompt_tokens, args.max_context, **params) for s in strategies}
-    costs = plan_costs(next(iter(plans.values())), topology, args.prompt_tokens)
+    request = plan_request(args)
+    plans = {s: plan_for(topology, model, replace(request, strategy=s), args.prompt_tokens) for s in strategies}
+    costs = next(iter(plans.values())).costs
     if args.plot:  # before printing anything, so a plot that cannot be written leaves stdout empty
       write_plot(args.plot, list(plans.values()), costs)
   except ExoError as e:
@@ -147,10 +148,6 @@ def speedup(plans: dict[str, Plan]) -> dict:
   """flops-latency's predicted speeds divided by ring-memory-weighted's; None where a speed is unknown."""
   new, old = (plans[s].prediction.to_dict() for s in STRATEGIES)
   return {key: ratio(new[key], old[key]) for key in ("tokens_per_second", "throughput_tps")}
-
-
-def plan_costs(plan: Plan, topology: Topology, prompt_tokens: int) -> CostModel:
-  return cost_model(topology, plan.model, plan.params, plan.objective, prompt_tokens, plan.context_tokens)
 
 
 def left_out(plan: Plan, costs: CostModel) -> list[str]:

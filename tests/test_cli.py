@@ -48,7 +48,7 @@ def test_max_context_caps_the_context_a_node_plans(capsys):
   args = build_parser().parse_args(["--inference-engine", "dummy", "--discovery-module", "none", "--max-context", "1000", *DEVICE])
   node = build_node(args)
   try:
-    assert node.planner_config.max_context == 1000 and node.candidate_plan(node.model).context_tokens == 1000
+    assert node.planner_config.request.max_context == 1000 and node.candidate_plan(node.model).context_tokens == 1000
   finally:
     node.engine.close()
   assert build_parser().parse_args([]).max_context is None  # the model's context, at most 8192: the planner's default

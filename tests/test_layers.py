@@ -103,7 +103,7 @@ def test_topology_modules_import_their_own_tier_or_lower():
   the one dispatcher that picks a search; the strategies; the planner. A module of exo/topology imports modules of its own
   tier or lower only, and every module has a tier."""
   tiers = [
-    ["cost_model", "layer_split", "partitioning_strategy"],
+    ["cost_model", "plan_request", "layer_split", "partitioning_strategy"],
     ["search_problem", "plan"],
     ["rings", "cycles", "path_tables", "bounds"],
     ["exact_latency", "exact_throughput", "heuristic", "feasibility", "cannot_serve"],

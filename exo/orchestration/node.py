@@ -75,7 +75,7 @@ class Node:
     self.text = ModelText(engine)
     self.meter = LayerTimeMeter(engine, self.cluster)
     self.finished = RecentIds()  # requests over (finished, cancelled, failed): their late messages are dropped
-    self.scheduler = StageScheduler(self.meter.engine_call, self.finished.__contains__, max_batch=planner.batch)
+    self.scheduler = StageScheduler(self.meter.engine_call, self.finished.__contains__, max_batch=planner.request.params.batch)
     self.served = ServedRequests(request_timeout)  # requests whose stage runs here, and who may change each
     self.policy = AdmissionPolicy(node_id, max_requests, request_timeout, admit_by_rate)
     self.messenger = Messenger(self.cluster, self)

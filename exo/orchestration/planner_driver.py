@@ -1,14 +1,15 @@
 """Plans a node's requests on its view of the cluster: a fresh plan when membership changes, the kept ring otherwise unless a
 new one beats it by the re-plan threshold (hysteresis: small wobbles in measured RTT must not shuffle layers between nodes)."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from exo.base.model_spec import ModelSpec
 from exo.base.topology import Topology
 from exo.orchestration.cluster_view import ClusterView
 from exo.orchestration.replan import should_replan
-from exo.topology.cost_model import PlannerParams, Prediction
+from exo.topology.cost_model import Prediction
 from exo.topology.plan import Plan
+from exo.topology.plan_request import PlanRequest
 from exo.topology.planner import plan_for, predict_ring
 
 __all__ = ["PlannerConfig", "PlannerDriver"]
@@ -16,17 +17,11 @@ __all__ = ["PlannerConfig", "PlannerDriver"]
 
 @dataclass(frozen=True)
 class PlannerConfig:
-  strategy: str = "flops-latency"
-  objective: str = "latency"
-  memory_headroom: float = PlannerParams.memory_headroom
-  default_rtt_ms: float = PlannerParams.default_rtt_ms
-  replan_threshold: float = 0.1  # adopt a better plan for unchanged membership only if it is this much faster
-  batch: int = 1  # requests each stage runs at once when the ring is saturated (the throughput objective's b)
-  ignore_layer_times: bool = False  # plan from the devices' roofline alone, as if no node had measured its engine
-  max_context: int | None = None  # --max-context: cap on the context each request reserves KV for (None: the model's, at most 8192)
+  """How a node plans: what it asks the planner for, and when it moves to a new plan."""
 
-  def params(self) -> dict:
-    return {"memory_headroom": self.memory_headroom, "default_rtt_ms": self.default_rtt_ms, "batch": self.batch}
+  request: PlanRequest = field(default_factory=PlanRequest)
+  replan_threshold: float = 0.1  # adopt a better plan for unchanged membership only if it is this much faster
+  ignore_layer_times: bool = False  # plan from the devices' roofline alone, as if no node had measured its engine
 
 
 class PlannerDriver:
@@ -48,7 +43,7 @@ class PlannerDriver:
       # another context (the cluster's memory changed) is adopted as a change of membership is
       changed = set(topology.nodes) != self._planned_membership or candidate.context_tokens != current.context_tokens
       still = self._predict_on(topology, current)
-      if not should_replan(changed, still, candidate.prediction, self.config.objective, self.config.replan_threshold):
+      if not should_replan(changed, still, candidate.prediction, self.config.request.objective, self.config.replan_threshold):
         self.current_plan = replace(current, prediction=still)  # the kept ring, predicted with today's figures
         return self.current_plan
     self.current_plan, self._planned_membership = candidate, set(topology.nodes)
@@ -67,10 +62,8 @@ class PlannerDriver:
     return current if still is None else replace(current, prediction=still)
 
   def _plan_on(self, topology: Topology, model: ModelSpec) -> Plan:
-    config = self.config
-    return plan_for(topology, model, config.strategy, config.objective, max_context=config.max_context, **config.params())
+    return plan_for(topology, model, self.config.request)
 
   def _predict_on(self, topology: Topology, plan: Plan) -> Prediction | None:
     """`plan`'s ring predicted on `topology` at the plan's context; None if a ring node has left it."""
-    params = PlannerParams(**self.config.params())
-    return predict_ring(topology, plan.model, params, plan.ring(), self.config.objective, context_tokens=plan.context_tokens)
+    return predict_ring(topology, plan.model, self.config.request, plan.ring(), context_tokens=plan.context_tokens)

@@ -3,18 +3,19 @@
 import math
 from dataclasses import replace
 
-from exo.base.errors import BadInput, ClusterCannotServe
-from exo.base.model_spec import CONTEXT_LIMIT, ModelSpec
+from exo.base.errors import ClusterCannotServe
+from exo.base.model_spec import ModelSpec
 from exo.base.models import DEFAULT_MODEL, model_spec
 from exo.base.topology import Topology
 from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
-from exo.topology.cost_model import OBJECTIVES, CostModel, PlannerParams, Prediction, cost_model
+from exo.topology.cost_model import CostModel, PlannerParams, Prediction, cost_model
 from exo.topology.feasibility import feasibility
 from exo.topology.heuristic import ring_through
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 from exo.topology.plan import Plan
-from exo.topology.search import check_method, search
+from exo.topology.plan_request import PlanRequest
+from exo.topology.search import search
 from exo.topology.search_problem import SearchProblem
 
 __all__ = [
@@ -23,8 +24,6 @@ __all__ = [
   "PROVEN_TOL",
   "FlopsLatencyPartitioningStrategy",
   "check_fits",
-  "check_max_context",
-  "check_params",
   "context_cap",
   "usable_nodes",
 ]
@@ -32,22 +31,6 @@ __all__ = [
 DEFAULT_PROMPT_TOKENS = 128  # prompt length behind the reported TTFT
 PROVEN_TOL = 1e-9  # a plan within this (relative) of the bound on its objective is proven optimal
 CONTEXT_STEP = 256  # a context planned below the cap is a multiple of this many tokens (docs/DESIGN.md v2.1)
-
-
-def check_params(objective: str, params: PlannerParams) -> None:
-  if objective not in OBJECTIVES:
-    raise BadInput(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-  if not (isinstance(params.memory_headroom, (int, float)) and 0 <= params.memory_headroom < 1):
-    raise BadInput(f"memory headroom must be a fraction in [0, 1), got {params.memory_headroom!r}")
-  if not (isinstance(params.default_rtt_ms, (int, float)) and math.isfinite(params.default_rtt_ms) and params.default_rtt_ms >= 0):
-    raise BadInput(f"default RTT must be a finite number of milliseconds >= 0, got {params.default_rtt_ms!r}")
-  if isinstance(params.batch, bool) or not isinstance(params.batch, int) or params.batch < 1:
-    raise BadInput(f"batch must be a whole number of requests >= 1, got {params.batch!r}")
-
-
-def check_max_context(max_context: int | None) -> None:
-  if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or not 1 <= max_context <= CONTEXT_LIMIT):
-    raise BadInput(f"max context must be a whole number of tokens from 1 to {CONTEXT_LIMIT}, got {max_context!r}")
 
 
 def context_cap(model: ModelSpec, max_context: int | None) -> int:
@@ -100,14 +83,17 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
   ):
     self.model = model if model is not None else model_spec(DEFAULT_MODEL)  # upstream's partition(topology) names no model
     self.model_given = model is not None
-    self.objective = objective
-    self.params = PlannerParams(memory_headroom, default_rtt_ms, batch)
+    self.request = PlanRequest(self.name, objective, PlannerParams(memory_headroom, default_rtt_ms, batch), max_context, method)
+    self.objective, self.params, self.method = objective, self.request.params, method
     self.prompt_tokens = prompt_tokens
-    check_params(objective, self.params)
-    check_max_context(max_context)
-    check_method(method)
-    self.method = method
     self.context = context_cap(self.model, max_context)
+
+  @classmethod
+  def for_request(cls, model: ModelSpec, request: PlanRequest, prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> "FlopsLatencyPartitioningStrategy":
+    params = request.params
+    return cls(
+      model, request.objective, params.memory_headroom, params.default_rtt_ms, params.batch, prompt_tokens, request.method, request.max_context
+    )
 
   def partition(self, topology: Topology) -> list[Partition]:
     return self.plan(topology).partitions
@@ -159,7 +145,7 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
       ring = [usable[i] for i in ring]
       prediction = costs.evaluate(ring, layers)
     named = [(costs.node_ids[i], n) for i, n in zip(ring, layers)]
-    return Plan.from_ring(self.name, self.objective, self.params, self.model, named, prediction, warnings, context)
+    return Plan(self.name, self.objective, self.params, self.model, named, prediction, warnings, context, costs)
 
   def _no_plan(self, costs: CostModel, context: int, smallest: bool) -> ClusterCannotServe:
     return cannot_serve(costs, feasibility(costs), context, smallest or context <= MIN_CONTEXT)

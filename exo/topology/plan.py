@@ -4,38 +4,45 @@ from dataclasses import dataclass, field
 
 from exo.base.model_spec import ModelSpec
 from exo.base.shard import Shard
-from exo.topology.cost_model import PlannerParams, Prediction
-from exo.topology.partitioning_strategy import Partition, map_partitions_to_node_shards, partitions_from_layer_counts
+from exo.topology.cost_model import CostModel, PlannerParams, Prediction
+from exo.topology.partitioning_strategy import Partition, partitions_from_layer_counts
 
 __all__ = ["Plan"]
 
 
 @dataclass
 class Plan:
+  """`stages`: (node id, layers held) in execution order, whole layers; `costs`: the cost model that evaluated the plan (on the
+  whole topology it was planned on), which `exo plan` shows it with."""
+
   strategy: str
   objective: str
   params: PlannerParams
   model: ModelSpec
-  partitions: list[Partition]
-  prediction: Prediction
+  stages: list[tuple[str, int]]
+  prediction: Prediction | None
   warnings: list[str] = field(default_factory=list)
   context_tokens: int = 0  # the context each request's KV is reserved for (docs/DESIGN.md v2.1); 0: the model's default
+  costs: CostModel | None = field(default=None, repr=False, compare=False)
 
   def __post_init__(self):
     self.context_tokens = self.context_tokens or self.model.default_context()
 
-  @staticmethod
-  def from_ring(
-    strategy: str, objective: str, params: PlannerParams, model: ModelSpec, ring: list[tuple[str, int]], prediction, warnings, context_tokens: int
-  ) -> "Plan":
-    return Plan(strategy, objective, params, model, partitions_from_layer_counts(ring, model.n_layers), prediction, warnings, context_tokens)
+  @property
+  def partitions(self) -> list[Partition]:
+    """The ring as upstream's PartitioningStrategy gives it: fractions of the model."""
+    return partitions_from_layer_counts(self.stages, self.model.n_layers)
 
   def node_shards(self) -> list[tuple[str, Shard]]:
-    return map_partitions_to_node_shards(self.partitions, self.model.n_layers, self.model.id)
+    shards, start = [], 0
+    for node_id, layers in self.stages:
+      shards.append((node_id, Shard(self.model.id, start, start + layers - 1, self.model.n_layers)))
+      start += layers
+    return shards
 
   def ring(self) -> list[tuple[str, int]]:
     """(node id, layers held) for every node in the ring, in execution order."""
-    return [(node_id, shard.get_layer_count()) for node_id, shard in self.node_shards()]
+    return list(self.stages)
 
   def to_dict(self) -> dict:
     return {

@@ -17,11 +17,11 @@ from exo.topology.exact_throughput import MAX_NODES as THROUGHPUT_MAX_NODES
 from exo.topology.exact_throughput import exact_throughput
 from exo.topology.feasibility import feasibility
 from exo.topology.heuristic import best_orientation, heuristic_search
+from exo.topology.plan_request import check_method
 from exo.topology.search_problem import Candidate, SearchProblem, better
 
-__all__ = ["EXACT_LIMIT", "EXACT_MAX", "METHODS", "REFINE_GAP", "REFINE_NODES", "check_method", "search"]
+__all__ = ["EXACT_LIMIT", "EXACT_MAX", "REFINE_GAP", "REFINE_NODES", "search"]
 
-METHODS = ("auto", "exact", "heuristic")
 # method "auto": usable nodes up to which the search is exact. Latency: all the exact search takes; throughput: 10, since
 # beyond the exact search takes seconds on two cores
 EXACT_LIMIT = {"latency": LATENCY_MAX_NODES, "throughput": 10}
@@ -30,11 +30,6 @@ REFINE_GAP = 0.01  # a heuristic throughput plan further than this (relative) fr
 REFINE_NODES = 12  # on at most this many nodes: the whole cluster, or beyond, the plan's and the bound's nodes (under a second
 # on two cores; all 16 would take 2 to 20 s)
 _EXACT = {"latency": exact_latency, "throughput": exact_throughput}
-
-
-def check_method(method: str) -> None:
-  if method not in METHODS:
-    raise BadInput(f"search method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
 def search(problem: SearchProblem, method: str = "auto") -> tuple[Candidate | None, float | None]:

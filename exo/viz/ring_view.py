@@ -24,7 +24,7 @@ class RingView:
     stages = {node_id: shard for node_id, shard in plan.node_shards()} if plan else {}
     model_id = plan.model.id if plan else node.model.id
     table = Table(
-      title=f"exo node {node.id}: {len(node.topology.nodes)} nodes, strategy {node.planner_config.strategy} ({node.planner_config.objective})"
+      title=f"exo node {node.id}: {len(node.topology.nodes)} nodes, strategy {node.planner_config.request.strategy} ({node.planner_config.request.objective})"
     )
     for column in ("node", "device", "memory MB", "fp16 TFLOPS", "bandwidth GB/s", "RTT ms", "ms/layer", "layers"):
       table.add_column(column)

@@ -12,6 +12,7 @@ from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
+from exo.topology.plan_request import PlanRequest
 from tests.support.served_api import CAPS, MESSAGES, PLAN_KEYS, SERVED, TINY, Served, get, reference, stream
 
 
@@ -162,7 +163,7 @@ SHORT_CONTEXT = 300  # --max-context of the `short` node: the context its plan r
 @pytest.fixture(scope="module")
 def short():
   """A node planned for SHORT_CONTEXT tokens whose dummy engine never ends an answer, with no --max-generate-tokens to speak of."""
-  served = Served(DummyInferenceEngine(eos_after=10**9), planner=PlannerConfig(max_context=SHORT_CONTEXT), max_generate_tokens=10**6)
+  served = Served(DummyInferenceEngine(eos_after=10**9), planner=PlannerConfig(PlanRequest.of(max_context=SHORT_CONTEXT)), max_generate_tokens=10**6)
   yield served
   served.close()
 

@@ -22,6 +22,7 @@ from exo.networking.manual_discovery import ManualDiscovery
 from exo.networking.ports import free_port
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
+from exo.topology.plan_request import PlanRequest
 from tests.support.patience import HANG_S
 
 MODEL = model_spec("smollm2-135m")
@@ -45,7 +46,7 @@ DEVICES = {
   "mid": DeviceCapabilities("Test", "mid", 4096, DeviceFlops(1.0, 2.0, 4.0), 20.0),
   "slow": DeviceCapabilities("Test", "slow", 4096, DeviceFlops(0.5, 1.0, 2.0), 10.0),
 }
-THROUGHPUT = PlannerConfig(objective="throughput")
+THROUGHPUT = PlannerConfig(PlanRequest.of(objective="throughput"))
 ENGINES = {"ggml": GGMLInferenceEngine, "tinygrad": TinygradInferenceEngine, "mlx": MLXInferenceEngine}
 
 
@@ -127,7 +128,7 @@ def test_split_over_two_and_three_nodes_equals_one_node(engine, tmp_path, alone)
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_eight_concurrent_requests_batched_get_the_tokens_each_gets_alone(engine, tmp_path, alone):
   for names in (["fast"], ["fast", "slow"]):
-    planner = PlannerConfig(strategy="ring-memory-weighted", batch=8)  # every node in the ring: 15 layers each
+    planner = PlannerConfig(PlanRequest.of(strategy="ring-memory-weighted", batch=8))  # every node in the ring: 15 layers each
     together, ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path, CHATS, planner))
     assert len(ring) == len(names)
     assert together == alone(engine), (engine, ring)

@@ -20,6 +20,7 @@ from exo.networking.request_context import RequestContext, RingPlan
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
 from exo.orchestration.requests import RequestFailed
+from exo.topology.plan_request import PlanRequest
 from tests.support.health_only_peer import HealthOnlyPeer
 from tests.support.patience import STALL_S
 
@@ -67,7 +68,7 @@ class Recorder(EngineWrapper):
 
 
 def lone_node(engine, batch: int = 1, node_id: str = "solo", **kwargs) -> Node:
-  node = Node(node_id, engine, NoDiscovery(), DEVICE, MODEL, PlannerConfig(batch=batch), request_timeout=60, **kwargs)
+  node = Node(node_id, engine, NoDiscovery(), DEVICE, MODEL, PlannerConfig(PlanRequest.of(batch=batch)), request_timeout=60, **kwargs)
   node.server = NoServer()
   return node
 

@@ -22,6 +22,7 @@ from exo.networking.ports import free_port
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
 from exo.topology.cost_model import device_pacing
+from exo.topology.plan_request import PlanRequest
 from tests.cluster.harness import wait_for_local_mesh
 
 MODEL = ModelSpec("paced", n_layers=12, layer_bytes=1e6, layer_flops=2e6, activation_bytes=4 * HIDDEN_SIZE)
@@ -92,7 +93,16 @@ def two_nodes(tmp_path) -> list[Node]:
   for name, factor in (("a", 2.0), ("b", 1.0)):
     engine = SlowedEngine(PacedInferenceEngine(DummyInferenceEngine(eos_after=8), device_pacing(MODEL, DEVICE)), factor)
     discovery = ManualDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
-    node = Node(name, engine, discovery, DEVICE, MODEL, PlannerConfig("flops-latency", "latency"), refresh_interval=0.1, measure_layer_times=True)
+    node = Node(
+      name,
+      engine,
+      discovery,
+      DEVICE,
+      MODEL,
+      PlannerConfig(PlanRequest.of("flops-latency", "latency")),
+      refresh_interval=0.1,
+      measure_layer_times=True,
+    )
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
   return nodes

@@ -20,6 +20,7 @@ from exo.networking.ports import free_port
 from exo.orchestration.admission import answer_budget
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
+from exo.topology.plan_request import PlanRequest
 from tests.support.planned_context import largest_context
 
 MODEL = model_spec("smollm2-135m")
@@ -64,7 +65,9 @@ def test_a_request_beyond_the_context_is_bad_input_naming_both_numbers(prompt, r
 
 def test_an_answer_without_max_tokens_fills_the_planned_context_and_one_beyond_it_is_refused():
   async def main():
-    node = Node("solo", DummyInferenceEngine(eos_after=10**9), NoDiscovery(), DEVICES["a"], MODEL, PlannerConfig(max_context=64), 10**6)
+    node = Node(
+      "solo", DummyInferenceEngine(eos_after=10**9), NoDiscovery(), DEVICES["a"], MODEL, PlannerConfig(PlanRequest.of(max_context=64)), 10**6
+    )
     node.server = GRPCServer(node, "127.0.0.1", 0)
     await node.start()
     try:

@@ -16,6 +16,7 @@ from exo.inference.sampling import Sampling
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
+from exo.topology.plan_request import PlanRequest
 from tests.support.greedy import greedy_tokens
 
 MODEL = model_spec("llama-3.2-1b")
@@ -45,7 +46,15 @@ class NoServer:
 
 
 async def started_node(engine=None, batch: int = 1) -> Node:
-  node = Node("solo", engine or DummyInferenceEngine(eos_after=10**9), NoDiscovery(), DEVICE, MODEL, PlannerConfig(batch=batch), request_timeout=60)
+  node = Node(
+    "solo",
+    engine or DummyInferenceEngine(eos_after=10**9),
+    NoDiscovery(),
+    DEVICE,
+    MODEL,
+    PlannerConfig(PlanRequest.of(batch=batch)),
+    request_timeout=60,
+  )
   node.server = NoServer()
   await node.start()
   return node

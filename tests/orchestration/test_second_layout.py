@@ -21,6 +21,7 @@ from exo.networking.ports import free_port
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
 from exo.orchestration.requests import RequestFailed
+from exo.topology.plan_request import PlanRequest
 from tests.support.greedy import greedy_tokens
 from tests.support.patience import HANG_S
 
@@ -134,7 +135,9 @@ def two_nodes(engine_name: str, tmp_path, objectives: tuple[str, str]) -> tuple[
   for (name, objective), engine in zip(zip("ab", objectives), (held.inner, make_engine(engine_name))):
     discovery = AskedDiscovery(name, tmp_path / "peers.json", peer_handles(name), poll_interval=0.1)
     discoveries.append(discovery)
-    node = Node(name, engine, discovery, devices[name], MODEL, PlannerConfig(objective=objective), TOKENS, HANG_S, refresh_interval=0.2)
+    node = Node(
+      name, engine, discovery, devices[name], MODEL, PlannerConfig(PlanRequest.of(objective=objective)), TOKENS, HANG_S, refresh_interval=0.2
+    )
     node.server = GRPCServer(node, "127.0.0.1", ports[name])
     nodes.append(node)
   held.attach(nodes[0])

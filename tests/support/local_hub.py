@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from exo.inference.llama_weights import EMBED, LM_HEAD, NORM
+from exo.inference.llama_layout import EMBED, LM_HEAD, NORM
 from tests.inference.tiny_models import TINY, tiny_weights, write_gguf, write_safetensors
 
 COMMIT = "c0ffee0000000000000000000000000000000001"

@@ -8,6 +8,7 @@ from exo.base.model_spec import ModelSpec
 from exo.base.topology import Topology
 from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
 from exo.topology.partitioning_strategy import Partition
+from exo.topology.plan_request import PlanRequest
 from exo.topology.planner import make_plan, plan_for
 
 MODEL = {"id": "m", "n_layers": 10, "layer_bytes": 1e9, "layer_flops": 2e9, "activation_bytes": 8192}
@@ -148,7 +149,7 @@ def test_heuristic_plans_are_valid_and_never_beat_the_exact_optimum(objective, s
 
 def test_baseline_plan_reports_overfilled_nodes():
   # memory 8:4:2 GiB gives a, c, b 5, 3 and 2 layers, but b holds only floor(2 GiB * 0.9 / 1 GB) = 1
-  plan = plan_for(mesh({"a": node(8, 100), "b": node(2, 100), "c": node(4, 100)}), MODEL, strategy="ring-memory-weighted")
+  plan = plan_for(mesh({"a": node(8, 100), "b": node(2, 100), "c": node(4, 100)}), MODEL, PlanRequest("ring-memory-weighted"))
   assert plan.ring() == [("a", 5), ("c", 3), ("b", 2)]
   assert not plan.prediction.feasible and plan.warnings == ["node 'b' is given 2 layers but its memory holds only 1"]
   topology = {"nodes": {"a": node(8, 100), "b": node(8, 100), "c": node(8, 100)}, "edges": [{"from": "a", "to": "b"}]}

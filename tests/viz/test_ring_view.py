@@ -6,6 +6,7 @@ from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
+from exo.topology.plan_request import PlanRequest
 from exo.viz.ring_view import RingView
 
 
@@ -46,7 +47,7 @@ def test_the_view_shows_the_chat_pages_address_first():
 
 def test_the_view_shows_the_planned_context_and_the_models_when_it_is_less():
   caps = DeviceCapabilities("Test", "chip", 4096, DeviceFlops(1, 2, 4), 10)
-  node = Node("solo", DummyInferenceEngine(), NoDiscovery(), caps, model_spec("smollm2-135m"), PlannerConfig(max_context=2000))
+  node = Node("solo", DummyInferenceEngine(), NoDiscovery(), caps, model_spec("smollm2-135m"), PlannerConfig(PlanRequest.of(max_context=2000)))
   assert "context:" not in rendered(node)  # no plan yet
   node.plan(node.model)
   assert "context: 2000 tokens per request, prompt and answer (of the model's 8192)" in rendered(node)
