@@ -298,6 +298,29 @@ def write_plot(path: str, plans: list[Plan], costs: CostModel) -> None:
     raise BadInput(f"cannot write plot {path!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def draw_hop(ax, costs: CostModel, start: tuple, end: tuple) -> None:
+  """The arrow from one ring node to the next, labelled with the hop's ms (dashed and red where the nodes share no edge); each
+  end is (node id, its box, its position)."""
+  (from_id, from_box, (x1, y1)), (to_id, to_box, (x2, y2)) = start, end
+  seconds, joined = hop_s(costs, from_id, to_id)
+  color = INK if joined else BAD
+  arrow = dict(
+    arrowstyle="-|>",
+    mutation_scale=18,
+    lw=1.6,
+    color=color,
+    linestyle="-" if joined else "--",
+    connectionstyle=f"arc3,rad={ARC}",
+    patchA=from_box.get_bbox_patch(),
+    patchB=to_box.get_bbox_patch(),
+  )
+  ax.annotate("", xy=(x2, y2), xytext=(x1, y1), arrowprops=arrow, zorder=2)
+  # midpoint of arc3's quadratic Bezier: the chord's midpoint pushed sideways by half the curvature
+  mx, my = (x1 + x2) / 2 + ARC / 2 * (y2 - y1), (y1 + y2) / 2 - ARC / 2 * (x2 - x1)
+  label = f"{seconds * 1000:.2f} ms" + ("" if joined else "\n(no edge)")
+  ax.text(mx, my, label, ha="center", va="center", fontsize=9, color=color, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none"), zorder=4)
+
+
 def draw_ring(ax, plan: Plan, costs: CostModel, with_model: bool = True) -> tuple[float, float, float]:
   """Ring nodes clockwise from the top in execution order, hops as arrows labelled in ms; nodes left out greyed along the bottom.
 
@@ -316,25 +339,7 @@ def draw_ring(ax, plan: Plan, costs: CostModel, with_model: bool = True) -> tupl
     style = dict(boxstyle="round,pad=0.6", fc=RING_FILL, ec=BAD if count > capacity else INK, lw=2.5 if count > capacity else 1.2)
     boxes.append(ax.text(x, y, label, ha="center", va="center", fontsize=10, color=INK, bbox=style, zorder=3))
   for n in range(k if k > 1 else 0):
-    m = (n + 1) % k
-    (x1, y1), (x2, y2) = pos[n], pos[m]
-    seconds, joined = hop_s(costs, shards[n][0], shards[m][0])
-    color = INK if joined else BAD
-    arrow = dict(
-      arrowstyle="-|>",
-      mutation_scale=18,
-      lw=1.6,
-      color=color,
-      linestyle="-" if joined else "--",
-      connectionstyle=f"arc3,rad={ARC}",
-      patchA=boxes[n].get_bbox_patch(),
-      patchB=boxes[m].get_bbox_patch(),
-    )
-    ax.annotate("", xy=(x2, y2), xytext=(x1, y1), arrowprops=arrow, zorder=2)
-    # midpoint of arc3's quadratic Bezier: the chord's midpoint pushed sideways by half the curvature
-    mx, my = (x1 + x2) / 2 + ARC / 2 * (y2 - y1), (y1 + y2) / 2 - ARC / 2 * (x2 - x1)
-    label = f"{seconds * 1000:.2f} ms" + ("" if joined else "\n(no edge)")
-    ax.text(mx, my, label, ha="center", va="center", fontsize=9, color=color, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none"), zorder=4)
+    draw_hop(ax, costs, (shards[n][0], boxes[n], pos[n]), (shards[(n + 1) % k][0], boxes[(n + 1) % k], pos[(n + 1) % k]))
   if k == 1:
     ax.text(0, -0.4, "single node: no hops", ha="center", va="center", fontsize=9, color=OUT_INK)
   half_width, bottom, top = max(abs(x) for x, _ in pos) + 0.9, min(y for _, y in pos) - 0.55, max(y for _, y in pos) + 0.55
