@@ -39,3 +39,14 @@ def test_the_size_rules_catch_a_long_module_and_a_long_method():
   assert oversized(long_method, "m.py") == [f"m.py:2 f: {MAX_FUNCTION_LINES + 1} lines"]
   assert oversized("x = 1\n" * (MAX_MODULE_LINES + 1), "m.py") == [f"m.py: {MAX_MODULE_LINES + 1} lines"]
   assert oversized("def f():\n" + "  x = 1\n" * (MAX_FUNCTION_LINES - 1), "m.py") == []
+
+
+def test_no_two_classes_share_a_name():
+  """A class name says which class it is, across the package, the tests and the benchmarks (generated gRPC code aside)."""
+  paths = [p for folder in ("exo", "tests", "benchmarks") for p in sorted((ROOT / folder).rglob("*.py")) if "_pb2" not in p.name]
+  where: dict[str, list[str]] = {}
+  for path in paths:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ClassDef):
+        where.setdefault(node.name, []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
+  assert {name: places for name, places in where.items() if len(places) > 1} == {}

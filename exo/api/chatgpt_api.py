@@ -12,7 +12,7 @@ that occurs, with finish_reason "stop"; a stream holds back text that may be the
 Before any work, every request passes exo.api.access (its Host, its Origin, the key), and a POST must carry a JSON body
 (`Content-Type: application/json`, at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep): a web page the user visits
 cannot drive the node. A request the node could not finish in time next to those it runs gets 429 with `Retry-After`
-(NodeService.admit).
+(ServingNode.admit).
 """
 
 import asyncio
@@ -33,7 +33,7 @@ from exo.base.models import MODELS
 from exo.inference.model_figures import model_spec_for
 from exo.inference.model_files import present
 from exo.inference.model_sources import is_repo_id, local_path, model_sources
-from exo.orchestration.service import NodeService
+from exo.orchestration.service import ServingNode
 from exo.orchestration.stop_strings import visible_text
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ STATIC_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascrip
 class ChatGPTAPI:
   """`key` (exo.api.access.api_key) None: served without one; `origins`: the cross origins allowed (--allowed-origins)."""
 
-  def __init__(self, node: NodeService, host: str = "127.0.0.1", port: int = DEFAULT_PORT, key: str | None = None, origins: tuple[str, ...] = ()):
+  def __init__(self, node: ServingNode, host: str = "127.0.0.1", port: int = DEFAULT_PORT, key: str | None = None, origins: tuple[str, ...] = ()):
     self.node, self.host, self.port = node, host, port
     self.access = Access(host, key, origins)
     self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)

@@ -7,7 +7,7 @@ from typing import Callable
 from exo.base.model_spec import ModelSpec
 from exo.inference.sampling import Sampling
 from exo.orchestration.requests import Admission, Generation
-from exo.orchestration.service import NodeService
+from exo.orchestration.service import ServingNode
 
 __all__ = ["Completion"]
 
@@ -15,7 +15,7 @@ __all__ = ["Completion"]
 class Completion:
   """One chat completion request: its prompt, and the OpenAI objects built from the tokens generated so far."""
 
-  def __init__(self, node: NodeService, model: ModelSpec, prompt: str, admission: Admission, sampling: Sampling, stop: tuple[str, ...]):
+  def __init__(self, node: ServingNode, model: ModelSpec, prompt: str, admission: Admission, sampling: Sampling, stop: tuple[str, ...]):
     self.node, self.model, self.prompt, self.admission = node, model, prompt, admission
     self.sampling, self.stop = sampling, stop
     self.id, self.created = f"chatcmpl-{uuid.uuid4()}", int(time.time())

@@ -17,7 +17,7 @@ import ggml
 import numpy as np
 
 from exo.inference.ggml_library import metadata_context
-from exo.inference.ggml_shard import KVCache, ShardModel
+from exo.inference.ggml_shard import GGMLShard, KVCache
 from exo.inference.llama_layout import EMBED, GGUF_GLOBALS, LM_HEAD, NORM
 
 
@@ -62,7 +62,7 @@ def _new_input(ctx: int, kind: int, *shape: int):
 class _Builder:
   """The ggml calls that build one graph's layers: its context and graph, and the positions every layer's RoPE reads."""
 
-  def __init__(self, model: ShardModel, ctx: int, graph, positions, n: int):
+  def __init__(self, model: GGMLShard, ctx: int, graph, positions, n: int):
     self.model, self.ctx, self.graph, self.positions, self.n = model, ctx, graph, positions, n
     c = model.config
     self.mode = ggml.GGML_ROPE_TYPE_NORMAL if c.architecture == "llama" else ggml.GGML_ROPE_TYPE_NEOX
@@ -118,7 +118,7 @@ class _Builder:
     return attention
 
 
-def build(model: ShardModel, caches: list[KVCache], rows: list[int], windows: list[int], head_rows: int) -> Graph:
+def build(model: GGMLShard, caches: list[KVCache], rows: list[int], windows: list[int], head_rows: int) -> Graph:
   """The graph of one call: request i's rows[i] rows (in order, one after another) at the cache cells its inputs name,
   attending over the first windows[i] cells of caches[i]; on the last shard, logits for `head_rows` rows the input names.
   O(layers x requests) ggml calls."""

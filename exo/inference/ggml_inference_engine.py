@@ -28,7 +28,7 @@ import numpy as np
 from exo.base.shard import Shard
 from exo.inference.ggml_graph import Graph, attention_mask, build
 from exo.inference.ggml_library import Backend, default_threads, get_output, metadata_context, set_input
-from exo.inference.ggml_shard import KVCache, ShardModel, load_shard
+from exo.inference.ggml_shard import GGMLShard, KVCache, load_shard
 from exo.inference.heap import trim_heap
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
@@ -73,7 +73,7 @@ class GGMLInferenceEngine(ModelFileEngine):
       self._backend.free()
       self._backend = None
 
-  def _load_model(self, shard: Shard) -> ShardModel:
+  def _load_model(self, shard: Shard) -> GGMLShard:
     if self._backend is None:
       self._backend = Backend(self.threads)
       log.info("ggml computes on %s (%d threads on a CPU)", self._backend.name, self.threads)
@@ -81,10 +81,10 @@ class GGMLInferenceEngine(ModelFileEngine):
     trim_heap()  # the header's values, read to check the file
     return model
 
-  def _unload_model(self, model: ShardModel) -> None:
+  def _unload_model(self, model: GGMLShard) -> None:
     model.free()
 
-  def _new_cache(self, model: ShardModel, shard: Shard, context: int) -> KVCache:
+  def _new_cache(self, model: GGMLShard, shard: Shard, context: int) -> KVCache:
     c = model.config
     ctx = metadata_context(2)
     k, v = (ggml.ggml_new_tensor_3d(ctx, ggml.GGML_TYPE_F16, c.head_dim * c.n_kv_heads, context, shard.get_layer_count()) for _ in range(2))
@@ -94,17 +94,17 @@ class GGMLInferenceEngine(ModelFileEngine):
       raise MemoryError(f"ggml could not allocate a KV cache of {context} positions")
     return KVCache(context, ctx, k, v, buffer)
 
-  def _dims(self, model: ShardModel) -> ModelDims:
+  def _dims(self, model: GGMLShard) -> ModelDims:
     return ModelDims(model.config.vocab_size, model.config.hidden_size, model.capacity)
 
-  def _forward(self, model: ShardModel, cache: KVCache, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+  def _forward(self, model: GGMLShard, cache: KVCache, shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
     return self._forward_steps(model, [cache], shard, [x], [position], [False])[0]
 
-  def _forward_batch(self, model: ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
+  def _forward_batch(self, model: GGMLShard, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
     return self._forward_steps(model, caches, shard, xs, positions, [False] * len(xs))
 
   def _forward_steps(
-    self, model: ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int], last_only: list[bool]
+    self, model: GGMLShard, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int], last_only: list[bool]
   ) -> list[np.ndarray]:
     """The one-row steps together, BATCH requests to a graph; every longer input alone, in chunks of PREFILL_CHUNK rows (where
     only its last row's output is wanted, the head runs on that row of the last chunk only).
@@ -122,7 +122,7 @@ class GGMLInferenceEngine(ModelFileEngine):
       outputs[i] = chunks[-1] if last_only[i] else np.concatenate(chunks, axis=1)
     return outputs
 
-  def _call(self, model: ShardModel, caches: list[KVCache], xs: list[np.ndarray], positions: list[int], last_only: list[bool]) -> list[np.ndarray]:
+  def _call(self, model: GGMLShard, caches: list[KVCache], xs: list[np.ndarray], positions: list[int], last_only: list[bool]) -> list[np.ndarray]:
     """One graph run over the requests' rows; each request's (1, rows, hidden) states, or its (1, rows, vocab) logits (one row
     where last_only)."""
     rows = [len(x) for x in xs]
@@ -151,7 +151,7 @@ class GGMLInferenceEngine(ModelFileEngine):
     ends = np.cumsum([0] + [len(k) for k in kept])
     return [out[lo:hi][None] for lo, hi in zip(ends[:-1], ends[1:])]
 
-  def _graph(self, model: ShardModel, caches: list[KVCache], rows: list[int], windows: list[int], head_rows: int) -> Graph:
+  def _graph(self, model: GGMLShard, caches: list[KVCache], rows: list[int], windows: list[int], head_rows: int) -> Graph:
     """The call's graph: a kept one for the same caches, rows, windows and head rows, else built (dropping the least recently
     used)."""
     key = (tuple(cache.serial for cache in caches), tuple(rows), tuple(windows), head_rows)

@@ -61,7 +61,7 @@ class KVCache:
 
 
 @dataclass(eq=False)
-class ShardModel:
+class GGMLShard:
   """A resident shard: its tensors (by GGUF name) in a ggml context whose data is the mapped file (CPU) or a device buffer."""
 
   config: LlamaConfig
@@ -95,7 +95,7 @@ def _file_names(config: LlamaConfig, shard: Shard) -> list[str]:
   return list(dict.fromkeys(names))
 
 
-def load_shard(path: Path, shard: Shard, backend: Backend) -> ShardModel:
+def load_shard(path: Path, shard: Shard, backend: Backend) -> GGMLShard:
   """The shard's tensors as ggml tensors of the file's types: the file's mapped pages on the CPU, else copies on the device.
   Each tensor's type, shape and size are checked against ggml before it is placed: a BadInput names the first that fails.
   O(shard tensors) calls; on the CPU no weight byte is read until a step reads it."""
@@ -117,7 +117,7 @@ def load_shard(path: Path, shard: Shard, backend: Backend) -> ShardModel:
     if ggml.ggml_nbytes(tensor) != t.n_bytes:
       raise BadInput(f"GGUF file {path}: tensor {name} holds {t.n_bytes} bytes; its type and shape take {ggml.ggml_nbytes(tensor)}")
     tensors[name] = tensor
-  model = ShardModel(config, shard, min(config.context_length, MAX_CONTEXT), [ctx], [], tensors, None)
+  model = GGMLShard(config, shard, min(config.context_length, MAX_CONTEXT), [ctx], [], tensors, None)
   try:
     with open_regular(path, "model file") as file:
       mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
@@ -142,7 +142,7 @@ def load_shard(path: Path, shard: Shard, backend: Backend) -> ShardModel:
   return model
 
 
-def _own_tensor(model: ShardModel, backend: Backend, values: np.ndarray):
+def _own_tensor(model: GGMLShard, backend: Backend, values: np.ndarray):
   """A small float32 vector the engine makes (not from the file), in a buffer of its own on the backend."""
   ctx = metadata_context(1)
   model.ctxs.append(ctx)

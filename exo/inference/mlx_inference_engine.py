@@ -118,7 +118,7 @@ class _Rope(nn.Module):
     return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
 
 
-class _ShardModel(nn.Module):
+class _MLXShardModel(nn.Module):
   """Layers start_layer..end_layer of a model, the embedding if first, the final norm and head if last. `quantized`: module
   path -> {"bits", "group_size"} of the modules whose weights are quantized. `tied`: the shard is first and last and the head is
   the embedding matrix, held once."""
@@ -192,7 +192,7 @@ class MLXInferenceEngine(ModelFileEngine):
 
   # the worker thread's side
 
-  def _load_model(self, shard: Shard) -> _ShardModel:
+  def _load_model(self, shard: Shard) -> _MLXShardModel:
     config, weights = load_shard_weights(locate_model(shard.model_id), shard)
     tied = shard.is_first_layer() and shard.is_last_layer() and weights[LM_HEAD] is weights[EMBED]
     if tied:
@@ -202,7 +202,7 @@ class MLXInferenceEngine(ModelFileEngine):
       for name, w in weights.items()
       if isinstance(w, QuantizedMatrix)
     }
-    model = _ShardModel(config, shard, quantized, tied)  # its initial weights are lazy and never computed: these replace them
+    model = _MLXShardModel(config, shard, quantized, tied)  # its initial weights are lazy and never computed: these replace them
     arrays = []
     for name in list(weights):  # each numpy copy is dropped once MLX holds its own
       arrays += _arrays(_local_name(name, shard.start_layer), weights.pop(name))
@@ -210,16 +210,16 @@ class MLXInferenceEngine(ModelFileEngine):
     mx.eval(model.parameters())
     return model
 
-  def _unload_model(self, model: _ShardModel) -> None:
+  def _unload_model(self, model: _MLXShardModel) -> None:
     model.clear()
     mx.clear_cache()
 
-  def _new_cache(self, model: _ShardModel, shard: Shard, context: int) -> list[KVCache]:
+  def _new_cache(self, model: _MLXShardModel, shard: Shard, context: int) -> list[KVCache]:
     """mlx-lm's KVCache grows with the positions written (in steps of 256), so a request holds what it uses of its `context`
     (which ShardedEngine enforces)."""
     return [KVCache() for _ in model.layers]
 
-  def _forward(self, model: _ShardModel, cache: list[KVCache], shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+  def _forward(self, model: _MLXShardModel, cache: list[KVCache], shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
     try:
       out = model(mx.array(x.astype(np.int32) if shard.is_first_layer() else x), cache)
       mx.eval(out, [(c.keys, c.values) for c in cache])
@@ -229,5 +229,5 @@ class MLXInferenceEngine(ModelFileEngine):
       raise
     return np.array(out, dtype=np.float32)
 
-  def _dims(self, model: _ShardModel) -> ModelDims:
+  def _dims(self, model: _MLXShardModel) -> ModelDims:
     return ModelDims(model.config.vocab_size, model.config.hidden_size, model.config.context_length)

@@ -54,7 +54,7 @@ from exo.inference.llama_weights import load_shard_weights
 from exo.inference.model_file_engine import ModelFileEngine
 from exo.inference.model_files import locate_model
 from exo.inference.sharded_engine import ModelDims
-from exo.inference.tinygrad_llama import ShardModel, embed
+from exo.inference.tinygrad_llama import TinygradShard, embed
 from exo.inference.tinygrad_matmul import BATCH_ROWS, host_view, to_device
 
 PREFILL_CHUNK = 16  # rows of a prompt chunk; its step holds (chunk, context) attention scores: 9 MB each for SmolLM2
@@ -129,7 +129,7 @@ class TinygradInferenceEngine(ModelFileEngine):
 
   # in the worker thread
 
-  def _load_model(self, shard: Shard) -> ShardModel:
+  def _load_model(self, shard: Shard) -> TinygradShard:
     """The shard's weights moved to the device one by one, each host copy dropped once moved. O(shard weights)."""
     device = Device.canonicalize(self.device)
     config, weights = load_shard_weights(locate_model(shard.model_id), shard)
@@ -145,7 +145,7 @@ class TinygradInferenceEngine(ModelFileEngine):
     for i in range(shard.start_layer, shard.end_layer + 1):
       layers.append({part: take(layer_key(i, part)) for part in layer_parts(config)})
       _release_freed_memory(device)  # the layer's host arrays: else the host holds the shard twice by the end
-    model = ShardModel(config, device, capacity, layers, cos, sin)
+    model = TinygradShard(config, device, capacity, layers, cos, sin)
     if shard.is_last_layer():
       model.norm, model.head = take(NORM), take(LM_HEAD)
     if shard.is_first_layer():
@@ -156,13 +156,13 @@ class TinygradInferenceEngine(ModelFileEngine):
     _release_freed_memory(device)
     return model
 
-  def _unload_model(self, model: ShardModel) -> None:
+  def _unload_model(self, model: TinygradShard) -> None:
     """Drop the model's tensors and captured steps, and hand the device's cached free buffers back."""
     model.steps.clear()
     model.layers, model.head, model.norm, model.embedding = [], None, None, None
     _release_freed_memory(model.device)
 
-  def _new_cache(self, model: ShardModel, shard: Shard, context: int) -> list[Tensor]:
+  def _new_cache(self, model: TinygradShard, shard: Shard, context: int) -> list[Tensor]:
     """Per layer, (2, n_kv_heads, context, head_dim) float32 rotated keys and values; allocated, not written."""
     c = model.config
     caches = [Tensor.empty(2, c.n_kv_heads, context, c.head_dim, device=model.device) for _ in model.layers]
@@ -170,15 +170,15 @@ class TinygradInferenceEngine(ModelFileEngine):
       cache.uop.buffer.ensure_allocated()  # a real buffer, as JIT inputs must be; Tensor.empty(...).realize() would not allocate it
     return caches
 
-  def _dims(self, model: ShardModel) -> ModelDims:
+  def _dims(self, model: TinygradShard) -> ModelDims:
     return ModelDims(model.config.vocab_size, model.config.hidden_size, model.capacity)
 
-  def _forward(self, model: ShardModel, cache: list[Tensor], shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
+  def _forward(self, model: TinygradShard, cache: list[Tensor], shard: Shard, x: np.ndarray, position: int) -> np.ndarray:
     h = embed(model.embedding, x) if shard.is_first_layer() else x
     outputs = [self._run_chunk(model, cache, h[lo : lo + PREFILL_CHUNK], position + lo) for lo in range(0, len(h), PREFILL_CHUNK)]
     return np.concatenate(outputs)[None]
 
-  def _forward_batch(self, model: ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
+  def _forward_batch(self, model: TinygradShard, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
     """B >= 2 requests' decode steps (one row each) as steps of BATCH_ROWS (then 2) requests: every matrix product over their
     rows at once, attention per request. A step of more rows would take as long as those steps one after another (products run
     BATCH_ROWS rows to a kernel) while every new B costs a capture of tens of seconds. Each request's result is bit-identical to its own _forward. Other inputs, or where batching is not
@@ -205,21 +205,21 @@ class TinygradInferenceEngine(ModelFileEngine):
       i += size
     return outputs
 
-  def _decode_group(self, model: ShardModel, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
+  def _decode_group(self, model: TinygradShard, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int]) -> list[np.ndarray]:
     h = embed(model.embedding, np.concatenate(xs)) if shard.is_first_layer() else np.concatenate(xs)
     size = _positions(caches[0])
     starts = [UOp.variable(f"start_pos_{i}", 0, size - 1).bind(p) for i, p in enumerate(positions)]
     out = self._run_step(model, (len(xs), len(xs), size), h, [c for cache in caches for c in cache], starts)
     return [row[None, None] for row in out]
 
-  def _run_chunk(self, model: ShardModel, cache: list[Tensor], h: np.ndarray, start: int) -> np.ndarray:
+  def _run_chunk(self, model: TinygradShard, cache: list[Tensor], h: np.ndarray, start: int) -> np.ndarray:
     """The shard over hidden states h (T, hidden) at positions start..start+T-1, one row or padded to a whole chunk."""
     t, size = len(h), _positions(cache)
     padded = 1 if t == 1 else min(PREFILL_CHUNK, size - start)
     position = UOp.variable("start_pos", 0, size - padded).bind(start)
     return self._run_step(model, (padded, 1, size), np.pad(h, ((0, padded - t), (0, 0))), cache, [position])[:t]
 
-  def _run_step(self, model: ShardModel, key: tuple[int, int, int], h: np.ndarray, caches: list[Tensor], starts: list[UOp]) -> np.ndarray:
+  def _run_step(self, model: TinygradShard, key: tuple[int, int, int], h: np.ndarray, caches: list[Tensor], starts: list[UOp]) -> np.ndarray:
     """model.step over h, through its step captured for `key` (captured on first use)."""
     if key not in model.steps:
       model.steps[key] = TinyJit(model.step) if self.jit else model.step

@@ -79,7 +79,7 @@ def _layer(config: LlamaConfig, weights: dict, h: Tensor, caches: list[Tensor], 
 
 
 @dataclass(eq=False)
-class ShardModel:
+class TinygradShard:
   """What a resident shard holds: its layers' weights on the device, the embedding (first shard) on the host for lookups, the
   final norm and head (last shard), RoPE tables, and its captured steps by (input rows, requests, cache positions): (padded
   length, 1, C) for one request, (B, B, C) for B requests' decode steps, whose caches hold C positions each."""

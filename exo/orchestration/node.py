@@ -8,7 +8,7 @@
 
 The node that receives a request plans it once; the plan travels in every message of the request, so each hop follows the
 same ring whatever its own view of the topology. Work triggered by a message runs in a task, so a gRPC call returns at once
-and a long generation never nests calls around the ring. The API and the terminal view see the node as a NodeService
+and a long generation never nests calls around the ring. The API and the terminal view see the node as a ServingNode
 (service.py).
 """
 

@@ -12,10 +12,10 @@ from exo.orchestration.planner_driver import PlannerConfig
 from exo.orchestration.requests import Admission, Generation
 from exo.topology.plan import Plan
 
-__all__ = ["NodeService"]
+__all__ = ["ServingNode"]
 
 
-class NodeService(Protocol):
+class ServingNode(Protocol):
   @property
   def id(self) -> str: ...
 

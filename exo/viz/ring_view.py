@@ -9,11 +9,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from exo.orchestration.service import NodeService
+from exo.orchestration.service import ServingNode
 
 
 class RingView:
-  def __init__(self, node: NodeService, refresh_seconds: float = 1.0, page_url: str | None = None):
+  def __init__(self, node: ServingNode, refresh_seconds: float = 1.0, page_url: str | None = None):
     self.node, self.page_url = node, page_url
     self.refresh_seconds = refresh_seconds
     self._live: Live | None = None

@@ -21,7 +21,7 @@ RATIO = 1.5  # calibration against the engine's own decode steps, either way
 ATTEMPTS = 3
 
 
-class Recorder(EngineWrapper):
+class StepRecorder(EngineWrapper):
   """Records (shard, input shape, input dtype, position) of every step."""
 
   def __init__(self, inner):
@@ -65,7 +65,7 @@ def test_a_layer_is_the_difference_between_the_shards_per_layer():
 
 def test_calibration_runs_random_hidden_states_through_middle_layers_and_cleans_up():
   inner = DummyInferenceEngine()
-  engine = Recorder(inner)
+  engine = StepRecorder(inner)
   times = asyncio.run(calibrate(engine, MODEL))
   assert times.decode_ms > 0 and times.token_ms > 0
   assert {shard for shard, *_ in engine.steps} == set(calibration_shards(MODEL))

@@ -12,7 +12,7 @@ from exo.orchestration.node import Node
 from tests.support.health_only_peer import HealthOnlyPeer
 
 
-class Peer(HealthOnlyPeer):
+class CheckedPeer(HealthOnlyPeer):
   """Answers health checks with `healthy`, after `delay_s`; counts checks and disconnects."""
 
   def __init__(self, peer_id: str, healthy: bool = True, delay_s: float = 0.0):
@@ -44,7 +44,7 @@ def ids(handles) -> list[str]:
 def test_a_peer_is_listed_from_its_first_healthy_answer_and_each_answer_is_an_rtt_sample():
   async def main():
     live = Liveness(check_timeout=1.0, evict_after=30)
-    slow, down = Peer("slow", delay_s=0.02), Peer("down", healthy=False)
+    slow, down = CheckedPeer("slow", delay_s=0.02), CheckedPeer("down", healthy=False)
     live.track("slow", slow)
     live.track("down", down)
     assert live.listed() == [] and live.rtt_ms("slow") is None
@@ -61,7 +61,7 @@ def test_a_peer_is_listed_from_its_first_healthy_answer_and_each_answer_is_an_rt
 def test_a_known_peer_is_kept_through_failures_shorter_than_the_timeout_and_evicted_after():
   async def main():
     live = Liveness(check_timeout=1.0, evict_after=3600)
-    peer = Peer("b")
+    peer = CheckedPeer("b")
     live.track("b", peer)
     await live.check()
     peer.healthy = False
@@ -78,7 +78,7 @@ def test_a_known_peer_is_kept_through_failures_shorter_than_the_timeout_and_evic
 def test_a_peer_that_fails_a_check_after_a_request_failed_is_a_suspect_until_it_answers_again():
   async def main():
     live = Liveness(check_timeout=1.0, evict_after=3600)
-    b, c = Peer("b"), Peer("c")
+    b, c = CheckedPeer("b"), CheckedPeer("c")
     live.track("b", b)
     live.track("c", c)
     await live.check()
@@ -98,12 +98,12 @@ def test_a_peer_that_fails_a_check_after_a_request_failed_is_a_suspect_until_it_
 def test_a_check_that_ends_after_its_peer_was_replaced_leaves_the_new_handle_alone():
   async def main():
     live = Liveness(check_timeout=1.0, evict_after=0.0)
-    old = Peer("b", healthy=False, delay_s=0.05)
+    old = CheckedPeer("b", healthy=False, delay_s=0.05)
     live.track("b", old)
     round_ = asyncio.create_task(live.check())
     await asyncio.sleep(0)
     live.forget("b", "moved")
-    new = live.track("b", Peer("b"))
+    new = live.track("b", CheckedPeer("b"))
     await round_
     assert live.peers["b"] is new and not new.known
 
@@ -113,7 +113,7 @@ def test_a_check_that_ends_after_its_peer_was_replaced_leaves_the_new_handle_alo
 def test_a_node_takes_rtt_from_discovery_and_does_not_check_its_peers_again(tmp_path):
   """Discovery's round is the only health check: refreshing the node's topology sends none, and its edge to each peer
   carries discovery's RTT estimate."""
-  peers = {"b": Peer("b", delay_s=0.01), "c": Peer("c")}
+  peers = {"b": CheckedPeer("b", delay_s=0.01), "c": CheckedPeer("c")}
   path = tmp_path / "peers.json"
   path.write_text('{"peers": {"b": {"address": "127.0.0.1", "port": 1}, "c": {"address": "127.0.0.1", "port": 2}}}')
 

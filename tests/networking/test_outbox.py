@@ -17,7 +17,7 @@ def context(i: int) -> RequestContext:
   return RequestContext(f"r{i}", "a", PLAN, 16, position=i)
 
 
-class Peer:
+class RecordingPeer:
   """Records each message as the request ids it carries; `fail` makes every send raise it."""
 
   def __init__(self, name: str, fail: Exception | None = None):
@@ -33,13 +33,13 @@ class Peer:
       raise self.fail
 
 
-def send(outbox: Outbox, peer: Peer, i: int):
+def send(outbox: Outbox, peer: RecordingPeer, i: int):
   return outbox.send_tensor(peer, SHARD, np.full((1, 1, 2), i, dtype=np.float32), context(i))
 
 
 def test_steps_sent_in_one_turn_to_one_peer_leave_as_one_message_in_order():
   async def main():
-    outbox, b, c = Outbox(), Peer("b"), Peer("c")
+    outbox, b, c = Outbox(), RecordingPeer("b"), RecordingPeer("c")
     await asyncio.gather(send(outbox, b, 0), send(outbox, c, 1), send(outbox, b, 2), send(outbox, b, 3))
     await send(outbox, b, 4)  # a later turn: a message of its own
     return b.messages, c.messages
@@ -51,7 +51,7 @@ def test_the_steps_of_a_batched_call_woken_together_share_a_message():
   """As at a stage: one engine call resolves the futures its requests' tasks wait on, and each task then sends its output."""
 
   async def main():
-    outbox, b = Outbox(), Peer("b")
+    outbox, b = Outbox(), RecordingPeer("b")
     results = [asyncio.get_running_loop().create_future() for _ in range(4)]
 
     async def stage(i: int):
@@ -70,7 +70,7 @@ def test_the_steps_of_a_batched_call_woken_together_share_a_message():
 
 def test_a_failed_message_fails_each_of_its_senders():
   async def main():
-    outbox, b = Outbox(), Peer("b", fail=ConnectionError("b is gone"))
+    outbox, b = Outbox(), RecordingPeer("b", fail=ConnectionError("b is gone"))
     return await asyncio.gather(send(outbox, b, 0), send(outbox, b, 1), return_exceptions=True)
 
   outcomes = asyncio.run(main())
@@ -79,7 +79,7 @@ def test_a_failed_message_fails_each_of_its_senders():
 
 def test_a_cancelled_sender_does_not_hold_up_or_break_the_others():
   async def main():
-    outbox, b = Outbox(), Peer("b")
+    outbox, b = Outbox(), RecordingPeer("b")
     first = asyncio.create_task(send(outbox, b, 0))
     second = asyncio.create_task(send(outbox, b, 1))
     await asyncio.sleep(0)

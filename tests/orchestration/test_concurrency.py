@@ -22,6 +22,7 @@ from exo.orchestration.planner_driver import PlannerConfig
 from exo.orchestration.requests import RequestFailed
 from exo.topology.plan_request import PlanRequest
 from tests.support.health_only_peer import HealthOnlyPeer
+from tests.support.no_server import NoServer
 from tests.support.patience import STALL_S
 
 MODEL = model_spec("llama-3.2-1b")
@@ -29,15 +30,7 @@ DEVICE = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 
 PROMPTS = [f"prompt number {i}: " + "x" * (3 * i) for i in range(8)]
 
 
-class NoServer:
-  async def start(self):
-    pass
-
-  async def stop(self):
-    pass
-
-
-class Recorder(EngineWrapper):
+class CallRecorder(EngineWrapper):
   """Records every engine call: the request ids of its steps and their positions."""
 
   def __init__(self, inner):
@@ -84,7 +77,7 @@ async def alone(prompt: str, max_tokens: int) -> list[int]:
 
 def test_eight_concurrent_requests_batched_get_exactly_the_tokens_each_gets_alone():
   async def main():
-    engine = Recorder(DummyInferenceEngine())
+    engine = CallRecorder(DummyInferenceEngine())
     node = lone_node(engine, batch=8)
     await node.start()
     try:
@@ -100,7 +93,7 @@ def test_eight_concurrent_requests_batched_get_exactly_the_tokens_each_gets_alon
 
 def test_a_cancelled_request_stops_using_the_engine_at_once_while_the_others_finish():
   async def main():
-    engine = Recorder(DummyInferenceEngine(eos_after=10**9))
+    engine = CallRecorder(DummyInferenceEngine(eos_after=10**9))
     node = lone_node(engine, batch=4, max_generate_tokens=10**6)
     await node.start()
     try:
@@ -132,7 +125,7 @@ def test_a_cancelled_request_stops_using_the_engine_at_once_while_the_others_fin
 
 def test_a_short_request_is_answered_while_a_long_prompt_is_still_being_read():
   async def main():
-    engine = Recorder(DummyInferenceEngine())
+    engine = CallRecorder(DummyInferenceEngine())
     node = lone_node(engine, batch=4)
     node.scheduler.chunk_tokens = 16
     await node.start()

@@ -24,6 +24,7 @@ from exo.orchestration.planner_driver import PlannerConfig
 from exo.topology.cost_model import device_pacing
 from exo.topology.plan_request import PlanRequest
 from tests.cluster.harness import wait_for_local_mesh
+from tests.support.no_server import NoServer
 
 MODEL = ModelSpec("paced", n_layers=12, layer_bytes=1e6, layer_flops=2e6, activation_bytes=4 * HIDDEN_SIZE)
 # Both nodes declare the same device: 9 MB holds 8 layers, so neither holds the model alone, and at 1 GB/s a layer takes 1 ms
@@ -31,14 +32,6 @@ MODEL = ModelSpec("paced", n_layers=12, layer_bytes=1e6, layer_flops=2e6, activa
 DEVICE = DeviceCapabilities("Test", "paced", 9, DeviceFlops(0.5, 1.0, 2.0), 1.0)
 PROMPT = "Which node is slow?"
 MAX_REQUESTS = 10
-
-
-class NoServer:
-  async def start(self):
-    pass
-
-  async def stop(self):
-    pass
 
 
 class Announced(NoDiscovery):

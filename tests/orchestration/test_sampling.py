@@ -18,6 +18,7 @@ from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
 from exo.topology.plan_request import PlanRequest
 from tests.support.greedy import greedy_tokens
+from tests.support.no_server import NoServer
 
 MODEL = model_spec("llama-3.2-1b")
 DEVICE = DeviceCapabilities("Test Box", "Test Chip", 16384.0, DeviceFlops(10.0, 20.0, 40.0), 200.0)
@@ -35,14 +36,6 @@ class Batches(EngineWrapper):
   async def infer_batch(self, shard, steps):
     self.sizes.append(len(steps))
     return await self.inner.infer_batch(shard, steps)
-
-
-class NoServer:
-  async def start(self):
-    pass
-
-  async def stop(self):
-    pass
 
 
 async def started_node(engine=None, batch: int = 1) -> Node:
