@@ -24,14 +24,15 @@ class Plan:
   warnings: list[str] = field(default_factory=list)
   context_tokens: int = 0  # the context each request's KV is reserved for (docs/DESIGN.md v2.1); 0: the model's default
   costs: CostModel | None = field(default=None, repr=False, compare=False)
+  given_partitions: list[Partition] | None = None  # the fractions a strategy that thinks in fractions (upstream's) returned
 
   def __post_init__(self):
     self.context_tokens = self.context_tokens or self.model.default_context()
 
   @property
   def partitions(self) -> list[Partition]:
-    """The ring as upstream's PartitioningStrategy gives it: fractions of the model."""
-    return partitions_from_layer_counts(self.stages, self.model.n_layers)
+    """The ring as upstream's PartitioningStrategy gives it: fractions of the model (the strategy's own, if it gave them)."""
+    return self.given_partitions or partitions_from_layer_counts(self.stages, self.model.n_layers)
 
   def node_shards(self) -> list[tuple[str, Shard]]:
     shards, start = [], 0

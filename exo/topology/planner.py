@@ -34,7 +34,7 @@ def memory_weighted_plan(topology: Topology, model: ModelSpec, objective: str, p
   check_fits(costs)
   partitions = RingMemoryWeightedPartitioningStrategy().partition(topology)
   stages = [(node_id, shard.get_layer_count()) for node_id, shard in map_partitions_to_node_shards(partitions, model.n_layers, model.id)]
-  plan = Plan("ring-memory-weighted", objective, params, model, stages, None, context_tokens=context, costs=costs)
+  plan = Plan("ring-memory-weighted", objective, params, model, stages, None, context_tokens=context, costs=costs, given_partitions=partitions)
   ring = plan.ring()
   idx, layers = [costs.index(node_id) for node_id, _ in ring], [n for _, n in ring]
   plan.prediction = costs.evaluate(idx, layers)
