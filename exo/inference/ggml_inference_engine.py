@@ -12,7 +12,9 @@ rounded up to WINDOW.
 Graphs: one engine call is one ggml graph over every step in it (ggml_graph). Building a graph costs thousands of calls
 through Python, so graphs are kept and reused (up to GRAPHS of them): a graph depends on its requests' caches, rows and
 windows, and everything else is an input tensor written before each run. A decode step therefore costs one input copy and one
-graph run; a request's graph is rebuilt only when its window grows. A prompt runs in chunks of at most PREFILL_CHUNK rows.
+graph run; a request's graph is rebuilt only when its window grows. ggml places a graph's intermediate tensors in the
+allocator's buffer on its first run and keeps them there, so when a larger graph grows that buffer every other kept graph is
+dropped (it would write into freed memory). A prompt runs in chunks of at most PREFILL_CHUNK rows.
 
 The engine's work runs off the event loop in one thread of its own (ggml's CPU backend runs `threads` threads inside it).
 """
@@ -134,7 +136,8 @@ class GGMLInferenceEngine(ModelFileEngine):
     last = model.shard.is_last_layer()
     kept = [np.arange(hi - 1 if only and last else lo, hi) for lo, hi, only in zip(bounds[:-1], bounds[1:], last_only)]
     graph = self._graph(model, caches, rows, windows, sum(len(k) for k in kept))
-    self._backend.allocate(graph.graph)
+    if self._backend.allocate(graph.graph):
+      self._drop_graphs_but(graph)
     spans = [np.arange(p, p + r) for p, r in zip(positions, rows)]
     set_input(graph.inputs, np.concatenate(xs).astype(np.int32 if model.shard.is_first_layer() else np.float32))
     set_input(graph.positions, np.concatenate(spans).astype(np.int32))
@@ -162,6 +165,12 @@ class GGMLInferenceEngine(ModelFileEngine):
         model.graphs.popitem(last=False)
     model.graphs.move_to_end(key)
     return graph
+
+  def _drop_graphs_but(self, kept: Graph) -> None:
+    """Drop every kept graph but `kept`: the allocator's buffer grew, and their tensors lie in the freed one."""
+    for model in self._models.values():
+      for key in [key for key, graph in model.graphs.items() if graph is not kept]:
+        del model.graphs[key]
 
   async def finish_request(self, request_id: str) -> None:
     """Release the request's caches, and the kept graphs that write them."""

@@ -37,9 +37,14 @@ class Backend:
     self.name = ggml.ggml_backend_name(self.handle).decode()
     self.allocator = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.handle))
 
-  def allocate(self, graph) -> None:
+  def allocate(self, graph) -> bool:
+    """Place the graph's intermediate tensors in the allocator's buffer; whether the buffer grew for it. ggml places a graph's
+    tensors once, on its first allocation, and keeps them there: when the buffer grows (it is freed and made again, larger),
+    every OTHER graph allocated before points into freed memory and must not run again."""
+    before = ggml.ggml_gallocr_get_buffer_size(self.allocator, 0)
     if not ggml.ggml_gallocr_alloc_graph(self.allocator, graph):
       raise MemoryError("ggml could not allocate a graph's intermediate tensors")
+    return ggml.ggml_gallocr_get_buffer_size(self.allocator, 0) != before
 
   def run(self, graph) -> None:
     status = ggml.ggml_backend_graph_compute(self.handle, graph)

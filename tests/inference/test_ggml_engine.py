@@ -219,3 +219,30 @@ def test_a_step_wanting_its_last_row_only_gets_that_rows_logits(models):
     engine.close()
   assert full.shape == (1, len(PROMPT), LLAMA.vocab_size) and last.shape == (1, 1, LLAMA.vocab_size)
   assert np.array_equal(last[0, 0], full[0, -1])
+
+
+def test_kept_graphs_still_run_right_after_a_larger_graph_grows_the_allocators_buffer(models):
+  """ggml places a graph's intermediate tensors once: a graph kept from before the buffer grew would write into freed memory
+  (a node crashed so when a long prompt came between decode steps). The decode steps after a long prompt still give the
+  outputs of the same request alone."""
+  model_id = write_model(models, "llama", "Q4_1")
+  shard = whole(model_id, LLAMA)
+  long_prompt = np.random.default_rng(1).integers(0, LLAMA.vocab_size, 900)
+
+  async def decode(engine: GGMLInferenceEngine, interrupt: bool) -> list[np.ndarray]:
+    out, outputs = await engine.infer_tensor("a", shard, PROMPT, 0), []
+    for position in range(len(PROMPT), len(PROMPT) + 6):
+      if interrupt and position == len(PROMPT) + 3:
+        await engine.infer_tensor("b", shard, long_prompt, 0)
+      out = await engine.infer_tensor("a", shard, np.array([int(np.argmax(out[0, -1]))]), position)
+      outputs.append(out)
+    return outputs
+
+  engines = [GGMLInferenceEngine(threads=2) for _ in range(2)]
+  try:
+    alone, interrupted = asyncio.run(decode(engines[0], False)), asyncio.run(decode(engines[1], True))
+  finally:
+    for engine in engines:
+      engine.close()
+  for a, b in zip(alone, interrupted):
+    assert np.array_equal(a, b)
