@@ -32,6 +32,7 @@ class Stream:
   chunk_s: list[float]
   prompt_tokens: int
   completion_tokens: int
+  text: str  # the answer
 
   @property
   def first_s(self) -> float:
@@ -69,7 +70,7 @@ def stream_chat(port: int, model: str, prompt: str, max_tokens: int, timeout: fl
     response = conn.getresponse()
     if response.status != 200:
       raise RuntimeError(f"chat completion: HTTP {response.status}: {response.read()[:300]!r}")
-    chunks, usage = [], None
+    chunks, texts, usage = [], [], None
     for raw in response:
       line = raw.decode().strip()
       if not line.startswith("data: ") or line == "data: [DONE]":
@@ -79,13 +80,15 @@ def stream_chat(port: int, model: str, prompt: str, max_tokens: int, timeout: fl
         raise RuntimeError(f"chat completion failed: {event['error']}")
       if event.get("usage"):
         usage = event["usage"]
-      if any(choice.get("delta", {}).get("content") for choice in event.get("choices", [])):
+      content = "".join(choice.get("delta", {}).get("content") or "" for choice in event.get("choices", []))
+      if content:
         chunks.append(time.perf_counter())
+        texts.append(content)
   finally:
     conn.close()
   if not chunks or usage is None:
     raise RuntimeError("the stream carried no text or no usage")
-  return Stream(sent, chunks, usage["prompt_tokens"], usage["completion_tokens"])
+  return Stream(sent, chunks, usage["prompt_tokens"], usage["completion_tokens"], "".join(texts))
 
 
 def start_in_turn(cluster: Cluster, node_ids: list[str], args: list[str], timeout: float) -> None:

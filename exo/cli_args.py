@@ -95,11 +95,15 @@ def add_planner_flags(group) -> None:
     help=f"RTT assumed for unmeasured edges (default: {PlannerParams.default_rtt_ms})",
   )
   group.add_argument(
+    "--max-batch",
     "--batch",
+    dest="max_batch",
     type=positive_int,
-    default=1,
+    default=None,
     metavar="B",
-    help="requests each stage runs at once (one engine call of decode steps), and the throughput objective's batch (default: 1)",
+    help="the most requests a stage runs in one engine call, and the throughput objective's batch (--batch is its old name). A "
+    "node's default: its engine's (ggml 16, tinygrad 8 where batching is exact, MLX 1), lowered to the requests whose KV cache "
+    "fits in its memory beside its layers; exo plan's: 1",
   )
   group.add_argument(
     "--max-context",
@@ -111,7 +115,8 @@ def add_planner_flags(group) -> None:
   )
 
 
-def plan_request(args: argparse.Namespace) -> PlanRequest:
-  """The PlanRequest the flags of add_planner_flags ask for; BadInput naming a value the planner cannot take."""
-  params = PlannerParams(args.memory_headroom, args.default_rtt_ms, args.batch)
+def plan_request(args: argparse.Namespace, engine_batch: int = 1) -> PlanRequest:
+  """The PlanRequest the flags of add_planner_flags ask for, at --max-batch or else `engine_batch` (a node's engine's own); BadInput
+  naming a value the planner cannot take."""
+  params = PlannerParams(args.memory_headroom, args.default_rtt_ms, args.max_batch or engine_batch)
   return PlanRequest(args.partitioning_strategy, args.objective, params, args.max_context)

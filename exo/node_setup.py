@@ -105,7 +105,7 @@ def build_node(args) -> Node:
       broadcast_addresses=args.broadcast_address,
       membership=membership,
     )
-  planner = PlannerConfig(plan_request(args), args.replan_threshold, args.ignore_layer_times)
+  planner = PlannerConfig(plan_request(args, engine.max_batch), args.replan_threshold, args.ignore_layer_times)
   # A node measures its engine when the times stand for a device (a real engine, or one paced to the declared device), and when
   # it has peers to plan with or its plan is shown: the bare dummy engine's microseconds would override the declared devices of
   # a test cluster, and a lone `exo run` needs no plan but one.

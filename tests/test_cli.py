@@ -2,6 +2,7 @@
 is here when none is named, `exo run` says what it loads and streams its answer, and --wait-for-peers gives up, naming who is
 missing."""
 
+import asyncio
 import json
 import os
 import re
@@ -56,6 +57,43 @@ def test_max_context_caps_the_context_a_node_plans(capsys):
     with pytest.raises(SystemExit):
       build_parser().parse_args(["--max-context", bad])
   assert "--max-context" in capsys.readouterr().err
+
+
+def test_max_batch_and_its_old_name_batch_set_a_nodes_largest_batch():
+  parser = build_parser()
+  assert parser.parse_args([]).max_batch is None  # the engine's own, lowered to what memory holds
+  assert parser.parse_args(["--max-batch", "4"]).max_batch == 4 == parser.parse_args(["--batch", "4"]).max_batch
+  args = parser.parse_args(["--inference-engine", "dummy", "--discovery-module", "none", "--objective", "throughput", "--batch", "3", *DEVICE])
+  node = build_node(args)
+  try:
+    assert node.scheduler.max_batch == 3 and node.candidate_plan(node.model).params.batch == 3
+  finally:
+    node.engine.close()
+
+
+def test_a_node_batches_by_default_as_many_requests_as_its_engine_runs_at_once_and_its_memory_holds():
+  """ggml runs 16 requests a call, which the node plans with; 1024 MB less the 10% headroom hold SmolLM2's 30 layers and the KV
+  caches (8192 positions each) of fewer: eight requests at once run in calls of at most that many."""
+  small = ["--memory-mb", "1024", "--tflops", "10", "--memory-bandwidth", "100"]
+  node = build_node(build_parser().parse_args(["--inference-engine", "ggml", "--discovery-module", "none", *small]))
+  m = node.model
+  weights = m.n_layers * m.layer_bytes + (max(m.embed_bytes, m.head_bytes) if m.tied_embeddings else m.embed_bytes + m.head_bytes)
+  fits = int((1024 * 2**20 * 0.9 - weights) // (m.n_layers * m.kv_bytes_per_layer * m.default_context() / m.context_tokens))
+  assert 1 <= fits < 8  # what the test is about: room for fewer than the eight requests below
+
+  async def eight_at_once() -> int:
+    await node.start()
+    try:
+      await asyncio.gather(*(node.generate(f"Count to {i}.", max_tokens=3) for i in range(8)))
+      return node.load()["max_batch"]
+    finally:
+      await node.stop()
+
+  try:
+    assert node.planner_config.request.params.batch == 16 == node.scheduler.max_batch
+    assert asyncio.run(eight_at_once()) == fits and max(node.scheduler.batch_sizes) == fits
+  finally:
+    node.engine.close()
 
 
 def test_a_node_serves_a_model_whose_files_are_here(tmp_path, monkeypatch):

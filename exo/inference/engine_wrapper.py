@@ -11,6 +11,14 @@ class EngineWrapper(InferenceEngine):
   def __init__(self, inner: InferenceEngine):
     self.inner = inner
 
+  @property
+  def max_batch(self) -> int:
+    return self.inner.max_batch
+
+  @property
+  def prompt_rows(self) -> int:
+    return self.inner.prompt_rows
+
   async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
     return await self.inner.encode(shard, prompt)
 

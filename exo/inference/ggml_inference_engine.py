@@ -40,7 +40,8 @@ from exo.inference.sharded_engine import ModelDims
 log = logging.getLogger(__name__)
 WINDOW = 64  # cache cells a request's attention window grows by (each growth builds its graphs again: a few ms)
 PREFILL_CHUNK = 256  # rows of a prompt per graph: bounds the intermediate tensors (a chunk's logits are chunk x vocabulary)
-BATCH = 16  # one-row steps per graph
+BATCH = 16  # requests per graph
+PROMPT_ROWS = 128  # prompt rows a call takes beside its decode steps (the stage scheduler's budget)
 GRAPHS = 16  # graphs kept for reuse, the least recently used dropped first
 
 
@@ -49,6 +50,8 @@ class GGMLInferenceEngine(ModelFileEngine):
   `memory_limit_bytes`: see ShardedEngine."""
 
   formats = ENGINE_FORMATS["ggml"]
+  max_batch = BATCH
+  prompt_rows = PROMPT_ROWS
 
   def __init__(self, threads: int | None = None, seed: int = 0, memory_limit_bytes: int | None = None):
     super().__init__(seed, memory_limit_bytes)
@@ -108,17 +111,23 @@ class GGMLInferenceEngine(ModelFileEngine):
   def _forward_steps(
     self, model: GGMLShard, caches: list, shard: Shard, xs: list[np.ndarray], positions: list[int], last_only: list[bool]
   ) -> list[np.ndarray]:
-    """The one-row steps together, BATCH requests to a graph; every longer input alone, in chunks of PREFILL_CHUNK rows (where
-    only its last row's output is wanted, the head runs on that row of the last chunk only).
+    """The steps of at most PREFILL_CHUNK rows together, in order, up to BATCH requests and PREFILL_CHUNK + BATCH rows to a
+    graph (decode steps and prompt chunks of different requests alike); every longer input alone, in chunks of PREFILL_CHUNK
+    rows. Where only a step's last row is wanted, the head runs on that row only.
     O(shard weights x graphs + each request's attention over its window)."""
     outputs: list = [None] * len(xs)
-    decoding = [i for i, x in enumerate(xs) if len(x) == 1]
-    for lo in range(0, len(decoding), BATCH):
-      group = decoding[lo : lo + BATCH]
-      outs = self._call(model, [caches[i] for i in group], [xs[i] for i in group], [positions[i] for i in group], [False] * len(group))
+    groups, rows = [[]], 0
+    for i in [i for i, x in enumerate(xs) if len(x) <= PREFILL_CHUNK]:
+      if groups[-1] and (len(groups[-1]) == BATCH or rows + len(xs[i]) > PREFILL_CHUNK + BATCH):
+        groups.append([])
+        rows = 0
+      groups[-1].append(i)
+      rows += len(xs[i])
+    for group in [g for g in groups if g]:
+      outs = self._call(model, [caches[i] for i in group], [xs[i] for i in group], [positions[i] for i in group], [last_only[i] for i in group])
       for i, out in zip(group, outs):
         outputs[i] = out
-    for i in [i for i, x in enumerate(xs) if len(x) > 1]:
+    for i in [i for i, x in enumerate(xs) if len(x) > PREFILL_CHUNK]:
       starts = range(0, len(xs[i]), PREFILL_CHUNK)
       chunks = [self._call(model, [caches[i]], [xs[i][lo : lo + PREFILL_CHUNK]], [positions[i] + lo], [last_only[i]])[0] for lo in starts]
       outputs[i] = chunks[-1] if last_only[i] else np.concatenate(chunks, axis=1)

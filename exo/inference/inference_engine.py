@@ -32,6 +32,9 @@ class Step:
 
 
 class InferenceEngine(ABC):
+  max_batch = 1  # steps of different requests the engine runs as one computation (a node's default largest batch)
+  prompt_rows = 0  # prompt rows of different requests one call may hold beside decode steps (0: a prompt chunk runs alone)
+
   @abstractmethod
   async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
     """Token ids (1-D int64) of the prompt, chat template applied."""

@@ -34,6 +34,7 @@ one CPU anyway.
 """
 
 import asyncio
+import functools
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,13 @@ class TinygradInferenceEngine(ModelFileEngine):
     super().__init__(seed, memory_limit_bytes)
     self.device = device or default_device()
     self.jit = jit
+
+  @functools.cached_property
+  def max_batch(self) -> int:
+    """Two captured steps of BATCH_ROWS rows where batching is bit-identical (_batches), else one request at a time; asked of the
+    device in the worker thread, as all tinygrad work is."""
+    exact = _WORKER.submit(self._on_device, lambda: _batches(self.device or Device.DEFAULT)).result()
+    return 2 * BATCH_ROWS if exact else 1
 
   async def _in_worker(self, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(_WORKER, self._on_device, fn, *args)

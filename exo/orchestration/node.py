@@ -22,6 +22,7 @@ import numpy as np
 from exo.base.device_capabilities import DeviceCapabilities
 from exo.base.errors import Busy
 from exo.base.model_spec import ModelSpec
+from exo.base.models import MODELS
 from exo.base.shard import Shard
 from exo.base.topology import Topology
 from exo.inference.engine_wrapper import EngineWrapper
@@ -43,6 +44,7 @@ from exo.orchestration.requests import Admission, Generation
 from exo.orchestration.served import ServedRequests
 from exo.orchestration.stage_runner import StageRunner
 from exo.orchestration.stage_scheduler import StageScheduler
+from exo.topology.cost_model import requests_held
 from exo.topology.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,10 @@ class Node:
     self.text = ModelText(engine)
     self.meter = LayerTimeMeter(engine, self.cluster)
     self.finished = RecentIds()  # requests over (finished, cancelled, failed): their late messages are dropped
-    self.scheduler = StageScheduler(self.meter.engine_call, self.finished.__contains__, max_batch=planner.request.params.batch)
+    self.scheduler = StageScheduler(
+      self.meter.engine_call, self.finished.__contains__, planner.request.params.batch, batch_limit=self._requests_held,
+      prompt_rows=engine.prompt_rows,
+    )  # fmt: skip
     self.served = ServedRequests(request_timeout)  # requests whose stage runs here, and who may change each
     self.policy = AdmissionPolicy(node_id, max_requests, request_timeout, admit_by_rate)
     self.messenger = Messenger(self.cluster, self)
@@ -97,6 +102,7 @@ class Node:
   @engine.setter
   def engine(self, engine: InferenceEngine) -> None:
     self.text.engine = self.meter.engine = engine
+    self.scheduler.prompt_rows = engine.prompt_rows
 
   @property
   def capabilities(self) -> DeviceCapabilities:
@@ -205,7 +211,7 @@ class Node:
       "active_requests": len(self.active_request_ids()),
       "waiting_requests": self.scheduler.waiting_requests(),
       "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
-      "max_batch": self.scheduler.max_batch,
+      "max_batch": self.scheduler.largest_batch(),
       "decode_calls": self.scheduler.decode_calls,
       "decode_steps": self.scheduler.decode_steps,
       "tokens_per_s": self.origin.tokens_per_s(),
@@ -221,6 +227,15 @@ class Node:
 
   def _running(self) -> int:
     return len(self.active_request_ids())
+
+  def _requests_held(self, shard: Shard, context_tokens: int) -> int | None:
+    """Requests whose KV cache at `context_tokens` (0: the model's default) fits in this node's memory beside the shard, less the
+    headroom: a stage's largest batch (None: unbounded, the model or its KV size or the memory unknown)."""
+    model = self.model if shard.model_id == self.model.id else MODELS.get(shard.model_id)
+    if model is None:
+      return None
+    usable = self.capabilities.memory * 2**20 * (1 - self.planner.config.request.params.memory_headroom)
+    return requests_held(model, usable, shard, context_tokens or model.default_context())
 
   def _take_place(self, context: RequestContext) -> None:
     """Count a request that starts at this node's stage among those running here; Busy if that makes more than --max-requests."""

@@ -2,11 +2,16 @@
 
 Every step a node's stage must run (a request's prompt, or its next token's hidden state) waits here. One loop per shard runs
 the engine, one call at a time:
-- the decode steps (one position each) waiting run as ONE call of up to `max_batch` requests, each with its
-  own KV cache and position; steps that arrive while a call runs join the next one;
+- the decode steps (one position each) waiting run as ONE call of up to the shard's batch requests, each with its own KV cache
+  and position; steps that arrive while a call runs join the next one. The shard's batch is `max_batch`, lowered to the
+  requests whose KV cache fits beside the shard in the node's memory (`batch_limit`);
+- where the engine runs prompt rows and decode steps of different requests in one call (`prompt_rows` > 0, as vLLM's chunked
+  prefill does), a call takes the prompt chunks waiting, shortest first, up to `prompt_rows` rows, and every decode step waiting
+  rides along: eight short prompts cost one or two calls, and running requests keep producing tokens while prompts are read.
+  Otherwise (the rest of this list):
 - at the ring's first stage (the shard that takes token ids) the decoding requests are regrouped each round of the ring:
-  fewer than `max_batch` steps wait (up to a round) while running them now would leave more requests than the round's
-  remaining calls can hold, so D requests go round in ceil(D / max_batch) micro-batches rather than in fragments that each
+  fewer than a batch of steps wait (up to a round) while running them now would leave more requests than the round's
+  remaining calls can hold, so D requests go round in ceil(D / batch) micro-batches rather than in fragments that each
   cost a call at every stage. Later stages run the groups as they come, waiting up to half a decode call for stragglers;
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
   goes first (a short request is not stuck behind a long one). While requests decode here, prompts longer than a chunk get
@@ -73,6 +78,7 @@ class _ShardQueue:
   """The steps waiting for one shard, and the loop that runs them."""
 
   regroups: bool  # the ring's first stage
+  batch: int  # the most decode steps in one call
   waiting: list[_Waiting] = field(default_factory=list)
   wake: asyncio.Event = field(default_factory=asyncio.Event)
   task: asyncio.Task | None = None
@@ -110,22 +116,35 @@ class StageScheduler:
     decodes_per_chunk: int = 4,
     prompt_share: float = 0.5,
     *,
+    batch_limit: Callable[[Shard, int], int | None] | None = None,
+    prompt_rows: int = 0,
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
   ):
-    if max_batch < 1 or chunk_tokens < 1 or decodes_per_chunk < 1 or not 0 < prompt_share <= 1:
+    if max_batch < 1 or chunk_tokens < 1 or decodes_per_chunk < 1 or not 0 < prompt_share <= 1 or prompt_rows < 0:
       raise ValueError(
-        f"max_batch, chunk_tokens and decodes_per_chunk must be >= 1 and prompt_share in (0, 1], got {max_batch}, {chunk_tokens}, "
-        f"{decodes_per_chunk}, {prompt_share}"
+        f"max_batch, chunk_tokens and decodes_per_chunk must be >= 1, prompt_share in (0, 1] and prompt_rows >= 0, got {max_batch}, "
+        f"{chunk_tokens}, {decodes_per_chunk}, {prompt_share}, {prompt_rows}"
       )
-    self.run_call, self.cancelled = run_call, cancelled
-    self.max_batch, self.chunk_tokens, self.decodes_per_chunk = max_batch, chunk_tokens, decodes_per_chunk
+    self.run_call, self.cancelled, self.batch_limit = run_call, cancelled, batch_limit
+    self.max_batch, self.decodes_per_chunk, self.prompt_rows = max_batch, decodes_per_chunk, prompt_rows
+    self._chunk_tokens = chunk_tokens
     self.prompt_share = prompt_share
     self.clock, self.sleep = clock, sleep
     self._queues: dict[Shard, _ShardQueue] = {}
     self.calls = 0  # engine calls run so far
     self.batch_sizes: list[int] = []  # of the last decode calls, newest last (at most 100)
     self.decode_calls = self.decode_steps = 0  # decode calls run so far, and the requests' steps in them
+
+  @property
+  def chunk_tokens(self) -> int:
+    """Positions of a prompt per call: `prompt_rows` where calls mix prompts (a call's prompt rows may all be one long
+    prompt's), else `chunk_tokens`."""
+    return self.prompt_rows or self._chunk_tokens
+
+  @chunk_tokens.setter
+  def chunk_tokens(self, tokens: int) -> None:
+    self._chunk_tokens = tokens
 
   async def run(self, shard: Shard, step: Step) -> np.ndarray:
     """`step`'s output once it has run: for a prompt, its chunks' outputs joined on the positions axis, except on the last shard,
@@ -152,6 +171,14 @@ class StageScheduler:
         if not waiting.done.done():
           waiting.done.set_exception(StepCancelled(f"request {request_id} was cancelled"))
 
+  def largest_batch(self) -> int:
+    """The most decode steps one call of any shard here may hold (max_batch while no shard has run)."""
+    return max((queue.batch for queue in self._queues.values()), default=self.max_batch)
+
+  def _shard_batch(self, shard: Shard, context: int) -> int:
+    held = self.batch_limit(shard, context) if self.batch_limit else None
+    return self.max_batch if held is None else max(1, min(self.max_batch, held))
+
   def waiting_requests(self) -> int:
     return len({w.step.request_id for queue in self._queues.values() for w in queue.waiting})
 
@@ -169,9 +196,11 @@ class StageScheduler:
     if self.cancelled(waiting.step.request_id):
       raise StepCancelled(f"request {waiting.step.request_id} was cancelled")
     queue = self._queues.get(waiting.shard)
+    batch = self._shard_batch(waiting.shard, waiting.step.context)
     if queue is None:
-      queue = self._queues[waiting.shard] = _ShardQueue(regroups=waiting.shard.start_layer == 0)
+      queue = self._queues[waiting.shard] = _ShardQueue(regroups=waiting.shard.start_layer == 0, batch=batch)
       queue.task = asyncio.create_task(self._run_forever(waiting.shard, queue))
+    queue.batch = min(queue.batch, batch)  # a request planned for a longer context leaves room for fewer
     queue.waiting.append(waiting)
     if waiting.decode:
       if waiting.step.request_id in queue.recent:
@@ -185,6 +214,8 @@ class StageScheduler:
     for company and no chunk waits (see the module docstring)."""
     decodes = [w for w in queue.waiting if w.decode]
     chunks = [w for w in queue.waiting if not w.decode]
+    if chunks and self.prompt_rows:
+      return self._mixed_call(queue, decodes, chunks, now), True
     due = self.decodes_due_at(queue, decodes, now) <= now
     shortest = min(chunks, key=lambda w: w.remaining, default=None)
     if (
@@ -197,16 +228,36 @@ class StageScheduler:
     if not due:
       return None
     queue.decodes_since_chunk += 1
-    call = decodes[: self.max_batch]
-    if queue.regroups:
-      ids = {w.step.request_id for w in call}
-      if ids & queue.round.served:  # a request comes round again: a new round begins
-        queue.round = _Round(started=now, last_s=now - queue.round.started)
-      elif not queue.round.served:
-        queue.round.started = now
-      queue.round.served |= ids
-      queue.round.calls += 1
+    call = decodes[: queue.batch]
+    self._count_round(queue, call, now)
     return call, False
+
+  def _mixed_call(self, queue: _ShardQueue, decodes: list[_Waiting], chunks: list[_Waiting], now: float) -> list[_Waiting]:
+    """The prompt chunks waiting, shortest first, up to `prompt_rows` rows (at least one), and the decode steps waiting, up to
+    the shard's batch. O(waiting steps log waiting steps)."""
+    call, rows = [], 0
+    for waiting in sorted(chunks, key=lambda w: w.remaining):
+      if call and rows + waiting.rows > self.prompt_rows:
+        break
+      call.append(waiting)
+      rows += waiting.rows
+    riders = decodes[: queue.batch]
+    self._count_round(queue, riders, now)
+    return riders + call
+
+  @staticmethod
+  def _count_round(queue: _ShardQueue, call: list[_Waiting], now: float) -> None:
+    """At the ring's first stage, count the call's decode steps in the round of the ring (a request coming round again begins a
+    new one)."""
+    if not queue.regroups or not call:
+      return
+    ids = {w.step.request_id for w in call}
+    if ids & queue.round.served:
+      queue.round = _Round(started=now, last_s=now - queue.round.started)
+    elif not queue.round.served:
+      queue.round.started = now
+    queue.round.served |= ids
+    queue.round.calls += 1
 
   def prompts_due_at(self, queue: _ShardQueue, now: float) -> float:
     """When a prompt chunk may run: at once while no request decodes here or while the decoders' next steps are away for longer
@@ -217,13 +268,13 @@ class StageScheduler:
     return queue.prompts_wait_until
 
   def decodes_due_at(self, queue: _ShardQueue, decodes: list[_Waiting], now: float) -> float:
-    """When the waiting decode steps should run (at or before `now`: at once). A call of `max_batch` runs at once. Fewer wait
+    """When the waiting decode steps should run (at or before `now`: at once). A call of the shard's batch runs at once. Fewer wait
     for the steps they need: at a later stage, every request decoding here (its group's stragglers), for up to half a
-    decode call; at the first stage, enough that the round's remaining calls, `max_batch` each, hold its remaining requests,
+    decode call; at the first stage, enough that the round's remaining calls, a batch each, hold its remaining requests,
     for up to a round. O(waiting steps + requests decoding here)."""
     if not decodes:
       return float("inf")
-    if len(decodes) >= self.max_batch:
+    if len(decodes) >= queue.batch:
       return now
     decoding = queue.decoding(now)
     if queue.regroups:
@@ -231,12 +282,12 @@ class StageScheduler:
       this_round = not ids & queue.round.served
       served = len(queue.round.served & queue.recent.keys()) if this_round else 0
       calls = queue.round.calls if this_round else 0
-      groups = -(-decoding // self.max_batch)
-      needed = decoding - served - self.max_batch * max(0, groups - calls - 1)
+      groups = -(-decoding // queue.batch)
+      needed = decoding - served - queue.batch * max(0, groups - calls - 1)
       patience = min(RECENT_S, max(queue.decode_s / 2, queue.round.last_s))
     else:
       needed, patience = decoding, queue.decode_s / 2
-    if len(decodes) >= min(self.max_batch, needed):
+    if len(decodes) >= min(queue.batch, needed):
       return now
     return min(w.arrived for w in decodes) + patience
 
@@ -255,9 +306,10 @@ class StageScheduler:
       for waiting in call:
         queue.waiting.remove(waiting)
       self.calls += 1
-      if not chunk:
-        self.batch_sizes = [*self.batch_sizes[-99:], len(call)]
-        self.decode_calls, self.decode_steps = self.decode_calls + 1, self.decode_steps + len(call)
+      decoding = sum(w.decode for w in call)
+      if decoding:
+        self.batch_sizes = [*self.batch_sizes[-99:], decoding]
+        self.decode_calls, self.decode_steps = self.decode_calls + 1, self.decode_steps + decoding
       started = self.clock()
       try:
         results = await self.run_call(shard, [w.step for w in call], chunk)

@@ -28,6 +28,8 @@ __all__ = [
   "layer_speed",
   "layer_time",
   "pacing_delay",
+  "requests_held",
+  "reserved_bytes",
 ]
 
 MIN_LAYER_TIME = 1e-12  # seconds; keeps a model with no weights and no FLOPs from dividing by zero in the split
@@ -171,13 +173,8 @@ class CostModel:
     searches ask for the same few roles many times)."""
     key = (i, bool(first), bool(last), ring_size)
     if key not in self._capacity:
-      m = self.model
-      if first and last and m.tied_embeddings:
-        reserved = max(m.embed_bytes, m.head_bytes)
-      else:
-        reserved = m.embed_bytes * first + m.head_bytes * last
-      per_layer = m.layer_bytes + self.resident_requests(ring_size) * self.kv_per_layer
-      self._capacity[key] = math.floor((self.usable_bytes[i] - reserved) / per_layer)
+      per_layer = self.model.layer_bytes + self.resident_requests(ring_size) * self.kv_per_layer
+      self._capacity[key] = math.floor((self.usable_bytes[i] - reserved_bytes(self.model, first, last)) / per_layer)
     return self._capacity[key]
 
   def role_capacities(self, ring_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,6 +250,25 @@ class CostModel:
     return memory + [
       f"node {n!r} has unknown speed: assumed as slow as the slowest known node ({slowest * 1000:.3f} ms per layer)" for n in self.unknown_speed()
     ]
+
+
+def reserved_bytes(model: ModelSpec, first: bool, last: bool) -> float:
+  """Bytes a stage holds besides its layers: the embedding if first (E), the head if last (H), one matrix if tied and both."""
+  if first and last and model.tied_embeddings:
+    return max(model.embed_bytes, model.head_bytes)
+  return model.embed_bytes * first + model.head_bytes * last
+
+
+def requests_held(model: ModelSpec, usable_bytes: float, shard: Shard, context_tokens: int) -> int | None:
+  """Requests whose KV cache, reserved for `context_tokens` positions (K C / N a layer, v2.1), fit in `usable_bytes` beside the
+  shard's layers (and the embedding or head it holds): the most a stage of that node can run at once. None when unbounded: the
+  model's KV size or the node's memory is unknown."""
+  layers = shard.get_layer_count()
+  kv = model.kv_bytes_per_layer * context_tokens / model.context_tokens * layers
+  if kv <= 0 or usable_bytes <= 0:
+    return None
+  free = usable_bytes - reserved_bytes(model, shard.is_first_layer(), shard.is_last_layer()) - layers * model.layer_bytes
+  return max(0, math.floor(free / kv))
 
 
 def cost_model(

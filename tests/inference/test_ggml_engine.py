@@ -246,3 +246,30 @@ def test_kept_graphs_still_run_right_after_a_larger_graph_grows_the_allocators_b
       engine.close()
   for a, b in zip(alone, interrupted):
     assert np.array_equal(a, b)
+
+
+def test_prompt_rows_and_decode_steps_of_different_requests_in_one_call_equal_each_alone(models):
+  """One infer_batch of two decode steps and two prompts (7 and 5 rows, the last shard's logits of every row) runs as one graph
+  and gives each request the outputs it gets alone."""
+  model_id = write_model(models, "qwen2", "Q8_0")
+  shard = whole(model_id, QWEN2)
+  started = {"a": PROMPT[:4], "b": PROMPT[:6]}
+  steps = [Step("a", np.array([7]), 4), Step("c", PROMPT[:7], 0), Step("b", np.array([9]), 6), Step("d", PROMPT[2:7], 0)]
+
+  async def run(together: bool) -> list[np.ndarray]:
+    engine = GGMLInferenceEngine(threads=2)
+    try:
+      for request, prompt in started.items():
+        await engine.infer_tensor(request, shard, prompt, 0)
+      if together:
+        outs = await engine.infer_batch(shard, steps)
+        assert [len(key[1]) for key in engine._models[shard].graphs if 1 in key[1] and 7 in key[1]] == [4]  # one graph ran all four
+        return outs
+      return [await engine.infer_tensor(s.request_id, shard, s.input_data, s.position) for s in steps]
+    finally:
+      engine.close()
+
+  alone, together = asyncio.run(run(False)), asyncio.run(run(True))
+  assert [out.shape[1] for out in together] == [1, 7, 1, 5]
+  for a, b in zip(alone, together):
+    assert np.array_equal(a, b)

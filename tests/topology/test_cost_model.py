@@ -4,8 +4,9 @@ import pytest
 
 from exo.base.device_capabilities import LayerTimes
 from exo.base.model_spec import ModelSpec
+from exo.base.shard import Shard
 from exo.base.topology import Topology
-from exo.topology.cost_model import PlannerParams, cost_model, layer_speed, layer_time
+from exo.topology.cost_model import PlannerParams, cost_model, layer_speed, layer_time, requests_held
 
 MODEL = ModelSpec("m", n_layers=10, layer_bytes=1e9, layer_flops=2e9, activation_bytes=8192, kv_bytes_per_layer=0)
 EMBED_HEAD = ModelSpec("m", 10, 1e9, 2e9, 8192, kv_bytes_per_layer=1e8, embed_bytes=1.5e9, head_bytes=2e9)
@@ -134,3 +135,16 @@ def test_unknown_memory_holds_nothing_and_is_warned_about():
   costs = cost_model(t, MODEL, PlannerParams())
   assert [costs.capacity(0), costs.capacity(1)] == [7, 0]
   assert costs.warnings() == ["node 'b' has unknown memory (0 MB): it holds no layers"]
+
+
+def test_requests_held_beside_a_shard_by_hand():
+  """EMBED_HEAD: 1 GB layers, K = 0.1 GB a layer at its context of 8192 tokens, E 1.5 GB, H 2 GB. 10 GB usable."""
+  usable = 10e9
+  middle = Shard("m", 3, 5, 10)  # 3 GB of layers: 7 GB left; at 4096 tokens a request reserves 3 x 0.05 GB
+  assert requests_held(EMBED_HEAD, usable, middle, 4096) == 46  # floor(7 / 0.15)
+  assert requests_held(EMBED_HEAD, usable, middle, 8192) == 23  # floor(7 / 0.3)
+  first_last = Shard("m", 0, 4, 5)  # not tied: 5 GB of layers + 1.5 + 2 = 8.5 GB; 1.5 GB left over 5 x 0.1 GB
+  assert requests_held(ModelSpec("m", 5, 1e9, 2e9, 8192, 1e8, 1.5e9, 2e9), usable, first_last, 8192) == 3
+  assert requests_held(EMBED_HEAD, 1e9, middle, 8192) == 0  # the layers alone do not fit: none
+  assert requests_held(MODEL, usable, middle, 8192) is None  # no KV size: unbounded
+  assert requests_held(EMBED_HEAD, 0, middle, 8192) is None  # unknown memory
