@@ -3,7 +3,8 @@ section 4) and robust to the odd slow step (a garbage collection, another proces
 
 A step of n tokens over a stage of L layers, plus eta layers of head time on the last stage, that took s seconds is a sample of
 one layer's time: decode_ms = s / (L + eta) when n = 1, token_ms = s / ((L + eta) n) when n >= PREFILL_MIN_TOKENS (a step of a
-few tokens tells neither). Each figure is the calibration's until `min_samples` samples of it have arrived, then the median of
+few tokens tells neither). A prompt at the last stage asks for its last row's logits only, so its head runs on one row: its
+sample is token_ms = (s - eta d) / (L n), with d the decode estimate (while none is known, the head is charged n rows). Each figure is the calibration's until `min_samples` samples of it have arrived, then the median of
 its last `window` samples: one outlier moves it by at most one rank, and a lasting change takes over once it fills half the
 window.
 """
@@ -43,15 +44,19 @@ class LayerTimeEstimate:
     self.decode_ms = MovingMedian(None if initial is None else initial.decode_ms, DECODE_WINDOW, DECODE_MIN_SAMPLES)
     self.token_ms = MovingMedian(None if initial is None else initial.token_ms, TOKEN_WINDOW, TOKEN_MIN_SAMPLES)
 
-  def add_step(self, seconds: float, tokens: int, layers: float) -> bool:
-    """Take a step of `tokens` tokens over `layers` layers (head included) that took `seconds`; True if the estimate changed."""
-    if layers <= 0 or seconds <= 0:
+  def add_step(self, seconds: float, tokens: int, layers: float, head: float = 0.0, head_rows: int | None = None) -> bool:
+    """Take a step of `tokens` tokens over `layers` layers and `head` layers of head time run on `head_rows` of its rows (None:
+    all) that took `seconds`; True if the estimate changed."""
+    if layers + head <= 0 or seconds <= 0:
       return False
     before = self.value()
+    decode_ms = self.decode_ms.value()
     if tokens == 1:
-      self.decode_ms.add(seconds * 1000 / layers)
+      self.decode_ms.add(seconds * 1000 / (layers + head))
+    elif tokens >= PREFILL_MIN_TOKENS and head and head_rows == 1 and decode_ms is not None and layers > 0:
+      self.token_ms.add(max(0.0, seconds * 1000 - head * decode_ms) / (layers * tokens))
     elif tokens >= PREFILL_MIN_TOKENS:
-      self.token_ms.add(seconds * 1000 / (layers * tokens))
+      self.token_ms.add(seconds * 1000 / ((layers + head) * tokens))
     else:
       return False
     return self.value() != before

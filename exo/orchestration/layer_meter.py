@@ -43,7 +43,8 @@ class LayerTimeMeter:
   async def engine_call(self, shard: Shard, steps: list[Step], chunk: bool) -> list:
     """One engine call of the stage scheduler. A call of one step that ran alone (no other call overlapped it: the scheduler
     runs one per shard) refines the layer times of the model, if this node measures it: a decode step, or a prompt chunk. The
-    last stage's step includes the head: eta layers of time. A batch of several decode steps tells neither figure."""
+    last stage's step includes the head, eta layers of time, over the rows it returns (a prompt's last one only, where the step
+    asks for that alone). A batch of several steps tells neither figure."""
     alone = self._calls_running == 0
     self._calls_running += 1
     self._calls_started += 1
@@ -56,7 +57,8 @@ class LayerTimeMeter:
     if shard.model_id in self._measuring and single and alone and mark == self._calls_started:
       model, estimate = self._measuring[shard.model_id]
       eta = head_layers(model) if shard.is_last_layer() else 0.0
-      if estimate.add_step(time.perf_counter() - started, positions_in(steps[0].input_data), shard.get_layer_count() + eta):
+      rows = positions_in(steps[0].input_data)
+      if estimate.add_step(time.perf_counter() - started, rows, shard.get_layer_count(), eta, 1 if steps[0].last_only else rows):
         self._publish(model.id)
     return outputs
 

@@ -150,7 +150,7 @@ class StageRunner:
         raise RequestFailed(f"node {self.node_id!r} was sent layers {shard.start_layer}-{shard.end_layer}, which the request's plan does not give it")
       if prompt is not None:
         tensor = (await self.engine.encode(shard, prompt))[None, :]
-      out = await self.scheduler.run(shard, Step(context.request_id, tensor, context.position, ring.context_tokens))
+      out = await self.scheduler.run(shard, Step(context.request_id, tensor, context.position, ring.context_tokens), len(ring.stages))
       if context.request_id in self.finished:
         return  # finished while its step ran
       if index < len(ring.stages) - 1:

@@ -9,10 +9,12 @@ the engine, one call at a time:
   prefill does), a call takes the prompt chunks waiting, shortest first, up to `prompt_rows` rows, and every decode step waiting
   rides along: eight short prompts cost one or two calls, and running requests keep producing tokens while prompts are read.
   Otherwise (the rest of this list):
-- at the ring's first stage (the shard that takes token ids) the decoding requests are regrouped each round of the ring:
-  fewer than a batch of steps wait (up to a round) while running them now would leave more requests than the round's
-  remaining calls can hold, so D requests go round in ceil(D / batch) micro-batches rather than in fragments that each
-  cost a call at every stage. Later stages run the groups as they come, waiting up to half a decode call for stragglers;
+- at the ring's first stage (the shard that takes token ids) the decoding requests are regrouped each round of the ring into
+  micro-batches of G = min(batch, ceil(D / k)) for D requests on a ring of k stages, so that every stage has one to run
+  (a single batch would leave all stages but one idle): fewer than G steps wait (up to a round) while running them now would
+  leave more requests than the round's remaining calls can hold, so the D requests go round in ceil(D / G) micro-batches
+  rather than in fragments that each cost a call at every stage. Later stages run the groups as they come, waiting up to half
+  a decode call for a group's stragglers;
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
   goes first (a short request is not stuck behind a long one). While requests decode here, prompts longer than a chunk get
   at most `prompt_share` of the stage's time (a chunk that took C seconds is followed by C (1 - share) / share seconds in which no
@@ -46,6 +48,7 @@ class _Waiting:
   remaining: int  # positions of the request's input not yet run, this chunk's included
   total: int  # positions of the request's whole input (its prompt, or 1 for a decode step)
   arrived: float  # when the step was enqueued, on the scheduler's clock
+  stages: int  # of the request's ring
   done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
   @property
@@ -79,6 +82,7 @@ class _ShardQueue:
 
   regroups: bool  # the ring's first stage
   batch: int  # the most decode steps in one call
+  stages: int = 1  # of the ring of the last step that came
   waiting: list[_Waiting] = field(default_factory=list)
   wake: asyncio.Event = field(default_factory=asyncio.Event)
   task: asyncio.Task | None = None
@@ -97,6 +101,10 @@ class _ShardQueue:
     for request_id in [r for r, seen in self.recent.items() if now - seen > RECENT_S]:
       del self.recent[request_id]
     return len(self.recent)
+
+  def group(self, now: float) -> int:
+    """G: the decode steps of one micro-batch, min(batch, ceil(D / k)) for the D requests decoding here on a ring of k stages."""
+    return max(1, min(self.batch, -(-self.decoding(now) // self.stages)))
 
 
 class StageScheduler:
@@ -146,8 +154,8 @@ class StageScheduler:
   def chunk_tokens(self, tokens: int) -> None:
     self._chunk_tokens = tokens
 
-  async def run(self, shard: Shard, step: Step) -> np.ndarray:
-    """`step`'s output once it has run: for a prompt, its chunks' outputs joined on the positions axis, except on the last shard,
+  async def run(self, shard: Shard, step: Step, stages: int = 1) -> np.ndarray:
+    """`step` (of a request on a ring of `stages` stages)'s output once it has run: for a prompt, its chunks' outputs joined on the positions axis, except on the last shard,
     where only the last position's logits are kept (all a sampler reads; a long prompt's would take gigabytes). Raises what the
     engine raised for it, or StepCancelled."""
     x = np.asarray(step.input_data)
@@ -158,7 +166,7 @@ class StageScheduler:
       chunk = x.reshape(-1)[lo : lo + self.chunk_tokens] if token_ids else x[..., lo : lo + self.chunk_tokens, :]
       last = shard.is_last_layer()
       piece = Step(step.request_id, chunk, step.position + lo, step.context, last)
-      out = await self._enqueue(_Waiting(shard, piece, rows - lo, rows, self.clock()))
+      out = await self._enqueue(_Waiting(shard, piece, rows - lo, rows, self.clock(), stages))
       outputs.append(out[:, -1:] if last else out)
     return outputs[-1] if shard.is_last_layer() or len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
@@ -201,6 +209,7 @@ class StageScheduler:
       queue = self._queues[waiting.shard] = _ShardQueue(regroups=waiting.shard.start_layer == 0, batch=batch)
       queue.task = asyncio.create_task(self._run_forever(waiting.shard, queue))
     queue.batch = min(queue.batch, batch)  # a request planned for a longer context leaves room for fewer
+    queue.stages = waiting.stages
     queue.waiting.append(waiting)
     if waiting.decode:
       if waiting.step.request_id in queue.recent:
@@ -228,7 +237,7 @@ class StageScheduler:
     if not due:
       return None
     queue.decodes_since_chunk += 1
-    call = decodes[: queue.batch]
+    call = decodes[: queue.group(now) if queue.regroups else queue.batch]
     self._count_round(queue, call, now)
     return call, False
 
@@ -268,13 +277,14 @@ class StageScheduler:
     return queue.prompts_wait_until
 
   def decodes_due_at(self, queue: _ShardQueue, decodes: list[_Waiting], now: float) -> float:
-    """When the waiting decode steps should run (at or before `now`: at once). A call of the shard's batch runs at once. Fewer wait
-    for the steps they need: at a later stage, every request decoding here (its group's stragglers), for up to half a
-    decode call; at the first stage, enough that the round's remaining calls, a batch each, hold its remaining requests,
-    for up to a round. O(waiting steps + requests decoding here)."""
+    """When the waiting decode steps should run (at or before `now`: at once). A micro-batch of G (queue.group) runs at once.
+    Fewer wait for the steps they need: at a later stage, every request decoding here (its group's stragglers), for up to half
+    a decode call; at the first stage, enough that the round's remaining calls, G each, hold its remaining requests, for up to
+    a round. O(waiting steps + requests decoding here)."""
     if not decodes:
       return float("inf")
-    if len(decodes) >= queue.batch:
+    group = queue.group(now)
+    if len(decodes) >= group:
       return now
     decoding = queue.decoding(now)
     if queue.regroups:
@@ -282,12 +292,12 @@ class StageScheduler:
       this_round = not ids & queue.round.served
       served = len(queue.round.served & queue.recent.keys()) if this_round else 0
       calls = queue.round.calls if this_round else 0
-      groups = -(-decoding // queue.batch)
-      needed = decoding - served - queue.batch * max(0, groups - calls - 1)
+      groups = -(-decoding // group)
+      needed = decoding - served - group * max(0, groups - calls - 1)
       patience = min(RECENT_S, max(queue.decode_s / 2, queue.round.last_s))
     else:
       needed, patience = decoding, queue.decode_s / 2
-    if len(decodes) >= min(queue.batch, needed):
+    if len(decodes) >= min(group, needed):
       return now
     return min(w.arrived for w in decodes) + patience
 

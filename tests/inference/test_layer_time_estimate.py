@@ -51,12 +51,22 @@ def test_a_step_becomes_a_sample_of_one_layer_head_included():
   estimate = LayerTimeEstimate(CALIBRATED)
   # a decode step over 4 layers plus 2 layers of head time that took 12 ms: 2 ms a layer
   for _ in range(DECODE_MIN_SAMPLES):
-    assert estimate.add_step(0.012, 1, 4 + 2.0) is False  # the same figure as calibrated
+    assert estimate.add_step(0.012, 1, 4, 2.0) is False  # the same figure as calibrated
   assert estimate.value().decode_ms == pytest.approx(2.0)
   # prefills of 16 tokens over 6 layers in 24 ms: 0.25 ms a layer per token
   for _ in range(TOKEN_MIN_SAMPLES - 1):
     assert estimate.add_step(0.024, 16, 6) is False
   assert estimate.add_step(0.024, 16, 6) is True
+  assert estimate.value().token_ms == pytest.approx(0.25)
+
+
+def test_a_prompt_whose_head_ran_on_its_last_row_only_is_charged_one_rows_head():
+  """A last stage of 4 layers and 2 layers of head time, decode_ms 2.0: a prompt of 16 tokens asking for its last row's logits
+  took 16 x 4 x 0.25 ms of layers and 2 x 2.0 ms of head, 20 ms: 0.25 ms a layer per token (charging the head 16 rows would say
+  20 / (6 x 16) = 0.208)."""
+  estimate = LayerTimeEstimate(CALIBRATED)
+  for _ in range(TOKEN_MIN_SAMPLES):
+    estimate.add_step(0.020, 16, 4, 2.0, head_rows=1)
   assert estimate.value().token_ms == pytest.approx(0.25)
 
 

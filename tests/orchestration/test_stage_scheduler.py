@@ -292,12 +292,13 @@ def test_a_decode_call_waits_briefly_for_the_other_requests_decoding_here(clock)
   clock.run(main())
 
 
-@pytest.mark.parametrize("requests, calls_per_round", [(8, 2), (5, 2), (12, 3)])
-def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_round(requests, calls_per_round, clock):
-  """A two-stage ring in one scheduler (first stage, then last, then round again), batch 4, requests joining a few
-  milliseconds apart, so their first steps come in fragments. Once every request decodes, each round of the ring runs them
-  in ceil(requests / 4) calls at the first stage, whatever the fragments were (they merge within a round of joining); each
-  call of either stage costs the same."""
+@pytest.mark.parametrize("requests, batch, calls_per_round", [(8, 4, 2), (5, 4, 2), (12, 4, 3), (8, 16, 2), (3, 16, 2)])
+def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_round(requests, batch, calls_per_round, clock):
+  """A two-stage ring in one scheduler (first stage, then last, then round again), requests joining a few milliseconds apart,
+  so their first steps come in fragments. Once every request decodes, each round of the ring runs them in
+  max(ceil(requests / batch), 2) calls at the first stage (two micro-batches keep both stages busy; a batch of 16 would
+  leave one idle), whatever the fragments were (they merge within a round of joining); each call of either stage costs the
+  same."""
 
   async def main():
     first_calls: list[list[str]] = []
@@ -308,13 +309,13 @@ def test_the_first_stage_regroups_decoding_requests_into_the_fewest_calls_per_ro
       await clock.sleep(0.02)
       return [output(s) for s in steps]
 
-    scheduler = scheduler_on(clock, run_call, max_batch=4)
+    scheduler = scheduler_on(clock, run_call, max_batch=batch)
 
     async def request(i: int):
       await clock.sleep(0.007 * i)
       for position in range(16):
-        await scheduler.run(FIRST, Step(f"r{i}", tokens(1), position))
-        await scheduler.run(LAST, Step(f"r{i}", hidden(1), position))
+        await scheduler.run(FIRST, Step(f"r{i}", tokens(1), position), stages=2)
+        await scheduler.run(LAST, Step(f"r{i}", hidden(1), position), stages=2)
 
     await asyncio.gather(*(request(i) for i in range(requests)))
     await scheduler.stop()
