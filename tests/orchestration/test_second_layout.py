@@ -65,14 +65,14 @@ class Held:
   def attach(self, node: Node) -> None:
     run = node.scheduler.run
 
-    async def held_run(shard, step):
+    async def held_run(shard, step, stages=1):
       self.first = self.first or step.request_id
       if step.request_id == self.first:
         self.steps += 1
         if self.steps == self.hold_at:
           self.holding.set()
           await self.release.wait()
-      out = await run(shard, step)
+      out = await run(shard, step, stages)
       self.most_resident = max(self.most_resident, len(self.inner.resident_shards()))
       return out
 
