@@ -103,6 +103,9 @@ async def ring_tokens(engine_class, names: list[str], tmp_path, questions=(MESSA
   try:
     await asyncio.gather(*(n.start(wait_for_peers=len(names) - 1) for n in nodes))
     origin = nodes[0]
+    # The origin's topology was collected when it saw its peers, while a peer might not yet have seen the third node (no edge
+    # between them yet: no 3-node ring); now that every node has seen every other, collect it again.
+    await origin.cluster.refresh()
     prompts = [await origin.engine.apply_chat_template(WHOLE, messages) for messages in questions]
     generations = await asyncio.gather(*(origin.generate(prompt) for prompt in prompts))
     return [g.tokens for g in generations], generations[0].plan.ring()
