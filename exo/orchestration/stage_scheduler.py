@@ -5,16 +5,16 @@ the engine, one call at a time:
 - the decode steps (one position each) waiting run as ONE call of up to the shard's batch requests, each with its own KV cache
   and position; steps that arrive while a call runs join the next one. The shard's batch is `max_batch`, lowered to the
   requests whose KV cache fits beside the shard in the node's memory (`batch_limit`);
-- where the engine runs prompt rows and decode steps of different requests in one call (`prompt_rows` > 0, as vLLM's chunked
-  prefill does), a call takes the prompt chunks waiting, shortest first, up to `prompt_rows` rows, and every decode step waiting
-  rides along: eight short prompts cost one or two calls, and running requests keep producing tokens while prompts are read.
-  Otherwise (the rest of this list):
 - at the ring's first stage (the shard that takes token ids) the decoding requests are regrouped each round of the ring into
   micro-batches of G = min(batch, ceil(D / k)) for D requests on a ring of k stages, so that every stage has one to run
   (a single batch would leave all stages but one idle): fewer than G steps wait (up to a round) while running them now would
   leave more requests than the round's remaining calls can hold, so the D requests go round in ceil(D / G) micro-batches
   rather than in fragments that each cost a call at every stage. Later stages run the groups as they come, waiting up to half
   a decode call for a group's stragglers;
+- where the engine runs prompt rows and decode steps of different requests in one call (`prompt_rows` > 0, as vLLM's chunked
+  prefill does), a call takes the prompt chunks waiting, shortest first, up to `prompt_rows` rows, and every decode step waiting
+  rides along: eight short prompts cost two or three calls, and running requests keep producing tokens while prompts are read.
+  Otherwise:
 - a prompt runs in chunks of at most `chunk_tokens` positions, one chunk per call. The prompt with the fewest positions left
   goes first (a short request is not stuck behind a long one). While requests decode here, prompts longer than a chunk get
   at most `prompt_share` of the stage's time (a chunk that took C seconds is followed by C (1 - share) / share seconds in which no
@@ -155,9 +155,9 @@ class StageScheduler:
     self._chunk_tokens = tokens
 
   async def run(self, shard: Shard, step: Step, stages: int = 1) -> np.ndarray:
-    """`step` (of a request on a ring of `stages` stages)'s output once it has run: for a prompt, its chunks' outputs joined on the positions axis, except on the last shard,
-    where only the last position's logits are kept (all a sampler reads; a long prompt's would take gigabytes). Raises what the
-    engine raised for it, or StepCancelled."""
+    """The output of `step` (of a request on a ring of `stages` stages) once it has run: for a prompt, its chunks' outputs
+    joined on the positions axis, except on the last shard, where only the last position's logits are kept (all a sampler
+    reads; a long prompt's would take gigabytes). Raises what the engine raised for it, or StepCancelled."""
     x = np.asarray(step.input_data)
     token_ids = x.ndim <= 2 and np.issubdtype(x.dtype, np.integer)
     rows = x.reshape(-1).shape[0] if token_ids else x.shape[-2]
