@@ -8,6 +8,7 @@ as llama.cpp does), and keeps keys and values in float16; the logits are therefo
 """
 
 import asyncio
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def whole(model_id: str, config: LlamaConfig) -> Shard:
   return Shard(model_id, 0, config.n_layers - 1, config.n_layers)
 
 
+@contextlib.contextmanager
+def fresh_engines(count: int):
+  """`count` engines of their own, closed afterwards."""
+  engines = [GGMLInferenceEngine(threads=2) for _ in range(count)]
+  try:
+    yield engines
+  finally:
+    for engine in engines:
+      engine.close()
+
+
 async def prompt_then_decode(ring: list[tuple[GGMLInferenceEngine, Shard]], request: str, steps: int) -> list[np.ndarray]:
   """The last shard's logits for PROMPT and then `steps` greedy decode steps through the ring's engines and shards in turn."""
   x, position, outputs = PROMPT, 0, []
@@ -121,13 +133,9 @@ def test_logits_match_the_numpy_reference(models, family, kind):
 def test_a_split_over_shards_gives_the_whole_models_outputs_exactly(models):
   """Hidden states cross shards as float32, and every row's products run the same kernels whatever the shard holds."""
   model_id = write_model(models, "qwen2", "Q4_K")
-  engines = [GGMLInferenceEngine(threads=2) for _ in range(3)]
-  try:
+  with fresh_engines(3) as engines:
     alone = asyncio.run(prompt_then_decode([(engines[0], whole(model_id, QWEN2))], "r", 4))
     split = asyncio.run(prompt_then_decode([(engines[1], Shard(model_id, 0, 0, 3)), (engines[2], Shard(model_id, 1, 2, 3))], "r", 4))
-  finally:
-    for engine in engines:
-      engine.close()
   for a, b in zip(alone, split):
     assert np.array_equal(a, b)
 
@@ -238,12 +246,8 @@ def test_kept_graphs_still_run_right_after_a_larger_graph_grows_the_allocators_b
       outputs.append(out)
     return outputs
 
-  engines = [GGMLInferenceEngine(threads=2) for _ in range(2)]
-  try:
+  with fresh_engines(2) as engines:
     alone, interrupted = asyncio.run(decode(engines[0], False)), asyncio.run(decode(engines[1], True))
-  finally:
-    for engine in engines:
-      engine.close()
   for a, b in zip(alone, interrupted):
     assert np.array_equal(a, b)
 
