@@ -76,9 +76,14 @@ def build_node(args) -> Node:
   capabilities = detect_device_capabilities(args.measure_device, args.memory_mb, args.tflops, args.memory_bandwidth)
   engine_name = args.inference_engine or default_engine()
   from exo.inference.model_figures import model_spec_for  # imported here: the dummy engine's tests need no model files
+  from exo.inference.model_files import present
+  from exo.inference.model_sources import is_repo_id
 
-  # A real engine serves the model's files: plan with the file's figures (a model given by repo id is downloaded for them).
-  model = model_spec_for(args.model_name or args.run_model or default_model(engine_name), from_files=engine_name != "dummy")
+  # A real engine serves the model's files: plan with the file's figures. A model given by repo id that is not here is fetched
+  # for them once the node has joined its cluster (Node.start), from its peers where they have it; a paced engine needs them now.
+  ref = args.model_name or args.run_model or default_model(engine_name)
+  later = engine_name != "dummy" and not args.emulate and is_repo_id(ref) and not present(ref)
+  model = ref if later else model_spec_for(ref, from_files=engine_name != "dummy")
   engine = make_engine(engine_name, args.threads)
   if args.emulate:
     engine = PacedInferenceEngine(engine, device_pacing(model, capabilities))

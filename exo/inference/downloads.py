@@ -2,10 +2,12 @@
 (`hub_cache_dir`): for `exo download MODEL`, and for a node that must run layers of a model it does not have.
 
 What is fetched: a GGUF model's one file; a safetensors checkpoint's config and tokenizer files, and the weight files that hold
-the layers asked for (model.safetensors.index.json's weight_map names them) or all of them. huggingface_hub writes each file to
-a `.incomplete` blob and links it into the snapshot only once whole, so nothing half-written looks complete; a transfer that
-broke off resumes where it stopped with an HTTP Range request, within the same call (huggingface_hub retries a dropped
-connection).
+the layers asked for (model.safetensors.index.json's weight_map names them) or all of them. Each file listed with its hash
+(exo.inference.hub_files) is asked of the node's cluster first (a `FileMirror`: exo.networking.peer_files), and fetched from the
+hub only if no peer has it or is fetching it; its bytes go to a `.incomplete` blob that becomes the file only once whole and of
+the hub's hash, so nothing half-written or corrupted looks complete. A transfer that broke off resumes where it stopped with an
+HTTP Range request (huggingface_hub's http_get retries a dropped connection), or from a peer. A file the hub lists without a hash
+comes through huggingface_hub's own download, from the hub.
 
 What a node may fetch when a request, a peer or --run-model names a model it lacks (`exo download` fetches any repository):
 EXO_ALLOW_DOWNLOADS (--allow-downloads): "builtin" (the default) the built-in models' repositories only (model_sources.BUILT_IN:
@@ -42,6 +44,8 @@ from pathlib import Path
 
 from exo.base.errors import BadInput, ClusterCannotServe, ModelNotFound
 from exo.base.shard import Shard
+from exo.inference.file_fetch import fetch_file
+from exo.inference.hub_files import FileMirror
 from exo.inference.model_files import downloaded, hub_cache_dir, locate_model, missing_files, snapshot_dir, weight_files, weight_map
 from exo.inference.model_sources import BUILT_IN, ENGINE_FORMATS, Source, model_sources, ordered
 from exo.inference.safetensors_model import safetensors_index
@@ -109,10 +113,11 @@ def ensure_model(
   formats: tuple[str, ...] = ENGINE_FORMATS["tinygrad"],
   progress: bool | None = None,
   allow: str | None = None,
+  mirror: FileMirror | None = None,
 ) -> Path:
   """The model's GGUF file or directory on this machine, holding what `shard` needs (None: the whole model; weights=False: its
   config and tokenizer only), once what is missing has been downloaded (from the first of the model's sources in `formats`
-  order; `progress` as for `download`) if `allow` (default: the node's allowed_downloads()) lets it. A model that has no source
+  order; `progress` and `mirror` as for `download`) if `allow` (default: the node's allowed_downloads()) lets it. A model that has no source
   (a path, an unknown id) or that lives in a directory of the user's own is used as it is."""
   try:
     path, not_found = locate_model(model_id), None
@@ -140,24 +145,24 @@ def ensure_model(
     raise BadInput(
       f"downloads of {model_id[:200]!r} are not allowed: {only}; start the node with --allow-downloads any, or fetch it first with `exo download`"
     )
-  return download(source, shard, weights, progress)
+  return download(source, shard, weights, progress, mirror)
 
 
-def download(source: Source, shard: Shard | None = None, weights: bool = True, progress: bool | None = True) -> Path:
+def download(
+  source: Source, shard: Shard | None = None, weights: bool = True, progress: bool | None = True, mirror: FileMirror | None = None
+) -> Path:
   """Fetch `source` (what `shard` needs of it, or all of it) into the hub cache; returns the GGUF file or snapshot directory.
-  progress: True shows huggingface_hub's bar per file on stderr, None only when stderr is a terminal, False never."""
+  progress: True shows huggingface_hub's bar per file on stderr, None only when stderr is a terminal, False never. mirror: where
+  each file is asked for before the hub (None: the hub only)."""
   if offline():
     raise ModelNotFound(f"HF_HUB_OFFLINE is set: {source} is not downloaded")
-  from huggingface_hub import HfApi, hf_hub_download  # imported here: only a download needs it
+  from huggingface_hub import HfApi  # imported here: only a download needs it
 
   endpoint, cache = hub_endpoint(), hub_cache_dir()
   bar = _bar_class(progress)
 
   def fetch(filename: str) -> Path:
-    path = Path(hf_hub_download(source.repo, filename, cache_dir=cache, endpoint=endpoint, tqdm_class=bar))
-    if (got := path.stat().st_size) != sizes[filename]:
-      raise ClusterCannotServe(f"{filename} of {source} came as {got} bytes where {endpoint} listed {sizes[filename]}; nothing of {source} was kept")
-    return path
+    return fetch_file(source, info, filename, endpoint, cache, bar, mirror)
 
   with _ONE_AT_A_TIME, _kept_only_if_whole(cache, source.repo), _hub_errors(source, endpoint, cache):
     info = HfApi(endpoint=endpoint).model_info(source.repo, files_metadata=True)
@@ -187,7 +192,8 @@ def download(source: Source, shard: Shard | None = None, weights: bool = True, p
     _check_space(source, todo, sizes, cache)
     if todo:
       total = sum(sizes.get(f, 0) for f in todo)
-      log.warning("downloading %s from %s: %d file(s), %s, into %s", source, endpoint, len(todo), _size(total), cache)
+      origin = endpoint if mirror is None else f"this node's peers, else {endpoint}"
+      log.warning("downloading %s from %s: %d file(s), %s, into %s", source, origin, len(todo), _size(total), cache)
     fetched = [fetch(f) for f in todo]
   safetensors_index.cache_clear()  # the directory may hold more weight files than when it was last indexed
   if gguf is not None:

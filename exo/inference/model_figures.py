@@ -120,10 +120,10 @@ def served_model_spec(table_spec: ModelSpec) -> ModelSpec:
   return table_spec if missing_files(path) else model_spec_from_file(path, table_spec.id)
 
 
-def model_spec_for(ref: str, from_files: bool = True) -> ModelSpec:
+def model_spec_for(ref: str, from_files: bool = True, mirror=None) -> ModelSpec:
   """The spec a node plans the model `ref` with (exo.inference.model_sources names the kinds): a built-in id's (from its files
   with `from_files`, as served_model_spec), or the one read from the files of a local path (its id: the absolute path) or of a
-  Hugging Face repo id (downloaded first if not here: the figures come from its files)."""
+  Hugging Face repo id (downloaded first if not here, asking `mirror` before the hub: the figures come from its files)."""
   if ref in MODELS:
     return served_model_spec(MODELS[ref]) if from_files else MODELS[ref]
   if (path := local_path(ref)) is not None:
@@ -131,7 +131,7 @@ def model_spec_for(ref: str, from_files: bool = True) -> ModelSpec:
   if is_repo_id(ref):
     from exo.inference.downloads import ensure_model
 
-    return model_spec_from_file(ensure_model(ref), ref)
+    return model_spec_from_file(ensure_model(ref, mirror=mirror), ref)
   if "/" in ref or ref.endswith(".gguf"):
     raise ModelNotFound(f"model file {ref!r} was not found: no such .gguf file or model directory")
   raise ModelNotFound(

@@ -10,6 +10,7 @@ from exo.base.model_spec import MAX_CONTEXT
 from exo.base.shard import Shard
 from exo.inference.downloads import ensure_model
 from exo.inference.heap import trim_heap
+from exo.inference.hub_files import FileMirror
 from exo.inference.llama_weights import load_config
 from exo.inference.model_figures import shard_held_bytes
 from exo.inference.model_files import locate_model
@@ -26,6 +27,7 @@ class ModelFileEngine(ShardedEngine):
     self._tokenizers: dict[str, Tokenizer] = {}
     self._sizes: dict[Shard, int] = {}
     self._contexts: dict[str, int] = {}
+    self.mirror: FileMirror | None = None  # where files are asked for before the hub: the node's peers, once it runs
 
   @abstractmethod
   async def _in_worker(self, fn, *args):
@@ -34,7 +36,7 @@ class ModelFileEngine(ShardedEngine):
   async def _fetch(self, model_id: str, shard: Shard | None = None) -> None:
     """Download what this node lacks of the model (exo.inference.downloads): with a shard, its weight files too; without, the
     config and tokenizer. A model already here costs a look at its files."""
-    await asyncio.to_thread(ensure_model, model_id, shard, shard is not None, self.formats)
+    await asyncio.to_thread(ensure_model, model_id, shard, shard is not None, self.formats, mirror=self.mirror)
 
   async def _resident(self, shard: Shard):
     if shard not in self._models:

@@ -1,13 +1,27 @@
 """How a node talks to one peer. The gRPC implementation is in exo/networking/grpc; tests may fake it."""
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from exo.base.device_capabilities import DeviceCapabilities
 from exo.base.shard import Shard
 from exo.base.topology import Topology
+from exo.inference.hub_files import HubFile
 from exo.networking.request_context import RequestContext
+
+
+@dataclass(frozen=True)
+class FileState:
+  """What a peer holds of a model file: the bytes from its start it can send now, whether that is all of it, whether a transfer
+  into it runs there, and its claim to fetch the file from the hub (exo.networking.fetch_claims; 0: none)."""
+
+  held_bytes: int = 0
+  whole: bool = False
+  arriving: bool = False
+  claim: int = 0
 
 
 class Refused(Exception):
@@ -59,3 +73,12 @@ class PeerHandle(ABC):
   @abstractmethod
   async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
     pass
+
+  async def file_status(self, file: HubFile, claim: int) -> FileState | None:
+    """What the peer holds of `file`, telling it this node's `claim` on it; None if the peer serves no files."""
+    return None
+
+  def fetch_file(self, file: HubFile, offset: int, length: int) -> AsyncIterator[tuple[int, bytes]]:
+    """The bytes of `file` from `offset`, `length` of them (0: to its end), as (offset, data) pieces in order, as they arrive
+    at the peer; raises if the peer does not have them or the transfer breaks off."""
+    raise NotImplementedError(f"{self!r} serves no files")

@@ -1,12 +1,15 @@
 """The seams between the wire and a node: a server that starts and stops, and the node it serves."""
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import numpy as np
 
 from exo.base.shard import Shard
 from exo.base.topology import Topology
+from exo.inference.hub_files import HubFile
+from exo.networking.peer_handle import FileState
 from exo.networking.request_context import RequestContext
 
 
@@ -21,7 +24,8 @@ class Server(ABC):
 
 
 class RingNode(Protocol):
-  """What a server needs of the node behind it: the ring's messages, results and status, topology collection and health. A
+  """What a server needs of the node behind it: the ring's messages, results and status, topology collection, health and the
+  model files it shares with its peers (exo.networking.peer_files). A
   server passes every message with `sender`, the id the calling node gave (a node's own calls pass none)."""
 
   id: str
@@ -37,3 +41,7 @@ class RingNode(Protocol):
   async def collect_topology(self, visited: set[str], max_depth: int) -> Topology: ...
 
   def is_healthy(self) -> bool: ...
+
+  def file_status(self, file: HubFile, claim: int) -> FileState: ...
+
+  def file_chunks(self, file: HubFile, offset: int, length: int) -> AsyncIterator[tuple[int, bytes]]: ...

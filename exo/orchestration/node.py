@@ -5,6 +5,7 @@
   Origin          a request this node receives, from admission to its last token (origin.py)
   StageRunner     this node's stages of requests: run, pass on, report, relay failures (stage_runner.py)
   LayerTimeMeter  the engine's measured layer times, published with the device (layer_meter.py)
+  PeerFiles       the model files it gets from its peers before the hub, and serves them (exo.networking.peer_files)
 
 The node that receives a request plans it once; the plan travels in every message of the request, so each hop follows the
 same ring whatever its own view of the topology. Work triggered by a message runs in a task, so a gRPC call returns at once
@@ -15,6 +16,7 @@ and a long generation never nests calls around the ring. The API and the termina
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Callable, Coroutine
 
 import numpy as np
@@ -26,10 +28,15 @@ from exo.base.models import MODELS
 from exo.base.shard import Shard
 from exo.base.topology import Topology
 from exo.inference.engine_wrapper import EngineWrapper
+from exo.inference.hub_files import HubFile
 from exo.inference.inference_engine import InferenceEngine
+from exo.inference.model_figures import model_spec_for
 from exo.inference.model_file_engine import ModelFileEngine
+from exo.inference.model_files import present
 from exo.inference.sampling import GREEDY, Sampling
 from exo.networking.discovery import Discovery
+from exo.networking.peer_files import PeerFiles
+from exo.networking.peer_handle import FileState
 from exo.networking.request_context import RequestContext
 from exo.networking.server import Server
 from exo.orchestration.admission import AdmissionPolicy
@@ -59,7 +66,7 @@ class Node:
     engine: InferenceEngine,
     discovery: Discovery,
     capabilities: DeviceCapabilities,
-    model: ModelSpec,
+    model: ModelSpec | str,
     planner: PlannerConfig | None = None,
     max_generate_tokens: int = 256,
     request_timeout: float = 120.0,
@@ -68,7 +75,9 @@ class Node:
     max_requests: int = 64,
     admit_by_rate: bool = False,
   ):
-    self.model = model  # what requests without a model of their own run
+    # what requests without a model of their own run; a repo id: a model whose files the node gets once it joins its cluster
+    self.model_ref = model if isinstance(model, str) else None
+    self.model = None if isinstance(model, str) else model
     self.measure_layer_times = measure_layer_times  # calibrate the engine at start, refine from requests, publish
     self.server: Server | None = None
     self.cluster = ClusterView(node_id, discovery, capabilities, refresh_interval)
@@ -90,6 +99,9 @@ class Node:
       self.origin.requests.__contains__, self._take_place, self.spawn,
     )  # fmt: skip
     self._tasks: set[asyncio.Task] = set()
+    self.files = PeerFiles(node_id, lambda: list(self.cluster.peers.values()))
+    if (files_engine := self._model_file_engine()) is not None:
+      files_engine.mirror = self.files
 
   @property
   def id(self) -> str:
@@ -134,11 +146,24 @@ class Node:
 
   async def start(self, wait_for_peers: int = 0, wait_timeout: float | None = None) -> None:
     """Serve; with `wait_for_peers`, once that many peers are live, or ClusterCannotServe after `wait_timeout` seconds naming
-    those that answered and those heard of that did not."""
-    if self.measure_layer_times:
-      await self.meter.calibrate(self.model)
+    those that answered and those heard of that did not. A node that lacks files of its model joins its cluster before it gets
+    them (the model's figures, then the layers it calibrates on), so that they come from its peers where they can."""
+    self.files.loop = asyncio.get_running_loop()
+    if self.model_ref is None and not self._lacks_files():
+      if self.measure_layer_times:
+        await self.meter.calibrate(self.model)
+      await self.server.start()
+      await self.cluster.start(wait_for_peers, wait_timeout)
+      return
     await self.server.start()
     await self.cluster.start(wait_for_peers, wait_timeout)
+    if self.model is None:
+      self.model = self.stages.model = await asyncio.to_thread(model_spec_for, self.model_ref, True, self.files)
+    if self.measure_layer_times:
+      await self.meter.calibrate(self.model)
+
+  def _lacks_files(self) -> bool:
+    return self._model_file_engine() is not None and not present(self.model.id)
 
   async def stop(self) -> None:
     for task in list(self._tasks):
@@ -197,10 +222,19 @@ class Node:
     return self.cluster.rtt_ms(node_id)
 
   def reads_model_files(self) -> bool:
+    return self._model_file_engine() is not None
+
+  def _model_file_engine(self) -> ModelFileEngine | None:
     engine = self.engine
     while isinstance(engine, EngineWrapper):
       engine = engine.inner
-    return isinstance(engine, ModelFileEngine)
+    return engine if isinstance(engine, ModelFileEngine) else None
+
+  def file_status(self, file: HubFile, claim: int) -> FileState:
+    return self.files.status(file, claim)
+
+  def file_chunks(self, file: HubFile, offset: int, length: int) -> AsyncIterator[tuple[int, bytes]]:
+    return self.files.chunks(file, offset, length)
 
   def load(self) -> dict:
     """What the node is doing: requests it is the origin of, requests with steps waiting at its stage, the mean size of its
@@ -231,7 +265,7 @@ class Node:
   def _requests_held(self, shard: Shard, context_tokens: int) -> int | None:
     """Requests whose KV cache at `context_tokens` (0: the model's default) fits in this node's memory beside the shard, less the
     headroom: a stage's largest batch (None: unbounded, the model or its KV size or the memory unknown)."""
-    model = self.model if shard.model_id == self.model.id else MODELS.get(shard.model_id)
+    model = self.model if self.model is not None and shard.model_id == self.model.id else MODELS.get(shard.model_id)
     if model is None:
       return None
     usable = self.capabilities.memory * 2**20 * (1 - self.planner.config.request.params.memory_headroom)

@@ -49,7 +49,7 @@ class StageRunner:
   def __init__(
     self,
     node_id: str,
-    model: ModelSpec,
+    model: ModelSpec | None,
     text: ModelText,
     scheduler: StageScheduler,
     messenger: Messenger,
@@ -127,7 +127,7 @@ class StageRunner:
 
   def _check_layers(self, shard: Shard) -> None:
     """BadInput if the shard's model is one this node knows and has another number of layers (the wire bounds any model's)."""
-    known = self.model if shard.model_id == self.model.id else MODELS.get(shard.model_id)
+    known = self.model if self.model is not None and shard.model_id == self.model.id else MODELS.get(shard.model_id)
     if known is not None and shard.n_layers != known.n_layers:
       raise BadInput(f"{shard.model_id} has {known.n_layers} layers; the request's plan says {shard.n_layers}")
 

@@ -155,12 +155,14 @@ def test_a_local_gguf_path_is_a_model(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_node_downloads_the_model_it_serves_and_answers(hub):
-  """A node asked to serve a repo id it does not have fetches it (its planner figures come from its files), then answers."""
+  """A node asked to serve a repo id it does not have fetches it once it has started (it would ask its peers first), its planner
+  figures from the files, then answers."""
   args = ["--inference-engine", "tinygrad", "--run-model", TINY_ID, "--discovery-module", "none", "--node-host", "127.0.0.1", *DEVICE]
   node = build_node(build_parser().parse_args([*args, "--max-generate-tokens", "4"]))
-  assert node.model.id == TINY_ID and node.model.n_layers == TINY.n_layers and present(TINY_ID)
+  assert node.model is None and node.model_ref == TINY_ID and not present(TINY_ID)
 
   [(status, body)] = chat_replies(node, [TINY_ID])
+  assert node.model.id == TINY_ID and node.model.n_layers == TINY.n_layers and present(TINY_ID)
   assert status == 200, body
   assert body["model"] == TINY_ID and body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
 

@@ -8,6 +8,7 @@ from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, LayerT
 from exo.base.model_spec import MAX_LAYERS
 from exo.base.shard import Shard
 from exo.base.topology import Topology
+from exo.inference.hub_files import HubFile
 from exo.inference.sampling import GREEDY, Sampling
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.request_context import RequestContext, RingPlan, RingStage
@@ -162,3 +163,12 @@ def topology_from_proto(msg: pb.Topology) -> Topology:
     bandwidth = non_negative_number(e.bandwidth_mbps, f"{where} bandwidth_mbps", speed=True) if e.HasField("bandwidth_mbps") else None
     topology.add_edge(e.from_id, e.to_id, rtt, bandwidth)
   return topology
+
+
+def hub_file_to_proto(file: HubFile) -> pb.HubFile:
+  return pb.HubFile(repo=file.repo, commit=file.commit, filename=file.filename, size=file.size, sha=file.sha)
+
+
+def hub_file_from_proto(msg: pb.HubFile) -> HubFile:
+  """ValueError naming the field for a file no repository holds (a path, a size or hash out of form)."""
+  return HubFile(msg.repo, msg.commit, msg.filename, msg.size, msg.sha)

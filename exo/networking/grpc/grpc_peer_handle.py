@@ -1,6 +1,7 @@
 """A peer reached over gRPC: a lazily opened channel, per-call timeouts, and a health check that never raises. Every call carries
 the cluster's token and the id of the node that makes it (exo.networking.membership)."""
 
+import asyncio
 import logging
 
 import grpc
@@ -9,18 +10,20 @@ import numpy as np
 from exo.base.device_capabilities import DeviceCapabilities
 from exo.base.shard import Shard
 from exo.base.topology import Topology
+from exo.inference.hub_files import HubFile
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
-from exo.networking.grpc.conversions import context_to_proto, shard_to_proto, tensor_to_proto, topology_from_proto
+from exo.networking.grpc.conversions import context_to_proto, hub_file_to_proto, shard_to_proto, tensor_to_proto, topology_from_proto
 from exo.networking.grpc.grpc_server import MAX_MESSAGE_MB, message_size_options
 from exo.networking.membership import SENDER_METADATA, TOKEN_METADATA, Membership, RateLimitedLog, cluster_membership
-from exo.networking.peer_handle import PeerHandle, Refused
+from exo.networking.peer_handle import FileState, PeerHandle, Refused
 from exo.networking.request_context import RequestContext
 
 logger = logging.getLogger(__name__)
 refused = RateLimitedLog(logger)
 
 CALL_TIMEOUT_S = 10.0
+PIECE_TIMEOUT_S = 30.0  # a file stream whose next piece takes longer has stalled (the server ends a stalled one after 20 s)
 # While a channel backs off after a failed connect every call fails at once, and gRPC's backoff grows to 120 s by default:
 # cap it so a restarted peer passes health checks again within seconds.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -127,6 +130,19 @@ class GRPCPeerHandle(PeerHandle):
   async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
     request = pb.CollectTopologyRequest(visited=sorted(visited), max_depth=max_depth)
     return topology_from_proto(await self._stub().CollectTopology(request, timeout=CALL_TIMEOUT_S, metadata=self.metadata))
+
+  async def file_status(self, file: HubFile, claim: int) -> FileState:
+    request = pb.FileStatusRequest(file=hub_file_to_proto(file), claim=claim)
+    reply = await self._stub().FileStatus(request, timeout=CALL_TIMEOUT_S, metadata=self.metadata)
+    return FileState(max(0, reply.held_bytes), reply.whole, reply.arriving, max(0, reply.claim))
+
+  async def fetch_file(self, file: HubFile, offset: int, length: int):
+    call = self._stub().FetchFile(pb.FetchFileRequest(file=hub_file_to_proto(file), offset=offset, length=length), metadata=self.metadata)
+    try:
+      while (chunk := await asyncio.wait_for(call.read(), PIECE_TIMEOUT_S)) is not grpc.aio.EOF:
+        yield chunk.offset, chunk.data
+    finally:
+      call.cancel()
 
   def __repr__(self) -> str:
     return f"GRPCPeerHandle(id={self._id!r}, address={self.address!r})"

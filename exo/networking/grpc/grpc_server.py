@@ -9,7 +9,7 @@ import grpc
 from exo.base.errors import ExoError
 from exo.networking.grpc import node_service_pb2 as pb
 from exo.networking.grpc import node_service_pb2_grpc as pb_grpc
-from exo.networking.grpc.conversions import context_from_proto, shard_from_proto, tensor_from_proto, topology_to_proto
+from exo.networking.grpc.conversions import context_from_proto, hub_file_from_proto, shard_from_proto, tensor_from_proto, topology_to_proto
 from exo.networking.membership import SENDER_METADATA, TOKEN_METADATA, Membership, RateLimitedLog, cluster_membership
 from exo.networking.server import RingNode, Server
 
@@ -152,3 +152,21 @@ class GRPCServer(pb_grpc.NodeServiceServicer, Server):
   @_guarded
   async def HealthCheck(self, request: pb.HealthCheckRequest, context) -> pb.HealthCheckResponse:
     return pb.HealthCheckResponse(is_healthy=bool(self.node.is_healthy()), node_id=self.node.id)
+
+  @_guarded
+  async def FileStatus(self, request: pb.FileStatusRequest, context) -> pb.FileStatusReply:
+    state = self.node.file_status(hub_file_from_proto(request.file), max(0, request.claim))
+    return pb.FileStatusReply(held_bytes=state.held_bytes, whole=state.whole, arriving=state.arriving, claim=state.claim)
+
+  async def FetchFile(self, request: pb.FetchFileRequest, context: grpc.aio.ServicerContext):
+    """The file's bytes as FileChunk messages; a bad request or a file not held ends the stream with the status of its error
+    (as _guarded does for a single answer)."""
+    try:
+      async for offset, data in self.node.file_chunks(hub_file_from_proto(request.file), request.offset, request.length):
+        yield pb.FileChunk(offset=offset, data=data)
+    except ExoError as e:
+      logger.info("FetchFile from %s ended: %s", context.peer(), e)
+      await context.abort(grpc.StatusCode[e.grpc_code], str(e))
+    except ValueError as e:
+      logger.warning("rejected FetchFile from %s: %s", context.peer(), e)
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

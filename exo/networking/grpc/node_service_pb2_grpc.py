@@ -71,6 +71,16 @@ class NodeServiceStub:
                 request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.HealthCheckRequest.SerializeToString,
                 response_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.HealthCheckResponse.FromString,
                 _registered_method=True)
+        self.FileStatus = channel.unary_unary(
+                '/node_service.NodeService/FileStatus',
+                request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FileStatusRequest.SerializeToString,
+                response_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FileStatusReply.FromString,
+                _registered_method=True)
+        self.FetchFile = channel.unary_stream(
+                '/node_service.NodeService/FetchFile',
+                request_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FetchFileRequest.SerializeToString,
+                response_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -120,6 +130,18 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FileStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +179,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.HealthCheck,
                     request_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.HealthCheckRequest.FromString,
                     response_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.HealthCheckResponse.SerializeToString,
+            ),
+            'FileStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.FileStatus,
+                    request_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FileStatusRequest.FromString,
+                    response_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FileStatusReply.SerializeToString,
+            ),
+            'FetchFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchFile,
+                    request_deserializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FetchFileRequest.FromString,
+                    response_serializer=exo_dot_networking_dot_grpc_dot_node__service__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +382,60 @@ class NodeService:
             '/node_service.NodeService/HealthCheck',
             exo_dot_networking_dot_grpc_dot_node__service__pb2.HealthCheckRequest.SerializeToString,
             exo_dot_networking_dot_grpc_dot_node__service__pb2.HealthCheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FileStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/node_service.NodeService/FileStatus',
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.FileStatusRequest.SerializeToString,
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.FileStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/node_service.NodeService/FetchFile',
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.FetchFileRequest.SerializeToString,
+            exo_dot_networking_dot_grpc_dot_node__service__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,
