@@ -217,7 +217,7 @@ class ChatGPTAPI:
     if model_id is None or model_id == self.node.model.id:
       return self.node.model
     try:
-      return await asyncio.to_thread(model_spec_for, model_id, self.node.reads_model_files())
+      return await asyncio.to_thread(model_spec_for, model_id, self.node.reads_model_files(), self.node.files)
     except Exception as e:
       if model_id in self.model_ids() or is_repo_id(model_id):
         raise

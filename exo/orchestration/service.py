@@ -1,5 +1,5 @@
 """What the API and the terminal view may ask of a node, and nothing more: run a request (admit, generate, release), read its
-plan, prediction, load and topology, and turn text into tokens and back for the models it serves. A request is cancelled by
+plan, prediction, load and topology, get model files through its peers, and turn text into tokens and back for the models it serves. A request is cancelled by
 cancelling the task that awaits `generate`: the ring is told and its stages drop the request."""
 
 from typing import Callable, Protocol
@@ -7,6 +7,7 @@ from typing import Callable, Protocol
 from exo.base.model_spec import ModelSpec
 from exo.base.topology import Topology
 from exo.inference.sampling import GREEDY, Sampling
+from exo.networking.peer_files import PeerFiles
 from exo.orchestration.model_text import ModelText
 from exo.orchestration.planner_driver import PlannerConfig
 from exo.orchestration.requests import Admission, Generation
@@ -25,6 +26,10 @@ class ServingNode(Protocol):
 
   @property
   def text(self) -> ModelText: ...
+
+  @property
+  def files(self) -> PeerFiles:
+    """The model files the node gets from its peers before the hub: a model a request names is fetched through it."""
 
   @property
   def planner_config(self) -> PlannerConfig: ...
