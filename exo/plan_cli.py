@@ -22,6 +22,7 @@ from exo.base.models import MODELS, model_spec
 from exo.base.topology import Topology
 from exo.cli_args import add_planner_flags, plan_request, positive_int
 from exo.topology.cost_model import CostModel, head_layers
+from exo.topology.holdings import downloads
 from exo.topology.plan import Plan
 from exo.topology.planner import STRATEGIES, plan_for
 
@@ -191,6 +192,18 @@ def ring_text(plan: Plan) -> str:
 # ---------- text ----------
 
 
+def fetch_line(plan: Plan, topology: Topology) -> str:
+  """What each ring node still fetches for its stage, given the layers the topology says it holds (exo.topology.holdings)."""
+
+  def one(d) -> str:
+    if not d.bytes:
+      return f"{escape(d.node_id)} nothing"
+    when = "" if d.seconds is None else f", {d.seconds:.3g} s at the measured link"
+    return f"{escape(d.node_id)} {d.bytes / 1e6:.1f} MB{when}"
+
+  return "To fetch: " + "; ".join(one(d) for d in downloads(topology, plan.model, plan.stages))
+
+
 def show_plan(console: Console, plan: Plan, topology: Topology, costs: CostModel, prompt_tokens: int) -> None:
   title = f"{plan.strategy} plan: {escape(plan.model.id)} ({plan.model.n_layers} layers) on {len(costs.node_ids)} nodes, {plan.objective} objective"
   table = Table(title=title, title_justify="left")
@@ -232,6 +245,7 @@ def show_plan(console: Console, plan: Plan, topology: Topology, costs: CostModel
     *predicted,
     model_line(plan),
     f"Left out of the ring: {escape(', '.join(left_out(plan, costs))) or 'none'}",
+    *([fetch_line(plan, topology)] if any(caps.holdings for caps in topology.nodes.values()) else []),
     *(f"[yellow]Warning:[/yellow] {escape(warning)}" for warning in plan.warnings),
   ]
   for line in lines:

@@ -98,12 +98,12 @@ def test_the_rule_catches_the_imports_it_forbids(tmp_path):
 
 
 def test_topology_modules_import_their_own_tier_or_lower():
-  """Inside the planner the tiers, lowest first, are: the cost model, layer splits and upstream's strategy seam; the search
+  """Inside the planner the tiers, lowest first, are: the cost model, what nodes hold, layer splits and upstream's strategy seam; the search
   problem and the plan; ring orders and bounds; the searches (exact latency, exact throughput, the heuristic, feasibility);
   the one dispatcher that picks a search; the strategies; the planner. A module of exo/topology imports modules of its own
   tier or lower only, and every module has a tier."""
   tiers = [
-    ["cost_model", "plan_request", "layer_split", "partitioning_strategy"],
+    ["cost_model", "holdings", "plan_request", "layer_split", "partitioning_strategy"],
     ["search_problem", "plan"],
     ["rings", "cycles", "path_tables", "bounds"],
     ["exact_latency", "exact_throughput", "heuristic", "feasibility", "cannot_serve"],

@@ -35,6 +35,7 @@ from exo.inference.model_files import present
 from exo.inference.model_sources import is_repo_id, local_path, model_sources
 from exo.orchestration.service import ServingNode
 from exo.orchestration.stop_strings import visible_text
+from exo.topology.holdings import downloads
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # upstream's --chatgpt-api-port
@@ -178,7 +179,12 @@ class ChatGPTAPI:
       plan = self.node.current_prediction() or await asyncio.to_thread(self.node.candidate_plan, self.node.model)  # a read adopts nothing
     except ExoError as e:
       return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status])
-    return web.json_response({**plan.to_dict(), "load": self.node.load(), "node_id": self.node.id, "last_request": self.last_request()})
+    # what each ring node still fetches, from the holdings announced now (none for an engine that reads no model files)
+    fetched = downloads(self.node.planning_topology(), plan.model, plan.stages) if self.node.reads_model_files() else []
+    downloads_now = [d.to_dict() for d in fetched]
+    return web.json_response(
+      {**plan.to_dict(), "downloads": downloads_now, "load": self.node.load(), "node_id": self.node.id, "last_request": self.last_request()}
+    )
 
   def last_request(self) -> dict | None:
     """What the last request this node received measured, next to what its plan predicted: the chat page compares them."""

@@ -5,6 +5,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 from exo.base.errors import BadInput
 
+MAX_LAYERS_HELD = 4096  # no model has more layers (exo.base.model_spec.MAX_LAYERS_HELD is smaller)
+MAX_TRANSFERS = 64
+MAX_FILE_BYTES = 2**42  # 4 TiB: larger than any model file
+
 
 @dataclass(frozen=True)
 class DeviceFlops:
@@ -44,9 +48,57 @@ class LayerTimes:
 
 
 @dataclass(frozen=True)
+class FileTransfer:
+  """A model file arriving at a node: `name` (repository/file), bytes received of its total, and where from (peer ids, "hub")."""
+
+  name: str
+  received_bytes: int
+  total_bytes: int
+  source: str = ""
+
+  def to_dict(self) -> dict:
+    return asdict(self)
+
+  @staticmethod
+  def from_dict(data: dict, where: str) -> "FileTransfer":
+    if not isinstance(data, dict):
+      raise BadInput(f"{where} must be a JSON object with name, received_bytes, total_bytes and source, got {data!r}")
+    reject_unknown_keys(data, {"name", "received_bytes", "total_bytes", "source"}, where)
+    sizes = [data.get(k, 0) for k in ("received_bytes", "total_bytes")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_FILE_BYTES for n in sizes) or sizes[0] > sizes[1]:
+      raise BadInput(f"{where}: received_bytes and total_bytes must be whole numbers of bytes, received at most total, got {sizes}")
+    return FileTransfer(_string(data.get("name", ""), f"{where}.name"), *sizes, _string(data.get("source", ""), f"{where}.source"))
+
+
+def layer_ranges(layers) -> tuple[tuple[int, int], ...]:
+  """Layer indices as sorted, disjoint (first, last) ranges."""
+  ranges: list[list[int]] = []
+  for layer in sorted(set(layers)):
+    if ranges and ranges[-1][1] == layer - 1:
+      ranges[-1][1] = layer
+    else:
+      ranges.append([layer, layer])
+  return tuple((a, b) for a, b in ranges)
+
+
+def _holdings(data, where: str) -> dict[str, tuple[tuple[int, int], ...]]:
+  if not isinstance(data, dict) or not all(isinstance(k, str) and k for k in data):
+    raise BadInput(f"{where} must be a JSON object mapping model ids to [first, last] layer ranges, got {data!r}")
+  out = {}
+  for model_id, ranges in data.items():
+    ok = isinstance(ranges, list) and len(ranges) <= MAX_LAYERS_HELD
+    ok = ok and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in ranges)
+    if not ok or not all(0 <= a <= b < MAX_LAYERS_HELD for a, b in ranges):
+      raise BadInput(f"{where}[{model_id!r}] must be a list of [first, last] layer ranges within 0..{MAX_LAYERS_HELD - 1}, got {ranges!r}")
+    out[model_id] = layer_ranges(layer for a, b in ranges for layer in range(a, b + 1))
+  return out
+
+
+@dataclass(frozen=True)
 class DeviceCapabilities:
   """A node's device. `memory` in MB (2**20 bytes), `memory_bandwidth` in GB/s (1e9 bytes/s); 0 means unknown.
-  `layer_times` maps a model id to the layer times this node's engine measured for it."""
+  `layer_times` maps a model id to the layer times this node's engine measured for it; `holdings` a model id to the layers whose
+  weights the node holds (it runs them without fetching anything); `transfers` are the model files arriving at it."""
 
   model: str = "Unknown Model"
   chip: str = "Unknown Chip"
@@ -54,18 +106,27 @@ class DeviceCapabilities:
   flops: DeviceFlops = field(default_factory=DeviceFlops)
   memory_bandwidth: float = 0.0
   layer_times: dict[str, LayerTimes] = field(default_factory=dict, hash=False)
+  holdings: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict, hash=False)
+  transfers: tuple[FileTransfer, ...] = field(default=(), hash=False)
 
   def to_dict(self) -> dict:
     out = {"model": self.model, "chip": self.chip, "memory": self.memory, "flops": self.flops.to_dict(), "memory_bandwidth": self.memory_bandwidth}
     if self.layer_times:
       out["layer_times"] = {model_id: times.to_dict() for model_id, times in sorted(self.layer_times.items())}
+    if self.holdings:
+      out["holdings"] = {model_id: [list(r) for r in ranges] for model_id, ranges in sorted(self.holdings.items())}
+    if self.transfers:
+      out["transfers"] = [t.to_dict() for t in self.transfers]
     return out
+
+  def held_layers(self, model_id: str) -> frozenset[int]:
+    return frozenset(layer for a, b in self.holdings.get(model_id, ()) for layer in range(a, b + 1))
 
   @staticmethod
   def from_dict(data: dict, where: str = "device") -> "DeviceCapabilities":
     if not isinstance(data, dict):
       raise BadInput(f"{where} must be a JSON object, got {type(data).__name__}")
-    reject_unknown_keys(data, {"model", "chip", "memory", "flops", "memory_bandwidth", "layer_times"}, where)
+    reject_unknown_keys(data, {"model", "chip", "memory", "flops", "memory_bandwidth", "layer_times", "holdings", "transfers"}, where)
     flops = data.get("flops", {})
     if not isinstance(flops, dict):
       raise BadInput(f"{where}.flops must be a JSON object with fp32, fp16 and int8, got {flops!r}")
@@ -80,6 +141,10 @@ class DeviceCapabilities:
       flops=DeviceFlops(**{k: non_negative_number(flops.get(k, 0), f"{where}.flops.{k}", speed=True) for k in ("fp32", "fp16", "int8")}),
       memory_bandwidth=non_negative_number(data.get("memory_bandwidth", 0), f"{where}.memory_bandwidth", speed=True),
       layer_times={k: LayerTimes.from_dict(v, f"{where}.layer_times[{k!r}]") for k, v in layer_times.items()},
+      holdings=_holdings(data.get("holdings", {}), f"{where}.holdings"),
+      transfers=tuple(
+        FileTransfer.from_dict(t, f"{where}.transfers[{i}]") for i, t in enumerate(_list(data.get("transfers", []), f"{where}.transfers"))
+      ),
     )
 
   def with_layer_times(self, model_id: str, times: LayerTimes) -> "DeviceCapabilities":
@@ -88,6 +153,12 @@ class DeviceCapabilities:
 
 
 UNKNOWN_DEVICE_CAPABILITIES = DeviceCapabilities()
+
+
+def _list(value, where: str) -> list:
+  if not isinstance(value, list) or len(value) > MAX_TRANSFERS:
+    raise BadInput(f"{where} must be a list of at most {MAX_TRANSFERS} entries, got {str(value)[:100]}")
+  return value
 
 
 def reject_unknown_keys(data: dict, allowed: set, where: str) -> None:

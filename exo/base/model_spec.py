@@ -17,7 +17,8 @@ FLOAT32_BYTES = 4  # the engines send hidden states between stages and keep the 
 class ModelSpec:
   """A transformer's figures (docs/DESIGN.md section 2): per layer, bytes of weights, FLOPs per token, hidden-state bytes sent per token
   and KV bytes for one request at `context_tokens`; and the bytes of the token embedding (first stage) and of the final norm and
-  output head (last stage)."""
+  output head (last stage). `file_bytes`: the size of the one file a node fetches whole to serve any layer of the model (a GGUF
+  file); 0 when a node fetches the files of its own layers."""
 
   id: str
   n_layers: int
@@ -29,9 +30,13 @@ class ModelSpec:
   head_bytes: float = 0.0
   tied_embeddings: bool = False
   context_tokens: int = MAX_CONTEXT
+  file_bytes: float = 0.0
 
   def to_dict(self) -> dict:
-    return asdict(self)
+    out = asdict(self)
+    if not self.file_bytes:
+      del out["file_bytes"]
+    return out
 
   def default_context(self) -> int:
     """The context a plan reserves KV for unless capped: the model's own, at most MAX_CONTEXT tokens."""
@@ -42,7 +47,7 @@ class ModelSpec:
     if not isinstance(data, dict):
       raise BadInput(f"{where} must be a JSON object, got {type(data).__name__}")
     required = {"id", "n_layers", "layer_bytes", "layer_flops", "activation_bytes"}
-    sizes = ("layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer", "embed_bytes", "head_bytes")
+    sizes = ("layer_bytes", "layer_flops", "activation_bytes", "kv_bytes_per_layer", "embed_bytes", "head_bytes", "file_bytes")
     reject_unknown_keys(data, {*required, *sizes, "tied_embeddings", "context_tokens"}, where)
     for key in sorted(required):
       if key not in data:

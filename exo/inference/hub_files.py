@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from exo.base.device_capabilities import MAX_FILE_BYTES
+
 __all__ = ["FileMirror", "HubFile", "held", "install", "matches_hash", "partial_path"]
 
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _HASH = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _FILENAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")
-MAX_FILE_BYTES = 2**42  # 4 TiB: larger than any model file; a size beyond it is a malformed message
 _READ = 1 << 20
 
 

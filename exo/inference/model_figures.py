@@ -107,6 +107,7 @@ def model_spec_from_file(path: Path | str, model_id: str | None = None) -> Model
     head_bytes=float(sizes[NORM] + sizes[EMBED if c.tie_word_embeddings else LM_HEAD]),
     tied_embeddings=c.tie_word_embeddings,
     context_tokens=c.context_length,
+    file_bytes=float(path.stat().st_size) if path.is_file() else 0.0,
   )
 
 

@@ -105,6 +105,18 @@ def present(model_id: str) -> bool:
     return False
 
 
+def held_layers(model_id: str, n_layers: int) -> frozenset[int]:
+  """The layers of the model (of `n_layers`) whose weights are on this machine: every layer of a GGUF file, the layers of a
+  checkpoint whose weight files are all here; none if the model is not found here."""
+  try:
+    path = locate_model(model_id)
+  except (ModelNotFound, BadInput):
+    return frozenset()
+  if path.is_file():
+    return frozenset(range(n_layers))
+  return frozenset(layer for layer in range(n_layers) if not missing_files(path, Shard(model_id, layer, layer, n_layers)))
+
+
 def is_hf_dir(path: Path) -> bool:
   return path.is_dir() and (path / "config.json").is_file() and (path / "tokenizer.json").is_file() and any(path.glob("*.safetensors"))
 

@@ -55,12 +55,27 @@ class Arrival:
 
 
 class PeerFiles:
-  def __init__(self, node_id: str, peers: Callable[[], list[PeerHandle]], cache: Callable[[], Path] = hub_cache_dir):
-    """`peers`: the live peers, asked when a file is needed; `cache`: the models folder (read when used)."""
+  def __init__(
+    self,
+    node_id: str,
+    peers: Callable[[], list[PeerHandle]],
+    cache: Callable[[], Path] = hub_cache_dir,
+    measured: Callable[[str, float], None] = lambda peer_id, mbps: None,
+  ):
+    """`peers`: the live peers, asked when a file is needed; `cache`: the models folder (read when used); `measured(peer id,
+    Mbit/s)`: told the rate of every piece got from a peer (a measured link bandwidth)."""
     self.claims = FetchClaims(node_id)
-    self.peers, self.cache = peers, cache
+    self.peers, self.cache, self.measured = peers, cache, measured
     self.arrivals: dict[str, Arrival] = {}  # by file key
     self.loop: asyncio.AbstractEventLoop | None = None  # the node's: where peers are called from; set when the node starts
+
+  def progress(self) -> list[tuple[HubFile, int, str]]:
+    """The files arriving at this node: (file, bytes of it here from its start, source)."""
+    out = []
+    for arrival in list(self.arrivals.values()):
+      here = arrival.prefix if arrival.prefix is not None else partial_size(self.cache(), arrival.file)
+      out.append((arrival.file, min(here, arrival.file.size), arrival.source))
+    return out
 
   # ---------- serving ----------
 
@@ -196,7 +211,7 @@ class PeerFiles:
     async def take(peer: PeerHandle) -> None:
       while missing:
         begin, end = missing.pop(0)
-        pos = begin
+        pos, started = begin, time.monotonic()
         try:
           async for at, data in peer.fetch_file(file, begin, end - begin):
             if at != pos or pos + len(data) > end:
@@ -216,6 +231,8 @@ class PeerFiles:
           bisect.insort(missing, (pos, end))
           return
         advance(begin, end)
+        if (elapsed := time.monotonic() - started) > 0:
+          self.measured(peer.id(), (end - begin) * 8 / elapsed / 1e6)
 
     try:
       await asyncio.gather(*(take(p) for p in sources))

@@ -129,8 +129,9 @@ class _Listener(asyncio.DatagramProtocol):
 
 
 def _device(caps: DeviceCapabilities) -> DeviceCapabilities:
-  """The device without its measured layer times, which a node refines as it runs: what identifies a node's announcements."""
-  return replace(caps, layer_times={})
+  """The device without what changes as a node runs (its measured layer times, the model files it holds and receives): what
+  identifies a node's announcements."""
+  return replace(caps, layer_times={}, holdings={}, transfers=())
 
 
 class UDPDiscovery(CheckedDiscovery):

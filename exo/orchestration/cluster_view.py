@@ -26,6 +26,7 @@ class ClusterView:
     self.capabilities = capabilities
     self.refresh_interval = refresh_interval
     self.peers: dict[str, PeerHandle] = {}
+    self.bandwidth_mbps: dict[str, float] = {}  # by peer: the rate of the last file piece from it
     self.topology = Topology()
     self.topology.update_node(node_id, capabilities)
     self._refresher: asyncio.Task | None = None
@@ -76,13 +77,17 @@ class ClusterView:
   def rtt_ms(self, node_id: str) -> float | None:
     return self.discovery.rtt_ms(node_id)
 
+  def measured_bandwidth(self, node_id: str, mbps: float) -> None:
+    """The rate a transfer from peer `node_id` ran at (a file from it): the bandwidth of this node's edge to it."""
+    self.bandwidth_mbps[node_id] = mbps
+
   def local_view(self) -> Topology:
     """This node, its live peers and its own measured outgoing edges."""
     view = Topology()
     view.update_node(self.node_id, self.capabilities)
     for peer_id, peer in self.peers.items():
       view.update_node(peer_id, peer.device_capabilities())
-      view.add_edge(self.node_id, peer_id, self.discovery.rtt_ms(peer_id))
+      view.add_edge(self.node_id, peer_id, self.discovery.rtt_ms(peer_id), self.bandwidth_mbps.get(peer_id))
     return view
 
   async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:

@@ -17,11 +17,12 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Callable, Coroutine
 
 import numpy as np
 
-from exo.base.device_capabilities import DeviceCapabilities
+from exo.base.device_capabilities import DeviceCapabilities, FileTransfer, layer_ranges
 from exo.base.errors import Busy
 from exo.base.model_spec import ModelSpec
 from exo.base.models import MODELS
@@ -32,7 +33,7 @@ from exo.inference.hub_files import HubFile
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.model_figures import model_spec_for
 from exo.inference.model_file_engine import ModelFileEngine
-from exo.inference.model_files import present
+from exo.inference.model_files import held_layers, present
 from exo.inference.sampling import GREEDY, Sampling
 from exo.networking.discovery import Discovery
 from exo.networking.peer_files import PeerFiles
@@ -99,7 +100,7 @@ class Node:
       self.origin.requests.__contains__, self._take_place, self.spawn,
     )  # fmt: skip
     self._tasks: set[asyncio.Task] = set()
-    self.files = PeerFiles(node_id, lambda: list(self.cluster.peers.values()))
+    self.files = PeerFiles(node_id, lambda: list(self.cluster.peers.values()), measured=self.cluster.measured_bandwidth)
     if (files_engine := self._model_file_engine()) is not None:
       files_engine.mirror = self.files
 
@@ -149,6 +150,8 @@ class Node:
     those that answered and those heard of that did not. A node that lacks files of its model joins its cluster before it gets
     them (the model's figures, then the layers it calibrates on), so that they come from its peers where they can."""
     self.files.loop = asyncio.get_running_loop()
+    if self.reads_model_files():
+      self.spawn(self._announce_files())
     if self.model_ref is None and not self._lacks_files():
       if self.measure_layer_times:
         await self.meter.calibrate(self.model)
@@ -161,6 +164,17 @@ class Node:
       self.model = self.stages.model = await asyncio.to_thread(model_spec_for, self.model_ref, True, self.files)
     if self.measure_layer_times:
       await self.meter.calibrate(self.model)
+
+  async def _announce_files(self) -> None:
+    """Keep this node's announced holdings (the layers of its model it holds) and transfers (files arriving) current."""
+    while True:
+      holdings = {}
+      if self.model is not None and (held := await asyncio.to_thread(held_layers, self.model.id, self.model.n_layers)):
+        holdings[self.model.id] = layer_ranges(held)
+      transfers = tuple(FileTransfer(f"{f.repo}/{f.filename}", here, f.size, source) for f, here, source in self.files.progress())
+      if (holdings, transfers) != (self.capabilities.holdings, self.capabilities.transfers):
+        self.cluster.publish(replace(self.capabilities, holdings=holdings, transfers=transfers))
+      await asyncio.sleep(self.cluster.refresh_interval)
 
   def _lacks_files(self) -> bool:
     return self._model_file_engine() is not None and not present(self.model.id)

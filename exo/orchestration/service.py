@@ -66,5 +66,8 @@ class ServingNode(Protocol):
 
   def rtt_ms(self, node_id: str) -> float | None: ...
 
+  def planning_topology(self) -> Topology:
+    """The topology plans are made on: the live nodes, with what each announces (its layer times, the model layers it holds)."""
+
   def reads_model_files(self) -> bool:
     """Whether the node's engine serves models from their files (so a model is served only where its files are)."""

@@ -3,6 +3,8 @@
 import math
 from dataclasses import replace
 
+import numpy as np
+
 from exo.base.errors import ClusterCannotServe
 from exo.base.model_spec import ModelSpec
 from exo.base.models import DEFAULT_MODEL, model_spec
@@ -11,6 +13,7 @@ from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
 from exo.topology.cost_model import CostModel, PlannerParams, Prediction, cost_model
 from exo.topology.feasibility import feasibility
 from exo.topology.heuristic import ring_through
+from exo.topology.holdings import downloads, prefer_holders
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 from exo.topology.plan import Plan
@@ -57,6 +60,10 @@ def check_fits(costs: CostModel) -> None:
       f"({model.n_layers * per_layer_mb / 1024:.1f} GB, with KV for a context of {costs.context_tokens} tokens) but the cluster's "
       f"usable memory holds only {usable} layers (memory headroom {costs.params.memory_headroom:g})"
     )
+
+
+def _equal(a: float, b: float) -> bool:
+  return a == b or (math.isnan(a) and math.isnan(b))
 
 
 class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
@@ -139,13 +146,34 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
       if found is None:
         raise self._no_plan(problem.costs, context, smallest)
       ring, layers = [usable[i] for i in found.ring], list(found.layers)
+      ring = self._prefer_holders(costs, topology, ring, layers)
       prediction = self._with_bound(costs.evaluate(ring, layers), bound, warnings)
     else:
       ring, layers = self._memory_weighted(costs.restrict(usable), context, smallest)
       ring = [usable[i] for i in ring]
       prediction = costs.evaluate(ring, layers)
     named = [(costs.node_ids[i], n) for i, n in zip(ring, layers)]
-    return Plan(self.name, self.objective, self.params, self.model, named, prediction, warnings, context, costs)
+    plan = Plan(self.name, self.objective, self.params, self.model, named, prediction, warnings, context, costs)
+    plan.downloads = downloads(topology, self.model, named)
+    return plan
+
+  def _prefer_holders(self, costs: CostModel, topology: Topology, ring: list[int], layers: list[int]) -> list[int]:
+    """Among rings as fast as `ring` by permuting interchangeable nodes, one whose nodes hold more of their layers."""
+    held = [topology.nodes[node_id].held_layers(self.model.id) for node_id in costs.node_ids]
+    if not any(held):
+      return ring
+    others = [[k for k in range(costs.size) if k not in (i, j)] for i in range(costs.size) for j in range(costs.size)]
+
+    def same(i: int, j: int) -> bool:
+      rest = others[i * costs.size + j]
+      figures = costs.speed[i] == costs.speed[j] and costs.usable_bytes[i] == costs.usable_bytes[j]
+      links = all(
+        np.array_equal(m[i, rest], m[j, rest], equal_nan=True) and np.array_equal(m[rest, i], m[rest, j], equal_nan=True) and _equal(m[i, j], m[j, i])
+        for m in (costs.rtt_s, costs.transfer, costs.hop)
+      )
+      return figures and links
+
+    return prefer_holders(held, ring, layers, same)
 
   def _no_plan(self, costs: CostModel, context: int, smallest: bool) -> ClusterCannotServe:
     return cannot_serve(costs, feasibility(costs), context, smallest or context <= MIN_CONTEXT)

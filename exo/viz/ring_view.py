@@ -1,15 +1,30 @@
 """The terminal view of a running node: the chat page's address, the nodes it sees, the RTT it measures to each, each node's
-measured milliseconds per layer (a decode step, on its own engine) for the model served, the ring of the current plan and the
-context it planned (per request, prompt and answer), tokens/s."""
+measured milliseconds per layer (a decode step, on its own engine) for the model served, the model files arriving at nodes (with
+progress bars), the ring of the current plan and the context it planned (per request, prompt and answer), tokens/s."""
 
 import asyncio
 
 from rich.console import Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from exo.base.device_capabilities import FileTransfer
 from exo.orchestration.service import ServingNode
+
+
+def transfers_table(transfers: list[tuple[str, FileTransfer]]) -> Table:
+  """The model files arriving at nodes, each with a progress bar."""
+  table = Table(title="model files arriving")
+  for column in ("node", "file", "progress", "received", "from"):
+    table.add_column(column)
+  for node_id, t in transfers:
+    table.add_row(
+      node_id, t.name, ProgressBar(total=max(t.total_bytes, 1), completed=t.received_bytes, width=30),
+      f"{t.received_bytes / 1e6:.1f} of {t.total_bytes / 1e6:.1f} MB", t.source or "-",
+    )  # fmt: skip
+  return table
 
 
 class RingView:
@@ -44,6 +59,9 @@ class RingView:
       )
     lines = [Text(f"Chat page: {self.page_url}", style="bold")] if self.page_url else []
     lines.append(table)
+    transfers = [(node_id, t) for node_id, caps in sorted(node.topology.nodes.items()) for t in caps.transfers]
+    if transfers:
+      lines.append(transfers_table(transfers))
     if plan:
       lines.append(Text(f"ring: {' -> '.join(n for n, _ in plan.node_shards())} ({plan.model.id})"))
       full = plan.model.default_context()

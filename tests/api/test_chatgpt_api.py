@@ -221,6 +221,7 @@ def test_plan_is_the_current_plan_with_predictions(served):
   served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=2)  # a prompt and one decode step
   status, _, plan = get(f"{served.base}/v1/plan")
   load, node_id, last = plan.pop("load"), plan.pop("node_id"), plan.pop("last_request")
+  assert plan.pop("downloads") == []  # the dummy engine reads no model files
   assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_prediction().to_dict()  # on today's layer times
   assert {k: v for k, v in plan.items() if k != "predicted"} == {k: v for k, v in served.node.current_plan.to_dict().items() if k != "predicted"}
   assert load["active_requests"] == 0 and load["waiting_requests"] == 0 and load["max_batch"] == 1
@@ -248,7 +249,7 @@ def test_plan_before_any_request_is_computed_or_503(caps, model_id, status):
   got, _, body = asyncio.run(main())
   assert got == status
   if status == 200:
-    assert set(body) == PLAN_KEYS | {"load", "node_id", "last_request"} and body["model"]["id"] == model_id
+    assert set(body) == PLAN_KEYS | {"downloads", "load", "node_id", "last_request"} and body["model"]["id"] == model_id
     assert (body["node_id"], body["last_request"]) == ("fresh", None)
     assert node.current_plan is None  # reading the plan adopted nothing
   else:

@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 
 from exo.inference.model_files import locate_model
+from exo.tools.local_hub import LocalHub
 from tests.cluster.harness import EXO, ROOT, Device
-from tests.support.local_hub import LocalHub
 from tests.support.patience import HANG_S
 
 REPO = "test/SmolLM2-135M-Instruct-GGUF"
@@ -27,6 +27,11 @@ SMALL = Device(memory_mb=64, tflops=1, memory_bandwidth=10)  # three of them hol
 def api_up(port: int) -> bool:
   with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=10) as response:
     return response.status == 200
+
+
+def get(port: int, path: str) -> dict:
+  with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=HANG_S) as response:
+    return json.loads(response.read())
 
 
 def ask(port: int) -> str:
@@ -63,8 +68,12 @@ def test_three_nodes_started_together_get_the_model_from_the_hub_once(cluster, t
     for node_id in ids:
       cluster.wait_for(lambda port=cluster.api_ports[node_id]: api_up(port), f"{node_id}'s HTTP API", HANG_S, retry_on=(OSError,))
     answers = {node_id: ask(cluster.api_ports[node_id]) for node_id in ids}
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.api_ports['a']}/v1/plan", timeout=HANG_S) as response:
-      assert sorted(shard["node_id"] for shard in json.loads(response.read())["shards"]) == ids  # the model spans the three
+    plan = get(cluster.api_ports["a"], "/v1/plan")
+    assert sorted(shard["node_id"] for shard in plan["shards"]) == ids  # the model spans the three
+    everything = {node_id: {REPO: [[0, plan["model"]["n_layers"] - 1]]} for node_id in ids}
+    held = lambda: {n: caps.get("holdings") for n, caps in get(cluster.api_ports["a"], "/v1/topology")["nodes"].items()} == everything  # noqa: E731
+    cluster.wait_for(held, "every node to announce that it holds every layer", HANG_S)
+    assert [d["bytes"] for d in get(cluster.api_ports["a"], "/v1/plan")["downloads"]] == [0, 0, 0]
     expected = one_node_answer(tmp_path)
     assert all(answer.strip() == expected.strip() for answer in answers.values()), (answers, expected)
     assert hub.served[FILENAME] <= 1.1 * len(data), hub.served

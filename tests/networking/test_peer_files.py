@@ -20,8 +20,8 @@ from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.membership import TOKEN_METADATA, Membership
 from exo.networking.peer_files import PeerFiles
+from exo.tools.local_hub import COMMIT, LocalHub
 from tests.support.grpc_node import MEMBER
-from tests.support.local_hub import COMMIT, LocalHub
 from tests.support.patience import STALL_S
 
 REPO = "org/weights"

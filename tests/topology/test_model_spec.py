@@ -98,7 +98,7 @@ GOOD = {"id": "x", "n_layers": 2, "layer_bytes": 1, "layer_flops": 1, "activatio
     ({**GOOD, "tied_embeddings": "true"}, "tied_embeddings must be true or false, got 'true'"),
     ({**GOOD, "tied_embeddings": 1}, "tied_embeddings must be true or false, got 1"),
     ({**GOOD, "tied_embeddings": None}, "tied_embeddings must be true or false, got None"),
-    ({**GOOD, "tied": True}, "unknown key 'tied'.*embed_bytes, head_bytes.*tied_embeddings"),
+    ({**GOOD, "tied": True}, "unknown key 'tied'.*embed_bytes, file_bytes, head_bytes.*tied_embeddings"),
   ],
 )
 def test_bad_model_spec(data, message):

@@ -1,6 +1,6 @@
-// The ring half of the page: every POLL_MS, the node's live topology (/v1/topology) and plan (/v1/plan), drawn as the nodes, the
-// ring the plan runs on with each node's layers, the context it planned, what the planner predicts and what the last request
-// measured.
+// The ring half of the page: every POLL_MS, the node's live topology (/v1/topology) and plan (/v1/plan), drawn as the nodes (with
+// the model files arriving at each), the ring the plan runs on with each node's layers and what it still fetches, the context it
+// planned, what the planner predicts and what the last request measured.
 "use strict";
 
 (() => {
@@ -25,6 +25,7 @@
   const ms = (x) => (x === null || x === undefined ? "–" : x >= 1000 ? `${num(x / 1000)} s` : `${num(x)} ms`);
   const count = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
   const gb = (mb) => (mb ? `${num(mb / 1024)} GB` : "unknown");
+  const mb = (bytes) => (bytes >= 1e9 ? `${num(bytes / 1e9)} GB` : `${num(bytes / 1e6)} MB`);
 
   async function getJSON(path) {
     const response = await fetch(path, { signal: AbortSignal.timeout(10000) });
@@ -61,9 +62,24 @@
           id === self && el("span", { className: "badge" }, "this node"),
           el("span", { className: "layers" }, stage ? `layers ${stage.start_layer}–${stage.end_layer}` : "no layers")),
         el("div", { className: "device" }, `${caps.model} · ${caps.chip}`),
-        el("div", { className: "facts" }, ...facts.map(([value, label]) => el("span", {}, el("b", {}, value), ` ${label}`))));
+        el("div", { className: "facts" }, ...facts.map(([value, label]) => el("span", {}, el("b", {}, value), ` ${label}`))),
+        ...(caps.transfers || []).map(transfer));
     });
     view.nodes.replaceChildren(...cards);
+  }
+
+  // A model file arriving at a node: a bar, the share and size received, and where from.
+  function transfer(t) {
+    const share = t.total_bytes ? t.received_bytes / t.total_bytes : 0;
+    return el("div", { className: "transfer", title: t.name },
+      el("progress", { max: 1, value: share }),
+      el("span", {}, `${t.name.split("/").pop()}: ${num(share * 100, 2)}% of ${mb(t.total_bytes)} from ${t.source || "…"}`));
+  }
+
+  // What a ring node still fetches for its stage, and how long at the measured link from a node that holds it.
+  function fetches(download) {
+    if (!download || !download.bytes) return null;
+    return ` · fetches ${mb(download.bytes)}${download.seconds === null ? "" : ` (about ${num(download.seconds, 2)} s)`}`;
   }
 
   function drawPlan(plan, colors, planError) {
@@ -75,9 +91,10 @@
     const bar = el("div", { className: "layer-bar", title: `${total} layers of ${plan.model.id}` },
       ...plan.shards.map((s) => el("div", { className: "segment", style: `flex: ${s.end_layer - s.start_layer + 1}; background: ${colors[s.node_id]}` },
         `${s.node_id} ${s.start_layer}–${s.end_layer}`)));
+    const downloads = Object.fromEntries((plan.downloads || []).map((d) => [d.node_id, d]));
     const order = el("ol", { className: "ring-order" }, ...plan.shards.map((s) =>
       el("li", {}, el("span", { className: "dot", style: `--node: ${colors[s.node_id]}` }), el("b", {}, s.node_id),
-        ` layers ${s.start_layer}–${s.end_layer} (${s.end_layer - s.start_layer + 1} of ${total})`)));
+        ` layers ${s.start_layer}–${s.end_layer} (${s.end_layer - s.start_layer + 1} of ${total})`, fetches(downloads[s.node_id]))));
     const p = plan.predicted;
     const load = plan.load || {};
     const parts = [

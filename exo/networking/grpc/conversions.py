@@ -1,6 +1,7 @@
 """Proto <-> domain conversions for NodeService messages. Every *_from_proto validates and raises ValueError naming the problem."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -121,9 +122,12 @@ def tensor_from_proto(msg: pb.Tensor) -> np.ndarray:
 def device_capabilities_to_proto(caps: DeviceCapabilities) -> pb.DeviceCapabilities:
   flops = pb.DeviceFlops(fp32=caps.flops.fp32, fp16=caps.flops.fp16, int8=caps.flops.int8)
   layer_times = {model_id: pb.LayerTimes(decode_ms=t.decode_ms, token_ms=t.token_ms) for model_id, t in caps.layer_times.items()}
+  holdings = {model_id: pb.LayerRanges(first=[a for a, _ in r], last=[b for _, b in r]) for model_id, r in caps.holdings.items()}
+  transfers = [pb.FileTransfer(name=t.name, received_bytes=t.received_bytes, total_bytes=t.total_bytes, source=t.source) for t in caps.transfers]
   return pb.DeviceCapabilities(
-    model=caps.model, chip=caps.chip, memory=caps.memory, flops=flops, memory_bandwidth=caps.memory_bandwidth, layer_times=layer_times
-  )
+    model=caps.model, chip=caps.chip, memory=caps.memory, flops=flops, memory_bandwidth=caps.memory_bandwidth, layer_times=layer_times,
+    holdings=holdings, transfers=transfers,
+  )  # fmt: skip
 
 
 def device_capabilities_from_proto(msg: pb.DeviceCapabilities, where: str = "device") -> DeviceCapabilities:
@@ -133,7 +137,19 @@ def device_capabilities_from_proto(msg: pb.DeviceCapabilities, where: str = "dev
   if "" in msg.layer_times:
     raise ValueError(f"{where}.layer_times has an empty model id")
   layer_times = {model_id: layer_times_from_proto(t, f"{where}.layer_times[{model_id!r}]") for model_id, t in msg.layer_times.items()}
-  return DeviceCapabilities(msg.model, msg.chip, memory, flops, bandwidth, layer_times)
+  return replace(
+    DeviceCapabilities.from_dict(_files_dict(msg), where), model=msg.model, chip=msg.chip, memory=memory, flops=flops, memory_bandwidth=bandwidth,
+    layer_times=layer_times,
+  )  # fmt: skip
+
+
+def _files_dict(msg: pb.DeviceCapabilities) -> dict:
+  """The holdings and transfers of a device message in their JSON form, which DeviceCapabilities.from_dict checks."""
+  if any(len(r.first) != len(r.last) for r in msg.holdings.values()):
+    raise ValueError("a holding's first and last layers differ in number")
+  holdings = {model_id: [[a, b] for a, b in zip(r.first, r.last)] for model_id, r in msg.holdings.items()}
+  transfers = [{"name": t.name, "received_bytes": t.received_bytes, "total_bytes": t.total_bytes, "source": t.source} for t in msg.transfers]
+  return {"holdings": holdings, "transfers": transfers}
 
 
 def layer_times_from_proto(msg: pb.LayerTimes, where: str) -> LayerTimes:

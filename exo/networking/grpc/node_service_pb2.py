@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo/networking/grpc/node_service.proto\x12\x0cnode_service\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x10\n\x08n_layers\x18\x04 \x01(\x05\"D\n\tRingStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\"o\n\x08RingPlan\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08n_layers\x18\x02 \x01(\x05\x12\'\n\x06stages\x18\x03 \x03(\x0b\x32\x17.node_service.RingStage\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x05\"\xb2\x01\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_node_id\x18\x02 \x01(\t\x12$\n\x04plan\x18\x03 \x01(\x0b\x32\x16.node_service.RingPlan\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x10\n\x08position\x18\x05 \x01(\x03\x12(\n\x08sampling\x18\x06 \x01(\x0b\x32\x16.node_service.Sampling\"h\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\";\n\x06Tensor\x12\x13\n\x0btensor_data\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"r\n\rPromptRequest\x12\"\n\x05shard\x18\x01 \x01(\x0b\x32\x13.node_service.Shard\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x1c.node_service.RequestContext\"\x88\x01\n\rTensorRequest\x12\"\n\x05shard\x18\x01 \x01(\x0b\x32\x13.node_service.Shard\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.node_service.Tensor\x12-\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x1c.node_service.RequestContext\";\n\x0bTensorBatch\x12,\n\x07tensors\x18\x01 \x03(\x0b\x32\x1b.node_service.TensorRequest\"[\n\x11SendResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x13\n\x0bis_finished\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"=\n\x17SendOpaqueStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k\"<\n\x16\x43ollectTopologyRequest\x12\x0f\n\x07visited\x18\x01 \x03(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\x05\"7\n\x0b\x44\x65viceFlops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"1\n\nLayerTimes\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08token_ms\x18\x02 \x01(\x01\"\x99\x02\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x01\x12(\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x19.node_service.DeviceFlops\x12\x18\n\x10memory_bandwidth\x18\x05 \x01(\x01\x12\x45\n\x0blayer_times\x18\x06 \x03(\x0b\x32\x30.node_service.DeviceCapabilities.LayerTimesEntry\x1aK\n\x0fLayerTimesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.node_service.LayerTimes:\x02\x38\x01\"v\n\x04\x45\x64ge\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\x12\x13\n\x06rtt_ms\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x62\x61ndwidth_mbps\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_rtt_msB\x11\n\x0f_bandwidth_mbps\"\xaf\x01\n\x08Topology\x12\x30\n\x05nodes\x18\x01 \x03(\x0b\x32!.node_service.Topology.NodesEntry\x12!\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x12.node_service.Edge\x1aN\n\nNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .node_service.DeviceCapabilities:\x02\x38\x01\"*\n\x12HealthCheckRequest\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\t\":\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"T\n\x07HubFile\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0b\n\x03sha\x18\x05 \x01(\t\"G\n\x11\x46ileStatusRequest\x12#\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x15.node_service.HubFile\x12\r\n\x05\x63laim\x18\x02 \x01(\x03\"U\n\x0f\x46ileStatusReply\x12\x12\n\nheld_bytes\x18\x01 \x01(\x03\x12\r\n\x05whole\x18\x02 \x01(\x08\x12\x10\n\x08\x61rriving\x18\x03 \x01(\x08\x12\r\n\x05\x63laim\x18\x04 \x01(\x03\"W\n\x10\x46\x65tchFileRequest\x12#\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x15.node_service.HubFile\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\")\n\tFileChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xa3\x05\n\x0bNodeService\x12>\n\nSendPrompt\x12\x1b.node_service.PromptRequest\x1a\x11.node_service.Ack\"\x00\x12>\n\nSendTensor\x12\x1b.node_service.TensorRequest\x1a\x11.node_service.Ack\"\x00\x12=\n\x0bSendTensors\x12\x19.node_service.TensorBatch\x1a\x11.node_service.Ack\"\x00\x12\x42\n\nSendResult\x12\x1f.node_service.SendResultRequest\x1a\x11.node_service.Ack\"\x00\x12N\n\x10SendOpaqueStatus\x12%.node_service.SendOpaqueStatusRequest\x1a\x11.node_service.Ack\"\x00\x12Q\n\x0f\x43ollectTopology\x12$.node_service.CollectTopologyRequest\x1a\x16.node_service.Topology\"\x00\x12T\n\x0bHealthCheck\x12 .node_service.HealthCheckRequest\x1a!.node_service.HealthCheckResponse\"\x00\x12N\n\nFileStatus\x12\x1f.node_service.FileStatusRequest\x1a\x1d.node_service.FileStatusReply\"\x00\x12H\n\tFetchFile\x12\x1e.node_service.FetchFileRequest\x1a\x17.node_service.FileChunk\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exo/networking/grpc/node_service.proto\x12\x0cnode_service\"S\n\x05Shard\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\x10\n\x08n_layers\x18\x04 \x01(\x05\"D\n\tRingStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\"o\n\x08RingPlan\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08n_layers\x18\x02 \x01(\x05\x12\'\n\x06stages\x18\x03 \x03(\x0b\x32\x17.node_service.RingStage\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x05\"\xb2\x01\n\x0eRequestContext\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_node_id\x18\x02 \x01(\t\x12$\n\x04plan\x18\x03 \x01(\x0b\x32\x16.node_service.RingPlan\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x10\n\x08position\x18\x05 \x01(\x03\x12(\n\x08sampling\x18\x06 \x01(\x0b\x32\x16.node_service.Sampling\"h\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\";\n\x06Tensor\x12\x13\n\x0btensor_data\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"r\n\rPromptRequest\x12\"\n\x05shard\x18\x01 \x01(\x0b\x32\x13.node_service.Shard\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x1c.node_service.RequestContext\"\x88\x01\n\rTensorRequest\x12\"\n\x05shard\x18\x01 \x01(\x0b\x32\x13.node_service.Shard\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.node_service.Tensor\x12-\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x1c.node_service.RequestContext\";\n\x0bTensorBatch\x12,\n\x07tensors\x18\x01 \x03(\x0b\x32\x1b.node_service.TensorRequest\"[\n\x11SendResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x13\n\x0bis_finished\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"=\n\x17SendOpaqueStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x05\n\x03\x41\x63k\"<\n\x16\x43ollectTopologyRequest\x12\x0f\n\x07visited\x18\x01 \x03(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\x05\"7\n\x0b\x44\x65viceFlops\x12\x0c\n\x04\x66p32\x18\x01 \x01(\x01\x12\x0c\n\x04\x66p16\x18\x02 \x01(\x01\x12\x0c\n\x04int8\x18\x03 \x01(\x01\"1\n\nLayerTimes\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08token_ms\x18\x02 \x01(\x01\"\xd6\x03\n\x12\x44\x65viceCapabilities\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\t\x12\x0e\n\x06memory\x18\x03 \x01(\x01\x12(\n\x05\x66lops\x18\x04 \x01(\x0b\x32\x19.node_service.DeviceFlops\x12\x18\n\x10memory_bandwidth\x18\x05 \x01(\x01\x12\x45\n\x0blayer_times\x18\x06 \x03(\x0b\x32\x30.node_service.DeviceCapabilities.LayerTimesEntry\x12@\n\x08holdings\x18\x07 \x03(\x0b\x32..node_service.DeviceCapabilities.HoldingsEntry\x12-\n\ttransfers\x18\x08 \x03(\x0b\x32\x1a.node_service.FileTransfer\x1aK\n\x0fLayerTimesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.node_service.LayerTimes:\x02\x38\x01\x1aJ\n\rHoldingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.node_service.LayerRanges:\x02\x38\x01\"*\n\x0bLayerRanges\x12\r\n\x05\x66irst\x18\x01 \x03(\x05\x12\x0c\n\x04last\x18\x02 \x03(\x05\"Y\n\x0c\x46ileTransfer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\"v\n\x04\x45\x64ge\x12\x0f\n\x07\x66rom_id\x18\x01 \x01(\t\x12\r\n\x05to_id\x18\x02 \x01(\t\x12\x13\n\x06rtt_ms\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x62\x61ndwidth_mbps\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_rtt_msB\x11\n\x0f_bandwidth_mbps\"\xaf\x01\n\x08Topology\x12\x30\n\x05nodes\x18\x01 \x03(\x0b\x32!.node_service.Topology.NodesEntry\x12!\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x12.node_service.Edge\x1aN\n\nNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .node_service.DeviceCapabilities:\x02\x38\x01\"*\n\x12HealthCheckRequest\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\t\":\n\x13HealthCheckResponse\x12\x12\n\nis_healthy\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"T\n\x07HubFile\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0b\n\x03sha\x18\x05 \x01(\t\"G\n\x11\x46ileStatusRequest\x12#\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x15.node_service.HubFile\x12\r\n\x05\x63laim\x18\x02 \x01(\x03\"U\n\x0f\x46ileStatusReply\x12\x12\n\nheld_bytes\x18\x01 \x01(\x03\x12\r\n\x05whole\x18\x02 \x01(\x08\x12\x10\n\x08\x61rriving\x18\x03 \x01(\x08\x12\r\n\x05\x63laim\x18\x04 \x01(\x03\"W\n\x10\x46\x65tchFileRequest\x12#\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x15.node_service.HubFile\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\")\n\tFileChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xa3\x05\n\x0bNodeService\x12>\n\nSendPrompt\x12\x1b.node_service.PromptRequest\x1a\x11.node_service.Ack\"\x00\x12>\n\nSendTensor\x12\x1b.node_service.TensorRequest\x1a\x11.node_service.Ack\"\x00\x12=\n\x0bSendTensors\x12\x19.node_service.TensorBatch\x1a\x11.node_service.Ack\"\x00\x12\x42\n\nSendResult\x12\x1f.node_service.SendResultRequest\x1a\x11.node_service.Ack\"\x00\x12N\n\x10SendOpaqueStatus\x12%.node_service.SendOpaqueStatusRequest\x1a\x11.node_service.Ack\"\x00\x12Q\n\x0f\x43ollectTopology\x12$.node_service.CollectTopologyRequest\x1a\x16.node_service.Topology\"\x00\x12T\n\x0bHealthCheck\x12 .node_service.HealthCheckRequest\x1a!.node_service.HealthCheckResponse\"\x00\x12N\n\nFileStatus\x12\x1f.node_service.FileStatusRequest\x1a\x1d.node_service.FileStatusReply\"\x00\x12H\n\tFetchFile\x12\x1e.node_service.FetchFileRequest\x1a\x17.node_service.FileChunk\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICECAPABILITIES_LAYERTIMESENTRY']._loaded_options = None
   _globals['_DEVICECAPABILITIES_LAYERTIMESENTRY']._serialized_options = b'8\001'
+  _globals['_DEVICECAPABILITIES_HOLDINGSENTRY']._loaded_options = None
+  _globals['_DEVICECAPABILITIES_HOLDINGSENTRY']._serialized_options = b'8\001'
   _globals['_TOPOLOGY_NODESENTRY']._loaded_options = None
   _globals['_TOPOLOGY_NODESENTRY']._serialized_options = b'8\001'
   _globals['_SHARD']._serialized_start=56
@@ -66,29 +68,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERTIMES']._serialized_start=1270
   _globals['_LAYERTIMES']._serialized_end=1319
   _globals['_DEVICECAPABILITIES']._serialized_start=1322
-  _globals['_DEVICECAPABILITIES']._serialized_end=1603
-  _globals['_DEVICECAPABILITIES_LAYERTIMESENTRY']._serialized_start=1528
-  _globals['_DEVICECAPABILITIES_LAYERTIMESENTRY']._serialized_end=1603
-  _globals['_EDGE']._serialized_start=1605
-  _globals['_EDGE']._serialized_end=1723
-  _globals['_TOPOLOGY']._serialized_start=1726
-  _globals['_TOPOLOGY']._serialized_end=1901
-  _globals['_TOPOLOGY_NODESENTRY']._serialized_start=1823
-  _globals['_TOPOLOGY_NODESENTRY']._serialized_end=1901
-  _globals['_HEALTHCHECKREQUEST']._serialized_start=1903
-  _globals['_HEALTHCHECKREQUEST']._serialized_end=1945
-  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1947
-  _globals['_HEALTHCHECKRESPONSE']._serialized_end=2005
-  _globals['_HUBFILE']._serialized_start=2007
-  _globals['_HUBFILE']._serialized_end=2091
-  _globals['_FILESTATUSREQUEST']._serialized_start=2093
-  _globals['_FILESTATUSREQUEST']._serialized_end=2164
-  _globals['_FILESTATUSREPLY']._serialized_start=2166
-  _globals['_FILESTATUSREPLY']._serialized_end=2251
-  _globals['_FETCHFILEREQUEST']._serialized_start=2253
-  _globals['_FETCHFILEREQUEST']._serialized_end=2340
-  _globals['_FILECHUNK']._serialized_start=2342
-  _globals['_FILECHUNK']._serialized_end=2383
-  _globals['_NODESERVICE']._serialized_start=2386
-  _globals['_NODESERVICE']._serialized_end=3061
+  _globals['_DEVICECAPABILITIES']._serialized_end=1792
+  _globals['_DEVICECAPABILITIES_LAYERTIMESENTRY']._serialized_start=1641
+  _globals['_DEVICECAPABILITIES_LAYERTIMESENTRY']._serialized_end=1716
+  _globals['_DEVICECAPABILITIES_HOLDINGSENTRY']._serialized_start=1718
+  _globals['_DEVICECAPABILITIES_HOLDINGSENTRY']._serialized_end=1792
+  _globals['_LAYERRANGES']._serialized_start=1794
+  _globals['_LAYERRANGES']._serialized_end=1836
+  _globals['_FILETRANSFER']._serialized_start=1838
+  _globals['_FILETRANSFER']._serialized_end=1927
+  _globals['_EDGE']._serialized_start=1929
+  _globals['_EDGE']._serialized_end=2047
+  _globals['_TOPOLOGY']._serialized_start=2050
+  _globals['_TOPOLOGY']._serialized_end=2225
+  _globals['_TOPOLOGY_NODESENTRY']._serialized_start=2147
+  _globals['_TOPOLOGY_NODESENTRY']._serialized_end=2225
+  _globals['_HEALTHCHECKREQUEST']._serialized_start=2227
+  _globals['_HEALTHCHECKREQUEST']._serialized_end=2269
+  _globals['_HEALTHCHECKRESPONSE']._serialized_start=2271
+  _globals['_HEALTHCHECKRESPONSE']._serialized_end=2329
+  _globals['_HUBFILE']._serialized_start=2331
+  _globals['_HUBFILE']._serialized_end=2415
+  _globals['_FILESTATUSREQUEST']._serialized_start=2417
+  _globals['_FILESTATUSREQUEST']._serialized_end=2488
+  _globals['_FILESTATUSREPLY']._serialized_start=2490
+  _globals['_FILESTATUSREPLY']._serialized_end=2575
+  _globals['_FETCHFILEREQUEST']._serialized_start=2577
+  _globals['_FETCHFILEREQUEST']._serialized_end=2664
+  _globals['_FILECHUNK']._serialized_start=2666
+  _globals['_FILECHUNK']._serialized_end=2707
+  _globals['_NODESERVICE']._serialized_start=2710
+  _globals['_NODESERVICE']._serialized_end=3385
 # @@protoc_insertion_point(module_scope)
