@@ -30,7 +30,7 @@ PIECE = 64 << 10
 class LocalHub:
   def __init__(self, repos: dict[str, dict[str, bytes]], rate_mbps: float | None = None):
     self.repos, self.rate_mbps = repos, rate_mbps
-    self._sent, self._clock, self._lock = 0, time.monotonic(), threading.Lock()
+    self._free, self._lock = 0.0, threading.Lock()
     self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
     self.break_once: set[str] = set()
     self.served: dict[str, int] = {}  # file name: bytes of it sent
@@ -54,10 +54,11 @@ class LocalHub:
     for at in range(0, len(data), PIECE):
       piece = data[at : at + PIECE]
       if filename is not None:
-        with self._lock:
-          self._sent += len(piece)
+        with self._lock:  # the link is busy until self._free: a piece leaves after those before it, at rate_mbps
           self.served[filename] = self.served.get(filename, 0) + len(piece)
-          due = self._clock + self._sent * 8 / (self.rate_mbps * 1e6) if self.rate_mbps else 0.0
+          if self.rate_mbps:
+            self._free = max(self._free, time.monotonic()) + len(piece) * 8 / (self.rate_mbps * 1e6)
+          due = self._free
         time.sleep(max(0.0, due - time.monotonic()))
       out.write(piece)
     out.flush()

@@ -191,3 +191,40 @@ def test_with_a_key_the_page_says_so_until_opened_at_the_key_url_which_sets_its_
       assert page.evaluate("document.cookie") == ""  # HttpOnly: no script on the page reads the key
     finally:
       browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is not installed at /usr/bin/chromium (./setup.sh installs it)")
+def test_the_page_shows_a_model_file_arriving_with_a_progress_bar(tmp_path, monkeypatch):
+  """A request names a model the node does not have: while it downloads (the stand-in hub's link paced to 40 Mbit/s: about 20 s
+  for SmolLM2's 98 MB), the node's card shows the file arriving, with a progress bar."""
+  from playwright.sync_api import expect, sync_playwright
+
+  from exo.inference.model_files import locate_model
+  from exo.tools.local_hub import LocalHub
+
+  repo, filename = "test/SmolLM2-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"
+  hub = LocalHub({repo: {filename: locate_model("smollm2-135m").read_bytes()}}, rate_mbps=40).start()
+  monkeypatch.setenv("HF_ENDPOINT", hub.url)
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  args = ["--node-id", NODE_ID, "--run-model", "smollm2-135m", "--disable-tui", "--allow-downloads", "any", "--models-dir", str(tmp_path / "models")]
+  try:
+    with exo_node(args, tmp_path / "node.log") as (_, url), sync_playwright() as playwright:
+      browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+      try:
+        page = browser.new_page()
+        page.goto(url)
+        expect(page.locator("#nodes")).to_contain_text(NODE_ID, timeout=WAIT_MS)
+        request = {"model": repo, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        page.evaluate(
+          "(body) => { fetch('v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'}, body}); }", json.dumps(request)
+        )
+        transfer = page.locator(".node", has_text=NODE_ID).locator(".transfer")
+        expect(transfer).to_contain_text(f"{filename}: ", timeout=WAIT_MS)
+        expect(transfer).to_contain_text("of 98.4 MB from hub")
+        expect(transfer.locator("progress")).to_be_visible()
+        assert 0 <= float(transfer.locator("progress").evaluate("bar => bar.value")) < 1
+      finally:
+        browser.close()
+  finally:
+    hub.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from exo.base.device_capabilities import FileTransfer
 from exo.base.topology import Topology
 from exo.inference.sampling import GREEDY, Sampling
 from exo.networking.grpc import conversions as conv
@@ -32,6 +33,8 @@ def test_domain_objects_round_trip():
   assert conv.context_from_proto(conv.context_to_proto(sampled)) == sampled and sampled.sampling.seed == 2**63 - 1
   assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(CAPS)) == CAPS
   assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(MEASURED)) == MEASURED
+  holding = replace(MEASURED, holdings={"m": ((0, 3), (7, 9))}, transfers=(FileTransfer("org/m/model.gguf", 5, 9, "hub"),))
+  assert conv.device_capabilities_from_proto(conv.device_capabilities_to_proto(holding)) == holding
   assert conv.topology_from_proto(conv.topology_to_proto(sample_topology())) == sample_topology()
   assert conv.topology_from_proto(conv.topology_to_proto(Topology())) == Topology()
 
@@ -87,6 +90,13 @@ def test_a_context_without_sampling_is_greedy_and_unset_fields_are_the_defaults(
       r"\['m'\].token_ms must be a number from 0 to 1e\+15",
     ),
     (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(layer_times={"": pb.LayerTimes(decode_ms=1)})), "empty model id"),
+    (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(holdings={"m": pb.LayerRanges(first=[3], last=[1])})), r"holdings\['m'\]"),
+    (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(holdings={"m": pb.LayerRanges(first=[0, 4], last=[2])})), "differ in number"),
+    (
+      lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(transfers=[pb.FileTransfer(name="f", received_bytes=9, total_bytes=5)])),
+      "received at most total",
+    ),
+    (lambda: conv.device_capabilities_from_proto(pb.DeviceCapabilities(transfers=[pb.FileTransfer()] * 65)), "at most 64 entries"),
     (lambda: conv.topology_from_proto(pb.Topology(edges=[pb.Edge(from_id="a", to_id="b", rtt_ms=float("nan"))])), "rtt_ms"),
     (lambda: conv.topology_from_proto(pb.Topology(edges=[pb.Edge(from_id="a", to_id="a")])), "two different nodes"),
   ],

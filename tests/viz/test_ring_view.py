@@ -1,6 +1,8 @@
+from dataclasses import replace
+
 from rich.console import Console
 
-from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, LayerTimes
+from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, FileTransfer, LayerTimes
 from exo.base.models import model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
@@ -54,3 +56,14 @@ def test_the_view_shows_the_planned_context_and_the_models_when_it_is_less():
   node.planner.config, node.planner.current_plan = PlannerConfig(), None
   node.plan(node.model)
   assert "context: 8192 tokens per request, prompt and answer\n" in rendered(node)
+
+
+def test_the_view_shows_files_arriving_at_nodes_with_progress_bars():
+  caps = DeviceCapabilities("Test", "chip", 4096, DeviceFlops(1, 2, 4), 10)
+  node = Node("solo", DummyInferenceEngine(), NoDiscovery(), caps, model_spec("smollm2-135m"))
+  assert "arriving" not in rendered(node)
+  node.topology.update_node("peer", replace(caps, transfers=(FileTransfer("org/m/model.gguf", 25_000_000, 100_000_000, "solo"),)))
+  text = rendered(node)
+  row = next(line for line in text.splitlines() if "org/m/model.gguf" in line)
+  assert "model files arriving" in text and "peer" in row and "25.0 of 100.0 MB" in row and row.rstrip("│ ").endswith("solo")
+  assert row.count("━") >= 7  # a quarter of the 30-character bar drawn
