@@ -139,7 +139,7 @@ class PeerFiles:
     file, resuming after the bytes it holds). Called from a worker thread, never the node's event loop; without a running node
     (no loop) it is the hub's."""
     loop = self.loop
-    if loop is None or not loop.is_running():
+    if loop is None or not loop.is_running() or _running_loop() is loop:  # no node running, or called on its loop: it cannot wait
       from_hub()
       return
 
@@ -242,6 +242,13 @@ class PeerFiles:
     finally:
       os.close(fd)
     return failed, not missing
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+  try:
+    return asyncio.get_running_loop()
+  except RuntimeError:
+    return None
 
 
 def partial_size(cache: Path, file: HubFile) -> int:

@@ -13,7 +13,7 @@ from exo.topology.cannot_serve import MIN_CONTEXT, cannot_serve
 from exo.topology.cost_model import CostModel, PlannerParams, Prediction, cost_model
 from exo.topology.feasibility import feasibility
 from exo.topology.heuristic import ring_through
-from exo.topology.holdings import downloads, prefer_holders
+from exo.topology.holdings import prefer_holders
 from exo.topology.layer_split import bottleneck_split
 from exo.topology.partitioning_strategy import Partition, PartitioningStrategy
 from exo.topology.plan import Plan
@@ -153,9 +153,7 @@ class FlopsLatencyPartitioningStrategy(PartitioningStrategy):
       ring = [usable[i] for i in ring]
       prediction = costs.evaluate(ring, layers)
     named = [(costs.node_ids[i], n) for i, n in zip(ring, layers)]
-    plan = Plan(self.name, self.objective, self.params, self.model, named, prediction, warnings, context, costs)
-    plan.downloads = downloads(topology, self.model, named)
-    return plan
+    return Plan(self.name, self.objective, self.params, self.model, named, prediction, warnings, context, costs)
 
   def _prefer_holders(self, costs: CostModel, topology: Topology, ring: list[int], layers: list[int]) -> list[int]:
     """Among rings as fast as `ring` by permuting interchangeable nodes, one whose nodes hold more of their layers."""

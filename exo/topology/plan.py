@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from exo.base.model_spec import ModelSpec
 from exo.base.shard import Shard
 from exo.topology.cost_model import CostModel, PlannerParams, Prediction
-from exo.topology.holdings import Download
 from exo.topology.partitioning_strategy import Partition, partitions_from_layer_counts
 
 __all__ = ["Plan"]
@@ -26,7 +25,6 @@ class Plan:
   context_tokens: int = 0  # the context each request's KV is reserved for (docs/DESIGN.md v2.1); 0: the model's default
   costs: CostModel | None = field(default=None, repr=False, compare=False)
   given_partitions: list[Partition] | None = None  # the fractions a strategy that thinks in fractions (upstream's) returned
-  downloads: list[Download] = field(default_factory=list)  # what each ring node still fetches for its stage (holdings.py)
 
   def __post_init__(self):
     self.context_tokens = self.context_tokens or self.model.default_context()

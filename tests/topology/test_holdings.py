@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from exo.base.model_spec import ModelSpec
 from exo.base.topology import Topology
 from exo.topology.flops_latency_partitioning_strategy import FlopsLatencyPartitioningStrategy
-from exo.topology.holdings import needed_bytes
+from exo.topology.holdings import downloads, needed_bytes
 
 SPLIT = ModelSpec("m", n_layers=6, layer_bytes=1e8, layer_flops=2e8, activation_bytes=4096, embed_bytes=3e7, head_bytes=5e7)
 ONE_FILE = ModelSpec("m", n_layers=6, layer_bytes=1e8, layer_flops=2e8, activation_bytes=4096, file_bytes=7e8)
@@ -42,7 +42,7 @@ def test_a_plan_reports_the_bytes_each_node_fetches_and_the_time_at_the_best_mea
   """c holds every layer, a and b nothing; a's link from c is measured at 800 Mbit/s, b's from c not at all."""
   topology = cluster({"c": [[0, 5]]}, {("c", "a"): 800.0, ("a", "c"): 800.0})
   plan = FlopsLatencyPartitioningStrategy(ONE_FILE).plan(topology)
-  got = {d.node_id: (d.bytes, d.seconds) for d in plan.downloads}
+  got = {d.node_id: (d.bytes, d.seconds) for d in downloads(topology, ONE_FILE, plan.stages)}
   assert set(got) == {node_id for node_id, _ in plan.stages}
   assert "c" in got and got["c"] == (0, 0.0)  # c, the one holder, is in the ring (all three nodes are as fast)
   for node_id in set(got) - {"c"}:
