@@ -30,11 +30,13 @@ from exo.api.completion import Completion
 from exo.base.errors import BadInput, Busy, ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.models import MODELS
+from exo.inference.downloads import may_download
 from exo.inference.model_figures import model_spec_for
 from exo.inference.model_files import present
-from exo.inference.model_sources import is_repo_id, local_path, model_sources
+from exo.inference.model_sources import is_repo_id, local_path
 from exo.orchestration.service import ServingNode
 from exo.orchestration.stop_strings import visible_text
+from exo.topology.flops_latency_partitioning_strategy import DEFAULT_PROMPT_TOKENS
 from exo.topology.holdings import downloads
 
 log = logging.getLogger(__name__)
@@ -152,18 +154,33 @@ class ChatGPTAPI:
     """The served model first, then every other built-in one."""
     return [self.node.model.id, *(m for m in MODELS if m != self.node.model.id)]
 
-  def model_object(self, model_id: str) -> dict:
-    """OpenAI's model object, with `present`: whether this node has what its engine needs to serve the model (a model file
-    engine all its files; the request's tokenizer runs here), and `downloadable`: whether a node without them fetches them
-    from the Hugging Face Hub when asked to serve it (exo.inference.model_sources)."""
+  def model_object(self, model_id: str, fits: bool | None = None) -> dict:
+    """OpenAI's model object, with what this node can do with it now: `present`, whether it has what its engine needs to serve
+    the model (a model file engine all its files; the request's tokenizer runs here); `downloadable`, whether it would fetch
+    them from the hub now (not offline, allowed by --allow-downloads); `fits`, whether the cluster holds it (a plan exists; None:
+    not asked); `max_tokens`, the longest answer it gives (--max-generate-tokens)."""
     present = self.has_files(model_id)
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "exo", "present": present, "downloadable": bool(model_sources(model_id))}
+    downloadable = self.node.reads_model_files() and may_download(model_id)
+    return {
+      "id": model_id, "object": "model", "created": 0, "owned_by": "exo", "present": present, "downloadable": downloadable, "fits": fits,
+      "max_tokens": self.node.max_generate_tokens,
+    }  # fmt: skip
 
   def has_files(self, model_id: str) -> bool:
     return not self.node.reads_model_files() or present(model_id)
 
+  def fits(self, model_id: str) -> bool:
+    """Whether the cluster can hold `model_id` now: a plan exists for it on the live topology."""
+    try:
+      self.node.candidate_plan(self.node.model if model_id == self.node.model.id else MODELS[model_id])
+    except ExoError:
+      return False
+    return True
+
   async def handle_models(self, request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [self.model_object(m) for m in self.model_ids()]})
+    ids = self.model_ids()
+    fits = await asyncio.to_thread(lambda: [self.fits(m) for m in ids])
+    return web.json_response({"object": "list", "data": [self.model_object(m, f) for m, f in zip(ids, fits)]})
 
   async def handle_model(self, request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
@@ -182,28 +199,24 @@ class ChatGPTAPI:
     # what each ring node still fetches, from the holdings announced now (none for an engine that reads no model files)
     fetched = downloads(self.node.planning_topology(), plan.model, plan.stages) if self.node.reads_model_files() else []
     downloads_now = [d.to_dict() for d in fetched]
+    assumes = {"prompt_tokens": DEFAULT_PROMPT_TOKENS, "batch": plan.params.batch}  # what the predicted TTFT and throughput are for
+    load, last = self.node.load(), self.last_request()
     return web.json_response(
-      {**plan.to_dict(), "downloads": downloads_now, "load": self.node.load(), "node_id": self.node.id, "last_request": self.last_request()}
+      {**plan.to_dict(), "assumes": assumes, "downloads": downloads_now, "load": load, "node_id": self.node.id, "last_request": last}
     )
 
   def last_request(self) -> dict | None:
-    """What the last request this node received measured, next to what its plan predicted: the chat page compares them."""
-    last = self.node.last_generation
-    if last is None:
-      return None
-    ring = [node_id for node_id, _ in last.plan.node_shards()]
-    return {
-      "model": last.plan.model.id,
-      "ring": ring,
-      "tokens": len(last.tokens),
-      "elapsed_s": last.elapsed_s,
-      "predicted": last.plan.prediction.to_dict(),
-    }
+    """The last request this node received, whatever its outcome, with what its plan predicts for its own prompt and answer:
+    the chat page shows the two side by side."""
+    last = self.node.last_request
+    return None if last is None else last.to_dict()
 
   # ---------- chat completions ----------
 
   def unknown_model_message(self, model_id) -> str:
-    return f"unknown model {model_id!r}; this node serves {', '.join(self.model_ids())}, a Hugging Face repo id (owner/name) or a model path"
+    """The models this node can serve now (its files are here, or it would fetch them), then the other ways to name one."""
+    servable = [m for m in self.model_ids() if self.has_files(m) or (self.node.reads_model_files() and may_download(m))]
+    return f"unknown model {model_id!r}; this node can serve {', '.join(servable)}, a Hugging Face repo id (owner/name) or a model path"
 
   def requested_model(self, model_id) -> str | None:
     """The request's "model" if it names one a node can serve (the served one, a built-in id, a Hugging Face repo id or a path

@@ -50,7 +50,9 @@ from exo.inference.model_files import downloaded, hub_cache_dir, locate_model, m
 from exo.inference.model_sources import BUILT_IN, ENGINE_FORMATS, Source, model_sources, ordered
 from exo.inference.safetensors_model import safetensors_index
 
-__all__ = ["ALLOW_CHOICES", "ALLOW_ENV", "DEFAULT_ENDPOINT", "MAX_GB_ENV", "allowed_downloads", "download", "ensure_model", "hub_endpoint", "offline"]
+__all__ = [
+  "ALLOW_CHOICES", "ALLOW_ENV", "DEFAULT_ENDPOINT", "MAX_GB_ENV", "allowed_downloads", "download", "ensure_model", "hub_endpoint", "may_download", "offline",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -100,6 +102,17 @@ def models_max_bytes() -> int | None:
   return int(value * 1e9)
 
 
+def may_download(model_id: str, formats: tuple[str, ...] = ENGINE_FORMATS["tinygrad"]) -> bool:
+  """Whether this node would fetch `model_id` from the hub now if asked to serve it: it has a source, the node is not offline,
+  and --allow-downloads lets it (a malformed setting lets nothing)."""
+  sources = model_sources(model_id)
+  try:
+    allow = allowed_downloads()
+  except BadInput:
+    return False
+  return bool(sources) and not offline() and _may_fetch(ordered(sources, formats)[0], allow)
+
+
 def _may_fetch(source: Source, allow: str) -> bool:
   if allow != "builtin":
     return allow == "any"
@@ -114,11 +127,13 @@ def ensure_model(
   progress: bool | None = None,
   allow: str | None = None,
   mirror: FileMirror | None = None,
+  command: bool = False,
 ) -> Path:
   """The model's GGUF file or directory on this machine, holding what `shard` needs (None: the whole model; weights=False: its
   config and tokenizer only), once what is missing has been downloaded (from the first of the model's sources in `formats`
   order; `progress` and `mirror` as for `download`) if `allow` (default: the node's allowed_downloads()) lets it. A model that has no source
-  (a path, an unknown id) or that lives in a directory of the user's own is used as it is."""
+  (a path, an unknown id) or that lives in a directory of the user's own is used as it is. command: `exo download` itself asks,
+  so its errors cannot advise running it."""
   try:
     path, not_found = locate_model(model_id), None
   except ModelNotFound as e:
@@ -135,10 +150,8 @@ def ensure_model(
   else:
     source = ordered(sources, formats)[0]
   if offline():
-    raise ModelNotFound(
-      f"model {model_id!r} is not on this machine and HF_HUB_OFFLINE is set, so it is not downloaded from {source}; "
-      f"unset HF_HUB_OFFLINE, or fetch it first with `exo download {model_id}`"
-    )
+    fix = "unset HF_HUB_OFFLINE, which turns downloads off, and run the download again" if command else f"unset it and run `exo download {model_id}`"
+    raise ModelNotFound(f"model {model_id!r} is not on this machine and HF_HUB_OFFLINE is set, so it is not downloaded from {source}; {fix}")
   allow = allow or allowed_downloads()
   if not _may_fetch(source, allow):
     only = "downloads are turned off (--allow-downloads none)" if allow == "none" else "only the built-in models' are (--allow-downloads builtin)"
@@ -155,7 +168,7 @@ def download(
   progress: True shows huggingface_hub's bar per file on stderr, None only when stderr is a terminal, False never. mirror: where
   each file is asked for before the hub (None: the hub only)."""
   if offline():
-    raise ModelNotFound(f"HF_HUB_OFFLINE is set: {source} is not downloaded")
+    raise ModelNotFound(f"HF_HUB_OFFLINE is set, so {source} is not downloaded; unset HF_HUB_OFFLINE to download it")
   from huggingface_hub import HfApi  # imported here: only a download needs it
 
   endpoint, cache = hub_endpoint(), hub_cache_dir()

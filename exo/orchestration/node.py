@@ -48,7 +48,7 @@ from exo.orchestration.model_text import ModelText
 from exo.orchestration.origin import Origin
 from exo.orchestration.planner_driver import PlannerConfig, PlannerDriver
 from exo.orchestration.recent_ids import RecentIds
-from exo.orchestration.requests import Admission, Generation
+from exo.orchestration.requests import Admission, Generation, LastRequest
 from exo.orchestration.served import ServedRequests
 from exo.orchestration.stage_runner import StageRunner
 from exo.orchestration.stage_scheduler import StageScheduler
@@ -144,6 +144,14 @@ class Node:
   @property
   def last_generation(self) -> Generation | None:
     return self.origin.last_generation
+
+  @property
+  def last_request(self) -> LastRequest | None:
+    return self.origin.last_request
+
+  @property
+  def max_generate_tokens(self) -> int:
+    return self.origin.max_generate_tokens
 
   async def start(self, wait_for_peers: int = 0, wait_timeout: float | None = None) -> None:
     """Serve; with `wait_for_peers`, once that many peers are live, or ClusterCannotServe after `wait_timeout` seconds naming

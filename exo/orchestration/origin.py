@@ -18,7 +18,7 @@ from exo.orchestration.cluster_view import ClusterView
 from exo.orchestration.messenger import Messenger
 from exo.orchestration.model_text import ModelText
 from exo.orchestration.planner_driver import PlannerDriver
-from exo.orchestration.requests import Admission, Generation, RequestFailed
+from exo.orchestration.requests import Admission, Generation, LastRequest, RequestFailed
 from exo.orchestration.stop_strings import visible_text
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class Origin:
     self.running = running  # the requests running on this node now, as origin or stage
     self.max_generate_tokens = max_generate_tokens
     self.requests: dict[str, OpenRequest] = {}  # by id, oldest first
-    self.last_generation: Generation | None = None
+    self.last_generation: Generation | None = None  # the last request that finished
+    self.last_request: LastRequest | None = None  # the last request, whatever its outcome
     self._delivered: deque[tuple[float, int]] = deque()  # (time, tokens) of the last LOAD_WINDOW_S seconds
 
   async def admit(self, prompt: str, model: ModelSpec, max_tokens: int | None = None) -> Admission:
@@ -64,7 +65,7 @@ class Origin:
     prefill_s = self.policy.prefill_s(plan, prompt_tokens, budget, self.running(), self.requests.values())
     request_id = str(uuid.uuid4())
     self.open(request_id, budget=budget, prefill_s=prefill_s, deadline=time.monotonic() + self.policy.request_timeout)
-    return Admission(plan, budget, request_id)
+    return Admission(plan, budget, request_id, prompt_tokens)
 
   def open(self, request_id: str, **fields) -> OpenRequest:
     """Count `request_id` among the requests this node is the origin of (OpenRequest's `fields`); its future ends it."""
@@ -99,23 +100,34 @@ class Origin:
       raise RequestFailed(f"request {admission.request_id} was released before it ran")
     request.on_token, request.running = on_token, True
     watch = asyncio.create_task(self._watch_for_stop(request, model, stop)) if stop else None
-    ring = None
+    ring, outcome, error = None, "cancelled", ""
     try:
       ring = RingPlan.from_node_shards(admission.plan.node_shards(), admission.plan.context_tokens)
       tokens = await self._run(
         request, ring, RequestContext(admission.request_id, self.cluster.node_id, ring, admission.max_tokens, sampling=sampling), prompt
       )
+      answer, ended = await self.text.answer_text(model, tokens)
+      text, stopped = visible_text(answer, stop, final=True)
+      outcome = "stop" if ended or stopped else "length"
+    except Exception as e:
+      outcome, error = "failed", str(e)
+      raise
     finally:
       if watch is not None:
         watch.cancel()
       self.requests.pop(admission.request_id, None)
+      self._record(admission, model, request.tokens if outcome in ("cancelled", "failed") else tokens, time.perf_counter() - started, outcome, error)
       if ring is not None:
         await self.messenger.broadcast_finish(ring, admission.request_id)
-    answer, ended = await self.text.answer_text(model, tokens)
-    text, stopped = visible_text(answer, stop, final=True)
-    elapsed = time.perf_counter() - started
-    self.last_generation = Generation(admission.request_id, tokens, text, admission.plan, elapsed, "stop" if ended or stopped else "length")
+    self.last_generation = Generation(admission.request_id, tokens, text, admission.plan, self.last_request.elapsed_s, outcome)
     return self.last_generation
+
+  def _record(self, admission: Admission, model: ModelSpec, tokens: list[int], elapsed_s: float, outcome: str, error: str) -> None:
+    """The request as the node's last: its outcome, its measured time and what its plan predicts for its prompt and answer."""
+    predicted = self.planner.predict_for(admission.plan, admission.prompt_tokens) if admission.prompt_tokens else None
+    ring = [node_id for node_id, _ in admission.plan.node_shards()]
+    ttft, tpot = (None, None) if predicted is None else (predicted.ttft_s, predicted.tpot_s)
+    self.last_request = LastRequest(admission.request_id, model.id, ring, admission.prompt_tokens, len(tokens), elapsed_s, outcome, error, ttft, tpot)
 
   async def _run(self, request: OpenRequest, ring: RingPlan, context: RequestContext, prompt: str) -> list[int]:
     """Send the prompt round `ring` and wait for its tokens."""

@@ -64,6 +64,12 @@ class PlannerDriver:
   def _plan_on(self, topology: Topology, model: ModelSpec) -> Plan:
     return plan_for(topology, model, self.config.request)
 
-  def _predict_on(self, topology: Topology, plan: Plan) -> Prediction | None:
-    """`plan`'s ring predicted on `topology` at the plan's context; None if a ring node has left it."""
-    return predict_ring(topology, plan.model, self.config.request, plan.ring(), context_tokens=plan.context_tokens)
+  def _predict_on(self, topology: Topology, plan: Plan, prompt_tokens: int | None = None) -> Prediction | None:
+    """`plan`'s ring predicted on `topology` at the plan's context (TTFT for `prompt_tokens`, by default the planner's); None if
+    a ring node has left it."""
+    more = {} if prompt_tokens is None else {"prompt_tokens": max(1, prompt_tokens)}
+    return predict_ring(topology, plan.model, self.config.request, plan.ring(), context_tokens=plan.context_tokens, **more)
+
+  def predict_for(self, plan: Plan, prompt_tokens: int) -> Prediction | None:
+    """`plan`'s ring predicted now for a request of `prompt_tokens` tokens; None if a ring node has left."""
+    return self._predict_on(self.topology(), plan, prompt_tokens)

@@ -10,7 +10,7 @@ from exo.inference.sampling import GREEDY, Sampling
 from exo.networking.peer_files import PeerFiles
 from exo.orchestration.model_text import ModelText
 from exo.orchestration.planner_driver import PlannerConfig
-from exo.orchestration.requests import Admission, Generation
+from exo.orchestration.requests import Admission, Generation, LastRequest
 from exo.topology.plan import Plan
 
 __all__ = ["ServingNode"]
@@ -42,6 +42,14 @@ class ServingNode(Protocol):
 
   @property
   def last_generation(self) -> Generation | None: ...
+
+  @property
+  def last_request(self) -> LastRequest | None:
+    """The last request the node received, whatever its outcome, with its prediction."""
+
+  @property
+  def max_generate_tokens(self) -> int:
+    """The longest answer the node gives (--max-generate-tokens)."""
 
   async def admit(self, prompt: str, model: ModelSpec, max_tokens: int | None = None) -> Admission: ...
 

@@ -15,6 +15,7 @@ from exo.api.chatgpt_api import STATIC_DIR, STATIC_TYPES
 from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.base.models import MODELS, model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.model_sources import model_sources
 from exo.inference.slowed_engine import SlowedEngine
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
@@ -93,6 +94,11 @@ def test_the_model_list_says_which_models_have_their_files_on_the_node(tmp_path,
     models = json.loads(body)["data"]
     assert status == 200 and models[0]["id"] == "smollm2-135m"
     assert {m["id"] for m in models if m["present"]} == present and {m["id"] for m in models} == set(MODELS)
+  # offline nothing is downloadable; online the built-in models are (--allow-downloads builtin, the default)
+  for offline, downloadable in [("1", set()), ("0", {m for m in MODELS if model_sources(m)})]:
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    [(_, _, body)] = served(["/v1/models"], SlowedEngine(TinygradInferenceEngine(), 2.0))
+    assert {m["id"] for m in json.loads(body)["data"] if m["downloadable"]} == downloadable
 
 
 @pytest.mark.parametrize(

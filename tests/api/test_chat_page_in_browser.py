@@ -101,17 +101,42 @@ def limit_and_stop(page, expect) -> str:
   expect(reply).to_have_attribute("data-state", "stopped")
   expect(page.locator("#send")).to_be_enabled()
   expect(page.locator("#plan")).to_contain_text("Now: 0 requests running on this node", timeout=WAIT_MS)  # the node stopped generating too
+  expect(page.locator("#plan .last-head")).to_contain_text("stopped before its end", timeout=WAIT_MS)  # the last request, as it ended
   stopped = reply.locator(".text").inner_text()
   return stopped
 
 
 def kept_across_reload(page, expect, stopped: str) -> None:
-  """The conversation comes back after a reload; New chat empties it."""
+  """The conversation comes back after a reload, an answer that was streaming as far as it came, marked interrupted; another
+  tab has a conversation of its own; New chat empties it."""
   messages, reply = page.locator(".msg"), page.locator(".msg.assistant").last
   page.reload()
   expect(messages).to_have_count(4)
   expect(reply.locator(".text")).to_have_text(stopped)
   expect(reply).to_have_attribute("data-state", "stopped")
+
+  page.fill("#prompt", "Count to a thousand, slowly.")
+  page.click("#send")
+  expect(reply.locator(".text")).not_to_have_text("…", timeout=WAIT_MS)
+  page.reload()  # mid-answer
+  expect(messages).to_have_count(6)
+  expect(page.locator(".msg.user").last.locator(".text")).to_have_text("Count to a thousand, slowly.")
+  expect(reply).to_have_attribute("data-state", "interrupted")
+  expect(reply.locator(".meta")).to_contain_text("interrupted")
+  assert reply.locator(".text").inner_text().strip() not in ("", "…")  # the partial answer
+
+  other = page.context.new_page()
+  other.goto(page.url)
+  expect(other.locator("#empty")).to_be_visible()  # a tab of its own: an empty conversation
+  other.fill("#prompt", "Hello?")
+  other.fill("#setting-max_tokens", "2")
+  other.click("#send")
+  expect(other.locator(".msg.assistant").last).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+  other.reload()
+  expect(other.locator(".msg")).to_have_count(2)
+  page.reload()
+  expect(messages).to_have_count(6)  # each tab keeps its own
+  other.close()
 
   page.click("#new-chat")
   expect(messages).to_have_count(0)
@@ -122,6 +147,7 @@ def reports_what_fails(page, expect, node, tmp_path) -> None:
   """The API's error for a model the cluster cannot hold, then a node that went down; the conversation stays."""
   messages, reply, error = page.locator(".msg"), page.locator(".msg.assistant").last, page.locator("#error")
   page.select_option("#model", "llama-3.1-405b")
+  page.fill("#setting-max_tokens", "")
   page.fill("#prompt", "Hello?")
   page.click("#send")
   expect(error).to_contain_text("does not fit", timeout=WAIT_MS)
@@ -153,7 +179,7 @@ def test_the_page_limits_stops_keeps_and_reports_what_fails(tmp_path):
   with exo_node(args, tmp_path / "node.log") as (node, url), sync_playwright() as playwright:
     browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
     try:
-      page = browser.new_page(viewport={"width": 1400, "height": 900})
+      page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()  # a context: kept_across_reload opens a second tab
       page.goto(url)
       stopped = limit_and_stop(page, expect)
       kept_across_reload(page, expect, stopped)
@@ -228,3 +254,46 @@ def test_the_page_shows_a_model_file_arriving_with_a_progress_bar(tmp_path, monk
         browser.close()
   finally:
     hub.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is not installed at /usr/bin/chromium (./setup.sh installs it)")
+def test_on_a_two_node_smollm2_ring_the_page_predicts_a_warm_request_within_30_percent(tmp_path):
+  """Two ggml nodes of 160 MB each (SmolLM2 needs both) that measure their layer times at start: the page's "Last request"
+  shows what the plan predicts for that request's own prompt and answer, and for a warm request (the second) it is within 30%
+  of the time measured."""
+  from playwright.sync_api import expect, sync_playwright
+
+  from exo.tools.local_cluster import Cluster, Device, collect_topology
+
+  cluster = Cluster(tmp_path / "ring")
+  try:
+    for node_id in ("a", "b"):
+      cluster.declare(node_id, Device(160, 1, 10), engine=["--inference-engine", "ggml", "--run-model", "smollm2-135m"], api=node_id == "a")
+    for node_id in ("a", "b"):  # one after the other, as on two machines: each measures its layers without the other's load
+      cluster.start(node_id, "--max-generate-tokens", "24")
+      cluster.wait_for(
+        lambda n=node_id: "layer_times" in ((collect_topology(cluster.nodes[n].address) or {}).get("nodes", {}).get(n, {})),
+        f"{node_id}'s layer times",
+      )
+    cluster.wait_for_mesh()
+    url = f"http://127.0.0.1:{cluster.api_ports['a']}/"
+    with sync_playwright() as playwright:
+      browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+      try:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(url)
+        expect(page.locator("#model")).to_have_value("smollm2-135m", timeout=WAIT_MS)
+        for question in (QUESTION, "Name a primary colour."):  # the first loads the layers; the second is warm
+          page.fill("#prompt", question)
+          page.click("#send")
+          expect(page.locator(".msg.assistant").last).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+        record = page.evaluate("async () => (await (await fetch('v1/plan')).json()).last_request")
+        assert sorted(record["ring"]) == ["a", "b"] and record["outcome"] in ("stop", "length") and record["tokens"] >= 1
+        assert abs(record["predicted_s"] / record["elapsed_s"] - 1) <= 0.3, record
+        last = page.locator("#plan .last")  # the ring panel polls every 2 s
+        expect(last).to_contain_text(f"{' → '.join(record['ring'])} · {record['prompt_tokens']}-token prompt", timeout=WAIT_MS)
+      finally:
+        browser.close()
+  finally:
+    cluster.close()

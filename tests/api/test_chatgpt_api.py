@@ -13,7 +13,8 @@ from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
 from exo.topology.plan_request import PlanRequest
-from tests.support.served_api import CAPS, MESSAGES, PLAN_KEYS, SERVED, TINY, Served, get, reference, stream
+from exo.topology.planner import predict_ring
+from tests.support.served_api import CAPS, MAX_TOKENS, MESSAGES, PLAN_KEYS, SERVED, TINY, Served, get, reference, stream
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +207,10 @@ def test_an_answer_fills_at_most_what_the_planned_context_leaves(short):
 def test_models_list_the_served_model_first(served):
   ids = [m.id for m in served.client.models.list()]
   assert ids[0] == SERVED and sorted(ids) == sorted(MODELS)
+  status, _, body = get(f"{served.base}/v1/models")
+  fits = {m["id"]: m["fits"] for m in body["data"]}
+  assert fits[SERVED] and not fits["llama-3.1-405b"]  # 16 GB hold a 1B model, not a 405B one
+  assert all(m["max_tokens"] == MAX_TOKENS and m["present"] and not m["downloadable"] for m in body["data"])  # the dummy needs no files
   assert served.client.models.retrieve("llama-3.1-70b").id == "llama-3.1-70b"
   with pytest.raises(openai.NotFoundError):
     served.client.models.retrieve("gpt-5-turbo")
@@ -222,6 +227,7 @@ def test_plan_is_the_current_plan_with_predictions(served):
   status, _, plan = get(f"{served.base}/v1/plan")
   load, node_id, last = plan.pop("load"), plan.pop("node_id"), plan.pop("last_request")
   assert plan.pop("downloads") == []  # the dummy engine reads no model files
+  assert plan.pop("assumes") == {"prompt_tokens": 128, "batch": 1}  # what the predicted TTFT and throughput are for
   assert status == 200 and set(plan) == PLAN_KEYS and plan == served.node.current_prediction().to_dict()  # on today's layer times
   assert {k: v for k, v in plan.items() if k != "predicted"} == {k: v for k, v in served.node.current_plan.to_dict().items() if k != "predicted"}
   assert load["active_requests"] == 0 and load["waiting_requests"] == 0 and load["max_batch"] == 1
@@ -230,8 +236,12 @@ def test_plan_is_the_current_plan_with_predictions(served):
   assert plan["model"]["id"] == SERVED and plan["shards"] == [{"node_id": "api-node", "start_layer": 0, "end_layer": 15, "n_layers": 16}]
   assert plan["model"] == served.node.model.to_dict() and plan["model"]["embed_bytes"] > 0  # every figure the plan rests on
   assert plan["predicted"] and plan["context_tokens"] == 8192  # 16 GB hold the model's whole context (at most 8192 tokens)
-  assert node_id == "api-node" and (last["model"], last["ring"], last["tokens"]) == (SERVED, ["api-node"], 2)  # the request above
-  assert last["elapsed_s"] > 0 and set(last["predicted"]) == set(plan["predicted"])  # measured, next to the plan's prediction
+  assert node_id == "api-node" and (last["model"], last["ring"], last["tokens"], last["outcome"]) == (SERVED, ["api-node"], 2, "length")
+  prompt, _, _ = reference(MESSAGES)
+  prompt_tokens = len(served.run(served.node.text.encode(served.node.model, prompt)))
+  own = predict_ring(served.node.planning_topology(), served.node.model, served.node.planner_config.request, [("api-node", 16)], prompt_tokens)
+  assert last["prompt_tokens"] == prompt_tokens and last["elapsed_s"] > 0  # measured, next to what the plan predicts for this prompt:
+  assert last["predicted_s"] == pytest.approx(own.ttft_s + (2 - 1) * own.tpot_s)  # its TTFT for its own prompt, then one more token
 
 
 @pytest.mark.parametrize("caps, model_id, status", [(CAPS, SERVED, 200), (TINY, "llama-3.1-70b", 503)])
@@ -249,7 +259,7 @@ def test_plan_before_any_request_is_computed_or_503(caps, model_id, status):
   got, _, body = asyncio.run(main())
   assert got == status
   if status == 200:
-    assert set(body) == PLAN_KEYS | {"downloads", "load", "node_id", "last_request"} and body["model"]["id"] == model_id
+    assert set(body) == PLAN_KEYS | {"assumes", "downloads", "load", "node_id", "last_request"} and body["model"]["id"] == model_id
     assert (body["node_id"], body["last_request"]) == ("fresh", None)
     assert node.current_plan is None  # reading the plan adopted nothing
   else:

@@ -1,10 +1,11 @@
-// The chat half of the page: the model list, the conversation (kept in localStorage) and one streamed completion at a time,
-// all through the node's OpenAI-compatible API on this same origin.
+// The chat half of the page: the model list, the conversation (kept in this tab's sessionStorage: each tab has its own, and a
+// reload keeps it, an answer cut by the reload marked interrupted) and one streamed completion at a time, all through the node's
+// OpenAI-compatible API on this same origin.
 "use strict";
 
 // The request settings the API honours, one input each; an empty one is left out of the request (the API's default).
 const SETTINGS = [
-  { key: "max_tokens", label: "Max tokens", min: 1, step: 1, placeholder: "node's limit" },
+  { key: "max_tokens", label: "Max tokens", min: 1, step: 1, placeholder: "the node's limit" },
   { key: "temperature", label: "Temperature", min: 0, max: 2, step: "any", placeholder: "0 (greedy)" },
 ];
 const STORE = "exo-chat";
@@ -20,14 +21,14 @@ const elements = new WeakMap();  // message -> its bubble
 
 function load() {
   try {
-    const saved = JSON.parse(localStorage.getItem(STORE));
+    const saved = JSON.parse(sessionStorage.getItem(STORE));
     if (saved && Array.isArray(saved.messages)) return { model: saved.model || "", settings: saved.settings || {}, messages: saved.messages };
   } catch (e) { /* no storage, or not ours: start afresh */ }
   return { model: "", settings: {}, messages: [] };
 }
 
 function save() {
-  try { localStorage.setItem(STORE, JSON.stringify(conversation)); } catch (e) { /* private mode: memory only */ }
+  try { sessionStorage.setItem(STORE, JSON.stringify(conversation)); } catch (e) { /* no storage: memory only */ }
 }
 
 // ---------- errors ----------
@@ -86,6 +87,7 @@ async function loadModels(retried = false) {
   }
   const ids = models.map((m) => m.id);
   view.model.value = ids.includes(conversation.model) ? conversation.model : ids[0];
+  if (models[0] && models[0].max_tokens) $("setting-max_tokens").placeholder = `up to ${models[0].max_tokens} (the node's limit)`;
   noteModel();
 }
 
@@ -194,6 +196,7 @@ async function send(text) {
   view.empty.hidden = true;
   bubble(question);
   bubble(reply);
+  save();  // a reload from now on keeps the question, and the answer as far as it came
   scrollDown();
   const controller = (running = new AbortController());
   setBusy(true);
@@ -215,6 +218,7 @@ async function send(text) {
       if (choice.delta && choice.delta.content) {
         reply.content += choice.delta.content;
         paint(reply);
+        save();
         scrollDown();
       }
       if (choice.finish_reason) finish = choice.finish_reason;
@@ -289,7 +293,7 @@ view.newChat.addEventListener("click", newChat);
 view.model.addEventListener("change", () => { conversation.model = view.model.value; noteModel(); save(); });
 
 for (const m of conversation.messages) {
-  if (m.state === "streaming") Object.assign(m, { state: "stopped", meta: "interrupted: the page was closed while it streamed" });
+  if (m.state === "streaming") Object.assign(m, { state: "interrupted", meta: "interrupted: the page was reloaded while the answer streamed" });
 }
 buildSettings();
 renderAll();

@@ -97,13 +97,16 @@
         ` layers ${s.start_layer}–${s.end_layer} (${s.end_layer - s.start_layer + 1} of ${total})`, fetches(downloads[s.node_id]))));
     const p = plan.predicted;
     const load = plan.load || {};
+    const assumes = plan.assumes || { prompt_tokens: 128, batch: plan.params.batch };
     const parts = [
       el("p", { className: "plan-head" }, el("b", {}, plan.model.id), ` · strategy ${plan.strategy}, objective ${plan.objective} · `,
         plan.shards.length === 1 ? `one node holds every layer` : `ring ${plan.shards.map((s) => s.node_id).concat(plan.shards[0].node_id).join(" → ")}`),
       bar, order,
       el("div", { className: "stats" },
-        stat("predicted TPOT", ms(p.tpot_ms)), stat("predicted tokens/s", num(p.tokens_per_second)),
-        stat("predicted throughput", `${num(p.throughput_tps)} tok/s`), stat("predicted TTFT", ms(p.ttft_ms)),
+        stat("predicted time per token", ms(p.tpot_ms), "TPOT, one request alone"),
+        stat("predicted tokens/s", num(p.tokens_per_second), "one request alone"),
+        stat("predicted throughput", `${num(p.throughput_tps)} tokens/s`, `all requests, batch ${assumes.batch} per stage`),
+        stat("predicted time to first token", ms(p.ttft_ms), `TTFT, a ${assumes.prompt_tokens}-token prompt`),
         contextStat(plan)),
       lastRequest(plan.last_request),
       el("p", { className: "muted" }, `Now: ${count(load.active_requests || 0, "request")} running on this node, ${load.waiting_requests || 0} waiting at its `
@@ -121,22 +124,24 @@
     return stat("planned context", `${plan.context_tokens} tokens`, note);
   }
 
-  // The last request: measured from its arrival to its last token, against ttft + (n - 1) * tpot of the plan it ran on.
+  // The last request the node received, whatever its outcome: measured from its start to its end at this node, against what its
+  // plan predicts for its own prompt and answer (the node computes it: TTFT for its prompt + (tokens − 1) × TPOT).
   function lastRequest(last) {
     if (!last) return el("p", { className: "muted" }, "No request yet: send a message to compare the prediction with a measurement.");
-    const n = last.tokens, p = last.predicted;
-    const predictedS = p.ttft_ms === null || p.tpot_ms === null ? null : (p.ttft_ms + Math.max(n - 1, 0) * p.tpot_ms) / 1000;
+    const n = last.tokens, predictedS = last.predicted_s;
+    const outcome = { stop: "finished", length: "cut at the token limit", cancelled: "stopped before its end", failed: `failed: ${last.error}` }[last.outcome] || last.outcome;
     const row = (label, predicted, measured) => el("tr", {}, el("th", {}, label), el("td", {}, predicted), el("td", {}, measured));
+    const perToken = (s) => (n ? `${num((s * 1000) / n)} ms` : "–");
     return el("div", { className: "last" },
-      el("p", {}, el("b", {}, "Last request"), ` · ${last.model} on ${last.ring.join(" → ")} · ${n} tokens`),
+      el("p", { className: "last-head" }, el("b", {}, "Last request"), ` · ${last.model} on ${last.ring.join(" → ")} · ${last.prompt_tokens}-token prompt, `
+        + `${count(n, "token")} answered · `, el("span", { className: `outcome ${last.outcome}` }, outcome)),
       el("table", {},
         el("thead", {}, el("tr", {}, el("th", {}), el("th", {}, "predicted"), el("th", {}, "measured"))),
         el("tbody", {},
           row("whole request", predictedS === null ? "–" : `${num(predictedS)} s`, `${num(last.elapsed_s)} s`),
-          row("ms per token", predictedS === null ? "–" : `${num((predictedS * 1000) / n)} ms`, `${num((last.elapsed_s * 1000) / n)} ms`),
-          row("tokens/s", predictedS ? num(n / predictedS) : "–", last.elapsed_s ? num(n / last.elapsed_s) : "–"))),
-      el("p", { className: "note" }, "Measured at this node from the request's arrival (planning and prompt included; a node's first request also "
-        + "compiles its engine's kernels) to its last token; predicted: TTFT + (tokens − 1) × TPOT of the plan it ran on."));
+          row("time per token", predictedS === null ? "–" : perToken(predictedS), perToken(last.elapsed_s)))),
+      el("p", { className: "note" }, `Measured at this node from the request's start to its end (a node's first request also loads its engine). Predicted `
+        + `by the plan it ran on for its own ${last.prompt_tokens}-token prompt: time to first token + (tokens − 1) × time per token.`));
   }
 
   function drawLinks(topology) {
