@@ -9,6 +9,7 @@ import pytest
 from exo.api import ChatGPTAPI
 from exo.base.models import MODELS, model_spec
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.engine_wrapper import EngineWrapper
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
@@ -277,3 +278,28 @@ def test_a_port_in_use_is_an_oserror_naming_it(served):
   api = ChatGPTAPI(served.node, "127.0.0.1", served.api.port)
   with pytest.raises(OSError, match=f"127.0.0.1:{served.api.port}"):
     served.run(api.start())
+
+
+def test_the_last_request_is_the_last_received_whatever_its_outcome():
+  """A request whose ring fails is the node's last request, as failed with the reason; a finished one after it replaces it."""
+
+  class FailsOnce(EngineWrapper):
+    failed = False
+
+    async def infer_batch(self, shard, steps):
+      if not FailsOnce.failed:
+        FailsOnce.failed = True
+        raise RuntimeError("the engine broke")
+      return await self.inner.infer_batch(shard, steps)
+
+  served = Served(FailsOnce(DummyInferenceEngine()))
+  try:
+    with pytest.raises(openai.APIError):
+      served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=3)
+    last = get(f"{served.base}/v1/plan")[2]["last_request"]
+    assert last["outcome"] == "failed" and "the engine broke" in last["error"] and last["tokens"] == 0
+    served.client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=3)
+    last = get(f"{served.base}/v1/plan")[2]["last_request"]
+    assert (last["outcome"], last["error"], last["tokens"]) == ("length", "", 3)
+  finally:
+    served.close()
