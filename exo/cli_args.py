@@ -78,7 +78,9 @@ def seed(text: str) -> int:
 
 def add_planner_flags(group) -> None:
   """The planning flags `exo` and `exo plan` share: strategy, objective and the cost model's parameters."""
-  group.add_argument("--partitioning-strategy", choices=STRATEGIES, default=STRATEGIES[0], help=f"default: {STRATEGIES[0]}")
+  group.add_argument(
+    "--partitioning-strategy", choices=STRATEGIES, default=STRATEGIES[0], help=f"how layers are split among nodes (default: {STRATEGIES[0]})"
+  )
   group.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0], help="minimise time per token or maximise pipelined tokens/s")
   group.add_argument(
     "--memory-headroom",

@@ -7,6 +7,8 @@ exo plan ...                        plan a topology file (see `exo plan --help`)
 exo topology --address HOST:PORT    print a running node's live topology as topology JSON (input for `exo plan`)
 exo model-spec PATH [--id ID]       print the model-spec JSON of a model file (input for `exo plan --model-spec`)
 
+EXO_DEBUG (0 quiet, 1 what the node does, 2 everything; or upstream's DEBUG, which tinygrad must not see) sets what is logged on stderr.
+
 A MODEL is a built-in id, a Hugging Face repo id (owner/name, or owner/name/FILE.gguf) or the path of a .gguf file or model
 directory (exo.inference.model_sources).
 """
@@ -156,7 +158,7 @@ def download(argv: list[str]) -> int:
     description="Fetch a model from the Hugging Face Hub (or the mirror HF_ENDPOINT names) so that nodes can serve it offline; a "
     "transfer that broke off resumes where it stopped. Prints the model's path.",
   )
-  parser.add_argument("model", metavar="MODEL", help=f"{', '.join(sorted(MODELS))}, or {MODEL_HELP.removeprefix('a built-in id, ')}")
+  parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
   parser.add_argument("--format", choices=["gguf", "mlx", "safetensors"], default=None, help="the format of a built-in model to fetch")
   parser.add_argument(
     "--inference-engine", choices=sorted(ENGINE_FORMATS), default=None, help=f"fetch the format this engine prefers (default: {default_engine()})"
@@ -178,28 +180,41 @@ def download(argv: list[str]) -> int:
       have = ", ".join(sorted({s.format for s in model_sources(args.model)})) or "none"
       raise BadInput(f"{args.model} has no {args.format} build to download; its formats: {have}")
     formats = (args.format, *(f for f in formats if f != args.format))
-  print(ensure_model(args.model, formats=formats, progress=True, allow="any"))  # the operator's own request: any repository
+  print(ensure_model(args.model, formats=formats, progress=True, allow="any", command=True))  # the operator's own request: any repository
   return 0
 
 
-def log_level(debug: str) -> int:
-  """The logging level for upstream's DEBUG environment variable: 0 warnings and errors, 1 also what the node does (peers
-  found and dropped, requests sent), 2 and up everything."""
+DEBUG_ENV = "EXO_DEBUG"
+
+
+def debug_setting(environ) -> tuple[str, str]:
+  """(variable, value) of exo's log level: EXO_DEBUG, else upstream's DEBUG. DEBUG leaves `environ` either way: tinygrad reads
+  it at import and prints its kernel log to stdout, into the answer of `exo run`."""
+  upstream = environ.pop("DEBUG", None)
+  if environ.get(DEBUG_ENV, "").strip():
+    return DEBUG_ENV, environ[DEBUG_ENV]
+  return ("DEBUG", upstream) if upstream is not None else (DEBUG_ENV, "0")
+
+
+def log_level(debug: str, variable: str = DEBUG_ENV) -> int:
+  """The logging level for EXO_DEBUG (or DEBUG): 0 warnings and errors, 1 also what the node does (peers found and dropped,
+  requests sent), 2 and up everything."""
   try:
     level = int(debug or "0")
   except ValueError:
-    raise BadInput(f"DEBUG must be an integer (0 quiet, 1 what the node does, 2 everything), got {debug!r}") from None
+    raise BadInput(f"{variable} must be an integer (0 quiet, 1 what the node does, 2 everything), got {debug!r}") from None
   return logging.WARNING if level <= 0 else logging.INFO if level == 1 else logging.DEBUG
 
 
 def main(argv: list[str] | None = None) -> int:
+  variable, debug = debug_setting(os.environ)  # first: before anything imports tinygrad
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["plan"]:
     from exo import plan_cli
 
     return plan_cli.main(argv[1:])
   try:
-    logging.basicConfig(level=log_level(os.environ.get("DEBUG", "0")), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level(debug, variable), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if argv[:1] == ["topology"]:
       parser = argparse.ArgumentParser(prog="exo topology", description="Print a running node's live topology as topology JSON.")
       parser.add_argument("--address", required=True, help="host:port of any node's gRPC server")
@@ -211,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["download"]:
       return download(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "run" and args.prompt is None:
-      raise BadInput("`exo run MODEL` needs --prompt TEXT")
     use_models_dir(args.models_dir)
     use_download_policy(args.allow_downloads, args.models_max_gb)
     return asyncio.run(serve(args))

@@ -15,19 +15,37 @@ COMMANDS = {  # the commands besides `run`, each parsed by its own parser (main)
   "topology": "print a running node's live topology as JSON",
   "model-spec": "print a model file's model-spec JSON (for `exo plan`)",
 }
-MODEL_HELP = "a built-in id, a Hugging Face repo id (owner/name or owner/name/FILE.gguf) or the path of a .gguf file or model directory"
+MODEL_HELP = (
+  f"a built-in id ({', '.join(sorted(MODELS))}), a Hugging Face repo id (owner/name or owner/name/FILE.gguf) or the path of a .gguf "
+  "file or model directory"
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class NodeParser(argparse.ArgumentParser):
+  """`exo`'s parser: `exo run` without --prompt (before or after `run`) is a usage error of `exo run`, shown with its usage."""
+
+  run: argparse.ArgumentParser
+
+  def parse_known_args(self, args=None, namespace=None):
+    namespace, extras = super().parse_known_args(args, namespace)
+    if namespace.command == "run" and extras:
+      self.run.error(f"unrecognized arguments: {' '.join(extras)} (exo run --help lists its flags)")
+    if namespace.command == "run" and namespace.prompt is None:
+      self.run.error(f"--prompt TEXT is required, e.g. exo run {namespace.model_name} --prompt 'What is the capital of France?'")
+    return namespace, extras
+
+
+def build_parser() -> NodeParser:
   """`exo [node flags]` runs a node; `exo run MODEL` takes the same flags (after it); the other commands are listed only."""
-  parser = argparse.ArgumentParser(
+  parser = NodeParser(
     prog="exo",
     usage="exo [flags]               run a node until interrupted\n       exo COMMAND [args]        (exo COMMAND --help)",
     description="Run one LLM across your devices, pipeline-parallel around a ring.",
   )
-  commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-  run = commands.add_parser(
+  commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=argparse.ArgumentParser)
+  parser.run = run = commands.add_parser(
     "run",
+    prog="exo run",  # else argparse makes it from the two-line usage above
     help="generate one answer for --prompt, stream it, and exit",
     usage="exo run MODEL --prompt TEXT [flags]",
     description="Run a node (alone, or with --wait-for-peers), stream one answer to stdout and exit; what it loads shows on stderr.",
@@ -54,12 +72,14 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
   sampling = parser.add_argument_group("sampling (with --prompt; API requests carry their own)")
   sampling.add_argument("--temperature", type=temperature, default=0.0, help="0 (the default): greedy; higher: more varied")
   sampling.add_argument("--top-p", type=top_p, default=1.0, help="draw from the smallest set of likeliest tokens holding this mass")
-  sampling.add_argument("--top-k", type=top_k, default=0, help="draw from the K likeliest tokens (0: every token)")
+  sampling.add_argument("--top-k", type=top_k, default=0, help="draw from the K likeliest tokens; 0: every token")
   sampling.add_argument("--seed", type=seed, default=None, help="the same seed gives the same answer (default: a fresh one each run)")
   device = parser.add_argument_group("device (detected; override when misdetected)")
-  device.add_argument("--memory-mb", type=float, default=None)
-  device.add_argument("--tflops", type=float, default=None, help="fp16 TFLOPS")
-  device.add_argument("--memory-bandwidth", type=float, default=None, help="GB/s")
+  device.add_argument("--memory-mb", type=float, default=None, help="this device's memory in MB (default: detected)")
+  device.add_argument("--tflops", type=float, default=None, help="this device's fp16 TFLOPS (default: the chip's, else measured)")
+  device.add_argument(
+    "--memory-bandwidth", type=float, default=None, help="this device's memory bandwidth in GB/s (default: the chip's, else measured)"
+  )
   device.add_argument("--measure-device", action="store_true", help="measure TFLOPS and bandwidth even for a known chip")
   plan = parser.add_argument_group("planner")
   add_planner_flags(plan)
@@ -67,6 +87,15 @@ def add_node_flags(parser: argparse.ArgumentParser) -> None:
     "--ignore-layer-times", action="store_true", help="plan from the devices' TFLOPS and bandwidth alone, not the nodes' measured layer times"
   )
   plan.add_argument("--replan-threshold", type=float, default=0.1, help="re-plan for unchanged membership only if this much faster")
+  show_defaults(parser)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+  """End each flag's help with its default where the help does not say it already: written out now, since `exo run` hides the
+  defaults from argparse (build_parser). Switches (off unless given) and flags whose default is None say theirs in words."""
+  for action in parser._actions:
+    if action.option_strings and all(action.default is not v for v in (None, False, argparse.SUPPRESS)) and "default" not in action.help:
+      action.help = f"{action.help} (default: {str(action.default).replace('%', '%%')})"
 
 
 def add_network_flags(node) -> None:
@@ -78,9 +107,12 @@ def add_network_flags(node) -> None:
   node.add_argument("--broadcast-port", type=int, default=5678, help="UDP port discovery announces to")
   node.add_argument("--broadcast-address", action="append", default=None, help="announce to this address (repeatable; default: every interface)")
   node.add_argument(
-    "--discovery-module", choices=["udp", "manual", "none"], default=None, help="default: udp; `exo run` without --wait-for-peers runs alone (none)"
+    "--discovery-module",
+    choices=["udp", "manual", "none"],
+    default=None,
+    help="how peers are found: UDP broadcasts, a peers file (manual) or not at all (default: udp; `exo run` without --wait-for-peers: none)",
   )
-  node.add_argument("--discovery-config-path", default=None, help="peers file for --discovery-module manual")
+  node.add_argument("--discovery-config-path", default=None, help="peers file for --discovery-module manual (no default: manual needs it)")
   node.add_argument("--discovery-timeout", type=float, default=30.0, help="seconds before a silent peer is dropped")
   add_cluster_flags(node)
   node.add_argument("--wait-for-peers", type=int, default=0, help="wait for this many peers before serving")
@@ -109,7 +141,10 @@ def add_model_flags(node) -> None:
 def add_engine_flags(node) -> None:
   """The engine that runs the layers, and the wrappers of benchmarks."""
   node.add_argument(
-    "--inference-engine", choices=["ggml", "tinygrad", "mlx", "dummy"], default=None, help=f"default: {default_engine()} on this machine"
+    "--inference-engine",
+    choices=["ggml", "tinygrad", "mlx", "dummy"],
+    default=None,
+    help=f"the engine that runs the layers (default: {default_engine()} on this machine)",
   )
   node.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the ggml engine (default: the machine's physical cores)")
   node.add_argument("--emulate", action="store_true", help="pace the engine to the cost model's time for this node's declared device")
@@ -128,10 +163,14 @@ def add_serving_flags(node) -> None:
     "--run-model",
     default=None,
     metavar="MODEL",
-    help=f"model to serve (default: {DEFAULT_MODEL} if its files are here, else {SMALL_MODEL}): {', '.join(sorted(MODELS))}, or {MODEL_HELP}",
+    help=f"model to serve: {MODEL_HELP} (default: {DEFAULT_MODEL} if its files are here, else {SMALL_MODEL})",
   )
-  node.add_argument("--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit)")
-  node.add_argument("--max-generate-tokens", type=positive_int, default=1024)
+  node.add_argument(
+    "--prompt", default=None, help="prompt for `exo run` (or with --run-model: generate once and exit; default: serve until interrupted)"
+  )
+  node.add_argument(
+    "--max-generate-tokens", type=positive_int, default=1024, metavar="N", help="the most tokens an answer has; API requests may ask for fewer"
+  )
   node.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take before it fails")
   node.add_argument(
     "--max-requests",
@@ -146,9 +185,9 @@ def add_serving_flags(node) -> None:
 
 def add_api_flags(node) -> None:
   """The OpenAI-compatible HTTP API and who may call it."""
-  node.add_argument("--chatgpt-api-port", type=int, default=52415, help="port of the OpenAI-compatible HTTP API (0: a free one)")
+  node.add_argument("--chatgpt-api-port", type=int, default=52415, metavar="PORT", help="port of the OpenAI-compatible HTTP API; 0: a free one")
   node.add_argument(
-    "--chatgpt-api-host", default="127.0.0.1", help="address the HTTP API binds (0.0.0.0: every interface, which requires an API key)"
+    "--chatgpt-api-host", default="127.0.0.1", metavar="HOST", help="address the HTTP API binds; 0.0.0.0 (every interface) requires an API key"
   )
   node.add_argument(
     "--api-key",
@@ -162,7 +201,7 @@ def add_api_flags(node) -> None:
     action="append",
     default=None,
     metavar="ORIGIN[,ORIGIN...]",
-    help="web origins (scheme://host[:port]) whose pages may call the HTTP API besides the node's own chat page (repeatable)",
+    help="web origins (scheme://host[:port]) whose pages may call the HTTP API besides the node's own chat page (repeatable; default: none)",
   )
 
 
@@ -176,4 +215,6 @@ def add_cluster_flags(group) -> None:
     help=f"the secret this node's cluster shares (default: ${SECRET_ENV}, else the one stored in {stored_secret_path()}, made on first "
     "start); other users of the machine see command lines: prefer --cluster-secret-file",
   )
-  secret.add_argument("--cluster-secret-file", default=None, metavar="FILE", help="read the cluster's secret from FILE")
+  secret.add_argument(
+    "--cluster-secret-file", default=None, metavar="FILE", help="read the cluster's secret from FILE (default: as for --cluster-secret)"
+  )

@@ -28,6 +28,43 @@ def test_help_lists_every_command_on_one_line(capsys):
   assert "--node-port" in out and "exo COMMAND --help" in out
 
 
+def help_entries(text: str) -> dict[str, str]:
+  """argparse's option lines: each option's invocation ("--top-k TOP_K") and its help text, unwrapped."""
+  entries: dict[str, list[str]] = {}
+  current = None
+  for line in text.splitlines():
+    if line.startswith("  -"):
+      invocation, _, rest = line.strip().partition("  ")
+      current = entries[invocation] = [rest.strip()]
+    elif current is not None and line.startswith("   "):
+      current.append(line.strip())
+    else:
+      current = None
+  return {invocation: " ".join(part for part in parts if part) for invocation, parts in entries.items()}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+def test_help_gives_every_flag_a_help_text_and_its_default(monkeypatch, capsys, argv):
+  monkeypatch.setenv("COLUMNS", "150")
+  with pytest.raises(SystemExit):
+    main(argv)
+  entries = help_entries(capsys.readouterr().out)
+  assert len(entries) == len([action for action in build_parser()._actions if action.option_strings])  # every flag's line was read
+  assert [flag for flag, text in entries.items() if not text] == []
+  switches = {f"--{name}" for name in ("help", "emulate", "show-plan", "disable-tui", "measure-device", "ignore-layer-times")}
+  no_default = [flag for flag, text in entries.items() if "default" not in text and not switches & set(flag.replace(",", "").split())]
+  assert no_default == []
+  assert entries["--chatgpt-api-port PORT"] == "port of the OpenAI-compatible HTTP API; 0: a free one (default: 52415)"
+  assert entries["--max-generate-tokens N"] == "the most tokens an answer has; API requests may ask for fewer (default: 1024)"
+  assert entries["--top-k TOP_K"] == "draw from the K likeliest tokens; 0: every token (default: 0)"
+  ids = "llama-3.1-405b, llama-3.1-405b-8bit, llama-3.1-405b-bf16, llama-3.1-70b, llama-3.1-70b-bf16, llama-3.1-8b, llama-3.1-8b-bf16, "
+  ids += "llama-3.2-1b, llama-3.2-1b-bf16, llama-3.2-3b, llama-3.2-3b-bf16, smollm2-135m"
+  assert entries["--run-model MODEL"] == (
+    f"model to serve: a built-in id ({ids}), a Hugging Face repo id (owner/name or owner/name/FILE.gguf) or the path of a .gguf file "
+    "or model directory (default: llama-3.2-1b if its files are here, else smollm2-135m)"
+  )
+
+
 @pytest.mark.parametrize("command, expected", [("run", "--prompt"), ("download", "--format"), ("topology", "--address"), ("plan", "--topology")])
 def test_each_command_has_its_own_help(capsys, command, expected):
   try:
@@ -38,10 +75,27 @@ def test_each_command_has_its_own_help(capsys, command, expected):
   assert status == 0 and f"exo {command}" in out and expected in out
 
 
+@pytest.mark.parametrize(
+  "argv, error",
+  [
+    (["run"], "the following arguments are required: MODEL"),
+    (["run", "llama-3.2-1b"], "--prompt TEXT is required, e.g. exo run llama-3.2-1b --prompt 'What is the capital of France?'"),
+    (["run", "llama-3.2-1b", "--prompt", "hi", "--top-k", "-1"], "argument --top-k: expected a whole number from 0 to 2147483647, got '-1'"),
+    (["run", "llama-3.2-1b", "--prompt", "hi", "--bogus"], "unrecognized arguments: --bogus (exo run --help lists its flags)"),
+  ],
+)
+def test_exo_run_usage_errors_show_its_own_usage(capsys, argv, error):
+  with pytest.raises(SystemExit) as done:
+    main(argv)
+  assert done.value.code == 2
+  assert capsys.readouterr() == ("", f"usage: exo run MODEL --prompt TEXT [flags]\nexo run: error: {error}\n")
+
+
 def test_flags_before_and_after_run_both_count():
   parser = build_parser()
   args = parser.parse_args(["--inference-engine", "dummy", "run", "smollm2-135m", "--prompt", "hi", "--max-generate-tokens", "3"])
   assert (args.command, args.model_name, args.inference_engine, args.max_generate_tokens) == ("run", "smollm2-135m", "dummy", 3)
+  assert parser.parse_args(["--prompt", "hi", "run", "smollm2-135m"]).prompt == "hi"
   assert parser.parse_args([]).command is None and parser.parse_args([]).model_name is None
 
 

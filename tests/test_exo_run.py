@@ -1,5 +1,6 @@
 """The real thing, as a user runs it: `exo run` answers with SmolLM2 offline, and a node's API answers the official openai client."""
 
+import os
 import subprocess
 import sys
 
@@ -28,6 +29,20 @@ def test_exo_run_answers_offline(engine):
   )
   assert result.returncode == 0, result.stderr
   assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_debug_logs_go_to_stderr_and_never_reach_tinygrad():
+  """DEBUG is exo's log level, as upstream's was; tinygrad reads the same variable and would print its kernel log to stdout,
+  into the answer ("The capital of Francejit execs ..."), so exo takes it out of the environment before tinygrad is imported."""
+  command = [sys.executable, "-m", "exo.main", "run", "smollm2-135m", "--prompt", QUESTION, "--inference-engine", "tinygrad"]
+  env = {name: value for name, value in os.environ.items() if name not in ("DEBUG", "EXO_DEBUG")}
+  quiet = subprocess.run([*command, "--max-generate-tokens", "4"], capture_output=True, text=True, timeout=HANG_S, env=env)
+  debug = subprocess.run([*command, "--max-generate-tokens", "4"], capture_output=True, text=True, timeout=HANG_S, env={**env, "DEBUG": "2"})
+  assert quiet.returncode == 0 and debug.returncode == 0, debug.stderr[-2000:]
+  assert quiet.stdout == debug.stdout == "The capital of France\n"
+  assert " exo.networking.grpc.grpc_server INFO node " in debug.stderr and " DEBUG " in debug.stderr  # exo's own log, level 2
+  assert " INFO " not in quiet.stderr
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from exo.base.errors import ExoError
-from exo.main import log_level, main
+from exo.main import debug_setting, log_level, main
 from tests.support.plan_files import HAND_MODEL, HAND_TOPOLOGY, plain_terminal, run, write  # noqa: F401 (plain_terminal: an autouse fixture)
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "context_tokens", "partitions", "shards", "predicted", "warnings"}
@@ -304,13 +305,41 @@ def test_model_spec_of_a_missing_file_is_one_error_line(tmp_path, capsys):
   assert out == "" and err.startswith("exo: error: ") and err.count("\n") == 1
 
 
+def test_model_spec_of_something_that_is_not_a_model_says_what_a_model_is(tmp_path, capsys):
+  (tmp_path / "tests").mkdir()
+  (tmp_path / "README.md").write_text("# notes\n")
+  model = "a model is a .gguf file, or a directory holding config.json, *.safetensors and tokenizer.json"
+  assert main(["model-spec", str(tmp_path / "tests")]) == 1
+  assert capsys.readouterr() == ("", f"exo: error: '{tmp_path}/tests' is not a model directory (it has no config.json): {model}\n")
+  assert main(["model-spec", str(tmp_path / "README.md")]) == 1
+  assert capsys.readouterr() == ("", f"exo: error: '{tmp_path}/README.md' is not a model file: {model}\n")
+
+
 @pytest.mark.parametrize("debug, level", [("", logging.WARNING), ("0", logging.WARNING), ("1", logging.INFO), ("3", logging.DEBUG)])
 def test_debug_sets_how_much_a_node_logs(debug, level):
   assert log_level(debug) == level
 
 
-def test_a_debug_that_is_not_a_number_is_one_error_line(monkeypatch, capsys):
-  monkeypatch.setenv("DEBUG", "yes")
+@pytest.mark.parametrize(
+  "environ, setting",
+  [
+    ({}, ("EXO_DEBUG", "0")),
+    ({"DEBUG": "2"}, ("DEBUG", "2")),
+    ({"EXO_DEBUG": "1"}, ("EXO_DEBUG", "1")),
+    ({"DEBUG": "2", "EXO_DEBUG": "1"}, ("EXO_DEBUG", "1")),
+  ],
+)
+def test_exo_debug_wins_and_debug_leaves_the_environment(environ, setting):
+  environ = {**environ, "PATH": "/bin"}
+  assert debug_setting(environ) == setting
+  assert "DEBUG" not in environ and environ["PATH"] == "/bin"
+
+
+@pytest.mark.parametrize("variable", ["DEBUG", "EXO_DEBUG"])
+def test_a_debug_that_is_not_a_number_is_one_error_line(monkeypatch, capsys, variable):
+  monkeypatch.delenv("EXO_DEBUG", raising=False)
+  monkeypatch.setenv(variable, "yes")
   assert main(["model-spec", "absent.gguf"]) == 2
   out, err = capsys.readouterr()
-  assert out == "" and err == "exo: error: DEBUG must be an integer (0 quiet, 1 what the node does, 2 everything), got 'yes'\n"
+  assert out == "" and err == f"exo: error: {variable} must be an integer (0 quiet, 1 what the node does, 2 everything), got 'yes'\n"
+  assert "DEBUG" not in os.environ  # tinygrad, imported later, reads it

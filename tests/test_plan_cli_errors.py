@@ -111,9 +111,7 @@ def test_missing_required_flags(capsys):
 def test_node_command_line_mistakes_are_refused_before_anything_starts(capsys):
   with pytest.raises(SystemExit) as exit_info:
     main(["--objective", "fast"])
-  assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
-  assert main(["run", "llama-3.2-1b"]) == 2
-  assert capsys.readouterr().err == "exo: error: `exo run MODEL` needs --prompt TEXT\n"
+  assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err  # `exo run`'s: tests/test_cli.py
 
 
 def test_plan_help(capsys):

@@ -16,7 +16,7 @@ from exo.base.shard import Shard
 from exo.inference.gguf_model import gguf_metadata
 from exo.inference.llama_layout import EMBED, GGUF_GLOBALS, GGUF_PARTS, LM_HEAD, NORM, layer_key, layer_parts
 from exo.inference.llama_weights import load_config
-from exo.inference.model_files import locate_model, missing_files
+from exo.inference.model_files import HF_FILES, locate_model, missing_files
 from exo.inference.model_sources import is_repo_id, local_path
 from exo.inference.quantized import GGUF_GROUP, KEPT_QUANTIZED
 from exo.inference.safetensors_model import safetensors_index
@@ -88,6 +88,10 @@ def model_spec_from_file(path: Path | str, model_id: str | None = None) -> Model
   path = Path(path)
   if not path.exists():
     raise ModelNotFound(f"model file {str(path)!r} was not found")
+  if path.is_dir() and not (path / "config.json").is_file():
+    raise ModelNotFound(f"{str(path)!r} is not a model directory (it has no config.json): a model is a .gguf file, or a directory holding {HF_FILES}")
+  if path.is_file() and path.suffix != ".gguf":
+    raise ModelNotFound(f"{str(path)!r} is not a model file: a model is a .gguf file, or a directory holding {HF_FILES}")
   config = load_config(path)
   if missing := missing_files(path):
     raise BadInput(f"model {str(path)!r} lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}; expected every file of the model")

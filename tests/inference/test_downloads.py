@@ -100,10 +100,11 @@ def test_a_broken_transfer_resumes_where_it_stopped(hub, monkeypatch, capsys):
 
 def test_offline_a_model_not_here_is_a_clear_error_and_nothing_is_asked(hub, monkeypatch, capsys):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  offline = "exo: error: model 'org/tiny' is not on this machine and HF_HUB_OFFLINE is set, so it is not downloaded from org/tiny; "
   assert main(["download", TINY_ID]) == 1
-  assert "'org/tiny' is not on this machine and HF_HUB_OFFLINE is set" in one_error_line(capsys)
+  assert one_error_line(capsys) == offline + "unset HF_HUB_OFFLINE, which turns downloads off, and run the download again"  # not: run it
   assert main(["run", TINY_ID, "--prompt", "hi", "--inference-engine", "dummy", *DEVICE]) == 1
-  assert "HF_HUB_OFFLINE" in one_error_line(capsys)
+  assert one_error_line(capsys) == offline + "unset it and run `exo download org/tiny`"
   assert hub.requests == []
 
 

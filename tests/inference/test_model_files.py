@@ -38,13 +38,37 @@ def tokenizer(smollm_path):
 # locate_model
 
 
-def test_unknown_model_error_names_every_place_looked(no_local_models):
+def test_a_missing_model_names_every_place_looked_and_the_command_that_fetches_it(tmp_path, monkeypatch):
+  monkeypatch.delenv("EXO_MODELS_DIR", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  looked = f"no .gguf file or Hugging Face directory (config.json, *.safetensors and tokenizer.json) in {tmp_path}/home/.cache/exo/models"
+  with pytest.raises(ExoError) as e:
+    locate_model("llama-3.2-1b")
+  assert str(e.value) == (
+    f"model 'llama-3.2-1b' was not found: {looked}/llama-3.2-1b, nothing downloaded in {tmp_path}/hub; "
+    "download it with `exo download llama-3.2-1b` (a node serving it downloads what it needs)"
+  )
+  monkeypatch.setenv("EXO_MODELS_DIR", str(tmp_path / "models"))  # searched first, and downloads go there
+  with pytest.raises(ExoError) as e:
+    locate_model("org/model")
+  assert str(e.value) == (
+    f"model 'org/model' was not found: no .gguf file or Hugging Face directory (config.json, *.safetensors and tokenizer.json) in "
+    f"{tmp_path}/models/org/model or {tmp_path}/home/.cache/exo/models/org/model, nothing downloaded in {tmp_path}/models; "
+    "download it with `exo download org/model` (a node serving it downloads what it needs)"
+  )
+
+
+def test_an_unknown_id_is_neither_here_nor_downloadable(no_local_models):
   with pytest.raises(ExoError) as e:
     locate_model("no-such-model")
-  message = str(e.value)
-  assert "'no-such-model'" in message and "\n" not in message
-  assert str(no_local_models / "models" / "no-such-model") in message
-  assert str(no_local_models / "home" / ".cache" / "exo" / "models" / "no-such-model") in message
+  assert str(e.value) == (
+    f"model 'no-such-model' was not found: no .gguf file or Hugging Face directory (config.json, *.safetensors and tokenizer.json) "
+    f"in {no_local_models}/models/no-such-model or {no_local_models}/home/.cache/exo/models/no-such-model, and it is neither a "
+    "built-in id (llama-3.1-405b, llama-3.1-405b-8bit, llama-3.1-405b-bf16, llama-3.1-70b, llama-3.1-70b-bf16, llama-3.1-8b, "
+    "llama-3.1-8b-bf16, llama-3.2-1b, llama-3.2-1b-bf16, llama-3.2-3b, llama-3.2-3b-bf16, smollm2-135m) nor a Hugging Face repo id "
+    "(owner/name)"
+  )
 
 
 def test_smollm_comes_from_the_wheel(no_local_models):
