@@ -20,6 +20,7 @@ from exo.base.errors import BadInput, ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.models import MODELS, model_spec
 from exo.base.topology import Topology
+from exo.base.wording import count
 from exo.cli_args import add_planner_flags, plan_request, positive_int
 from exo.topology.cost_model import CostModel, head_layers
 from exo.topology.holdings import downloads
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = next(iter(plans.values())).costs
     if args.plot:  # before printing anything, so a plot that cannot be written leaves stdout empty
       write_plot(args.plot, list(plans.values()), costs)
+      print(f"plot written to {args.plot}", file=sys.stderr)  # stderr: stdout may be the JSON
   except ExoError as e:
     return _fail(e, e.exit_status)
   try:
@@ -184,6 +186,11 @@ def layer_range(shard) -> str:
   return str(shard.start_layer) if shard.start_layer == shard.end_layer else f"{shard.start_layer}-{shard.end_layer}"
 
 
+def ring_size(ring: int, nodes: int) -> str:
+  """How many of the topology's nodes the ring uses: 'ring of 4 of the 6 nodes'."""
+  return f"on {count(nodes, 'node')}" if nodes == 1 else f"ring of all {nodes} nodes" if ring == nodes else f"ring of {ring} of the {nodes} nodes"
+
+
 def ring_text(plan: Plan) -> str:
   """One ring node a line, in execution order: `node layers (count)`."""
   return "\n".join(f"{escape(node_id)} {layer_range(s)} ({s.get_layer_count()})" for node_id, s in plan.node_shards())
@@ -205,7 +212,8 @@ def fetch_line(plan: Plan, topology: Topology) -> str:
 
 
 def show_plan(console: Console, plan: Plan, topology: Topology, costs: CostModel, prompt_tokens: int) -> None:
-  title = f"{plan.strategy} plan: {escape(plan.model.id)} ({plan.model.n_layers} layers) on {len(costs.node_ids)} nodes, {plan.objective} objective"
+  ring = ring_size(len(plan.node_shards()), len(costs.node_ids))
+  title = f"{plan.strategy} plan: {escape(plan.model.id)} ({plan.model.n_layers} layers), {ring}, {plan.objective} objective"
   table = Table(title=title, title_justify="left")
   for name, justify in [
     ("#", "right"),

@@ -13,6 +13,7 @@ import pytest
 
 from exo.base.errors import ExoError
 from exo.main import debug_setting, log_level, main
+from exo.plan_cli import ring_size
 from tests.support.plan_files import HAND_MODEL, HAND_TOPOLOGY, plain_terminal, run, write  # noqa: F401 (plain_terminal: an autouse fixture)
 
 PLAN_KEYS = {"strategy", "objective", "params", "model", "context_tokens", "partitions", "shards", "predicted", "warnings"}
@@ -177,7 +178,14 @@ def test_table_shows_ring_predictions_and_left_out_nodes(tmp_path, capsys):
   for text in ["flops-latency plan: llama-3.1-70b", "linux", "studio", "NVIDIA GeForce RTX 4090", "0-38", "39-79", "TPOT 45.18 ms", "TTFT"]:
     assert text in out
   assert "Left out of the ring: air, mbp" in out
+  assert out.splitlines()[0].strip() == "flops-latency plan: llama-3.1-70b (80 layers), ring of 2 of the 4 nodes, latency objective"
   assert "Traceback" not in out
+
+
+def test_the_title_says_how_many_of_the_nodes_the_ring_uses():
+  assert [ring_size(1, 1), ring_size(4, 4), ring_size(4, 6), ring_size(1, 3)] == [
+    "on 1 node", "ring of all 4 nodes", "ring of 4 of the 6 nodes", "ring of 1 of the 3 nodes",
+  ]  # fmt: skip
 
 
 def test_infeasible_baseline_is_shown_not_refused(tmp_path, capsys):
@@ -212,7 +220,12 @@ def test_compare_speedup_checked_by_hand(tmp_path, capsys):
 
   status, out, err = run(capsys, *hand_args(tmp_path), "--compare")
   assert (status, err) == (0, "")
-  assert "flops-latency plan" in out and "ring-memory-weighted plan" in out and "Strategies compared" in out
+  assert "Strategies compared" in out
+  titles = [line.strip() for line in out.splitlines() if " plan: " in line]
+  assert titles == [
+    "flops-latency plan: hand (4 layers), ring of 1 of the 2 nodes, latency objective",
+    "ring-memory-weighted plan: hand (4 layers), ring of all 2 nodes, latency objective",
+  ]
   assert out.rstrip().splitlines()[-1] == "flops-latency vs ring-memory-weighted: 5.75x tokens/s (latency objective), 5.00x throughput"
 
   status, out, _ = run(capsys, *hand_args(tmp_path), "--compare", "--objective", "throughput")
@@ -239,7 +252,7 @@ def test_compare_four_nodes_lists_both_rings(tmp_path, capsys):
 def test_plot_writes_png(tmp_path, capsys, compare):
   png = tmp_path / "ring.png"
   status, out, err = run(capsys, *four_args(tmp_path), "--plot", png, "--json", *(["--compare"] if compare else []))
-  assert (status, err) == (0, "")
+  assert (status, err) == (0, f"plot written to {png}\n")
   json.loads(out)  # --plot leaves stdout to the JSON
   data = png.read_bytes()
   assert data.startswith(PNG_MAGIC) and len(data) > 20_000
@@ -250,7 +263,7 @@ def test_plot_single_node_and_unknown_speed(tmp_path, capsys):
   png = tmp_path / "one.png"
   args = ["--topology", write(tmp_path, "t.json", topology), "--model-spec", write(tmp_path, "m.json", TOY_MODEL), "--plot", png]
   status, out, err = run(capsys, *args)
-  assert (status, err) == (0, "") and "Left out of the ring: b" in out
+  assert (status, err) == (0, f"plot written to {png}\n") and "Left out of the ring: b" in out
   assert png.read_bytes().startswith(PNG_MAGIC)
 
 

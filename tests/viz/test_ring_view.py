@@ -4,12 +4,16 @@ from rich.console import Console
 
 from exo.base.device_capabilities import DeviceCapabilities, DeviceFlops, FileTransfer, LayerTimes
 from exo.base.models import model_spec
+from exo.base.wording import count, figure, short_id
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.discovery import NoDiscovery
 from exo.orchestration.node import Node
 from exo.orchestration.planner_driver import PlannerConfig
 from exo.topology.plan_request import PlanRequest
 from exo.viz.ring_view import RingView
+
+PEER = "9ab1f7a6-da03-4d42-8376-94366751280b"
+SELF = "32de3b14-6c3e-4b54-915e-8ef8ba8ebf86"
 
 
 def rendered(node: Node) -> str:
@@ -67,3 +71,31 @@ def test_the_view_shows_files_arriving_at_nodes_with_progress_bars():
   row = next(line for line in text.splitlines() if "org/m/model.gguf" in line)
   assert "model files arriving" in text and "peer" in row and "25.0 of 100.0 MB" in row and row.rstrip("│ ").endswith("solo")
   assert row.count("━") >= 7  # a quarter of the 30-character bar drawn
+
+
+def rows(text: str) -> list[list[str]]:
+  return [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+
+
+def test_the_view_says_what_it_serves_from_the_start_in_words_and_figures_a_person_reads():
+  caps = DeviceCapabilities("Linux Box", "AMD EPYC", 24105.26, DeviceFlops(0.0810593, 0.0810593, 0.0810593), 21.67061983897465)
+  node = Node(SELF, DummyInferenceEngine(), NoDiscovery(), caps, model_spec("smollm2-135m"))
+  text = rendered(node)
+  assert text.splitlines()[0].strip() == f"exo node {SELF}: serving smollm2-135m; 1 node, strategy flops-latency (latency)"
+  assert rows(text) == [["32de3b14 (this node)", "Linux Box (AMD EPYC)", "24105", "0.0811", "21.7", "-", "-", "-"]]
+  node.topology.update_node(PEER, replace(caps, flops=DeviceFlops(27.2, 54.4), memory_bandwidth=1008.0))
+  node.plan(node.model)
+  text = rendered(node)
+  assert text.splitlines()[0].strip() == f"exo node {SELF}: serving smollm2-135m; 2 nodes, strategy flops-latency (latency)"
+  assert [row[:5] for row in rows(text)] == [
+    ["32de3b14 (this node)", "Linux Box (AMD EPYC)", "24105", "0.0811", "21.7"],
+    ["9ab1f7a6", "Linux Box (AMD EPYC)", "24105", "54.4", "1010"],
+  ]
+  assert "ring: 32de3b14 (smollm2-135m)\n" in text
+
+
+def test_counts_figures_and_ids_for_a_person():
+  assert [count(n, "node") for n in (0, 1, 3)] == ["0 nodes", "1 node", "3 nodes"]
+  figures = [0.0810593, 54.4, 1008, 10.0, 999.6, 2.084, 0.0005, -3.14159, 0, 123456789]
+  assert [figure(x) for x in figures] == ["0.0811", "54.4", "1010", "10", "1000", "2.08", "0.0005", "-3.14", "0", "123000000"]
+  assert short_id(SELF) == "32de3b14" and short_id("studio") == "studio" and short_id("x" * 36) == "x" * 36
