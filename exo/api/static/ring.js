@@ -25,6 +25,8 @@
   const ms = (x) => (x === null || x === undefined ? "–" : x >= 1000 ? `${num(x / 1000)} s` : `${num(x)} ms`);
   const count = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
   const gb = (mb) => (mb ? `${num(mb / 1024)} GB` : "unknown");
+  // A random (uuid) node id by its first 8 characters, which tell a cluster's nodes apart (the whole id on hover); others as they are.
+  const short = (id) => (/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(id) ? id.slice(0, 8) : id);
   const mb = (bytes) => (bytes >= 1e9 ? `${num(bytes / 1e9)} GB` : `${num(bytes / 1e6)} MB`);
 
   async function getJSON(path) {
@@ -58,7 +60,7 @@
         [id === self ? "–" : rtt[id] ? `${num(rtt[id])} ms` : "–", id === self ? "RTT (this node)" : "RTT from this node"],
       ];
       return el("div", { className: "node", style: `--node: ${colors[id]}` },
-        el("div", { className: "node-head" }, el("span", { className: "dot" }), el("span", { className: "node-id" }, id),
+        el("div", { className: "node-head" }, el("span", { className: "dot" }), el("span", { className: "node-id", title: id }, short(id)),
           id === self && el("span", { className: "badge" }, "this node"),
           el("span", { className: "layers" }, stage ? `layers ${stage.start_layer}–${stage.end_layer}` : "no layers")),
         el("div", { className: "device" }, `${caps.model} · ${caps.chip}`),
@@ -90,17 +92,17 @@
     const total = plan.model.n_layers;
     const bar = el("div", { className: "layer-bar", title: `${total} layers of ${plan.model.id}` },
       ...plan.shards.map((s) => el("div", { className: "segment", style: `flex: ${s.end_layer - s.start_layer + 1}; background: ${colors[s.node_id]}` },
-        `${s.node_id} ${s.start_layer}–${s.end_layer}`)));
+        `${short(s.node_id)} ${s.start_layer}–${s.end_layer}`)));
     const downloads = Object.fromEntries((plan.downloads || []).map((d) => [d.node_id, d]));
     const order = el("ol", { className: "ring-order" }, ...plan.shards.map((s) =>
-      el("li", {}, el("span", { className: "dot", style: `--node: ${colors[s.node_id]}` }), el("b", {}, s.node_id),
+      el("li", {}, el("span", { className: "dot", style: `--node: ${colors[s.node_id]}` }), el("b", { title: s.node_id }, short(s.node_id)),
         ` layers ${s.start_layer}–${s.end_layer} (${s.end_layer - s.start_layer + 1} of ${total})`, fetches(downloads[s.node_id]))));
     const p = plan.predicted;
     const load = plan.load || {};
     const assumes = plan.assumes || { prompt_tokens: 128, batch: plan.params.batch };
     const parts = [
       el("p", { className: "plan-head" }, el("b", {}, plan.model.id), ` · strategy ${plan.strategy}, objective ${plan.objective} · `,
-        plan.shards.length === 1 ? `one node holds every layer` : `ring ${plan.shards.map((s) => s.node_id).concat(plan.shards[0].node_id).join(" → ")}`),
+        plan.shards.length === 1 ? `one node holds every layer` : `ring ${plan.shards.map((s) => short(s.node_id)).concat(short(plan.shards[0].node_id)).join(" → ")}`),
       bar, order,
       el("div", { className: "stats" },
         stat("predicted time per token", ms(p.tpot_ms), "TPOT, one request alone"),
@@ -133,7 +135,7 @@
     const row = (label, predicted, measured) => el("tr", {}, el("th", {}, label), el("td", {}, predicted), el("td", {}, measured));
     const perToken = (s) => (n ? `${num((s * 1000) / n)} ms` : "–");
     return el("div", { className: "last" },
-      el("p", { className: "last-head" }, el("b", {}, "Last request"), ` · ${last.model} on ${last.ring.join(" → ")} · ${last.prompt_tokens}-token prompt, `
+      el("p", { className: "last-head" }, el("b", {}, "Last request"), ` · ${last.model} on ${last.ring.map(short).join(" → ")} · ${last.prompt_tokens}-token prompt, `
         + `${count(n, "token")} answered · `, el("span", { className: `outcome ${last.outcome}` }, outcome)),
       el("table", {},
         el("thead", {}, el("tr", {}, el("th", {}), el("th", {}, "predicted"), el("th", {}, "measured"))),
@@ -152,7 +154,7 @@
     }
     view.links.replaceChildren(el("table", { className: "links" },
       el("thead", {}, el("tr", {}, el("th", {}, "from"), el("th", {}, "to"), el("th", {}, "RTT"))),
-      el("tbody", {}, ...edges.map((e) => el("tr", {}, el("td", {}, e.from), el("td", {}, e.to), el("td", {}, e.rtt_ms ? `${num(e.rtt_ms)} ms` : "–"))))));
+      el("tbody", {}, ...edges.map((e) => el("tr", {}, el("td", { title: e.from }, short(e.from)), el("td", { title: e.to }, short(e.to)), el("td", {}, e.rtt_ms ? `${num(e.rtt_ms)} ms` : "–"))))));
   }
 
   async function poll() {
@@ -166,7 +168,7 @@
       drawLinks(topology);
       view.error.hidden = true;
       view.status.className = "status ok";
-      view.status.textContent = `${planned ? `node ${planned.node_id} · ` : ""}${count(ids.length, "node")} in the cluster`;
+      view.status.textContent = `${planned ? `node ${short(planned.node_id)} · ` : ""}${count(ids.length, "node")} in the cluster`;
       view.updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
     } catch (e) {
       view.error.textContent = `Cannot reach the node at ${location.host}: ${e.message}. What is shown is from the last answer; retrying every ${POLL_MS / 1000} s.`;
