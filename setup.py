@@ -34,7 +34,9 @@ setup(
       "grpcio-tools==1.85.1",  # the version that generated the committed stubs
       "pytest-xdist>=3.6",  # two test processes (pytest.ini)
       "pytest-timeout>=2.3",  # a hung test fails after 15 minutes (pytest.ini)
-      "openai>=1.0",
+      "openai>=1.0",  # the official clients the API tests drive
+      "anthropic>=0.40",
+      "ollama>=0.4",
       "safetensors>=0.4",
       "playwright>=1.49",
     ],

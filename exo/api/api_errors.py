@@ -5,13 +5,13 @@ import logging
 
 from aiohttp import web
 
-from exo.base.errors import BadInput, Busy, ExoError
+from exo.base.errors import BadInput, ExoError
 from exo.base.model_spec import ModelSpec
 from exo.orchestration.requests import RequestFailed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ERROR_TYPES", "BadRequest", "busy_response", "error_body", "error_response", "failure", "shown"]
+__all__ = ["ERROR_TYPES", "BadRequest", "error_body", "error_response", "failure", "shown"]
 
 
 class BadRequest(BadInput):
@@ -49,10 +49,6 @@ def error_response(
   status: int, message: str, kind: str | None = None, param: str | None = None, code: str | None = None, headers: dict | None = None
 ) -> web.Response:
   return web.json_response(error_body(message, kind or ERROR_TYPES[status], param, code), status=status, headers=headers)
-
-
-def busy_response(e: Busy) -> web.Response:
-  return error_response(429, str(e), headers={"Retry-After": str(e.retry_after_s)})
 
 
 def failure(model: ModelSpec, e: Exception) -> tuple[dict, int]:

@@ -16,6 +16,7 @@ cannot drive the node. A request the node could not finish in time next to those
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -24,10 +25,11 @@ from pathlib import Path
 from aiohttp import web
 
 from exo.api.access import Access
-from exo.api.api_errors import ERROR_TYPES, BadRequest, busy_response, error_response, failure, shown
-from exo.api.chat_request import MAX_BODY_BYTES, json_body, parse_messages, parse_sampling, parse_stop, positive_int
+from exo.api.api_errors import ERROR_TYPES, BadRequest, error_body, error_response, shown
+from exo.api.chat_request import MAX_BODY_BYTES, parse_messages, parse_sampling, parse_stop, positive_int
 from exo.api.completion import Completion
-from exo.base.errors import BadInput, Busy, ExoError
+from exo.api.serving import Refusal, RequestPath, TextRequest, openai_error, read_json, refusal, sse_response
+from exo.base.errors import ExoError
 from exo.base.model_spec import ModelSpec
 from exo.base.models import MODELS
 from exo.inference.downloads import may_download
@@ -35,7 +37,6 @@ from exo.inference.model_figures import model_spec_for
 from exo.inference.model_files import present
 from exo.inference.model_sources import is_repo_id, local_path
 from exo.orchestration.service import ServingNode
-from exo.orchestration.stop_strings import visible_text
 from exo.topology.flops_latency_partitioning_strategy import DEFAULT_PROMPT_TOKENS
 from exo.topology.holdings import downloads
 
@@ -69,6 +70,7 @@ class ChatGPTAPI:
     self.app.router.add_get("/v1/topology", self.handle_topology)
     self.app.router.add_get("/v1/plan", self.handle_plan)
     self.runner: web.AppRunner | None = None
+    self.path = RequestPath(node, self.resolve_model)
 
   async def start(self) -> None:
     """Listen on host:port (port 0 picks a free one, stored in self.port); OSError if the address cannot be bound."""
@@ -245,102 +247,49 @@ class ChatGPTAPI:
 
   async def handle_chat_completions(self, request: web.Request) -> web.StreamResponse:
     try:
-      data = await json_body(request)
-      model_id = self.requested_model(data.get("model"))
-      messages = parse_messages(data.get("messages"))
+      data = await read_json(request)
       max_tokens = positive_int(data, "max_completion_tokens") or positive_int(data, "max_tokens")
+      asked = TextRequest(
+        self.requested_model(data.get("model")), parse_messages(data.get("messages")), None, max_tokens, parse_sampling(data), parse_stop(data)
+      )
       if data.get("n", 1) != 1:
         raise BadRequest(f"'n' must be 1 (one choice per request), got {data['n']!r}", "n")
-      sampling, stop = parse_sampling(data), parse_stop(data)
       stream = data.get("stream", False)
       if not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
       stream_options = data.get("stream_options") or {}
       if not isinstance(stream_options, dict):
         raise BadRequest(f"'stream_options' must be an object, got {stream_options!r}", "stream_options")
-    except BadRequest as e:
-      return error_response(e.http_status, str(e), "invalid_request_error", e.param, e.code)
-    except web.HTTPRequestEntityTooLarge:
-      return error_response(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-      model = await self.resolve_model(model_id)
-    except BadRequest as e:
-      return error_response(e.http_status, str(e), "invalid_request_error", e.param, e.code)
-    except ExoError as e:  # not found here nor at the hub (404), or the hub cannot be reached (503)
-      return error_response(e.http_status, str(e), ERROR_TYPES[e.http_status], "model", "model_not_found" if e.http_status == 404 else None)
-    try:
-      prompt = await self.node.text.apply_chat_template(model, messages)
-    except Exception as e:
-      body, status = failure(model, e)
-      return web.json_response(body, status=status)
-    try:  # before anything streams: a node full (429), a prompt and max_tokens beyond the planned context (400), no plan (503)
-      admission = await self.node.admit(prompt, model, max_tokens)
-    except BadInput as e:  # as OpenAI's API says it
-      return error_response(e.http_status, str(e), "invalid_request_error", "messages", "context_length_exceeded")
-    except Busy as e:  # at once, before any work: the node could not finish it in time next to those it runs
-      return busy_response(e)
-    except ExoError as e:
-      body, status = failure(model, e)
-      return web.json_response(body, status=status)
-    try:  # admitted, the request holds its place until it has run, or until the client is gone before it runs
-      completion = Completion(self.node, model, prompt, admission, sampling, stop)
-      if stream:
-        return await self.stream(request, completion, bool(stream_options.get("include_usage")))
-      try:
-        generation = await completion.generate()
-      except Exception as e:
-        body, status = failure(model, e)
-        return web.json_response(body, status=status)
-      body = completion.chunk("chat.completion", {"role": "assistant", "content": generation.text}, generation.finish_reason)
-      body["usage"] = await completion.usage(generation.tokens)
-      return web.json_response(body)
-    finally:
-      self.node.release(admission)
+      async with self.path.opened(asked) as completion:
+        if stream:
+          return await self.stream(request, completion, bool(stream_options.get("include_usage")))
+        generation = await self.path.whole(completion)
+        body = completion.chunk("chat.completion", {"role": "assistant", "content": generation.text}, generation.finish_reason)
+        body["usage"] = await completion.usage(generation.tokens)
+        return web.json_response(body)
+    except (BadRequest, Refusal) as e:
+      return openai_error(refusal(e))
 
-  async def stream(self, request: web.Request, completion: "Completion", include_usage: bool) -> web.StreamResponse:
-    """Server-sent events: one chunk per new piece of text, a chunk with the finish reason, optionally usage, then [DONE]."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
+  async def stream(self, request: web.Request, completion: Completion, include_usage: bool) -> web.StreamResponse:
+    """Server-sent events: one chunk per new piece of text, a chunk with the finish reason, optionally usage, then [DONE]; a
+    failure after the first event is an error chunk."""
+    response = await sse_response(request)
 
     async def send(payload) -> None:
       await response.write(f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode())
 
-    updates: asyncio.Queue = asyncio.Queue()  # token lists so far; None once the generation is over
-    task = asyncio.create_task(completion.generate(on_token=updates.put_nowait))
-    task.add_done_callback(lambda _: updates.put_nowait(None))
-    sent = ""
-    try:
+    with contextlib.suppress(ConnectionResetError):  # a client gone: RequestPath.pieces cancels the request
       await send(completion.chunk("chat.completion.chunk", {"role": "assistant", "content": ""}, None))
-      while (tokens := await updates.get()) is not None:
-        while not updates.empty():  # a slow client gets the latest state, not every step; the end is sent from the result
-          tokens = updates.get_nowait()
-        if tokens is None:
-          break
-        visible = (await completion.text(tokens)).rstrip("\ufffd")  # an unfinished multi-byte character may still change
-        visible = visible_text(visible, completion.stop)[0]  # never text after a stop string, nor what may begin one
-        if visible.startswith(sent) and len(visible) > len(sent):
-          await send(completion.chunk("chat.completion.chunk", {"content": visible[len(sent) :]}, None))
-          sent = visible
       try:
-        generation = await task
-      except Exception as e:
-        await send(failure(completion.model, e)[0])
-        await send("[DONE]")
-        return response
-      text = generation.text
-      rest = text[len(sent) :]
-      if not text.startswith(sent):  # a tokenizer revised text already sent: the client's copy cannot be corrected
-        log.warning("streamed text of %s was revised after it was sent", completion.model.id)
-        rest = text[len(os.path.commonprefix([sent, text])) :]
-      if rest:
-        await send(completion.chunk("chat.completion.chunk", {"content": rest}, None))
-      await send(completion.chunk("chat.completion.chunk", {}, generation.finish_reason))
-      if include_usage:
-        await send({**completion.chunk("chat.completion.chunk", {}, None), "choices": [], "usage": await completion.usage(generation.tokens)})
+        async for piece in self.path.pieces(completion):
+          if isinstance(piece, str):
+            await send(completion.chunk("chat.completion.chunk", {"content": piece}, None))
+            continue
+          await send(completion.chunk("chat.completion.chunk", {}, piece.finish_reason))
+          if include_usage:
+            await send({**completion.chunk("chat.completion.chunk", {}, None), "choices": [], "usage": await completion.usage(piece.tokens)})
+      except Refusal as e:
+        await send(error_body(e.message, ERROR_TYPES.get(e.status, "internal_error")))
       await send("[DONE]")
       await response.write_eof()
-    except ConnectionResetError:
-      log.info("client of a streamed %s completion went away", completion.model.id)
-    finally:
-      task.cancel()  # a client that went away leaves no generation running (a no-op once it is over)
     return response

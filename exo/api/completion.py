@@ -1,4 +1,5 @@
-"""One chat completion: its prompt, its admission, and the OpenAI objects built from the tokens generated so far."""
+"""One admitted request: its prompt, its admission, and what every API builds from the tokens generated so far (OpenAI's
+objects among them)."""
 
 import time
 import uuid
@@ -29,8 +30,17 @@ class Completion:
     """The decoded reply, without the end-of-sequence token's text."""
     return (await self.node.text.answer_text(self.model, tokens))[0]
 
+  async def stopped_by(self, tokens: list[int]) -> str | None:
+    """The stop string that ended the answer (the first to occur in its whole text), or None (an end-of-sequence token, the budget)."""
+    whole = await self.text(tokens)
+    found = [(whole.find(s), s) for s in self.stop if s in whole]
+    return min(found)[1] if found else None
+
+  async def prompt_tokens(self) -> int:
+    return len(await self.node.text.encode(self.model, self.prompt))
+
   async def usage(self, tokens: list[int]) -> dict:
-    prompt_tokens = len(await self.node.text.encode(self.model, self.prompt))
+    prompt_tokens = await self.prompt_tokens()
     return {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)}
 
   def chunk(self, kind: str, message: dict, finish_reason: str | None) -> dict:
