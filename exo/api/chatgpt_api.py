@@ -25,9 +25,12 @@ from pathlib import Path
 from aiohttp import web
 
 from exo.api.access import Access
+from exo.api.anthropic_api import AnthropicMessages
 from exo.api.api_errors import ERROR_TYPES, BadRequest, error_body, error_response, shown
 from exo.api.chat_request import MAX_BODY_BYTES, parse_messages, parse_sampling, parse_stop, positive_int
 from exo.api.completion import Completion
+from exo.api.ollama_api import OllamaAPI
+from exo.api.openai_text import OpenAIText
 from exo.api.serving import Refusal, RequestPath, TextRequest, openai_error, read_json, refusal, sse_response
 from exo.base.errors import ExoError
 from exo.base.model_spec import ModelSpec
@@ -71,6 +74,7 @@ class ChatGPTAPI:
     self.app.router.add_get("/v1/plan", self.handle_plan)
     self.runner: web.AppRunner | None = None
     self.path = RequestPath(node, self.resolve_model)
+    self.app.router.add_routes([*OpenAIText(self).routes(), *AnthropicMessages(self).routes(), *OllamaAPI(self).routes()])
 
   async def start(self) -> None:
     """Listen on host:port (port 0 picks a free one, stored in self.port); OSError if the address cannot be bound."""
@@ -118,7 +122,10 @@ class ChatGPTAPI:
     if access.key is not None and request.path == "/" and "token" in request.query:
       return self.log_in(request.query["token"])
     public = request.path in ("/", "/healthcheck") or request.path.startswith("/static/")
-    if not public and not access.authorized(request.headers.get("Authorization"), request.cookies.get(access.cookie)):
+    key = request.headers.get("Authorization") or (
+      f"Bearer {request.headers['x-api-key']}" if "x-api-key" in request.headers else None
+    )  # Anthropic's
+    if not public and not access.authorized(key, request.cookies.get(access.cookie)):
       message = "this node's API needs its key: send 'Authorization: Bearer KEY', or open the chat page at the URL with ?token=KEY the node printed"
       return error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     if request.method == "POST" and request.content_type != "application/json":
