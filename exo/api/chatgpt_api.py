@@ -1,5 +1,7 @@
 """An OpenAI-compatible HTTP API in front of a node: chat completions (plain and streamed), the model list, and the node's live
-topology and plan; and at `/` the chat page (exo/api/static), which chats through that API and shows the ring as it runs.
+topology and plan; and at `/` the chat page (exo/api/static), which chats through that API and shows the ring as it runs. The
+same app serves OpenAI's completions and responses (openai_text.py), Anthropic's messages (anthropic_api.py) and Ollama's API
+(ollama_api.py), each a translation onto the one request path (serving.py).
 
 Any node can serve it: a request is planned and run by the node that receives it, as one from `exo run`. A request whose
 prompt plus `max_tokens` exceeds the planned context (the plan's `context_tokens`) is refused with 400 naming both; without

@@ -261,3 +261,14 @@ def test_json_nested_32_deep_is_parsed(served):
 def test_a_body_beyond_a_mebibyte_is_a_413(served):
   status, e = post(served, json.dumps({"model": SERVED, "messages": [{"role": "user", "content": "x" * 2**20}]}))
   assert status == 413 and "larger than 1048576 bytes" in e["message"]
+
+
+def test_every_api_needs_the_key_and_anthropics_clients_send_it_as_x_api_key(keyed):
+  messages = json.dumps({"model": SERVED, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+  for path in ("/v1/messages", "/v1/responses", "/v1/completions", "/api/chat", "/api/generate"):
+    assert call(keyed, "POST", path, messages, {"Content-Type": "application/json"})[0] == 401
+  assert call(keyed, "GET", "/api/tags")[0] == 401
+  wrong = {"Content-Type": "application/json", "x-api-key": "wrong-key-of-some-length"}
+  assert call(keyed, "POST", "/v1/messages", messages, wrong)[0] == 401
+  status, _, raw = call(keyed, "POST", "/v1/messages", messages, {"Content-Type": "application/json", "x-api-key": KEY})
+  assert status == 200 and json.loads(raw)["type"] == "message" and json.loads(raw)["usage"]["output_tokens"] == 3
