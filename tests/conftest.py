@@ -36,6 +36,17 @@ def cluster_config_home(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def environment_restored():
+  """Each test leaves the environment as it found it: `exo` run in-process sets variables from its flags (--models-max-gb sets
+  EXO_MODELS_MAX_GB, --allow-downloads EXO_ALLOW_DOWNLOADS), which node processes of a later test would otherwise inherit."""
+  saved = dict(os.environ)
+  yield
+  if os.environ != saved:
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def no_lan_broadcast(monkeypatch):
   """Tests talk to loopback only: any UDP discovery started in-process must name its (loopback) broadcast addresses."""
 
