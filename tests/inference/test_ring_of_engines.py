@@ -130,7 +130,9 @@ def test_split_over_two_and_three_nodes_equals_one_node(engine, tmp_path, alone)
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_eight_concurrent_requests_batched_get_the_tokens_each_gets_alone(engine, tmp_path, alone):
-  for names in (["fast"], ["fast", "slow"]):
+  """Eight requests at once on a 2-node ring, each stage batching them; on one node too for ggml (a stage that embeds and runs
+  the head): the slower engines' single-stage batches are what their 2-node stages run, and their minutes go to the ring."""
+  for names in (["fast"], ["fast", "slow"]) if engine == "ggml" else (["fast", "slow"],):
     planner = PlannerConfig(PlanRequest.of(strategy="ring-memory-weighted", batch=8))  # every node in the ring: 15 layers each
     together, ring = asyncio.run(ring_tokens(ENGINES[engine], names, tmp_path, CHATS, planner))
     assert len(ring) == len(names)
